@@ -1,0 +1,201 @@
+//! A chain: the leaf-first stack of layers that makes one disk as it is at
+//! one snapshot point, read (and, at the leaf, written) as one flat disk.
+//!
+//! Reads go through the [`index::ResolutionIndex`]; a read is split into
+//! runs (consecutive bytes from one layer at consecutive host offsets) and
+//! each run is served with one `pread`, with no lock held. Writes go to the
+//! leaf, which completes partial clusters from the layers below, and then
+//! patch the index.
+
+pub mod index;
+pub mod open;
+pub mod resolve;
+
+use crate::error::ImageError;
+use crate::image::{BackingRead, Layer};
+use index::{ResolutionIndex, REGION};
+pub use open::{OpenOptions, DEFAULT_MAX_DEPTH};
+use resolve::{resolve, Resolved, Source};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Errors of opening or using a chain; image errors pass through.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{}: cannot open: {source}", .path.display())]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("{}: backing file {name:?} (named at offset {offset}) cannot be opened as {}: {source}", .path.display(), .target.display())]
+    Missing { path: PathBuf, offset: u64, name: String, target: PathBuf, source: std::io::Error },
+    #[error("{}: backing file {name:?} (named at offset {offset}) resolves to {}, outside the tree directory {}; pass --allow-external-backing if you trust this image", .path.display(), .target.display(), .root.display())]
+    Outside { path: PathBuf, offset: u64, name: String, target: PathBuf, root: PathBuf },
+    #[error("{}: backing chain loops: the backing file named at offset {offset} is {}, which is already in the chain", .path.display(), .target.display())]
+    Cycle { path: PathBuf, offset: u64, target: PathBuf },
+    #[error("{}: backing chain is deeper than {max} layers (stopped at the backing file named at offset {offset}); raise --max-depth if the chain is real", .path.display())]
+    TooDeep { path: PathBuf, offset: u64, max: usize },
+    #[error("{}: backing file format {format:?} is not supported (qcow2 and raw are)", .path.display())]
+    Format { path: PathBuf, format: String },
+}
+
+impl ChainError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            ChainError::Image(e) => e.errno(),
+            ChainError::Open { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            ChainError::Format { .. } => libc::EOPNOTSUPP,
+            _ => libc::EIO,
+        }
+    }
+}
+
+pub type Result<T, E = ChainError> = std::result::Result<T, E>;
+
+pub struct Chain {
+    layers: Vec<Arc<dyn Layer>>,
+    size: u64,
+    index: ResolutionIndex,
+}
+
+/// The view below the leaf, for copy-on-write.
+struct Below<'a>(&'a Chain);
+
+impl BackingRead for Below<'_> {
+    fn read_below(&self, offset: u64, buf: &mut [u8]) -> crate::error::Result<()> {
+        let map = resolve(&self.0.layers, 1, offset, buf.len() as u64)?;
+        self.0.read_resolved(map.iter().copied(), offset, buf)
+    }
+}
+
+impl Chain {
+    /// Opens the chain ending in `leaf`.
+    pub fn open(leaf: impl AsRef<std::path::Path>, opts: &OpenOptions) -> Result<Chain> {
+        Ok(Chain::from_layers(open::open_layers(leaf.as_ref(), opts)?))
+    }
+
+    /// A chain of already opened layers, leaf first (at least one).
+    pub fn from_layers(layers: Vec<Arc<dyn Layer>>) -> Chain {
+        let size = layers[0].virtual_size();
+        Chain { layers, size, index: ResolutionIndex::new(size) }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn layers(&self) -> &[Arc<dyn Layer>] {
+        &self.layers
+    }
+
+    pub fn leaf(&self) -> &Arc<dyn Layer> {
+        &self.layers[0]
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        Ok(crate::image::check_range(self.leaf().path(), self.size, offset, len)?)
+    }
+
+    /// Reads `buf.len()` bytes of the flattened disk at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let end = offset + buf.len() as u64;
+        let mut regions = Vec::new();
+        for idx in offset / REGION..=(end - 1) / REGION {
+            regions.push(self.index.region(&self.layers, idx)?);
+        }
+        let pieces = regions.iter().flat_map(|m| {
+            m[index::find(m, offset)..].iter().map_while(move |r| r.clip(offset, end))
+        });
+        Ok(self.read_resolved(pieces, offset, buf)?)
+    }
+
+    /// Serves a read from resolved extents that cover it in order, one
+    /// `pread` per run of host-contiguous data from one layer.
+    fn read_resolved(
+        &self,
+        pieces: impl Iterator<Item = Resolved>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> crate::error::Result<()> {
+        // The pending run: (depth, host, start in buf, length).
+        let mut run: Option<(u32, u64, usize, usize)> = None;
+        let flush = |run: &mut Option<(u32, u64, usize, usize)>, buf: &mut [u8]| -> crate::error::Result<()> {
+            if let Some((d, host, at, len)) = run.take() {
+                self.layers[d as usize].read_host(host, &mut buf[at..at + len])?;
+            }
+            Ok(())
+        };
+        for r in pieces {
+            let at = (r.start - offset) as usize;
+            let len = r.len as usize;
+            match r.source {
+                Source::Data { host } => {
+                    if let Some((d, h, s, l)) = &mut run {
+                        if *d == r.depth && *h + *l as u64 == host && *s + *l == at {
+                            *l += len;
+                            continue;
+                        }
+                    }
+                    flush(&mut run, buf)?;
+                    run = Some((r.depth, host, at, len));
+                }
+                Source::Compressed { cluster_start } => {
+                    flush(&mut run, buf)?;
+                    self.layers[r.depth as usize].read_compressed(cluster_start, r.start, &mut buf[at..at + len])?;
+                }
+                Source::Zero | Source::Unallocated => {
+                    flush(&mut run, buf)?;
+                    buf[at..at + len].fill(0);
+                }
+            }
+        }
+        flush(&mut run, buf)
+    }
+
+    /// The resolved allocation map of `[offset, offset+len)`, computed
+    /// afresh (not cached), merged where attributes continue.
+    pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Resolved>> {
+        self.check(offset, len)?;
+        Ok(resolve(&self.layers, 0, offset, len)?)
+    }
+
+    fn leaf_for_write(&self) -> Result<&Arc<dyn Layer>> {
+        let leaf = self.leaf();
+        if !leaf.is_writable() {
+            return Err(ImageError::invalid(leaf.path(), "chain is open read-only").into());
+        }
+        Ok(leaf)
+    }
+
+    /// Writes to the leaf.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.check(offset, data.len() as u64)?;
+        let leaf = self.leaf_for_write()?;
+        let r = leaf.write(offset, data, &Below(self));
+        self.index.leaf_written(leaf.as_ref(), offset, data.len() as u64);
+        Ok(r?)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros (zero write or discard).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        let leaf = self.leaf_for_write()?;
+        let r = leaf.write_zeroes(offset, len, &Below(self));
+        self.index.leaf_written(leaf.as_ref(), offset, len);
+        Ok(r?)
+    }
+
+    /// Discard: the range reads as zeros afterwards and its storage is
+    /// released where the format allows.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len)
+    }
+
+    /// Makes completed writes durable.
+    pub fn flush(&self) -> Result<()> {
+        Ok(self.leaf().flush()?)
+    }
+}

@@ -1,0 +1,88 @@
+//! Opening a chain: from the leaf, follow each image's backing reference
+//! (relative to that image's directory), refusing cycles, chains deeper
+//! than a cap, and — unless allowed — references that leave the directory
+//! of the leaf, so a crafted image cannot pull arbitrary host files (say
+//! /dev/sda or /etc/shadow) into a mount.
+
+use super::ChainError;
+use crate::image::{probe, Format, Layer};
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Chains deeper than this are refused unless the caller raises the cap;
+/// XenServer stops at 30, VMware at 32, real chains stay far below.
+pub const DEFAULT_MAX_DEPTH: usize = 1024;
+
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Open the leaf for writing (layers below are always read-only).
+    pub writable: bool,
+    /// Follow backing references that leave the leaf's directory.
+    pub allow_external_backing: bool,
+    pub max_depth: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { writable: false, allow_external_backing: false, max_depth: DEFAULT_MAX_DEPTH }
+    }
+}
+
+/// Opens every layer of the chain that ends in `leaf`, leaf first.
+pub fn open_layers(leaf: &Path, opts: &OpenOptions) -> Result<Vec<Arc<dyn Layer>>, ChainError> {
+    let canon = |p: &Path| p.canonicalize().map_err(|e| ChainError::Open { path: p.to_path_buf(), source: e });
+    let leaf_canon = canon(leaf)?;
+    let root = leaf_canon.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    let mut layers: Vec<Arc<dyn Layer>> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut path = leaf.to_path_buf();
+    let mut format: Option<Format> = None;
+    loop {
+        let meta = std::fs::metadata(&path).map_err(|e| ChainError::Open { path: path.clone(), source: e })?;
+        if !seen.insert((meta.dev(), meta.ino())) {
+            let referrer = layers.last().expect("a repeat needs a referrer");
+            return Err(ChainError::Cycle {
+                path: referrer.path().to_path_buf(),
+                offset: referrer.backing().map_or(0, |b| b.offset),
+                target: path,
+            });
+        }
+        let layer = probe::open_layer(&path, format, opts.writable && layers.is_empty())?;
+        let backing = layer.backing().cloned();
+        layers.push(layer);
+        let Some(b) = backing else { break };
+        let referrer = layers.last().expect("just pushed");
+        if layers.len() >= opts.max_depth {
+            return Err(ChainError::TooDeep { path: referrer.path().to_path_buf(), offset: b.offset, max: opts.max_depth });
+        }
+        let dir = referrer.path().parent().map(Path::to_path_buf).unwrap_or_default();
+        let target = dir.join(&b.name);
+        let target_canon = target.canonicalize().map_err(|e| ChainError::Missing {
+            path: referrer.path().to_path_buf(),
+            offset: b.offset,
+            name: b.name.clone(),
+            target: target.clone(),
+            source: e,
+        })?;
+        if !opts.allow_external_backing && !target_canon.starts_with(&root) {
+            return Err(ChainError::Outside {
+                path: referrer.path().to_path_buf(),
+                offset: b.offset,
+                name: b.name.clone(),
+                target: target_canon,
+                root: root.clone(),
+            });
+        }
+        format = match &b.format {
+            None => None,
+            Some(f) => Some(Format::from_name(f).ok_or_else(|| ChainError::Format {
+                path: referrer.path().to_path_buf(),
+                format: f.clone(),
+            })?),
+        };
+        path = target;
+    }
+    Ok(layers)
+}

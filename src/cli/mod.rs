@@ -1,0 +1,113 @@
+//! The `snaptree` command line: argument parsing and dispatch. Each
+//! subcommand lives in its own module; all print errors as
+//! `snaptree: error: ...` and exit 1 (never a panic on bad input).
+
+mod export;
+mod info;
+mod map;
+
+use crate::chain::{Chain, OpenOptions, DEFAULT_MAX_DEPTH};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+pub type CliResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// snaptree: a VM's snapshot tree (qcow2 backing chains) as plain files.
+///
+/// Inspect a chain, print its allocation map, or export the disk as it is
+/// at any image of the chain.
+#[derive(Parser, Debug)]
+#[command(name = "snaptree", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show the backing chain of IMAGE: one entry per layer (file, format,
+    /// version, sizes, bytes held, backing reference, features, internal
+    /// snapshots).
+    Info(info::InfoArgs),
+    /// Print which layer provides each range of the flattened disk, in the
+    /// shape of `qemu-img map`.
+    Map(map::MapArgs),
+    /// Write the flattened disk of IMAGE (its whole chain resolved) to OUT
+    /// as a standalone raw (sparse) or qcow2 image.
+    Export(export::ExportArgs),
+}
+
+/// How to open a chain; shared by every subcommand.
+#[derive(Args, Debug, Clone)]
+pub struct ChainArgs {
+    /// Follow backing references that point outside IMAGE's directory.
+    /// Off by default so a crafted image cannot pull in arbitrary host
+    /// files.
+    #[arg(long)]
+    pub allow_external_backing: bool,
+    /// Refuse chains with more layers than this.
+    #[arg(long, default_value_t = DEFAULT_MAX_DEPTH, value_name = "N")]
+    pub max_depth: usize,
+}
+
+impl ChainArgs {
+    pub fn open(&self, image: &PathBuf) -> CliResult<Chain> {
+        let opts = OpenOptions {
+            writable: false,
+            allow_external_backing: self.allow_external_backing,
+            max_depth: self.max_depth,
+        };
+        Ok(Chain::open(image, &opts)?)
+    }
+}
+
+/// Parses the arguments, runs the command, returns the exit code.
+pub fn run() -> i32 {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("SNAPTREE_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    raise_fd_limit();
+    let result = match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Map(a) => map::run(a),
+        Command::Export(a) => export::run(a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("snaptree: error: {e}");
+            1
+        }
+    }
+}
+
+/// Deep chains keep one descriptor per layer open: lift the soft limit to
+/// the hard one.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// "1.5 GiB (1610612736 bytes)"-style sizes for humans.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,81 @@
+//! Positioned I/O on image files with errors that carry path and offset.
+//!
+//! All data I/O in snaptree is `pread`/`pwrite` on a shared file descriptor,
+//! so many threads can read one image at once without a seek position to
+//! fight over and without holding any lock while the kernel works.
+
+use crate::error::{ImageError, Result};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the
+/// file read as zero (as QEMU does), so a last cluster that was never fully
+/// written does not turn into an error.
+pub fn read_at_zero_fill(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ImageError::io(path, "read", offset + done as u64, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`; a short file is corruption
+/// (used for metadata, which must be entirely inside the file).
+pub fn read_exact_at(
+    file: &File,
+    path: &Path,
+    buf: &mut [u8],
+    offset: u64,
+    what: &str,
+) -> Result<()> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ImageError::corrupt(
+                path,
+                offset,
+                format!("{what} ({} bytes) extends past the end of the file", buf.len()),
+            )
+        } else {
+            ImageError::io(path, "read", offset, e)
+        }
+    })
+}
+
+pub fn write_all_at(file: &File, path: &Path, buf: &[u8], offset: u64) -> Result<()> {
+    file.write_all_at(buf, offset)
+        .map_err(|e| ImageError::io(path, "write", offset, e))
+}
+
+pub fn sync_data(file: &File, path: &Path) -> Result<()> {
+    file.sync_data()
+        .map_err(|e| ImageError::io(path, "fdatasync", 0, e))
+}
+
+pub fn file_len(file: &File, path: &Path) -> Result<u64> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|e| ImageError::io(path, "stat", 0, e))
+}
+
+pub fn be_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+pub fn be_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+pub fn be_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}

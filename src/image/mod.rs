@@ -1,0 +1,227 @@
+//! Image formats as *layers*: one source of bytes that knows which guest
+//! ranges it holds.
+//!
+//! Every format (qcow2, raw, later VHD) implements [`Layer`]. A layer answers
+//! `map(range)` with extents that say where each guest byte lives *in this
+//! layer only* — at a host offset, in a compressed cluster, as zeros, or not
+//! here at all (fall through to the backing layer). Everything above this
+//! module (chain resolution, the mount, merges) works on that answer and
+//! never parses a format itself.
+//!
+//! Concurrency: layers are `Send + Sync`; metadata lookups take a short
+//! internal lock, data reads are `pread`s on the layer's file without it.
+
+pub mod probe;
+pub mod qcow2;
+pub mod raw;
+
+use crate::error::{ImageError, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Where a guest range lives within one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// Plain bytes at this host offset of the layer's file.
+    Data { host: u64 },
+    /// Inside a compressed cluster; `cluster_start` is the guest offset where
+    /// that cluster begins, so the layer can find and inflate it.
+    Compressed { cluster_start: u64 },
+    /// Reads as zeros, decided by this layer (zero cluster, hole in a raw file).
+    Zero,
+    /// This layer does not hold the range: ask the backing layer.
+    Unallocated,
+}
+
+/// A guest range with one mapping; `host` of `Data` belongs to `start`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub start: u64,
+    pub len: u64,
+    pub mapping: Mapping,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+/// Appends `e` to `out`, merging it into the previous extent when both are
+/// the same kind and (for data) contiguous on the host.
+pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if e.len == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        if last.end() == e.start {
+            let merged = match (last.mapping, e.mapping) {
+                (Mapping::Data { host: a }, Mapping::Data { host: b }) => a + last.len == b,
+                (Mapping::Zero, Mapping::Zero) => true,
+                (Mapping::Unallocated, Mapping::Unallocated) => true,
+                _ => false,
+            };
+            if merged {
+                last.len += e.len;
+                return;
+            }
+        }
+    }
+    out.push(e);
+}
+
+/// Formats snaptree can open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+
+    /// The format named in a backing-format header field.
+    pub fn from_name(name: &str) -> Option<Format> {
+        match name {
+            "qcow2" => Some(Format::Qcow2),
+            "raw" | "file" => Some(Format::Raw),
+            _ => None,
+        }
+    }
+}
+
+/// The backing file an image names, as written in the image.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackingRef {
+    pub name: String,
+    /// Where the name is stored in the image file (for error messages).
+    pub offset: u64,
+    /// The format recorded with it, if the image records one.
+    pub format: Option<String>,
+}
+
+/// An internal (qcow2) snapshot, listed by `snaptree info`.
+#[derive(Clone, Debug, Serialize)]
+pub struct InternalSnapshot {
+    pub id: String,
+    pub name: String,
+    pub date_sec: u32,
+    pub vm_clock_nsec: u64,
+    pub vm_state_size: u64,
+    pub disk_size: Option<u64>,
+}
+
+/// Static facts about one layer, for `info`.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerInfo {
+    pub file: PathBuf,
+    pub format: Format,
+    pub version: Option<u32>,
+    pub virtual_size: u64,
+    pub cluster_size: Option<u64>,
+    pub file_size: u64,
+    pub backing: Option<BackingRef>,
+    pub features: Vec<String>,
+    pub snapshots: Vec<InternalSnapshot>,
+}
+
+/// Reads of the flattened view *below* a layer: what copy-on-write of a
+/// partial cluster copies from.
+pub trait BackingRead {
+    fn read_below(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// A view with nothing below it: reads zeros.
+pub struct NoBacking;
+
+impl BackingRead for NoBacking {
+    fn read_below(&self, _offset: u64, buf: &mut [u8]) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+/// One source of bytes in a chain. See the module docs.
+pub trait Layer: Send + Sync {
+    fn path(&self) -> &Path;
+    fn format(&self) -> Format;
+    fn virtual_size(&self) -> u64;
+    fn backing(&self) -> Option<&BackingRef>;
+
+    /// Extents covering exactly `[offset, offset+len)`, which must lie inside
+    /// the virtual size, in ascending order.
+    fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+
+    /// Reads `buf.len()` bytes at `host` of this layer's file (a `Data`
+    /// mapping); never takes the metadata lock.
+    fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Reads guest bytes at `offset` from the compressed cluster that starts
+    /// at guest offset `cluster_start`.
+    fn read_compressed(&self, cluster_start: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _ = (cluster_start, offset, buf);
+        Err(ImageError::unsupported(
+            self.path(),
+            "this format has no compressed clusters",
+        ))
+    }
+
+    fn info(&self) -> Result<LayerInfo>;
+
+    /// Guest bytes this layer itself holds (data, compressed or zero-marked).
+    fn allocated_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        let size = self.virtual_size();
+        let step = 1u64 << 30;
+        let mut at = 0;
+        while at < size {
+            let len = step.min(size - at);
+            for e in self.map(at, len)? {
+                if e.mapping != Mapping::Unallocated {
+                    total += e.len;
+                }
+            }
+            at += len;
+        }
+        Ok(total)
+    }
+
+    fn is_writable(&self) -> bool {
+        false
+    }
+
+    /// Writes guest bytes; partial clusters are completed from `below`.
+    fn write(&self, offset: u64, data: &[u8], below: &dyn BackingRead) -> Result<()> {
+        let _ = (offset, data, below);
+        Err(ImageError::invalid(self.path(), "image is open read-only"))
+    }
+
+    /// Makes the range read as zeros, releasing storage where the format can
+    /// (zero clusters, holes). Used for both zero writes and discards.
+    fn write_zeroes(&self, offset: u64, len: u64, below: &dyn BackingRead) -> Result<()> {
+        let _ = (offset, len, below);
+        Err(ImageError::invalid(self.path(), "image is open read-only"))
+    }
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Checks that `[offset, offset+len)` lies inside a layer of `size` bytes.
+pub fn check_range(path: &Path, size: u64, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(ImageError::invalid(
+            path,
+            format!("request at offset {offset}, length {len} is outside the virtual size {size}"),
+        )),
+    }
+}

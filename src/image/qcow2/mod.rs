@@ -1,0 +1,326 @@
+//! qcow2 (versions 2 and 3) as a [`Layer`].
+//!
+//! Layout of this module: `header` parses and validates the header and its
+//! extensions; `l2` turns L1/L2 entries into mappings; `snapshot` reads the
+//! internal snapshot table; `compress` inflates zlib/zstd clusters;
+//! `refcount` and `write` are the allocating writer; `create` makes new
+//! images. This file holds the open image and the read side.
+//!
+//! Concurrency: all metadata (L1, cached L2 tables, refcounts) sits behind
+//! one `Mutex<Meta>`, held only for lookups and updates. Guest data is read
+//! and written with `pread`/`pwrite` outside it. Writers are serialised by a
+//! separate `write_lock`, so a writer can drop the metadata lock while it
+//! copies data and be sure nobody changed the entries it planned on. Host
+//! clusters are only ever appended, never reused within a session, so a
+//! reader holding a host offset that a concurrent write just replaced still
+//! reads the old, intact bytes.
+
+pub mod compress;
+pub mod create;
+pub mod header;
+pub mod l2;
+mod refcount;
+pub mod snapshot;
+mod write;
+
+use crate::error::{ImageError, Result};
+use crate::fileio::{self, read_exact_at};
+use crate::image::{
+    check_range, push_extent, BackingRead, BackingRef, Extent, Format, InternalSnapshot, Layer,
+    LayerInfo, Mapping,
+};
+use header::Header;
+use l2::{CompressedDesc, Entry, Geometry};
+use lru::LruCache;
+use parking_lot::Mutex;
+use refcount::Refcounts;
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Bytes of L2 tables kept cached per image.
+const L2_CACHE_BYTES: u64 = 8 << 20;
+/// Decompressed clusters kept per image.
+const COMPRESSED_CACHE: usize = 8;
+/// Dirty metadata beyond this is written out even without a flush, to
+/// bound memory.
+pub(crate) const MAX_DIRTY_BYTES: u64 = 64 << 20;
+
+/// Mutable metadata state, behind `Qcow2Layer::meta`.
+pub(crate) struct Meta {
+    pub l1: Vec<u64>,
+    pub l1_dirty: BTreeSet<usize>,
+    pub l2_clean: LruCache<u64, Arc<Vec<u64>>>,
+    pub l2_dirty: HashMap<u64, Arc<Vec<u64>>>,
+    /// Bound for host offsets: the file length at open, or for a writer
+    /// the end of everything allocated so far.
+    pub file_end: u64,
+    pub refs: Option<Refcounts>,
+    /// Host ranges whose references were dropped from L2 tables in memory;
+    /// their refcounts fall only after the new tables are on disk.
+    pub pending_free: Vec<(u64, u64)>,
+    pub data_written: bool,
+}
+
+pub struct Qcow2Layer {
+    path: PathBuf,
+    file: File,
+    header: Header,
+    geom: Geometry,
+    snapshots: Vec<InternalSnapshot>,
+    backing: Option<BackingRef>,
+    writable: bool,
+    meta: Mutex<Meta>,
+    write_lock: Mutex<()>,
+    compressed_cache: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+}
+
+impl Qcow2Layer {
+    pub fn open(path: &Path, file: File, writable: bool) -> Result<Qcow2Layer> {
+        let header = Header::read(&file, path)?;
+        let geom = Geometry::new(&header);
+        let len = fileio::file_len(&file, path)?;
+        let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
+        read_exact_at(&file, path, &mut l1_bytes, header.l1_table_offset, "L1 table")?;
+        let l1 = header::decode_u64s(&l1_bytes);
+        let snapshots = snapshot::read_snapshots(&file, path, &header, len)?;
+        let backing = header.backing_file.clone().map(|name| BackingRef {
+            name,
+            offset: header.backing_file_offset,
+            format: header.backing_format.clone(),
+        });
+        let cache_tables = (L2_CACHE_BYTES / geom.cluster_size).max(16) as usize;
+        let mut meta = Meta {
+            l1,
+            l1_dirty: BTreeSet::new(),
+            l2_clean: LruCache::new(NonZeroUsize::new(cache_tables).expect("nonzero")),
+            l2_dirty: HashMap::new(),
+            file_end: len,
+            refs: None,
+            pending_free: Vec::new(),
+            data_written: false,
+        };
+        if writable {
+            write::check_writable(path, &header)?;
+            meta.file_end = len.div_ceil(geom.cluster_size) * geom.cluster_size;
+            meta.refs = Some(Refcounts::load(&file, path, &header, len)?);
+            write::clear_autoclear(&file, path, &header)?;
+        }
+        Ok(Qcow2Layer {
+            path: path.to_path_buf(),
+            file,
+            header,
+            geom,
+            snapshots,
+            backing,
+            writable,
+            meta: Mutex::new(meta),
+            write_lock: Mutex::new(()),
+            compressed_cache: Mutex::new(LruCache::new(
+                NonZeroUsize::new(COMPRESSED_CACHE).expect("nonzero"),
+            )),
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geom
+    }
+
+    /// The L2 table for L1 index `i`, loaded into the cache if needed;
+    /// `None` when the L1 entry is unallocated.
+    fn l2_table(&self, meta: &mut Meta, i: usize) -> Result<Option<(u64, Arc<Vec<u64>>)>> {
+        let l1_at = self.header.l1_table_offset + i as u64 * 8;
+        let entry = *meta.l1.get(i).ok_or_else(|| {
+            ImageError::corrupt(&self.path, l1_at, format!("L1 index {i} beyond l1_size {}", meta.l1.len()))
+        })?;
+        let off = entry & l2::L1E_OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        let cs = self.geom.cluster_size;
+        if off % cs != 0 || off < cs || off + cs > meta.file_end {
+            return Err(ImageError::corrupt(
+                &self.path,
+                l1_at,
+                format!(
+                    "L1 entry {i} points to an L2 table at offset {off}, which is {} (file is {} bytes)",
+                    if off % cs != 0 {
+                        "not cluster aligned"
+                    } else if off < cs {
+                        "inside the header cluster"
+                    } else {
+                        "past the end of the file"
+                    },
+                    meta.file_end
+                ),
+            ));
+        }
+        if let Some(t) = meta.l2_dirty.get(&off) {
+            return Ok(Some((off, t.clone())));
+        }
+        if let Some(t) = meta.l2_clean.get(&off) {
+            return Ok(Some((off, t.clone())));
+        }
+        let mut bytes = vec![0u8; cs as usize];
+        read_exact_at(&self.file, &self.path, &mut bytes, off, "L2 table")?;
+        let table = Arc::new(header::decode_u64s(&bytes));
+        meta.l2_clean.put(off, table.clone());
+        Ok(Some((off, table)))
+    }
+
+    /// The decoded entry for the guest cluster containing `guest`.
+    fn entry_at(&self, meta: &mut Meta, guest: u64) -> Result<Entry> {
+        match self.l2_table(meta, self.geom.l1_index(guest))? {
+            None => Ok(Entry::Unallocated),
+            Some((off, table)) => self.decode_entry(meta, off, &table, self.geom.l2_index(guest)),
+        }
+    }
+
+    fn decode_entry(&self, meta: &Meta, table_off: u64, table: &[u64], idx: usize) -> Result<Entry> {
+        let w = self.geom.words_per_entry as usize;
+        let word = table[idx * w];
+        let bitmap = if w == 2 { table[idx * w + 1] } else { 0 };
+        let at = table_off + (idx * w * 8) as u64;
+        l2::decode(&self.geom, &self.path, at, word, bitmap, meta.file_end)
+    }
+
+    /// Inflates the compressed cluster `desc`, through a small cache.
+    fn inflate(&self, desc: CompressedDesc) -> Result<Arc<Vec<u8>>> {
+        if let Some(c) = self.compressed_cache.lock().get(&desc.host) {
+            return Ok(c.clone());
+        }
+        let mut raw = vec![0u8; desc.len as usize];
+        fileio::read_at_zero_fill(&self.file, &self.path, &mut raw, desc.host)?;
+        let out = compress::inflate(
+            self.header.compression_type,
+            &raw,
+            self.geom.cluster_size as usize,
+        )
+        .map_err(|why| {
+            ImageError::corrupt(
+                &self.path,
+                desc.host,
+                format!("compressed cluster ({} bytes) does not decompress: {why}", desc.len),
+            )
+        })?;
+        let out = Arc::new(out);
+        self.compressed_cache.lock().put(desc.host, out.clone());
+        Ok(out)
+    }
+}
+
+impl Layer for Qcow2Layer {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+    fn virtual_size(&self) -> u64 {
+        self.header.size
+    }
+    fn backing(&self) -> Option<&BackingRef> {
+        self.backing.as_ref()
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(&self.path, self.header.size, offset, len)?;
+        let g = self.geom;
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut meta = self.meta.lock();
+        let mut at = offset;
+        while at < end {
+            let span_end = ((at / g.l2_span() + 1) * g.l2_span()).min(end);
+            match self.l2_table(&mut meta, g.l1_index(at))? {
+                None => push_extent(
+                    &mut out,
+                    Extent { start: at, len: span_end - at, mapping: Mapping::Unallocated },
+                ),
+                Some((off, table)) => {
+                    while at < span_end {
+                        let cstart = at / g.cluster_size * g.cluster_size;
+                        let cend = (cstart + g.cluster_size).min(span_end);
+                        let entry = self.decode_entry(&meta, off, &table, g.l2_index(at))?;
+                        l2::push_mappings(&g, &mut out, cstart, at, cend, &entry);
+                        at = cend;
+                    }
+                }
+            }
+            at = span_end;
+        }
+        Ok(out)
+    }
+
+    fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
+        fileio::read_at_zero_fill(&self.file, &self.path, buf, host)
+    }
+
+    fn read_compressed(&self, cluster_start: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let entry = {
+            let mut meta = self.meta.lock();
+            self.entry_at(&mut meta, cluster_start)?
+        };
+        let Entry::Compressed(desc) = entry else {
+            return Err(ImageError::invalid(
+                &self.path,
+                format!("guest cluster at offset {cluster_start} is no longer compressed"),
+            ));
+        };
+        let data = self.inflate(desc)?;
+        let from = (offset - cluster_start) as usize;
+        buf.copy_from_slice(&data[from..from + buf.len()]);
+        Ok(())
+    }
+
+    fn info(&self) -> Result<LayerInfo> {
+        Ok(LayerInfo {
+            file: self.path.clone(),
+            format: Format::Qcow2,
+            version: Some(self.header.version),
+            virtual_size: self.header.size,
+            cluster_size: Some(self.geom.cluster_size),
+            file_size: fileio::file_len(&self.file, &self.path)?,
+            backing: self.backing.clone(),
+            features: self.header.feature_list(),
+            snapshots: self.snapshots.clone(),
+        })
+    }
+
+    fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    fn write(&self, offset: u64, data: &[u8], below: &dyn BackingRead) -> Result<()> {
+        self.write_data(offset, data, below)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, below: &dyn BackingRead) -> Result<()> {
+        self.zero_range(offset, len, below)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let _w = self.write_lock.lock();
+        let mut meta = self.meta.lock();
+        self.flush_locked(&mut meta)
+    }
+}
+
+impl Drop for Qcow2Layer {
+    fn drop(&mut self) {
+        if self.writable {
+            if let Err(e) = self.flush() {
+                tracing::error!("flushing {} on close: {e}", self.path.display());
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! A raw image: guest offset = file offset. Used as the base of a chain.
+//!
+//! Holes in the file (found with `SEEK_DATA`/`SEEK_HOLE`) are reported as
+//! `Zero`, as QEMU does, so maps and sparse exports skip them.
+
+use super::{check_range, push_extent, BackingRef, Extent, Format, Layer, LayerInfo, Mapping};
+use crate::error::{ImageError, Result};
+use crate::fileio;
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+pub struct RawLayer {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    writable: bool,
+}
+
+impl RawLayer {
+    pub fn open(path: &Path, file: File, writable: bool) -> Result<RawLayer> {
+        let size = fileio::file_len(&file, path)?;
+        Ok(RawLayer {
+            path: path.to_path_buf(),
+            file,
+            size,
+            writable,
+        })
+    }
+
+    /// `lseek(fd, from, whence)`, `None` when there is no such region (ENXIO).
+    fn seek(&self, from: u64, whence: i32) -> Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor we own; it has no memory effects.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), from as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(ImageError::io(&self.path, "lseek", from, e));
+        }
+        Ok(Some(r as u64))
+    }
+}
+
+impl Layer for RawLayer {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn backing(&self) -> Option<&BackingRef> {
+        None
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(&self.path, self.size, offset, len)?;
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end {
+            // Filesystems without hole support answer SEEK_DATA with `at`
+            // and SEEK_HOLE with EOF: everything is data, which is right.
+            let data = self.seek(at, libc::SEEK_DATA)?.unwrap_or(end).min(end);
+            if data > at {
+                push_extent(&mut out, Extent { start: at, len: data - at, mapping: Mapping::Zero });
+            }
+            if data >= end {
+                break;
+            }
+            let hole = self.seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            let hole = hole.max(data + 1).min(end);
+            push_extent(&mut out, Extent { start: data, len: hole - data, mapping: Mapping::Data { host: data } });
+            at = hole;
+        }
+        Ok(out)
+    }
+
+    fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
+        fileio::read_at_zero_fill(&self.file, &self.path, buf, host)
+    }
+
+    fn info(&self) -> Result<LayerInfo> {
+        Ok(LayerInfo {
+            file: self.path.clone(),
+            format: Format::Raw,
+            version: None,
+            virtual_size: self.size,
+            cluster_size: None,
+            file_size: self.size,
+            backing: None,
+            features: Vec::new(),
+            snapshots: Vec::new(),
+        })
+    }
+
+    fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    fn write(&self, offset: u64, data: &[u8], _below: &dyn super::BackingRead) -> Result<()> {
+        if !self.writable {
+            return Err(ImageError::invalid(&self.path, "image is open read-only"));
+        }
+        check_range(&self.path, self.size, offset, data.len() as u64)?;
+        fileio::write_all_at(&self.file, &self.path, data, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _below: &dyn super::BackingRead) -> Result<()> {
+        if !self.writable {
+            return Err(ImageError::invalid(&self.path, "image is open read-only"));
+        }
+        check_range(&self.path, self.size, offset, len)?;
+        // SAFETY: fallocate on our own descriptor with a validated range.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        // No hole punching here: write the zeros.
+        let chunk = vec![0u8; (len.min(1 << 20)) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(chunk.len() as u64) as usize;
+            fileio::write_all_at(&self.file, &self.path, &chunk[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        fileio::sync_data(&self.file, &self.path)
+    }
+}
