@@ -42,7 +42,10 @@ pub fn read_exact_at(
             ImageError::corrupt(
                 path,
                 offset,
-                format!("{what} ({} bytes) extends past the end of the file", buf.len()),
+                format!(
+                    "{what} ({} bytes) extends past the end of the file",
+                    buf.len()
+                ),
             )
         } else {
             ImageError::io(path, "read", offset, e)

@@ -35,7 +35,9 @@ pub struct ResolutionIndex {
 impl ResolutionIndex {
     pub fn new(size: u64) -> ResolutionIndex {
         ResolutionIndex {
-            regions: Mutex::new(LruCache::new(NonZeroUsize::new(REGIONS_CACHED).expect("nonzero"))),
+            regions: Mutex::new(LruCache::new(
+                NonZeroUsize::new(REGIONS_CACHED).expect("nonzero"),
+            )),
             epoch: AtomicU64::new(0),
             size,
         }
@@ -67,7 +69,9 @@ impl ResolutionIndex {
         let first = offset / REGION;
         let last = (offset + len - 1) / REGION;
         for idx in first..=last {
-            let Some(old) = regions.peek(&idx).cloned() else { continue };
+            let Some(old) = regions.peek(&idx).cloned() else {
+                continue;
+            };
             let s = offset.max(idx * REGION);
             let e = (offset + len).min((idx + 1) * REGION).min(self.size);
             match leaf.map(s, e - s) {
@@ -80,7 +84,9 @@ impl ResolutionIndex {
                             depth: 0,
                             source: match x.mapping {
                                 Mapping::Data { host } => Source::Data { host },
-                                Mapping::Compressed { cluster_start } => Source::Compressed { cluster_start },
+                                Mapping::Compressed { cluster_start } => {
+                                    Source::Compressed { cluster_start }
+                                }
                                 _ => Source::Zero,
                             },
                         })

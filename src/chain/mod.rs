@@ -25,15 +25,38 @@ pub enum ChainError {
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error("{}: cannot open: {source}", .path.display())]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: backing file {name:?} (named at offset {offset}) cannot be opened as {}: {source}", .path.display(), .target.display())]
-    Missing { path: PathBuf, offset: u64, name: String, target: PathBuf, source: std::io::Error },
+    Missing {
+        path: PathBuf,
+        offset: u64,
+        name: String,
+        target: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: backing file {name:?} (named at offset {offset}) resolves to {}, outside the tree directory {}; pass --allow-external-backing if you trust this image", .path.display(), .target.display(), .root.display())]
-    Outside { path: PathBuf, offset: u64, name: String, target: PathBuf, root: PathBuf },
+    Outside {
+        path: PathBuf,
+        offset: u64,
+        name: String,
+        target: PathBuf,
+        root: PathBuf,
+    },
     #[error("{}: backing chain loops: the backing file named at offset {offset} is {}, which is already in the chain", .path.display(), .target.display())]
-    Cycle { path: PathBuf, offset: u64, target: PathBuf },
+    Cycle {
+        path: PathBuf,
+        offset: u64,
+        target: PathBuf,
+    },
     #[error("{}: backing chain is deeper than {max} layers (stopped at the backing file named at offset {offset}); raise --max-depth if the chain is real", .path.display())]
-    TooDeep { path: PathBuf, offset: u64, max: usize },
+    TooDeep {
+        path: PathBuf,
+        offset: u64,
+        max: usize,
+    },
     #[error("{}: backing file format {format:?} is not supported (qcow2 and raw are)", .path.display())]
     Format { path: PathBuf, format: String },
 }
@@ -76,7 +99,11 @@ impl Chain {
     /// A chain of already opened layers, leaf first (at least one).
     pub fn from_layers(layers: Vec<Arc<dyn Layer>>) -> Chain {
         let size = layers[0].virtual_size();
-        Chain { layers, size, index: ResolutionIndex::new(size) }
+        Chain {
+            layers,
+            size,
+            index: ResolutionIndex::new(size),
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -92,7 +119,12 @@ impl Chain {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
-        Ok(crate::image::check_range(self.leaf().path(), self.size, offset, len)?)
+        Ok(crate::image::check_range(
+            self.leaf().path(),
+            self.size,
+            offset,
+            len,
+        )?)
     }
 
     /// Reads `buf.len()` bytes of the flattened disk at `offset`.
@@ -107,7 +139,9 @@ impl Chain {
             regions.push(self.index.region(&self.layers, idx)?);
         }
         let pieces = regions.iter().flat_map(|m| {
-            m[index::find(m, offset)..].iter().map_while(move |r| r.clip(offset, end))
+            m[index::find(m, offset)..]
+                .iter()
+                .map_while(move |r| r.clip(offset, end))
         });
         Ok(self.read_resolved(pieces, offset, buf)?)
     }
@@ -122,7 +156,9 @@ impl Chain {
     ) -> crate::error::Result<()> {
         // The pending run: (depth, host, start in buf, length).
         let mut run: Option<(u32, u64, usize, usize)> = None;
-        let flush = |run: &mut Option<(u32, u64, usize, usize)>, buf: &mut [u8]| -> crate::error::Result<()> {
+        let flush = |run: &mut Option<(u32, u64, usize, usize)>,
+                     buf: &mut [u8]|
+         -> crate::error::Result<()> {
             if let Some((d, host, at, len)) = run.take() {
                 self.layers[d as usize].read_host(host, &mut buf[at..at + len])?;
             }
@@ -144,7 +180,11 @@ impl Chain {
                 }
                 Source::Compressed { cluster_start } => {
                     flush(&mut run, buf)?;
-                    self.layers[r.depth as usize].read_compressed(cluster_start, r.start, &mut buf[at..at + len])?;
+                    self.layers[r.depth as usize].read_compressed(
+                        cluster_start,
+                        r.start,
+                        &mut buf[at..at + len],
+                    )?;
                 }
                 Source::Zero | Source::Unallocated => {
                     flush(&mut run, buf)?;
@@ -175,7 +215,7 @@ impl Chain {
         self.check(offset, data.len() as u64)?;
         let leaf = self.leaf_for_write()?;
         let r = leaf.write(offset, data, &Below(self));
-        self.index.leaf_written(leaf.as_ref(), offset, data.len() as u64);
+        self.leaf_changed(offset, data.len() as u64);
         Ok(r?)
     }
 
@@ -184,8 +224,22 @@ impl Chain {
         self.check(offset, len)?;
         let leaf = self.leaf_for_write()?;
         let r = leaf.write_zeroes(offset, len, &Below(self));
-        self.index.leaf_written(leaf.as_ref(), offset, len);
+        self.leaf_changed(offset, len);
         Ok(r?)
+    }
+
+    /// Patches the index for a write to `[offset, offset+len)`, widened to
+    /// whole allocation units: copy-on-write remaps the unwritten rest of a
+    /// cluster too (a compressed cluster becomes a plain one).
+    fn leaf_changed(&self, offset: u64, len: u64) {
+        let unit = self.leaf().allocation_unit().max(1);
+        let start = offset / unit * unit;
+        let end = (offset + len)
+            .div_ceil(unit)
+            .saturating_mul(unit)
+            .min(self.size);
+        self.index
+            .leaf_written(self.leaf().as_ref(), start, end - start);
     }
 
     /// Discard: the range reads as zeros afterwards and its storage is

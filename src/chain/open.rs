@@ -26,21 +26,36 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { writable: false, allow_external_backing: false, max_depth: DEFAULT_MAX_DEPTH }
+        OpenOptions {
+            writable: false,
+            allow_external_backing: false,
+            max_depth: DEFAULT_MAX_DEPTH,
+        }
     }
 }
 
 /// Opens every layer of the chain that ends in `leaf`, leaf first.
 pub fn open_layers(leaf: &Path, opts: &OpenOptions) -> Result<Vec<Arc<dyn Layer>>, ChainError> {
-    let canon = |p: &Path| p.canonicalize().map_err(|e| ChainError::Open { path: p.to_path_buf(), source: e });
+    let canon = |p: &Path| {
+        p.canonicalize().map_err(|e| ChainError::Open {
+            path: p.to_path_buf(),
+            source: e,
+        })
+    };
     let leaf_canon = canon(leaf)?;
-    let root = leaf_canon.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    let root = leaf_canon
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
     let mut layers: Vec<Arc<dyn Layer>> = Vec::new();
     let mut seen = HashSet::new();
     let mut path = leaf.to_path_buf();
     let mut format: Option<Format> = None;
     loop {
-        let meta = std::fs::metadata(&path).map_err(|e| ChainError::Open { path: path.clone(), source: e })?;
+        let meta = std::fs::metadata(&path).map_err(|e| ChainError::Open {
+            path: path.clone(),
+            source: e,
+        })?;
         if !seen.insert((meta.dev(), meta.ino())) {
             let referrer = layers.last().expect("a repeat needs a referrer");
             return Err(ChainError::Cycle {
@@ -55,9 +70,17 @@ pub fn open_layers(leaf: &Path, opts: &OpenOptions) -> Result<Vec<Arc<dyn Layer>
         let Some(b) = backing else { break };
         let referrer = layers.last().expect("just pushed");
         if layers.len() >= opts.max_depth {
-            return Err(ChainError::TooDeep { path: referrer.path().to_path_buf(), offset: b.offset, max: opts.max_depth });
+            return Err(ChainError::TooDeep {
+                path: referrer.path().to_path_buf(),
+                offset: b.offset,
+                max: opts.max_depth,
+            });
         }
-        let dir = referrer.path().parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = referrer
+            .path()
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let target = dir.join(&b.name);
         let target_canon = target.canonicalize().map_err(|e| ChainError::Missing {
             path: referrer.path().to_path_buf(),

@@ -45,10 +45,17 @@ impl Resolved {
             return None;
         }
         let source = match self.source {
-            Source::Data { host } => Source::Data { host: host + (s - self.start) },
+            Source::Data { host } => Source::Data {
+                host: host + (s - self.start),
+            },
             other => other,
         };
-        Some(Resolved { start: s, len: e - s, depth: self.depth, source })
+        Some(Resolved {
+            start: s,
+            len: e - s,
+            depth: self.depth,
+            source,
+        })
     }
 }
 
@@ -74,13 +81,23 @@ pub fn push_resolved(out: &mut Vec<Resolved>, r: Resolved) {
 }
 
 /// Resolves `[offset, offset+len)` through `layers[from..]`.
-pub fn resolve(layers: &[Arc<dyn Layer>], from: usize, offset: u64, len: u64) -> Result<Vec<Resolved>> {
+pub fn resolve(
+    layers: &[Arc<dyn Layer>],
+    from: usize,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<Resolved>> {
     let mut out = Vec::new();
     if len == 0 {
         return Ok(out);
     }
     if from >= layers.len() {
-        out.push(Resolved { start: offset, len, depth: from.saturating_sub(1) as u32, source: Source::Unallocated });
+        out.push(Resolved {
+            start: offset,
+            len,
+            depth: from.saturating_sub(1) as u32,
+            source: Source::Unallocated,
+        });
         return Ok(out);
     }
     let mut pending = vec![(offset, offset + len)];
@@ -97,7 +114,12 @@ pub fn resolve(layers: &[Arc<dyn Layer>], from: usize, offset: u64, len: u64) ->
                 // Past the end of this (backing) layer: zeros, attributed
                 // to the layer above it.
                 let from_s = s.max(ce);
-                out.push(Resolved { start: from_s, len: e - from_s, depth: d.saturating_sub(1) as u32, source: Source::Unallocated });
+                out.push(Resolved {
+                    start: from_s,
+                    len: e - from_s,
+                    depth: d.saturating_sub(1) as u32,
+                    source: Source::Unallocated,
+                });
             }
             if s >= ce {
                 continue;
@@ -113,7 +135,12 @@ pub fn resolve(layers: &[Arc<dyn Layer>], from: usize, offset: u64, len: u64) ->
                     Mapping::Data { host } => Source::Data { host },
                     Mapping::Compressed { cluster_start } => Source::Compressed { cluster_start },
                 };
-                out.push(Resolved { start: ext.start, len: ext.len, depth: d as u32, source });
+                out.push(Resolved {
+                    start: ext.start,
+                    len: ext.len,
+                    depth: d as u32,
+                    source,
+                });
             }
         }
         pending = next;

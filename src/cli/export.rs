@@ -65,7 +65,9 @@ impl Sink {
 
     fn finish(self) -> CliResult {
         match self {
-            Sink::Raw(f, p) => f.sync_all().map_err(|e| format!("{}: fsync: {e}", p.display()))?,
+            Sink::Raw(f, p) => f
+                .sync_all()
+                .map_err(|e| format!("{}: fsync: {e}", p.display()))?,
             Sink::Qcow2(l) => l.flush()?,
         }
         Ok(())
@@ -83,8 +85,10 @@ pub fn run(a: ExportArgs) -> CliResult {
     let result = (|| -> CliResult {
         let sink = match a.format {
             OutFormat::Raw => {
-                let f = File::create(&tmp).map_err(|e| format!("{}: create: {e}", tmp.display()))?;
-                f.set_len(size).map_err(|e| format!("{}: truncate: {e}", tmp.display()))?;
+                let f =
+                    File::create(&tmp).map_err(|e| format!("{}: create: {e}", tmp.display()))?;
+                f.set_len(size)
+                    .map_err(|e| format!("{}: truncate: {e}", tmp.display()))?;
                 Sink::Raw(f, tmp.clone())
             }
             OutFormat::Qcow2 => {
@@ -121,7 +125,8 @@ pub fn run(a: ExportArgs) -> CliResult {
     })();
     match result {
         Ok(()) => {
-            std::fs::rename(&tmp, &a.out).map_err(|e| format!("{}: rename into place: {e}", a.out.display()))?;
+            std::fs::rename(&tmp, &a.out)
+                .map_err(|e| format!("{}: rename into place: {e}", a.out.display()))?;
             Ok(())
         }
         Err(e) => {
@@ -132,7 +137,10 @@ pub fn run(a: ExportArgs) -> CliResult {
 }
 
 fn partial_name(out: &Path) -> PathBuf {
-    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = out
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".snaptree-partial");
     out.with_file_name(name)
 }
@@ -142,7 +150,9 @@ fn progress(size: u64, quiet: bool) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(size);
-    if let Ok(style) = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
         bar.set_style(style);
     }
     bar

@@ -36,31 +36,59 @@ pub fn run(a: InfoArgs) -> CliResult {
     let chain = a.chain.open(&a.image)?;
     let mut entries = Vec::new();
     for (depth, layer) in chain.layers().iter().enumerate() {
-        entries.push(LayerEntry { depth, info: layer.info()?, allocated_bytes: layer.allocated_bytes()? });
+        entries.push(LayerEntry {
+            depth,
+            info: layer.info()?,
+            allocated_bytes: layer.allocated_bytes()?,
+        });
     }
-    let out = InfoOut { virtual_size: chain.size(), depth: entries.len(), chain: entries };
+    let out = InfoOut {
+        virtual_size: chain.size(),
+        depth: entries.len(),
+        chain: entries,
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("chain of {} layer(s), virtual size {} ({} bytes)", out.depth, human_size(out.virtual_size), out.virtual_size);
+    println!(
+        "chain of {} layer(s), virtual size {} ({} bytes)",
+        out.depth,
+        human_size(out.virtual_size),
+        out.virtual_size
+    );
     for e in &out.chain {
         let i = &e.info;
         println!();
         println!("[{}] {}", e.depth, i.file.display());
         let version = i.version.map(|v| format!(" v{v}")).unwrap_or_default();
         println!("    format:        {}{version}", i.format.name());
-        println!("    virtual size:  {} ({} bytes)", human_size(i.virtual_size), i.virtual_size);
+        println!(
+            "    virtual size:  {} ({} bytes)",
+            human_size(i.virtual_size),
+            i.virtual_size
+        );
         if let Some(cs) = i.cluster_size {
             println!("    cluster size:  {cs}");
         }
-        println!("    allocated:     {} ({} bytes) held by this layer", human_size(e.allocated_bytes), e.allocated_bytes);
-        println!("    file size:     {} ({} bytes)", human_size(i.file_size), i.file_size);
+        println!(
+            "    allocated:     {} ({} bytes) held by this layer",
+            human_size(e.allocated_bytes),
+            e.allocated_bytes
+        );
+        println!(
+            "    file size:     {} ({} bytes)",
+            human_size(i.file_size),
+            i.file_size
+        );
         match &i.backing {
             Some(b) => println!(
                 "    backing:       {}{}",
                 b.name,
-                b.format.as_ref().map(|f| format!(" (format {f})")).unwrap_or_default()
+                b.format
+                    .as_ref()
+                    .map(|f| format!(" (format {f})"))
+                    .unwrap_or_default()
             ),
             None => println!("    backing:       none"),
         }
@@ -69,9 +97,15 @@ pub fn run(a: InfoArgs) -> CliResult {
         }
         if !i.snapshots.is_empty() {
             println!("    internal snapshots:");
-            println!("      {:<6} {:<20} {:>12} {:>12}", "ID", "NAME", "VM STATE", "DATE (s)");
+            println!(
+                "      {:<6} {:<20} {:>12} {:>12}",
+                "ID", "NAME", "VM STATE", "DATE (s)"
+            );
             for s in &i.snapshots {
-                println!("      {:<6} {:<20} {:>12} {:>12}", s.id, s.name, s.vm_state_size, s.date_sec);
+                println!(
+                    "      {:<6} {:<20} {:>12} {:>12}",
+                    s.id, s.name, s.vm_state_size, s.date_sec
+                );
             }
         }
     }

@@ -45,14 +45,34 @@ impl Entry {
             Source::Zero => (true, true, false, false, None),
             Source::Unallocated => (false, true, false, false, None),
         };
-        Entry { start: r.start, length: r.len, depth: r.depth, present, zero, data, compressed, offset }
+        Entry {
+            start: r.start,
+            length: r.len,
+            depth: r.depth,
+            present,
+            zero,
+            data,
+            compressed,
+            offset,
+        }
     }
 
     /// Whether `next` continues this entry (same attributes, contiguous).
     fn absorbs(&self, next: &Entry) -> bool {
         self.start + self.length == next.start
-            && (self.depth, self.present, self.zero, self.data, self.compressed)
-                == (next.depth, next.present, next.zero, next.data, next.compressed)
+            && (
+                self.depth,
+                self.present,
+                self.zero,
+                self.data,
+                self.compressed,
+            ) == (
+                next.depth,
+                next.present,
+                next.zero,
+                next.data,
+                next.compressed,
+            )
             && match (self.offset, next.offset) {
                 (None, None) => true,
                 (Some(a), Some(b)) => a + self.length == b,
@@ -73,7 +93,11 @@ pub fn run(a: MapArgs) -> CliResult {
     if let Output::Json = a.output {
         write!(out, "[")?;
     } else {
-        writeln!(out, "{:<18} {:<18} {:>5}  {:<12} {:<18} File", "Offset", "Length", "Depth", "Kind", "Host offset")?;
+        writeln!(
+            out,
+            "{:<18} {:<18} {:>5}  {:<12} {:<18} File",
+            "Offset", "Length", "Depth", "Kind", "Host offset"
+        )?;
     }
     let mut emit = |e: Entry, out: &mut dyn Write| -> std::io::Result<()> {
         match a.output {
@@ -99,9 +123,20 @@ pub fn run(a: MapArgs) -> CliResult {
                     (true, false, true) => "compressed",
                     _ => "data",
                 };
-                let host = e.offset.map(|o| format!("{o:#x}")).unwrap_or_else(|| "-".into());
-                let file = chain.layers().get(e.depth as usize).map(|l| l.path().display().to_string()).unwrap_or_default();
-                writeln!(out, "{:<#18x} {:<#18x} {:>5}  {:<12} {:<18} {}", e.start, e.length, e.depth, kind, host, file)
+                let host = e
+                    .offset
+                    .map(|o| format!("{o:#x}"))
+                    .unwrap_or_else(|| "-".into());
+                let file = chain
+                    .layers()
+                    .get(e.depth as usize)
+                    .map(|l| l.path().display().to_string())
+                    .unwrap_or_default();
+                writeln!(
+                    out,
+                    "{:<#18x} {:<#18x} {:>5}  {:<12} {:<18} {}",
+                    e.start, e.length, e.depth, kind, host, file
+                )
             }
         }
     };

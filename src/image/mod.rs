@@ -154,6 +154,12 @@ pub trait Layer: Send + Sync {
     fn virtual_size(&self) -> u64;
     fn backing(&self) -> Option<&BackingRef>;
 
+    /// The unit in which this layer allocates: a write anywhere inside one
+    /// may change the mapping of all of it (copy-on-write of a cluster).
+    fn allocation_unit(&self) -> u64 {
+        1
+    }
+
     /// Extents covering exactly `[offset, offset+len)`, which must lie inside
     /// the virtual size, in ascending order.
     fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;

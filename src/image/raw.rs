@@ -67,14 +67,28 @@ impl Layer for RawLayer {
             // and SEEK_HOLE with EOF: everything is data, which is right.
             let data = self.seek(at, libc::SEEK_DATA)?.unwrap_or(end).min(end);
             if data > at {
-                push_extent(&mut out, Extent { start: at, len: data - at, mapping: Mapping::Zero });
+                push_extent(
+                    &mut out,
+                    Extent {
+                        start: at,
+                        len: data - at,
+                        mapping: Mapping::Zero,
+                    },
+                );
             }
             if data >= end {
                 break;
             }
             let hole = self.seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
             let hole = hole.max(data + 1).min(end);
-            push_extent(&mut out, Extent { start: data, len: hole - data, mapping: Mapping::Data { host: data } });
+            push_extent(
+                &mut out,
+                Extent {
+                    start: data,
+                    len: hole - data,
+                    mapping: Mapping::Data { host: data },
+                },
+            );
             at = hole;
         }
         Ok(out)

@@ -6,7 +6,11 @@ use std::io::Read;
 /// Inflates `input` into exactly `cluster_size` bytes. The input may carry
 /// trailing bytes of the next compressed cluster (sector rounding); both
 /// decoders stop once the cluster is complete.
-pub fn inflate(kind: CompressionType, input: &[u8], cluster_size: usize) -> Result<Vec<u8>, String> {
+pub fn inflate(
+    kind: CompressionType,
+    input: &[u8],
+    cluster_size: usize,
+) -> Result<Vec<u8>, String> {
     let mut out = vec![0u8; cluster_size];
     match kind {
         CompressionType::Zlib => {

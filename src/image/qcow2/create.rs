@@ -7,7 +7,10 @@
 //! sizes depend on each other, so they are found by iterating to a fixed
 //! point.
 
-use super::header::{self, EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_NAMES, MAX_L1_BYTES, V3_HEADER_LEN_WITH_COMPRESSION};
+use super::header::{
+    self, EXT_BACKING_FORMAT, EXT_END, EXT_FEATURE_NAMES, MAX_L1_BYTES,
+    V3_HEADER_LEN_WITH_COMPRESSION,
+};
 use crate::error::{ImageError, Result};
 use crate::fileio::{sync_data, write_all_at};
 use std::fs::OpenOptions;
@@ -27,7 +30,12 @@ pub struct CreateOptions {
 
 impl CreateOptions {
     pub fn new(size: u64) -> CreateOptions {
-        CreateOptions { size, cluster_bits: 16, backing: None, extended_l2: false }
+        CreateOptions {
+            size,
+            cluster_bits: 16,
+            backing: None,
+            extended_l2: false,
+        }
     }
 }
 
@@ -47,16 +55,28 @@ const FEATURE_NAMES: &[(u8, u8, &str)] = &[
 /// Creates a new qcow2 v3 image at `path`; fails if the file exists.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     if !(9..=21).contains(&opts.cluster_bits) {
-        return Err(ImageError::invalid(path, format!("cluster size 2^{} outside 512 B..2 MiB", opts.cluster_bits)));
+        return Err(ImageError::invalid(
+            path,
+            format!("cluster size 2^{} outside 512 B..2 MiB", opts.cluster_bits),
+        ));
     }
     if opts.extended_l2 && opts.cluster_bits < 14 {
-        return Err(ImageError::invalid(path, "extended L2 entries need clusters of at least 16 KiB"));
+        return Err(ImageError::invalid(
+            path,
+            "extended L2 entries need clusters of at least 16 KiB",
+        ));
     }
     let cs = 1u64 << opts.cluster_bits;
     let l2_entries = cs / if opts.extended_l2 { 16 } else { 8 };
     let l1_size = opts.size.div_ceil(cs * l2_entries);
     if l1_size * 8 > MAX_L1_BYTES {
-        return Err(ImageError::invalid(path, format!("virtual size {} is too large for {cs}-byte clusters", opts.size)));
+        return Err(ImageError::invalid(
+            path,
+            format!(
+                "virtual size {} is too large for {cs}-byte clusters",
+                opts.size
+            ),
+        ));
     }
     let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
     let per_block = cs * 8 / 16;
@@ -89,7 +109,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     put64(&mut head, 40, l1_off);
     put64(&mut head, 48, rt_off);
     put32(&mut head, 56, rt_clusters as u32);
-    let incompat = if opts.extended_l2 { header::INCOMPAT_EXTL2 } else { 0 };
+    let incompat = if opts.extended_l2 {
+        header::INCOMPAT_EXTL2
+    } else {
+        0
+    };
     put64(&mut head, 72, incompat);
     put32(&mut head, 96, 4); // refcount_order: 16-bit refcounts
     put32(&mut head, 100, V3_HEADER_LEN_WITH_COMPRESSION as u32);
@@ -117,7 +141,10 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     ext(&mut head, &mut at, EXT_END, &[]);
     if let Some((name, _)) = &opts.backing {
         if name.is_empty() || name.len() > 1023 || at + name.len() > cs as usize {
-            return Err(ImageError::invalid(path, format!("backing file name {name:?} does not fit in the header")));
+            return Err(ImageError::invalid(
+                path,
+                format!("backing file name {name:?} does not fit in the header"),
+            ));
         }
         put64(&mut head, 8, at as u64);
         put32(&mut head, 16, name.len() as u32);

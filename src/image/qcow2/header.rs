@@ -222,12 +222,18 @@ impl Header {
         let bad = |offset: u64, what: String| Err(ImageError::corrupt(path, offset, what));
         let cs = self.cluster_size();
         if self.refcount_order > 6 || (self.version == 2 && self.refcount_order != 4) {
-            return bad(96, format!("refcount_order {} is invalid", self.refcount_order));
+            return bad(
+                96,
+                format!("refcount_order {} is invalid", self.refcount_order),
+            );
         }
         if self.size > (1u64 << 62) {
             return bad(
                 24,
-                format!("virtual size {} is beyond any image qcow2 can describe", self.size),
+                format!(
+                    "virtual size {} is beyond any image qcow2 can describe",
+                    self.size
+                ),
             );
         }
         let l2_entries = cs / if self.extended_l2() { 16 } else { 8 };
@@ -243,21 +249,40 @@ impl Header {
         }
         let l1_bytes = self.l1_size as u64 * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return bad(36, format!("L1 table of {l1_bytes} bytes exceeds the 32 MiB limit"));
+            return bad(
+                36,
+                format!("L1 table of {l1_bytes} bytes exceeds the 32 MiB limit"),
+            );
         }
         if self.l1_size > 0 {
             self.check_table(path, len, 40, self.l1_table_offset, l1_bytes, "L1 table")?;
         }
         let rt_bytes = self.refcount_table_clusters as u64 * cs;
         if rt_bytes > MAX_REFTABLE_BYTES {
-            return bad(56, format!("refcount table of {rt_bytes} bytes exceeds the 8 MiB limit"));
+            return bad(
+                56,
+                format!("refcount table of {rt_bytes} bytes exceeds the 8 MiB limit"),
+            );
         }
         if rt_bytes == 0 {
             return bad(56, "refcount table has no clusters".into());
         }
-        self.check_table(path, len, 48, self.refcount_table_offset, rt_bytes, "refcount table")?;
+        self.check_table(
+            path,
+            len,
+            48,
+            self.refcount_table_offset,
+            rt_bytes,
+            "refcount table",
+        )?;
         if self.nb_snapshots > MAX_SNAPSHOTS {
-            return bad(60, format!("{} internal snapshots exceed the limit of 65536", self.nb_snapshots));
+            return bad(
+                60,
+                format!(
+                    "{} internal snapshots exceed the limit of 65536",
+                    self.nb_snapshots
+                ),
+            );
         }
         if self.nb_snapshots > 0 {
             self.check_table(path, len, 64, self.snapshots_offset, 40, "snapshot table")?;
@@ -277,7 +302,7 @@ impl Header {
         what: &str,
     ) -> Result<()> {
         let cs = self.cluster_size();
-        if offset % cs != 0 || offset == 0 {
+        if !offset.is_multiple_of(cs) || offset == 0 {
             return Err(ImageError::corrupt(
                 path,
                 field_at,
@@ -315,7 +340,9 @@ impl Header {
                 return Err(ImageError::corrupt(
                     path,
                     at,
-                    format!("header extension 0x{ty:08x} of {elen} bytes runs past the first cluster"),
+                    format!(
+                        "header extension 0x{ty:08x} of {elen} bytes runs past the first cluster"
+                    ),
                 ));
             }
             let mut data = vec![0u8; elen as usize];
@@ -345,7 +372,13 @@ impl Header {
             return Ok(());
         }
         let n = self.backing_file_size as u64;
-        if n == 0 || n > 1023 || self.backing_file_offset.checked_add(n).is_none_or(|e| e > self.cluster_size().min(len)) {
+        if n == 0
+            || n > 1023
+            || self
+                .backing_file_offset
+                .checked_add(n)
+                .is_none_or(|e| e > self.cluster_size().min(len))
+        {
             return Err(ImageError::corrupt(
                 path,
                 8,
@@ -356,12 +389,26 @@ impl Header {
             ));
         }
         let mut name = vec![0u8; n as usize];
-        read_exact_at(file, path, &mut name, self.backing_file_offset, "backing file name")?;
+        read_exact_at(
+            file,
+            path,
+            &mut name,
+            self.backing_file_offset,
+            "backing file name",
+        )?;
         let name = String::from_utf8(name).map_err(|_| {
-            ImageError::corrupt(path, self.backing_file_offset, "backing file name is not UTF-8")
+            ImageError::corrupt(
+                path,
+                self.backing_file_offset,
+                "backing file name is not UTF-8",
+            )
         })?;
         if name.contains('\0') {
-            return Err(ImageError::corrupt(path, self.backing_file_offset, "backing file name contains NUL"));
+            return Err(ImageError::corrupt(
+                path,
+                self.backing_file_offset,
+                "backing file name contains NUL",
+            ));
         }
         self.backing_file = Some(name);
         Ok(())
@@ -391,7 +438,10 @@ impl Header {
                 .collect();
             return Err(ImageError::unsupported(
                 path,
-                format!("unknown incompatible features at offset 72: {}", names.join(", ")),
+                format!(
+                    "unknown incompatible features at offset 72: {}",
+                    names.join(", ")
+                ),
             ));
         }
         if self.incompatible_features & INCOMPAT_DATA_FILE != 0 {
@@ -425,4 +475,3 @@ pub fn encode_u64s(entries: &[u64]) -> Vec<u8> {
     }
     out
 }
-

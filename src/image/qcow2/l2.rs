@@ -85,10 +85,16 @@ pub enum Entry {
     Unallocated,
     /// Standard zero cluster; `host` is a preallocation that still holds a
     /// refcount.
-    Zero { host: Option<u64> },
+    Zero {
+        host: Option<u64>,
+    },
     /// A standard data cluster, or for extended L2 a cluster whose
     /// subclusters each are data, zero or unallocated per `bitmap`.
-    Normal { host: Option<u64>, copied: bool, bitmap: Option<u64> },
+    Normal {
+        host: Option<u64>,
+        copied: bool,
+        bitmap: Option<u64>,
+    },
     Compressed(CompressedDesc),
 }
 
@@ -119,7 +125,9 @@ pub fn decode(
         let sectors = (word & !OFLAG_COPIED & !OFLAG_COMPRESSED) >> bits;
         let len = (sectors + 1) * 512 - (host & 511);
         if host < g.cluster_size {
-            return bad(format!("compressed cluster at host offset {host} points into the header"));
+            return bad(format!(
+                "compressed cluster at host offset {host} points into the header"
+            ));
         }
         if host >= file_end {
             return bad(format!(
@@ -134,8 +142,11 @@ pub fn decode(
     let host = word & L2E_OFFSET_MASK;
     let copied = word & OFLAG_COPIED != 0;
     if host != 0 {
-        if host % g.cluster_size != 0 {
-            return bad(format!("host offset {host} is not aligned to the cluster size {}", g.cluster_size));
+        if !host.is_multiple_of(g.cluster_size) {
+            return bad(format!(
+                "host offset {host} is not aligned to the cluster size {}",
+                g.cluster_size
+            ));
         }
         if host < g.cluster_size {
             return bad(format!("host offset {host} points into the header cluster"));
@@ -151,7 +162,9 @@ pub fn decode(
         let alloc = bitmap & BITMAP_ALL_ALLOC;
         let zero = bitmap >> 32;
         if alloc & zero != 0 {
-            return bad(format!("subcluster bitmap {bitmap:#018x} marks subclusters both allocated and zero"));
+            return bad(format!(
+                "subcluster bitmap {bitmap:#018x} marks subclusters both allocated and zero"
+            ));
         }
         if alloc != 0 && host == 0 {
             return bad(format!("subcluster bitmap {bitmap:#018x} allocates subclusters of a cluster with no host offset"));
@@ -159,43 +172,77 @@ pub fn decode(
         if bitmap == 0 && host == 0 {
             return Ok(Entry::Unallocated);
         }
-        return Ok(Entry::Normal { host: host_opt, copied, bitmap: Some(bitmap) });
+        return Ok(Entry::Normal {
+            host: host_opt,
+            copied,
+            bitmap: Some(bitmap),
+        });
     }
     if word & OFLAG_ZERO != 0 && g.version >= 3 {
         return Ok(Entry::Zero { host: host_opt });
     }
     match host_opt {
         None => Ok(Entry::Unallocated),
-        Some(_) => Ok(Entry::Normal { host: host_opt, copied, bitmap: None }),
+        Some(_) => Ok(Entry::Normal {
+            host: host_opt,
+            copied,
+            bitmap: None,
+        }),
     }
 }
 
 /// Pushes the mappings of `[from, to)` (guest offsets inside the cluster
 /// that starts at `cluster_start`) described by `entry`.
-pub fn push_mappings(g: &Geometry, out: &mut Vec<Extent>, cluster_start: u64, from: u64, to: u64, entry: &Entry) {
-    let whole = |m: Mapping| Extent { start: from, len: to - from, mapping: m };
+pub fn push_mappings(
+    g: &Geometry,
+    out: &mut Vec<Extent>,
+    cluster_start: u64,
+    from: u64,
+    to: u64,
+    entry: &Entry,
+) {
+    let whole = |m: Mapping| Extent {
+        start: from,
+        len: to - from,
+        mapping: m,
+    };
     match *entry {
         Entry::Unallocated => push_extent(out, whole(Mapping::Unallocated)),
         Entry::Zero { .. } => push_extent(out, whole(Mapping::Zero)),
         Entry::Compressed(_) => push_extent(out, whole(Mapping::Compressed { cluster_start })),
-        Entry::Normal { host, bitmap: None, .. } => {
+        Entry::Normal {
+            host, bitmap: None, ..
+        } => {
             let host = host.unwrap_or(0) + (from - cluster_start);
             push_extent(out, whole(Mapping::Data { host }))
         }
-        Entry::Normal { host, bitmap: Some(bitmap), .. } => {
+        Entry::Normal {
+            host,
+            bitmap: Some(bitmap),
+            ..
+        } => {
             let sc = g.subcluster_size;
             let mut at = from;
             while at < to {
                 let i = (at - cluster_start) / sc;
                 let sub_end = (cluster_start + (i + 1) * sc).min(to);
                 let mapping = if bitmap & (1 << i) != 0 {
-                    Mapping::Data { host: host.unwrap_or(0) + (at - cluster_start) }
+                    Mapping::Data {
+                        host: host.unwrap_or(0) + (at - cluster_start),
+                    }
                 } else if bitmap & (1 << (32 + i)) != 0 {
                     Mapping::Zero
                 } else {
                     Mapping::Unallocated
                 };
-                push_extent(out, Extent { start: at, len: sub_end - at, mapping });
+                push_extent(
+                    out,
+                    Extent {
+                        start: at,
+                        len: sub_end - at,
+                        mapping,
+                    },
+                );
                 at = sub_end;
             }
         }

@@ -83,7 +83,13 @@ impl Qcow2Layer {
         let geom = Geometry::new(&header);
         let len = fileio::file_len(&file, path)?;
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
-        read_exact_at(&file, path, &mut l1_bytes, header.l1_table_offset, "L1 table")?;
+        read_exact_at(
+            &file,
+            path,
+            &mut l1_bytes,
+            header.l1_table_offset,
+            "L1 table",
+        )?;
         let l1 = header::decode_u64s(&l1_bytes);
         let snapshots = snapshot::read_snapshots(&file, path, &header, len)?;
         let backing = header.backing_file.clone().map(|name| BackingRef {
@@ -137,20 +143,24 @@ impl Qcow2Layer {
     fn l2_table(&self, meta: &mut Meta, i: usize) -> Result<Option<(u64, Arc<Vec<u64>>)>> {
         let l1_at = self.header.l1_table_offset + i as u64 * 8;
         let entry = *meta.l1.get(i).ok_or_else(|| {
-            ImageError::corrupt(&self.path, l1_at, format!("L1 index {i} beyond l1_size {}", meta.l1.len()))
+            ImageError::corrupt(
+                &self.path,
+                l1_at,
+                format!("L1 index {i} beyond l1_size {}", meta.l1.len()),
+            )
         })?;
         let off = entry & l2::L1E_OFFSET_MASK;
         if off == 0 {
             return Ok(None);
         }
         let cs = self.geom.cluster_size;
-        if off % cs != 0 || off < cs || off + cs > meta.file_end {
+        if !off.is_multiple_of(cs) || off < cs || off + cs > meta.file_end {
             return Err(ImageError::corrupt(
                 &self.path,
                 l1_at,
                 format!(
                     "L1 entry {i} points to an L2 table at offset {off}, which is {} (file is {} bytes)",
-                    if off % cs != 0 {
+                    if !off.is_multiple_of(cs) {
                         "not cluster aligned"
                     } else if off < cs {
                         "inside the header cluster"
@@ -182,7 +192,13 @@ impl Qcow2Layer {
         }
     }
 
-    fn decode_entry(&self, meta: &Meta, table_off: u64, table: &[u64], idx: usize) -> Result<Entry> {
+    fn decode_entry(
+        &self,
+        meta: &Meta,
+        table_off: u64,
+        table: &[u64],
+        idx: usize,
+    ) -> Result<Entry> {
         let w = self.geom.words_per_entry as usize;
         let word = table[idx * w];
         let bitmap = if w == 2 { table[idx * w + 1] } else { 0 };
@@ -206,7 +222,10 @@ impl Qcow2Layer {
             ImageError::corrupt(
                 &self.path,
                 desc.host,
-                format!("compressed cluster ({} bytes) does not decompress: {why}", desc.len),
+                format!(
+                    "compressed cluster ({} bytes) does not decompress: {why}",
+                    desc.len
+                ),
             )
         })?;
         let out = Arc::new(out);
@@ -229,6 +248,10 @@ impl Layer for Qcow2Layer {
         self.backing.as_ref()
     }
 
+    fn allocation_unit(&self) -> u64 {
+        self.geom.cluster_size
+    }
+
     fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(&self.path, self.header.size, offset, len)?;
         let g = self.geom;
@@ -241,7 +264,11 @@ impl Layer for Qcow2Layer {
             match self.l2_table(&mut meta, g.l1_index(at))? {
                 None => push_extent(
                     &mut out,
-                    Extent { start: at, len: span_end - at, mapping: Mapping::Unallocated },
+                    Extent {
+                        start: at,
+                        len: span_end - at,
+                        mapping: Mapping::Unallocated,
+                    },
                 ),
                 Some((off, table)) => {
                     while at < span_end {

@@ -35,11 +35,17 @@ impl Refcounts {
     pub fn load(file: &File, path: &Path, h: &Header, _len: u64) -> Result<Refcounts> {
         let cs = h.cluster_size();
         let mut bytes = vec![0u8; (h.refcount_table_clusters as u64 * cs) as usize];
-        read_exact_at(file, path, &mut bytes, h.refcount_table_offset, "refcount table")?;
+        read_exact_at(
+            file,
+            path,
+            &mut bytes,
+            h.refcount_table_offset,
+            "refcount table",
+        )?;
         Ok(Refcounts {
             order: h.refcount_order,
             cluster_size: cs,
-            per_block: cs * 8 >> h.refcount_order,
+            per_block: (cs * 8) >> h.refcount_order,
             table: header::decode_u64s(&bytes),
             table_offset: h.refcount_table_offset,
             table_clusters: h.refcount_table_clusters as u64,
@@ -92,11 +98,22 @@ impl Refcounts {
 
     /// Sets the refcount of cluster `c`, creating its block (appended at
     /// `file_end`) and growing the table when needed.
-    pub fn set(&mut self, file: &File, path: &Path, c: u64, value: u64, file_end: &mut u64) -> Result<()> {
+    pub fn set(
+        &mut self,
+        file: &File,
+        path: &Path,
+        c: u64,
+        value: u64,
+        file_end: &mut u64,
+    ) -> Result<()> {
         if value > self.max_value() {
             return Err(ImageError::invalid(
                 path,
-                format!("refcount of the cluster at offset {} would overflow {} bits", c * self.cluster_size, 1u32 << self.order),
+                format!(
+                    "refcount of the cluster at offset {} would overflow {} bits",
+                    c * self.cluster_size,
+                    1u32 << self.order
+                ),
             ));
         }
         let i = c / self.per_block;
@@ -123,13 +140,25 @@ impl Refcounts {
     }
 
     /// Moves the table to a larger one appended at `file_end`.
-    fn grow_table(&mut self, file: &File, path: &Path, min_entries: u64, file_end: &mut u64) -> Result<()> {
+    fn grow_table(
+        &mut self,
+        file: &File,
+        path: &Path,
+        min_entries: u64,
+        file_end: &mut u64,
+    ) -> Result<()> {
         let per_cluster = self.cluster_size / 8;
         // Room for what is asked, the new table's own blocks, and growth.
-        let entries = (min_entries + 2).max(self.table.len() as u64 * 2).div_ceil(per_cluster) * per_cluster;
+        let entries = (min_entries + 2)
+            .max(self.table.len() as u64 * 2)
+            .div_ceil(per_cluster)
+            * per_cluster;
         let clusters = entries / per_cluster;
         if clusters * self.cluster_size > header::MAX_REFTABLE_BYTES {
-            return Err(ImageError::invalid(path, "refcount table would exceed 8 MiB; the image is too large for its cluster size"));
+            return Err(ImageError::invalid(
+                path,
+                "refcount table would exceed 8 MiB; the image is too large for its cluster size",
+            ));
         }
         let new_off = *file_end;
         *file_end += clusters * self.cluster_size;
@@ -138,18 +167,34 @@ impl Refcounts {
             let (o, l) = (self.table_offset, self.table_clusters * self.cluster_size);
             self.set_range(file, path, o, l, 0, file_end)?;
         } else {
-            self.old_tables.push((self.table_offset, self.table_clusters * self.cluster_size));
+            self.old_tables
+                .push((self.table_offset, self.table_clusters * self.cluster_size));
         }
         self.table.resize(entries as usize, 0);
         self.table_offset = new_off;
         self.table_clusters = clusters;
         self.table_dirty = true;
         self.table_moved = true;
-        self.set_range(file, path, new_off, clusters * self.cluster_size, 1, file_end)
+        self.set_range(
+            file,
+            path,
+            new_off,
+            clusters * self.cluster_size,
+            1,
+            file_end,
+        )
     }
 
     /// Sets the refcount of every cluster touched by `[off, off+len)`.
-    pub fn set_range(&mut self, file: &File, path: &Path, off: u64, len: u64, value: u64, file_end: &mut u64) -> Result<()> {
+    pub fn set_range(
+        &mut self,
+        file: &File,
+        path: &Path,
+        off: u64,
+        len: u64,
+        value: u64,
+        file_end: &mut u64,
+    ) -> Result<()> {
         let first = off / self.cluster_size;
         let last = (off + len.max(1) - 1) / self.cluster_size;
         for c in first..=last {
@@ -159,7 +204,14 @@ impl Refcounts {
     }
 
     /// Decrements the refcount of every cluster touched by `[off, off+len)`.
-    pub fn decrement_range(&mut self, file: &File, path: &Path, off: u64, len: u64, file_end: &mut u64) -> Result<()> {
+    pub fn decrement_range(
+        &mut self,
+        file: &File,
+        path: &Path,
+        off: u64,
+        len: u64,
+        file_end: &mut u64,
+    ) -> Result<()> {
         let first = off / self.cluster_size;
         let last = (off + len.max(1) - 1) / self.cluster_size;
         for c in first..=last {
@@ -183,7 +235,12 @@ impl Refcounts {
             write_all_at(file, path, &self.blocks[&i], off)?;
         }
         if self.table_dirty {
-            write_all_at(file, path, &header::encode_u64s(&self.table), self.table_offset)?;
+            write_all_at(
+                file,
+                path,
+                &header::encode_u64s(&self.table),
+                self.table_offset,
+            )?;
             self.table_dirty = false;
         }
         Ok(())

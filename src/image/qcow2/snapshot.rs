@@ -13,13 +13,25 @@ const ENTRY_FIXED: u64 = 40;
 /// Reading more than this for the table means it is corrupt.
 const MAX_TABLE_BYTES: u64 = 64 << 20;
 
-pub fn read_snapshots(file: &File, path: &Path, h: &Header, file_len: u64) -> Result<Vec<InternalSnapshot>> {
+pub fn read_snapshots(
+    file: &File,
+    path: &Path,
+    h: &Header,
+    file_len: u64,
+) -> Result<Vec<InternalSnapshot>> {
     let mut out = Vec::new();
     let mut at = h.snapshots_offset;
-    let limit = h.snapshots_offset.saturating_add(MAX_TABLE_BYTES).min(file_len);
+    let limit = h
+        .snapshots_offset
+        .saturating_add(MAX_TABLE_BYTES)
+        .min(file_len);
     for _ in 0..h.nb_snapshots {
         if at + ENTRY_FIXED > limit {
-            return Err(ImageError::corrupt(path, at, "snapshot table entry runs past the end of the file"));
+            return Err(ImageError::corrupt(
+                path,
+                at,
+                "snapshot table entry runs past the end of the file",
+            ));
         }
         let mut fixed = [0u8; ENTRY_FIXED as usize];
         read_exact_at(file, path, &mut fixed, at, "snapshot table entry")?;
@@ -35,11 +47,22 @@ pub fn read_snapshots(file: &File, path: &Path, h: &Header, file_len: u64) -> Re
             ));
         }
         let mut var = vec![0u8; var_len as usize];
-        read_exact_at(file, path, &mut var, at + ENTRY_FIXED, "snapshot table entry")?;
+        read_exact_at(
+            file,
+            path,
+            &mut var,
+            at + ENTRY_FIXED,
+            "snapshot table entry",
+        )?;
         let extra = &var[..extra_len as usize];
-        let vm_state_size = if extra.len() >= 8 { be_u64(extra, 0) } else { be_u32(&fixed, 32) as u64 };
+        let vm_state_size = if extra.len() >= 8 {
+            be_u64(extra, 0)
+        } else {
+            be_u32(&fixed, 32) as u64
+        };
         let disk_size = (extra.len() >= 16).then(|| be_u64(extra, 8));
-        let id = String::from_utf8_lossy(&var[extra_len as usize..(extra_len + id_len) as usize]).into_owned();
+        let id = String::from_utf8_lossy(&var[extra_len as usize..(extra_len + id_len) as usize])
+            .into_owned();
         let name = String::from_utf8_lossy(&var[(extra_len + id_len) as usize..]).into_owned();
         out.push(InternalSnapshot {
             id,

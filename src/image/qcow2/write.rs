@@ -72,7 +72,13 @@ enum Plan {
     NewCluster { host: u64, old: Entry },
     /// Extended L2: write subclusters `first..=last` into the cluster at
     /// `host`, which is new when the old entry had no host cluster.
-    Subclusters { host: u64, first: u64, last: u64, word: u64, bitmap: u64 },
+    Subclusters {
+        host: u64,
+        first: u64,
+        last: u64,
+        word: u64,
+        bitmap: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -94,7 +100,10 @@ impl HostWriter<'_> {
     const MAX: usize = 8 << 20;
 
     fn write(&mut self, host: u64, data: &[u8]) -> Result<()> {
-        if !self.buf.is_empty() && (self.start + self.buf.len() as u64 != host || self.buf.len() + data.len() > Self::MAX) {
+        if !self.buf.is_empty()
+            && (self.start + self.buf.len() as u64 != host
+                || self.buf.len() + data.len() > Self::MAX)
+        {
             self.finish()?;
         }
         if self.buf.is_empty() {
@@ -121,7 +130,12 @@ impl Qcow2Layer {
         Ok(())
     }
 
-    pub(super) fn write_data(&self, offset: u64, data: &[u8], below: &dyn BackingRead) -> Result<()> {
+    pub(super) fn write_data(
+        &self,
+        offset: u64,
+        data: &[u8],
+        below: &dyn BackingRead,
+    ) -> Result<()> {
         self.require_writable()?;
         check_range(&self.path, self.header.size, offset, data.len() as u64)?;
         let _w = self.write_lock.lock();
@@ -151,19 +165,41 @@ impl Qcow2Layer {
             let (toff, table) = self.l2_for_write(&mut meta, g.l1_index(at))?;
             let entry = self.decode_entry(&meta, toff, &table, g.l2_index(at))?;
             let plan = match entry {
-                Entry::Normal { host: Some(h), copied: true, bitmap: None } => {
-                    Plan::InPlace { host: h + (at - cluster_start) }
-                }
-                Entry::Normal { host, copied, bitmap: Some(bm) } if host.is_none() || copied => {
+                Entry::Normal {
+                    host: Some(h),
+                    copied: true,
+                    bitmap: None,
+                } => Plan::InPlace {
+                    host: h + (at - cluster_start),
+                },
+                Entry::Normal {
+                    host,
+                    copied,
+                    bitmap: Some(bm),
+                } if host.is_none() || copied => {
                     let first = (at - cluster_start) / g.subcluster_size;
                     let last = (piece_end - 1 - cluster_start) / g.subcluster_size;
                     let mask = sub_mask(first, last);
                     match host {
-                        Some(h) if bm & mask == mask => Plan::InPlace { host: h + (at - cluster_start) },
-                        Some(h) => Plan::Subclusters { host: h, first, last, word: h | OFLAG_COPIED, bitmap: bm },
+                        Some(h) if bm & mask == mask => Plan::InPlace {
+                            host: h + (at - cluster_start),
+                        },
+                        Some(h) => Plan::Subclusters {
+                            host: h,
+                            first,
+                            last,
+                            word: h | OFLAG_COPIED,
+                            bitmap: bm,
+                        },
                         None => {
                             let h = self.alloc(&mut meta, 1)?;
-                            Plan::Subclusters { host: h, first, last, word: h | OFLAG_COPIED, bitmap: bm }
+                            Plan::Subclusters {
+                                host: h,
+                                first,
+                                last,
+                                word: h | OFLAG_COPIED,
+                                bitmap: bm,
+                            }
                         }
                     }
                 }
@@ -171,20 +207,44 @@ impl Qcow2Layer {
                     let first = (at - cluster_start) / g.subcluster_size;
                     let last = (piece_end - 1 - cluster_start) / g.subcluster_size;
                     let h = self.alloc(&mut meta, 1)?;
-                    Plan::Subclusters { host: h, first, last, word: h | OFLAG_COPIED, bitmap: 0 }
+                    Plan::Subclusters {
+                        host: h,
+                        first,
+                        last,
+                        word: h | OFLAG_COPIED,
+                        bitmap: 0,
+                    }
                 }
-                old => Plan::NewCluster { host: self.alloc(&mut meta, 1)?, old },
+                old => Plan::NewCluster {
+                    host: self.alloc(&mut meta, 1)?,
+                    old,
+                },
             };
-            pieces.push(Piece { guest: at, len: piece_end - at, cluster_start, plan });
+            pieces.push(Piece {
+                guest: at,
+                len: piece_end - at,
+                cluster_start,
+                plan,
+            });
             at = piece_end;
         }
         Ok(pieces)
     }
 
     /// Phase 2: assemble and write the bytes, without the metadata lock.
-    fn copy(&self, offset: u64, data: &[u8], pieces: &[Piece], below: &dyn BackingRead) -> Result<()> {
+    fn copy(
+        &self,
+        offset: u64,
+        data: &[u8],
+        pieces: &[Piece],
+        below: &dyn BackingRead,
+    ) -> Result<()> {
         let cs = self.geom.cluster_size;
-        let mut out = HostWriter { layer: self, start: 0, buf: Vec::new() };
+        let mut out = HostWriter {
+            layer: self,
+            start: 0,
+            buf: Vec::new(),
+        };
         for p in pieces {
             let src = &data[(p.guest - offset) as usize..(p.guest - offset + p.len) as usize];
             match p.plan {
@@ -200,7 +260,13 @@ impl Qcow2Layer {
                         out.write(host, &buf)?;
                     }
                 }
-                Plan::Subclusters { host, first, last, bitmap, .. } => {
+                Plan::Subclusters {
+                    host,
+                    first,
+                    last,
+                    bitmap,
+                    ..
+                } => {
                     let sc = self.geom.subcluster_size;
                     let span_start = p.cluster_start + first * sc;
                     let mut buf = vec![0u8; ((last - first + 1) * sc) as usize];
@@ -210,7 +276,8 @@ impl Qcow2Layer {
                         if covered {
                             continue;
                         }
-                        let dst = &mut buf[((i - first) * sc) as usize..((i - first + 1) * sc) as usize];
+                        let dst =
+                            &mut buf[((i - first) * sc) as usize..((i - first + 1) * sc) as usize];
                         if bitmap & (1 << i) != 0 {
                             self.read_host(host + i * sc, dst)?;
                         } else if bitmap & (1 << (32 + i)) == 0 {
@@ -238,7 +305,13 @@ impl Qcow2Layer {
     }
 
     /// The bytes a cluster held before it is rewritten.
-    fn old_content(&self, old: &Entry, cluster_start: u64, buf: &mut [u8], below: &dyn BackingRead) -> Result<()> {
+    fn old_content(
+        &self,
+        old: &Entry,
+        cluster_start: u64,
+        buf: &mut [u8],
+        below: &dyn BackingRead,
+    ) -> Result<()> {
         match *old {
             Entry::Unallocated => self.read_below_clipped(below, cluster_start, buf),
             Entry::Zero { .. } => {
@@ -254,12 +327,26 @@ impl Qcow2Layer {
                 // extended L2, never; read it as it reads now.
                 let mut extents = Vec::new();
                 let g = self.geom;
-                l2::push_mappings(&g, &mut extents, cluster_start, cluster_start, cluster_start + g.cluster_size, &Entry::Normal { host, copied: false, bitmap });
+                l2::push_mappings(
+                    &g,
+                    &mut extents,
+                    cluster_start,
+                    cluster_start,
+                    cluster_start + g.cluster_size,
+                    &Entry::Normal {
+                        host,
+                        copied: false,
+                        bitmap,
+                    },
+                );
                 for e in extents {
-                    let dst = &mut buf[(e.start - cluster_start) as usize..(e.end() - cluster_start) as usize];
+                    let dst = &mut buf
+                        [(e.start - cluster_start) as usize..(e.end() - cluster_start) as usize];
                     match e.mapping {
                         crate::image::Mapping::Data { host } => self.read_host(host, dst)?,
-                        crate::image::Mapping::Unallocated => self.read_below_clipped(below, e.start, dst)?,
+                        crate::image::Mapping::Unallocated => {
+                            self.read_below_clipped(below, e.start, dst)?
+                        }
                         _ => dst.fill(0),
                     }
                 }
@@ -280,7 +367,13 @@ impl Qcow2Layer {
                     self.set_entry(&mut meta, p.cluster_start, host | OFLAG_COPIED, bitmap)?;
                     release(&mut meta, &old, g.cluster_size);
                 }
-                Plan::Subclusters { first, last, word, bitmap, .. } => {
+                Plan::Subclusters {
+                    first,
+                    last,
+                    word,
+                    bitmap,
+                    ..
+                } => {
                     let mask = sub_mask(first, last);
                     let bitmap = (bitmap | mask) & !(mask << 32);
                     self.set_entry(&mut meta, p.cluster_start, word, bitmap)?;
@@ -312,10 +405,21 @@ impl Qcow2Layer {
                 if g.extended {
                     let sc = g.subcluster_size;
                     let first = (at - cstart).div_ceil(sc);
-                    let last_excl = if cend == size { (cend - cstart).div_ceil(sc) } else { (cend - cstart) / sc };
+                    let last_excl = if cend == size {
+                        (cend - cstart).div_ceil(sc)
+                    } else {
+                        (cend - cstart) / sc
+                    };
                     let mut zeroed = false;
                     if full {
-                        if !matches!(entry, Entry::Normal { host: None, bitmap: Some(BITMAP_ALL_ZERO), .. }) {
+                        if !matches!(
+                            entry,
+                            Entry::Normal {
+                                host: None,
+                                bitmap: Some(BITMAP_ALL_ZERO),
+                                ..
+                            }
+                        ) {
                             self.set_entry(&mut meta, cstart, 0, BITMAP_ALL_ZERO)?;
                             release(&mut meta, &entry, cs);
                         }
@@ -323,7 +427,11 @@ impl Qcow2Layer {
                     } else if first < last_excl && !matches!(entry, Entry::Compressed(_)) {
                         let mask = sub_mask(first, last_excl - 1);
                         let (word, bm) = match entry {
-                            Entry::Normal { host, bitmap: Some(bm), .. } => (host.map_or(0, |h| h | OFLAG_COPIED), bm),
+                            Entry::Normal {
+                                host,
+                                bitmap: Some(bm),
+                                ..
+                            } => (host.map_or(0, |h| h | OFLAG_COPIED), bm),
                             _ => (0, 0),
                         };
                         self.set_entry(&mut meta, cstart, word, (bm & !mask) | (mask << 32))?;
@@ -366,7 +474,9 @@ impl Qcow2Layer {
     fn alloc(&self, meta: &mut Meta, n: u64) -> Result<u64> {
         let cs = self.geom.cluster_size;
         let Meta { refs, file_end, .. } = meta;
-        let refs = refs.as_mut().ok_or_else(|| ImageError::invalid(&self.path, "image is open read-only"))?;
+        let refs = refs
+            .as_mut()
+            .ok_or_else(|| ImageError::invalid(&self.path, "image is open read-only"))?;
         let start = *file_end;
         *file_end += n * cs;
         for c in start / cs..start / cs + n {
@@ -402,7 +512,10 @@ impl Qcow2Layer {
         let (off, _) = self.l2_for_write(meta, g.l1_index(guest))?;
         let mut table = match meta.l2_dirty.remove(&off) {
             Some(t) => t,
-            None => meta.l2_clean.pop(&off).ok_or_else(|| ImageError::invalid(&self.path, "L2 table left the cache"))?,
+            None => meta
+                .l2_clean
+                .pop(&off)
+                .ok_or_else(|| ImageError::invalid(&self.path, "L2 table left the cache"))?,
         };
         let t = Arc::make_mut(&mut table);
         let idx = g.l2_index(guest) * g.words_per_entry as usize;
@@ -425,7 +538,9 @@ impl Qcow2Layer {
 
     /// Writes everything back in crash-safe order (see the module docs).
     pub(super) fn flush_locked(&self, meta: &mut Meta) -> Result<()> {
-        let Some(refs) = meta.refs.as_mut() else { return Ok(()) };
+        let Some(refs) = meta.refs.as_mut() else {
+            return Ok(());
+        };
         let meta_dirty = !meta.l2_dirty.is_empty()
             || !meta.l1_dirty.is_empty()
             || !meta.pending_free.is_empty()
@@ -439,7 +554,8 @@ impl Qcow2Layer {
         // Every allocated cluster lies inside the file, even the ones whose
         // contents are still only in memory.
         if fileio::file_len(file, path)? < meta.file_end {
-            file.set_len(meta.file_end).map_err(|e| ImageError::io(path, "extend", meta.file_end, e))?;
+            file.set_len(meta.file_end)
+                .map_err(|e| ImageError::io(path, "extend", meta.file_end, e))?;
         }
         sync_data(file, path)?;
         // Refcount increments before any table refers to the clusters.
@@ -470,7 +586,12 @@ impl Qcow2Layer {
         sync_data(file, path)?;
         // Only now may refcounts of clusters no table uses any more drop.
         if !meta.pending_free.is_empty() {
-            let Meta { refs, file_end, pending_free, .. } = meta;
+            let Meta {
+                refs,
+                file_end,
+                pending_free,
+                ..
+            } = meta;
             let refs = refs.as_mut().expect("checked above");
             for (off, len) in pending_free.drain(..) {
                 refs.decrement_range(file, path, off, len, file_end)?;
@@ -498,6 +619,10 @@ fn release(meta: &mut Meta, old: &Entry, cluster_size: u64) {
 /// Allocation bits for subclusters `first..=last`.
 fn sub_mask(first: u64, last: u64) -> u64 {
     let n = last - first + 1;
-    let ones = if n >= 32 { 0xffff_ffff } else { (1u64 << n) - 1 };
+    let ones = if n >= 32 {
+        0xffff_ffff
+    } else {
+        (1u64 << n) - 1
+    };
     ones << first
 }
