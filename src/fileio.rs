@@ -7,6 +7,7 @@
 use crate::error::{ImageError, Result};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the
@@ -81,4 +82,45 @@ pub fn be_u64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_be_bytes(a)
+}
+
+/// Splits `[from, to)` of the file into (start, end, is_data) segments with
+/// `SEEK_DATA`/`SEEK_HOLE`. Bytes past the end of the file are a hole.
+/// Filesystems without hole support report everything as data, which is
+/// right.
+pub fn data_segments(
+    file: &File,
+    path: &Path,
+    from: u64,
+    to: u64,
+) -> Result<Vec<(u64, u64, bool)>> {
+    let seek = |at: u64, whence: i32| -> Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor we own; no memory is touched.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(ImageError::io(path, "lseek", at, e));
+        }
+        Ok(Some(r as u64))
+    };
+    let mut out = Vec::new();
+    let mut at = from;
+    while at < to {
+        let data = seek(at, libc::SEEK_DATA)?.unwrap_or(to).clamp(at, to);
+        if data > at {
+            out.push((at, data, false));
+        }
+        if data >= to {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?
+            .unwrap_or(to)
+            .clamp(data + 1, to);
+        out.push((data, hole, true));
+        at = hole;
+    }
+    Ok(out)
 }

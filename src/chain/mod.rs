@@ -168,7 +168,7 @@ impl Chain {
             let at = (r.start - offset) as usize;
             let len = r.len as usize;
             match r.source {
-                Source::Data { host } => {
+                Source::Data { host } | Source::DataHole { host } => {
                     if let Some((d, h, s, l)) = &mut run {
                         if *d == r.depth && *h + *l as u64 == host && *s + *l == at {
                             *l += len;
@@ -197,9 +197,32 @@ impl Chain {
 
     /// The resolved allocation map of `[offset, offset+len)`, computed
     /// afresh (not cached), merged where attributes continue.
+    /// Data ranges whose host bytes are holes in the file are reported as
+    /// `Source::DataHole`, as `qemu-img map` reports them (zero and data).
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Resolved>> {
         self.check(offset, len)?;
-        Ok(resolve(&self.layers, 0, offset, len)?)
+        let mut out = Vec::new();
+        for r in resolve(&self.layers, 0, offset, len)? {
+            let Source::Data { host } = r.source else {
+                resolve::push_resolved(&mut out, r);
+                continue;
+            };
+            for (s, e, data) in self.layers[r.depth as usize].host_segments(host, r.len)? {
+                let source = if data {
+                    Source::Data { host: s }
+                } else {
+                    Source::DataHole { host: s }
+                };
+                let piece = Resolved {
+                    start: r.start + (s - host),
+                    len: e - s,
+                    depth: r.depth,
+                    source,
+                };
+                resolve::push_resolved(&mut out, piece);
+            }
+        }
+        Ok(out)
     }
 
     fn leaf_for_write(&self) -> Result<&Arc<dyn Layer>> {

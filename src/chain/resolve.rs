@@ -16,6 +16,10 @@ use std::sync::Arc;
 pub enum Source {
     /// Bytes at `host` in the layer at `depth`.
     Data { host: u64 },
+    /// Like `Data`, but the host bytes are a hole in the layer's file, so
+    /// they read as zeros (preallocated clusters). Only `Chain::map`
+    /// reports this; the read path treats it as data.
+    DataHole { host: u64 },
     /// Inside the compressed cluster starting at guest `cluster_start`.
     Compressed { cluster_start: u64 },
     /// The layer at `depth` says: zeros.
@@ -67,7 +71,8 @@ pub fn push_resolved(out: &mut Vec<Resolved>, r: Resolved) {
     if let Some(last) = out.last_mut() {
         if last.end() == r.start && last.depth == r.depth {
             let joins = match (last.source, r.source) {
-                (Source::Data { host: a }, Source::Data { host: b }) => a + last.len == b,
+                (Source::Data { host: a }, Source::Data { host: b })
+                | (Source::DataHole { host: a }, Source::DataHole { host: b }) => a + last.len == b,
                 (Source::Zero, Source::Zero) | (Source::Unallocated, Source::Unallocated) => true,
                 _ => false,
             };

@@ -102,7 +102,10 @@ pub fn run(a: ExportArgs) -> CliResult {
         while at < size {
             let chunk = (64 * STEP).min(size - at);
             for r in chain.map(at, chunk)? {
-                if matches!(r.source, Source::Zero | Source::Unallocated) {
+                if matches!(
+                    r.source,
+                    Source::Zero | Source::Unallocated | Source::DataHole { .. }
+                ) {
                     continue;
                 }
                 let mut pos = r.start;

@@ -41,6 +41,7 @@ impl Entry {
     fn from(r: &Resolved) -> Entry {
         let (present, zero, data, compressed, offset) = match r.source {
             Source::Data { host } => (true, false, true, false, Some(host)),
+            Source::DataHole { host } => (true, true, true, false, Some(host)),
             Source::Compressed { .. } => (true, false, true, true, None),
             Source::Zero => (true, true, false, false, None),
             Source::Unallocated => (false, true, false, false, None),

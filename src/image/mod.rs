@@ -170,6 +170,13 @@ pub trait Layer: Send + Sync {
 
     /// Reads guest bytes at `offset` from the compressed cluster that starts
     /// at guest offset `cluster_start`.
+    /// Splits host range `[host, host+len)` into (start, end, is_data)
+    /// pieces: holes in the file read as zeros even inside data clusters
+    /// (preallocated images). Used for maps, not for reads.
+    fn host_segments(&self, host: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        Ok(vec![(host, host + len, true)])
+    }
+
     fn read_compressed(&self, cluster_start: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let _ = (cluster_start, offset, buf);
         Err(ImageError::unsupported(

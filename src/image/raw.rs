@@ -19,27 +19,15 @@ pub struct RawLayer {
 
 impl RawLayer {
     pub fn open(path: &Path, file: File, writable: bool) -> Result<RawLayer> {
-        let size = fileio::file_len(&file, path)?;
+        // QEMU sees a raw file in whole 512-byte sectors; the tail past
+        // EOF reads as zeros. Matching it keeps sizes and maps identical.
+        let size = fileio::file_len(&file, path)?.div_ceil(512) * 512;
         Ok(RawLayer {
             path: path.to_path_buf(),
             file,
             size,
             writable,
         })
-    }
-
-    /// `lseek(fd, from, whence)`, `None` when there is no such region (ENXIO).
-    fn seek(&self, from: u64, whence: i32) -> Result<Option<u64>> {
-        // SAFETY: lseek on a descriptor we own; it has no memory effects.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), from as libc::off_t, whence) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                return Ok(None);
-            }
-            return Err(ImageError::io(&self.path, "lseek", from, e));
-        }
-        Ok(Some(r as u64))
     }
 }
 
@@ -59,43 +47,31 @@ impl Layer for RawLayer {
 
     fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(&self.path, self.size, offset, len)?;
-        let end = offset + len;
         let mut out = Vec::new();
-        let mut at = offset;
-        while at < end {
-            // Filesystems without hole support answer SEEK_DATA with `at`
-            // and SEEK_HOLE with EOF: everything is data, which is right.
-            let data = self.seek(at, libc::SEEK_DATA)?.unwrap_or(end).min(end);
-            if data > at {
-                push_extent(
-                    &mut out,
-                    Extent {
-                        start: at,
-                        len: data - at,
-                        mapping: Mapping::Zero,
-                    },
-                );
-            }
-            if data >= end {
-                break;
-            }
-            let hole = self.seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-            let hole = hole.max(data + 1).min(end);
+        for (s, e, data) in fileio::data_segments(&self.file, &self.path, offset, offset + len)? {
+            let mapping = if data {
+                Mapping::Data { host: s }
+            } else {
+                Mapping::Zero
+            };
             push_extent(
                 &mut out,
                 Extent {
-                    start: data,
-                    len: hole - data,
-                    mapping: Mapping::Data { host: data },
+                    start: s,
+                    len: e - s,
+                    mapping,
                 },
             );
-            at = hole;
         }
         Ok(out)
     }
 
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
         fileio::read_at_zero_fill(&self.file, &self.path, buf, host)
+    }
+
+    fn host_segments(&self, host: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        fileio::data_segments(&self.file, &self.path, host, host + len)
     }
 
     fn info(&self) -> Result<LayerInfo> {
@@ -105,7 +81,7 @@ impl Layer for RawLayer {
             version: None,
             virtual_size: self.size,
             cluster_size: None,
-            file_size: self.size,
+            file_size: fileio::file_len(&self.file, &self.path)?,
             backing: None,
             features: Vec::new(),
             snapshots: Vec::new(),

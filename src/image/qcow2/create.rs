@@ -54,6 +54,11 @@ const FEATURE_NAMES: &[(u8, u8, &str)] = &[
 
 /// Creates a new qcow2 v3 image at `path`; fails if the file exists.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    // QEMU works in 512-byte sectors and rounds sizes up, as qemu-img
+    // create does; an unaligned size would be cut down when QEMU opens it.
+    let mut opts = opts.clone();
+    opts.size = opts.size.div_ceil(512) * 512;
+    let opts = &opts;
     if !(9..=21).contains(&opts.cluster_bits) {
         return Err(ImageError::invalid(
             path,

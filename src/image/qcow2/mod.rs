@@ -75,6 +75,9 @@ pub struct Qcow2Layer {
     meta: Mutex<Meta>,
     write_lock: Mutex<()>,
     compressed_cache: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    /// Whether clusters were allocated without data (`preallocation=
+    /// metadata`), decided on first use; see `detect_metadata_preallocation`.
+    metadata_preallocation: std::sync::OnceLock<bool>,
 }
 
 impl Qcow2Layer {
@@ -127,6 +130,7 @@ impl Qcow2Layer {
             compressed_cache: Mutex::new(LruCache::new(
                 NonZeroUsize::new(COMPRESSED_CACHE).expect("nonzero"),
             )),
+            metadata_preallocation: std::sync::OnceLock::new(),
         })
     }
 
@@ -204,6 +208,32 @@ impl Qcow2Layer {
         let bitmap = if w == 2 { table[idx * w + 1] } else { 0 };
         let at = table_off + (idx * w * 8) as u64;
         l2::decode(&self.geom, &self.path, at, word, bitmap, meta.file_end)
+    }
+
+    /// QEMU's heuristic, followed so maps agree with `qemu-img map`: an
+    /// image is metadata-preallocated when noticeably more clusters have
+    /// refcounts than the filesystem has blocks for. Only then are holes in
+    /// the file inside data clusters worth reporting as zeros.
+    fn detect_metadata_preallocation(&self) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self
+            .file
+            .metadata()
+            .map_err(|e| ImageError::io(&self.path, "stat", 0, e))?;
+        let cs = self.geom.cluster_size;
+        let real_clusters = m.blocks() * 512 / cs;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let mut refs = Refcounts::load(&self.file, &self.path, &self.header, m.len())?;
+        let mut count = 0;
+        for c in 0..m.len().div_ceil(cs) {
+            if count >= threshold {
+                break;
+            }
+            if refs.get(&self.file, &self.path, c, m.len())? > 0 {
+                count += 1;
+            }
+        }
+        Ok(count >= threshold)
     }
 
     /// Inflates the compressed cluster `desc`, through a small cache.
@@ -287,6 +317,20 @@ impl Layer for Qcow2Layer {
 
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
         fileio::read_at_zero_fill(&self.file, &self.path, buf, host)
+    }
+
+    fn host_segments(&self, host: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        let preallocated = match self.metadata_preallocation.get() {
+            Some(p) => *p,
+            None => {
+                let p = self.detect_metadata_preallocation()?;
+                *self.metadata_preallocation.get_or_init(|| p)
+            }
+        };
+        if !preallocated {
+            return Ok(vec![(host, host + len, true)]);
+        }
+        fileio::data_segments(&self.file, &self.path, host, host + len)
     }
 
     fn read_compressed(&self, cluster_start: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
