@@ -10,7 +10,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use snaptree::chain::{Chain, OpenOptions};
 use snaptree::image::qcow2::create::{create, CreateOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 fn have_qemu() -> bool {

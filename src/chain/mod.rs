@@ -37,6 +37,13 @@ pub enum ChainError {
         target: PathBuf,
         source: std::io::Error,
     },
+    #[error("{}: backing file {name:?} (named at offset {offset}) is {}, which is not a regular file or block device", .path.display(), .target.display())]
+    NotAnImage {
+        path: PathBuf,
+        offset: u64,
+        name: String,
+        target: PathBuf,
+    },
     #[error("{}: backing file {name:?} (named at offset {offset}) resolves to {}, outside the tree directory {}; pass --allow-external-backing if you trust this image", .path.display(), .target.display(), .root.display())]
     Outside {
         path: PathBuf,

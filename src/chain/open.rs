@@ -7,7 +7,7 @@
 use super::ChainError;
 use crate::image::{probe, Format, Layer};
 use std::collections::HashSet;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -43,6 +43,19 @@ pub fn open_layers(leaf: &Path, opts: &OpenOptions) -> Result<Vec<Arc<dyn Layer>
         })
     };
     let leaf_canon = canon(leaf)?;
+    let ft = std::fs::metadata(&leaf_canon).map(|m| m.file_type());
+    if !ft
+        .as_ref()
+        .is_ok_and(|t| t.is_file() || t.is_block_device())
+    {
+        return Err(ChainError::Open {
+            path: leaf.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file or block device",
+            ),
+        });
+    }
     let root = leaf_canon
         .parent()
         .map(Path::to_path_buf)
@@ -96,6 +109,20 @@ pub fn open_layers(leaf: &Path, opts: &OpenOptions) -> Result<Vec<Arc<dyn Layer>
                 name: b.name.clone(),
                 target: target_canon,
                 root: root.clone(),
+            });
+        }
+        // Only regular files and block devices hold images: a FIFO would
+        // block forever, a directory is no disk.
+        let ft = std::fs::metadata(&target_canon).map(|m| m.file_type());
+        if !ft
+            .as_ref()
+            .is_ok_and(|t| t.is_file() || t.is_block_device())
+        {
+            return Err(ChainError::NotAnImage {
+                path: referrer.path().to_path_buf(),
+                offset: b.offset,
+                name: b.name.clone(),
+                target: target_canon,
             });
         }
         format = match &b.format {

@@ -87,8 +87,9 @@ const CHUNK: u64 = 1 << 30;
 
 pub fn run(a: MapArgs) -> CliResult {
     let chain = a.chain.open(&a.image)?;
-    let out = std::io::stdout();
-    let mut out = std::io::BufWriter::new(out.lock());
+    // Built in memory and printed only when complete, so a failure never
+    // leaves half a JSON document on stdout.
+    let mut out: Vec<u8> = Vec::new();
     let mut pending: Option<Entry> = None;
     let mut first = true;
     if let Output::Json = a.output {
@@ -163,6 +164,9 @@ pub fn run(a: MapArgs) -> CliResult {
     if let Output::Json = a.output {
         writeln!(out, "]")?;
     }
-    out.flush()?;
+    let stdout = std::io::stdout();
+    let mut stdout = stdout.lock();
+    stdout.write_all(&out)?;
+    stdout.flush()?;
     Ok(())
 }
