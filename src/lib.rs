@@ -9,4 +9,6 @@ pub mod chain;
 pub mod cli;
 pub mod error;
 pub mod fileio;
+pub mod fs;
 pub mod image;
+pub mod tree;

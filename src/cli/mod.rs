@@ -5,6 +5,7 @@
 mod export;
 mod info;
 mod map;
+mod mount;
 
 use crate::chain::{Chain, OpenOptions, DEFAULT_MAX_DEPTH};
 use clap::{Args, Parser, Subcommand};
@@ -14,8 +15,8 @@ pub type CliResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>
 
 /// snaptree: a VM's snapshot tree (qcow2 backing chains) as plain files.
 ///
-/// Inspect a chain, print its allocation map, or export the disk as it is
-/// at any image of the chain.
+/// Mount a tree of snapshots, inspect a chain, print its allocation map, or
+/// export the disk as it is at any image of the chain.
 #[derive(Parser, Debug)]
 #[command(name = "snaptree", version, about, long_about = None)]
 struct Cli {
@@ -35,6 +36,10 @@ enum Command {
     /// Write the flattened disk of IMAGE (its whole chain resolved) to OUT
     /// as a standalone raw (sparse) or qcow2 image.
     Export(export::ExportArgs),
+    /// Mount a snapshot tree: one directory per snapshot point, each with
+    /// its disk as a flat file (`disk.raw`), `info.json`, a `ctl` file and
+    /// a `parent` link; `tree`, `status` and `merge-now` at the top.
+    Mount(mount::MountArgs),
 }
 
 /// How to open a chain; shared by every subcommand.
@@ -73,6 +78,7 @@ pub fn run() -> i32 {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
         Command::Export(a) => export::run(a),
+        Command::Mount(a) => mount::run(a),
     };
     match result {
         Ok(()) => 0,

@@ -1,0 +1,213 @@
+//! `snaptree mount`: mounts a snapshot tree with FUSE.
+//!
+//! By default it runs in the background and returns once the mount is
+//! ready, like sshfs: the command re-executes itself in the foreground
+//! (`-f`) as a new session and waits for the child to print `ready` on a
+//! pipe; if the child fails first, its error is printed and the command
+//! exits 1. In the foreground it unmounts cleanly on SIGINT and SIGTERM,
+//! and ends when someone runs `umount` or `fusermount3 -u`; either way
+//! every image is flushed before it exits.
+
+use super::{ChainArgs, CliResult};
+use crate::fs::SnapFs;
+use crate::tree::{Tree, TreeOptions};
+use clap::Args;
+use fuser::{Config, MountOption, SessionACL};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// A directory holding a VM's images (every qcow2 image in it, and the
+    /// raw files they use as backing, make the tree), or one leaf image
+    /// (its backing chain is the tree).
+    source: PathBuf,
+    /// Where to mount.
+    mountpoint: PathBuf,
+    /// Comma-separated mount options: `ro` (everything read-only), `rw`,
+    /// `allow_other`, `allow_root`; fstab's `defaults`, `auto`, `noauto`,
+    /// `user`, `nofail`, `_netdev` and `x-*` are accepted and ignored.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Stay in the foreground (default: return once mounted).
+    #[arg(short = 'f', long = "foreground")]
+    foreground: bool,
+    /// FUSE event loops, each with its own /dev/fuse descriptor.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    threads: usize,
+    /// Internal: print `ready` on stdout once mounted (used by the
+    /// background mode).
+    #[arg(long, hide = true)]
+    notify_ready: bool,
+    #[command(flatten)]
+    chain: ChainArgs,
+}
+
+/// Mount options understood from `-o`.
+#[derive(Default, Debug)]
+struct Options {
+    read_only: bool,
+    allow_other: bool,
+    allow_root: bool,
+}
+
+fn parse_options(raw: &[String]) -> CliResult<Options> {
+    let mut o = Options::default();
+    for opt in raw
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        match opt {
+            "ro" => o.read_only = true,
+            "rw" => o.read_only = false,
+            "allow_other" => o.allow_other = true,
+            "allow_root" => o.allow_root = true,
+            "defaults" | "auto" | "noauto" | "user" | "nouser" | "nofail" | "_netdev" | "dev"
+            | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "async" | "atime" | "noatime"
+            | "relatime" => {}
+            o if o.starts_with("x-") || o.starts_with("comment=") => {}
+            other => {
+                return Err(format!(
+                    "unknown mount option {other:?} (known: ro, rw, allow_other, allow_root)"
+                )
+                .into())
+            }
+        }
+    }
+    Ok(o)
+}
+
+pub fn run(a: MountArgs) -> CliResult {
+    let opts = parse_options(&a.options)?;
+    if !a.mountpoint.is_dir() {
+        return Err(format!("{}: mount point is not a directory", a.mountpoint.display()).into());
+    }
+    if a.foreground {
+        return run_foreground(&a, &opts);
+    }
+    daemonize(&a)
+}
+
+/// Starts `snaptree mount ... -f --notify-ready` as a new session and
+/// waits until it is mounted or has failed.
+fn daemonize(a: &MountArgs) -> CliResult {
+    let exe = std::env::current_exe()?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.push("-f".into());
+    args.push("--notify-ready".into());
+    let mut cmd = Command::new(exe);
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setsid is async-signal-safe; the child leaves our terminal
+    // session so the mount outlives this shell.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() == "ready" {
+        return Ok(());
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let status = child.wait()?;
+    let err = err.trim().trim_start_matches("snaptree: error: ");
+    Err(format!(
+        "mounting {} failed ({status}): {err}",
+        a.mountpoint.display()
+    )
+    .into())
+}
+
+fn run_foreground(a: &MountArgs, o: &Options) -> CliResult {
+    let tree = Tree::open(
+        &a.source,
+        TreeOptions {
+            read_only: o.read_only,
+            allow_external_backing: a.chain.allow_external_backing,
+            max_depth: a.chain.max_depth,
+        },
+    )?;
+    let tree = Arc::new(tree);
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(
+            a.source
+                .canonicalize()
+                .unwrap_or(a.source.clone())
+                .display()
+                .to_string(),
+        ),
+        MountOption::Subtype("snaptree".into()),
+        MountOption::DefaultPermissions,
+    ];
+    if o.read_only {
+        config.mount_options.push(MountOption::RO);
+    }
+    if o.allow_other {
+        config.acl = SessionACL::All;
+    } else if o.allow_root {
+        config.acl = SessionACL::RootAndOwner;
+    }
+    config.n_threads = Some(a.threads.max(1));
+    config.clone_fd = a.threads > 1;
+    let session = fuser::Session::new(SnapFs::new(tree.clone()), &a.mountpoint, &config)
+        .map_err(|e| format!("{}: cannot mount: {e}", a.mountpoint.display()))?;
+    let bg = session.spawn()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    if a.notify_ready {
+        let mut out = std::io::stdout();
+        writeln!(out, "ready")?;
+        out.flush()?;
+        detach_stdio();
+    }
+    tracing::info!(
+        "mounted {} on {}",
+        a.source.display(),
+        a.mountpoint.display()
+    );
+    while !stop.load(Ordering::Relaxed) && !bg.guard.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let result = if bg.guard.is_finished() {
+        bg.join()
+    } else {
+        bg.umount_and_join()
+    };
+    // The session flushes in `destroy`; flush again in case it never ran.
+    let flushed = tree.flush_all();
+    result.map_err(|e| format!("{}: {e}", a.mountpoint.display()))?;
+    flushed?;
+    Ok(())
+}
+
+/// After `ready`, nobody reads our output: point stdout and stderr at
+/// /dev/null so writes cannot fail with EPIPE.
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: dup2 onto the standard descriptors.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
+            libc::dup2(null.as_raw_fd(), 2);
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! Control files: `ctl` commands of a snapshot point and `merge-now`.
+//!
+//! One command per write. The write's errno is the outcome, and the reason
+//! is recorded for `status`, because an errno alone cannot say why.
+
+use crate::tree::{Tree, TreeError};
+
+/// Parses and runs one `ctl` command on point `id`.
+pub fn run_ctl(tree: &Tree, id: u64, point_name: &str, data: &[u8]) -> Result<(), TreeError> {
+    let text = String::from_utf8_lossy(data);
+    let text = text.trim();
+    let mut words = text.split_whitespace();
+    let cmd = words.next().unwrap_or("");
+    let arg = words.next();
+    let extra = words.next();
+    let label = format!("{point_name}/ctl: {text}");
+    let result = match (cmd, arg, extra) {
+        (_, _, Some(_)) => Err(TreeError::new(libc::EINVAL, format!("too many words in {text:?}; one command per write"))),
+        ("snapshot", Some(name), None) => tree.snapshot(id, name),
+        ("clone", Some(name), None) => tree.clone_point(id, name),
+        ("delete", None, None) => tree.delete(id),
+        ("merge", None, None) => Err(TreeError::new(
+            libc::EOPNOTSUPP,
+            "`merge` needs the merge engine, which this version does not have yet; `delete` hides the point meanwhile",
+        )),
+        ("snapshot" | "clone", None, None) => Err(TreeError::new(libc::EINVAL, format!("`{cmd}` needs a NAME: `{cmd} NAME`"))),
+        _ => Err(TreeError::new(
+            libc::EINVAL,
+            format!("unknown command {text:?}; commands: `snapshot NAME`, `clone NAME`, `delete`, `merge`"),
+        )),
+    };
+    tree.record(&label, &result);
+    result
+}
+
+/// A write to `merge-now`.
+pub fn run_merge_now(tree: &Tree) -> Result<(), TreeError> {
+    let result = Err(TreeError::new(
+        libc::EOPNOTSUPP,
+        "merge-now needs the merge engine, which this version does not have yet; hidden points stay until then",
+    ));
+    tree.record("merge-now", &result);
+    result
+}

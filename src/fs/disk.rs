@@ -1,0 +1,157 @@
+//! Disk I/O of a snapshot point through its chain: reads, writes to
+//! leaves, fsync, fallocate (punch hole / zero range), SEEK_DATA and
+//! SEEK_HOLE from the allocation map, and statfs of the tree directory.
+
+use crate::chain::resolve::Source;
+use crate::tree::{Point, Tree};
+use fuser::Errno;
+use std::path::Path;
+
+fn errno(e: i32) -> Errno {
+    Errno::from_i32(e)
+}
+
+fn alive(tree: &Tree, p: &Point) -> Result<(), Errno> {
+    if tree.view(p.id).is_none() {
+        return Err(Errno::ESTALE); // deleted while open
+    }
+    Ok(())
+}
+
+pub fn read(tree: &Tree, p: &Point, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    alive(tree, p)?;
+    let io = p.io.read();
+    let end = (offset.saturating_add(size as u64)).min(io.chain.size());
+    if offset >= end {
+        return Ok(Vec::new());
+    }
+    let mut buf = vec![0u8; (end - offset) as usize];
+    io.chain.read_at(&mut buf, offset).map_err(|e| {
+        tracing::error!("read of {} at {offset}: {e}", p.name);
+        tree.problem(format!("read of {} at offset {offset}: {e}", p.name));
+        errno(e.errno())
+    })?;
+    Ok(buf)
+}
+
+pub fn write(tree: &Tree, p: &Point, offset: u64, data: &[u8]) -> Result<(), Errno> {
+    alive(tree, p)?;
+    let io = p.io.read();
+    if !io.writable {
+        return Err(Errno::EROFS);
+    }
+    if offset.saturating_add(data.len() as u64) > io.chain.size() {
+        return Err(Errno::EFBIG); // a disk does not grow
+    }
+    io.chain.write_at(data, offset).map_err(|e| {
+        tree.problem(format!("write to {} at offset {offset}: {e}", p.name));
+        errno(e.errno())
+    })
+}
+
+pub fn fsync(p: &Point) -> Result<(), Errno> {
+    let io = p.io.read();
+    if !io.writable {
+        return Ok(());
+    }
+    io.chain.flush().map_err(|e| errno(e.errno()))
+}
+
+pub fn fallocate(tree: &Tree, p: &Point, offset: u64, len: u64, mode: i32) -> Result<(), Errno> {
+    alive(tree, p)?;
+    let io = p.io.read();
+    if !io.writable {
+        return Err(Errno::EROFS);
+    }
+    let size = io.chain.size();
+    let end = offset.saturating_add(len).min(size);
+    if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 || mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+        if offset >= end {
+            return Ok(());
+        }
+        let r = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            io.chain.discard(offset, end - offset)
+        } else {
+            io.chain.write_zeroes(offset, end - offset)
+        };
+        return r.map_err(|e| errno(e.errno()));
+    }
+    // Plain preallocation: a virtual disk has all its bytes already; only
+    // growing it is impossible.
+    if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    if offset.saturating_add(len) > size && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+        return Err(Errno::EFBIG);
+    }
+    Ok(())
+}
+
+/// SEEK_DATA / SEEK_HOLE from the allocation map.
+pub fn seek(p: &Point, offset: i64, whence: i32) -> Result<i64, Errno> {
+    let io = p.io.read();
+    let size = io.chain.size();
+    if offset < 0 {
+        return Err(Errno::EINVAL);
+    }
+    let offset = offset as u64;
+    if offset >= size {
+        return Err(Errno::ENXIO);
+    }
+    let want_data = match whence {
+        libc::SEEK_DATA => true,
+        libc::SEEK_HOLE => false,
+        _ => return Err(Errno::EINVAL),
+    };
+    const STEP: u64 = 1 << 30;
+    let mut at = offset;
+    while at < size {
+        let len = STEP.min(size - at);
+        let map = io.chain.map(at, len).map_err(|e| errno(e.errno()))?;
+        for r in map {
+            let is_data = matches!(r.source, Source::Data { .. } | Source::Compressed { .. });
+            if is_data == want_data {
+                return Ok(r.start.max(offset) as i64);
+            }
+        }
+        at += len;
+    }
+    if want_data {
+        Err(Errno::ENXIO)
+    } else {
+        Ok(size as i64) // the implicit hole at the end
+    }
+}
+
+/// What statfs reports, in `ReplyStatfs::statfs` argument order.
+pub struct Statfs(
+    pub u64,
+    pub u64,
+    pub u64,
+    pub u64,
+    pub u64,
+    pub u32,
+    pub u32,
+    pub u32,
+);
+
+/// (blocks, bfree, bavail, files, ffree, bsize, namelen, frsize) of `dir`.
+pub fn statfs(dir: &Path) -> Result<Statfs, Errno> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and a zeroed struct to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(Errno::from(std::io::Error::last_os_error()));
+    }
+    Ok(Statfs(
+        s.f_blocks as u64,
+        s.f_bfree as u64,
+        s.f_bavail as u64,
+        s.f_files as u64,
+        s.f_ffree as u64,
+        s.f_bsize as u32,
+        s.f_namemax as u32,
+        s.f_frsize as u32,
+    ))
+}

@@ -1,0 +1,541 @@
+//! The FUSE adapter: presents a [`Tree`] as the mounted layout of
+//! DESIGN.md ("Mounted layout") with fuser. It parses no format; every byte
+//! of a disk comes from the point's chain.
+//!
+//! Concurrency: fuser runs several event loops (each with its own
+//! `/dev/fuse` fd); all methods take `&self`. Disk I/O holds only the
+//! point's I/O read lock (see `tree`), so requests on different points, or
+//! reads of one point, never wait for each other. Dynamic files (`tree`,
+//! `status`, `info.json`) are rendered at open into the file handle so a
+//! reader sees one consistent text.
+
+mod attrs;
+mod control;
+mod disk;
+pub mod inodes;
+
+use crate::tree::{Point, Tree};
+use attrs::{attr, dir, epoch, point_kind, TTL};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+};
+use inodes::{decode, encode, Inode, PointFile};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// What an open file handle refers to.
+enum Handle {
+    Disk(Arc<Point>),
+    /// Text rendered at open.
+    Text(Arc<Vec<u8>>),
+    Ctl(Arc<Point>),
+    MergeNow,
+}
+
+pub struct SnapFs {
+    tree: Arc<Tree>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    mounted_at: SystemTime,
+}
+
+fn errno(e: i32) -> Errno {
+    Errno::from_i32(e)
+}
+
+impl SnapFs {
+    pub fn new(tree: Arc<Tree>) -> SnapFs {
+        SnapFs {
+            tree,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            mounted_at: SystemTime::now(),
+        }
+    }
+
+    fn new_handle(&self, h: Handle) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, h);
+        FileHandle(fh)
+    }
+
+    /// The text of a dynamic file, rendered now.
+    fn text(&self, ino: Inode) -> Option<Vec<u8>> {
+        match ino {
+            Inode::Tree => Some(self.tree.render_tree().into_bytes()),
+            Inode::Status => Some(self.tree.render_status().into_bytes()),
+            Inode::Point(p, PointFile::Info) => self.tree.info_json(p).map(String::into_bytes),
+            _ => None,
+        }
+    }
+
+    /// Nearest visible ancestor of point `p`, for the `parent` symlink.
+    fn visible_parent(&self, p: u64) -> Option<String> {
+        let mut v = self.tree.view(p)?;
+        loop {
+            let name = v.parent.clone()?;
+            let next = self.tree.nodes_by_name(&name)?;
+            let nv = self.tree.view(next)?;
+            if !nv.hidden {
+                return Some(name);
+            }
+            v = nv;
+        }
+    }
+
+    fn getattr_of(&self, ino: Inode) -> Result<FileAttr, Errno> {
+        let t0 = self.mounted_at;
+        let ro = self.tree.read_only();
+        Ok(match ino {
+            Inode::Root => dir(ino, t0),
+            Inode::Tree | Inode::Status => attr(
+                ino,
+                FileType::RegularFile,
+                0o444,
+                self.text(ino).map_or(0, |t| t.len() as u64),
+                t0,
+            ),
+            Inode::MergeNow => attr(
+                ino,
+                FileType::RegularFile,
+                if ro { 0o444 } else { 0o644 },
+                0,
+                t0,
+            ),
+            Inode::Point(p, f) => {
+                let v = self
+                    .tree
+                    .view(p)
+                    .filter(|v| !v.hidden)
+                    .ok_or(Errno::ENOENT)?;
+                let t = epoch(v.point.created);
+                match f {
+                    PointFile::Dir => dir(ino, t),
+                    PointFile::Disk => {
+                        let io = v.point.io.read();
+                        let perm = if io.writable { 0o644 } else { 0o444 };
+                        attr(ino, FileType::RegularFile, perm, io.chain.size(), t)
+                    }
+                    PointFile::Info => attr(
+                        ino,
+                        FileType::RegularFile,
+                        0o444,
+                        self.text(ino).map_or(0, |t| t.len() as u64),
+                        t,
+                    ),
+                    PointFile::Ctl => attr(
+                        ino,
+                        FileType::RegularFile,
+                        if ro { 0o444 } else { 0o644 },
+                        0,
+                        t,
+                    ),
+                    PointFile::Parent => {
+                        let target = self.visible_parent(p).ok_or(Errno::ENOENT)?;
+                        attr(ino, FileType::Symlink, 0o777, target.len() as u64 + 3, t)
+                    }
+                }
+            }
+        })
+    }
+
+    fn lookup_in(&self, parent: Inode, name: &str) -> Option<Inode> {
+        match parent {
+            Inode::Root => match name {
+                "tree" => Some(Inode::Tree),
+                "status" => Some(Inode::Status),
+                "merge-now" => Some(Inode::MergeNow),
+                _ => self
+                    .tree
+                    .lookup(name)
+                    .map(|p| Inode::Point(p.id, PointFile::Dir)),
+            },
+            Inode::Point(p, PointFile::Dir) => {
+                let f = PointFile::from_name(name)?;
+                if f == PointFile::Parent && self.visible_parent(p).is_none() {
+                    return None;
+                }
+                Some(Inode::Point(p, f))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Filesystem for SnapFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large requests: fewer round trips per MiB.
+        if let Err(max) = config.set_max_readahead(1 << 20) {
+            let _ = config.set_max_readahead(max);
+        }
+        if let Err(max) = config.set_max_write(1 << 20) {
+            let _ = config.set_max_write(max);
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.tree.flush_all() {
+            tracing::error!("flushing on unmount: {e}");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let found = decode(parent.0)
+            .zip(name.to_str())
+            .and_then(|(p, n)| self.lookup_in(p, n));
+        match found.map(|i| self.getattr_of(i)) {
+            Some(Ok(a)) => {
+                let ttl = if matches!(a.kind, FileType::RegularFile) && a.perm == 0o444 {
+                    Duration::ZERO
+                } else {
+                    TTL
+                };
+                reply.entry(&ttl, &a, Generation(0))
+            }
+            Some(Err(e)) => reply.error(e),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match decode(ino.0)
+            .ok_or(Errno::ENOENT)
+            .and_then(|i| self.getattr_of(i))
+        {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let Some(i) = decode(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if mode.is_some() || uid.is_some() || gid.is_some() {
+            return reply.error(Errno::EPERM);
+        }
+        let current = match self.getattr_of(i) {
+            Ok(a) => a,
+            Err(e) => return reply.error(e),
+        };
+        if let Some(s) = size {
+            let is_ctl = matches!(i, Inode::MergeNow | Inode::Point(_, PointFile::Ctl));
+            if !is_ctl && s != current.size {
+                let r = Err(crate::tree::TreeError::new(
+                    libc::EOPNOTSUPP,
+                    format!(
+                        "truncate to {s} bytes: a disk keeps its virtual size ({} bytes)",
+                        current.size
+                    ),
+                ));
+                self.tree.record("truncate", &r);
+                return reply.error(Errno::EOPNOTSUPP);
+            }
+        }
+        reply.attr(&TTL, &current)
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match decode(ino.0) {
+            Some(Inode::Point(p, PointFile::Parent)) => match self.visible_parent(p) {
+                Some(name) => reply.data(format!("../{name}").as_bytes()),
+                None => reply.error(Errno::ENOENT),
+            },
+            _ => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if parent.0 != inodes::ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let Some(point) = name.to_str().and_then(|n| self.tree.lookup(n)) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let r = self.tree.delete(point.id);
+        self.tree.record(&format!("rmdir {}", point.name), &r);
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e.errno)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let Some(i) = decode(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        match i {
+            Inode::Tree | Inode::Status | Inode::Point(_, PointFile::Info) => {
+                if wants_write {
+                    return reply.error(Errno::EACCES);
+                }
+                match self.text(i) {
+                    Some(t) => reply.opened(
+                        self.new_handle(Handle::Text(Arc::new(t))),
+                        FopenFlags::FOPEN_DIRECT_IO,
+                    ),
+                    None => reply.error(Errno::ENOENT),
+                }
+            }
+            Inode::MergeNow => reply.opened(
+                self.new_handle(Handle::MergeNow),
+                FopenFlags::FOPEN_DIRECT_IO,
+            ),
+            Inode::Point(p, f) => {
+                let Some(v) = self.tree.view(p).filter(|v| !v.hidden) else {
+                    return reply.error(Errno::ENOENT);
+                };
+                match f {
+                    PointFile::Disk => {
+                        let writable = v.point.io.read().writable;
+                        if wants_write && !writable {
+                            return reply.error(Errno::EROFS);
+                        }
+                        // Immutable points keep the page cache across opens.
+                        let fl = if writable {
+                            FopenFlags::empty()
+                        } else {
+                            FopenFlags::FOPEN_KEEP_CACHE
+                        };
+                        reply.opened(self.new_handle(Handle::Disk(v.point.clone())), fl)
+                    }
+                    PointFile::Ctl => {
+                        if wants_write && self.tree.read_only() {
+                            return reply.error(Errno::EROFS);
+                        }
+                        reply.opened(
+                            self.new_handle(Handle::Ctl(v.point.clone())),
+                            FopenFlags::FOPEN_DIRECT_IO,
+                        )
+                    }
+                    _ => reply.error(Errno::EISDIR),
+                }
+            }
+            Inode::Root => reply.error(Errno::EISDIR),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let h = match self.handles.lock().get(&fh.0) {
+            Some(Handle::Disk(p)) => Handle::Disk(p.clone()),
+            Some(Handle::Text(t)) => Handle::Text(t.clone()),
+            Some(Handle::Ctl(p)) => Handle::Ctl(p.clone()),
+            Some(Handle::MergeNow) => Handle::MergeNow,
+            None => return reply.error(Errno::EBADF),
+        };
+        match h {
+            Handle::Disk(p) => match disk::read(&self.tree, &p, offset, size) {
+                Ok(buf) => reply.data(&buf),
+                Err(e) => reply.error(e),
+            },
+            Handle::Text(t) => {
+                let s = (offset as usize).min(t.len());
+                let e = (s + size as usize).min(t.len());
+                reply.data(&t[s..e])
+            }
+            Handle::Ctl(_) | Handle::MergeNow => reply.data(&[]),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let h = match self.handles.lock().get(&fh.0) {
+            Some(Handle::Disk(p)) => Handle::Disk(p.clone()),
+            Some(Handle::Ctl(p)) => Handle::Ctl(p.clone()),
+            Some(Handle::MergeNow) => Handle::MergeNow,
+            Some(Handle::Text(_)) => return reply.error(Errno::EBADF),
+            None => return reply.error(Errno::EBADF),
+        };
+        let r = match h {
+            Handle::Disk(p) => disk::write(&self.tree, &p, offset, data),
+            Handle::Ctl(p) => {
+                control::run_ctl(&self.tree, p.id, &p.name, data).map_err(|e| errno(e.errno))
+            }
+            Handle::MergeNow => control::run_merge_now(&self.tree).map_err(|e| errno(e.errno)),
+            Handle::Text(_) => Err(Errno::EBADF),
+        };
+        match r {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let p = match self.handles.lock().get(&fh.0) {
+            Some(Handle::Disk(p)) => p.clone(),
+            _ => return reply.ok(),
+        };
+        match disk::fsync(&p) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok()
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.lock().remove(&fh.0);
+        reply.ok()
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let mut entries: Vec<(u64, FileType, String)> = vec![
+            (ino.0, FileType::Directory, ".".into()),
+            (inodes::ROOT, FileType::Directory, "..".into()),
+        ];
+        match decode(ino.0) {
+            Some(Inode::Root) => {
+                entries.push((inodes::TREE, FileType::RegularFile, "tree".into()));
+                entries.push((inodes::STATUS, FileType::RegularFile, "status".into()));
+                entries.push((inodes::MERGE_NOW, FileType::RegularFile, "merge-now".into()));
+                for p in self.tree.visible() {
+                    entries.push((
+                        encode(Inode::Point(p.id, PointFile::Dir)),
+                        FileType::Directory,
+                        p.name.clone(),
+                    ));
+                }
+            }
+            Some(Inode::Point(p, PointFile::Dir))
+                if self.tree.view(p).is_some_and(|v| !v.hidden) =>
+            {
+                for f in PointFile::entries() {
+                    if *f == PointFile::Parent && self.visible_parent(p).is_none() {
+                        continue;
+                    }
+                    entries.push((encode(Inode::Point(p, *f)), point_kind(*f), f.name().into()));
+                }
+            }
+            _ => return reply.error(Errno::ENOTDIR),
+        }
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match disk::statfs(self.tree.dir()) {
+            Ok(s) => reply.statfs(s.0, s.1, s.2, s.3, s.4, s.5, s.6, s.7),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let p = match self.handles.lock().get(&fh.0) {
+            Some(Handle::Disk(p)) => p.clone(),
+            _ => return reply.error(Errno::EBADF),
+        };
+        match disk::fallocate(&self.tree, &p, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        let p = match self.handles.lock().get(&fh.0) {
+            Some(Handle::Disk(p)) => p.clone(),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match disk::seek(&p, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(e),
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Finding the images of a tree and how they reference each other.
+//!
+//! A directory source: every qcow2 image (found by its magic) plus raw
+//! files that a qcow2 image names as backing (or that end in .raw/.img).
+//! A file source: the chain of that one leaf. Images that cannot be parsed
+//! are kept as *broken* entries with the reason, so the rest of the tree
+//! still mounts and the user learns what is wrong.
+
+use crate::image::{probe, Format};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One image file found in the tree directory.
+#[derive(Clone, Debug)]
+pub struct Found {
+    /// Canonical path.
+    pub path: PathBuf,
+    pub format: Format,
+    /// Canonical path of its backing file, if it names one.
+    pub backing: Option<PathBuf>,
+    /// Why it cannot be used, if so.
+    pub broken: Option<String>,
+}
+
+/// Files snaptree writes itself and never treats as images.
+pub fn is_own_file(name: &str) -> bool {
+    name.starts_with('.') || name.ends_with(".snaptree-tmp") || name.ends_with(".snaptree-partial")
+}
+
+/// Reads one image's header: its format and backing reference.
+fn inspect(path: &Path, format: Option<Format>, dir: &Path, allow_external: bool) -> Found {
+    let mut found = Found {
+        path: path.to_path_buf(),
+        format: format.unwrap_or(Format::Raw),
+        backing: None,
+        broken: None,
+    };
+    let layer = match probe::open_layer(path, format, false) {
+        Ok(l) => l,
+        Err(e) => {
+            found.broken = Some(e.to_string());
+            return found;
+        }
+    };
+    found.format = layer.format();
+    if let Some(b) = layer.backing() {
+        let parent = path.parent().unwrap_or(dir).join(&b.name);
+        match parent.canonicalize() {
+            Ok(p) if allow_external || p.starts_with(dir) => found.backing = Some(p),
+            Ok(p) => {
+                found.broken = Some(format!(
+                    "{}: backing file {:?} (named at offset {}) resolves to {}, outside the tree directory",
+                    path.display(),
+                    b.name,
+                    b.offset,
+                    p.display()
+                ))
+            }
+            Err(e) => {
+                found.broken = Some(format!(
+                    "{}: backing file {:?} (named at offset {}) cannot be opened: {e}",
+                    path.display(),
+                    b.name,
+                    b.offset
+                ))
+            }
+        }
+    }
+    found
+}
+
+/// Every image of the tree in `dir` (canonical), keyed by canonical path.
+pub fn scan_dir(dir: &Path, allow_external: bool) -> std::io::Result<BTreeMap<PathBuf, Found>> {
+    let mut found = BTreeMap::new();
+    let mut raw_candidates = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_own_file(&name) || !entry.file_type()?.is_file() {
+            continue;
+        }
+        let path = entry.path().canonicalize()?;
+        let is_qcow2 = std::fs::File::open(&path)
+            .ok()
+            .and_then(|f| probe::detect_format(&f, &path).ok())
+            .is_some_and(|f| f == Format::Qcow2);
+        if is_qcow2 {
+            found.insert(
+                path.clone(),
+                inspect(&path, Some(Format::Qcow2), dir, allow_external),
+            );
+        } else if name.ends_with(".raw") || name.ends_with(".img") {
+            raw_candidates.push(path);
+        }
+    }
+    // Raw files are images when named like one or used as a backing file.
+    let referenced: Vec<PathBuf> = found.values().filter_map(|f| f.backing.clone()).collect();
+    for path in raw_candidates.into_iter().chain(referenced) {
+        if !found.contains_key(&path) {
+            found.insert(
+                path.clone(),
+                inspect(&path, Some(Format::Raw), dir, allow_external),
+            );
+        }
+    }
+    Ok(found)
+}
+
+/// The chain of one leaf image, as found entries.
+pub fn scan_chain(
+    leaf: &Path,
+    dir: &Path,
+    allow_external: bool,
+    max_depth: usize,
+) -> std::io::Result<BTreeMap<PathBuf, Found>> {
+    let mut found = BTreeMap::new();
+    let mut next = Some((leaf.canonicalize()?, None));
+    while let Some((path, format)) = next.take() {
+        if found.contains_key(&path) || found.len() >= max_depth {
+            break; // a cycle or too deep: the open of the chain reports it
+        }
+        let f = inspect(&path, format, dir, allow_external);
+        if let Some(b) = &f.backing {
+            // Respect a recorded backing format for raw files.
+            let fmt = probe::open_layer(&path, format, false)
+                .ok()
+                .and_then(|l| l.backing().and_then(|r| r.format.clone()))
+                .and_then(|n| Format::from_name(&n));
+            next = Some((b.clone(), fmt));
+        }
+        found.insert(path, f);
+    }
+    Ok(found)
+}

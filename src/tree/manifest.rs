@@ -1,0 +1,82 @@
+//! The manifest: the tree's own metadata that images cannot hold — names
+//! of snapshot points, creation times, hidden flags — in a JSON file in the
+//! tree directory.
+//!
+//! Written atomically (temp file, fsync, rename, fsync of the directory)
+//! whenever the mount changes the tree, so a crash leaves either the old
+//! or the new manifest. It is advisory: the images' backing references are
+//! the truth about structure, and disagreements are reported.
+
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST_NAME: &str = ".snaptree.json";
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    pub points: Vec<ManifestPoint>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ManifestPoint {
+    pub name: String,
+    /// Image file name, relative to the tree directory.
+    pub image: String,
+    /// Name of the parent point (`None` for a root).
+    pub parent: Option<String>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    #[serde(default)]
+    pub hidden: bool,
+    /// Memory checkpoint file, relative to the tree directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+}
+
+pub fn path_in(dir: &Path) -> PathBuf {
+    dir.join(MANIFEST_NAME)
+}
+
+/// Reads the manifest; `Ok(None)` when there is none.
+pub fn load(dir: &Path) -> Result<Option<Manifest>, String> {
+    let path = path_in(dir);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    if text.len() > 64 << 20 {
+        return Err(format!(
+            "{}: manifest larger than 64 MiB, ignored",
+            path.display()
+        ));
+    }
+    serde_json::from_slice(&text).map(Some).map_err(|e| {
+        format!(
+            "{}: not a valid manifest ({e}); ignoring it",
+            path.display()
+        )
+    })
+}
+
+/// Replaces the manifest atomically.
+pub fn store(dir: &Path, m: &Manifest) -> std::io::Result<()> {
+    let path = path_in(dir);
+    let tmp = dir.join(format!("{MANIFEST_NAME}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(m).map_err(std::io::Error::other)?)?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    sync_dir(dir)
+}
+
+/// Makes renames and creations in `dir` durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}

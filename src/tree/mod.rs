@@ -1,0 +1,202 @@
+//! The snapshot tree: snapshot points, their parent/child links, names,
+//! hidden flags, and the operations that change them (snapshot, clone,
+//! delete). FUSE-free: the `fs` module presents it, the CLI opens it.
+//!
+//! Concurrency: the structure (`nodes`) sits behind an `RwLock` taken
+//! briefly. Each point's I/O state (its chain and whether it is writable)
+//! sits behind the point's own `RwLock`: every read or write of its disk
+//! holds the read side for the whole request, and structural operations
+//! take the write side, so they wait for in-flight I/O on that point and
+//! no write can land in an image after it stopped being a leaf.
+//! Structural operations are serialised by `ops`.
+
+pub mod discover;
+pub mod manifest;
+mod open;
+mod ops;
+mod render;
+
+use crate::chain::Chain;
+use parking_lot::{Mutex, RwLock};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+/// How to open a tree.
+#[derive(Clone, Debug)]
+pub struct TreeOptions {
+    pub read_only: bool,
+    pub allow_external_backing: bool,
+    pub max_depth: usize,
+}
+
+/// A failed tree operation: the errno for the file system call and the
+/// reason for `status`.
+#[derive(Debug, Clone)]
+pub struct TreeError {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl TreeError {
+    pub fn new(errno: i32, message: impl Into<String>) -> TreeError {
+        TreeError {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for TreeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TreeError {}
+
+/// What a point's disk reads through, and whether it may be written.
+pub struct PointIo {
+    pub chain: Arc<Chain>,
+    /// Canonical path of the point's own image file.
+    pub image: PathBuf,
+    pub writable: bool,
+}
+
+/// One snapshot point. Its id (and so its inode numbers) never changes.
+pub struct Point {
+    pub id: u64,
+    pub name: String,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    pub io: RwLock<PointIo>,
+}
+
+pub(crate) struct Node {
+    pub point: Arc<Point>,
+    pub parent: Option<u64>,
+    pub children: Vec<u64>,
+    pub hidden: bool,
+}
+
+/// A snapshot of one point's place in the tree, for presenting it.
+#[derive(Clone)]
+pub struct PointView {
+    pub point: Arc<Point>,
+    pub parent: Option<String>,
+    pub children: Vec<String>,
+    pub hidden: bool,
+}
+
+impl PointView {
+    pub fn is_leaf(&self) -> bool {
+        self.children.is_empty()
+    }
+}
+
+/// What `status` shows besides the merge engine: the last command's
+/// outcome and problems found when opening the tree.
+#[derive(Default)]
+pub struct StatusLog {
+    pub last_command: Option<(String, Result<(), String>)>,
+    pub problems: Vec<String>,
+}
+
+pub struct Tree {
+    dir: PathBuf,
+    opts: TreeOptions,
+    pub(crate) nodes: RwLock<BTreeMap<u64, Node>>,
+    next_id: AtomicU64,
+    status: Mutex<StatusLog>,
+    /// Manifest entries of images this mount does not hold (another chain
+    /// in the same directory); written back unchanged.
+    foreign: Vec<manifest::ManifestPoint>,
+    ops: Mutex<()>,
+}
+
+impl Tree {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.opts.read_only
+    }
+
+    /// Visible points, by name.
+    pub fn visible(&self) -> Vec<Arc<Point>> {
+        let nodes = self.nodes.read();
+        let mut v: Vec<Arc<Point>> = nodes
+            .values()
+            .filter(|n| !n.hidden)
+            .map(|n| n.point.clone())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The visible point called `name`.
+    pub fn lookup(&self, name: &str) -> Option<Arc<Point>> {
+        self.nodes
+            .read()
+            .values()
+            .find(|n| !n.hidden && n.point.name == name)
+            .map(|n| n.point.clone())
+    }
+
+    /// The id of the point called `name`, hidden or not.
+    pub fn nodes_by_name(&self, name: &str) -> Option<u64> {
+        self.nodes
+            .read()
+            .iter()
+            .find(|(_, n)| n.point.name == name)
+            .map(|(id, _)| *id)
+    }
+
+    pub fn view(&self, id: u64) -> Option<PointView> {
+        let nodes = self.nodes.read();
+        let n = nodes.get(&id)?;
+        let name_of = |id: &u64| nodes.get(id).map(|c| c.point.name.clone());
+        Some(PointView {
+            point: n.point.clone(),
+            parent: n.parent.as_ref().and_then(name_of),
+            children: n.children.iter().filter_map(name_of).collect(),
+            hidden: n.hidden,
+        })
+    }
+
+    /// Records the outcome of a command for `status`.
+    pub fn record(&self, command: &str, result: &Result<(), TreeError>) {
+        let r = result.as_ref().map(|_| ()).map_err(|e| e.message.clone());
+        if let Err(e) = &r {
+            tracing::warn!("{command}: {e}");
+        }
+        self.status.lock().last_command = Some((command.to_string(), r));
+    }
+
+    pub fn problem(&self, what: String) {
+        tracing::warn!("{what}");
+        self.status.lock().problems.push(what);
+    }
+
+    /// Flushes every writable point.
+    pub fn flush_all(&self) -> Result<(), TreeError> {
+        let points: Vec<Arc<Point>> = self
+            .nodes
+            .read()
+            .values()
+            .map(|n| n.point.clone())
+            .collect();
+        let mut first_err = None;
+        for p in points {
+            let io = p.io.read();
+            if io.writable {
+                if let Err(e) = io.chain.flush() {
+                    first_err.get_or_insert(TreeError::new(e.errno(), e.to_string()));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,318 @@
+//! Building a `Tree` from a source (a directory of images, or one leaf
+//! image): finish interrupted snapshots, find the images, name them (from
+//! the manifest, else by file stem), report what disagrees or is broken,
+//! and open a chain per point that shares layer objects with its parent.
+
+use super::discover::{self, Found};
+use super::manifest::{self, ManifestPoint};
+use super::{Node, Point, PointIo, StatusLog, Tree, TreeOptions};
+use crate::chain::Chain;
+use crate::image::{probe, Layer};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+/// Suffix of an overlay created by `snapshot` before it is renamed into
+/// place; a crash can leave one behind (see `recover_snapshots`).
+pub const TMP_SUFFIX: &str = ".snaptree-tmp";
+
+impl Tree {
+    /// Opens the tree at `source`. Fails only when nothing usable is found;
+    /// individual broken images are reported in `status`.
+    pub fn open(source: &Path, opts: TreeOptions) -> Result<Tree, String> {
+        let canon = source
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", source.display()))?;
+        let is_dir = canon.is_dir();
+        let dir = if is_dir {
+            canon.clone()
+        } else {
+            canon
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("/"))
+        };
+        let mut problems = Vec::new();
+        if !opts.read_only {
+            recover_snapshots(&dir, &mut problems);
+        }
+        let found = if is_dir {
+            discover::scan_dir(&dir, opts.allow_external_backing)
+        } else {
+            discover::scan_chain(&canon, &dir, opts.allow_external_backing, opts.max_depth)
+        }
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let manifest = match manifest::load(&dir) {
+            Ok(m) => m.unwrap_or_default(),
+            Err(e) => {
+                problems.push(e);
+                manifest::Manifest::default()
+            }
+        };
+        let mut tree = Tree {
+            dir: dir.clone(),
+            opts,
+            nodes: RwLock::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+            status: Mutex::new(StatusLog::default()),
+            foreign: Vec::new(),
+            ops: Mutex::new(()),
+        };
+        tree.build(found, manifest, &mut problems);
+        if tree.nodes.read().is_empty() {
+            let mut msg = format!("no usable image found in {}", source.display());
+            for p in &problems {
+                msg.push_str("\n  ");
+                msg.push_str(p);
+            }
+            return Err(msg);
+        }
+        tree.status.lock().problems = problems;
+        Ok(tree)
+    }
+
+    fn build(
+        &mut self,
+        found: BTreeMap<PathBuf, Found>,
+        manifest: manifest::Manifest,
+        problems: &mut Vec<String>,
+    ) {
+        let file_name = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let by_image: HashMap<String, &ManifestPoint> = manifest
+            .points
+            .iter()
+            .map(|m| (m.image.clone(), m))
+            .collect();
+        for m in &manifest.points {
+            if !found.contains_key(&self.dir.join(&m.image)) {
+                if self.dir.join(&m.image).exists() {
+                    self.foreign.push(m.clone());
+                } else {
+                    problems.push(format!(
+                        "manifest lists {:?} (image {}), but that file is missing",
+                        m.name, m.image
+                    ));
+                }
+            }
+        }
+        // Usable = not broken and every ancestor usable and no cycle.
+        let mut usable: HashSet<PathBuf> = HashSet::new();
+        for (path, f) in &found {
+            let mut seen = HashSet::new();
+            let mut cur = Some(path.clone());
+            let mut ok = true;
+            while let Some(p) = cur {
+                if !seen.insert(p.clone()) {
+                    problems.push(format!("{}: backing chain loops", path.display()));
+                    ok = false;
+                    break;
+                }
+                match found.get(&p) {
+                    Some(g) if g.broken.is_none() => cur = g.backing.clone(),
+                    Some(g) => {
+                        if &p == path {
+                            problems.push(g.broken.clone().unwrap_or_default());
+                        } else {
+                            problems.push(format!(
+                                "{}: not mounted, its backing file {} is broken",
+                                path.display(),
+                                p.display()
+                            ));
+                        }
+                        ok = false;
+                        break;
+                    }
+                    None => {
+                        problems.push(format!(
+                            "{}: backing file {} is not part of the tree",
+                            path.display(),
+                            p.display()
+                        ));
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if ok && f.broken.is_none() {
+                usable.insert(path.clone());
+            }
+        }
+        // Names: the manifest's, else the file stem, made unique.
+        let mut names: HashMap<PathBuf, String> = HashMap::new();
+        let mut taken: HashSet<String> = self.foreign.iter().map(|m| m.name.clone()).collect();
+        let mut ordered: Vec<&PathBuf> = usable.iter().collect();
+        ordered.sort();
+        for p in &ordered {
+            if let Some(m) = by_image.get(&file_name(p)) {
+                if taken.insert(m.name.clone()) {
+                    names.insert((*p).clone(), m.name.clone());
+                }
+            }
+        }
+        for p in &ordered {
+            if names.contains_key(*p) {
+                continue;
+            }
+            let stem = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let mut name = stem.clone();
+            let mut n = 1;
+            while !super::ops::valid_name(&name) || !taken.insert(name.clone()) {
+                name = format!("{stem}-{n}");
+                n += 1;
+            }
+            names.insert((*p).clone(), name);
+        }
+        // Children, then open roots first so each chain reuses its parent's.
+        let mut children: HashMap<PathBuf, Vec<PathBuf>> = HashMap::new();
+        for p in &ordered {
+            if let Some(b) = &found[*p].backing {
+                children.entry(b.clone()).or_default().push((*p).clone());
+            }
+        }
+        let mut ids: HashMap<PathBuf, u64> = HashMap::new();
+        let mut queue: Vec<PathBuf> = ordered
+            .iter()
+            .filter(|p| found[**p].backing.is_none())
+            .map(|p| (*p).clone())
+            .collect();
+        let mut nodes = BTreeMap::new();
+        while let Some(path) = queue.pop() {
+            let f = &found[&path];
+            let kids = children.get(&path).cloned().unwrap_or_default();
+            let name = names[&path].clone();
+            let m = by_image.get(&file_name(&path)).filter(|m| m.name == name);
+            let hidden = m.is_some_and(|m| m.hidden);
+            let parent_id = f.backing.as_ref().and_then(|b| ids.get(b).copied());
+            if let (Some(m), Some(b)) = (m, &f.backing) {
+                let image_parent = names.get(b);
+                if m.parent.as_ref() != image_parent {
+                    problems.push(format!(
+                        "manifest says the parent of {name:?} is {:?}, but its image's backing file says {:?}; following the image",
+                        m.parent, image_parent
+                    ));
+                }
+            }
+            let parent_layers: Vec<Arc<dyn Layer>> = match parent_id {
+                Some(pid) => {
+                    let n: &Node = &nodes[&pid];
+                    n.point.io.read().chain.layers().to_vec()
+                }
+                None => Vec::new(),
+            };
+            if parent_layers.len() + 1 > self.opts.max_depth {
+                problems.push(format!(
+                    "{}: chain deeper than {} layers, not mounted",
+                    path.display(),
+                    self.opts.max_depth
+                ));
+                continue;
+            }
+            let want_write = kids.is_empty() && !hidden && !self.opts.read_only;
+            let (layer, writable) = match probe::open_layer(&path, Some(f.format), want_write) {
+                Ok(l) => (l, want_write),
+                Err(e) if want_write => {
+                    problems.push(format!("{name}: read-only: {e}"));
+                    match probe::open_layer(&path, Some(f.format), false) {
+                        Ok(l) => (l, false),
+                        Err(e) => {
+                            problems.push(e.to_string());
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => {
+                    problems.push(e.to_string());
+                    continue;
+                }
+            };
+            let mut layers = vec![layer];
+            layers.extend(parent_layers);
+            let created = m.map(|m| m.created).unwrap_or_else(|| mtime(&path));
+            let id = self
+                .next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let point = Arc::new(Point {
+                id,
+                name,
+                created,
+                io: RwLock::new(PointIo {
+                    chain: Arc::new(Chain::from_layers(layers)),
+                    image: path.clone(),
+                    writable,
+                }),
+            });
+            if let Some(pid) = parent_id {
+                if let Some(n) = nodes.get_mut(&pid) {
+                    let n: &mut Node = n;
+                    n.children.push(id);
+                }
+            }
+            nodes.insert(
+                id,
+                Node {
+                    point,
+                    parent: parent_id,
+                    children: Vec::new(),
+                    hidden,
+                },
+            );
+            ids.insert(path.clone(), id);
+            queue.extend(kids);
+        }
+        *self.nodes.write() = nodes;
+    }
+}
+
+fn mtime(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Finishes or undoes snapshots a crash interrupted: an overlay
+/// `X.snaptree-tmp` whose backing file exists and whose target `X` does
+/// not is renamed into place; any other leftover is removed.
+fn recover_snapshots(dir: &Path, problems: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(target) = name.strip_suffix(TMP_SUFFIX) else {
+            continue;
+        };
+        let target = dir.join(target);
+        let tmp = e.path();
+        let backing_ok = probe::open_layer(&tmp, None, false)
+            .ok()
+            .and_then(|l| l.backing().map(|b| dir.join(&b.name).exists()))
+            .unwrap_or(false);
+        let outcome = if !target.exists() && backing_ok {
+            std::fs::rename(&tmp, &target).map(|_| "completed")
+        } else {
+            std::fs::remove_file(&tmp).map(|_| "rolled back")
+        };
+        match outcome {
+            Ok(what) => problems.push(format!(
+                "an interrupted snapshot ({}) was {what}",
+                target.display()
+            )),
+            Err(err) => problems.push(format!(
+                "{}: cannot recover interrupted snapshot: {err}",
+                tmp.display()
+            )),
+        }
+    }
+    let _ = manifest::sync_dir(dir);
+}

@@ -1,0 +1,422 @@
+//! Operations that change the tree: `snapshot`, `clone`, `delete`.
+//!
+//! Each one changes files first, in an order that is safe at every
+//! instant, then the in-memory tree, then the manifest:
+//! - snapshot of leaf L as NAME: flush L; create the new overlay as
+//!   `L.snaptree-tmp` (backing `NAME.<ext>`); rename L's image to
+//!   `NAME.<ext>`; rename the overlay into L's place. A crash between the
+//!   renames is finished on the next open (`open::recover_snapshots`).
+//!   No data is copied; open handles on L keep working because they refer
+//!   to the point, whose chain is swapped under its I/O lock.
+//! - clone of P as NAME: a new overlay `NAME.qcow2` on P's image.
+//! - delete of a leaf removes its overlay (then hidden ancestors left
+//!   without children); delete of a point with children hides it.
+
+use super::manifest::{self, Manifest, ManifestPoint};
+use super::open::TMP_SUFFIX;
+use super::{Node, Point, PointIo, Tree, TreeError};
+use crate::chain::Chain;
+use crate::image::qcow2::create::{create, CreateOptions};
+use crate::image::{probe, Format, Layer};
+use parking_lot::RwLock;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Names that would clash with the mount's own files or with paths.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && !name.contains('/')
+        && !name.contains('\0')
+        && !name.chars().any(char::is_control)
+        && !["tree", "status", "merge-now"].contains(&name)
+}
+
+fn err(errno: i32, msg: impl Into<String>) -> TreeError {
+    TreeError::new(errno, msg)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn image_err(e: impl std::fmt::Display, errno: i32) -> TreeError {
+    err(errno, e.to_string())
+}
+
+/// `rename` that fails instead of replacing an existing target.
+fn rename_noreplace(from: &Path, to: &Path) -> Result<(), TreeError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| err(libc::EINVAL, "path contains NUL"))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two valid NUL-terminated paths.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(err(
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!("rename {} to {}: {e}", from.display(), to.display()),
+        ));
+    }
+    Ok(())
+}
+
+impl Tree {
+    fn check_new_name(&self, nodes: &BTreeMap<u64, Node>, name: &str) -> Result<(), TreeError> {
+        if !valid_name(name) {
+            return Err(err(libc::EINVAL, format!("{name:?} is not a valid snapshot name (no '/', no leading '.', not tree/status/merge-now, at most 200 bytes)")));
+        }
+        if nodes.values().any(|n| n.point.name == name)
+            || self.foreign.iter().any(|m| m.name == name)
+        {
+            return Err(err(
+                libc::EEXIST,
+                format!("a snapshot point named {name:?} exists already"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn writable_check(&self) -> Result<(), TreeError> {
+        if self.opts.read_only {
+            return Err(err(libc::EROFS, "mounted read-only (-o ro)"));
+        }
+        Ok(())
+    }
+
+    /// `snapshot NAME` on leaf `id`.
+    pub fn snapshot(&self, id: u64, name: &str) -> Result<(), TreeError> {
+        self.writable_check()?;
+        let _ops = self.ops.lock();
+        let (point, parent) = {
+            let nodes = self.nodes.read();
+            self.check_new_name(&nodes, name)?;
+            let n = nodes
+                .get(&id)
+                .ok_or_else(|| err(libc::ENOENT, "no such snapshot point"))?;
+            if !n.children.is_empty() {
+                return Err(err(
+                    libc::EINVAL,
+                    format!(
+                        "{:?} is not a leaf; `snapshot` works on leaves (use `clone` here)",
+                        n.point.name
+                    ),
+                ));
+            }
+            (n.point.clone(), n.parent)
+        };
+        let mut io = point.io.write();
+        if !io.writable {
+            return Err(err(libc::EROFS, format!("{:?} is read-only", point.name)));
+        }
+        io.chain.flush().map_err(|e| image_err(&e, e.errno()))?;
+        let old_image = io.image.clone();
+        let leaf_layer = io.chain.leaf().clone();
+        let ext = old_image
+            .extension()
+            .map(|e| e.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "qcow2".into());
+        let frozen_image = self.dir.join(format!("{name}.{ext}"));
+        if frozen_image.exists() {
+            return Err(err(
+                libc::EEXIST,
+                format!("{} exists already", frozen_image.display()),
+            ));
+        }
+        // The leaf's overlay keeps the leaf's file name if that is a qcow2
+        // file; a raw leaf gets `<stem>.qcow2` beside it.
+        let leaf_image = if leaf_layer.format() == Format::Qcow2 {
+            old_image.clone()
+        } else {
+            old_image.with_extension("qcow2")
+        };
+        if leaf_image != old_image && leaf_image.exists() {
+            return Err(err(
+                libc::EEXIST,
+                format!("{} exists already", leaf_image.display()),
+            ));
+        }
+        let tmp = PathBuf::from(format!("{}{TMP_SUFFIX}", leaf_image.display()));
+        let mut opts = CreateOptions::new(leaf_layer.virtual_size());
+        opts.backing = Some((
+            format!("{name}.{ext}"),
+            leaf_layer.format().name().to_string(),
+        ));
+        if let Some(cs) = leaf_layer.info().ok().and_then(|i| i.cluster_size) {
+            opts.cluster_bits = cs.trailing_zeros().clamp(9, 21);
+        }
+        let _ = std::fs::remove_file(&tmp);
+        create(&tmp, &opts).map_err(|e| image_err(&e, e.errno()))?;
+        if let Err(e) = rename_noreplace(&old_image, &frozen_image) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        if let Err(e) = rename_noreplace(&tmp, &leaf_image) {
+            // Put the leaf back as it was.
+            let _ = std::fs::rename(&frozen_image, &old_image);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let _ = manifest::sync_dir(&self.dir);
+        // Reopen the frozen image under its new name, read-only, and stack
+        // the new overlay on it.
+        let built = (|| -> Result<(Arc<Chain>, Arc<Chain>), TreeError> {
+            let frozen: Arc<dyn Layer> =
+                probe::open_layer(&frozen_image, Some(leaf_layer.format()), false)
+                    .map_err(|e| image_err(&e, e.errno()))?;
+            let mut below = vec![frozen];
+            below.extend(io.chain.layers()[1..].iter().cloned());
+            let overlay = probe::open_layer(&leaf_image, Some(Format::Qcow2), true)
+                .map_err(|e| image_err(&e, e.errno()))?;
+            let mut leaf_layers = vec![overlay];
+            leaf_layers.extend(below.iter().cloned());
+            Ok((
+                Arc::new(Chain::from_layers(below)),
+                Arc::new(Chain::from_layers(leaf_layers)),
+            ))
+        })();
+        let (frozen_chain, leaf_chain) = match built {
+            Ok(c) => c,
+            Err(e) => {
+                self.problem(format!("snapshot {name}: files are in place but reopening failed ({e}); remount to pick them up"));
+                io.writable = false;
+                return Err(e);
+            }
+        };
+        drop(leaf_layer);
+        let new_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frozen_point = Arc::new(Point {
+            id: new_id,
+            name: name.to_string(),
+            created: now(),
+            io: RwLock::new(PointIo {
+                chain: frozen_chain,
+                image: frozen_image,
+                writable: false,
+            }),
+        });
+        io.chain = leaf_chain;
+        io.image = leaf_image;
+        drop(io);
+        {
+            let mut nodes = self.nodes.write();
+            if let Some(pid) = parent {
+                if let Some(p) = nodes.get_mut(&pid) {
+                    for c in p.children.iter_mut() {
+                        if *c == id {
+                            *c = new_id;
+                        }
+                    }
+                }
+            }
+            nodes.insert(
+                new_id,
+                Node {
+                    point: frozen_point,
+                    parent,
+                    children: vec![id],
+                    hidden: false,
+                },
+            );
+            if let Some(n) = nodes.get_mut(&id) {
+                n.parent = Some(new_id);
+            }
+        }
+        self.save_manifest()
+    }
+
+    /// `clone NAME` on point `id`: a new writable leaf whose parent it is.
+    pub fn clone_point(&self, id: u64, name: &str) -> Result<(), TreeError> {
+        self.writable_check()?;
+        let _ops = self.ops.lock();
+        let point = {
+            let nodes = self.nodes.read();
+            self.check_new_name(&nodes, name)?;
+            nodes
+                .get(&id)
+                .ok_or_else(|| err(libc::ENOENT, "no such snapshot point"))?
+                .point
+                .clone()
+        };
+        // The parent stops being a leaf: drain its writes first.
+        let mut io = point.io.write();
+        io.chain.flush().map_err(|e| image_err(&e, e.errno()))?;
+        let image = self.dir.join(format!("{name}.qcow2"));
+        let parent_file = io
+            .image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut opts = CreateOptions::new(io.chain.size());
+        opts.backing = Some((parent_file, io.chain.leaf().format().name().to_string()));
+        create(&image, &opts).map_err(|e| image_err(&e, e.errno()))?;
+        let _ = manifest::sync_dir(&self.dir);
+        let layer = match probe::open_layer(&image, Some(Format::Qcow2), true) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_file(&image);
+                return Err(image_err(&e, e.errno()));
+            }
+        };
+        let mut layers = vec![layer];
+        layers.extend(io.chain.layers().iter().cloned());
+        io.writable = false;
+        drop(io);
+        let new_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let child = Arc::new(Point {
+            id: new_id,
+            name: name.to_string(),
+            created: now(),
+            io: RwLock::new(PointIo {
+                chain: Arc::new(Chain::from_layers(layers)),
+                image,
+                writable: true,
+            }),
+        });
+        {
+            let mut nodes = self.nodes.write();
+            nodes.insert(
+                new_id,
+                Node {
+                    point: child,
+                    parent: Some(id),
+                    children: Vec::new(),
+                    hidden: false,
+                },
+            );
+            if let Some(n) = nodes.get_mut(&id) {
+                n.children.push(new_id);
+            }
+        }
+        self.save_manifest()
+    }
+
+    /// `delete` (or `rmdir`) of point `id`.
+    pub fn delete(&self, id: u64) -> Result<(), TreeError> {
+        self.writable_check()?;
+        let _ops = self.ops.lock();
+        let has_children = {
+            let nodes = self.nodes.read();
+            !nodes
+                .get(&id)
+                .ok_or_else(|| err(libc::ENOENT, "no such snapshot point"))?
+                .children
+                .is_empty()
+        };
+        if has_children {
+            // Kept for its children; the merge engine coalesces it.
+            if let Some(n) = self.nodes.write().get_mut(&id) {
+                n.hidden = true;
+            }
+            return self.save_manifest();
+        }
+        let mut cur = Some(id);
+        while let Some(victim) = cur.take() {
+            let (point, parent) = {
+                let nodes = self.nodes.read();
+                let n = &nodes[&victim];
+                (n.point.clone(), n.parent)
+            };
+            let mut io = point.io.write();
+            io.writable = false;
+            std::fs::remove_file(&io.image).map_err(|e| {
+                err(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("{}: {e}", io.image.display()),
+                )
+            })?;
+            drop(io);
+            let mut nodes = self.nodes.write();
+            nodes.remove(&victim);
+            if let Some(pid) = parent {
+                if let Some(p) = nodes.get_mut(&pid) {
+                    p.children.retain(|c| *c != victim);
+                    if p.children.is_empty() {
+                        if p.hidden {
+                            cur = Some(pid); // nothing needs it any more
+                        } else {
+                            let p = p.point.clone();
+                            drop(nodes);
+                            self.make_leaf_writable(&p);
+                        }
+                    }
+                }
+            }
+        }
+        let _ = manifest::sync_dir(&self.dir);
+        self.save_manifest()
+    }
+
+    /// A point that became a leaf again becomes writable: its own image is
+    /// reopened for writing (nothing else stacks on it now).
+    fn make_leaf_writable(&self, point: &Arc<Point>) {
+        if self.opts.read_only {
+            return;
+        }
+        let mut io = point.io.write();
+        let format = io.chain.leaf().format();
+        match probe::open_layer(&io.image, Some(format), true) {
+            Ok(layer) => {
+                let mut layers = vec![layer];
+                layers.extend(io.chain.layers()[1..].iter().cloned());
+                io.chain = Arc::new(Chain::from_layers(layers));
+                io.writable = true;
+            }
+            Err(e) => self.problem(format!(
+                "{:?} is a leaf again but stays read-only: {e}",
+                point.name
+            )),
+        }
+    }
+
+    /// Writes the manifest for the current tree.
+    pub fn save_manifest(&self) -> Result<(), TreeError> {
+        let nodes = self.nodes.read();
+        let mut points: Vec<ManifestPoint> = nodes
+            .values()
+            .map(|n| ManifestPoint {
+                name: n.point.name.clone(),
+                image: n
+                    .point
+                    .io
+                    .read()
+                    .image
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                parent: n
+                    .parent
+                    .and_then(|p| nodes.get(&p))
+                    .map(|p| p.point.name.clone()),
+                created: n.point.created,
+                hidden: n.hidden,
+                memory: None,
+            })
+            .collect();
+        points.extend(self.foreign.iter().cloned());
+        points.sort_by(|a, b| a.name.cmp(&b.name));
+        drop(nodes);
+        manifest::store(&self.dir, &Manifest { version: 1, points }).map_err(|e| {
+            err(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                format!("writing the manifest in {}: {e}", self.dir.display()),
+            )
+        })
+    }
+}

@@ -1,0 +1,128 @@
+//! Text the mount shows: the `tree` drawing, `status`, and each point's
+//! `info.json`.
+
+use super::{Node, Tree};
+use crate::cli::human_size;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+impl Tree {
+    /// The tree drawn as text: names, sizes, chain depth, flags.
+    pub fn render_tree(&self) -> String {
+        let nodes = self.nodes.read();
+        let mut out = String::new();
+        let mut roots: Vec<u64> = nodes
+            .iter()
+            .filter(|(_, n)| n.parent.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        roots.sort_by(|a, b| nodes[a].point.name.cmp(&nodes[b].point.name));
+        for r in roots {
+            draw(&nodes, r, "", "", &mut out);
+        }
+        out
+    }
+
+    /// What `status` shows (the merge engine adds its part later).
+    pub fn render_status(&self) -> String {
+        let s = self.status.lock();
+        let mut out = String::new();
+        let _ = writeln!(out, "tree: {}", self.dir.display());
+        let _ = writeln!(
+            out,
+            "mode: {}",
+            if self.opts.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            }
+        );
+        let _ = writeln!(out, "merge: idle (no merge engine in this version)");
+        match &s.last_command {
+            None => {
+                let _ = writeln!(out, "last command: none");
+            }
+            Some((cmd, Ok(()))) => {
+                let _ = writeln!(out, "last command: {cmd}: ok");
+            }
+            Some((cmd, Err(e))) => {
+                let _ = writeln!(out, "last command: {cmd}: error: {e}");
+            }
+        }
+        if s.problems.is_empty() {
+            let _ = writeln!(out, "problems: none");
+        } else {
+            let _ = writeln!(out, "problems:");
+            for p in &s.problems {
+                let _ = writeln!(out, "  - {p}");
+            }
+        }
+        out
+    }
+
+    /// `info.json` of point `id`.
+    pub fn info_json(&self, id: u64) -> Option<String> {
+        let v = self.view(id)?;
+        let io = v.point.io.read();
+        let leaf = io.chain.leaf();
+        let held = leaf.allocated_bytes().ok();
+        let disk = json!({
+            "format": leaf.format().name(),
+            "image": io.image.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "virtual_size": io.chain.size(),
+            "chain_depth": io.chain.layers().len(),
+            "bytes_held": held,
+            "writable": io.writable,
+        });
+        let j = json!({
+            "name": v.point.name,
+            "parent": v.parent,
+            "children": v.children,
+            "created": v.point.created,
+            "kind": if v.children.is_empty() { "leaf" } else { "snapshot" },
+            "hidden": v.hidden,
+            "disks": { "disk": disk },
+        });
+        Some(serde_json::to_string_pretty(&j).unwrap_or_default() + "\n")
+    }
+}
+
+fn draw(nodes: &BTreeMap<u64, Node>, id: u64, first: &str, rest: &str, out: &mut String) {
+    let n = &nodes[&id];
+    let io = n.point.io.read();
+    let mut flags = Vec::new();
+    if n.children.is_empty() {
+        flags.push("leaf");
+    }
+    if n.hidden {
+        flags.push("hidden");
+    }
+    if !io.writable && n.children.is_empty() {
+        flags.push("read-only");
+    }
+    let _ = writeln!(
+        out,
+        "{first}{}  ({}, depth {}){}",
+        n.point.name,
+        human_size(io.chain.size()),
+        io.chain.layers().len(),
+        if flags.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", flags.join(", "))
+        }
+    );
+    drop(io);
+    let mut kids = n.children.clone();
+    kids.sort_by(|a, b| nodes[a].point.name.cmp(&nodes[b].point.name));
+    for (i, k) in kids.iter().enumerate() {
+        let last = i + 1 == kids.len();
+        let (f, r) = if last {
+            ("└── ", "    ")
+        } else {
+            ("├── ", "│   ")
+        };
+        draw(nodes, *k, &format!("{rest}{f}"), &format!("{rest}{r}"), out);
+    }
+}
