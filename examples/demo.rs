@@ -1,13 +1,18 @@
-//! A two-minute tour: builds a small snapshot chain with qemu-img (a raw
-//! base, two qcow2 snapshots, a leaf), then shows what snaptree sees:
-//! the chain, which layer provides each range, and that the flattened
-//! disk equals `qemu-img convert -O raw`.
+//! A two-minute tour: builds a small snapshot tree with qemu-img (a base,
+//! two snapshots, a leaf and a clone), shows what the chain engine sees,
+//! then mounts the tree so you can look around with `ls`, `cat` and `cp`.
 //!
-//! Run: `cargo run --release --example demo` (needs qemu-img and qemu-io).
+//! Run: `cargo run --release --example demo` (needs qemu-img, qemu-io and
+//! /dev/fuse; root or a user allowed to mount FUSE). Ctrl-C unmounts.
+//! `--no-wait` mounts, prints what is there and unmounts at once.
 
 use snaptree::chain::{resolve::Source, Chain, OpenOptions};
+use snaptree::fs::{mount, MountConfig};
+use snaptree::tree::{Tree, TreeOptions};
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 fn run(dir: &Path, args: &[&str]) -> Result<(), String> {
     let out = Command::new(args[0])
@@ -25,10 +30,14 @@ fn run(dir: &Path, args: &[&str]) -> Result<(), String> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let no_wait = std::env::args().any(|a| a == "--no-wait");
     let tmp = std::env::temp_dir().join(format!("snaptree-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
-    let d = tmp.as_path();
-    println!("building a demo chain in {}", d.display());
+    let images = tmp.join("images");
+    let mnt = tmp.join("mnt");
+    std::fs::create_dir_all(&images)?;
+    std::fs::create_dir_all(&mnt)?;
+    let d = images.as_path();
+    println!("building a demo tree in {}", d.display());
     run(
         d,
         &["qemu-img", "create", "-q", "-f", "raw", "base.raw", "64M"],
@@ -59,17 +68,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         run(d, &["qemu-io", "-c", &cmd, name])?;
         parent = (name, "qcow2");
     }
+    run(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "monday.qcow2",
+            "-F",
+            "qcow2",
+            "experiment.qcow2",
+        ],
+    )?;
 
     let chain = Chain::open(d.join("leaf.qcow2"), &OpenOptions::default())?;
-    println!("\nchain (leaf first):");
-    for (depth, layer) in chain.layers().iter().enumerate() {
-        println!(
-            "  [{depth}] {} ({})",
-            layer.path().display(),
-            layer.format().name()
-        );
-    }
-    println!("\nwhere each range of the flattened disk comes from:");
+    println!("\nthe chain of leaf.qcow2, and where each range of its disk comes from:");
     for r in chain.map(0, chain.size())? {
         let what = match r.source {
             Source::Data { .. } => "data",
@@ -78,25 +94,58 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Source::Zero => "zero",
             Source::Unallocated => "unallocated",
         };
-        println!(
-            "  {:>10} +{:>10}  depth {}  {what}",
-            r.start, r.len, r.depth
-        );
+        let file = chain.layers()[r.depth as usize]
+            .path()
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        println!("  {:>10} +{:>10}  {file:<14} {what}", r.start, r.len);
     }
-    let mut flat = vec![0u8; chain.size() as usize];
-    chain.read_at(&mut flat, 0)?;
-    run(
-        d,
-        &["qemu-img", "convert", "-O", "raw", "leaf.qcow2", "qemu.raw"],
-    )?;
-    let same = std::fs::read(d.join("qemu.raw"))? == flat;
-    println!("\nflattened disk equals `qemu-img convert -O raw`: {same}");
+    drop(chain);
+
+    let opts = TreeOptions {
+        read_only: false,
+        allow_external_backing: false,
+        max_depth: 1024,
+    };
+    let tree = Arc::new(Tree::open(d, opts)?);
+    let config = MountConfig {
+        fs_name: d.display().to_string(),
+        read_only: false,
+        allow_other: false,
+        allow_root: false,
+        threads: 4,
+    };
+    let session = mount(tree.clone(), &mnt, &config)
+        .map_err(|e| format!("mounting on {}: {e} (is /dev/fuse there?)", mnt.display()))?;
+    println!("\nmounted on {}:\n", mnt.display());
+    print!("{}", std::fs::read_to_string(mnt.join("tree"))?);
+    println!("\ntry:");
+    println!("  ls {0}  {0}/leaf", mnt.display());
     println!(
-        "try: snaptree info {0}/leaf.qcow2; snaptree map {0}/leaf.qcow2",
-        d.display()
+        "  cmp {0}/monday/disk.raw {0}/experiment/disk.raw",
+        mnt.display()
     );
-    if !same {
-        return Err("flattened disk differs from qemu-img's".into());
+    println!("  echo 'snapshot wednesday' > {}/leaf/ctl", mnt.display());
+    println!(
+        "  cp --sparse=always {}/tuesday/disk.raw /tmp/tuesday.raw",
+        mnt.display()
+    );
+    if !no_wait {
+        println!("\nCtrl-C (or `umount {}`) unmounts.", mnt.display());
+        let stop = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+        signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+        while !stop.load(Ordering::Relaxed) && !session.guard.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
+    if session.guard.is_finished() {
+        session.join()?;
+    } else {
+        session.umount_and_join()?;
+    }
+    tree.flush_all()?;
+    println!("unmounted; the images stay in {}", d.display());
     Ok(())
 }

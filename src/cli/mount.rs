@@ -9,10 +9,9 @@
 //! every image is flushed before it exits.
 
 use super::{ChainArgs, CliResult};
-use crate::fs::SnapFs;
+use crate::fs::{mount, MountConfig};
 use crate::tree::{Tree, TreeOptions};
 use clap::Args;
-use fuser::{Config, MountOption, SessionACL};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -145,31 +144,20 @@ fn run_foreground(a: &MountArgs, o: &Options) -> CliResult {
         },
     )?;
     let tree = Arc::new(tree);
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(
-            a.source
-                .canonicalize()
-                .unwrap_or(a.source.clone())
-                .display()
-                .to_string(),
-        ),
-        MountOption::Subtype("snaptree".into()),
-        MountOption::DefaultPermissions,
-    ];
-    if o.read_only {
-        config.mount_options.push(MountOption::RO);
-    }
-    if o.allow_other {
-        config.acl = SessionACL::All;
-    } else if o.allow_root {
-        config.acl = SessionACL::RootAndOwner;
-    }
-    config.n_threads = Some(a.threads.max(1));
-    config.clone_fd = a.threads > 1;
-    let session = fuser::Session::new(SnapFs::new(tree.clone()), &a.mountpoint, &config)
+    let config = MountConfig {
+        fs_name: a
+            .source
+            .canonicalize()
+            .unwrap_or(a.source.clone())
+            .display()
+            .to_string(),
+        read_only: o.read_only,
+        allow_other: o.allow_other,
+        allow_root: o.allow_root,
+        threads: a.threads,
+    };
+    let bg = mount(tree.clone(), &a.mountpoint, &config)
         .map_err(|e| format!("{}: cannot mount: {e}", a.mountpoint.display()))?;
-    let bg = session.spawn()?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;

@@ -49,6 +49,44 @@ fn errno(e: i32) -> Errno {
     Errno::from_i32(e)
 }
 
+/// How to mount.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    /// Shown as the source in /proc/mounts.
+    pub fs_name: String,
+    pub read_only: bool,
+    pub allow_other: bool,
+    pub allow_root: bool,
+    /// FUSE event loops, each with its own /dev/fuse descriptor.
+    pub threads: usize,
+}
+
+/// Mounts `tree` at `mountpoint`; the session serves requests on its own
+/// threads until it is unmounted (dropping the handle unmounts too).
+pub fn mount(
+    tree: Arc<Tree>,
+    mountpoint: &std::path::Path,
+    c: &MountConfig,
+) -> std::io::Result<fuser::BackgroundSession> {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(c.fs_name.clone()),
+        fuser::MountOption::Subtype("snaptree".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    if c.read_only {
+        config.mount_options.push(fuser::MountOption::RO);
+    }
+    if c.allow_other {
+        config.acl = fuser::SessionACL::All;
+    } else if c.allow_root {
+        config.acl = fuser::SessionACL::RootAndOwner;
+    }
+    config.n_threads = Some(c.threads.max(1));
+    config.clone_fd = c.threads > 1;
+    fuser::Session::new(SnapFs::new(tree), mountpoint, &config)?.spawn()
+}
+
 impl SnapFs {
     pub fn new(tree: Arc<Tree>) -> SnapFs {
         SnapFs {
