@@ -99,7 +99,8 @@ impl Header {
                 .unwrap_or_else(|| default.to_string())
         };
         for bit in 0..64u8 {
-            if self.incompatible_features & (1 << bit) != 0 {
+            // Bit 3 (compression type) is named with its value below.
+            if self.incompatible_features & (1 << bit) != 0 && bit != 3 {
                 out.push(named(0, bit, &format!("incompatible bit {bit}")));
             }
             if self.compatible_features & (1 << bit) != 0 {
