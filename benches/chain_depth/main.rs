@@ -169,6 +169,7 @@ fn run() -> R<()> {
             100.0 * above as f64 / cfg.size as f64
         ),
         goal: true,
+        size: cfg.size,
         targets,
     };
     measure_layout(&cfg, tmp.path(), &mut same, &mut qsd_skip)?;
@@ -204,6 +205,7 @@ fn run() -> R<()> {
             100.0 * above as f64 / cfg.size as f64
         ),
         goal: false,
+        size: cfg.size,
         targets,
     };
     measure_layout(&cfg, tmp.path(), &mut striped, &mut qsd_skip)?;

@@ -12,6 +12,8 @@ pub struct Layout {
     pub note: String,
     /// Whether its depth 64 vs depth 1 is the goal's measure.
     pub goal: bool,
+    /// Virtual disk size, bytes.
+    pub size: u64,
     pub targets: Vec<Target>,
 }
 
@@ -150,6 +152,13 @@ pub fn print_summary(layout: &Layout, qsd: bool) {
             verdict(cold),
             verdict(warm)
         );
+        if layout.size < 1 << 30 {
+            println!(
+                "  (the goal is stated for 1 GiB; on {} MiB the fixed cost of opening and \
+                 resolving 64 layers weighs more)",
+                layout.size >> 20
+            );
+        }
     }
 }
 

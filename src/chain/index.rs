@@ -43,6 +43,11 @@ impl ResolutionIndex {
         }
     }
 
+    /// Whether region `idx` is cached (without touching the LRU order).
+    pub fn is_cached(&self, idx: u64) -> bool {
+        self.regions.lock().contains(&idx)
+    }
+
     /// The resolved map of region number `idx`.
     pub fn region(&self, layers: &[Arc<dyn Layer>], idx: u64) -> Result<Arc<Vec<Resolved>>> {
         if let Some(r) = self.regions.lock().get(&idx) {

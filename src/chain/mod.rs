@@ -17,6 +17,7 @@ use index::{ResolutionIndex, REGION};
 pub use open::{OpenOptions, DEFAULT_MAX_DEPTH};
 use resolve::{resolve, Resolved, Source};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Errors of opening or using a chain; image errors pass through.
@@ -84,8 +85,17 @@ pub type Result<T, E = ChainError> = std::result::Result<T, E>;
 pub struct Chain {
     layers: Vec<Arc<dyn Layer>>,
     size: u64,
-    index: ResolutionIndex,
+    index: Arc<ResolutionIndex>,
+    /// Where the last read ended, to spot sequential readers.
+    last_end: AtomicU64,
+    /// A read-ahead resolver thread is running.
+    resolving_ahead: Arc<AtomicBool>,
 }
+
+/// Regions resolved ahead of a sequential reader. Resolving a cold region
+/// reads an L2 table per layer; doing it on a helper thread overlaps that
+/// metadata I/O with the reader's data I/O, which matters on deep chains.
+const RESOLVE_AHEAD: u64 = 2;
 
 /// The view below the leaf, for copy-on-write.
 struct Below<'a>(&'a Chain);
@@ -109,7 +119,9 @@ impl Chain {
         Chain {
             layers,
             size,
-            index: ResolutionIndex::new(size),
+            index: Arc::new(ResolutionIndex::new(size)),
+            last_end: AtomicU64::new(u64::MAX),
+            resolving_ahead: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -150,7 +162,42 @@ impl Chain {
                 .iter()
                 .map_while(move |r| r.clip(offset, end))
         });
-        Ok(self.read_resolved(pieces, offset, buf)?)
+        self.read_resolved(pieces, offset, buf)?;
+        if self.last_end.swap(end, Ordering::Relaxed) == offset {
+            self.resolve_ahead((end - 1) / REGION + 1);
+        }
+        Ok(())
+    }
+
+    /// Starts resolving regions `first..first+RESOLVE_AHEAD` on a helper
+    /// thread, unless they are cached or one is already at work.
+    fn resolve_ahead(&self, first: u64) {
+        let last = (first + RESOLVE_AHEAD).min(self.size.div_ceil(REGION));
+        let missing: Vec<u64> = (first..last)
+            .filter(|i| !self.index.is_cached(*i))
+            .collect();
+        if missing.is_empty() || self.resolving_ahead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (layers, index, busy) = (
+            self.layers.clone(),
+            self.index.clone(),
+            self.resolving_ahead.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("resolve-ahead".into())
+            .spawn(move || {
+                for idx in missing {
+                    // Errors surface when the reader gets there.
+                    if index.region(&layers, idx).is_err() {
+                        break;
+                    }
+                }
+                busy.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.resolving_ahead.store(false, Ordering::Release);
+        }
     }
 
     /// Serves a read from resolved extents that cover it in order, one
