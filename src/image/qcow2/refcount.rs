@@ -185,6 +185,11 @@ impl Refcounts {
         )
     }
 
+    /// Numbers of the clusters `[off, off+len)` touches.
+    fn clusters_of(&self, off: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        off / self.cluster_size..=(off + len.max(1) - 1) / self.cluster_size
+    }
+
     /// Sets the refcount of every cluster touched by `[off, off+len)`.
     pub fn set_range(
         &mut self,
@@ -195,9 +200,7 @@ impl Refcounts {
         value: u64,
         file_end: &mut u64,
     ) -> Result<()> {
-        let first = off / self.cluster_size;
-        let last = (off + len.max(1) - 1) / self.cluster_size;
-        for c in first..=last {
+        for c in self.clusters_of(off, len) {
             self.set(file, path, c, value, file_end)?;
         }
         Ok(())
@@ -212,9 +215,7 @@ impl Refcounts {
         len: u64,
         file_end: &mut u64,
     ) -> Result<()> {
-        let first = off / self.cluster_size;
-        let last = (off + len.max(1) - 1) / self.cluster_size;
-        for c in first..=last {
+        for c in self.clusters_of(off, len) {
             let v = self.get(file, path, c, *file_end)?;
             if v == 0 {
                 return Err(ImageError::corrupt(

@@ -177,43 +177,10 @@ impl Qcow2Layer {
                     copied,
                     bitmap: Some(bm),
                 } if host.is_none() || copied => {
-                    let first = (at - cluster_start) / g.subcluster_size;
-                    let last = (piece_end - 1 - cluster_start) / g.subcluster_size;
-                    let mask = sub_mask(first, last);
-                    match host {
-                        Some(h) if bm & mask == mask => Plan::InPlace {
-                            host: h + (at - cluster_start),
-                        },
-                        Some(h) => Plan::Subclusters {
-                            host: h,
-                            first,
-                            last,
-                            word: h | OFLAG_COPIED,
-                            bitmap: bm,
-                        },
-                        None => {
-                            let h = self.alloc(&mut meta, 1)?;
-                            Plan::Subclusters {
-                                host: h,
-                                first,
-                                last,
-                                word: h | OFLAG_COPIED,
-                                bitmap: bm,
-                            }
-                        }
-                    }
+                    self.plan_subclusters(&mut meta, at, piece_end, host, bm)?
                 }
                 Entry::Unallocated if g.extended => {
-                    let first = (at - cluster_start) / g.subcluster_size;
-                    let last = (piece_end - 1 - cluster_start) / g.subcluster_size;
-                    let h = self.alloc(&mut meta, 1)?;
-                    Plan::Subclusters {
-                        host: h,
-                        first,
-                        last,
-                        word: h | OFLAG_COPIED,
-                        bitmap: 0,
-                    }
+                    self.plan_subclusters(&mut meta, at, piece_end, None, 0)?
                 }
                 old => Plan::NewCluster {
                     host: self.alloc(&mut meta, 1)?,
@@ -229,6 +196,46 @@ impl Qcow2Layer {
             at = piece_end;
         }
         Ok(pieces)
+    }
+
+    /// Extended L2: write the touched subclusters of the cluster holding
+    /// `[at, piece_end)`, in place when all are allocated already, else
+    /// into the cluster's host cluster (allocated now if it has none).
+    fn plan_subclusters(
+        &self,
+        meta: &mut Meta,
+        at: u64,
+        piece_end: u64,
+        host: Option<u64>,
+        bitmap: u64,
+    ) -> Result<Plan> {
+        let g = self.geom;
+        let cluster_start = at / g.cluster_size * g.cluster_size;
+        let first = (at - cluster_start) / g.subcluster_size;
+        let last = (piece_end - 1 - cluster_start) / g.subcluster_size;
+        let mask = sub_mask(first, last);
+        Ok(match host {
+            Some(h) if bitmap & mask == mask => Plan::InPlace {
+                host: h + (at - cluster_start),
+            },
+            Some(h) => Plan::Subclusters {
+                host: h,
+                first,
+                last,
+                word: h | OFLAG_COPIED,
+                bitmap,
+            },
+            None => {
+                let h = self.alloc(meta, 1)?;
+                Plan::Subclusters {
+                    host: h,
+                    first,
+                    last,
+                    word: h | OFLAG_COPIED,
+                    bitmap,
+                }
+            }
+        })
     }
 
     /// Phase 2: assemble and write the bytes, without the metadata lock.
