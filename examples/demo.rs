@@ -11,7 +11,7 @@ use snaptree::fs::{mount, MountConfig};
 use snaptree::tree::{Tree, TreeOptions};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 fn run(dir: &Path, args: &[&str]) -> Result<(), String> {
@@ -116,7 +116,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         allow_root: false,
         threads: 4,
     };
-    let session = mount(tree.clone(), &mnt, &config)
+    let mounted = mount(tree.clone(), &mnt, &config)
         .map_err(|e| format!("mounting on {}: {e} (is /dev/fuse there?)", mnt.display()))?;
     println!("\nmounted on {}:\n", mnt.display());
     print!("{}", std::fs::read_to_string(mnt.join("tree"))?);
@@ -131,21 +131,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  cp --sparse=always {}/tuesday/disk.raw /tmp/tuesday.raw",
         mnt.display()
     );
+    let stop = Arc::new(AtomicBool::new(no_wait));
     if !no_wait {
         println!("\nCtrl-C (or `umount {}`) unmounts.", mnt.display());
-        let stop = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
         signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
-        while !stop.load(Ordering::Relaxed) && !session.guard.is_finished() {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
     }
-    if session.guard.is_finished() {
-        session.join()?;
-    } else {
-        session.umount_and_join()?;
-    }
-    tree.flush_all()?;
+    mounted.wait(&stop)?;
     println!("unmounted; the images stay in {}", d.display());
     Ok(())
 }

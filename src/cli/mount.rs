@@ -16,9 +16,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct MountArgs {
@@ -172,18 +171,8 @@ fn run_foreground(a: &MountArgs, o: &Options) -> CliResult {
         a.source.display(),
         a.mountpoint.display()
     );
-    while !stop.load(Ordering::Relaxed) && !bg.guard.is_finished() {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let result = if bg.guard.is_finished() {
-        bg.join()
-    } else {
-        bg.umount_and_join()
-    };
-    // The session flushes in `destroy`; flush again in case it never ran.
-    let flushed = tree.flush_all();
-    result.map_err(|e| format!("{}: {e}", a.mountpoint.display()))?;
-    flushed?;
+    bg.wait(&stop)
+        .map_err(|e| format!("{}: {e}", a.mountpoint.display()))?;
     Ok(())
 }
 

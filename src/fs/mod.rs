@@ -13,6 +13,9 @@ mod attrs;
 mod control;
 mod disk;
 pub mod inodes;
+mod session;
+
+pub use session::{mount, MountConfig, Mounted};
 
 use crate::tree::{Point, Tree};
 use attrs::{attr, dir, epoch, point_kind, TTL};
@@ -43,58 +46,47 @@ pub struct SnapFs {
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     mounted_at: SystemTime,
+    /// Tells the kernel to drop cached entries after `ctl` commands; set
+    /// once the session exists.
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 fn errno(e: i32) -> Errno {
     Errno::from_i32(e)
 }
 
-/// How to mount.
-#[derive(Clone, Debug)]
-pub struct MountConfig {
-    /// Shown as the source in /proc/mounts.
-    pub fs_name: String,
-    pub read_only: bool,
-    pub allow_other: bool,
-    pub allow_root: bool,
-    /// FUSE event loops, each with its own /dev/fuse descriptor.
-    pub threads: usize,
-}
-
-/// Mounts `tree` at `mountpoint`; the session serves requests on its own
-/// threads until it is unmounted (dropping the handle unmounts too).
-pub fn mount(
-    tree: Arc<Tree>,
-    mountpoint: &std::path::Path,
-    c: &MountConfig,
-) -> std::io::Result<fuser::BackgroundSession> {
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        fuser::MountOption::FSName(c.fs_name.clone()),
-        fuser::MountOption::Subtype("snaptree".into()),
-        fuser::MountOption::DefaultPermissions,
-    ];
-    if c.read_only {
-        config.mount_options.push(fuser::MountOption::RO);
-    }
-    if c.allow_other {
-        config.acl = fuser::SessionACL::All;
-    } else if c.allow_root {
-        config.acl = fuser::SessionACL::RootAndOwner;
-    }
-    config.n_threads = Some(c.threads.max(1));
-    config.clone_fd = c.threads > 1;
-    fuser::Session::new(SnapFs::new(tree), mountpoint, &config)?.spawn()
-}
-
 impl SnapFs {
-    pub fn new(tree: Arc<Tree>) -> SnapFs {
+    pub fn new(tree: Arc<Tree>, notifier: Arc<std::sync::OnceLock<fuser::Notifier>>) -> SnapFs {
         SnapFs {
             tree,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             mounted_at: SystemTime::now(),
+            notifier,
         }
+    }
+
+    /// After a `ctl` command changed the tree: make the kernel forget the
+    /// entry of `name` and the attributes of every disk (a leaf may have
+    /// become a snapshot or the other way round). Done on another thread:
+    /// a notification sent while the kernel holds a directory lock for a
+    /// request we are serving could wait on us.
+    fn invalidate_after_command(&self, name: String) {
+        let Some(n) = self.notifier.get().cloned() else {
+            return;
+        };
+        let disks: Vec<u64> = self
+            .tree
+            .visible()
+            .iter()
+            .map(|p| encode(Inode::Point(p.id, PointFile::Disk)))
+            .collect();
+        std::thread::spawn(move || {
+            let _ = n.inval_entry(INodeNo(inodes::ROOT), OsStr::new(&name));
+            for d in disks {
+                let _ = n.inval_inode(INodeNo(d), -1, 0);
+            }
+        });
     }
 
     fn new_handle(&self, h: Handle) -> FileHandle {
@@ -432,7 +424,11 @@ impl Filesystem for SnapFs {
         let r = match h {
             Handle::Disk(p) => disk::write(&self.tree, &p, offset, data),
             Handle::Ctl(p) => {
-                control::run_ctl(&self.tree, p.id, &p.name, data).map_err(|e| errno(e.errno))
+                let r = control::run_ctl(&self.tree, p.id, &p.name, data);
+                if r.is_ok() {
+                    self.invalidate_after_command(p.name.clone());
+                }
+                r.map_err(|e| errno(e.errno))
             }
             Handle::MergeNow => control::run_merge_now(&self.tree).map_err(|e| errno(e.errno)),
             Handle::Text(_) => Err(Errno::EBADF),
@@ -521,6 +517,8 @@ impl Filesystem for SnapFs {
                     entries.push((encode(Inode::Point(p, *f)), point_kind(*f), f.name().into()));
                 }
             }
+            // A point deleted since the kernel looked it up.
+            Some(Inode::Point(_, PointFile::Dir)) => return reply.error(Errno::ENOENT),
             _ => return reply.error(Errno::ENOTDIR),
         }
         for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
