@@ -62,6 +62,7 @@ pub fn mount(tree: Arc<Tree>, mountpoint: &Path, c: &MountConfig) -> std::io::Re
     )?;
     let _ = notifier.set(session.notifier());
     let session = session.spawn()?;
+    raise_readahead(mountpoint);
     Ok(Mounted {
         session: Some(session),
         tree,
@@ -147,5 +148,25 @@ impl Drop for Mounted {
             self.detach();
             let _ = self.finish();
         }
+    }
+}
+
+/// The kernel starts a FUSE mount with 128 KiB of read-ahead; sequential
+/// reads of a disk run much faster with 1 MiB requests (measured: about
+/// 0.7 against 1.1 GB/s cold on this machine's 2 cores). Needs root; best
+/// effort otherwise.
+fn raise_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = m.dev();
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    if let Err(e) = std::fs::write(&path, "1024") {
+        tracing::debug!("{path}: {e}; keeping the kernel's read-ahead");
     }
 }
