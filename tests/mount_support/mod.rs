@@ -408,6 +408,13 @@ impl Workspace {
         self.qemu_img(&["check", "-U", "-q", name]);
     }
 
+    /// `qemu-img ARGS` in the images directory, whatever its exit status.
+    pub fn qemu_img_unchecked(&self, args: &[&str]) -> Output {
+        let mut c = Command::new("qemu-img");
+        c.args(args).current_dir(&self.images);
+        run_unchecked(&mut c)
+    }
+
     /// The qcow2 images of the tree directory (by magic), sorted.
     pub fn qcow2_images(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&self.images)
@@ -756,6 +763,15 @@ impl Mount {
             String::from_utf8_lossy(&o.stderr)
         );
         self.unmounted = true;
+    }
+
+    /// After SIGKILL: waits for the daemon and returns its status; the
+    /// guard then only cleans up the dead mount.
+    pub fn wait_for_kill(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().expect("foreground mount");
+        let s = wait_child(child, EXIT_DEADLINE).expect("killed daemon did not exit");
+        self.child = None;
+        s
     }
 
     /// Whether the foreground daemon is still running.
