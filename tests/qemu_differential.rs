@@ -13,22 +13,19 @@
 //! Offsets and lengths are deliberately odd and overlapping between layers.
 //! Virtual sizes stay at a few MiB (16 MiB for 2 MiB clusters) so the whole
 //! file runs in seconds. Tests print `SKIP:` and return when qemu is missing.
+//!
+//! Each test is one scenario, a chain spelled out layer by layer; they stay
+//! in this file, the crate root, so that their names carry no module path.
+//! What they share (building chains, the differential check) is in
+//! `tests/common`.
 
+#[macro_use]
 mod common;
 
 use common::qio::{discard, write, write_compressed, zero, zero_unmap};
 use common::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
-
-/// Skips the test (with a `SKIP:` line on stderr) when qemu tools are missing.
-macro_rules! require_qemu {
-    () => {
-        if !common::require_qemu() {
-            return;
-        }
-    };
-}
 
 /// Differential check of the leaf only.
 fn check_leaf(chain: &Chain) {
@@ -443,12 +440,20 @@ fn compressed_chain(compression: &str, cluster: u64, size: u64) -> Chain {
     c
 }
 
+/// Builds [`compressed_chain`] and checks every layer; skips (with a
+/// `SKIP:` line) when this qemu-img cannot write zstd and zstd is asked for.
+fn check_compressed_chain(compression: &str, cluster: u64, size: u64) {
+    if compression == "zstd" && !require_qemu_zstd() {
+        return;
+    }
+    check_every_layer(&compressed_chain(compression, cluster, size));
+}
+
 /// zlib-compressed base (default compression type), 64 KiB clusters.
 #[test]
 fn compressed_zlib_64k() {
     require_qemu!();
-    let c = compressed_chain("zlib", 64 * KIB, 4 * MIB);
-    check_every_layer(&c);
+    check_compressed_chain("zlib", 64 * KIB, 4 * MIB);
 }
 
 /// zlib-compressed base with 512-byte clusters (compressed-size field of
@@ -456,30 +461,21 @@ fn compressed_zlib_64k() {
 #[test]
 fn compressed_zlib_512() {
     require_qemu!();
-    let c = compressed_chain("zlib", 512, MIB);
-    check_every_layer(&c);
+    check_compressed_chain("zlib", 512, MIB);
 }
 
 /// zstd-compressed base, 64 KiB clusters.
 #[test]
 fn compressed_zstd_64k() {
     require_qemu!();
-    if !require_qemu_zstd() {
-        return;
-    }
-    let c = compressed_chain("zstd", 64 * KIB, 4 * MIB);
-    check_every_layer(&c);
+    check_compressed_chain("zstd", 64 * KIB, 4 * MIB);
 }
 
 /// zstd-compressed base, 2 MiB clusters.
 #[test]
 fn compressed_zstd_2m() {
     require_qemu!();
-    if !require_qemu_zstd() {
-        return;
-    }
-    let c = compressed_chain("zstd", 2 * MIB, 16 * MIB);
-    check_every_layer(&c);
+    check_compressed_chain("zstd", 2 * MIB, 16 * MIB);
 }
 
 // ---------------------------------------------------------------------------
@@ -793,24 +789,13 @@ fn encrypted_image_refused() {
     ]);
     let img = c.file("enc.qcow2");
     let out = c.file("enc.out");
-    let got = success_or_clear_refusal(
-        &["export".as_ref(), img.as_os_str(), out.as_os_str()],
-        &["encrypt"],
-    );
+    let got = success_or_clear_refusal(&args!["export", img, out], &["encrypt"]);
     assert!(
         got.is_none(),
         "snaptree exported an encrypted image without its key"
     );
-    success_or_clear_refusal(
-        &[
-            "map".as_ref(),
-            img.as_os_str(),
-            "--output".as_ref(),
-            "json".as_ref(),
-        ],
-        &["encrypt"],
-    );
-    success_or_clear_refusal(&["info".as_ref(), img.as_os_str()], &["encrypt"]);
+    success_or_clear_refusal(&args!["map", img, "--output", "json"], &["encrypt"]);
+    success_or_clear_refusal(&args!["info", img], &["encrypt"]);
 }
 
 /// DESIGN.md: refuse external data files with a clear message, or support
@@ -826,10 +811,7 @@ fn external_data_file_supported_or_refused() {
     let img = c.leaf().path.clone();
     let probe = c.file("probe.raw");
     let keywords = ["data file", "data_file", "data-file"];
-    let exported = success_or_clear_refusal(
-        &["export".as_ref(), img.as_os_str(), probe.as_os_str()],
-        &keywords,
-    );
+    let exported = success_or_clear_refusal(&args!["export", img, probe], &keywords);
     if exported.is_some() {
         assert_matches_qemu(
             &c,
@@ -840,15 +822,7 @@ fn external_data_file_supported_or_refused() {
             },
         );
     } else {
-        success_or_clear_refusal(
-            &[
-                "map".as_ref(),
-                img.as_os_str(),
-                "--output".as_ref(),
-                "json".as_ref(),
-            ],
-            &keywords,
-        );
+        success_or_clear_refusal(&args!["map", img, "--output", "json"], &keywords);
     }
 }
 
@@ -889,28 +863,16 @@ fn export_format_flags() {
     );
 
     let raw = c.file("explicit.raw");
-    snaptree([
-        "export".as_ref(),
-        leaf.path.as_os_str(),
-        raw.as_os_str(),
-        "--format".as_ref(),
-        "raw".as_ref(),
-    ]);
+    snaptree(args!["export", leaf.path, raw, "--format", "raw"]);
     assert_same_file(&expected, &raw);
 
     let q = c.file("explicit.qcow2");
-    snaptree([
-        "export".as_ref(),
-        leaf.path.as_os_str(),
-        q.as_os_str(),
-        "--format".as_ref(),
-        "qcow2".as_ref(),
-    ]);
+    snaptree(args!["export", leaf.path, q, "--format", "qcow2"]);
     let failures = judge_qcow2_export(c.dir(), &q, &leaf, size);
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 
     let back = c.file("roundtrip.raw");
-    snaptree(["export".as_ref(), q.as_os_str(), back.as_os_str()]);
+    snaptree(args!["export", q, back]);
     assert_same_file(&expected, &back);
 }
 
@@ -926,10 +888,10 @@ fn info_smoke() {
         .io(&[write(2, 5000, 1000)]);
     let leaf = c.leaf().path.clone();
 
-    let out = snaptree(["info".as_ref(), leaf.as_os_str()]);
+    let out = snaptree(args!["info", leaf]);
     assert!(!out.stdout.is_empty(), "snaptree info printed nothing");
 
-    let out = snaptree(["info".as_ref(), leaf.as_os_str(), "--json".as_ref()]);
+    let out = snaptree(args!["info", leaf, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "snaptree info --json is not JSON ({e}):\n{}",
