@@ -62,7 +62,7 @@ done
 
 QSD_SKIP=""
 command -v qemu-storage-daemon >/dev/null ||
-    QSD_SKIP="qemu-storage-daemon is not on PATH (apt-get install qemu-system-common)"
+    QSD_SKIP="qemu-storage-daemon is not on PATH (apt-get install qemu-utils)"
 
 FIO_SKIP=""
 if ! command -v fio >/dev/null; then
@@ -72,7 +72,7 @@ if ! command -v fio >/dev/null; then
         command -v fio >/dev/null; then
         log "installed $(fio --version)"
     else
-        FIO_SKIP="fio is not installed and apt-get install -y fio failed"
+        FIO_SKIP="fio is not on PATH and apt-get install -y fio did not provide it"
     fi
 fi
 
@@ -85,7 +85,7 @@ BIN=$ROOT/target/release/snaptree
 # ---------------------------------------------------------------- cleanup
 T=""
 ST_PID="" ST_MNT=""
-Q_PID="" Q_FILE=""
+Q_PID="" Q_FILE="" Q_ERR=""
 
 is_mounted() { awk -v p="$1" '$5 == p { f = 1 } END { exit !f }' /proc/self/mountinfo; }
 
@@ -146,7 +146,22 @@ C=$T/chain
 mkdir -p "$C" "$T/mnt"
 
 # ---------------------------------------------------------------- helpers
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# Page cache drops so far (ours and anyone else's on this host).
+drops() { awk '$1 == "drop_pagecache" { print $2 }' /proc/vmstat; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; DROPS0=$(drops); }
+# taint TOOL KEY...: if someone else dropped the page cache since our last
+# drop_caches, marks these figures as unreliable (a second pass or a warm
+# random run would have been partly cold).
+declare -A TAINT
+TAINTED=0
+taint() {
+    local tool=$1 k
+    shift
+    [[ $(drops) == "$DROPS0" ]] && return 0
+    for k; do TAINT[$tool:$k]=1; done
+    TAINTED=1
+    log "warning: another process dropped the page cache during $([[ $tool == ST ]] && echo snaptree || echo qsd) $*"
+}
 
 # start_snaptree SOURCE: mounts SOURCE on $T/mnt in the foreground, in the
 # background of this script, and waits for $T/mnt/tree.
@@ -176,8 +191,14 @@ start_qsd() {
     Q_PID=$!
     local n=300
     until is_mounted "$Q_FILE"; do
-        kill -0 "$Q_PID" 2>/dev/null || { Q_PID=""; return 1; }
-        ((n-- > 0)) || return 1
+        if ! kill -0 "$Q_PID" 2>/dev/null; then
+            local rc=0
+            wait "$Q_PID" || rc=$?
+            Q_PID=""
+            Q_ERR="exited with status $rc: $(tail -3 "$T/qsd.log" | tr '\n' ' ')"
+            return 1
+        fi
+        ((n-- > 0)) || { Q_ERR="did not mount its export within 30 s"; return 1; }
         sleep 0.1
     done
     log "qsd exported $(basename "$1") (pid $Q_PID)"
@@ -205,7 +226,7 @@ fio_iops() {
     out=$(fio --name=mvq --filename="$file" --rw="$rw" --bs=4k --direct="$direct" \
         --ioengine=psync --numjobs="$jobs" --group_reporting --time_based \
         --runtime="$RUNTIME" --size="$SIZE" --fallocate=none \
-        --output-format=terse --terse-version=3 "${extra[@]}" 2>"$T/fio.err") ||
+        --output-format=terse --terse-version=3 ${extra[@]+"${extra[@]}"} 2>"$T/fio.err") ||
         die "fio $rw on $file failed: $(tail -3 "$T/fio.err")"
     local line
     line=$(grep '^3;' <<<"$out" | tail -1)
@@ -225,6 +246,7 @@ sample_sums() {
 
 declare -A ST QS
 NOTES=()
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---------------------------------------------------------------- the chain
 LEAF_NAME=$(printf 'l%02d' $((DEPTH - 1)))
@@ -269,6 +291,7 @@ start_snaptree "$LEAF"
 drop_caches
 ST[seq_cold]=$(seq_read "$ST_DISK"); log "snaptree seq cold (leaf): ${ST[seq_cold]} MB/s"
 ST[seq_2nd]=$(seq_read "$ST_DISK"); log "snaptree seq 2nd pass (leaf): ${ST[seq_2nd]} MB/s"
+taint ST seq_2nd
 ST_SUMS=$(sample_sums "$ST_DISK")
 if [[ -z $FIO_SKIP ]]; then
     ST_DIRECT=1
@@ -280,6 +303,7 @@ if [[ -z $FIO_SKIP ]]; then
         drop_caches
         ST[rr$j]=$(fio_iops "$ST_DISK" randread "$j" "$ST_DIRECT")
         log "snaptree randread 4k, $j job(s): ${ST[rr$j]} IOPS"
+        taint ST "rr$j"
     done
 fi
 stop_snaptree || die "snaptree exited with an error (see $T/snaptree.log)"
@@ -290,6 +314,7 @@ start_snaptree "$C/over.qcow2"
 drop_caches
 ST[nl_cold]=$(seq_read "$ST_DISK"); log "snaptree seq cold (non-leaf): ${ST[nl_cold]} MB/s"
 ST[nl_2nd]=$(seq_read "$ST_DISK"); log "snaptree seq 2nd pass (non-leaf): ${ST[nl_2nd]} MB/s"
+taint ST nl_2nd
 stop_snaptree || die "snaptree exited with an error (see $T/snaptree.log)"
 
 # ---------------------------------------------------------------- qsd, leaf
@@ -298,6 +323,7 @@ if [[ -z $QSD_SKIP ]]; then
         drop_caches
         QS[seq_cold]=$(seq_read "$Q_FILE"); log "qsd seq cold: ${QS[seq_cold]} MB/s"
         QS[seq_2nd]=$(seq_read "$Q_FILE"); log "qsd seq 2nd pass: ${QS[seq_2nd]} MB/s"
+        taint QS seq_2nd
         QS_SUMS=$(sample_sums "$Q_FILE")
         [[ $QS_SUMS == "$ST_SUMS" ]] ||
             die "content differs: snaptree [$ST_SUMS] vs qsd [$QS_SUMS]"
@@ -312,11 +338,12 @@ if [[ -z $QSD_SKIP ]]; then
                 drop_caches
                 QS[rr$j]=$(fio_iops "$Q_FILE" randread "$j" "$Q_DIRECT")
                 log "qsd randread 4k, $j job(s): ${QS[rr$j]} IOPS"
+                taint QS "rr$j"
             done
         fi
         stop_qsd
     else
-        QSD_SKIP="qemu-storage-daemon did not export: $(tail -3 "$T/qsd.log" | tr '\n' ' ')"
+        QSD_SKIP="qemu-storage-daemon $Q_ERR"
         stop_qsd
     fi
 fi
@@ -331,6 +358,7 @@ if [[ -z $FIO_SKIP ]]; then
     drop_caches
     ST[rw1]=$(fio_iops "$W_DISK" randwrite 1 "$W_DIRECT")
     log "snaptree randwrite 4k: ${ST[rw1]} IOPS"
+    taint ST rw1
     stop_snaptree || die "snaptree exited with an error (see $T/snaptree.log)"
     if qemu-img check -q "$C/wst.qcow2" >"$T/check.log" 2>&1; then
         NOTES+=("qemu-img check of the leaf snaptree wrote: no errors")
@@ -344,8 +372,9 @@ if [[ -z $FIO_SKIP ]]; then
             drop_caches
             QS[rw1]=$(fio_iops "$Q_FILE" randwrite 1 "$W_DIRECT")
             log "qsd randwrite 4k: ${QS[rw1]} IOPS"
+            taint QS rw1
         else
-            QSD_SKIP="qemu-storage-daemon did not export: $(tail -3 "$T/qsd.log" | tr '\n' ' ')"
+            QSD_SKIP="qemu-storage-daemon $Q_ERR"
         fi
         stop_qsd
     fi
@@ -369,10 +398,14 @@ row() { # label unit st-key qsd-key goal
     s=$(cell ST "$3")
     q=$(cell QS "$4")
     r=$(ratio "$s" "$q")
+    local star=""
+    [[ -n ${TAINT[ST:$3]:-} ]] && { s="$s*"; star="*"; }
+    [[ -n ${TAINT[QS:$4]:-} ]] && { q="$q*"; star="*"; }
+    [[ $r == - ]] || r="$r$star"
     if [[ -n $g ]]; then
         if [[ $r == - ]]; then
             verdict="n/a"
-        elif awk -v r="${r%x}" -v g="$g" 'BEGIN { exit !(r >= g) }'; then
+        elif awk -v a="${s%\*}" -v b="${q%\*}" -v g="$g" 'BEGIN { exit !(a / b >= g) }'; then
             verdict="met"
         else
             verdict="NOT met"
@@ -388,6 +421,7 @@ echo "snaptree mount vs qemu-storage-daemon --export type=fuse"
 echo "chain: ${SIZE_MB} MiB virtual, depth $DEPTH (layer k owns every ${DEPTH}th 1 MiB stripe), 64 KiB clusters"
 echo "host: $(uname -r), $(nproc) CPUs, $(qemu-img --version | head -1 | cut -d' ' -f1-3), $(fio --version 2>/dev/null || echo 'no fio')," \
     "snaptree threads: ${SNAPTREE_THREADS:-default}"
+echo "load average (1/5/15 min): before $LOAD_BEFORE, after $(cut -d' ' -f1-3 /proc/loadavg) (other work on the host skews every figure)"
 echo "seq: dd bs=1M buffered; random: fio psync 4k direct=1, ${RUNTIME} s; MB/s = 10^6 B/s"
 echo
 printf '%-44s %-5s %10s %10s %8s  %s\n' "test" "unit" "snaptree" "qsd" "st/qsd" "goal"
@@ -400,9 +434,14 @@ row "randread 4k, 1 job" IOPS rr1 rr1 1.3
 row "randread 4k, 2 jobs" IOPS rr2 rr2 1.3
 row "randwrite 4k, leaf, 1 job, end_fsync" IOPS rw1 rw1 1
 echo
+echo "leaf: $LEAF_NAME/disk.raw, read-write (snaptree opens it without FOPEN_KEEP_CACHE); non-leaf: the same"
+echo "chain as a read-only point (FOPEN_KEEP_CACHE), in a mount of an empty overlay on the leaf; qsd"
+echo "exports only the leaf, so its leaf figure is the reference for the non-leaf rows too."
 [[ -z $QSD_SKIP ]] || echo "SKIP qsd: $QSD_SKIP"
 [[ -z $FIO_SKIP ]] || echo "SKIP fio: $FIO_SKIP (randread/randwrite rows)"
-for n in "${NOTES[@]}"; do echo "note: $n"; done
+((TAINTED == 0)) ||
+    echo "* another process dropped the page cache during this measurement (drop_pagecache in /proc/vmstat moved): unreliable, rerun on a quiet host"
+for n in ${NOTES[@]+"${NOTES[@]}"}; do echo "note: $n"; done
 echo
 echo "goals:"
-for g in "${GOALS[@]}"; do echo "  $g"; done
+for g in ${GOALS[@]+"${GOALS[@]}"}; do echo "  $g"; done

@@ -68,9 +68,10 @@ impl SnapFs {
 
     /// After a `ctl` command changed the tree: make the kernel forget the
     /// entry of `name` and the attributes of every disk (a leaf may have
-    /// become a snapshot or the other way round). Done on another thread:
-    /// a notification sent while the kernel holds a directory lock for a
-    /// request we are serving could wait on us.
+    /// become a snapshot or the other way round), before the command's
+    /// write returns, so the next `stat` sees the change. Sent from another
+    /// thread and waited for at most a second: a notification that needs a
+    /// directory lock held by a request we are serving must not hang us.
     fn invalidate_after_command(&self, name: String) {
         let Some(n) = self.notifier.get().cloned() else {
             return;
@@ -81,12 +82,15 @@ impl SnapFs {
             .iter()
             .map(|p| encode(Inode::Point(p.id, PointFile::Disk)))
             .collect();
+        let (done, wait) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = n.inval_entry(INodeNo(inodes::ROOT), OsStr::new(&name));
             for d in disks {
                 let _ = n.inval_inode(INodeNo(d), -1, 0);
             }
+            let _ = done.send(());
         });
+        let _ = wait.recv_timeout(Duration::from_secs(1));
     }
 
     fn new_handle(&self, h: Handle) -> FileHandle {
@@ -346,12 +350,13 @@ impl Filesystem for SnapFs {
                         if wants_write && !writable {
                             return reply.error(Errno::EROFS);
                         }
-                        // Immutable points keep the page cache across opens.
-                        let fl = if writable {
-                            FopenFlags::empty()
-                        } else {
-                            FopenFlags::FOPEN_KEEP_CACHE
-                        };
+                        // Every disk keeps the page cache across opens, so a
+                        // second read runs at memory speed. Safe for leaves
+                        // too: their bytes change only through this mount,
+                        // whose writes, fallocates and direct I/O the kernel
+                        // applies to (or drops from) its cache; tree commands
+                        // never change what a point reads.
+                        let fl = FopenFlags::FOPEN_KEEP_CACHE;
                         reply.opened(self.new_handle(Handle::Disk(v.point.clone())), fl)
                     }
                     PointFile::Ctl => {
