@@ -1,9 +1,11 @@
 //! snaptree: a VM's snapshot tree (qcow2 backing chains, later VHD chains
 //! and memory checkpoints) as plain files. See ../shared/DESIGN.md.
 //!
-//! Layers: `image` (formats, one [`image::Layer`] each), `chain` (resolving
-//! reads through a stack of layers, fast at any depth), `cli` (the
-//! `snaptree` command).
+//! Layers, bottom up: `image` (formats, one [`image::Layer`] each), `chain`
+//! (resolving reads through a stack of layers, fast at any depth), `tree`
+//! (snapshot points and the commands that change them), `fs` (the FUSE
+//! adapter), `cli` (the `snaptree` command). Format code never knows about
+//! FUSE; FUSE code never parses a format.
 
 pub mod chain;
 pub mod cli;
@@ -12,3 +14,4 @@ pub mod fileio;
 pub mod fs;
 pub mod image;
 pub mod tree;
+pub mod units;

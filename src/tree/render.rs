@@ -2,7 +2,7 @@
 //! `info.json`.
 
 use super::{Node, Tree};
-use crate::cli::human_size;
+use crate::units::human_size;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::fmt::Write;
