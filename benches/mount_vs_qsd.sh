@@ -434,8 +434,8 @@ row "randread 4k, 1 job" IOPS rr1 rr1 1.3
 row "randread 4k, 2 jobs" IOPS rr2 rr2 1.3
 row "randwrite 4k, leaf, 1 job, end_fsync" IOPS rw1 rw1 1
 echo
-echo "leaf: $LEAF_NAME/disk.raw, read-write (snaptree opens it without FOPEN_KEEP_CACHE); non-leaf: the same"
-echo "chain as a read-only point (FOPEN_KEEP_CACHE), in a mount of an empty overlay on the leaf; qsd"
+echo "leaf: $LEAF_NAME/disk.raw, read-write; non-leaf: the same"
+echo "chain as a read-only point, in a mount of an empty overlay on the leaf (both keep the page cache); qsd"
 echo "exports only the leaf, so its leaf figure is the reference for the non-leaf rows too."
 [[ -z $QSD_SKIP ]] || echo "SKIP qsd: $QSD_SKIP"
 [[ -z $FIO_SKIP ]] || echo "SKIP fio: $FIO_SKIP (randread/randwrite rows)"
