@@ -18,6 +18,8 @@ pub struct Found {
     pub format: Format,
     /// Canonical path of its backing file, if it names one.
     pub backing: Option<PathBuf>,
+    /// The backing file's format as this image records it.
+    pub backing_format: Option<Format>,
     /// Why it cannot be used, if so.
     pub broken: Option<String>,
 }
@@ -28,11 +30,12 @@ pub fn is_own_file(name: &str) -> bool {
 }
 
 /// Reads one image's header: its format and backing reference.
-fn inspect(path: &Path, format: Option<Format>, dir: &Path, allow_external: bool) -> Found {
+pub fn inspect(path: &Path, format: Option<Format>, dir: &Path, allow_external: bool) -> Found {
     let mut found = Found {
         path: path.to_path_buf(),
         format: format.unwrap_or(Format::Raw),
         backing: None,
+        backing_format: None,
         broken: None,
     };
     let layer = match probe::open_layer(path, format, false) {
@@ -44,6 +47,7 @@ fn inspect(path: &Path, format: Option<Format>, dir: &Path, allow_external: bool
     };
     found.format = layer.format();
     if let Some(b) = layer.backing() {
+        found.backing_format = b.format.as_deref().and_then(Format::from_name);
         let parent = path.parent().unwrap_or(dir).join(&b.name);
         match parent.canonicalize() {
             Ok(p) if allow_external || p.starts_with(dir) => found.backing = Some(p),
@@ -131,4 +135,21 @@ pub fn scan_chain(
         found.insert(path, f);
     }
     Ok(found)
+}
+
+/// Re-reads `paths` as raw images where they were taken for qcow2.
+pub fn force_raw(
+    found: &mut BTreeMap<PathBuf, Found>,
+    paths: Vec<PathBuf>,
+    dir: &Path,
+    allow_external: bool,
+) {
+    for p in paths {
+        if found.get(&p).is_some_and(|f| f.format != Format::Raw) {
+            found.insert(
+                p.clone(),
+                inspect(&p, Some(Format::Raw), dir, allow_external),
+            );
+        }
+    }
 }

@@ -31,6 +31,10 @@ pub struct ManifestPoint {
     pub created: u64,
     #[serde(default)]
     pub hidden: bool,
+    /// Format of the image (`qcow2`, `raw`): a raw disk can start with
+    /// whatever its guest wrote, so its format is recorded, not guessed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
     /// Memory checkpoint file, relative to the tree directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,

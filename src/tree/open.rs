@@ -51,6 +51,20 @@ impl Tree {
                 manifest::Manifest::default()
             }
         };
+        let mut found = found;
+        let raw_by_manifest: Vec<PathBuf> = manifest
+            .points
+            .iter()
+            .filter(|m| m.format.as_deref() == Some("raw"))
+            .map(|m| dir.join(&m.image))
+            .filter_map(|p| p.canonicalize().ok())
+            .collect();
+        discover::force_raw(
+            &mut found,
+            raw_by_manifest,
+            &dir,
+            opts.allow_external_backing,
+        );
         let mut tree = Tree {
             dir: dir.clone(),
             opts,
@@ -190,7 +204,14 @@ impl Tree {
             let kids = children.get(&path).cloned().unwrap_or_default();
             let name = names[&path].clone();
             let m = by_image.get(&file_name(&path)).filter(|m| m.name == name);
-            let hidden = m.is_some_and(|m| m.hidden);
+            let mut hidden = m.is_some_and(|m| m.hidden);
+            if hidden && kids.is_empty() {
+                // Hidden points exist for their children; one without any
+                // is what an interrupted delete leaves. Show it again
+                // rather than keep an invisible, unremovable image.
+                problems.push(format!("{name:?} was hidden but has no children any more (an interrupted delete?); it is visible again"));
+                hidden = false;
+            }
             let parent_id = f.backing.as_ref().and_then(|b| ids.get(b).copied());
             if let (Some(m), Some(b)) = (m, &f.backing) {
                 let image_parent = names.get(b);

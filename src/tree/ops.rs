@@ -406,6 +406,7 @@ impl Tree {
                     .map(|p| p.point.name.clone()),
                 created: n.point.created,
                 hidden: n.hidden,
+                format: Some(n.point.io.read().chain.leaf().format().name().to_string()),
                 memory: None,
             })
             .collect();

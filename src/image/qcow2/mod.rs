@@ -210,6 +210,41 @@ impl Qcow2Layer {
         l2::decode(&self.geom, &self.path, at, word, bitmap, meta.file_end)
     }
 
+    /// Reads guest bytes this layer holds by mapping them afresh (used when
+    /// a cluster changed under a reader). Falling through to the backing
+    /// file cannot happen for a cluster that was just rewritten.
+    fn read_current(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        for e in self.map(offset, buf.len() as u64)? {
+            let dst = &mut buf[(e.start - offset) as usize..(e.end() - offset) as usize];
+            match e.mapping {
+                Mapping::Data { host } => self.read_host(host, dst)?,
+                Mapping::Zero => dst.fill(0),
+                Mapping::Compressed { cluster_start } => {
+                    let entry = {
+                        let mut meta = self.meta.lock();
+                        self.entry_at(&mut meta, cluster_start)?
+                    };
+                    let Entry::Compressed(desc) = entry else {
+                        return Err(ImageError::invalid(&self.path, format!("cluster at guest offset {cluster_start} changed twice during one read")));
+                    };
+                    let data = self.inflate(desc)?;
+                    let from = (e.start - cluster_start) as usize;
+                    dst.copy_from_slice(&data[from..from + dst.len()]);
+                }
+                Mapping::Unallocated => {
+                    return Err(ImageError::invalid(
+                        &self.path,
+                        format!(
+                            "guest offset {} was rewritten as unallocated during a read",
+                            e.start
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// QEMU's heuristic, followed so maps agree with `qemu-img map`: an
     /// image is metadata-preallocated when noticeably more clusters have
     /// refcounts than the filesystem has blocks for. Only then are holes in
@@ -339,10 +374,9 @@ impl Layer for Qcow2Layer {
             self.entry_at(&mut meta, cluster_start)?
         };
         let Entry::Compressed(desc) = entry else {
-            return Err(ImageError::invalid(
-                &self.path,
-                format!("guest cluster at offset {cluster_start} is no longer compressed"),
-            ));
+            // A concurrent write rewrote the cluster since the caller mapped
+            // it: read what it holds now (its old bytes or the new ones).
+            return self.read_current(offset, buf);
         };
         let data = self.inflate(desc)?;
         let from = (offset - cluster_start) as usize;

@@ -230,12 +230,19 @@ impl Refcounts {
     }
 
     /// Writes dirty blocks and, if needed, the table (not the header).
+    /// Writes dirty blocks, syncs, then writes the table if it changed (a
+    /// table entry must never reach the disk before the block it points
+    /// at). Each item stays dirty until its own write succeeded, so a
+    /// failed flush loses nothing and the next one retries.
     pub fn write_out(&mut self, file: &File, path: &Path) -> Result<()> {
-        for i in std::mem::take(&mut self.dirty_blocks) {
+        let dirty: Vec<u64> = self.dirty_blocks.iter().copied().collect();
+        for i in dirty {
             let off = self.table[i as usize];
             write_all_at(file, path, &self.blocks[&i], off)?;
+            self.dirty_blocks.remove(&i);
         }
         if self.table_dirty {
+            crate::fileio::sync_data(file, path)?;
             write_all_at(
                 file,
                 path,

@@ -71,8 +71,9 @@ enum Plan {
     /// Write a whole new cluster; `old` supplies the bytes not written.
     NewCluster { host: u64, old: Entry },
     /// Extended L2: write subclusters `first..=last` into the cluster at
-    /// `host`, which is new when the old entry had no host cluster.
+    /// `host`, which is new (`fresh`) when the old entry had no host cluster.
     Subclusters {
+        fresh: bool,
         host: u64,
         first: u64,
         last: u64,
@@ -147,8 +148,35 @@ impl Qcow2Layer {
             return Ok(());
         }
         let pieces = self.plan(offset, data.len() as u64)?;
-        self.copy(offset, data, &pieces, below)?;
+        if let Err(e) = self.copy(offset, data, &pieces, below) {
+            self.unreserve(&pieces);
+            return Err(e);
+        }
         self.link(&pieces)
+    }
+
+    /// After a failed copy: the clusters `plan` reserved are referenced by
+    /// nothing, so their refcounts go straight back to 0 (no leak).
+    fn unreserve(&self, pieces: &[Piece]) {
+        let cs = self.geom.cluster_size;
+        let mut meta = self.meta.lock();
+        let Meta { refs, file_end, .. } = &mut *meta;
+        let Some(refs) = refs.as_mut() else { return };
+        for p in pieces {
+            let host = match p.plan {
+                Plan::NewCluster { host, .. } => host,
+                Plan::Subclusters {
+                    host, fresh: true, ..
+                } => host,
+                _ => continue,
+            };
+            if let Err(e) = refs.set(&self.file, &self.path, host / cs, 0, file_end) {
+                tracing::warn!(
+                    "releasing a reserved cluster of {}: {e}",
+                    self.path.display()
+                );
+            }
+        }
     }
 
     /// Phase 1: decide per cluster and reserve new clusters.
@@ -219,6 +247,7 @@ impl Qcow2Layer {
                 host: h + (at - cluster_start),
             },
             Some(h) => Plan::Subclusters {
+                fresh: false,
                 host: h,
                 first,
                 last,
@@ -228,6 +257,7 @@ impl Qcow2Layer {
             None => {
                 let h = self.alloc(meta, 1)?;
                 Plan::Subclusters {
+                    fresh: true,
                     host: h,
                     first,
                     last,
@@ -436,9 +466,12 @@ impl Qcow2Layer {
                         let (word, bm) = match entry {
                             Entry::Normal {
                                 host,
+                                copied,
                                 bitmap: Some(bm),
-                                ..
-                            } => (host.map_or(0, |h| h | OFLAG_COPIED), bm),
+                            } => {
+                                let flag = if copied { OFLAG_COPIED } else { 0 };
+                                (host.map_or(0, |h| h | flag), bm)
+                            }
                             _ => (0, 0),
                         };
                         self.set_entry(&mut meta, cstart, word, (bm & !mask) | (mask << 32))?;
@@ -455,7 +488,10 @@ impl Qcow2Layer {
                         partial.push((at, cend - at));
                     }
                 } else if full && g.version >= 3 {
-                    if !matches!(entry, Entry::Zero { host: None }) {
+                    // Unallocated with no backing file reads zeros already.
+                    let zero_already = matches!(entry, Entry::Zero { host: None })
+                        || (entry == Entry::Unallocated && self.backing.is_none());
+                    if !zero_already {
                         self.set_entry(&mut meta, cstart, OFLAG_ZERO, 0)?;
                         release(&mut meta, &entry, cs);
                     }
@@ -578,16 +614,22 @@ impl Qcow2Layer {
             meta.pending_free.append(&mut refs.old_tables);
         }
         // L2 tables, then the L1 entries that point at new ones.
-        let dirty: Vec<(u64, Arc<Vec<u64>>)> = meta.l2_dirty.drain().collect();
+        // Each item leaves its dirty set only once written, so a failed
+        // flush keeps everything for the next attempt.
+        let dirty: Vec<(u64, Arc<Vec<u64>>)> =
+            meta.l2_dirty.iter().map(|(o, t)| (*o, t.clone())).collect();
         for (off, t) in dirty {
             write_all_at(file, path, &header::encode_u64s(&t), off)?;
+            meta.l2_dirty.remove(&off);
             meta.l2_clean.put(off, t);
         }
         if !meta.l1_dirty.is_empty() {
             sync_data(file, path)?;
-            for i in std::mem::take(&mut meta.l1_dirty) {
+            let dirty: Vec<usize> = meta.l1_dirty.iter().copied().collect();
+            for i in dirty {
                 let at = self.header.l1_table_offset + i as u64 * 8;
                 write_all_at(file, path, &meta.l1[i].to_be_bytes(), at)?;
+                meta.l1_dirty.remove(&i);
             }
         }
         sync_data(file, path)?;
@@ -600,8 +642,9 @@ impl Qcow2Layer {
                 ..
             } = meta;
             let refs = refs.as_mut().expect("checked above");
-            for (off, len) in pending_free.drain(..) {
+            while let Some(&(off, len)) = pending_free.last() {
                 refs.decrement_range(file, path, off, len, file_end)?;
+                pending_free.pop();
             }
             refs.write_out(file, path)?;
             sync_data(file, path)?;
