@@ -1205,6 +1205,42 @@ fn sigkill_leaves_images_consistent() {
     );
 }
 
+/// A raw disk whose guest wrote a qcow2 header into its first sector stays
+/// raw: the format its child records wins over the magic, so a guest cannot
+/// make snaptree parse metadata it chose (and follow a backing file of its
+/// choosing).
+#[test]
+fn raw_disk_with_a_guest_written_qcow2_header_stays_raw() {
+    if !prerequisites_or_skip() {
+        return;
+    }
+    let ws = Workspace::new();
+    const S: u64 = 16 * MIB;
+    // A real qcow2 header naming another image as its backing file...
+    ws.create_qcow2("victim.qcow2", S, None, "");
+    ws.qemu_io("victim.qcow2", "qcow2", &["write -P 0x77 0 1M"]);
+    ws.create_qcow2("evil.qcow2", S, Some(("victim.qcow2", "qcow2")), "");
+    let header = std::fs::read(ws.img("evil.qcow2")).expect("read evil");
+    std::fs::remove_file(ws.img("evil.qcow2")).expect("rm evil");
+    // ...written by the "guest" into the first sector of its raw disk.
+    ws.create_raw("disk.raw", S);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(ws.img("disk.raw"))
+        .expect("open raw");
+    f.write_all_at(&header[..4096], 0).expect("write header");
+    drop(f);
+    ws.create_qcow2("leaf.qcow2", S, Some(("disk.raw", "raw")), "");
+    let raw_bytes = std::fs::read(ws.img("disk.raw")).expect("read raw");
+    let leaf_bytes = ws.flatten("leaf.qcow2");
+    let Some(m) = ws.mount(&[]) else { return };
+    assert_disk(&m.mnt, "disk", &raw_bytes);
+    assert_disk(&m.mnt, "leaf", &leaf_bytes);
+    let info = info(&m.mnt, "disk");
+    assert_eq!(info["disks"]["disk"]["format"], "raw", "{info}");
+    m.unmount();
+}
+
 // ---------------------------------------------------------------------------
 // 8. Background mode
 // ---------------------------------------------------------------------------

@@ -107,6 +107,14 @@ pub fn scan_dir(dir: &Path, allow_external: bool) -> std::io::Result<BTreeMap<Pa
             );
         }
     }
+    // A raw disk whose guest wrote a qcow2 header into its first sector
+    // must stay raw: the format its child records wins over the magic.
+    let raw_by_reference: Vec<PathBuf> = found
+        .values()
+        .filter(|f| f.backing_format == Some(Format::Raw))
+        .filter_map(|f| f.backing.clone())
+        .collect();
+    force_raw(&mut found, raw_by_reference, dir, allow_external);
     Ok(found)
 }
 
