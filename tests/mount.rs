@@ -1904,8 +1904,7 @@ fn allow_other_lets_other_users_read() {
 }
 
 // ---------------------------------------------------------------------------
-// Regression tests for bugs these tests found, and one for a feature not
-// built yet (ignored; run with `cargo test --test mount -- --ignored`)
+// Regression tests for bugs these tests found
 // ---------------------------------------------------------------------------
 
 /// A daemon whose mount was removed by `umount` calls `umount2(MNT)` once
@@ -2009,7 +2008,6 @@ fn a_point_deleted_through_ctl_is_gone_at_once() {
 /// leaf open for writing, `qemu-io` writes the same file, and a second
 /// read-write mount of the same tree succeeds.
 #[test]
-#[ignore = "not built yet: image locking (qemu-compatible OFD locks) comes with the merge engine, issue 4"]
 fn a_mounted_leaf_is_locked_against_other_writers() {
     if !prerequisites_or_skip() {
         return;

@@ -11,6 +11,7 @@
 //! Concurrency: layers are `Send + Sync`; metadata lookups take a short
 //! internal lock, data reads are `pread`s on the layer's file without it.
 
+pub mod lock;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
@@ -186,6 +187,15 @@ pub trait Layer: Send + Sync {
     }
 
     fn info(&self) -> Result<LayerInfo>;
+
+    /// Takes QEMU-compatible locks on the image file (see `lock`).
+    fn lock(&self, mode: lock::LockMode) -> Result<(), String> {
+        let _ = mode;
+        Ok(())
+    }
+
+    /// Drops the locks taken by `lock`.
+    fn unlock(&self) {}
 
     /// Guest bytes this layer itself holds (data, compressed or zero-marked).
     fn allocated_bytes(&self) -> Result<u64> {

@@ -66,6 +66,14 @@ impl Layer for RawLayer {
         Ok(out)
     }
 
+    fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
+        crate::image::lock::acquire(&self.file, mode)
+    }
+
+    fn unlock(&self) {
+        crate::image::lock::release(&self.file)
+    }
+
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
         fileio::read_at_zero_fill(&self.file, &self.path, buf, host)
     }

@@ -7,7 +7,8 @@ use super::discover::{self, Found};
 use super::manifest::{self, ManifestPoint};
 use super::{Node, Point, PointIo, StatusLog, Tree, TreeOptions};
 use crate::chain::Chain;
-use crate::image::{probe, Layer};
+use crate::image::lock::LockMode;
+use crate::image::{probe, Format, Layer};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -238,23 +239,14 @@ impl Tree {
                 continue;
             }
             let want_write = kids.is_empty() && !hidden && !self.opts.read_only;
-            let (layer, writable) = match probe::open_layer(&path, Some(f.format), want_write) {
-                Ok(l) => (l, want_write),
-                Err(e) if want_write => {
-                    problems.push(format!("{name}: read-only: {e}"));
-                    match probe::open_layer(&path, Some(f.format), false) {
-                        Ok(l) => (l, false),
-                        Err(e) => {
-                            problems.push(e.to_string());
-                            continue;
-                        }
+            let (layer, writable) =
+                match open_point_layer(&path, f.format, want_write, &name, problems) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        problems.push(e);
+                        continue;
                     }
-                }
-                Err(e) => {
-                    problems.push(e.to_string());
-                    continue;
-                }
-            };
+                };
             let mut layers = vec![layer];
             layers.extend(parent_layers);
             let created = m.map(|m| m.created).unwrap_or_else(|| mtime(&path));
@@ -291,6 +283,36 @@ impl Tree {
         }
         *self.nodes.write() = nodes;
     }
+}
+
+/// Opens the image of point `name`, for writing if `want_write` and
+/// nobody else uses it, and takes QEMU-compatible locks. A leaf another
+/// process uses is opened read-only; a layer another process writes is
+/// opened without a lock. Both are reported in `problems`.
+pub(super) fn open_point_layer(
+    path: &Path,
+    format: Format,
+    want_write: bool,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> Result<(Arc<dyn Layer>, bool), String> {
+    if want_write {
+        match probe::open_layer(path, Some(format), true) {
+            Ok(l) => match l.lock(LockMode::Writer) {
+                Ok(()) => return Ok((l, true)),
+                Err(why) => problems.push(format!("{name}: read-only: {}: {why}", path.display())),
+            },
+            Err(e) => problems.push(format!("{name}: read-only: {e}")),
+        }
+    }
+    let layer = probe::open_layer(path, Some(format), false).map_err(|e| e.to_string())?;
+    if let Err(why) = layer.lock(LockMode::Reader) {
+        problems.push(format!(
+            "{name}: {}: {why}; mounted without a lock, so what it reads may change",
+            path.display()
+        ));
+    }
+    Ok((layer, false))
 }
 
 fn mtime(path: &Path) -> u64 {

@@ -16,6 +16,7 @@ use super::manifest::{self, Manifest, ManifestPoint};
 use super::open::TMP_SUFFIX;
 use super::{Node, Point, PointIo, Tree, TreeError};
 use crate::chain::Chain;
+use crate::image::lock::LockMode;
 use crate::image::qcow2::create::{create, CreateOptions};
 use crate::image::{probe, Format, Layer};
 use parking_lot::RwLock;
@@ -176,14 +177,23 @@ impl Tree {
         let _ = manifest::sync_dir(&self.dir);
         // Reopen the frozen image under its new name, read-only, and stack
         // the new overlay on it.
+        // Our writer locks on the old descriptor would conflict with the
+        // reader locks of the new one.
+        leaf_layer.unlock();
         let built = (|| -> Result<(Arc<Chain>, Arc<Chain>), TreeError> {
             let frozen: Arc<dyn Layer> =
                 probe::open_layer(&frozen_image, Some(leaf_layer.format()), false)
                     .map_err(|e| image_err(&e, e.errno()))?;
+            if let Err(why) = frozen.lock(LockMode::Reader) {
+                self.problem(format!("{name}: {why}"));
+            }
             let mut below = vec![frozen];
             below.extend(io.chain.layers()[1..].iter().cloned());
             let overlay = probe::open_layer(&leaf_image, Some(Format::Qcow2), true)
                 .map_err(|e| image_err(&e, e.errno()))?;
+            overlay
+                .lock(LockMode::Writer)
+                .map_err(|why| err(libc::EBUSY, why))?;
             let mut leaf_layers = vec![overlay];
             leaf_layers.extend(below.iter().cloned());
             Ok((
@@ -267,11 +277,17 @@ impl Tree {
         opts.backing = Some((parent_file, io.chain.leaf().format().name().to_string()));
         create(&image, &opts).map_err(|e| image_err(&e, e.errno()))?;
         let _ = manifest::sync_dir(&self.dir);
-        let layer = match probe::open_layer(&image, Some(Format::Qcow2), true) {
+        let layer = match probe::open_layer(&image, Some(Format::Qcow2), true)
+            .map_err(|e| image_err(&e, e.errno()))
+            .and_then(|l| {
+                l.lock(LockMode::Writer)
+                    .map(|_| l)
+                    .map_err(|why| err(libc::EBUSY, why))
+            }) {
             Ok(l) => l,
             Err(e) => {
                 let _ = std::fs::remove_file(&image);
-                return Err(image_err(&e, e.errno()));
+                return Err(e);
             }
         };
         let mut layers = vec![layer];
@@ -370,18 +386,34 @@ impl Tree {
             return;
         }
         let mut io = point.io.write();
-        let format = io.chain.leaf().format();
-        match probe::open_layer(&io.image, Some(format), true) {
-            Ok(layer) => {
+        let old = io.chain.leaf().clone();
+        // Our reader locks on the old descriptor would refuse the writer.
+        old.unlock();
+        let mut problems = Vec::new();
+        match super::open::open_point_layer(
+            &io.image,
+            old.format(),
+            true,
+            &point.name,
+            &mut problems,
+        ) {
+            Ok((layer, writable)) => {
                 let mut layers = vec![layer];
                 layers.extend(io.chain.layers()[1..].iter().cloned());
                 io.chain = Arc::new(Chain::from_layers(layers));
-                io.writable = true;
+                io.writable = writable;
             }
-            Err(e) => self.problem(format!(
-                "{:?} is a leaf again but stays read-only: {e}",
-                point.name
-            )),
+            Err(e) => {
+                let _ = old.lock(LockMode::Reader);
+                problems.push(format!(
+                    "{:?} is a leaf again but stays read-only: {e}",
+                    point.name
+                ));
+            }
+        }
+        drop(io);
+        for p in problems {
+            self.problem(p);
         }
     }
 

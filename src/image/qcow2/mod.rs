@@ -78,6 +78,10 @@ pub struct Qcow2Layer {
     /// Whether clusters were allocated without data (`preallocation=
     /// metadata`), decided on first use; see `detect_metadata_preallocation`.
     metadata_preallocation: std::sync::OnceLock<bool>,
+    /// Autoclear features are cleared on the first write, not at open, so
+    /// opening an image (which may turn out to be locked by a running VM)
+    /// never changes it.
+    autoclear_cleared: std::sync::atomic::AtomicBool,
 }
 
 impl Qcow2Layer {
@@ -115,7 +119,6 @@ impl Qcow2Layer {
             write::check_writable(path, &header)?;
             meta.file_end = len.div_ceil(geom.cluster_size) * geom.cluster_size;
             meta.refs = Some(Refcounts::load(&file, path, &header, len)?);
-            write::clear_autoclear(&file, path, &header)?;
         }
         Ok(Qcow2Layer {
             path: path.to_path_buf(),
@@ -131,6 +134,7 @@ impl Qcow2Layer {
                 NonZeroUsize::new(COMPRESSED_CACHE).expect("nonzero"),
             )),
             metadata_preallocation: std::sync::OnceLock::new(),
+            autoclear_cleared: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -348,6 +352,14 @@ impl Layer for Qcow2Layer {
             at = span_end;
         }
         Ok(out)
+    }
+
+    fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
+        crate::image::lock::acquire(&self.file, mode)
+    }
+
+    fn unlock(&self) {
+        crate::image::lock::release(&self.file)
     }
 
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {

@@ -124,9 +124,19 @@ impl HostWriter<'_> {
 }
 
 impl Qcow2Layer {
+    /// Refuses writes to read-only images; before the first write, clears
+    /// the autoclear features (see `clear_autoclear`).
     fn require_writable(&self) -> Result<()> {
         if !self.writable {
             return Err(ImageError::invalid(&self.path, "image is open read-only"));
+        }
+        use std::sync::atomic::Ordering;
+        if !self.autoclear_cleared.load(Ordering::Acquire) {
+            let _w = self.meta.lock();
+            if !self.autoclear_cleared.load(Ordering::Acquire) {
+                clear_autoclear(&self.file, &self.path, &self.header)?;
+                self.autoclear_cleared.store(true, Ordering::Release);
+            }
         }
         Ok(())
     }
