@@ -504,7 +504,9 @@ impl Filesystem for SnapFs {
                 entries.push((inodes::TREE, FileType::RegularFile, "tree".into()));
                 entries.push((inodes::STATUS, FileType::RegularFile, "status".into()));
                 entries.push((inodes::MERGE_NOW, FileType::RegularFile, "merge-now".into()));
-                for p in self.tree.visible() {
+                let mut points = self.tree.visible();
+                points.sort_by_key(|p| p.id);
+                for p in points {
                     entries.push((
                         encode(Inode::Point(p.id, PointFile::Dir)),
                         FileType::Directory,
@@ -526,8 +528,15 @@ impl Filesystem for SnapFs {
             Some(Inode::Point(_, PointFile::Dir)) => return reply.error(Errno::ENOENT),
             _ => return reply.error(Errno::ENOTDIR),
         }
-        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+        // Each entry's cookie (the offset the kernel resumes from) is stable
+        // while the tree changes between two readdir calls: 1 and 2 for the
+        // dot entries, then the entry's inode number plus 2, ascending.
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate() {
+            let cookie = if i < 2 { i as u64 + 1 } else { ino + 2 };
+            if cookie <= offset {
+                continue;
+            }
+            if reply.add(INodeNo(ino), cookie, kind, name) {
                 break;
             }
         }

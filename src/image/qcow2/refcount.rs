@@ -148,9 +148,12 @@ impl Refcounts {
         file_end: &mut u64,
     ) -> Result<()> {
         let per_cluster = self.cluster_size / 8;
-        // Room for what is asked, the new table's own blocks, and growth.
-        let entries = (min_entries + 2)
-            .max(self.table.len() as u64 * 2)
+        let max_entries = header::MAX_REFTABLE_BYTES / 8;
+        // Room for what is asked and the new table's own blocks; double for
+        // growth, but never past the limit when less would do.
+        let needed = min_entries + 2;
+        let entries = needed
+            .max((self.table.len() as u64 * 2).min(max_entries))
             .div_ceil(per_cluster)
             * per_cluster;
         let clusters = entries / per_cluster;
