@@ -32,7 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// What an open file handle refers to.
+/// What an open file handle refers to (cheap to clone: Arcs).
+#[derive(Clone)]
 enum Handle {
     Disk(Arc<Point>),
     /// Text rendered at open.
@@ -91,6 +92,20 @@ impl SnapFs {
             let _ = done.send(());
         });
         let _ = wait.recv_timeout(Duration::from_secs(1));
+    }
+
+    /// The handle `fh` refers to, cloned so the table lock is not held
+    /// during the request.
+    fn handle(&self, fh: FileHandle) -> Option<Handle> {
+        self.handles.lock().get(&fh.0).cloned()
+    }
+
+    /// The point of a `disk.raw` handle.
+    fn disk_handle(&self, fh: FileHandle) -> Option<Arc<Point>> {
+        match self.handle(fh)? {
+            Handle::Disk(p) => Some(p),
+            _ => None,
+        }
     }
 
     fn new_handle(&self, h: Handle) -> FileHandle {
@@ -386,12 +401,8 @@ impl Filesystem for SnapFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let h = match self.handles.lock().get(&fh.0) {
-            Some(Handle::Disk(p)) => Handle::Disk(p.clone()),
-            Some(Handle::Text(t)) => Handle::Text(t.clone()),
-            Some(Handle::Ctl(p)) => Handle::Ctl(p.clone()),
-            Some(Handle::MergeNow) => Handle::MergeNow,
-            None => return reply.error(Errno::EBADF),
+        let Some(h) = self.handle(fh) else {
+            return reply.error(Errno::EBADF);
         };
         match h {
             Handle::Disk(p) => match disk::read(&self.tree, &p, offset, size) {
@@ -419,12 +430,8 @@ impl Filesystem for SnapFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        let h = match self.handles.lock().get(&fh.0) {
-            Some(Handle::Disk(p)) => Handle::Disk(p.clone()),
-            Some(Handle::Ctl(p)) => Handle::Ctl(p.clone()),
-            Some(Handle::MergeNow) => Handle::MergeNow,
-            Some(Handle::Text(_)) => return reply.error(Errno::EBADF),
-            None => return reply.error(Errno::EBADF),
+        let Some(h) = self.handle(fh) else {
+            return reply.error(Errno::EBADF);
         };
         let r = match h {
             Handle::Disk(p) => disk::write(&self.tree, &p, offset, data),
@@ -452,9 +459,8 @@ impl Filesystem for SnapFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let p = match self.handles.lock().get(&fh.0) {
-            Some(Handle::Disk(p)) => p.clone(),
-            _ => return reply.ok(),
+        let Some(p) = self.disk_handle(fh) else {
+            return reply.ok();
         };
         match disk::fsync(&p) {
             Ok(()) => reply.ok(),
@@ -560,9 +566,8 @@ impl Filesystem for SnapFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let p = match self.handles.lock().get(&fh.0) {
-            Some(Handle::Disk(p)) => p.clone(),
-            _ => return reply.error(Errno::EBADF),
+        let Some(p) = self.disk_handle(fh) else {
+            return reply.error(Errno::EBADF);
         };
         match disk::fallocate(&self.tree, &p, offset, length, mode) {
             Ok(()) => reply.ok(),
@@ -579,9 +584,8 @@ impl Filesystem for SnapFs {
         whence: i32,
         reply: fuser::ReplyLseek,
     ) {
-        let p = match self.handles.lock().get(&fh.0) {
-            Some(Handle::Disk(p)) => p.clone(),
-            _ => return reply.error(Errno::EINVAL),
+        let Some(p) = self.disk_handle(fh) else {
+            return reply.error(Errno::EINVAL);
         };
         match disk::seek(&p, offset, whence) {
             Ok(o) => reply.offset(o),

@@ -124,6 +124,19 @@ impl Tree {
         self.opts.read_only
     }
 
+    /// A new point with a fresh id.
+    pub(crate) fn new_point(&self, name: String, created: u64, io: PointIo) -> Arc<Point> {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Arc::new(Point {
+            id,
+            name,
+            created,
+            io: RwLock::new(io),
+        })
+    }
+
     /// Visible points, by name.
     pub fn visible(&self) -> Vec<Arc<Point>> {
         let nodes = self.nodes.read();

@@ -5,7 +5,7 @@
 
 use super::discover::{self, Found};
 use super::manifest::{self, ManifestPoint};
-use super::{Node, Point, PointIo, StatusLog, Tree, TreeOptions};
+use super::{Node, PointIo, StatusLog, Tree, TreeOptions};
 use crate::chain::Chain;
 use crate::image::lock::LockMode;
 use crate::image::{probe, Format, Layer};
@@ -250,19 +250,16 @@ impl Tree {
             let mut layers = vec![layer];
             layers.extend(parent_layers);
             let created = m.map(|m| m.created).unwrap_or_else(|| mtime(&path));
-            let id = self
-                .next_id
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let point = Arc::new(Point {
-                id,
+            let point = self.new_point(
                 name,
                 created,
-                io: RwLock::new(PointIo {
+                PointIo {
                     chain: Arc::new(Chain::from_layers(layers)),
                     image: path.clone(),
                     writable,
-                }),
-            });
+                },
+            );
+            let id = point.id;
             if let Some(pid) = parent_id {
                 if let Some(n) = nodes.get_mut(&pid) {
                     let n: &mut Node = n;

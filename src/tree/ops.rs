@@ -19,10 +19,8 @@ use crate::chain::Chain;
 use crate::image::lock::LockMode;
 use crate::image::qcow2::create::{create, CreateOptions};
 use crate::image::{probe, Format, Layer};
-use parking_lot::RwLock;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Names that would clash with the mount's own files or with paths.
@@ -210,17 +208,16 @@ impl Tree {
             }
         };
         drop(leaf_layer);
-        let new_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frozen_point = Arc::new(Point {
-            id: new_id,
-            name: name.to_string(),
-            created: now(),
-            io: RwLock::new(PointIo {
+        let frozen_point = self.new_point(
+            name.to_string(),
+            now(),
+            PointIo {
                 chain: frozen_chain,
                 image: frozen_image,
                 writable: false,
-            }),
-        });
+            },
+        );
+        let new_id = frozen_point.id;
         io.chain = leaf_chain;
         io.image = leaf_image;
         drop(io);
@@ -294,17 +291,16 @@ impl Tree {
         layers.extend(io.chain.layers().iter().cloned());
         io.writable = false;
         drop(io);
-        let new_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let child = Arc::new(Point {
-            id: new_id,
-            name: name.to_string(),
-            created: now(),
-            io: RwLock::new(PointIo {
+        let child = self.new_point(
+            name.to_string(),
+            now(),
+            PointIo {
                 chain: Arc::new(Chain::from_layers(layers)),
                 image,
                 writable: true,
-            }),
-        });
+            },
+        );
+        let new_id = child.id;
         {
             let mut nodes = self.nodes.write();
             nodes.insert(
