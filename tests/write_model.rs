@@ -172,6 +172,27 @@ fn run_model(dir: &Path, leaf: &str, cluster: u64, steps: usize, seed: u64) {
     check_all(&chain, &model, "reopen");
 }
 
+/// `top.qcow2` on `base.qcow2`, made by qemu-img with `-o OPTS`.
+fn overlay_on_base(dir: &Path, opts: &str) {
+    sh(
+        dir,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+}
+
 /// A base with patterned data (and zeros, discards) under `leaf`.
 fn base_with_data(dir: &Path, create_opts: &[&str], size: &str) {
     let mut args = vec!["qemu-img", "create", "-q", "-f", "qcow2"];
@@ -219,23 +240,7 @@ fn overlay_by_qemu_v2_512b_clusters() {
     }
     let d = tmp();
     base_with_data(d.path(), &["-o", "compat=0.10,cluster_size=512"], "2M");
-    sh(
-        d.path(),
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10,cluster_size=512",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    overlay_on_base(d.path(), "compat=0.10,cluster_size=512");
     run_model(d.path(), "top.qcow2", 512, 150, 2);
 }
 
@@ -246,23 +251,7 @@ fn overlay_extended_l2_subclusters() {
     }
     let d = tmp();
     base_with_data(d.path(), &[], "2M");
-    sh(
-        d.path(),
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on,cluster_size=64k",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    overlay_on_base(d.path(), "extended_l2=on,cluster_size=64k");
     sh(
         d.path(),
         &[
@@ -286,23 +275,7 @@ fn refcount_widths_1_and_64_with_small_clusters() {
         let d = tmp();
         base_with_data(d.path(), &[], "2M");
         let o = format!("refcount_bits={bits},cluster_size=1k");
-        sh(
-            d.path(),
-            &[
-                "qemu-img",
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &o,
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "top.qcow2",
-            ],
-        );
+        overlay_on_base(d.path(), &o);
         run_model(d.path(), "top.qcow2", 1024, 120, seed);
     }
 }
