@@ -79,7 +79,7 @@ impl SnapFs {
         };
         let disks: Vec<u64> = self
             .tree
-            .visible()
+            .visible_disks()
             .iter()
             .map(|p| encode(Inode::Point(p.id, PointFile::Disk)))
             .collect();
@@ -206,7 +206,15 @@ impl SnapFs {
                     .map(|p| Inode::Point(p.id, PointFile::Dir)),
             },
             Inode::Point(p, PointFile::Dir) => {
-                let f = PointFile::from_name(name)?;
+                if let Some(m) = self
+                    .tree
+                    .members(p)
+                    .into_iter()
+                    .find(|m| m.disk_file() == name)
+                {
+                    return Some(Inode::Point(m.id, PointFile::Disk));
+                }
+                let f = PointFile::from_name(name).filter(|f| *f != PointFile::Disk)?;
                 if f == PointFile::Parent && self.visible_parent(p).is_none() {
                     return None;
                 }
@@ -527,6 +535,13 @@ impl Filesystem for SnapFs {
                     if *f == PointFile::Parent && self.visible_parent(p).is_none() {
                         continue;
                     }
+                    if *f == PointFile::Disk {
+                        for m in self.tree.members(p) {
+                            let ino = encode(Inode::Point(m.id, PointFile::Disk));
+                            entries.push((ino, point_kind(*f), m.disk_file()));
+                        }
+                        continue;
+                    }
                     entries.push((encode(Inode::Point(p, *f)), point_kind(*f), f.name().into()));
                 }
             }
@@ -534,6 +549,7 @@ impl Filesystem for SnapFs {
             Some(Inode::Point(_, PointFile::Dir)) => return reply.error(Errno::ENOENT),
             _ => return reply.error(Errno::ENOTDIR),
         }
+        entries[2..].sort_by_key(|e| e.0);
         // Each entry's cookie (the offset the kernel resumes from) is stable
         // while the tree changes between two readdir calls: 1 and 2 for the
         // dot entries, then the entry's inode number plus 2, ascending.

@@ -35,6 +35,11 @@ pub struct ManifestPoint {
     /// whatever its guest wrote, so its format is recorded, not guessed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
+    /// The disk this image is, when a snapshot point has several: the
+    /// entries sharing a `name` are one point, one entry per disk, and the
+    /// mount shows `<disk>.raw` for each. Absent for a one-disk point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
     /// Memory checkpoint file, relative to the tree directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,

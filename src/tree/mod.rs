@@ -68,9 +68,20 @@ pub struct PointIo {
 pub struct Point {
     pub id: u64,
     pub name: String,
+    /// Which disk of a multi-disk snapshot point this is (`None` when the
+    /// point has one disk). The points of one name form one snapshot point
+    /// shown as one directory, one `<disk>.raw` per member.
+    pub disk: Option<String>,
     /// Seconds since the Unix epoch.
     pub created: u64,
     pub io: RwLock<PointIo>,
+}
+
+impl Point {
+    /// The file name of this disk in its point's directory.
+    pub fn disk_file(&self) -> String {
+        format!("{}.raw", self.disk.as_deref().unwrap_or("disk"))
+    }
 }
 
 pub(crate) struct Node {
@@ -125,19 +136,27 @@ impl Tree {
     }
 
     /// A new point with a fresh id.
-    pub(crate) fn new_point(&self, name: String, created: u64, io: PointIo) -> Arc<Point> {
+    pub(crate) fn new_point(
+        &self,
+        name: String,
+        disk: Option<String>,
+        created: u64,
+        io: PointIo,
+    ) -> Arc<Point> {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Arc::new(Point {
             id,
             name,
+            disk,
             created,
             io: RwLock::new(io),
         })
     }
 
-    /// Visible points, by name.
+    /// Visible snapshot points, by name: one per name (its first disk,
+    /// the one the point's directory, `ctl` and `info.json` belong to).
     pub fn visible(&self) -> Vec<Arc<Point>> {
         let nodes = self.nodes.read();
         let mut v: Vec<Arc<Point>> = nodes
@@ -145,17 +164,45 @@ impl Tree {
             .filter(|n| !n.hidden)
             .map(|n| n.point.clone())
             .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v.sort_by(|a, b| (&a.name, &a.disk).cmp(&(&b.name, &b.disk)));
+        v.dedup_by(|b, a| a.name == b.name);
         v
     }
 
-    /// The visible point called `name`.
+    /// Every disk of every visible snapshot point.
+    pub fn visible_disks(&self) -> Vec<Arc<Point>> {
+        self.nodes
+            .read()
+            .values()
+            .filter(|n| !n.hidden)
+            .map(|n| n.point.clone())
+            .collect()
+    }
+
+    /// The visible snapshot point called `name` (its first disk).
     pub fn lookup(&self, name: &str) -> Option<Arc<Point>> {
         self.nodes
             .read()
             .values()
-            .find(|n| !n.hidden && n.point.name == name)
+            .filter(|n| !n.hidden && n.point.name == name)
             .map(|n| n.point.clone())
+            .min_by(|a, b| a.disk.cmp(&b.disk))
+    }
+
+    /// Every disk of the snapshot point `id` belongs to, ordered by disk
+    /// name (`id` itself included).
+    pub fn members(&self, id: u64) -> Vec<Arc<Point>> {
+        let nodes = self.nodes.read();
+        let Some(name) = nodes.get(&id).map(|n| n.point.name.clone()) else {
+            return Vec::new();
+        };
+        let mut v: Vec<Arc<Point>> = nodes
+            .values()
+            .filter(|n| n.point.name == name)
+            .map(|n| n.point.clone())
+            .collect();
+        v.sort_by(|a, b| a.disk.cmp(&b.disk));
+        v
     }
 
     /// The id of the point called `name`, hidden or not.

@@ -158,15 +158,34 @@ impl Tree {
                 usable.insert(path.clone());
             }
         }
-        // Names: the manifest's, else the file stem, made unique.
+        // Names: the manifest's, else the file stem, made unique. Entries
+        // of one name with different `disk`s are the disks of one point.
         let mut names: HashMap<PathBuf, String> = HashMap::new();
+        let mut disks: HashMap<PathBuf, Option<String>> = HashMap::new();
         let mut taken: HashSet<String> = self.foreign.iter().map(|m| m.name.clone()).collect();
+        let mut taken_disks: HashSet<(String, Option<String>)> = self
+            .foreign
+            .iter()
+            .map(|m| (m.name.clone(), m.disk.clone()))
+            .collect();
         let mut ordered: Vec<&PathBuf> = usable.iter().collect();
         ordered.sort();
         for p in &ordered {
             if let Some(m) = by_image.get(&file_name(p)) {
-                if taken.insert(m.name.clone()) {
+                let disk = m.disk.clone().filter(|d| {
+                    let ok = super::ops::valid_name(d);
+                    if !ok {
+                        problems.push(format!(
+                            "manifest: {:?} is not a usable disk name (point {:?}); ignored",
+                            d, m.name
+                        ));
+                    }
+                    ok
+                });
+                if taken_disks.insert((m.name.clone(), disk.clone())) {
+                    taken.insert(m.name.clone());
                     names.insert((*p).clone(), m.name.clone());
+                    disks.insert((*p).clone(), disk);
                 }
             }
         }
@@ -250,8 +269,10 @@ impl Tree {
             let mut layers = vec![layer];
             layers.extend(parent_layers);
             let created = m.map(|m| m.created).unwrap_or_else(|| mtime(&path));
+            let disk = disks.get(&path).cloned().flatten();
             let point = self.new_point(
                 name,
+                disk,
                 created,
                 PointIo {
                     chain: Arc::new(Chain::from_layers(layers)),
@@ -278,7 +299,36 @@ impl Tree {
             ids.insert(path.clone(), id);
             queue.extend(kids);
         }
+        check_groups(&nodes, problems);
         *self.nodes.write() = nodes;
+    }
+}
+
+/// The disks of one multi-disk point must hang under one parent point and
+/// agree on being hidden; the images are the truth, so a mismatch is
+/// reported (the disks still show under the shared name).
+fn check_groups(nodes: &BTreeMap<u64, Node>, problems: &mut Vec<String>) {
+    let mut groups: BTreeMap<&str, Vec<&Node>> = BTreeMap::new();
+    for n in nodes.values() {
+        groups.entry(n.point.name.as_str()).or_default().push(n);
+    }
+    for (name, members) in groups.into_iter().filter(|(_, m)| m.len() > 1) {
+        let parent_name = |n: &Node| {
+            n.parent
+                .and_then(|p| nodes.get(&p))
+                .map(|p| p.point.name.clone())
+        };
+        let first = parent_name(members[0]);
+        if members.iter().any(|m| parent_name(m) != first) {
+            problems.push(format!(
+                "the disks of {name:?} have different parents in their images' backing files; each disk reads its own chain"
+            ));
+        }
+        if members.iter().any(|m| m.hidden != members[0].hidden) {
+            problems.push(format!(
+                "some disks of {name:?} are hidden and some are not"
+            ));
+        }
     }
 }
 

@@ -76,6 +76,15 @@ fn rename_noreplace(from: &Path, to: &Path) -> Result<(), TreeError> {
     Ok(())
 }
 
+/// The image file of point NAME: `NAME.ext`, or `NAME.DISK.ext` for one
+/// disk of a multi-disk point, so the disks of one point never collide.
+fn image_file_name(name: &str, disk: Option<&str>, ext: &str) -> String {
+    match disk {
+        Some(d) => format!("{name}.{d}.{ext}"),
+        None => format!("{name}.{ext}"),
+    }
+}
+
 impl Tree {
     fn check_new_name(&self, nodes: &BTreeMap<u64, Node>, name: &str) -> Result<(), TreeError> {
         if !valid_name(name) {
@@ -99,13 +108,65 @@ impl Tree {
         Ok(())
     }
 
-    /// `snapshot NAME` on leaf `id`.
+    /// `snapshot NAME` on leaf `id`: every disk of the point is
+    /// snapshotted, each as one atomic step. Refusals (not a leaf,
+    /// read-only, name taken) are checked for all disks first, so they
+    /// change nothing.
     pub fn snapshot(&self, id: u64, name: &str) -> Result<(), TreeError> {
         self.writable_check()?;
         let _ops = self.ops.lock();
+        self.check_new_name(&self.nodes.read(), name)?;
+        let members = self.members(id);
+        for m in &members {
+            let nodes = self.nodes.read();
+            if nodes.get(&m.id).is_some_and(|n| !n.children.is_empty()) {
+                return Err(err(
+                    libc::EINVAL,
+                    format!(
+                        "{:?} is not a leaf; `snapshot` works on leaves (use `clone` here)",
+                        m.name
+                    ),
+                ));
+            }
+            if !m.io.read().writable {
+                return Err(err(libc::EROFS, format!("{:?} is read-only", m.name)));
+            }
+        }
+        self.for_each_disk(&members, "snapshot", name, |m| {
+            self.snapshot_disk(m.id, name)
+        })
+    }
+
+    /// Runs `op` on each disk of a point, stopping at the first failure,
+    /// whose message then says which disks were done (each disk's step is
+    /// atomic, the point's is not).
+    fn for_each_disk(
+        &self,
+        members: &[Arc<Point>],
+        what: &str,
+        name: &str,
+        mut op: impl FnMut(&Arc<Point>) -> Result<(), TreeError>,
+    ) -> Result<(), TreeError> {
+        let mut done = Vec::new();
+        for m in members {
+            if let Err(e) = op(m) {
+                if done.is_empty() {
+                    return Err(e);
+                }
+                return Err(err(
+                    e.errno,
+                    format!("{what} {name}: disk {} failed ({e}) after disks {} were done; {name:?} holds only those", m.disk.as_deref().unwrap_or("disk"), done.join(", ")),
+                ));
+            }
+            done.push(m.disk.clone().unwrap_or_else(|| "disk".into()));
+        }
+        Ok(())
+    }
+
+    /// Snapshot of one disk (leaf `id`) as NAME.
+    fn snapshot_disk(&self, id: u64, name: &str) -> Result<(), TreeError> {
         let (point, parent) = {
             let nodes = self.nodes.read();
-            self.check_new_name(&nodes, name)?;
             let n = nodes
                 .get(&id)
                 .ok_or_else(|| err(libc::ENOENT, "no such snapshot point"))?;
@@ -131,7 +192,8 @@ impl Tree {
             .extension()
             .map(|e| e.to_string_lossy().into_owned())
             .unwrap_or_else(|| "qcow2".into());
-        let frozen_image = self.dir.join(format!("{name}.{ext}"));
+        let frozen_file = image_file_name(name, point.disk.as_deref(), &ext);
+        let frozen_image = self.dir.join(&frozen_file);
         if frozen_image.exists() {
             return Err(err(
                 libc::EEXIST,
@@ -153,10 +215,7 @@ impl Tree {
         }
         let tmp = PathBuf::from(format!("{}{TMP_SUFFIX}", leaf_image.display()));
         let mut opts = CreateOptions::new(leaf_layer.virtual_size());
-        opts.backing = Some((
-            format!("{name}.{ext}"),
-            leaf_layer.format().name().to_string(),
-        ));
+        opts.backing = Some((frozen_file, leaf_layer.format().name().to_string()));
         if let Some(cs) = leaf_layer.info().ok().and_then(|i| i.cluster_size) {
             opts.cluster_bits = cs.trailing_zeros().clamp(9, 21);
         }
@@ -210,6 +269,7 @@ impl Tree {
         drop(leaf_layer);
         let frozen_point = self.new_point(
             name.to_string(),
+            point.disk.clone(),
             now(),
             PointIo {
                 chain: frozen_chain,
@@ -248,23 +308,28 @@ impl Tree {
         self.save_manifest()
     }
 
-    /// `clone NAME` on point `id`: a new writable leaf whose parent it is.
+    /// `clone NAME` on point `id`: a new writable leaf whose parent it is,
+    /// with one overlay per disk.
     pub fn clone_point(&self, id: u64, name: &str) -> Result<(), TreeError> {
         self.writable_check()?;
         let _ops = self.ops.lock();
-        let point = {
-            let nodes = self.nodes.read();
-            self.check_new_name(&nodes, name)?;
-            nodes
-                .get(&id)
-                .ok_or_else(|| err(libc::ENOENT, "no such snapshot point"))?
-                .point
-                .clone()
-        };
+        self.check_new_name(&self.nodes.read(), name)?;
+        let members = self.members(id);
+        if members.is_empty() {
+            return Err(err(libc::ENOENT, "no such snapshot point"));
+        }
+        self.for_each_disk(&members, "clone", name, |m| self.clone_disk(m, name))
+    }
+
+    /// Clone of one disk (`point`) as NAME.
+    fn clone_disk(&self, point: &Arc<Point>, name: &str) -> Result<(), TreeError> {
+        let id = point.id;
         // The parent stops being a leaf: drain its writes first.
         let mut io = point.io.write();
         io.chain.flush().map_err(|e| image_err(&e, e.errno()))?;
-        let image = self.dir.join(format!("{name}.qcow2"));
+        let image = self
+            .dir
+            .join(image_file_name(name, point.disk.as_deref(), "qcow2"));
         let parent_file = io
             .image
             .file_name()
@@ -293,6 +358,7 @@ impl Tree {
         drop(io);
         let child = self.new_point(
             name.to_string(),
+            point.disk.clone(),
             now(),
             PointIo {
                 chain: Arc::new(Chain::from_layers(layers)),
@@ -319,10 +385,21 @@ impl Tree {
         self.save_manifest()
     }
 
-    /// `delete` (or `rmdir`) of point `id`.
+    /// `delete` (or `rmdir`) of point `id`, all its disks.
     pub fn delete(&self, id: u64) -> Result<(), TreeError> {
         self.writable_check()?;
         let _ops = self.ops.lock();
+        let members = self.members(id);
+        if members.is_empty() {
+            return Err(err(libc::ENOENT, "no such snapshot point"));
+        }
+        let name = members[0].name.clone();
+        self.for_each_disk(&members, "delete", &name, |m| self.delete_disk(m.id))
+    }
+
+    /// Delete of one disk: hidden if it has children, else removed with
+    /// the hidden ancestors nothing needs any more.
+    fn delete_disk(&self, id: u64) -> Result<(), TreeError> {
         let has_children = {
             let nodes = self.nodes.read();
             !nodes
@@ -434,6 +511,7 @@ impl Tree {
                     .map(|p| p.point.name.clone()),
                 created: n.point.created,
                 hidden: n.hidden,
+                disk: n.point.disk.clone(),
                 format: Some(n.point.io.read().chain.leaf().format().name().to_string()),
                 memory: None,
             })

@@ -16,6 +16,7 @@ impl Tree {
             .iter()
             .filter(|(_, n)| n.parent.is_none())
             .map(|(id, _)| *id)
+            .filter(|id| is_first_disk(&nodes, *id))
             .collect();
         roots.sort_by(|a, b| nodes[a].point.name.cmp(&nodes[b].point.name));
         for r in roots {
@@ -61,20 +62,27 @@ impl Tree {
         out
     }
 
-    /// `info.json` of point `id`.
+    /// `info.json` of point `id`, with every disk of the point.
     pub fn info_json(&self, id: u64) -> Option<String> {
         let v = self.view(id)?;
-        let io = v.point.io.read();
-        let leaf = io.chain.leaf();
-        let held = leaf.allocated_bytes().ok();
-        let disk = json!({
-            "format": leaf.format().name(),
-            "image": io.image.file_name().map(|n| n.to_string_lossy().into_owned()),
-            "virtual_size": io.chain.size(),
-            "chain_depth": io.chain.layers().len(),
-            "bytes_held": held,
-            "writable": io.writable,
-        });
+        let mut disks = serde_json::Map::new();
+        for m in self.members(id) {
+            let io = m.io.read();
+            let leaf = io.chain.leaf();
+            let held = leaf.allocated_bytes().ok();
+            disks.insert(
+                m.disk.clone().unwrap_or_else(|| "disk".into()),
+                json!({
+                    "file": m.disk_file(),
+                    "format": leaf.format().name(),
+                    "image": io.image.file_name().map(|n| n.to_string_lossy().into_owned()),
+                    "virtual_size": io.chain.size(),
+                    "chain_depth": io.chain.layers().len(),
+                    "bytes_held": held,
+                    "writable": io.writable,
+                }),
+            );
+        }
         let j = json!({
             "name": v.point.name,
             "parent": v.parent,
@@ -82,15 +90,24 @@ impl Tree {
             "created": v.point.created,
             "kind": if v.children.is_empty() { "leaf" } else { "snapshot" },
             "hidden": v.hidden,
-            "disks": { "disk": disk },
+            "disks": disks,
         });
         Some(serde_json::to_string_pretty(&j).unwrap_or_default() + "\n")
     }
 }
 
+/// Whether `id` is the first disk of its point: the one the drawing shows
+/// (the other disks of a point hang in parallel chains under the first
+/// disks of the parent's point).
+fn is_first_disk(nodes: &BTreeMap<u64, Node>, id: u64) -> bool {
+    let me = &nodes[&id].point;
+    !nodes
+        .values()
+        .any(|n| n.point.name == me.name && n.point.disk < me.disk)
+}
+
 fn draw(nodes: &BTreeMap<u64, Node>, id: u64, first: &str, rest: &str, out: &mut String) {
     let n = &nodes[&id];
-    let io = n.point.io.read();
     let mut flags = Vec::new();
     if n.children.is_empty() {
         flags.push("leaf");
@@ -98,22 +115,40 @@ fn draw(nodes: &BTreeMap<u64, Node>, id: u64, first: &str, rest: &str, out: &mut
     if n.hidden {
         flags.push("hidden");
     }
-    if !io.writable && n.children.is_empty() {
+    let mut disks = Vec::new();
+    let mut read_only = false;
+    for m in nodes.values().filter(|m| m.point.name == n.point.name) {
+        let io = m.point.io.read();
+        read_only |= !io.writable && m.children.is_empty();
+        let what = format!(
+            "{}, depth {}",
+            human_size(io.chain.size()),
+            io.chain.layers().len()
+        );
+        disks.push((m.point.disk.clone(), what));
+    }
+    disks.sort();
+    if read_only {
         flags.push("read-only");
     }
+    let detail = match disks.as_slice() {
+        [(None, what)] => what.clone(),
+        _ => disks
+            .iter()
+            .map(|(d, what)| format!("{}: {what}", d.as_deref().unwrap_or("disk")))
+            .collect::<Vec<_>>()
+            .join("; "),
+    };
     let _ = writeln!(
         out,
-        "{first}{}  ({}, depth {}){}",
+        "{first}{}  ({detail}){}",
         n.point.name,
-        human_size(io.chain.size()),
-        io.chain.layers().len(),
         if flags.is_empty() {
             String::new()
         } else {
             format!(" [{}]", flags.join(", "))
         }
     );
-    drop(io);
     let mut kids = n.children.clone();
     kids.sort_by(|a, b| nodes[a].point.name.cmp(&nodes[b].point.name));
     for (i, k) in kids.iter().enumerate() {

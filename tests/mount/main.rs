@@ -13,6 +13,7 @@
 
 mod lifecycle;
 mod model_tree;
+mod multidisk;
 mod reads;
 mod support;
 mod tree;
