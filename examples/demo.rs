@@ -107,6 +107,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         read_only: false,
         allow_external_backing: false,
         max_depth: 1024,
+        gc: Default::default(),
     };
     let tree = Arc::new(Tree::open(d, opts)?);
     let config = MountConfig {

@@ -13,5 +13,6 @@ pub mod error;
 pub mod fileio;
 pub mod fs;
 pub mod image;
+pub mod merge;
 pub mod tree;
 pub mod units;

@@ -7,6 +7,7 @@
 //! leaf, which completes partial clusters from the layers below, and then
 //! patch the index.
 
+pub mod dirty;
 pub mod index;
 pub mod open;
 pub mod resolve;
@@ -90,6 +91,8 @@ pub struct Chain {
     last_end: AtomicU64,
     /// A read-ahead resolver thread is running.
     resolving_ahead: Arc<AtomicBool>,
+    /// Writes since the merge engine last asked (see `dirty`).
+    pub dirty: dirty::DirtyLog,
 }
 
 /// Regions resolved ahead of a sequential reader. Resolving a cold region
@@ -122,6 +125,7 @@ impl Chain {
             index: Arc::new(ResolutionIndex::new(size)),
             last_end: AtomicU64::new(u64::MAX),
             resolving_ahead: Arc::new(AtomicBool::new(false)),
+            dirty: dirty::DirtyLog::default(),
         }
     }
 
@@ -293,6 +297,7 @@ impl Chain {
         let leaf = self.leaf_for_write()?;
         let r = leaf.write(offset, data, &Below(self));
         self.leaf_changed(offset, data.len() as u64);
+        self.dirty.record(offset, data.len() as u64);
         Ok(r?)
     }
 
@@ -302,6 +307,7 @@ impl Chain {
         let leaf = self.leaf_for_write()?;
         let r = leaf.write_zeroes(offset, len, &Below(self));
         self.leaf_changed(offset, len);
+        self.dirty.record(offset, len);
         Ok(r?)
     }
 

@@ -5,6 +5,7 @@
 mod export;
 mod info;
 mod map;
+mod merge;
 mod mount;
 
 use crate::chain::{Chain, OpenOptions, DEFAULT_MAX_DEPTH};
@@ -40,6 +41,10 @@ enum Command {
     /// its disk as a flat file (`disk.raw`), `info.json`, a `ctl` file and
     /// a `parent` link; `tree`, `status` and `merge-now` at the top.
     Mount(mount::MountArgs),
+    /// Coalesce hidden snapshot points into their only child, offline
+    /// (the tree must not be mounted): every visible point reads the same
+    /// bytes before, during and after, also if the merge is interrupted.
+    Merge(merge::MergeArgs),
 }
 
 /// How to open a chain; shared by every subcommand.
@@ -79,6 +84,7 @@ pub fn run() -> i32 {
         Command::Map(a) => map::run(a),
         Command::Export(a) => export::run(a),
         Command::Mount(a) => mount::run(a),
+        Command::Merge(a) => merge::run(a),
     };
     match result {
         Ok(()) => 0,

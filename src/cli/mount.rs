@@ -28,8 +28,12 @@ pub struct MountArgs {
     /// Where to mount.
     mountpoint: PathBuf,
     /// Comma-separated mount options: `ro` (everything read-only), `rw`,
-    /// `allow_other`, `allow_root`; fstab's `defaults`, `auto`, `noauto`,
-    /// `user`, `nofail`, `_netdev` and `x-*` are accepted and ignored.
+    /// `allow_other`, `allow_root`; the background merge of hidden points:
+    /// `gc_idle=SECONDS` (start after this long without disk I/O; `off`
+    /// never; default 10), `gc_step=BYTES` (copied per step, suffixes K M
+    /// G; default 4M), `gc_pause=MS` (pause after each step; default 5).
+    /// fstab's `defaults`, `auto`, `noauto`, `user`, `nofail`, `_netdev`
+    /// and `x-*` are accepted and ignored.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Stay in the foreground (default: return once mounted).
@@ -52,6 +56,36 @@ struct Options {
     read_only: bool,
     allow_other: bool,
     allow_root: bool,
+    gc: crate::merge::GcSettings,
+}
+
+/// `4M`, `512K`, `1G`, `65536`.
+fn parse_bytes(v: &str) -> Option<u64> {
+    let (num, mul) = match v.char_indices().last()? {
+        (i, 'K' | 'k') => (&v[..i], 1u64 << 10),
+        (i, 'M' | 'm') => (&v[..i], 1 << 20),
+        (i, 'G' | 'g') => (&v[..i], 1 << 30),
+        _ => (v, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mul)
+}
+
+/// A `gc_*=VALUE` option.
+fn parse_gc(o: &mut Options, key: &str, value: &str) -> CliResult {
+    use std::time::Duration;
+    let bad = || format!("mount option {key}={value}: not a valid value");
+    match key {
+        "gc_idle" if value == "off" => o.gc.idle = None,
+        "gc_idle" => o.gc.idle = Some(Duration::from_secs(value.parse().map_err(|_| bad())?)),
+        "gc_step" => {
+            o.gc.step_bytes = parse_bytes(value)
+                .filter(|b| (64 << 10..=1 << 30).contains(b))
+                .ok_or_else(|| format!("{}; gc_step takes 64K..1G", bad()))?
+        }
+        "gc_pause" => o.gc.pause = Duration::from_millis(value.parse().map_err(|_| bad())?),
+        _ => return Err(format!("unknown mount option {key:?}").into()),
+    }
+    Ok(())
 }
 
 fn parse_options(raw: &[String]) -> CliResult<Options> {
@@ -70,10 +104,14 @@ fn parse_options(raw: &[String]) -> CliResult<Options> {
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "nofail" | "_netdev" | "dev"
             | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "async" | "atime" | "noatime"
             | "relatime" => {}
+            g if g.starts_with("gc_") && g.contains('=') => {
+                let (k, v) = g.split_once('=').unwrap_or((g, ""));
+                parse_gc(&mut o, k, v)?;
+            }
             o if o.starts_with("x-") || o.starts_with("comment=") => {}
             other => {
                 return Err(format!(
-                    "unknown mount option {other:?} (known: ro, rw, allow_other, allow_root)"
+                    "unknown mount option {other:?} (known: ro, rw, allow_other, allow_root, gc_idle=, gc_step=, gc_pause=)"
                 )
                 .into())
             }
@@ -140,6 +178,7 @@ fn run_foreground(a: &MountArgs, o: &Options) -> CliResult {
             read_only: o.read_only,
             allow_external_backing: a.chain.allow_external_backing,
             max_depth: a.chain.max_depth,
+            gc: o.gc.clone(),
         },
     )?;
     let tree = Arc::new(tree);

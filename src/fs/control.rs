@@ -19,10 +19,7 @@ pub fn run_ctl(tree: &Tree, id: u64, point_name: &str, data: &[u8]) -> Result<()
         ("snapshot", Some(name), None) => tree.snapshot(id, name),
         ("clone", Some(name), None) => tree.clone_point(id, name),
         ("delete", None, None) => tree.delete(id),
-        ("merge", None, None) => Err(TreeError::new(
-            libc::EOPNOTSUPP,
-            "`merge` needs the merge engine, which this version does not have yet; `delete` hides the point meanwhile",
-        )),
+        ("merge", None, None) => tree.merge_point(id).map(|_| ()),
         ("snapshot" | "clone", None, None) => Err(TreeError::new(libc::EINVAL, format!("`{cmd}` needs a NAME: `{cmd} NAME`"))),
         _ => Err(TreeError::new(
             libc::EINVAL,
@@ -33,12 +30,11 @@ pub fn run_ctl(tree: &Tree, id: u64, point_name: &str, data: &[u8]) -> Result<()
     result
 }
 
-/// A write to `merge-now`.
+/// A write to `merge-now`: coalesce everything coalescable, at full speed.
 pub fn run_merge_now(tree: &Tree) -> Result<(), TreeError> {
-    let result = Err(TreeError::new(
-        libc::EOPNOTSUPP,
-        "merge-now needs the merge engine, which this version does not have yet; hidden points stay until then",
-    ));
+    let result = tree
+        .merge_all(&crate::merge::Throttle::full())
+        .map(|_| ());
     tree.record("merge-now", &result);
     result
 }

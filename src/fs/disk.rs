@@ -20,6 +20,7 @@ fn alive(tree: &Tree, p: &Point) -> Result<(), Errno> {
 
 pub fn read(tree: &Tree, p: &Point, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
     alive(tree, p)?;
+    tree.merge.note_io();
     let io = p.io.read();
     let end = (offset.saturating_add(size as u64)).min(io.chain.size());
     if offset >= end {
@@ -36,6 +37,7 @@ pub fn read(tree: &Tree, p: &Point, offset: u64, size: u32) -> Result<Vec<u8>, E
 
 pub fn write(tree: &Tree, p: &Point, offset: u64, data: &[u8]) -> Result<(), Errno> {
     alive(tree, p)?;
+    tree.merge.note_io();
     let io = p.io.read();
     if !io.writable {
         return Err(Errno::EROFS);

@@ -422,7 +422,13 @@ impl Filesystem for SnapFs {
                 let e = (s + size as usize).min(t.len());
                 reply.data(&t[s..e])
             }
-            Handle::Ctl(_) | Handle::MergeNow => reply.data(&[]),
+            Handle::MergeNow => {
+                let t = self.tree.merge.last_text().into_bytes();
+                let s = (offset as usize).min(t.len());
+                let e = (s + size as usize).min(t.len());
+                reply.data(&t[s..e])
+            }
+            Handle::Ctl(_) => reply.data(&[]),
         }
     }
 

@@ -33,6 +33,9 @@ pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     tree: Arc<Tree>,
     mountpoint: PathBuf,
+    /// The background merger (read-write mounts).
+    gc: Option<std::thread::JoinHandle<()>>,
+    gc_stop: Arc<AtomicBool>,
 }
 
 /// Mounts `tree` at `mountpoint`; requests are served on the session's
@@ -63,10 +66,14 @@ pub fn mount(tree: Arc<Tree>, mountpoint: &Path, c: &MountConfig) -> std::io::Re
     let _ = notifier.set(session.notifier());
     let session = session.spawn()?;
     raise_readahead(mountpoint);
+    let gc_stop = Arc::new(AtomicBool::new(false));
+    let gc = (!c.read_only).then(|| crate::merge::spawn_gc(tree.clone(), gc_stop.clone()));
     Ok(Mounted {
         session: Some(session),
         tree,
         mountpoint: mountpoint.to_path_buf(),
+        gc,
+        gc_stop,
     })
 }
 
@@ -116,6 +123,7 @@ impl Mounted {
             std::thread::sleep(Duration::from_millis(50));
         }
         let result = self.finish();
+        self.stop_gc();
         let flushed = self.tree.flush_all();
         result?;
         flushed.map_err(|e| std::io::Error::other(e.message))
@@ -125,6 +133,16 @@ impl Mounted {
     pub fn unmount(self) -> std::io::Result<()> {
         let stop = AtomicBool::new(true);
         self.wait(&stop)
+    }
+
+    /// Stops the background merger: a merge in progress stops before its
+    /// commit, which leaves every image as it was.
+    fn stop_gc(&mut self) {
+        self.gc_stop.store(true, Ordering::Relaxed);
+        self.tree.merge.cancel.store(true, Ordering::Relaxed);
+        if let Some(h) = self.gc.take() {
+            let _ = h.join();
+        }
     }
 
     /// Joins the ended session without letting fuser unmount the path.
@@ -148,6 +166,7 @@ impl Drop for Mounted {
             self.detach();
             let _ = self.finish();
         }
+        self.stop_gc();
     }
 }
 

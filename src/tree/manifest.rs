@@ -73,15 +73,20 @@ pub fn load(dir: &Path) -> Result<Option<Manifest>, String> {
 
 /// Replaces the manifest atomically.
 pub fn store(dir: &Path, m: &Manifest) -> std::io::Result<()> {
-    let path = path_in(dir);
-    let tmp = dir.join(format!("{MANIFEST_NAME}.tmp"));
+    write_atomic(dir, MANIFEST_NAME, m)
+}
+
+/// Replaces `dir/name` with `value` as JSON atomically: temp file, fsync,
+/// rename, fsync of the directory.
+pub fn write_atomic(dir: &Path, name: &str, value: &impl Serialize) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
     {
         let mut f = File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(m).map_err(std::io::Error::other)?)?;
+        f.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
         f.write_all(b"\n")?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, &path)?;
+    std::fs::rename(&tmp, dir.join(name))?;
     sync_dir(dir)
 }
 

@@ -29,6 +29,8 @@ pub struct TreeOptions {
     pub read_only: bool,
     pub allow_external_backing: bool,
     pub max_depth: usize,
+    /// How the background merge works (mounts only).
+    pub gc: crate::merge::GcSettings,
 }
 
 /// A failed tree operation: the errno for the file system call and the
@@ -123,7 +125,12 @@ pub struct Tree {
     /// Manifest entries of images this mount does not hold (another chain
     /// in the same directory); written back unchanged.
     foreign: Vec<manifest::ManifestPoint>,
-    ops: Mutex<()>,
+    pub(crate) ops: Mutex<()>,
+    /// Images another process holds a lock on, so we could not take ours:
+    /// the merge engine leaves them alone.
+    pub(crate) unlocked: Mutex<std::collections::HashSet<PathBuf>>,
+    /// The merge engine's state (progress, last result, idle tracking).
+    pub merge: crate::merge::MergeState,
 }
 
 impl Tree {
@@ -133,6 +140,19 @@ impl Tree {
 
     pub fn read_only(&self) -> bool {
         self.opts.read_only
+    }
+
+    pub fn gc_settings(&self) -> &crate::merge::GcSettings {
+        &self.opts.gc
+    }
+
+    /// Whether some hidden point has exactly one child (cheap; the
+    /// planner says whether it can really go).
+    pub fn has_coalescable(&self) -> bool {
+        self.nodes
+            .read()
+            .values()
+            .any(|n| n.hidden && n.children.len() == 1)
     }
 
     /// A new point with a fresh id.

@@ -36,8 +36,10 @@ impl Tree {
                 .unwrap_or_else(|| PathBuf::from("/"))
         };
         let mut problems = Vec::new();
+        let mut resume_merge = false;
         if !opts.read_only {
             recover_snapshots(&dir, &mut problems);
+            resume_merge = crate::merge::journal::recover(&dir, &mut problems);
         }
         let found = if is_dir {
             discover::scan_dir(&dir, opts.allow_external_backing)
@@ -74,6 +76,8 @@ impl Tree {
             status: Mutex::new(StatusLog::default()),
             foreign: Vec::new(),
             ops: Mutex::new(()),
+            unlocked: Mutex::new(Default::default()),
+            merge: crate::merge::MergeState::default(),
         };
         tree.build(found, manifest, &mut problems);
         if tree.nodes.read().is_empty() {
@@ -85,6 +89,9 @@ impl Tree {
             return Err(msg);
         }
         tree.status.lock().problems = problems;
+        tree.merge
+            .resume
+            .store(resume_merge, std::sync::atomic::Ordering::Relaxed);
         Ok(tree)
     }
 
@@ -260,7 +267,12 @@ impl Tree {
             let want_write = kids.is_empty() && !hidden && !self.opts.read_only;
             let (layer, writable) =
                 match open_point_layer(&path, f.format, want_write, &name, problems) {
-                    Ok(l) => l,
+                    Ok((l, w, locked)) => {
+                        if !locked {
+                            self.unlocked.lock().insert(path.clone());
+                        }
+                        (l, w)
+                    }
                     Err(e) => {
                         problems.push(e);
                         continue;
@@ -335,18 +347,19 @@ fn check_groups(nodes: &BTreeMap<u64, Node>, problems: &mut Vec<String>) {
 /// Opens the image of point `name`, for writing if `want_write` and
 /// nobody else uses it, and takes QEMU-compatible locks. A leaf another
 /// process uses is opened read-only; a layer another process writes is
-/// opened without a lock. Both are reported in `problems`.
+/// opened without a lock. Both are reported in `problems`. Returns the
+/// layer, whether it is writable, and whether we hold its lock.
 pub(super) fn open_point_layer(
     path: &Path,
     format: Format,
     want_write: bool,
     name: &str,
     problems: &mut Vec<String>,
-) -> Result<(Arc<dyn Layer>, bool), String> {
+) -> Result<(Arc<dyn Layer>, bool, bool), String> {
     if want_write {
         match probe::open_layer(path, Some(format), true) {
             Ok(l) => match l.lock(LockMode::Writer) {
-                Ok(()) => return Ok((l, true)),
+                Ok(()) => return Ok((l, true, true)),
                 Err(why) => problems.push(format!("{name}: read-only: {}: {why}", path.display())),
             },
             Err(e) => problems.push(format!("{name}: read-only: {e}")),
@@ -358,8 +371,9 @@ pub(super) fn open_point_layer(
             "{name}: {}: {why}; mounted without a lock, so what it reads may change",
             path.display()
         ));
+        return Ok((layer, false, false));
     }
-    Ok((layer, false))
+    Ok((layer, false, true))
 }
 
 fn mtime(path: &Path) -> u64 {

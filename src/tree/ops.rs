@@ -470,7 +470,10 @@ impl Tree {
             &point.name,
             &mut problems,
         ) {
-            Ok((layer, writable)) => {
+            Ok((layer, writable, locked)) => {
+                if !locked {
+                    self.unlocked.lock().insert(io.image.clone());
+                }
                 let mut layers = vec![layer];
                 layers.extend(io.chain.layers()[1..].iter().cloned());
                 io.chain = Arc::new(Chain::from_layers(layers));

@@ -25,7 +25,12 @@ impl Tree {
         out
     }
 
-    /// What `status` shows (the merge engine adds its part later).
+    /// Problems found at open or since (broken images, recovered merges).
+    pub fn problems(&self) -> Vec<String> {
+        self.status.lock().problems.clone()
+    }
+
+    /// What `status` shows.
     pub fn render_status(&self) -> String {
         let s = self.status.lock();
         let mut out = String::new();
@@ -39,7 +44,7 @@ impl Tree {
                 "read-write"
             }
         );
-        let _ = writeln!(out, "merge: idle (no merge engine in this version)");
+        self.merge.render(&mut out, &self.opts.gc);
         match &s.last_command {
             None => {
                 let _ = writeln!(out, "last command: none");

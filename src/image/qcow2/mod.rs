@@ -19,6 +19,7 @@ pub mod compress;
 pub mod create;
 pub mod header;
 pub mod l2;
+pub mod rebase;
 mod refcount;
 pub mod snapshot;
 mod write;

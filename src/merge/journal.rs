@@ -1,0 +1,139 @@
+//! The merge journal: `.snaptree-merge.json` in the tree directory names
+//! the merge in flight, written (atomically) before the first byte is
+//! copied and removed after the cleanup. The next read-write open looks
+//! at the images to tell whether the commit step happened:
+//! - `stream`: the child's header names the hidden node's parent → it did:
+//!   remove the hidden image (if nothing references it) and fix the
+//!   manifest. Otherwise the child still reads through the hidden node and
+//!   whatever was copied already reads the same, so the merge is redone.
+//! - `commit`: the hidden image's file is gone (renamed onto the child's)
+//!   → it did: fix the manifest. Otherwise redo; the hidden node only
+//!   changed in ranges its child covers.
+
+use crate::image::{probe, Format};
+use crate::tree::discover;
+use crate::tree::manifest::{self, write_atomic};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub const JOURNAL_NAME: &str = ".snaptree-merge.json";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Entry {
+    pub direction: String,
+    /// Image files, relative to the tree directory.
+    pub hidden: String,
+    pub child: String,
+    /// The hidden node's backing file name as stored in its header (what
+    /// the child names after a stream), `None` for a root.
+    pub parent: Option<String>,
+}
+
+pub fn store(dir: &Path, e: &Entry) -> std::io::Result<()> {
+    write_atomic(dir, JOURNAL_NAME, e)
+}
+
+pub fn clear(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(dir.join(JOURNAL_NAME)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => manifest::sync_dir(dir),
+    }
+}
+
+fn load(dir: &Path) -> Result<Option<Entry>, String> {
+    let path = dir.join(JOURNAL_NAME);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    if text.len() > 1 << 20 {
+        return Err(format!("{}: larger than 1 MiB, ignored", path.display()));
+    }
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| format!("{}: not a valid merge journal ({e}); ignored", path.display()))
+}
+
+/// Whether an image in `dir` other than `image` names it as backing file.
+fn referenced(dir: &Path, image: &Path) -> bool {
+    let Ok(target) = image.canonicalize() else {
+        return false;
+    };
+    match discover::scan_dir(dir, true) {
+        Ok(found) => found.values().any(|f| f.backing.as_ref() == Some(&target)),
+        Err(_) => true, // cannot tell: keep it
+    }
+}
+
+/// Removes the hidden point's entry from the manifest and hangs its
+/// children under its parent.
+fn drop_from_manifest(dir: &Path, hidden_image: &str) -> Result<(), String> {
+    let Some(mut m) = manifest::load(dir)? else {
+        return Ok(());
+    };
+    let Some(pos) = m.points.iter().position(|p| p.image == hidden_image) else {
+        return Ok(());
+    };
+    let gone = m.points.remove(pos);
+    for p in m.points.iter_mut() {
+        if p.parent.as_deref() == Some(gone.name.as_str()) && p.disk == gone.disk {
+            p.parent = gone.parent.clone();
+        }
+    }
+    manifest::store(dir, &m).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Finishes or prepares to redo the merge a crash interrupted. Returns
+/// whether one must be redone; what happened goes to `problems`.
+pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
+    let e = match load(dir) {
+        Ok(Some(e)) => e,
+        Ok(None) => return false,
+        Err(why) => {
+            problems.push(why);
+            return false;
+        }
+    };
+    let hidden = dir.join(&e.hidden);
+    let child = dir.join(&e.child);
+    let committed = match e.direction.as_str() {
+        "stream" => probe::open_layer(&child, Some(Format::Qcow2), false)
+            .map(|l| l.backing().map(|b| b.name.clone()) == e.parent)
+            .unwrap_or(false),
+        "commit" => !hidden.exists() && child.exists(),
+        other => {
+            problems.push(format!(
+                "merge journal: unknown direction {other:?}; ignored"
+            ));
+            return false;
+        }
+    };
+    let what = format!("{} into {}", e.hidden, e.child);
+    let redo = if committed {
+        if e.direction == "stream" && hidden.exists() {
+            if referenced(dir, &hidden) {
+                problems.push(format!(
+                    "interrupted merge {what}: {} is still referenced; kept",
+                    e.hidden
+                ));
+            } else if let Err(err) = std::fs::remove_file(&hidden) {
+                problems.push(format!("interrupted merge {what}: removing {}: {err}", e.hidden));
+            }
+        }
+        if let Err(why) = drop_from_manifest(dir, &e.hidden) {
+            problems.push(format!("interrupted merge {what}: {why}"));
+        }
+        problems.push(format!("an interrupted merge ({what}) was finished"));
+        false
+    } else {
+        problems.push(format!(
+            "an interrupted merge ({what}) had not reached its commit; it is redone now"
+        ));
+        true
+    };
+    if let Err(err) = clear(dir) {
+        problems.push(format!("removing the merge journal: {err}"));
+    }
+    redo
+}

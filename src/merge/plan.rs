@@ -1,0 +1,146 @@
+//! Which hidden nodes can be coalesced now, and which way.
+//!
+//! Coalescable = hidden with exactly one child (per disk: every disk of a
+//! multi-disk point is its own node). Of the two ways, the one copying
+//! fewer bytes wins:
+//! - `Stream`: the hidden node's blocks go into the child where the child
+//!   holds nothing; then the child's header names the hidden node's parent.
+//! - `Commit`: the child's blocks go into the hidden node; then the hidden
+//!   node's file is renamed onto the child's. Only when both are qcow2 of
+//!   one virtual size, since the file then stands in for the child.
+
+use crate::image::Format;
+use crate::tree::{Point, Tree};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Stream,
+    Commit,
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Stream => "stream",
+            Direction::Commit => "commit",
+        }
+    }
+}
+
+/// One merge to do.
+pub struct Job {
+    pub hidden: Arc<Point>,
+    pub child: Arc<Point>,
+    pub direction: Direction,
+    /// Bytes the copy moves (allocated bytes of the side copied).
+    pub bytes: u64,
+    pub hidden_image: PathBuf,
+    pub child_image: PathBuf,
+}
+
+impl Job {
+    pub fn describe(&self) -> String {
+        let disk = self
+            .hidden
+            .disk
+            .as_deref()
+            .map_or(String::new(), |d| format!(" (disk {d})"));
+        match self.direction {
+            Direction::Stream => format!(
+                "{:?} into {:?}{disk}",
+                self.hidden.name, self.child.name
+            ),
+            Direction::Commit => format!(
+                "{:?} into {:?}{disk} (committing the child)",
+                self.hidden.name, self.child.name
+            ),
+        }
+    }
+}
+
+/// The merges possible now, and the hidden points that must stay, with why.
+pub fn plan(tree: &Tree) -> (Vec<Job>, Vec<String>) {
+    let candidates: Vec<(Arc<Point>, Vec<Arc<Point>>)> = {
+        let nodes = tree.nodes.read();
+        nodes
+            .values()
+            .filter(|n| n.hidden)
+            .map(|n| {
+                let kids = n
+                    .children
+                    .iter()
+                    .filter_map(|c| nodes.get(c).map(|c| c.point.clone()))
+                    .collect();
+                (n.point.clone(), kids)
+            })
+            .collect()
+    };
+    let mut jobs = Vec::new();
+    let mut left = Vec::new();
+    for (h, kids) in candidates {
+        if kids.len() != 1 {
+            left.push(format!(
+                "{:?} has {} children ({}); it is merged once only one is left",
+                h.name,
+                kids.len(),
+                kids.iter()
+                    .map(|k| format!("{:?}", k.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            continue;
+        }
+        let c = kids[0].clone();
+        match job_for(tree, h.clone(), c) {
+            Ok(j) => jobs.push(j),
+            Err(why) => left.push(format!("{:?}: {why}", h.name)),
+        }
+    }
+    (jobs, left)
+}
+
+fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
+    let (h_layer, hidden_image) = {
+        let io = h.io.read();
+        (io.chain.leaf().clone(), io.image.clone())
+    };
+    let (c_layer, child_image) = {
+        let io = c.io.read();
+        (io.chain.leaf().clone(), io.image.clone())
+    };
+    let unlocked = tree.unlocked.lock();
+    for p in [&hidden_image, &child_image] {
+        if unlocked.contains(p) {
+            return Err(format!(
+                "{} is locked by another process (a running VM?); not merged",
+                p.display()
+            ));
+        }
+    }
+    drop(unlocked);
+    if c_layer.format() != Format::Qcow2 {
+        return Err(format!(
+            "its child {} is not qcow2 and cannot take a new backing file",
+            child_image.display()
+        ));
+    }
+    let h_bytes = h_layer.allocated_bytes().map_err(|e| e.to_string())?;
+    let c_bytes = c_layer.allocated_bytes().map_err(|e| e.to_string())?;
+    let commit_ok =
+        h_layer.format() == Format::Qcow2 && h_layer.virtual_size() == c_layer.virtual_size();
+    let (direction, bytes) = if commit_ok && c_bytes < h_bytes {
+        (Direction::Commit, c_bytes)
+    } else {
+        (Direction::Stream, h_bytes)
+    };
+    Ok(Job {
+        hidden: h,
+        child: c,
+        direction,
+        bytes,
+        hidden_image,
+        child_image,
+    })
+}
