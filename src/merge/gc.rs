@@ -44,9 +44,16 @@ fn run(tree: &Tree, stop: &AtomicBool) {
             continue;
         }
         let t = if resume { Throttle::full() } else { throttle.clone() };
-        if let Err(e) = tree.merge_all(&t) {
-            tracing::warn!("background merge: {e}");
-            backoff = Duration::from_secs(30);
+        match tree.merge_all(&t) {
+            Err(e) if e.errno == libc::EAGAIN => {
+                // Gave way to a tree command: try again once idle.
+                tree.merge.note_io();
+            }
+            Err(e) => {
+                tracing::warn!("background merge: {e}");
+                backoff = Duration::from_secs(30);
+            }
+            Ok(_) => {}
         }
     }
 }

@@ -93,7 +93,13 @@ impl Tree {
         if self.read_only() {
             return Err(TreeError::new(libc::EROFS, "mounted read-only (-o ro)"));
         }
-        let _ops = self.ops.lock();
+        // A foreground merge (merge-now, ctl, CLI) makes a background one
+        // give way, as tree commands do.
+        let _ops = if throttle.yield_to_io {
+            self.ops.lock()
+        } else {
+            self.lock_ops()
+        };
         let mut summary = Summary::default();
         loop {
             let (jobs, left) = plan::plan(self);

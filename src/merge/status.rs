@@ -45,6 +45,9 @@ pub struct MergeState {
     /// Set when the mount goes away: a running merge stops before its
     /// commit.
     pub cancel: AtomicBool,
+    /// Tree commands waiting for the structural lock: a background merge
+    /// gives way to them.
+    pub preempt: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for MergeState {
@@ -55,6 +58,7 @@ impl Default for MergeState {
             last_io: AtomicU64::new(0),
             resume: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
+            preempt: Default::default(),
         }
     }
 }

@@ -86,6 +86,17 @@ fn image_file_name(name: &str, disk: Option<&str>, ext: &str) -> String {
 }
 
 impl Tree {
+    /// Takes the structural lock for a tree command. A background merge
+    /// holding it is asked to give way: it stops before its commit and
+    /// starts over later, so a command never waits for a long merge.
+    pub(crate) fn lock_ops(&self) -> parking_lot::MutexGuard<'_, ()> {
+        use std::sync::atomic::Ordering;
+        self.merge.preempt.fetch_add(1, Ordering::SeqCst);
+        let g = self.ops.lock();
+        self.merge.preempt.fetch_sub(1, Ordering::SeqCst);
+        g
+    }
+
     fn check_new_name(&self, nodes: &BTreeMap<u64, Node>, name: &str) -> Result<(), TreeError> {
         if !valid_name(name) {
             return Err(err(libc::EINVAL, format!("{name:?} is not a valid snapshot name (no '/', no leading '.', not tree/status/merge-now, at most 200 bytes)")));
@@ -114,7 +125,7 @@ impl Tree {
     /// change nothing.
     pub fn snapshot(&self, id: u64, name: &str) -> Result<(), TreeError> {
         self.writable_check()?;
-        let _ops = self.ops.lock();
+        let _ops = self.lock_ops();
         self.check_new_name(&self.nodes.read(), name)?;
         let members = self.members(id);
         for m in &members {
@@ -312,7 +323,7 @@ impl Tree {
     /// with one overlay per disk.
     pub fn clone_point(&self, id: u64, name: &str) -> Result<(), TreeError> {
         self.writable_check()?;
-        let _ops = self.ops.lock();
+        let _ops = self.lock_ops();
         self.check_new_name(&self.nodes.read(), name)?;
         let members = self.members(id);
         if members.is_empty() {
@@ -388,7 +399,7 @@ impl Tree {
     /// `delete` (or `rmdir`) of point `id`, all its disks.
     pub fn delete(&self, id: u64) -> Result<(), TreeError> {
         self.writable_check()?;
-        let _ops = self.ops.lock();
+        let _ops = self.lock_ops();
         let members = self.members(id);
         if members.is_empty() {
             return Err(err(libc::ENOENT, "no such snapshot point"));

@@ -139,6 +139,12 @@ impl Qcow2Layer {
         })
     }
 
+    /// The file's length now, rounded up to whole clusters (0 if unknown).
+    fn current_end(&self) -> u64 {
+        let cs = self.geom.cluster_size;
+        fileio::file_len(&self.file, &self.path).map_or(0, |l| l.div_ceil(cs) * cs)
+    }
+
     pub fn header(&self) -> &Header {
         &self.header
     }
@@ -163,6 +169,9 @@ impl Qcow2Layer {
             return Ok(None);
         }
         let cs = self.geom.cluster_size;
+        if off + cs > meta.file_end {
+            meta.file_end = meta.file_end.max(self.current_end());
+        }
         if !off.is_multiple_of(cs) || off < cs || off + cs > meta.file_end {
             return Err(ImageError::corrupt(
                 &self.path,
@@ -212,7 +221,17 @@ impl Qcow2Layer {
         let word = table[idx * w];
         let bitmap = if w == 2 { table[idx * w + 1] } else { 0 };
         let at = table_off + (idx * w * 8) as u64;
-        l2::decode(&self.geom, &self.path, at, word, bitmap, meta.file_end)
+        l2::decode(&self.geom, &self.path, at, word, bitmap, meta.file_end).or_else(|e| {
+            // Another descriptor (the merge engine's writer) may have
+            // appended clusters since we looked: check against the file's
+            // length now before calling the entry corrupt.
+            let end = self.current_end();
+            if end > meta.file_end {
+                l2::decode(&self.geom, &self.path, at, word, bitmap, end)
+            } else {
+                Err(e)
+            }
+        })
     }
 
     /// Reads guest bytes this layer holds by mapping them afresh (used when
