@@ -32,9 +32,7 @@ pub fn run_ctl(tree: &Tree, id: u64, point_name: &str, data: &[u8]) -> Result<()
 
 /// A write to `merge-now`: coalesce everything coalescable, at full speed.
 pub fn run_merge_now(tree: &Tree) -> Result<(), TreeError> {
-    let result = tree
-        .merge_all(&crate::merge::Throttle::full())
-        .map(|_| ());
+    let result = tree.merge_all(&crate::merge::Throttle::full()).map(|_| ());
     tree.record("merge-now", &result);
     result
 }

@@ -98,8 +98,7 @@ pub fn pace(tree: &Tree, throttle: &Throttle) -> Result<(), TreeError> {
             "stopped because the mount is going away; nothing was committed",
         ));
     }
-    if throttle.yield_to_io && tree.merge.preempt.load(std::sync::atomic::Ordering::SeqCst) > 0
-    {
+    if throttle.yield_to_io && tree.merge.preempt.load(std::sync::atomic::Ordering::SeqCst) > 0 {
         return Err(TreeError::new(
             libc::EAGAIN,
             "gave way to a tree command; nothing was committed, it starts over later",

@@ -43,7 +43,11 @@ fn run(tree: &Tree, stop: &AtomicBool) {
         if !(resume || idle_enough) || !tree.has_coalescable() {
             continue;
         }
-        let t = if resume { Throttle::full() } else { throttle.clone() };
+        let t = if resume {
+            Throttle::full()
+        } else {
+            throttle.clone()
+        };
         match tree.merge_all(&t) {
             Err(e) if e.errno == libc::EAGAIN => {
                 // Gave way to a tree command: try again once idle.

@@ -50,9 +50,12 @@ fn load(dir: &Path) -> Result<Option<Entry>, String> {
     if text.len() > 1 << 20 {
         return Err(format!("{}: larger than 1 MiB, ignored", path.display()));
     }
-    serde_json::from_slice(&text)
-        .map(Some)
-        .map_err(|e| format!("{}: not a valid merge journal ({e}); ignored", path.display()))
+    serde_json::from_slice(&text).map(Some).map_err(|e| {
+        format!(
+            "{}: not a valid merge journal ({e}); ignored",
+            path.display()
+        )
+    })
 }
 
 /// Whether an image in `dir` other than `image` names it as backing file.
@@ -82,6 +85,43 @@ fn drop_from_manifest(dir: &Path, hidden_image: &str) -> Result<(), String> {
         }
     }
     manifest::store(dir, &m).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Removes the images the manifest marks as garbage, unless something
+/// still references them, and their manifest entries.
+pub fn reclaim_garbage(dir: &Path, problems: &mut Vec<String>) {
+    let Ok(Some(mut m)) = manifest::load(dir) else {
+        return;
+    };
+    if !m.points.iter().any(|p| p.garbage) {
+        return;
+    }
+    m.points.retain(|p| {
+        if !p.garbage {
+            return true;
+        }
+        let path = dir.join(&p.image);
+        if !path.exists() {
+            return false;
+        }
+        if referenced(dir, &path) {
+            problems.push(format!(
+                "{} is marked as garbage but an image still uses it; kept",
+                p.image
+            ));
+            return true;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => false,
+            Err(e) => {
+                problems.push(format!("removing garbage image {}: {e}", p.image));
+                true
+            }
+        }
+    });
+    if let Err(e) = manifest::store(dir, &m) {
+        problems.push(format!("{}: {e}", dir.display()));
+    }
 }
 
 /// Finishes or prepares to redo the merge a crash interrupted. Returns
@@ -118,7 +158,10 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
                     e.hidden
                 ));
             } else if let Err(err) = std::fs::remove_file(&hidden) {
-                problems.push(format!("interrupted merge {what}: removing {}: {err}", e.hidden));
+                problems.push(format!(
+                    "interrupted merge {what}: removing {}: {err}",
+                    e.hidden
+                ));
             }
         }
         if let Err(why) = drop_from_manifest(dir, &e.hidden) {

@@ -48,10 +48,7 @@ impl Job {
             .as_deref()
             .map_or(String::new(), |d| format!(" (disk {d})"));
         match self.direction {
-            Direction::Stream => format!(
-                "{:?} into {:?}{disk}",
-                self.hidden.name, self.child.name
-            ),
+            Direction::Stream => format!("{:?} into {:?}{disk}", self.hidden.name, self.child.name),
             Direction::Commit => format!(
                 "{:?} into {:?}{disk} (committing the child)",
                 self.hidden.name, self.child.name

@@ -154,8 +154,8 @@ fn stream(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resul
     let writer = if leaf {
         c_chain.clone()
     } else {
-        let w = probe::open_layer(&job.child_image, Some(Format::Qcow2), true)
-            .map_err(image_err)?;
+        let w =
+            probe::open_layer(&job.child_image, Some(Format::Qcow2), true).map_err(image_err)?;
         stack(w, &c_chain.layers()[1..])
     };
     let end = h_chain.size().min(c_chain.size());
@@ -200,7 +200,12 @@ fn stream(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resul
         let fmt = b
             .format
             .clone()
-            .or_else(|| h_chain.layers().get(1).map(|l| l.format().name().to_string()))
+            .or_else(|| {
+                h_chain
+                    .layers()
+                    .get(1)
+                    .map(|l| l.format().name().to_string())
+            })
             .unwrap_or_else(|| "raw".into());
         (b.name.clone(), fmt)
     });
@@ -217,8 +222,24 @@ fn stream(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resul
         drop(old);
         let new_chain = stack(new_leaf, &h_chain.layers()[1..]);
         relink(tree, job, new_chain, guard.take())?;
+        // Nothing references H now. The manifest says so before the file
+        // goes, so an interrupted cleanup is finished by the next open.
+        tree.garbage.lock().push(manifest::ManifestPoint {
+            name: job.hidden.name.clone(),
+            image: file_name(&job.hidden_image),
+            parent: None,
+            created: job.hidden.created,
+            hidden: true,
+            format: None,
+            disk: job.hidden.disk.clone(),
+            garbage: true,
+            memory: None,
+        });
+        tree.save_manifest()?;
         if let Err(e) = std::fs::remove_file(&job.hidden_image) {
             tree.problem(format!("{}: {e}", job.hidden_image.display()));
+        } else {
+            tree.garbage.lock().clear();
         }
         let _ = manifest::sync_dir(tree.dir());
         Ok(())
@@ -430,12 +451,8 @@ fn commit_copy(
     let after = (|| -> Result<(), TreeError> {
         let _ = manifest::sync_dir(tree.dir());
         let new_leaf: Arc<dyn Layer> = if leaf {
-            w.lock(LockMode::Writer).map_err(|why| {
-                err(
-                    libc::EBUSY,
-                    format!("{}: {why}", job.child_image.display()),
-                )
-            })?;
+            w.lock(LockMode::Writer)
+                .map_err(|why| err(libc::EBUSY, format!("{}: {why}", job.child_image.display())))?;
             w.clone()
         } else {
             reopen(&job.child_image, c_chain.leaf(), false, &c.name)?

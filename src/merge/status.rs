@@ -118,7 +118,9 @@ impl MergeState {
     /// The running merge: what, bytes done, bytes total.
     pub fn current(&self) -> Option<(String, u64, u64)> {
         let g = self.inner.lock();
-        g.running.as_ref().map(|r| (r.what.clone(), r.done, r.total))
+        g.running
+            .as_ref()
+            .map(|r| (r.what.clone(), r.done, r.total))
     }
 
     pub fn end_one(&self) {
@@ -191,9 +193,11 @@ impl MergeState {
                 let _ = writeln!(out, "last merge: error: {e}");
             }
         }
-        let when = settings.idle.map_or("background merge off".to_string(), |d| {
-            format!("background merge after {} s idle", d.as_secs())
-        });
+        let when = settings
+            .idle
+            .map_or("background merge off".to_string(), |d| {
+                format!("background merge after {} s idle", d.as_secs())
+            });
         let _ = writeln!(
             out,
             "merge settings: {when}, {} per step, {} ms pause",

@@ -40,6 +40,11 @@ pub struct ManifestPoint {
     /// mount shows `<disk>.raw` for each. Absent for a one-disk point.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
+    /// The image is no longer part of the tree (a merge made it
+    /// unreferenced) and is removed at the next open if nothing references
+    /// it. Images the manifest does not know are never removed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub garbage: bool,
     /// Memory checkpoint file, relative to the tree directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,

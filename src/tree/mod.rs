@@ -125,6 +125,9 @@ pub struct Tree {
     /// Manifest entries of images this mount does not hold (another chain
     /// in the same directory); written back unchanged.
     foreign: Vec<manifest::ManifestPoint>,
+    /// Images a merge has just cut out of the tree, listed as garbage in
+    /// the manifest until their files are gone.
+    pub(crate) garbage: Mutex<Vec<manifest::ManifestPoint>>,
     pub(crate) ops: Mutex<()>,
     /// Images another process holds a lock on, so we could not take ours:
     /// the merge engine leaves them alone.

@@ -40,6 +40,7 @@ impl Tree {
         if !opts.read_only {
             recover_snapshots(&dir, &mut problems);
             resume_merge = crate::merge::journal::recover(&dir, &mut problems);
+            crate::merge::journal::reclaim_garbage(&dir, &mut problems);
         }
         let found = if is_dir {
             discover::scan_dir(&dir, opts.allow_external_backing)
@@ -75,6 +76,7 @@ impl Tree {
             next_id: AtomicU64::new(1),
             status: Mutex::new(StatusLog::default()),
             foreign: Vec::new(),
+            garbage: Mutex::new(Vec::new()),
             ops: Mutex::new(()),
             unlocked: Mutex::new(Default::default()),
             merge: crate::merge::MergeState::default(),
@@ -109,9 +111,15 @@ impl Tree {
         let by_image: HashMap<String, &ManifestPoint> = manifest
             .points
             .iter()
+            .filter(|m| !m.garbage)
             .map(|m| (m.image.clone(), m))
             .collect();
         for m in &manifest.points {
+            if m.garbage {
+                // Still referenced (see `reclaim_garbage`): keep the mark.
+                self.foreign.push(m.clone());
+                continue;
+            }
             if !found.contains_key(&self.dir.join(&m.image)) {
                 if self.dir.join(&m.image).exists() {
                     self.foreign.push(m.clone());

@@ -526,11 +526,13 @@ impl Tree {
                 created: n.point.created,
                 hidden: n.hidden,
                 disk: n.point.disk.clone(),
+                garbage: false,
                 format: Some(n.point.io.read().chain.leaf().format().name().to_string()),
                 memory: None,
             })
             .collect();
         points.extend(self.foreign.iter().cloned());
+        points.extend(self.garbage.lock().iter().cloned());
         points.sort_by(|a, b| a.name.cmp(&b.name));
         drop(nodes);
         manifest::store(&self.dir, &Manifest { version: 1, points }).map_err(|e| {

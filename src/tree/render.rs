@@ -45,6 +45,32 @@ impl Tree {
             }
         );
         self.merge.render(&mut out, &self.opts.gc);
+        let (ready, blocked): (Vec<_>, Vec<_>) = {
+            let nodes = self.nodes.read();
+            nodes
+                .values()
+                .filter(|n| n.hidden)
+                .map(|n| (n.point.name.clone(), n.children.len()))
+                .partition(|(_, kids)| *kids == 1)
+        };
+        let names = |v: &[(String, usize)]| {
+            v.iter()
+                .map(|(n, _)| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if ready.is_empty() {
+            let _ = writeln!(out, "merge queue: empty");
+        } else {
+            let _ = writeln!(out, "merge queue: {}", names(&ready));
+        }
+        if !blocked.is_empty() {
+            let _ = writeln!(
+                out,
+                "merge waiting: {} (hidden with several children; merged once one is left)",
+                names(&blocked)
+            );
+        }
         match &s.last_command {
             None => {
                 let _ = writeln!(out, "last command: none");
