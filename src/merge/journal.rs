@@ -75,10 +75,15 @@ fn drop_from_manifest(dir: &Path, hidden_image: &str) -> Result<(), String> {
     let Some(mut m) = manifest::load(dir)? else {
         return Ok(());
     };
-    let Some(pos) = m.points.iter().position(|p| p.image == hidden_image) else {
+    let Some(gone) = m
+        .points
+        .iter()
+        .find(|p| p.image == hidden_image && !p.garbage)
+        .cloned()
+    else {
         return Ok(());
     };
-    let gone = m.points.remove(pos);
+    m.points.retain(|p| p.image != hidden_image);
     for p in m.points.iter_mut() {
         if p.parent.as_deref() == Some(gone.name.as_str()) && p.disk == gone.disk {
             p.parent = gone.parent.clone();
@@ -150,33 +155,41 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
         }
     };
     let what = format!("{} into {}", e.hidden, e.child);
-    let redo = if committed {
-        if e.direction == "stream" && hidden.exists() {
-            if referenced(dir, &hidden) {
-                problems.push(format!(
-                    "interrupted merge {what}: {} is still referenced; kept",
-                    e.hidden
-                ));
-            } else if let Err(err) = std::fs::remove_file(&hidden) {
-                problems.push(format!(
-                    "interrupted merge {what}: removing {}: {err}",
-                    e.hidden
-                ));
-            }
-        }
-        if let Err(why) = drop_from_manifest(dir, &e.hidden) {
-            problems.push(format!("interrupted merge {what}: {why}"));
-        }
-        problems.push(format!("an interrupted merge ({what}) was finished"));
-        false
-    } else {
+    if !committed && !child.exists() {
+        problems.push(format!(
+            "merge journal names {what}, but {} is gone; ignored",
+            e.child
+        ));
+        let _ = clear(dir);
+        return false;
+    }
+    if !committed {
+        // The journal stays until the redone merge replaces it, so another
+        // interruption before that is still found.
         problems.push(format!(
             "an interrupted merge ({what}) had not reached its commit; it is redone now"
         ));
-        true
-    };
+        return true;
+    }
+    if e.direction == "stream" && hidden.exists() {
+        if referenced(dir, &hidden) {
+            problems.push(format!(
+                "interrupted merge {what}: {} is still referenced; kept",
+                e.hidden
+            ));
+        } else if let Err(err) = std::fs::remove_file(&hidden) {
+            problems.push(format!(
+                "interrupted merge {what}: removing {}: {err}",
+                e.hidden
+            ));
+        }
+    }
+    if let Err(why) = drop_from_manifest(dir, &e.hidden) {
+        problems.push(format!("interrupted merge {what}: {why}"));
+    }
+    problems.push(format!("an interrupted merge ({what}) was finished"));
     if let Err(err) = clear(dir) {
         problems.push(format!("removing the merge journal: {err}"));
     }
-    redo
+    false
 }

@@ -123,10 +123,22 @@ fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
             child_image.display()
         ));
     }
+    let has_snapshots = |l: &Arc<dyn crate::image::Layer>| {
+        l.info().map(|i| !i.snapshots.is_empty()).unwrap_or(true)
+    };
+    if has_snapshots(&c_layer) {
+        return Err(format!(
+            "its child {} has internal snapshots (or cannot be inspected), which snaptree does not write",
+            child_image.display()
+        ));
+    }
     let h_bytes = h_layer.allocated_bytes().map_err(|e| e.to_string())?;
     let c_bytes = c_layer.allocated_bytes().map_err(|e| e.to_string())?;
-    let commit_ok =
-        h_layer.format() == Format::Qcow2 && h_layer.virtual_size() == c_layer.virtual_size();
+    // Committing writes into H and makes H's file the child's: same format
+    // and size, and writable by us.
+    let commit_ok = h_layer.format() == Format::Qcow2
+        && h_layer.virtual_size() == c_layer.virtual_size()
+        && !has_snapshots(&h_layer);
     let (direction, bytes) = if commit_ok && c_bytes < h_bytes {
         (Direction::Commit, c_bytes)
     } else {
