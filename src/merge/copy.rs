@@ -69,13 +69,15 @@ pub fn steps(ranges: &[Held], step: u64) -> Vec<Held> {
     out
 }
 
+/// Bytes read and written at once.
+const BUF: u64 = 8 << 20;
+
 /// Makes `[start, start+len)` of `dst` read what `src` reads there:
 /// zeros as zero clusters, data copied in pieces of at most 8 MiB.
 pub fn copy_range(src: &Chain, dst: &Chain, piece: Held) -> Result<(), TreeError> {
     if piece.zero {
         return dst.write_zeroes(piece.start, piece.len).map_err(chain_err);
     }
-    const BUF: u64 = 8 << 20;
     let mut buf = vec![0u8; BUF.min(piece.len) as usize];
     let mut at = piece.start;
     let end = piece.start + piece.len;
@@ -88,9 +90,71 @@ pub fn copy_range(src: &Chain, dst: &Chain, piece: Held) -> Result<(), TreeError
     Ok(())
 }
 
+/// What the reading side of [`copy_pieces`] hands to the writing side.
+enum Chunk {
+    Data(u64, Vec<u8>),
+    Zero(Held),
+}
+
+/// Copies `pieces` from `src` to `dst` like [`copy_range`], with reads
+/// running on a helper thread ahead of the writes (two buffers in flight),
+/// so reading the source and writing the destination overlap. Paces after
+/// each chunk; returns the bytes copied.
+pub fn copy_pieces(
+    tree: &Tree,
+    throttle: &Throttle,
+    src: &Chain,
+    dst: &Chain,
+    pieces: &[Held],
+) -> Result<u64, TreeError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Chunk, TreeError>>(2);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            for p in pieces {
+                if p.zero {
+                    if tx.send(Ok(Chunk::Zero(*p))).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                let mut at = p.start;
+                while at < p.start + p.len {
+                    let n = BUF.min(p.start + p.len - at) as usize;
+                    let mut buf = vec![0u8; n];
+                    let r = src.read_at(&mut buf, at).map_err(chain_err);
+                    let failed = r.is_err();
+                    if tx.send(r.map(|_| Chunk::Data(at, buf))).is_err() || failed {
+                        return;
+                    }
+                    at += n as u64;
+                }
+            }
+        });
+        let mut copied = 0;
+        // Returning early drops `rx`, which stops the reader at its next send.
+        for chunk in rx {
+            let len = match chunk? {
+                Chunk::Data(at, buf) => {
+                    dst.write_at(&buf, at).map_err(chain_err)?;
+                    buf.len() as u64
+                }
+                Chunk::Zero(p) => {
+                    dst.write_zeroes(p.start, p.len).map_err(chain_err)?;
+                    p.len
+                }
+            };
+            copied += len;
+            tree.merge.progress(len);
+            pace(tree, throttle)?;
+        }
+        Ok(copied)
+    })
+}
+
 /// Between two steps: the throttle's pause, and while foreground I/O is
-/// running (background merges), wait until it has been quiet a moment,
-/// at most 5 s a step so a busy mount still sees progress.
+/// running (background merges), wait until it has been quiet for 200 ms,
+/// at most 1 s a step, so a busy mount still sees progress (one step a
+/// second).
 pub fn pace(tree: &Tree, throttle: &Throttle) -> Result<(), TreeError> {
     if tree.merge.cancel.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(TreeError::new(
@@ -110,7 +174,7 @@ pub fn pace(tree: &Tree, throttle: &Throttle) -> Result<(), TreeError> {
     if throttle.yield_to_io {
         let quiet = Duration::from_millis(200);
         let mut waited = Duration::ZERO;
-        while tree.merge.idle_for() < quiet && waited < Duration::from_secs(5) {
+        while tree.merge.idle_for() < quiet && waited < Duration::from_secs(1) {
             std::thread::sleep(Duration::from_millis(50));
             waited += Duration::from_millis(50);
         }

@@ -14,7 +14,7 @@
 //! Either way, chains that held C or H are rebuilt from the new files
 //! under each point's I/O lock, and the manifest is saved.
 
-use super::copy::{chain_err, copy_range, held, image_err, pace, steps, Held};
+use super::copy::{chain_err, copy_pieces, copy_range, held, image_err, pace, steps, Held};
 use super::journal::{self, Entry};
 use super::plan::{Direction, Job};
 use super::{PassReport, Throttle};
@@ -167,6 +167,25 @@ fn stream(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resul
     }
     let mut copied = 0;
     let mut longest_pause = 0f64;
+    if !leaf {
+        // Nothing else writes C: find what it lacks once, then copy it all
+        // in one pipelined run.
+        let mut todo = Vec::new();
+        for r in &ranges {
+            for e in writer.leaf().map(r.start, r.len).map_err(image_err)? {
+                if e.mapping == Mapping::Unallocated {
+                    todo.push(Held {
+                        start: e.start,
+                        len: e.len,
+                        zero: r.zero,
+                    });
+                }
+            }
+        }
+        let todo = steps(&todo, throttle.step_bytes);
+        copied = copy_pieces(tree, throttle, h_chain, &writer, &todo)?;
+        ranges.clear();
+    }
     for piece in steps(&ranges, throttle.step_bytes) {
         let t = Instant::now();
         // Check-then-write of a leaf must not race a guest write to it.
@@ -216,7 +235,9 @@ fn stream(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resul
     )
     .map_err(image_err)?;
     let after = (|| -> Result<(), TreeError> {
-        let old = writer.leaf().clone();
+        // The child's own layer (for a non-leaf, `writer` is a private
+        // descriptor without locks).
+        let old = c_chain.leaf().clone();
         drop(writer);
         let new_leaf = reopen(&job.child_image, &old, leaf, c.name.as_str())?;
         drop(old);
@@ -283,6 +304,12 @@ fn relink(
     guard: Option<RwLockWriteGuard<'_, PointIo>>,
 ) -> Result<(), TreeError> {
     let (hid, cid) = (job.hidden.id, job.child.id);
+    // C's chain first, then the structure: the lock order everywhere is
+    // `nodes` before any point's `io`, so the guard goes before `nodes`.
+    match guard {
+        Some(mut g) => g.chain = c_chain.clone(),
+        None => job.child.io.write().chain = c_chain.clone(),
+    }
     {
         let mut nodes = tree.nodes.write();
         let parent = nodes.get(&hid).and_then(|n| n.parent);
@@ -297,10 +324,6 @@ fn relink(
         if let Some(n) = nodes.get_mut(&cid) {
             n.parent = parent;
         }
-    }
-    match guard {
-        Some(mut g) => g.chain = c_chain.clone(),
-        None => job.child.io.write().chain = c_chain.clone(),
     }
     // Below C: each point's own layer over its parent's new chain.
     let mut queue = vec![(cid, c_chain)];
@@ -337,17 +360,17 @@ fn copy_held(
     dst: &Chain,
     ranges: &[(u64, u64)],
 ) -> Result<u64, TreeError> {
-    let mut copied = 0;
+    let mut pieces = Vec::new();
     for &(s, e) in ranges {
-        let pieces = held(src.leaf().as_ref(), s, e.min(src.size()))?;
-        for piece in steps(&pieces, throttle.step_bytes) {
-            copy_range(src, dst, piece)?;
-            copied += piece.len;
-            tree.merge.progress(piece.len);
-            pace(tree, throttle)?;
-        }
+        pieces.extend(held(src.leaf().as_ref(), s, e.min(src.size()))?);
     }
-    Ok(copied)
+    copy_pieces(
+        tree,
+        throttle,
+        src,
+        dst,
+        &steps(&pieces, throttle.step_bytes),
+    )
 }
 
 fn commit(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Result<u64, Failed> {
@@ -409,6 +432,9 @@ fn commit_copy(
             copied += pass_copied;
         }
     }
+    // Make the passes so far durable while writers still run, so the
+    // paused part flushes only the last pass.
+    hw.flush().map_err(chain_err)?;
     // The last pass and the commit, with the leaf's I/O paused.
     let t = Instant::now();
     let mut guard = Some(c.io.write());

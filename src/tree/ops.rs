@@ -366,6 +366,12 @@ impl Tree {
         let mut layers = vec![layer];
         layers.extend(io.chain.layers().iter().cloned());
         io.writable = false;
+        // It is no leaf any more: hold it as a reader, as a fresh open would.
+        let own = io.chain.leaf();
+        own.unlock();
+        if let Err(why) = own.lock(LockMode::Reader) {
+            self.problem(format!("{}: {why}", io.image.display()));
+        }
         drop(io);
         let child = self.new_point(
             name.to_string(),

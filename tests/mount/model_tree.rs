@@ -1,6 +1,15 @@
 //! The tree as DESIGN.md describes it, in memory, and a randomised test
 //! that drives the mount and the model with the same operations (writes,
-//! punches, snapshots, clones, deletes) and compares them after each step.
+//! punches, snapshots, clones, deletes, `merge-now` and `ctl merge`) and
+//! compares them after each step: every visible point's bytes, parent and
+//! kind, its chain depth, and which images exist.
+//!
+//! Merges change nothing visible, so the model coalesces a hidden point
+//! with exactly one child the way the engine does (the child takes its
+//! place under its parent) and each image's chain depth stays "1 + number
+//! of ancestors in the model". After `merge-now` the depth is also checked
+//! against the formula computed before the merge: 1 + the ancestors that
+//! are visible or hidden with two or more children (those stay as layers).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -10,6 +19,7 @@ use std::path::Path;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use super::merge::merge_now_ok;
 use super::*;
 
 /// One snapshot point of the model tree.
@@ -22,7 +32,7 @@ struct ModelPoint {
 }
 
 /// The tree as DESIGN.md describes it, in memory.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct ModelTree {
     points: BTreeMap<String, ModelPoint>,
 }
@@ -95,6 +105,85 @@ impl ModelTree {
             .push(name.to_string());
     }
 
+    /// All ancestors of `name`, nearest first (hidden ones included).
+    fn ancestors(&self, name: &str) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut cur = self.points[name].parent.clone();
+        while let Some(p) = cur {
+            cur = self.points[&p].parent.clone();
+            v.push(p);
+        }
+        v
+    }
+
+    /// Hidden points a merge can coalesce (exactly one child).
+    fn coalescable(&self) -> Vec<String> {
+        self.points
+            .iter()
+            .filter(|(_, p)| p.hidden && p.children.len() == 1)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Hidden points a merge must leave (two or more children).
+    fn stuck(&self) -> Vec<String> {
+        self.points
+            .iter()
+            .filter(|(_, p)| p.hidden && p.children.len() >= 2)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// The chain depth every visible point must have once everything
+    /// coalescable is merged: its own layer plus every ancestor that stays
+    /// (visible, or hidden with 2+ children). Coalescing one hidden point
+    /// puts its child in its place, so no other point's child count
+    /// changes and the formula can be evaluated before the merge.
+    fn depths_after_merge(&self) -> BTreeMap<String, usize> {
+        self.visible()
+            .into_iter()
+            .map(|n| {
+                let kept = self
+                    .ancestors(&n)
+                    .iter()
+                    .filter(|a| {
+                        let a = &self.points[*a];
+                        !a.hidden || a.children.len() >= 2
+                    })
+                    .count();
+                (n, 1 + kept)
+            })
+            .collect()
+    }
+
+    /// `merge-now`: every hidden point with one child is coalesced into it
+    /// (the child hangs under the hidden point's parent). Nothing visible
+    /// changes. Returns the points merged away.
+    fn merge_all(&mut self) -> Vec<String> {
+        let mut merged = Vec::new();
+        while let Some(h) = self.coalescable().into_iter().next() {
+            let hp = self.points.remove(&h).expect("hidden point");
+            let child = hp.children[0].clone();
+            if let Some(pp) = &hp.parent {
+                for c in self.points.get_mut(pp).expect("parent").children.iter_mut() {
+                    if *c == h {
+                        *c = child.clone();
+                    }
+                }
+            }
+            self.points.get_mut(&child).expect("child").parent = hp.parent;
+            merged.push(h);
+        }
+        merged
+    }
+
+    /// The image files the tree must consist of: one `NAME.qcow2` per
+    /// point, hidden ones included (a commit merge renames the hidden
+    /// image onto the child's name; a stream merge removes it).
+    fn images(&self) -> Vec<String> {
+        self.points.keys().map(|n| format!("{n}.qcow2")).collect()
+    }
+
     /// Returns the points removed (their images go).
     fn delete(&mut self, name: &str) -> Vec<String> {
         if !self.points[name].children.is_empty() {
@@ -138,12 +227,69 @@ fn assert_tree_matches(mnt: &Path, model: &ModelTree, step: &str) {
         } else {
             "snapshot"
         };
+        let i = info(mnt, &name);
+        assert_eq!(i["kind"], kind, "{step}: {name}/info.json kind");
         assert_eq!(
-            info(mnt, &name)["kind"],
-            kind,
-            "{step}: {name}/info.json kind"
+            i["disks"]["disk"]["chain_depth"],
+            1 + model.ancestors(&name).len(),
+            "{step}: {name}/info.json chain_depth (ancestors {:?})",
+            model.ancestors(&name)
         );
     }
+}
+
+/// The qcow2 images of the tree are exactly the model's points.
+#[track_caller]
+fn assert_images_match(ws: &Workspace, model: &ModelTree, step: &str) {
+    assert_eq!(ws.qcow2_images(), model.images(), "{step}: image files");
+}
+
+/// `merge-now` on the mount and in the model, then every check that a
+/// merge must pass: the result text, the chain depths computed from the
+/// model before the merge, the image files, and `qemu-img check`.
+fn merge_now_step(
+    ws: &Workspace,
+    mnt: &Path,
+    model: &mut ModelTree,
+    fds: &BTreeMap<String, File>,
+    step: &str,
+) -> Vec<String> {
+    let want_depth = model.depths_after_merge();
+    let stuck = model.stuck();
+    let merged = model.merge_all();
+    merge_now_ok(mnt);
+    let last = read_text(&mnt.join("merge-now"));
+    assert!(last.starts_with("ok: "), "{step}: merge-now says {last:?}");
+    for h in &merged {
+        assert!(
+            last.contains(&format!("{h:?}")),
+            "{step}: {h} merged, but merge-now says {last:?}"
+        );
+    }
+    if merged.is_empty() {
+        assert!(
+            last.contains("nothing to merge"),
+            "{step}: merge-now says {last:?}"
+        );
+    }
+    for h in &stuck {
+        assert!(
+            last.contains("left hidden") && last.contains(&format!("{h:?}")),
+            "{step}: {h} has 2+ children, merge-now says {last:?}"
+        );
+    }
+    for (name, d) in &want_depth {
+        assert_eq!(
+            info(mnt, name)["disks"]["disk"]["chain_depth"],
+            *d,
+            "{step}: {name} chain_depth after merge-now (1 + ancestors kept)"
+        );
+    }
+    for f in fds.values() {
+        f.sync_all().expect("fsync");
+    }
+    ws.check_all();
+    merged
 }
 
 #[test]
@@ -180,16 +326,21 @@ fn random_tree_operations_match_a_model() {
     );
     let seed = seed();
     let mut rng = SmallRng::seed_from_u64(seed);
-    let Some(m) = ws.mount(&[]) else { return };
+    // No background merge: the test decides when chains get shorter.
+    let Some(m) = ws.mount(&["-o", "gc_idle=off"]) else {
+        return;
+    };
     let mnt = m.mnt.clone();
-    // Descriptors of leaves, kept open across snapshots.
+    // Descriptors of leaves, kept open across snapshots and merges.
     let mut fds: BTreeMap<String, File> = Default::default();
     let mut next = 0;
-    for step in 0..45 {
+    // Points coalesced by merge-now / ctl merge, for the log.
+    let mut merged_count = 0;
+    for step in 0..80 {
         let leaves = model.leaves();
         let vis: Vec<String> = model.visible().into_iter().collect();
         let what = match rng.gen_range(0..100) {
-            0..=39 => {
+            0..=33 => {
                 let l = &leaves[rng.gen_range(0..leaves.len())];
                 let len = rng.gen_range(1..300_000u64);
                 let off = rng.gen_range(0..=S - len);
@@ -205,7 +356,7 @@ fn random_tree_operations_match_a_model() {
                 write_both(f, &mut p.data, off, &data);
                 format!("write {l} {off}+{len}")
             }
-            40..=49 => {
+            34..=41 => {
                 let l = &leaves[rng.gen_range(0..leaves.len())];
                 let len = rng.gen_range(1..300_000u64);
                 let off = rng.gen_range(0..=S - len);
@@ -215,7 +366,7 @@ fn random_tree_operations_match_a_model() {
                 p.data[off as usize..(off + len) as usize].fill(0);
                 format!("punch {l} {off}+{len}")
             }
-            50..=64 => {
+            42..=54 => {
                 let l = leaves[rng.gen_range(0..leaves.len())].clone();
                 next += 1;
                 let name = format!("s{next}");
@@ -223,7 +374,7 @@ fn random_tree_operations_match_a_model() {
                 model.snapshot(&l, &name);
                 format!("snapshot {l} as {name}")
             }
-            65..=79 => {
+            55..=66 if !vis.is_empty() => {
                 let p = vis[rng.gen_range(0..vis.len())].clone();
                 next += 1;
                 let name = format!("c{next}");
@@ -239,7 +390,7 @@ fn random_tree_operations_match_a_model() {
                 model.clone_point(&p, &name);
                 format!("clone {p} as {name}")
             }
-            80..=94 if vis.len() > 2 && leaves.len() > 1 => {
+            67..=80 if vis.len() > 2 && leaves.len() > 1 => {
                 let p = vis[rng.gen_range(0..vis.len())].clone();
                 if rng.gen_bool(0.5) {
                     ctl_ok(&mnt, &p, "delete");
@@ -258,6 +409,40 @@ fn random_tree_operations_match_a_model() {
                 }
                 format!("delete {p}")
             }
+            81..=90 => {
+                let merged = merge_now_step(&ws, &mnt, &mut model, &fds, &format!("step {step}"));
+                merged_count += merged.len();
+                format!("merge-now (merged {merged:?})")
+            }
+            91..=95 if vis.len() > 2 && leaves.len() > 1 => {
+                // `merge` = delete, then coalesce everything now.
+                let p = vis[rng.gen_range(0..vis.len())].clone();
+                let want_depth = {
+                    let mut after = model.clone();
+                    after.delete(&p);
+                    after.depths_after_merge()
+                };
+                ctl_ok(&mnt, &p, "merge");
+                for gone in model.delete(&p) {
+                    if let Some(f) = fds.remove(&gone) {
+                        assert_errno(
+                            &format!("step {step}: write to a merged-away leaf"),
+                            f.write_at(b"x", 0),
+                            libc::ESTALE,
+                        );
+                    }
+                }
+                let merged = model.merge_all();
+                merged_count += merged.len();
+                for (name, d) in &want_depth {
+                    assert_eq!(
+                        info(&mnt, name)["disks"]["disk"]["chain_depth"],
+                        *d,
+                        "step {step}: {name} chain_depth after `merge` of {p}"
+                    );
+                }
+                format!("ctl merge {p} (merged {merged:?})")
+            }
             _ => {
                 for f in fds.values() {
                     f.sync_all().expect("fsync");
@@ -266,8 +451,21 @@ fn random_tree_operations_match_a_model() {
                 "fsync + qemu-img check".to_string()
             }
         };
-        assert_tree_matches(&mnt, &model, &format!("step {step} ({what}, seed {seed})"));
+        let label = format!("step {step} ({what}, seed {seed})");
+        assert_tree_matches(&mnt, &model, &label);
+        assert_images_match(&ws, &model, &label);
     }
+    // Always end with everything coalescable merged.
+    let merged = merge_now_step(&ws, &mnt, &mut model, &fds, "final merge-now");
+    merged_count += merged.len();
+    eprintln!("{}: {merged_count} points merged", test_name());
+    let label = format!("final merge-now (merged {merged:?}), seed {seed}");
+    assert_tree_matches(&mnt, &model, &label);
+    assert_images_match(&ws, &model, &label);
+    assert!(
+        model.coalescable().is_empty(),
+        "model still has coalescable points"
+    );
     drop(fds);
     // Images of the visible points, to compare with qemu after unmounting.
     let images: Vec<(String, String)> = model
@@ -283,10 +481,11 @@ fn random_tree_operations_match_a_model() {
         .collect();
     unmount_ok(m);
     ws.check_all();
+    assert_images_match(&ws, &model, "after unmount");
     for (name, img) in &images {
         ws.compare(img, &model.points[name].data);
     }
-    let m = ws.remount(&[]);
+    let m = ws.remount(&["-o", "gc_idle=off"]);
     assert_tree_matches(&m.mnt, &model, "after remount");
     unmount_ok(m);
 }

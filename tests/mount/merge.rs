@@ -1,0 +1,806 @@
+//! The merge engine through the mount (DESIGN.md, "Invariant of every
+//! merge"): `merge-now`, `ctl merge` and the background merge coalesce a
+//! hidden point with exactly one child, in whichever direction copies less,
+//! while every visible point reads the same bytes. Each test judges the
+//! result with `qemu-img` (check, `info --backing-chain`, convert), the
+//! image files left in the tree, `.snaptree.json`, and a remount.
+//!
+//! Mounts use `-o gc_idle=off` so only the test decides when merges run,
+//! except the test of the background merge itself.
+
+use std::collections::BTreeSet;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::*;
+
+/// Mount options of the deterministic tests: no background merge.
+const NO_GC: [&str; 2] = ["-o", "gc_idle=off"];
+
+/// Writes `1` to `MNT/merge-now` in one `write(2)`; `Err` carries the
+/// errno of the open or the write.
+pub(crate) fn merge_now(mnt: &Path) -> std::io::Result<()> {
+    let mut f = OpenOptions::new().write(true).open(mnt.join("merge-now"))?;
+    let n = f.write(b"1\n")?;
+    assert_eq!(n, 2, "short write to merge-now");
+    Ok(())
+}
+
+/// [`merge_now`], which must succeed (else the panic shows `status`).
+#[track_caller]
+pub(crate) fn merge_now_ok(mnt: &Path) {
+    if let Err(e) = merge_now(mnt) {
+        panic!("merge-now failed: {e}\nstatus:\n{}", status_text(mnt));
+    }
+}
+
+/// What reading `MNT/merge-now` says: the last merge's result.
+fn last_merge(mnt: &Path) -> String {
+    read_text(&mnt.join("merge-now"))
+}
+
+/// `chain_depth` of point `p`'s disk, from its `info.json`.
+fn depth(mnt: &Path, p: &str) -> u64 {
+    let i = info(mnt, p);
+    i["disks"]["disk"]["chain_depth"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{p}/info.json has no chain_depth: {i}"))
+}
+
+/// The file names of `images/<image>`'s backing chain, leaf first, as
+/// `qemu-img info --backing-chain` reports them.
+fn qemu_chain(ws: &Workspace, image: &str) -> Vec<String> {
+    let o = ws.qemu_img(&["info", "-U", "--backing-chain", "--output=json", image]);
+    let v: Value = serde_json::from_slice(&o.stdout).expect("qemu-img info json");
+    v.as_array()
+        .expect("--backing-chain gives an array")
+        .iter()
+        .map(|e| {
+            let f = e["filename"].as_str().expect("filename");
+            Path::new(f)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The point names `.snaptree.json` lists.
+fn manifest_names(ws: &Workspace) -> BTreeSet<String> {
+    let path = ws.img(".snaptree.json");
+    let v: Value = serde_json::from_str(&read_text(&path)).expect("manifest json");
+    v["points"]
+        .as_array()
+        .expect("manifest points")
+        .iter()
+        .map(|p| p["name"].as_str().expect("point name").to_string())
+        .collect()
+}
+
+/// The tree after a merge, on disk: exactly these qcow2 images, all
+/// passing `qemu-img check`, `leaf`'s backing chain as given, the
+/// manifest naming exactly `points`, and no merge journal left.
+#[track_caller]
+fn assert_tree_files(ws: &Workspace, images: &[&str], leaf_chain: &[&str], points: &[&str]) {
+    assert_eq!(ws.qcow2_images(), images, "image files");
+    ws.check_all();
+    assert_eq!(qemu_chain(ws, leaf_chain[0]), leaf_chain, "backing chain");
+    assert_eq!(manifest_names(ws), names(points), ".snaptree.json points");
+    assert!(
+        !ws.img(".snaptree-merge.json").exists(),
+        "merge journal left behind"
+    );
+}
+
+/// `base.qcow2 <- mid.qcow2 <- leaf.qcow2` of `size` bytes, each written
+/// with its qemu-io commands.
+fn three_chain(ws: &Workspace, size: u64, base: &[&str], mid: &[&str], leaf: &[&str]) {
+    ws.create_qcow2("base.qcow2", size, None, "");
+    ws.qemu_io("base.qcow2", "qcow2", base);
+    ws.create_qcow2("mid.qcow2", size, Some(("base.qcow2", "qcow2")), "");
+    ws.qemu_io("mid.qcow2", "qcow2", mid);
+    ws.create_qcow2("leaf.qcow2", size, Some(("mid.qcow2", "qcow2")), "");
+    ws.qemu_io("leaf.qcow2", "qcow2", leaf);
+}
+
+/// Hidden `mid` under a leaf, merged by `merge-now` in the direction its
+/// size asks for; everything a merge promises is checked, then again
+/// after a remount.
+fn merge_hidden_mid(commit: bool) {
+    let Some(ws) = workspace() else {
+        return;
+    };
+    const S: u64 = 16 * MIB;
+    let base = ["write -P 0x11 0 4M", "write -P 0x12 10M 1M"];
+    if commit {
+        // mid holds 12 MiB, the leaf a little (with a zero range over
+        // mid's data, which the commit must carry into mid).
+        three_chain(
+            &ws,
+            S,
+            &base,
+            &["write -P 0x21 0 12M"],
+            &[
+                "write -P 0x31 1M 256K",
+                "write -P 0x32 9437307 5000",
+                "write -z 2M 512K",
+            ],
+        );
+    } else {
+        // mid holds a little (with a zero range over base's data, which
+        // must reach the leaf), the leaf 10 MiB.
+        three_chain(
+            &ws,
+            S,
+            &base,
+            &[
+                "write -P 0x21 4M 256K",
+                "write -P 0x22 11M 64K",
+                "write -z 3M 512K",
+            ],
+            &["write -P 0x31 5M 10M"],
+        );
+    }
+    let base_bytes = ws.flatten("base.qcow2");
+    let mut model = ws.flatten("leaf.qcow2");
+    let Some(m) = ws.mount(&NO_GC) else { return };
+    let mnt = m.mnt.clone();
+    ctl_ok(&mnt, "mid", "delete");
+    assert_eq!(visible(&mnt), names(&["base", "leaf"]));
+    assert_eq!(depth(&mnt, "leaf"), 3);
+    assert!(ws.img("mid.qcow2").exists(), "mid.qcow2 gone before merge");
+    // A descriptor opened before the merge goes on writing after it.
+    let early = open_rw(&mnt, "leaf").expect("open leaf rw");
+
+    merge_now_ok(&mnt);
+    let last = last_merge(&mnt);
+    assert!(
+        last.starts_with("ok: merged \"mid\" into \"leaf\""),
+        "merge-now: {last:?}"
+    );
+    assert_eq!(
+        last.contains("committing the child"),
+        commit,
+        "direction (commit: {commit}): {last:?}"
+    );
+    let status = status_text(&mnt);
+    assert!(
+        status.contains("last merge: ok: merged \"mid\""),
+        "status:\n{status}"
+    );
+    assert_eq!(visible(&mnt), names(&["base", "leaf"]));
+    assert_eq!(depth(&mnt, "leaf"), 2);
+    assert_eq!(depth(&mnt, "base"), 1);
+    assert_eq!(parent_link(&mnt, "leaf").as_deref(), Some("../base"));
+    assert_disk(&mnt, "leaf", &model);
+    assert_disk(&mnt, "base", &base_bytes);
+    assert_tree_files(
+        &ws,
+        &["base.qcow2", "leaf.qcow2"],
+        &["leaf.qcow2", "base.qcow2"],
+        &["base", "leaf"],
+    );
+
+    write_both(&early, &mut model, 3 * MIB + 17, &pattern(1, 300_000));
+    write_both(&early, &mut model, 0, &pattern(2, 4096));
+    early.sync_all().expect("fsync leaf");
+    assert_disk(&mnt, "leaf", &model);
+    drop(early);
+    unmount_ok(m);
+    ws.check_all();
+    ws.compare("leaf.qcow2", &model);
+    ws.compare("base.qcow2", &base_bytes);
+
+    let m = ws.remount(&NO_GC);
+    assert_eq!(visible(&m.mnt), names(&["base", "leaf"]));
+    assert_eq!(depth(&m.mnt, "leaf"), 2);
+    assert!(
+        !tree_text(&m.mnt).contains("mid"),
+        "tree:\n{}",
+        tree_text(&m.mnt)
+    );
+    assert_disk(&m.mnt, "leaf", &model);
+    assert_disk(&m.mnt, "base", &base_bytes);
+    unmount_ok(m);
+}
+
+#[test]
+fn merge_now_commits_a_small_leaf_into_a_big_hidden_parent() {
+    merge_hidden_mid(true);
+}
+
+#[test]
+fn merge_now_streams_a_small_hidden_parent_into_its_leaf() {
+    merge_hidden_mid(false);
+}
+
+/// `base <- a <- b <- c`, `a` hidden and merged into `b` (not a leaf):
+/// `b` and `c` read the same, and `c`'s chain is `c <- b <- base`.
+#[test]
+fn merging_into_a_child_with_children_keeps_the_chain_below() {
+    for a_big in [true, false] {
+        let Some(ws) = workspace() else {
+            return;
+        };
+        const S: u64 = 16 * MIB;
+        ws.create_qcow2("base.qcow2", S, None, "");
+        ws.qemu_io("base.qcow2", "qcow2", &["write -P 0x11 0 4M"]);
+        ws.create_qcow2("a.qcow2", S, Some(("base.qcow2", "qcow2")), "");
+        let a_cmds: &[&str] = if a_big {
+            &["write -P 0x21 0 8M"]
+        } else {
+            &["write -P 0x21 1M 128K", "write -z 3M 64K"]
+        };
+        ws.qemu_io("a.qcow2", "qcow2", a_cmds);
+        ws.create_qcow2("b.qcow2", S, Some(("a.qcow2", "qcow2")), "");
+        ws.qemu_io(
+            "b.qcow2",
+            "qcow2",
+            &[
+                "write -P 0x31 2M 1M",
+                "write -z 5M 64K",
+                "write -P 0x32 12M 4097",
+            ],
+        );
+        ws.create_qcow2("c.qcow2", S, Some(("b.qcow2", "qcow2")), "");
+        ws.qemu_io("c.qcow2", "qcow2", &["write -P 0x41 3M 64K"]);
+        let b_bytes = ws.flatten("b.qcow2");
+        let mut c_bytes = ws.flatten("c.qcow2");
+        let Some(m) = ws.mount(&NO_GC) else { return };
+        let mnt = m.mnt.clone();
+        ctl_ok(&mnt, "a", "delete");
+        assert_eq!(visible(&mnt), names(&["base", "b", "c"]));
+        assert_eq!(depth(&mnt, "c"), 4);
+
+        merge_now_ok(&mnt);
+        let last = last_merge(&mnt);
+        assert!(
+            last.starts_with("ok: merged \"a\" into \"b\""),
+            "merge-now: {last:?}"
+        );
+        assert_eq!(
+            last.contains("committing the child"),
+            a_big,
+            "direction (a big: {a_big}): {last:?}"
+        );
+        assert_eq!(visible(&mnt), names(&["base", "b", "c"]));
+        assert_eq!((depth(&mnt, "b"), depth(&mnt, "c")), (2, 3));
+        assert_eq!(parent_link(&mnt, "b").as_deref(), Some("../base"));
+        assert_eq!(parent_link(&mnt, "c").as_deref(), Some("../b"));
+        assert_disk(&mnt, "b", &b_bytes);
+        assert_disk(&mnt, "c", &c_bytes);
+        assert_tree_files(
+            &ws,
+            &["b.qcow2", "base.qcow2", "c.qcow2"],
+            &["c.qcow2", "b.qcow2", "base.qcow2"],
+            &["base", "b", "c"],
+        );
+        // The leaf below goes on being writable over the new b.
+        {
+            let f = open_rw(&mnt, "c").expect("open c rw");
+            write_both(&f, &mut c_bytes, 2 * MIB - 5, &pattern(3, 70_000));
+            f.sync_all().expect("fsync c");
+        }
+        assert_disk(&mnt, "c", &c_bytes);
+        assert_disk(&mnt, "b", &b_bytes);
+        unmount_ok(m);
+        ws.check_all();
+        ws.compare("b.qcow2", &b_bytes);
+        ws.compare("c.qcow2", &c_bytes);
+
+        let m = ws.remount(&NO_GC);
+        assert_eq!(visible(&m.mnt), names(&["base", "b", "c"]));
+        assert_eq!((depth(&m.mnt, "b"), depth(&m.mnt, "c")), (2, 3));
+        assert_disk(&m.mnt, "b", &b_bytes);
+        assert_disk(&m.mnt, "c", &c_bytes);
+        unmount_ok(m);
+    }
+}
+
+/// A hidden root with one child: the child becomes standalone (no
+/// backing file) with the same bytes, in either direction.
+#[test]
+fn merging_a_hidden_root_leaves_a_standalone_child() {
+    for base_big in [true, false] {
+        let Some(ws) = workspace() else {
+            return;
+        };
+        const S: u64 = 16 * MIB;
+        ws.create_qcow2("base.qcow2", S, None, "");
+        let base_cmds: &[&str] = if base_big {
+            &["write -P 0x11 0 10M", "write -z 12M 1M"]
+        } else {
+            &["write -P 0x11 1M 128K", "write -z 6M 64K"]
+        };
+        ws.qemu_io("base.qcow2", "qcow2", base_cmds);
+        ws.create_qcow2("leaf.qcow2", S, Some(("base.qcow2", "qcow2")), "");
+        let leaf_cmds: &[&str] = if base_big {
+            &["write -P 0x21 1M 64K", "write -z 2M 64K"]
+        } else {
+            &["write -P 0x21 4M 6M", "write -z 1M 64K"]
+        };
+        ws.qemu_io("leaf.qcow2", "qcow2", leaf_cmds);
+        let leaf_bytes = ws.flatten("leaf.qcow2");
+        let Some(m) = ws.mount(&NO_GC) else { return };
+        let mnt = m.mnt.clone();
+        ctl_ok(&mnt, "base", "delete");
+        assert_eq!(visible(&mnt), names(&["leaf"]));
+        assert_eq!(depth(&mnt, "leaf"), 2);
+
+        merge_now_ok(&mnt);
+        let last = last_merge(&mnt);
+        assert!(
+            last.starts_with("ok: merged \"base\" into \"leaf\""),
+            "merge-now: {last:?}"
+        );
+        assert_eq!(
+            last.contains("committing the child"),
+            base_big,
+            "direction (base big: {base_big}): {last:?}"
+        );
+        assert_eq!(visible(&mnt), names(&["leaf"]));
+        assert_eq!(depth(&mnt, "leaf"), 1);
+        assert_eq!(parent_link(&mnt, "leaf"), None);
+        assert_disk(&mnt, "leaf", &leaf_bytes);
+        assert_tree_files(&ws, &["leaf.qcow2"], &["leaf.qcow2"], &["leaf"]);
+        let o = ws.qemu_img(&["info", "-U", "--output=json", "leaf.qcow2"]);
+        let v: Value = serde_json::from_slice(&o.stdout).expect("qemu-img info json");
+        assert!(
+            v.get("backing-filename").is_none(),
+            "leaf.qcow2 still has a backing file: {v}"
+        );
+        unmount_ok(m);
+        ws.check_all();
+        ws.compare("leaf.qcow2", &leaf_bytes);
+        let m = ws.remount(&NO_GC);
+        assert_eq!(visible(&m.mnt), names(&["leaf"]));
+        assert_eq!(depth(&m.mnt, "leaf"), 1);
+        assert_disk(&m.mnt, "leaf", &leaf_bytes);
+        unmount_ok(m);
+    }
+}
+
+/// A clone keeps its hidden parent: `merge-now` leaves it (and says so)
+/// until one of the two children is deleted.
+#[test]
+fn a_hidden_point_with_two_children_waits_for_one_to_go() {
+    let Some(ws) = workspace() else {
+        return;
+    };
+    const S: u64 = 16 * MIB;
+    three_chain(
+        &ws,
+        S,
+        &["write -P 0x11 0 4M"],
+        &["write -P 0x21 1M 2M"],
+        &["write -P 0x31 2M 64K"],
+    );
+    let leaf_bytes = ws.flatten("leaf.qcow2");
+    let Some(m) = ws.mount(&NO_GC) else { return };
+    let mnt = m.mnt.clone();
+    ctl_ok(&mnt, "mid", "clone c");
+    {
+        let f = open_rw(&mnt, "c").expect("open c rw");
+        let mut c_bytes = read_disk(&disk(&mnt, "c"));
+        write_both(&f, &mut c_bytes, 5 * MIB, &pattern(4, 100_000));
+    }
+    let c_bytes = read_disk(&disk(&mnt, "c"));
+    ctl_ok(&mnt, "mid", "delete");
+    assert_eq!(visible(&mnt), names(&["base", "leaf", "c"]));
+
+    merge_now_ok(&mnt);
+    let last = last_merge(&mnt);
+    assert!(
+        last.starts_with("ok: nothing to merge") && last.contains("left hidden: \"mid\""),
+        "merge-now: {last:?}"
+    );
+    assert!(ws.img("mid.qcow2").exists(), "mid.qcow2 removed");
+    assert_eq!((depth(&mnt, "leaf"), depth(&mnt, "c")), (3, 3));
+    assert_disk(&mnt, "leaf", &leaf_bytes);
+    assert_disk(&mnt, "c", &c_bytes);
+    ws.check_all();
+
+    ctl_ok(&mnt, "c", "delete");
+    assert_eq!(visible(&mnt), names(&["base", "leaf"]));
+    assert!(ws.img("mid.qcow2").exists(), "mid.qcow2 removed with c");
+    merge_now_ok(&mnt);
+    let last = last_merge(&mnt);
+    assert!(
+        last.starts_with("ok: merged \"mid\" into \"leaf\"") && !last.contains("left hidden"),
+        "merge-now: {last:?}"
+    );
+    assert_eq!(depth(&mnt, "leaf"), 2);
+    assert_disk(&mnt, "leaf", &leaf_bytes);
+    assert_tree_files(
+        &ws,
+        &["base.qcow2", "leaf.qcow2"],
+        &["leaf.qcow2", "base.qcow2"],
+        &["base", "leaf"],
+    );
+    unmount_ok(m);
+    ws.compare("leaf.qcow2", &leaf_bytes);
+}
+
+/// `echo merge > MNT/mid/ctl` = delete, then coalesce, in one command;
+/// on a hidden-to-be root it leaves the leaf standalone.
+#[test]
+fn ctl_merge_deletes_and_coalesces_in_one_command() {
+    let Some(ws) = workspace() else {
+        return;
+    };
+    const S: u64 = 16 * MIB;
+    three_chain(
+        &ws,
+        S,
+        &["write -P 0x11 0 4M"],
+        &["write -P 0x21 1M 2M"],
+        &["write -P 0x31 2M 64K"],
+    );
+    let leaf_bytes = ws.flatten("leaf.qcow2");
+    let Some(m) = ws.mount(&NO_GC) else { return };
+    let mnt = m.mnt.clone();
+    merge_now_ok(&mnt);
+    assert_eq!(last_merge(&mnt), "ok: nothing to merge\n");
+
+    ctl_ok(&mnt, "mid", "merge");
+    let status = status_text(&mnt);
+    assert!(
+        status.contains("last command: mid/ctl: merge: ok"),
+        "status:\n{status}"
+    );
+    let last = last_merge(&mnt);
+    assert!(
+        last.starts_with("ok: merged \"mid\" into \"leaf\""),
+        "merge-now: {last:?}"
+    );
+    assert_eq!(visible(&mnt), names(&["base", "leaf"]));
+    assert_errno(
+        "stat of the merged point",
+        std::fs::metadata(mnt.join("mid")),
+        libc::ENOENT,
+    );
+    assert_eq!(depth(&mnt, "leaf"), 2);
+    assert_disk(&mnt, "leaf", &leaf_bytes);
+    assert_tree_files(
+        &ws,
+        &["base.qcow2", "leaf.qcow2"],
+        &["leaf.qcow2", "base.qcow2"],
+        &["base", "leaf"],
+    );
+
+    ctl_ok(&mnt, "base", "merge");
+    assert_eq!(visible(&mnt), names(&["leaf"]));
+    assert_eq!(depth(&mnt, "leaf"), 1);
+    assert_disk(&mnt, "leaf", &leaf_bytes);
+    assert_tree_files(&ws, &["leaf.qcow2"], &["leaf.qcow2"], &["leaf"]);
+    unmount_ok(m);
+    ws.compare("leaf.qcow2", &leaf_bytes);
+}
+
+/// Whether `fio` can run here (CI installs it).
+fn have_fio() -> bool {
+    Command::new("fio")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A leaf written by fio (verifying what it wrote as it goes) while
+/// `merge-now` commits it into its big hidden parent: pre-copy passes,
+/// then a short writer pause for the last pass and the rename.
+#[test]
+fn leaf_coalesce_under_a_running_fio_writer() {
+    if !have_fio() {
+        skip("fio not found (CI installs it: apt-get install fio)");
+        return;
+    }
+    let Some(ws) = workspace() else {
+        return;
+    };
+    const S: u64 = 64 * MIB;
+    ws.create_qcow2("base.qcow2", S, None, "");
+    ws.qemu_io("base.qcow2", "qcow2", &["write -P 0x11 0 4M"]);
+    ws.create_qcow2("mid.qcow2", S, Some(("base.qcow2", "qcow2")), "");
+    ws.qemu_io("mid.qcow2", "qcow2", &["write -P 0x21 0 64M"]);
+    // 4 KiB clusters: the leaf holds only what fio wrote so far, far less
+    // than mid, so the merge commits the leaf into mid.
+    ws.create_qcow2(
+        "leaf.qcow2",
+        S,
+        Some(("mid.qcow2", "qcow2")),
+        "cluster_size=4096",
+    );
+    let Some(m) = ws.mount(&NO_GC) else { return };
+    let mnt = m.mnt.clone();
+    ctl_ok(&mnt, "mid", "delete");
+    assert_eq!(depth(&mnt, "leaf"), 3);
+
+    let target = disk(&mnt, "leaf").to_string_lossy().into_owned();
+    let size = format!("--size={S}");
+    let mut fio = Command::new("fio");
+    fio.args([
+        "--name=merge-under-io",
+        "--filename",
+        &target,
+        "--rw=randwrite",
+        "--bs=4k",
+        "--direct=1",
+        "--ioengine=psync",
+        &size,
+        "--fallocate=none",
+        // At most 16 MiB written per second, whatever the machine: the
+        // leaf stays well below mid's 64 MiB when the merge is planned.
+        "--rate_iops=4000",
+        "--time_based",
+        "--runtime=6",
+        "--verify=crc32c",
+        "--verify_backlog=256",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+    ])
+    .current_dir(ws.root());
+    let merger = {
+        let mnt = mnt.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            let t = Instant::now();
+            (merge_now(&mnt), t.elapsed())
+        })
+    };
+    let out = run_with_timeout(&mut fio, Duration::from_secs(120));
+    let (merged, took) = merger.join().expect("merge thread");
+    let status = status_text(&mnt);
+    let text = format!(
+        "{}: {}\nstdout:\n{}\nstderr:\n{}\nstatus:\n{status}",
+        describe(&fio),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "fio failed: {text}");
+    // `issued rwts: total=READS,WRITES,...`: the reads are the verifies.
+    let verified: u64 = String::from_utf8_lossy(&out.stdout)
+        .split("issued rwts: total=")
+        .nth(1)
+        .and_then(|t| t.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(verified > 0, "fio verified nothing: {text}");
+    if let Err(e) = merged {
+        panic!("merge-now under fio failed: {e}\n{text}");
+    }
+    eprintln!("merge-now under fio took {took:?}\n{status}");
+    let last = last_merge(&mnt);
+    assert!(
+        last.starts_with("ok: merged \"mid\" into \"leaf\"")
+            && last.contains("committing the child"),
+        "merge-now: {last:?}\n{text}"
+    );
+    assert!(status.contains("merge pass 1: copied"), "{text}");
+    assert!(status.contains("merge writer pause: "), "{text}");
+    assert_eq!(depth(&mnt, "leaf"), 2);
+
+    let through_mount = read_disk(&disk(&mnt, "leaf"));
+    unmount_ok(m);
+    assert_eq!(ws.qcow2_images(), ["base.qcow2", "leaf.qcow2"]);
+    ws.check_all();
+    assert_eq!(
+        qemu_chain(&ws, "leaf.qcow2"),
+        ["leaf.qcow2", "base.qcow2"],
+        "backing chain"
+    );
+    ws.compare("leaf.qcow2", &through_mount);
+    let m = ws.remount(&["-o", "ro"]);
+    assert_disk(&m.mnt, "leaf", &through_mount);
+    unmount_ok(m);
+}
+
+/// With `gc_idle=1`, a hidden point is merged in the background once the
+/// mount is idle, in small throttled steps.
+#[test]
+fn background_merge_coalesces_when_idle() {
+    let Some(ws) = workspace() else {
+        return;
+    };
+    const S: u64 = 16 * MIB;
+    three_chain(
+        &ws,
+        S,
+        &["write -P 0x11 0 4M"],
+        &["write -P 0x21 1M 4M", "write -z 8M 1M"],
+        &["write -P 0x31 2M 64K"],
+    );
+    let leaf_bytes = ws.flatten("leaf.qcow2");
+    let base_bytes = ws.flatten("base.qcow2");
+    let Some(m) = ws.mount(&["-o", "gc_idle=1,gc_step=256K,gc_pause=1"]) else {
+        return;
+    };
+    let mnt = m.mnt.clone();
+    let status = status_text(&mnt);
+    assert!(
+        status.contains("background merge after 1 s idle"),
+        "status:\n{status}"
+    );
+    ctl_ok(&mnt, "mid", "delete");
+    // Only `tree` and `status` are read while waiting: disk I/O would
+    // hold the background merge off.
+    let done = wait_until(Duration::from_secs(30), || {
+        !tree_text(&mnt).contains("mid") && status_text(&mnt).contains("last merge: ok: merged")
+    });
+    assert!(
+        done,
+        "mid not merged within 30 s; tree:\n{}\nstatus:\n{}",
+        tree_text(&mnt),
+        status_text(&mnt)
+    );
+    assert_eq!(visible(&mnt), names(&["base", "leaf"]));
+    assert_eq!(depth(&mnt, "leaf"), 2);
+    assert_disk(&mnt, "leaf", &leaf_bytes);
+    assert_disk(&mnt, "base", &base_bytes);
+    assert_tree_files(
+        &ws,
+        &["base.qcow2", "leaf.qcow2"],
+        &["leaf.qcow2", "base.qcow2"],
+        &["base", "leaf"],
+    );
+    unmount_ok(m);
+    ws.compare("leaf.qcow2", &leaf_bytes);
+}
+
+/// On a read-only mount nothing merges: `merge-now` and `ctl merge` fail
+/// with EROFS and the hidden point stays.
+#[test]
+fn merge_on_a_read_only_mount_is_erofs() {
+    let Some(ws) = workspace() else {
+        return;
+    };
+    const S: u64 = 8 * MIB;
+    three_chain(
+        &ws,
+        S,
+        &["write -P 0x11 0 2M"],
+        &["write -P 0x21 1M 2M"],
+        &["write -P 0x31 2M 64K"],
+    );
+    let leaf_bytes = ws.flatten("leaf.qcow2");
+    let Some(m) = ws.mount(&NO_GC) else { return };
+    ctl_ok(&m.mnt, "mid", "delete");
+    unmount_ok(m);
+
+    let m = ws.remount(&["-o", "ro"]);
+    let mnt = m.mnt.clone();
+    assert_errno("merge-now on -o ro", merge_now(&mnt), libc::EROFS);
+    assert_errno(
+        "ctl merge on -o ro",
+        ctl(&mnt, "leaf", "merge"),
+        libc::EROFS,
+    );
+    assert!(
+        !last_merge(&mnt).starts_with("ok"),
+        "merge-now: {}",
+        last_merge(&mnt)
+    );
+    assert!(ws.img("mid.qcow2").exists(), "mid.qcow2 removed");
+    assert_eq!(visible(&mnt), names(&["base", "leaf"]));
+    assert_eq!(depth(&mnt, "leaf"), 3);
+    assert_disk(&mnt, "leaf", &leaf_bytes);
+    unmount_ok(m);
+    ws.check_all();
+}
+
+/// A leaf that was cloned is a snapshot with the clone as its child; once
+/// its hidden parent holds less than it does, `merge-now` streams the
+/// parent into it, and reopens the child as a reader (regression: it used
+/// to fail with EBUSY after its commit, the child's old descriptor still
+/// holding the writer lock taken while it was a leaf).
+#[test]
+fn stream_merge_into_a_cloned_leaf() {
+    let Some(ws) = workspace() else {
+        return;
+    };
+    const S: u64 = 16 * MIB;
+    ws.create_qcow2("base.qcow2", S, None, "");
+    ws.qemu_io("base.qcow2", "qcow2", &["write -P 0x11 0 64K"]);
+    ws.create_qcow2("leaf.qcow2", S, Some(("base.qcow2", "qcow2")), "");
+    ws.qemu_io("leaf.qcow2", "qcow2", &["write -P 0x21 0 4M"]);
+    let leaf_bytes = ws.flatten("leaf.qcow2");
+    let Some(m) = ws.mount(&NO_GC) else { return };
+    let mnt = m.mnt.clone();
+    ctl_ok(&mnt, "leaf", "clone c");
+    ctl_ok(&mnt, "base", "delete");
+    merge_now_ok(&mnt);
+    let last = last_merge(&mnt);
+    assert!(
+        last.starts_with("ok: merged \"base\" into \"leaf\"") && !last.contains("committing"),
+        "merge-now: {last:?}"
+    );
+    let status = status_text(&mnt);
+    assert!(status.contains("problems: none"), "status:\n{status}");
+    assert_eq!(visible(&mnt), names(&["leaf", "c"]));
+    assert_eq!((depth(&mnt, "leaf"), depth(&mnt, "c")), (1, 2));
+    assert_disk(&mnt, "leaf", &leaf_bytes);
+    assert_disk(&mnt, "c", &leaf_bytes);
+    assert_tree_files(
+        &ws,
+        &["c.qcow2", "leaf.qcow2"],
+        &["c.qcow2", "leaf.qcow2"],
+        &["c", "leaf"],
+    );
+    unmount_ok(m);
+}
+
+/// Regression: reading `tree`, `status` and `info.json` while merges run
+/// must not deadlock (a merge held the child's I/O lock while taking the
+/// tree's structure lock at its commit, and `tree` took them the other way
+/// round). Many merges, each with that short window, both directions.
+#[test]
+fn tree_files_read_during_merges() {
+    const S: u64 = 16 * MIB;
+    let Some(ws) = workspace() else { return };
+    ws.create_qcow2("base.qcow2", S, None, "");
+    ws.create_qcow2("leaf.qcow2", S, Some(("base.qcow2", "qcow2")), "");
+    let Some(m) = ws.mount(&NO_GC) else { return };
+    let mnt = m.mnt.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (mnt, stop) = (mnt.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::fs::read(mnt.join("tree"));
+                let _ = std::fs::read(mnt.join("status"));
+                let _ = std::fs::read(mnt.join("leaf/info.json"));
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut model = ws.flatten("leaf.qcow2");
+    let leaf = open_rw(&mnt, "leaf").expect("open leaf");
+    let (tx, rx) = std::sync::mpsc::channel::<Option<String>>();
+    let worker = {
+        let mnt = mnt.clone();
+        std::thread::spawn(move || {
+            for i in 0..40u64 {
+                // Odd rounds: the snapshot holds less than the leaf will, so
+                // it is streamed into the leaf; even rounds: committed.
+                let name = format!("s{i}");
+                ctl_ok(&mnt, "leaf", &format!("snapshot {name}"));
+                let _ = tx.send(Some(name.clone()));
+                ctl_ok(&mnt, &name, "delete");
+                if let Err(e) = merge_now(&mnt) {
+                    panic!("merge-now {i}: {e}\n{}", status_text(&mnt));
+                }
+            }
+            let _ = tx.send(None);
+        })
+    };
+    let mut round = 0u64;
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Some(_)) => {
+                let len = if round % 2 == 1 { 3 * MIB } else { 64 * 1024 };
+                let off = (round * 997 * 4096) % (S - len);
+                write_both(&leaf, &mut model, off, &pattern(round, len as usize));
+                round += 1;
+            }
+            Ok(None) => break,
+            Err(_) => panic!("a merge did not finish within 60 s (deadlock?)"),
+        }
+    }
+    worker.join().expect("merge thread");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().expect("reader thread");
+    assert!(reads > 0, "the reader never completed a round");
+    assert_eq!(visible(&mnt), names(&["base", "leaf"]));
+    assert_disk(&mnt, "leaf", &model);
+    drop(leaf);
+    unmount_ok(m);
+    ws.check_all();
+}
