@@ -9,6 +9,7 @@
 //!   node's file is renamed onto the child's. Only when both are qcow2 of
 //!   one virtual size, since the file then stands in for the child.
 
+use crate::image::lock::LockMode;
 use crate::image::Format;
 use crate::tree::{Point, Tree};
 use std::path::PathBuf;
@@ -107,13 +108,17 @@ fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
         let io = c.io.read();
         (io.chain.leaf().clone(), io.image.clone())
     };
-    let unlocked = tree.unlocked.lock();
-    for p in [&hidden_image, &child_image] {
+    // An image we could not lock at open may be free now: try again.
+    let mut unlocked = tree.unlocked.lock();
+    for (p, layer) in [(&hidden_image, &h_layer), (&child_image, &c_layer)] {
         if unlocked.contains(p) {
-            return Err(format!(
-                "{} is locked by another process (a running VM?); not merged",
-                p.display()
-            ));
+            if let Err(why) = layer.lock(LockMode::Reader) {
+                return Err(format!(
+                    "{} is locked by another process (a running VM?): {why}; not merged",
+                    p.display()
+                ));
+            }
+            unlocked.remove(p);
         }
     }
     drop(unlocked);

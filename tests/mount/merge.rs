@@ -804,3 +804,364 @@ fn tree_files_read_during_merges() {
     unmount_ok(m);
     ws.check_all();
 }
+
+/// Whether `MNT/tree` text shows point `p` as hidden.
+fn tree_shows_hidden(tree: &str, p: &str) -> bool {
+    tree.lines()
+        .any(|l| l.contains(&format!("{p} ")) && l.contains("hidden"))
+}
+
+/// A tmpfs mounted on a directory of the test, unmounted when dropped
+/// (also while the test panics; declare it before the [`Mount`] guard so
+/// the FUSE mount goes first).
+struct Tmpfs {
+    dir: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    /// `mount -t tmpfs -o size=SIZE tmpfs DIR`; `Err` with mount's output
+    /// when the machine does not let the test mount (then it skips).
+    fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
+        let mut c = Command::new("mount");
+        c.args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir);
+        let o = run_unchecked(&mut c);
+        if !o.status.success() {
+            return Err(format!(
+                "{}: {}",
+                describe(&c),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        Ok(Tmpfs {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// `mount -o remount,size=SIZE DIR` (must succeed).
+    fn resize(&self, size: &str) {
+        run(Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.dir));
+    }
+
+    /// Bytes an unprivileged writer may still allocate (`f_bavail`).
+    fn free(&self) -> u64 {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(self.dir.as_os_str().as_bytes()).expect("path");
+        // SAFETY: statvfs fills the struct we own from a valid path.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0, "statvfs");
+        s.f_bavail as u64 * s.f_frsize as u64
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let o = run_with_timeout(
+            Command::new("umount").arg(&self.dir),
+            Duration::from_secs(20),
+        );
+        if !o.status.success() {
+            eprintln!(
+                "umount {} failed ({}); trying umount -l",
+                self.dir.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            let _ = run_with_timeout(
+                Command::new("umount").arg("-l").arg(&self.dir),
+                Duration::from_secs(20),
+            );
+        }
+    }
+}
+
+/// A tree on a filesystem too small for the copy: `merge-now` refuses
+/// before writing anything (ENOSPC, the estimate in `status`), the hidden
+/// point stays for a retry, and the retry works once there is room.
+#[test]
+fn merge_refused_without_free_space() {
+    let Some(ws) = workspace() else {
+        return;
+    };
+    // The tree directory itself is the small file system (still empty).
+    let fs = match Tmpfs::mount(&ws.images, "72M") {
+        Ok(fs) => fs,
+        Err(why) => {
+            skip(&format!("cannot mount a tmpfs for the tree: {why}"));
+            return;
+        }
+    };
+    const S: u64 = 64 * MIB;
+    // mid holds 24 MiB, the leaf 28 MiB elsewhere: mid is streamed into
+    // the leaf, a copy of 24 MiB (the engine asks for 24 + 1.5 + 16 MiB).
+    three_chain(
+        &ws,
+        S,
+        &["write -P 0x11 0 1M"],
+        &["write -P 0x21 1M 24M"],
+        &["write -P 0x31 26M 28M"],
+    );
+    let free = fs.free();
+    assert!(
+        free < 20 * MIB,
+        "{} bytes free on the tmpfs: too many for this test",
+        free
+    );
+    let leaf_bytes = ws.flatten("leaf.qcow2");
+    let base_bytes = ws.flatten("base.qcow2");
+    let mid_file = std::fs::read(ws.img("mid.qcow2")).expect("read mid.qcow2");
+    let Some(m) = ws.mount(&NO_GC) else { return };
+    let mnt = m.mnt.clone();
+    ctl_ok(&mnt, "mid", "delete");
+    assert_eq!(visible(&mnt), names(&["base", "leaf"]));
+
+    assert_errno("merge-now on a full disk", merge_now(&mnt), libc::ENOSPC);
+    let status = status_text(&mnt);
+    assert!(
+        status.contains("not enough free space"),
+        "status:\n{status}"
+    );
+    let last = last_merge(&mnt);
+    assert!(
+        last.starts_with("error: merging \"mid\" into \"leaf\"")
+            && last.contains("not enough free space"),
+        "merge-now: {last:?}"
+    );
+    let tree = tree_text(&mnt);
+    assert!(tree_shows_hidden(&tree, "mid"), "mid not hidden:\n{tree}");
+    assert!(
+        status.contains("merge queue: \"mid\""),
+        "mid left the merge queue:\n{status}"
+    );
+    assert_eq!(visible(&mnt), names(&["base", "leaf"]));
+    assert_eq!(depth(&mnt, "leaf"), 3);
+    assert_disk(&mnt, "leaf", &leaf_bytes);
+    assert_disk(&mnt, "base", &base_bytes);
+    assert!(
+        !ws.img(".snaptree-merge.json").exists(),
+        "merge journal left behind by a refused merge"
+    );
+    assert!(
+        std::fs::read(ws.img("mid.qcow2")).expect("read mid.qcow2") == mid_file,
+        "mid.qcow2 changed by a refused merge"
+    );
+    unmount_ok(m);
+    assert_eq!(
+        ws.qcow2_images(),
+        ["base.qcow2", "leaf.qcow2", "mid.qcow2"],
+        "image files"
+    );
+    ws.check_all();
+    ws.compare("leaf.qcow2", &leaf_bytes);
+    assert_eq!(
+        qemu_chain(&ws, "leaf.qcow2"),
+        ["leaf.qcow2", "mid.qcow2", "base.qcow2"],
+        "backing chain"
+    );
+    assert!(
+        !ws.img(".snaptree-merge.json").exists(),
+        "merge journal left behind by a refused merge"
+    );
+
+    // With room, the same hidden point merges.
+    fs.resize("160M");
+    let m = ws.remount(&NO_GC);
+    let mnt = m.mnt.clone();
+    let tree = tree_text(&mnt);
+    assert!(
+        tree_shows_hidden(&tree, "mid"),
+        "mid not hidden after remount:\n{tree}"
+    );
+    merge_now_ok(&mnt);
+    let last = last_merge(&mnt);
+    assert!(
+        last.starts_with("ok: merged \"mid\" into \"leaf\"") && !last.contains("committing"),
+        "merge-now: {last:?}"
+    );
+    assert_eq!(depth(&mnt, "leaf"), 2);
+    assert_disk(&mnt, "leaf", &leaf_bytes);
+    assert_tree_files(
+        &ws,
+        &["base.qcow2", "leaf.qcow2"],
+        &["leaf.qcow2", "base.qcow2"],
+        &["base", "leaf"],
+    );
+    unmount_ok(m);
+    ws.compare("leaf.qcow2", &leaf_bytes);
+    drop(fs);
+}
+
+/// Another process (`qemu-storage-daemon`) with an image open for
+/// writing, killed when dropped.
+struct OtherHolder {
+    child: std::process::Child,
+}
+
+impl OtherHolder {
+    /// Stops the process and waits for it (its locks go with it).
+    fn stop(mut self) {
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OtherHolder {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether `qemu-storage-daemon` can run here (qemu-system-common).
+fn have_qemu_storage_daemon() -> bool {
+    Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A hidden image that another process holds open for writing (a running
+/// VM, here `qemu-storage-daemon`): the mount says so in `status`, and
+/// `merge-now` leaves it hidden and untouched, saying why; once the other
+/// process is gone, a remount merges it.
+#[test]
+fn merge_refused_when_another_process_holds_the_image() {
+    if !have_qemu_storage_daemon() {
+        skip("qemu-storage-daemon not found (apt-get install qemu-system-common)");
+        return;
+    }
+    let Some(ws) = workspace() else {
+        return;
+    };
+    const S: u64 = 16 * MIB;
+    three_chain(
+        &ws,
+        S,
+        &["write -P 0x11 0 4M"],
+        &["write -P 0x21 1M 2M", "write -z 6M 64K"],
+        &["write -P 0x31 2M 5M"],
+    );
+    let leaf_bytes = ws.flatten("leaf.qcow2");
+    let mid = ws.img("mid.qcow2");
+    let log = ws.scratch("qemu-storage-daemon.log");
+    let pidfile = ws.scratch("qemu-storage-daemon.pid");
+    let log_file = std::fs::File::create(&log).expect("daemon log");
+    let mut qsd = Command::new("qemu-storage-daemon");
+    qsd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f,filename={}",
+            mid.display()
+        ))
+        .args(["--blockdev", "driver=qcow2,node-name=q,file=f"])
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .stdin(std::process::Stdio::null())
+        .stdout(log_file.try_clone().expect("dup log"))
+        .stderr(log_file);
+    let mut holder = OtherHolder {
+        child: qsd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", describe(&qsd))),
+    };
+    // It writes its pid file once its block devices are open, locks
+    // taken. (Probing the lock with qemu-img before that could make it
+    // fail to get its own.)
+    let ready = wait_until(Duration::from_secs(10), || {
+        pidfile.exists() || holder.child.try_wait().ok().flatten().is_some()
+    });
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        ready && pidfile.exists() && holder.child.try_wait().ok().flatten().is_none(),
+        "{} did not come up; its log:\n{}",
+        describe(&qsd),
+        log_text()
+    );
+    // It holds the write permission: qemu-img, which does not share
+    // writes, is refused.
+    let o = ws.qemu_img_unchecked(&["info", "mid.qcow2"]);
+    let lock_msg = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && lock_msg.contains("\"write\" lock"),
+        "qemu-storage-daemon does not hold mid.qcow2's write lock; qemu-img info: {lock_msg}\nits log: {}",
+        log_text()
+    );
+    let mid_file = std::fs::read(&mid).expect("read mid.qcow2");
+
+    let Some(m) = ws.mount(&NO_GC) else { return };
+    let mnt = m.mnt.clone();
+    let status = status_text(&mnt);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("mid") && l.contains("mounted without a lock")),
+        "status names no lock problem for mid:\n{status}"
+    );
+    ctl_ok(&mnt, "mid", "delete");
+    assert_eq!(visible(&mnt), names(&["base", "leaf"]));
+
+    merge_now_ok(&mnt);
+    let last = last_merge(&mnt);
+    assert!(
+        last.starts_with("ok: nothing to merge")
+            && last.contains("left hidden: \"mid\"")
+            && last.contains("locked by another process"),
+        "merge-now: {last:?}"
+    );
+    let tree = tree_text(&mnt);
+    assert!(tree_shows_hidden(&tree, "mid"), "mid not hidden:\n{tree}");
+    assert_eq!(visible(&mnt), names(&["base", "leaf"]));
+    assert_eq!(depth(&mnt, "leaf"), 3);
+    assert_disk(&mnt, "leaf", &leaf_bytes);
+    assert!(
+        std::fs::read(&mid).expect("read mid.qcow2") == mid_file,
+        "mid.qcow2 changed while another process held it"
+    );
+    assert!(
+        !ws.img(".snaptree-merge.json").exists(),
+        "merge journal left behind"
+    );
+    unmount_ok(m);
+    assert!(
+        std::fs::read(&mid).expect("read mid.qcow2") == mid_file,
+        "mid.qcow2 changed while another process held it"
+    );
+    holder.stop();
+    ws.check_all();
+    assert_eq!(
+        qemu_chain(&ws, "leaf.qcow2"),
+        ["leaf.qcow2", "mid.qcow2", "base.qcow2"],
+        "backing chain"
+    );
+
+    // The other process is gone: the next mount locks mid and merges it.
+    let m = ws.remount(&NO_GC);
+    let mnt = m.mnt.clone();
+    let status = status_text(&mnt);
+    assert!(status.contains("problems: none"), "status:\n{status}");
+    merge_now_ok(&mnt);
+    let last = last_merge(&mnt);
+    assert!(
+        last.starts_with("ok: merged \"mid\" into \"leaf\"") && !last.contains("left hidden"),
+        "merge-now: {last:?}"
+    );
+    assert!(
+        !tree_text(&mnt).contains("mid"),
+        "tree:\n{}",
+        tree_text(&mnt)
+    );
+    assert_eq!(visible(&mnt), names(&["base", "leaf"]));
+    assert_eq!(depth(&mnt, "leaf"), 2);
+    assert_disk(&mnt, "leaf", &leaf_bytes);
+    assert_tree_files(
+        &ws,
+        &["base.qcow2", "leaf.qcow2"],
+        &["leaf.qcow2", "base.qcow2"],
+        &["base", "leaf"],
+    );
+    unmount_ok(m);
+    ws.compare("leaf.qcow2", &leaf_bytes);
+}
