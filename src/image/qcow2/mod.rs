@@ -20,6 +20,7 @@ pub mod create;
 pub mod header;
 pub mod l2;
 pub mod rebase;
+pub mod repair;
 mod refcount;
 pub mod snapshot;
 mod write;

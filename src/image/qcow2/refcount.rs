@@ -257,6 +257,11 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Refcount entries per refcount block.
+    pub fn per_block(&self) -> u64 {
+        self.per_block
+    }
+
     pub fn dirty_bytes(&self) -> u64 {
         self.dirty_blocks.len() as u64 * self.cluster_size
     }
