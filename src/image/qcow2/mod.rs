@@ -20,8 +20,8 @@ pub mod create;
 pub mod header;
 pub mod l2;
 pub mod rebase;
-pub mod repair;
 mod refcount;
+pub mod repair;
 pub mod snapshot;
 mod write;
 

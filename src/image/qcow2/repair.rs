@@ -34,7 +34,7 @@ impl Used {
     /// Marks every cluster `[off, off+len)` touches; `at` names the
     /// metadata that points there, for the error if it is outside the file.
     fn mark(&mut self, path: &Path, at: u64, off: u64, len: u64) -> Result<()> {
-        let end = off.checked_add(len.max(1)).unwrap_or(u64::MAX);
+        let end = off.saturating_add(len.max(1));
         let (first, last) = (off / self.cluster_size, (end - 1) / self.cluster_size);
         if last >= self.clusters {
             return Err(ImageError::corrupt(
