@@ -7,16 +7,19 @@
 //! that takes the log and then re-reads the range sees the written bytes.
 
 use parking_lot::Mutex;
+use std::collections::BTreeMap;
 
 #[derive(Default)]
 pub struct DirtyLog {
-    /// `None` while nobody tracks; otherwise the written ranges (start, end).
-    ranges: Mutex<Option<Vec<(u64, u64)>>>,
+    /// `None` while nobody tracks; otherwise the written ranges, merged as
+    /// they come (start -> end), so memory stays bounded by the number of
+    /// disjoint ranges, not of writes.
+    ranges: Mutex<Option<BTreeMap<u64, u64>>>,
 }
 
 impl DirtyLog {
     pub fn start(&self) {
-        *self.ranges.lock() = Some(Vec::new());
+        *self.ranges.lock() = Some(BTreeMap::new());
     }
 
     pub fn stop(&self) {
@@ -24,27 +27,34 @@ impl DirtyLog {
     }
 
     pub fn record(&self, offset: u64, len: u64) {
-        if let Some(v) = self.ranges.lock().as_mut() {
-            v.push((offset, offset.saturating_add(len)));
+        let mut g = self.ranges.lock();
+        let Some(map) = g.as_mut() else {
+            return;
+        };
+        let (mut s, mut e) = (offset, offset.saturating_add(len));
+        // Absorb every range that overlaps or touches [s, e).
+        if let Some((&ps, &pe)) = map.range(..=s).next_back() {
+            if pe >= s {
+                s = ps;
+                e = e.max(pe);
+            }
         }
+        let inside: Vec<u64> = map.range(s..=e).map(|(&k, _)| k).collect();
+        for k in inside {
+            if let Some(ke) = map.remove(&k) {
+                e = e.max(ke);
+            }
+        }
+        map.insert(s, e);
     }
 
     /// The ranges written since the last call, sorted and merged; the log
     /// starts empty again.
     pub fn take(&self) -> Vec<(u64, u64)> {
-        let mut v = match self.ranges.lock().as_mut() {
-            Some(v) => std::mem::take(v),
-            None => return Vec::new(),
-        };
-        v.sort_unstable();
-        let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
-        for (s, e) in v {
-            match out.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => out.push((s, e)),
-            }
+        match self.ranges.lock().as_mut() {
+            Some(map) => std::mem::take(map).into_iter().collect(),
+            None => Vec::new(),
         }
-        out
     }
 }
 
@@ -66,7 +76,9 @@ mod tests {
         d.record(0, 10);
         d.record(10, 5);
         d.record(105, 20);
-        assert_eq!(d.take(), vec![(0, 15), (100, 125)]);
+        d.record(200, 10);
+        d.record(150, 100);
+        assert_eq!(d.take(), vec![(0, 15), (100, 125), (150, 250)]);
         assert_eq!(d.take(), vec![]);
         d.stop();
         d.record(0, 1);

@@ -12,8 +12,10 @@ fn errno(e: i32) -> Errno {
 }
 
 fn alive(tree: &Tree, p: &Point) -> Result<(), Errno> {
-    if tree.view(p.id).is_none() {
-        return Err(Errno::ESTALE); // deleted while open
+    // Deleted while open. A hidden point's image may be rewritten by a
+    // merge (its child committed into it), so its old handles end too.
+    if tree.view(p.id).is_none_or(|v| v.hidden) {
+        return Err(Errno::ESTALE);
     }
     Ok(())
 }

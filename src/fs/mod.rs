@@ -451,9 +451,8 @@ impl Filesystem for SnapFs {
             Handle::Disk(p) => disk::write(&self.tree, &p, offset, data),
             Handle::Ctl(p) => {
                 let r = control::run_ctl(&self.tree, p.id, &p.name, data);
-                if r.is_ok() {
-                    self.invalidate_after_command(p.name.clone());
-                }
+                // Also after a failure: `merge` deletes before it fails.
+                self.invalidate_after_command(p.name.clone());
                 r.map_err(|e| errno(e.errno))
             }
             Handle::MergeNow => control::run_merge_now(&self.tree).map_err(|e| errno(e.errno)),

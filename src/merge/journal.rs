@@ -58,15 +58,26 @@ fn load(dir: &Path) -> Result<Option<Entry>, String> {
     })
 }
 
-/// Whether an image in `dir` other than `image` names it as backing file.
-fn referenced(dir: &Path, image: &Path) -> bool {
-    let Ok(target) = image.canonicalize() else {
-        return false;
-    };
+/// An image in `dir`, other than those in `except`, that names `image` as
+/// its backing file (`dir` itself when the directory cannot be read: then
+/// nobody can tell, so it counts as referenced).
+pub fn referenced_by(dir: &Path, image: &Path, except: &[&Path]) -> Option<std::path::PathBuf> {
+    let target = image.canonicalize().ok()?;
+    let except: Vec<_> = except
+        .iter()
+        .filter_map(|p| p.canonicalize().ok())
+        .collect();
     match discover::scan_dir(dir, true) {
-        Ok(found) => found.values().any(|f| f.backing.as_ref() == Some(&target)),
-        Err(_) => true, // cannot tell: keep it
+        Ok(found) => found
+            .into_iter()
+            .find(|(p, f)| f.backing.as_ref() == Some(&target) && !except.contains(p))
+            .map(|(p, _)| p),
+        Err(_) => Some(dir.to_path_buf()),
     }
+}
+
+fn referenced(dir: &Path, image: &Path) -> bool {
+    referenced_by(dir, image, &[]).is_some()
 }
 
 /// Removes the hidden point's entry from the manifest and hangs its

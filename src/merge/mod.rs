@@ -7,8 +7,9 @@
 //!   copy (the smaller side).
 //! - `copy`: moves allocated ranges between layers in large steps,
 //!   throttled, reporting progress.
-//! - `run`: one merge from journal entry to commit to cleanup; the commit
-//!   is a single `rename(2)` or a single header `pwrite`.
+//! - `run`: one merge from journal entry to commit to cleanup; `stream`
+//!   and `commit` are its two directions, whose commit points are a
+//!   single header `pwrite` and a single `rename(2)`.
 //! - `journal`: what is in flight, so the next open finishes or redoes it.
 //! - `gc`: the background merger of a mount (idle trigger, throttle,
 //!   back-off while foreground I/O runs).
@@ -20,10 +21,12 @@
 //! being written is copied like live migration copies RAM, and its writers
 //! pause only for the last short pass and the commit.
 
+mod commit;
 pub mod copy;
 pub mod journal;
 pub mod plan;
 pub mod run;
+mod stream;
 
 mod gc;
 mod status;
@@ -100,6 +103,9 @@ impl Tree {
         } else {
             self.lock_ops()
         };
+        if let Some(why) = self.merge.broken.lock().clone() {
+            return Err(TreeError::new(libc::EIO, why));
+        }
         let mut summary = Summary::default();
         loop {
             let (jobs, left) = plan::plan(self);

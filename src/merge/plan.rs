@@ -100,6 +100,9 @@ pub fn plan(tree: &Tree) -> (Vec<Job>, Vec<String>) {
 }
 
 fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
+    if tree.single_chain {
+        return Err("the tree was opened from one leaf image, so images of other chains may use it unseen; open the directory to merge".into());
+    }
     let (h_layer, hidden_image) = {
         let io = h.io.read();
         (io.chain.leaf().clone(), io.image.clone())
@@ -122,6 +125,14 @@ fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
         }
     }
     drop(unlocked);
+    // Images that are not points of this tree (broken, too deep) may use
+    // H too: then it must stay.
+    if let Some(user) = super::journal::referenced_by(tree.dir(), &hidden_image, &[&child_image]) {
+        return Err(format!(
+            "{} also uses it as backing file; it stays",
+            user.display()
+        ));
+    }
     if c_layer.format() != Format::Qcow2 {
         return Err(format!(
             "its child {} is not qcow2 and cannot take a new backing file",

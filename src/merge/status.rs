@@ -48,6 +48,9 @@ pub struct MergeState {
     /// Tree commands waiting for the structural lock: a background merge
     /// gives way to them.
     pub preempt: std::sync::atomic::AtomicUsize,
+    /// A merge committed but could not finish its cleanup: the tree in
+    /// memory is behind the files, so no merge runs until a remount.
+    pub broken: Mutex<Option<String>>,
 }
 
 impl Default for MergeState {
@@ -59,6 +62,7 @@ impl Default for MergeState {
             resume: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             preempt: Default::default(),
+            broken: Mutex::new(None),
         }
     }
 }

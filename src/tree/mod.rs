@@ -132,6 +132,11 @@ pub struct Tree {
     /// Images another process holds a lock on, so we could not take ours:
     /// the merge engine leaves them alone.
     pub(crate) unlocked: Mutex<std::collections::HashSet<PathBuf>>,
+    /// Opened from one leaf image rather than a directory: other chains
+    /// may share its images unseen, so nothing is merged.
+    pub(crate) single_chain: bool,
+    /// Held while the tree is open read-write (see `open::lock_tree`).
+    _tree_lock: Option<std::fs::File>,
     /// The merge engine's state (progress, last result, idle tracking).
     pub merge: crate::merge::MergeState,
 }

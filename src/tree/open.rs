@@ -36,6 +36,14 @@ impl Tree {
                 .unwrap_or_else(|| PathBuf::from("/"))
         };
         let mut problems = Vec::new();
+        // One read-write opener per tree: a second one (a `snaptree merge`
+        // while mounted, two mounts) would recover the first one's
+        // in-flight snapshots and merges and write the same images.
+        let tree_lock = if opts.read_only {
+            None
+        } else {
+            Some(lock_tree(&dir)?)
+        };
         let mut resume_merge = false;
         if !opts.read_only {
             recover_snapshots(&dir, &mut problems);
@@ -77,6 +85,8 @@ impl Tree {
             status: Mutex::new(StatusLog::default()),
             foreign: Vec::new(),
             garbage: Mutex::new(Vec::new()),
+            single_chain: !is_dir,
+            _tree_lock: tree_lock,
             ops: Mutex::new(()),
             unlocked: Mutex::new(Default::default()),
             merge: crate::merge::MergeState::default(),
@@ -116,8 +126,12 @@ impl Tree {
             .collect();
         for m in &manifest.points {
             if m.garbage {
-                // Still referenced (see `reclaim_garbage`): keep the mark.
-                self.foreign.push(m.clone());
+                // Still referenced (see `reclaim_garbage`). Found as an
+                // image of the tree, it is one again: the mark goes, so it
+                // is never reclaimed under a visible point.
+                if !found.contains_key(&self.dir.join(&m.image)) {
+                    self.foreign.push(m.clone());
+                }
                 continue;
             }
             if !found.contains_key(&self.dir.join(&m.image)) {
@@ -382,6 +396,37 @@ pub(super) fn open_point_layer(
         return Ok((layer, false, false));
     }
     Ok((layer, false, true))
+}
+
+/// Name of the lock file a read-write opener holds in the tree directory.
+pub const TREE_LOCK_NAME: &str = ".snaptree.lock";
+
+/// Takes the tree's exclusive lock (an OFD-independent `flock`, released
+/// when the process dies), or says who to blame.
+fn lock_tree(dir: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join(TREE_LOCK_NAME);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // A mount that was just unmounted may still be flushing on its way
+    // out: give it a few seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // SAFETY: flock on a descriptor we own.
+    while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
+        return Err(format!(
+            "{} is in use by another snaptree (mounted read-write, or a `snaptree merge` running); unmount it first, or mount with -o ro",
+            dir.display()
+        ));
+    }
+    Ok(f)
 }
 
 fn mtime(path: &Path) -> u64 {

@@ -402,9 +402,9 @@ fn allow_other_lets_other_users_read() {
 }
 
 /// qemu locks the images it writes (OFD locks), so two writers of one
-/// qcow2 file cannot corrupt it. snaptree takes no lock: while it has the
-/// leaf open for writing, `qemu-io` writes the same file, and a second
-/// read-write mount of the same tree succeeds.
+/// qcow2 file cannot corrupt it. snaptree took no lock: while it had the
+/// leaf open for writing, `qemu-io` wrote the same file, and a second
+/// read-write mount of the same tree succeeded.
 #[test]
 fn a_mounted_leaf_is_locked_against_other_writers() {
     let Some(ws) = base_and_leaf_workspace(16 * MIB) else {
@@ -424,17 +424,27 @@ fn a_mounted_leaf_is_locked_against_other_writers() {
         !o.status.success() || out.contains("lock"),
         "qemu-io wrote leaf.qcow2 while snaptree has it open for writing: {out}"
     );
+    // A second read-write mount of the tree is refused (it would recover
+    // the first one's in-flight snapshots and merges); a read-only one
+    // mounts, with the leaf read-only.
     let mnt2 = ws.scratch("mnt2");
     std::fs::create_dir(&mnt2).expect("mkdir mnt2");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_snaptree"));
+    c.arg("mount").arg(&ws.images).arg(&mnt2).arg("-f");
+    let o = run_with_timeout(&mut c, std::time::Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("in use by another snaptree"),
+        "a second read-write mount: {} {err}",
+        o.status
+    );
     let log = ws.scratch("second.log");
-    let second = Mount::foreground(&ws.images, &mnt2, &[], &log);
-    if let Ok(second) = second {
-        let writable = open_rw(&mnt2, "leaf").is_ok();
-        drop(second);
-        assert!(
-            !writable,
-            "a second mount of the same tree can write the leaf too"
-        );
-    }
+    let second = Mount::foreground(&ws.images, &mnt2, &["-o", "ro"], &log).expect("ro mount");
+    let writable = open_rw(&mnt2, "leaf").is_ok();
+    drop(second);
+    assert!(
+        !writable,
+        "a second mount of the same tree can write the leaf too"
+    );
     drop(m);
 }

@@ -1,0 +1,173 @@
+//! Commit: the child C's blocks go into the hidden node H; then
+//! `rename(H, C)` puts H's file in C's place (the commit point).
+//!
+//! C reads the same throughout: H only changes in ranges C holds itself,
+//! and nobody reads H alone (it is hidden; its open handles end). A leaf C
+//! that is being written is copied like live migration copies RAM: copy,
+//! then re-copy what was written meanwhile, while that shrinks; then its
+//! writers (and readers) pause for the last short pass and the rename.
+
+use super::copy::{chain_err, copy_pieces, held, steps};
+use super::plan::Job;
+use super::run::{err, open_writer, relink, reopen, stack, Failed};
+use super::{PassReport, Throttle};
+use crate::chain::dirty::total;
+use crate::chain::Chain;
+use crate::image::Layer;
+use crate::tree::{manifest, Tree, TreeError};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A pass loop ends once a pass leaves at most this much dirty...
+const FINAL_PASS_BYTES: u64 = 4 << 20;
+/// ... or after this many passes (a writer faster than the copy) ...
+const MAX_PASSES: u32 = 8;
+/// ... and the paused last pass may copy at most this much: beyond it the
+/// merge gives up (and is retried later) rather than stall the guest.
+const MAX_PAUSED_BYTES: u64 = 64 << 20;
+
+pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Result<u64, Failed> {
+    let c_chain = job.child.io.read().chain.clone();
+    let leaf = job.child.io.read().writable;
+    // Declared before the writer, so the writer closes first on failure.
+    let (w, relock) = open_writer(h_chain.leaf(), &job.hidden_image)?;
+    let hw = stack(w.clone(), &h_chain.layers()[1..]);
+    if leaf {
+        c_chain.dirty.start();
+    }
+    let r = copy_and_commit(tree, job, throttle, h_chain, &c_chain, hw, w, relock, leaf);
+    c_chain.dirty.stop();
+    r
+}
+
+/// Copies what `src`'s own layer holds inside `ranges` into `dst`.
+fn copy_held(
+    tree: &Tree,
+    throttle: &Throttle,
+    src: &Chain,
+    dst: &Chain,
+    ranges: &[(u64, u64)],
+) -> Result<u64, TreeError> {
+    let mut pieces = Vec::new();
+    for &(s, e) in ranges {
+        pieces.extend(held(src.leaf().as_ref(), s, e.min(src.size()))?);
+    }
+    copy_pieces(
+        tree,
+        throttle,
+        src,
+        dst,
+        &steps(&pieces, throttle.step_bytes),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn copy_and_commit(
+    tree: &Tree,
+    job: &Job,
+    throttle: &Throttle,
+    h_chain: &Chain,
+    c_chain: &Arc<Chain>,
+    hw: Arc<Chain>,
+    w: Arc<dyn Layer>,
+    mut relock: super::run::Relock,
+    leaf: bool,
+) -> Result<u64, Failed> {
+    let c = &job.child;
+    let mut pass = 1;
+    let t = Instant::now();
+    let mut copied = copy_held(tree, throttle, c_chain, &hw, &[(0, c_chain.size())])?;
+    let mut pending = Vec::new();
+    if leaf {
+        let (mut pass_copied, mut pass_start, mut last) = (copied, t, u64::MAX);
+        loop {
+            let dirty = c_chain.dirty.take();
+            let d = total(&dirty);
+            let report = PassReport {
+                pass,
+                copied: pass_copied,
+                dirtied: d,
+                millis: pass_start.elapsed().as_millis() as u64,
+            };
+            tree.merge.pass_done(report, d);
+            if d <= FINAL_PASS_BYTES || pass >= MAX_PASSES || d >= last {
+                pending = dirty;
+                break;
+            }
+            last = d;
+            pass += 1;
+            pass_start = Instant::now();
+            pass_copied = copy_held(tree, &Throttle::full(), c_chain, &hw, &dirty)?;
+            copied += pass_copied;
+        }
+    }
+    // Make the passes so far durable while writers still run, so the
+    // paused part flushes only the last pass.
+    hw.flush().map_err(chain_err)?;
+    let t = Instant::now();
+    let mut guard = c.io.write();
+    if leaf {
+        // The last pass, with the leaf's I/O paused.
+        pending.extend(c_chain.dirty.take());
+        pending.sort_unstable();
+        let n = total(&pending);
+        if n > MAX_PAUSED_BYTES {
+            return Err(Failed::BeforeCommit(err(
+                libc::EAGAIN,
+                format!(
+                    "the leaf is written faster than it can be copied ({} still dirty after {pass} passes); try again when it is quieter",
+                    crate::units::human_size(n)
+                ),
+            )));
+        }
+        let n = copy_held(tree, &Throttle::full(), c_chain, &hw, &pending)?;
+        copied += n;
+        let report = PassReport {
+            pass: pass + 1,
+            copied: n,
+            dirtied: 0,
+            millis: t.elapsed().as_millis() as u64,
+        };
+        tree.merge.pass_done(report, 0);
+        hw.flush().map_err(chain_err)?;
+    }
+    // The commit point.
+    if let Err(e) = std::fs::rename(&job.hidden_image, &job.child_image) {
+        return Err(Failed::BeforeCommit(err(
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!(
+                "rename {} to {}: {e}",
+                job.hidden_image.display(),
+                job.child_image.display()
+            ),
+        )));
+    }
+    relock.disarm();
+    let _ = manifest::sync_dir(tree.dir());
+    // C's old file is gone: its descriptor's locks go with it.
+    c_chain.leaf().unlock();
+    let new_leaf: Result<Arc<dyn Layer>, TreeError> = if leaf {
+        // The writer already holds the writer lock of what is now C.
+        Ok(w)
+    } else {
+        drop(hw);
+        drop(w);
+        reopen(&job.child_image, h_chain.leaf(), false, &c.name)
+    };
+    let r = match new_leaf {
+        Ok(l) => {
+            relink(tree, job, stack(l, &h_chain.layers()[1..]), Some(guard));
+            Ok(copied)
+        }
+        Err(e) => {
+            // Reads stay right through the old descriptors; writes stop.
+            guard.writable = false;
+            drop(guard);
+            Err(Failed::AfterCommit(e))
+        }
+    };
+    if leaf {
+        tree.merge.writer_pause(t.elapsed().as_secs_f64() * 1e3);
+    }
+    r
+}

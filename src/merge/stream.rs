@@ -1,0 +1,164 @@
+//! Stream: the hidden node H's blocks go into its only child C where C
+//! holds nothing; then one header `pwrite` makes C name H's parent (the
+//! commit point), and H's file goes.
+//!
+//! C reads the same throughout: it took those ranges from H before and
+//! holds the same bytes itself after. A leaf C is filled one step at a
+//! time under its I/O lock, so a guest write cannot land between checking
+//! that C lacks a range and filling it.
+
+use super::copy::{chain_err, copy_pieces, copy_range, held, image_err, pace, steps, Held};
+use super::plan::Job;
+use super::run::{err, new_backing, open_writer, rel, relink, reopen, stack, zeros, Failed};
+use super::Throttle;
+use crate::chain::Chain;
+use crate::image::qcow2::rebase::set_backing;
+use crate::image::Mapping;
+use crate::tree::{manifest, Tree};
+use std::time::Instant;
+
+pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Result<u64, Failed> {
+    let c = &job.child;
+    let (c_chain, leaf) = {
+        let io = c.io.read();
+        (io.chain.clone(), io.writable)
+    };
+    // A leaf is written through its own chain so the mount's writes and
+    // ours share one metadata state; any other child through a writable
+    // descriptor of its own, holding the writer lock.
+    let (writer, mut relock) = if leaf {
+        (c_chain.clone(), None)
+    } else {
+        let (w, relock) = open_writer(c_chain.leaf(), &job.child_image)?;
+        (stack(w, &c_chain.layers()[1..]), Some(relock))
+    };
+    let h_size = h_chain.size();
+    let mut ranges = held(h_chain.leaf().as_ref(), 0, h_size.min(c_chain.size()))?;
+    if h_chain.layers().len() == 1 {
+        // Without a parent, ranges the child does not hold read as zeros
+        // anyway: H's zeros need no copy.
+        ranges.retain(|r| !r.zero);
+    } else if let Some(z) = zeros(
+        h_size,
+        c_chain.size().min(h_chain.layers()[1].virtual_size()),
+    ) {
+        // Past H's end the child read zeros; its new parent may hold data
+        // there.
+        ranges.push(z);
+    }
+    let mut copied = 0;
+    let mut longest_pause = 0f64;
+    if !leaf {
+        // Nothing else writes C: find what it lacks once, then copy it all
+        // in one pipelined run.
+        let mut todo = Vec::new();
+        for r in &ranges {
+            for e in writer.leaf().map(r.start, r.len).map_err(image_err)? {
+                if e.mapping == Mapping::Unallocated {
+                    todo.push(Held {
+                        start: e.start,
+                        len: e.len,
+                        zero: r.zero,
+                    });
+                }
+            }
+        }
+        let todo = steps(&todo, throttle.step_bytes);
+        copied = copy_pieces(tree, throttle, h_chain, &writer, &todo)?;
+        ranges.clear();
+    }
+    for piece in steps(&ranges, throttle.step_bytes) {
+        let t = Instant::now();
+        // Check-then-write of a leaf must not race a guest write to it.
+        let guard = c.io.write();
+        for e in writer
+            .leaf()
+            .map(piece.start, piece.len)
+            .map_err(image_err)?
+            .into_iter()
+            .filter(|e| e.mapping == Mapping::Unallocated)
+        {
+            let part = Held {
+                start: e.start,
+                len: e.len,
+                zero: piece.zero,
+            };
+            copy_range(h_chain, &writer, part)?;
+            copied += e.len;
+        }
+        drop(guard);
+        longest_pause = longest_pause.max(t.elapsed().as_secs_f64() * 1e3);
+        tree.merge.progress(piece.len);
+        pace(tree, throttle)?;
+    }
+    let t = Instant::now();
+    let mut guard = if leaf { Some(c.io.write()) } else { None };
+    writer.flush().map_err(chain_err)?;
+    let backing = new_backing(h_chain, &job.child_image);
+    // The commit point.
+    set_backing(
+        &job.child_image,
+        backing.as_ref().map(|(n, f)| (n.as_str(), f.as_str())),
+    )
+    .map_err(image_err)?;
+    let after = (|| -> Result<(), crate::tree::TreeError> {
+        drop(writer);
+        if let Some(r) = relock.as_mut() {
+            r.disarm();
+        }
+        let new_leaf = reopen(&job.child_image, c_chain.leaf(), leaf, c.name.as_str())?;
+        relink(
+            tree,
+            job,
+            stack(new_leaf, &h_chain.layers()[1..]),
+            guard.take(),
+        );
+        remove_hidden(tree, job)
+    })();
+    if let (Err(_), Some(g)) = (&after, guard.as_mut()) {
+        // The leaf's old layer still believes in its old header: no more
+        // writes through it.
+        g.writable = false;
+    }
+    drop(guard);
+    if leaf {
+        longest_pause = longest_pause.max(t.elapsed().as_secs_f64() * 1e3);
+        tree.merge.writer_pause(longest_pause);
+    }
+    after.map_err(Failed::AfterCommit)?;
+    Ok(copied)
+}
+
+/// H's file goes once nothing references it: the manifest lists it as
+/// garbage first, so an interrupted cleanup is finished by the next open.
+fn remove_hidden(tree: &Tree, job: &Job) -> Result<(), crate::tree::TreeError> {
+    if let Some(user) = super::journal::referenced_by(tree.dir(), &job.hidden_image, &[]) {
+        return Err(err(
+            libc::EBUSY,
+            format!(
+                "{} is still the backing file of {}; kept",
+                job.hidden_image.display(),
+                user.display()
+            ),
+        ));
+    }
+    tree.garbage.lock().push(manifest::ManifestPoint {
+        name: job.hidden.name.clone(),
+        image: rel(tree, &job.hidden_image),
+        parent: None,
+        created: job.hidden.created,
+        hidden: true,
+        format: None,
+        disk: job.hidden.disk.clone(),
+        garbage: true,
+        memory: None,
+    });
+    tree.save_manifest()?;
+    if let Err(e) = std::fs::remove_file(&job.hidden_image) {
+        tree.problem(format!("{}: {e}", job.hidden_image.display()));
+    } else {
+        tree.garbage.lock().clear();
+    }
+    let _ = manifest::sync_dir(tree.dir());
+    Ok(())
+}
