@@ -150,9 +150,11 @@ fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
     }
     let h_bytes = h_layer.allocated_bytes().map_err(|e| e.to_string())?;
     let c_bytes = c_layer.allocated_bytes().map_err(|e| e.to_string())?;
-    // Committing writes into H and makes H's file the child's: same format
-    // and size, and writable by us.
+    // Committing writes into H and makes H's file the child's: same format,
+    // size and directory (H's backing name is relative to it), and
+    // writable by us.
     let commit_ok = h_layer.format() == Format::Qcow2
+        && hidden_image.parent() == child_image.parent()
         && h_layer.virtual_size() == c_layer.virtual_size()
         && !has_snapshots(&h_layer);
     let (direction, bytes) = if commit_ok && c_bytes < h_bytes {

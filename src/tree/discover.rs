@@ -42,6 +42,10 @@ pub fn inspect(path: &Path, format: Option<Format>, dir: &Path, allow_external: 
         Ok(l) => l,
         Err(e) => {
             found.broken = Some(e.to_string());
+            // Even a broken image may still use a backing file (qemu-img
+            // may open it): record it, so nothing it uses is merged away.
+            found.backing = header_backing(path)
+                .and_then(|n| path.parent().unwrap_or(dir).join(n).canonicalize().ok());
             return found;
         }
     };
@@ -73,6 +77,35 @@ pub fn inspect(path: &Path, format: Option<Format>, dir: &Path, allow_external: 
     found
 }
 
+/// The backing file name in a qcow2 header, read with no more checks than
+/// it takes to read it safely (for images that do not open).
+fn header_backing(path: &Path) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).ok()?;
+    let mut h = [0u8; 20];
+    f.read_exact_at(&mut h, 0).ok()?;
+    if &h[..4] != b"QFI\xfb" {
+        return None;
+    }
+    let off = u64::from_be_bytes(h[8..16].try_into().ok()?);
+    let len = u32::from_be_bytes(h[16..20].try_into().ok()?) as usize;
+    if off == 0 || len == 0 || len > 1023 || off > 2 << 20 {
+        return None;
+    }
+    let mut name = vec![0u8; len];
+    f.read_exact_at(&mut name, off).ok()?;
+    String::from_utf8(name).ok().filter(|n| !n.contains('\0'))
+}
+
+/// Qcow2 by its magic, else raw.
+fn sniff(path: &Path) -> Format {
+    std::fs::File::open(path)
+        .ok()
+        .and_then(|f| probe::detect_format(&f, path).ok())
+        .filter(|f| *f == Format::Qcow2)
+        .unwrap_or(Format::Raw)
+}
+
 /// Every image of the tree in `dir` (canonical), keyed by canonical path.
 pub fn scan_dir(dir: &Path, allow_external: bool) -> std::io::Result<BTreeMap<PathBuf, Found>> {
     let mut found = BTreeMap::new();
@@ -97,15 +130,31 @@ pub fn scan_dir(dir: &Path, allow_external: bool) -> std::io::Result<BTreeMap<Pa
             raw_candidates.push(path);
         }
     }
-    // Raw files are images when named like one or used as a backing file.
-    let referenced: Vec<PathBuf> = found.values().filter_map(|f| f.backing.clone()).collect();
-    for path in raw_candidates.into_iter().chain(referenced) {
-        if !found.contains_key(&path) {
-            found.insert(
-                path.clone(),
-                inspect(&path, Some(Format::Raw), dir, allow_external),
-            );
+    // Raw files are images when named like one.
+    for path in raw_candidates {
+        found.insert(
+            path.clone(),
+            inspect(&path, Some(Format::Raw), dir, allow_external),
+        );
+    }
+    // Backing files elsewhere (a subdirectory, or outside with
+    // --allow-external-backing) are images too, of the format their child
+    // records, else the one their magic says; and so are their backing
+    // files in turn.
+    let mut queue: Vec<(PathBuf, Option<Format>)> = found
+        .values()
+        .filter_map(|f| f.backing.clone().map(|b| (b, f.backing_format)))
+        .collect();
+    while let Some((path, format)) = queue.pop() {
+        if found.contains_key(&path) || found.len() > 1 << 16 {
+            continue;
         }
+        let format = format.unwrap_or_else(|| sniff(&path));
+        let f = inspect(&path, Some(format), dir, allow_external);
+        if let Some(b) = &f.backing {
+            queue.push((b.clone(), f.backing_format));
+        }
+        found.insert(path, f);
     }
     // A raw disk whose guest wrote a qcow2 header into its first sector
     // must stay raw: the format its child records wins over the magic.
