@@ -16,62 +16,29 @@
 # A baseline load run without any merge comes first.
 #
 # Knobs: SIZE_MB (256), SETTINGS ("1M:0 4M:0 4M:5 16M:5 4M:25 64M:0"),
-# FG_IOPS (1000), RUNTIME (15).  Needs root, /dev/fuse, qemu-img, fio.
+# FG_IOPS (1000), RUNTIME (15), KEEP=1 (keep the temp dir under /var/tmp),
+# SNAPTREE_BIN (use this binary instead of `cargo build --release`).
+# Needs root, /dev/fuse, qemu-img, fio.
 #
 #   sudo bash benches/gc_throttle.sh
 #   SIZE_MB=64 SETTINGS="4M:5" RUNTIME=5 sudo bash benches/gc_throttle.sh   # quick
 
 set -euo pipefail
 export LC_ALL=C
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 SIZE_MB=${SIZE_MB:-256}
 SETTINGS=${SETTINGS:-"1M:0 4M:0 4M:5 16M:5 4M:25 64M:0"}
 FG_IOPS=${FG_IOPS:-1000}
 RUNTIME=${RUNTIME:-15}
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+[[ $(id -u) -eq 0 ]] || skip_all "not root"
+[[ -c /dev/fuse ]] || skip_all "no /dev/fuse"
+require_tools qemu-img qemu-io fio
+build_snaptree
 
-[[ $(id -u) -eq 0 ]] || { echo "SKIP: not root"; exit 0; }
-[[ -c /dev/fuse ]] || { echo "SKIP: no /dev/fuse"; exit 0; }
-for t in qemu-img qemu-io fio; do
-    command -v "$t" >/dev/null || { echo "SKIP: $t is not on PATH"; exit 0; }
-done
-
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [[ -z ${SNAPTREE_BIN:-} ]]; then
-    (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
-    SNAPTREE_BIN=$ROOT/target/release/snaptree
-fi
-
-T=$(mktemp -d /var/tmp/snaptree-gc.XXXXXX)
+make_workdir snaptree-gc
 MNT=$T/mnt
-PID=""
-FIO_PID=""
-mkdir -p "$MNT"
-
-is_mounted() { awk -v p="$1" '$5 == p { f = 1 } END { exit !f }' /proc/self/mountinfo; }
-
-unmount() {
-    [[ -n $PID ]] || return 0
-    is_mounted "$MNT" && { umount "$MNT" 2>/dev/null || umount -l "$MNT"; }
-    local n=300
-    while kill -0 "$PID" 2>/dev/null && ((n-- > 0)); do sleep 0.1; done
-    kill -0 "$PID" 2>/dev/null && kill -KILL "$PID"
-    wait "$PID" 2>/dev/null || true
-    PID=""
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    set +e
-    [[ -n $FIO_PID ]] && kill "$FIO_PID" 2>/dev/null
-    unmount
-    rm -rf "$T"
-    exit "$rc"
-}
-trap cleanup EXIT INT TERM
 
 # ------------------------------------------------------------ the template
 S=$((SIZE_MB * 1024 * 1024))
@@ -94,16 +61,6 @@ mkdir "$T/tpl"
 fresh() {
     rm -rf "$T/tree"
     cp -a --sparse=always "$T/tpl" "$T/tree"
-}
-
-mount_tree() { # gc options
-    "$SNAPTREE_BIN" mount "$T/tree" "$MNT" -f -o "$1" >"$T/daemon.log" 2>&1 &
-    PID=$!
-    local n=100
-    until [[ -e $MNT/status ]]; do
-        ((n-- > 0)) || die "mount did not come up: $(cat "$T/daemon.log")"
-        sleep 0.1
-    done
 }
 
 merged() { ! grep -q mid "$MNT/tree"; }
@@ -137,11 +94,11 @@ done_bytes() { # from status: "X of Y done"
 
 log "baseline: foreground reads, no merge"
 fresh
-mount_tree gc_idle=off
+start_snaptree "$T/tree" -o gc_idle=off
 fg_load
 fg_wait
 read -r b_mean b_p99 b_iops < <(fg_result)
-unmount
+stop_snaptree_ok
 
 printf '\n%-10s %12s %10s | %-32s\n' "setting" "idle merge" "MB/s" "under load: mean/p99 latency, merged"
 printf '%-10s %12s %10s | baseline: %s us / %s us, %s IOPS\n' "-" "-" "-" "$b_mean" "$b_p99" "$b_iops"
@@ -151,18 +108,18 @@ for s in $SETTINGS; do
     opts="gc_idle=0,gc_step=$step,gc_pause=$pause"
 
     fresh
-    mount_tree "$opts"
-    t0=$(date +%s.%N)
+    start_snaptree "$T/tree" -o "$opts"
+    t0=$(now)
     echo delete >"$MNT/mid/ctl"
     until merged; do sleep 0.05; done
-    t1=$(date +%s.%N)
-    unmount
-    (cd "$T/tree" && qemu-img check -q leaf.qcow2) || die "qemu-img check failed after $s"
+    t1=$(now)
+    stop_snaptree_ok
+    check_images "after $s" "$T/tree/leaf.qcow2"
     idle_s=$(echo "$t1 - $t0" | bc -l)
     rate=$(echo "$HALF / $idle_s" | bc -l)
 
     fresh
-    mount_tree "$opts"
+    start_snaptree "$T/tree" -o "$opts"
     fg_load
     sleep 1
     echo delete >"$MNT/mid/ctl"
@@ -170,7 +127,7 @@ for s in $SETTINGS; do
     progress=$(if merged; then echo "all"; else done_bytes; fi)
     fg_wait
     read -r mean p99 iops < <(fg_result)
-    unmount
+    stop_snaptree_ok
     printf '%-10s %10.2f s %10.0f | %s us / %s us, %s IOPS, merged: %s\n' \
         "$s" "$idle_s" "$rate" "$mean" "$p99" "$iops" "$progress"
 done

@@ -48,14 +48,11 @@
 
 set -euo pipefail
 export LC_ALL=C
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 SIZE_MB=${SIZE_MB:-512}
 RUNS=${RUNS:-3}
 RUNTIME=${RUNTIME:-30}
-KEEP=${KEEP:-0}
-
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
 
 [[ $SIZE_MB =~ ^[0-9]+$ && $SIZE_MB -ge 8 ]] || die "SIZE_MB must be an integer >= 8"
 [[ $RUNS =~ ^[0-9]+$ && $RUNS -ge 1 ]] || die "RUNS must be a positive integer"
@@ -66,104 +63,21 @@ VSIZE=$((2 * SIZE_MB * 1024 * 1024))
 LEAF_MB=$((SIZE_MB / 64 > 0 ? SIZE_MB / 64 : 1))
 
 # ---------------------------------------------------------------- prerequisites
-if [[ $(id -u) -ne 0 ]]; then
-    echo "SKIP all: not root (needs to drop caches and to mount FUSE)"
-    exit 0
-fi
-for t in qemu-img qemu-io; do
-    command -v "$t" >/dev/null || { echo "SKIP all: $t is not on PATH (apt-get install qemu-utils)"; exit 0; }
-done
+[[ $(id -u) -eq 0 ]] || skip_all "not root (needs to drop caches and to mount FUSE)"
+require_tools qemu-img qemu-io
 
-FIO_SKIP=""
-if [[ ! -c /dev/fuse ]]; then
-    FIO_SKIP="/dev/fuse does not exist"
-elif ! command -v fio >/dev/null; then
-    log "fio missing; trying apt-get install -y fio"
-    if command -v apt-get >/dev/null &&
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q fio >/dev/null 2>&1 &&
-        command -v fio >/dev/null; then
-        log "installed $(fio --version)"
-    else
-        FIO_SKIP="fio is not on PATH and apt-get install -y fio did not provide it"
-    fi
-fi
-
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [[ -n ${SNAPTREE_BIN:-} ]]; then
-    BIN=$SNAPTREE_BIN
+if [[ -c /dev/fuse ]]; then
+    find_fio
 else
-    log "cargo build --release"
-    (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
-    BIN=$ROOT/target/release/snaptree
+    FIO_SKIP="/dev/fuse does not exist"
 fi
-[[ -x $BIN ]] || die "$BIN is not an executable"
+build_snaptree
 
-# ---------------------------------------------------------------- cleanup
-T=""
-ST_PID="" ST_MNT=""
-FIO_PID=""
-
-is_mounted() { awk -v p="$1" '$5 == p { f = 1 } END { exit !f }' /proc/self/mountinfo; }
-
-# Waits up to $2 tenths of a second for pid $1 to end; 0 if it did.
-wait_gone() {
-    local pid=$1 n=$2
-    while kill -0 "$pid" 2>/dev/null && ((n-- > 0)); do sleep 0.1; done
-    ! kill -0 "$pid" 2>/dev/null
-}
-
-stop_fio() {
-    [[ -n $FIO_PID ]] || return 0
-    kill -INT "$FIO_PID" 2>/dev/null || true
-    wait_gone "$FIO_PID" 100 || kill -KILL "$FIO_PID" 2>/dev/null || true
-    wait "$FIO_PID" 2>/dev/null || true
-    FIO_PID=""
-}
-
-stop_snaptree() {
-    [[ -n $ST_PID ]] || return 0
-    if is_mounted "$ST_MNT"; then
-        umount "$ST_MNT" 2>/dev/null || umount -l "$ST_MNT" 2>/dev/null || true
-    fi
-    if ! wait_gone "$ST_PID" 300; then
-        log "snaptree (pid $ST_PID) still running after umount; SIGTERM"
-        kill -TERM "$ST_PID" 2>/dev/null || true
-        wait_gone "$ST_PID" 100 || kill -KILL "$ST_PID" 2>/dev/null || true
-    fi
-    local rc=0
-    wait "$ST_PID" 2>/dev/null || rc=$?
-    is_mounted "$ST_MNT" && umount -l "$ST_MNT" 2>/dev/null
-    ST_PID=""
-    return $rc
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    set +e
-    stop_fio
-    stop_snaptree
-    if [[ -n $T && -d $T ]]; then
-        if [[ $KEEP == 1 ]]; then
-            log "kept $T"
-        else
-            rm -rf "$T"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'log "terminated"; exit 143' TERM
-
-T=$(mktemp -d /var/tmp/snaptree-mvc.XXXXXX)
+make_workdir snaptree-mvc
 O=$T/orig
-mkdir -p "$O" "$T/mnt"
+mkdir -p "$O"
 
 # ---------------------------------------------------------------- helpers
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 
@@ -207,14 +121,6 @@ cmds_for() {
 allocated() {
     qemu-img check -U --output=json "$1" 2>/dev/null |
         awk -F'[:,]' '/"allocated-clusters"/ { a = $2 } END { printf "%d", a * 65536 }'
-}
-
-check_images() { # LABEL IMAGE...
-    local label=$1 img out
-    shift
-    for img; do
-        out=$(qemu-img check -q "$img" 2>&1) || die "$label: qemu-img check $(basename "$img") failed: $out"
-    done
 }
 
 same_as_orig() { # LABEL DIR NAME...
@@ -298,19 +204,6 @@ if [[ $ST_LINE == *"committing the child"* ]]; then ST_WAY="commit (delta into b
 # ---------------------------------------------------------------- part 2: writer pause
 P_PAUSE="" P_COPIED="" P_PASSES="" P_LAST="" P_MERGE_S="" P_WAY=""
 F_IOPS="" F_IOPS_MERGE="" F_CLAT_MAX="" F_ERR=""
-start_snaptree() { # SOURCE
-    ST_MNT=$T/mnt
-    "$BIN" mount "$1" "$ST_MNT" -f -o gc_idle=off </dev/null >>"$T/snaptree.log" 2>&1 &
-    ST_PID=$!
-    local n=300
-    until [[ -e $ST_MNT/tree ]]; do
-        kill -0 "$ST_PID" 2>/dev/null || { ST_PID=""; die "snaptree mount exited: $(tail -3 "$T/snaptree.log")"; }
-        ((n-- > 0)) || die "snaptree did not mount within 30 s"
-        sleep 0.1
-    done
-    log "snaptree mounted $1 on $ST_MNT (pid $ST_PID)"
-}
-
 if [[ -z $FIO_SKIP ]]; then
     P=$T/pause
     mkdir -p "$P"
@@ -323,12 +216,12 @@ if [[ -z $FIO_SKIP ]]; then
     sync
     P_DELTA_BYTES=$(allocated "$P/delta.qcow2")
 
-    start_snaptree "$P"
+    start_snaptree "$P" -o gc_idle=off
     DISK=$ST_MNT/leaf/disk.raw
     [[ -f $DISK && $(stat -c %a "$DISK") == 644 ]] || die "$DISK is not a writable leaf; tree: $(cat "$ST_MNT/tree")"
     echo delete >"$ST_MNT/delta/ctl" || die "delete of delta failed: $(grep -i 'delta' "$ST_MNT/status" | tail -3)"
     DIRECT=1
-    dd if="$DISK" of=/dev/null bs=4k count=1 iflag=direct status=none 2>/dev/null ||
+    can_direct "$DISK" ||
         { DIRECT=0; NOTES+=("writer pause: O_DIRECT failed on the mount, fio used buffered writes"); }
     span=()
     ((FIO_SPAN_MB > 0)) && span=(--size="${FIO_SPAN_MB}M")
@@ -374,7 +267,7 @@ if [[ -z $FIO_SKIP ]]; then
         F_IOPS_MERGE=$(awk -F', *' -v a="$a" -v b="$b" '$1 > a && $1 <= b + 100 { s += $2; n++ } END { if (n) printf "%.0f", s / n }' "$log_file")
     fi
     sum_mnt=$(md5sum <"$DISK" | cut -c1-32)
-    stop_snaptree || die "snaptree exited with an error (see $T/snaptree.log)"
+    stop_snaptree_ok
     [[ ! -e $P/delta.qcow2 ]] || die "delta.qcow2 still exists after the merge"
     check_images "writer pause" "$P"/leaf.qcow2 "$P"/base.qcow2
     qemu-img convert -f qcow2 -O raw "$P/leaf.qcow2" "$T/leaf.raw"

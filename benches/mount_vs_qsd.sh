@@ -25,22 +25,20 @@
 #
 # Knobs (environment): SIZE_MB (1024), DEPTH (32), RUNTIME (10, seconds per
 # fio run), KEEP=1 (keep the temp dir under /var/tmp), SNAPTREE_THREADS
-# (passed as --threads to snaptree mount; default: snaptree's own).
+# (passed as --threads to snaptree mount; default: snaptree's own),
+# SNAPTREE_BIN (use this binary instead of `cargo build --release`).
 #
 #   sudo bash benches/mount_vs_qsd.sh
 #   SIZE_MB=128 DEPTH=8 RUNTIME=3 bash benches/mount_vs_qsd.sh   # quick run
 
 set -euo pipefail
 export LC_ALL=C
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 SIZE_MB=${SIZE_MB:-1024}
 DEPTH=${DEPTH:-32}
 RUNTIME=${RUNTIME:-10}
-KEEP=${KEEP:-0}
 SNAPTREE_THREADS=${SNAPTREE_THREADS:-}
-
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
 
 [[ $SIZE_MB =~ ^[0-9]+$ && $SIZE_MB -ge 1 ]] || die "SIZE_MB must be a positive integer"
 [[ $DEPTH =~ ^[0-9]+$ && $DEPTH -ge 1 && $DEPTH -le 100 ]] || die "DEPTH must be 1..100"
@@ -48,70 +46,19 @@ die() { log "error: $*"; exit 1; }
 SIZE=$((SIZE_MB * 1024 * 1024))
 
 # ---------------------------------------------------------------- prerequisites
-if [[ $(id -u) -ne 0 ]]; then
-    echo "SKIP all: not root (needs to mount FUSE and to drop caches)"
-    exit 0
-fi
-if [[ ! -c /dev/fuse ]]; then
-    echo "SKIP all: /dev/fuse does not exist"
-    exit 0
-fi
-for t in qemu-img qemu-io; do
-    command -v "$t" >/dev/null || { echo "SKIP all: $t is not on PATH (apt-get install qemu-utils)"; exit 0; }
-done
+[[ $(id -u) -eq 0 ]] || skip_all "not root (needs to mount FUSE and to drop caches)"
+[[ -c /dev/fuse ]] || skip_all "/dev/fuse does not exist"
+require_tools qemu-img qemu-io
 
 QSD_SKIP=""
 command -v qemu-storage-daemon >/dev/null ||
     QSD_SKIP="qemu-storage-daemon is not on PATH (apt-get install qemu-utils)"
 
-FIO_SKIP=""
-if ! command -v fio >/dev/null; then
-    log "fio missing; trying apt-get install -y fio"
-    if command -v apt-get >/dev/null &&
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q fio >/dev/null 2>&1 &&
-        command -v fio >/dev/null; then
-        log "installed $(fio --version)"
-    else
-        FIO_SKIP="fio is not on PATH and apt-get install -y fio did not provide it"
-    fi
-fi
-
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-log "cargo build --release"
-(cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
-BIN=$ROOT/target/release/snaptree
-[[ -x $BIN ]] || die "$BIN not found after the build"
+find_fio
+build_snaptree
 
 # ---------------------------------------------------------------- cleanup
-T=""
-ST_PID="" ST_MNT=""
 Q_PID="" Q_FILE="" Q_ERR=""
-
-is_mounted() { awk -v p="$1" '$5 == p { f = 1 } END { exit !f }' /proc/self/mountinfo; }
-
-# Waits up to $2 tenths of a second for pid $1 to end; 0 if it did.
-wait_gone() {
-    local pid=$1 n=$2
-    while kill -0 "$pid" 2>/dev/null && ((n-- > 0)); do sleep 0.1; done
-    ! kill -0 "$pid" 2>/dev/null
-}
-
-stop_snaptree() {
-    [[ -n $ST_PID ]] || return 0
-    if is_mounted "$ST_MNT"; then
-        umount "$ST_MNT" 2>/dev/null || umount -l "$ST_MNT" 2>/dev/null || true
-    fi
-    if ! wait_gone "$ST_PID" 300; then
-        log "snaptree (pid $ST_PID) still running after umount; SIGTERM"
-        kill -TERM "$ST_PID" 2>/dev/null || true
-        wait_gone "$ST_PID" 100 || kill -KILL "$ST_PID" 2>/dev/null || true
-    fi
-    local rc=0
-    wait "$ST_PID" 2>/dev/null || rc=$?
-    is_mounted "$ST_MNT" && umount -l "$ST_MNT" 2>/dev/null
-    ST_PID=""
-    return $rc
-}
 
 stop_qsd() {
     [[ -n $Q_PID ]] || return 0
@@ -121,36 +68,19 @@ stop_qsd() {
     is_mounted "$Q_FILE" && umount -l "$Q_FILE" 2>/dev/null
     Q_PID=""
 }
+CLEANUP_STEPS+=(stop_qsd)
 
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    set +e
-    stop_snaptree
-    stop_qsd
-    if [[ -n $T && -d $T ]]; then
-        if [[ $KEEP == 1 ]]; then
-            log "kept $T"
-        else
-            rm -rf "$T"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'log "terminated"; exit 143' TERM
-
-T=$(mktemp -d /var/tmp/snaptree-mvq.XXXXXX)
+make_workdir snaptree-mvq
 C=$T/chain
-mkdir -p "$C" "$T/mnt"
+mkdir -p "$C"
 
 # ---------------------------------------------------------------- helpers
 # Page cache drops so far (ours and anyone else's on this host).
 drops() { awk '$1 == "drop_pagecache" { print $2 }' /proc/vmstat; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; DROPS0=$(drops); }
+# cold_caches: drop_caches, noting the drop count for taint.
+cold_caches() { drop_caches; DROPS0=$(drops); }
 # taint TOOL KEY...: if someone else dropped the page cache since our last
-# drop_caches, marks these figures as unreliable (a second pass or a warm
+# cold_caches, marks these figures as unreliable (a second pass or a warm
 # random run would have been partly cold).
 declare -A TAINT
 TAINTED=0
@@ -163,21 +93,8 @@ taint() {
     log "warning: another process dropped the page cache during $([[ $tool == ST ]] && echo snaptree || echo qsd) $*"
 }
 
-# start_snaptree SOURCE: mounts SOURCE on $T/mnt in the foreground, in the
-# background of this script, and waits for $T/mnt/tree.
-start_snaptree() {
-    ST_MNT=$T/mnt
-    "$BIN" mount "$1" "$ST_MNT" -f ${SNAPTREE_THREADS:+--threads "$SNAPTREE_THREADS"} \
-        </dev/null >>"$T/snaptree.log" 2>&1 &
-    ST_PID=$!
-    local n=300
-    until [[ -e $ST_MNT/tree ]]; do
-        kill -0 "$ST_PID" 2>/dev/null || { ST_PID=""; die "snaptree mount exited: $(tail -3 "$T/snaptree.log")"; }
-        ((n-- > 0)) || die "snaptree did not mount within 30 s"
-        sleep 0.1
-    done
-    log "snaptree mounted $(basename "$1") (pid $ST_PID)"
-}
+# mount_st SOURCE: start_snaptree with the SNAPTREE_THREADS knob.
+mount_st() { start_snaptree "$1" ${SNAPTREE_THREADS:+--threads "$SNAPTREE_THREADS"}; }
 
 # start_qsd IMAGE: exports IMAGE read-write on the regular file $T/qsd.img.
 start_qsd() {
@@ -214,9 +131,6 @@ seq_read() {
     awk -v b="$bytes" -v s="$secs" 'BEGIN { printf "%.1f", b / s / 1e6 }'
 }
 
-# can_direct FILE: whether a 4 KiB O_DIRECT read of FILE works.
-can_direct() { dd if="$1" of=/dev/null bs=4k count=1 iflag=direct status=none 2>/dev/null; }
-
 # fio_iops FILE RW NJOBS DIRECT: IOPS of a time-based 4 KiB run.
 fio_iops() {
     local file=$1 rw=$2 jobs=$3 direct=$4 field=8 extra=()
@@ -252,7 +166,7 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 LEAF_NAME=$(printf 'l%02d' $((DEPTH - 1)))
 LEAF=$C/$LEAF_NAME.qcow2
 log "building a ${SIZE_MB} MiB chain of depth $DEPTH in $C"
-t0=$(date +%s.%N)
+t0=$(now)
 for ((k = 0; k < DEPTH; k++)); do
     name=$(printf 'l%02d.qcow2' "$k")
     if ((k == 0)); then
@@ -280,15 +194,15 @@ qemu-img create -q -f qcow2 -u -b "$LEAF_NAME.qcow2" -F qcow2 "$C/over.qcow2" "$
 cp --sparse=always "$LEAF" "$C/wst.qcow2"
 cp --sparse=always "$LEAF" "$C/wqsd.qcow2"
 sync
-log "chain built in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s ($(du -sh "$C" | cut -f1) on disk)"
+log "chain built in $(elapsed "$t0") s ($(du -sh "$C" | cut -f1) on disk)"
 
 ST_DISK=$T/mnt/$LEAF_NAME/disk.raw
 
 # ---------------------------------------------------------------- snaptree, leaf
-start_snaptree "$LEAF"
+mount_st "$LEAF"
 [[ -f $ST_DISK ]] || die "$ST_DISK does not exist; tree: $(cat "$T/mnt/tree")"
 [[ $(stat -c %a "$ST_DISK") == 644 ]] || die "$ST_DISK is not read-write (should be the leaf)"
-drop_caches
+cold_caches
 ST[seq_cold]=$(seq_read "$ST_DISK"); log "snaptree seq cold (leaf): ${ST[seq_cold]} MB/s"
 ST[seq_2nd]=$(seq_read "$ST_DISK"); log "snaptree seq 2nd pass (leaf): ${ST[seq_2nd]} MB/s"
 taint ST seq_2nd
@@ -300,27 +214,27 @@ if [[ -z $FIO_SKIP ]]; then
         NOTES+=("snaptree: O_DIRECT open/read failed, random I/O used buffered I/O with --invalidate=1")
     fi
     for j in 1 2; do
-        drop_caches
+        cold_caches
         ST[rr$j]=$(fio_iops "$ST_DISK" randread "$j" "$ST_DIRECT")
         log "snaptree randread 4k, $j job(s): ${ST[rr$j]} IOPS"
         taint ST "rr$j"
     done
 fi
-stop_snaptree || die "snaptree exited with an error (see $T/snaptree.log)"
+stop_snaptree_ok
 
 # ---------------------------------------------------------------- snaptree, non-leaf
-start_snaptree "$C/over.qcow2"
+mount_st "$C/over.qcow2"
 [[ -f $ST_DISK && $(stat -c %a "$ST_DISK") == 444 ]] || die "$ST_DISK should be a read-only non-leaf point here"
-drop_caches
+cold_caches
 ST[nl_cold]=$(seq_read "$ST_DISK"); log "snaptree seq cold (non-leaf): ${ST[nl_cold]} MB/s"
 ST[nl_2nd]=$(seq_read "$ST_DISK"); log "snaptree seq 2nd pass (non-leaf): ${ST[nl_2nd]} MB/s"
 taint ST nl_2nd
-stop_snaptree || die "snaptree exited with an error (see $T/snaptree.log)"
+stop_snaptree_ok
 
 # ---------------------------------------------------------------- qsd, leaf
 if [[ -z $QSD_SKIP ]]; then
     if start_qsd "$LEAF"; then
-        drop_caches
+        cold_caches
         QS[seq_cold]=$(seq_read "$Q_FILE"); log "qsd seq cold: ${QS[seq_cold]} MB/s"
         QS[seq_2nd]=$(seq_read "$Q_FILE"); log "qsd seq 2nd pass: ${QS[seq_2nd]} MB/s"
         taint QS seq_2nd
@@ -335,7 +249,7 @@ if [[ -z $QSD_SKIP ]]; then
                 NOTES+=("qsd: O_DIRECT read failed, random I/O used buffered I/O with --invalidate=1")
             fi
             for j in 1 2; do
-                drop_caches
+                cold_caches
                 QS[rr$j]=$(fio_iops "$Q_FILE" randread "$j" "$Q_DIRECT")
                 log "qsd randread 4k, $j job(s): ${QS[rr$j]} IOPS"
                 taint QS "rr$j"
@@ -350,16 +264,16 @@ fi
 
 # ---------------------------------------------------------------- random writes
 if [[ -z $FIO_SKIP ]]; then
-    start_snaptree "$C/wst.qcow2"
+    mount_st "$C/wst.qcow2"
     W_DISK=$T/mnt/wst/disk.raw
     [[ $(stat -c %a "$W_DISK") == 644 ]] || die "$W_DISK is not read-write"
     W_DIRECT=1
     can_direct "$W_DISK" || { W_DIRECT=0; NOTES+=("snaptree: randwrite used buffered I/O (O_DIRECT failed)"); }
-    drop_caches
+    cold_caches
     ST[rw1]=$(fio_iops "$W_DISK" randwrite 1 "$W_DIRECT")
     log "snaptree randwrite 4k: ${ST[rw1]} IOPS"
     taint ST rw1
-    stop_snaptree || die "snaptree exited with an error (see $T/snaptree.log)"
+    stop_snaptree_ok
     if qemu-img check -q "$C/wst.qcow2" >"$T/check.log" 2>&1; then
         NOTES+=("qemu-img check of the leaf snaptree wrote: no errors")
     else
@@ -369,7 +283,7 @@ if [[ -z $FIO_SKIP ]]; then
         if start_qsd "$C/wqsd.qcow2"; then
             W_DIRECT=1
             can_direct "$Q_FILE" || { W_DIRECT=0; NOTES+=("qsd: randwrite used buffered I/O (O_DIRECT failed)"); }
-            drop_caches
+            cold_caches
             QS[rw1]=$(fio_iops "$Q_FILE" randwrite 1 "$W_DIRECT")
             log "qsd randwrite 4k: ${QS[rw1]} IOPS"
             taint QS rw1

@@ -10,13 +10,15 @@
 
 #[macro_use]
 mod common;
+#[path = "common/qcow2_file.rs"]
+mod qcow2_file;
 
 use common::qio::{write, zero};
 use common::*;
+use qcow2_file::{be, bytes_at};
 use serde_json::Value;
 use snaptree::image::qcow2::rebase::set_backing;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const SIZE: u64 = 4 * MIB;
 
@@ -37,30 +39,19 @@ fn assert_check_clean(chain: &Chain, name: &str) {
 
 /// The guest view of `name` (through its backing chain) as a raw file
 /// `OUT` in the chain directory.
-fn export_raw(chain: &Chain, name: &str, out: &str) -> std::path::PathBuf {
-    qemu_img(
-        chain.dir(),
-        ["convert", "-f", "qcow2", "-O", "raw", name, out],
-    );
-    chain.file(out)
+fn export_raw(chain: &Chain, name: &str, out: &str) -> PathBuf {
+    qcow2_file::export_raw(chain.dir(), name, out)
 }
 
 /// The first `len` bytes of a file.
 fn head(path: &Path, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    std::fs::File::open(path)
-        .and_then(|f| f.read_exact_at(&mut buf, 0))
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    buf
+    bytes_at(path, 0, len)
 }
 
 /// (backing_file_offset, backing_file_size) from the header.
 fn backing_fields(path: &Path) -> (u64, u32) {
     let h = head(path, 20);
-    (
-        u64::from_be_bytes(h[8..16].try_into().unwrap()),
-        u32::from_be_bytes(h[16..20].try_into().unwrap()),
-    )
+    (be(&h, 8, 8), be(&h, 16, 4) as u32)
 }
 
 /// Asserts qemu-img sees `name` with backing file `backing` (format qcow2)
@@ -77,6 +68,35 @@ fn assert_backing(chain: &Chain, name: &str, backing: Option<&str>) {
             assert!(v.get("backing-filename-format").is_none(), "{v}");
         }
     }
+}
+
+/// Points top.qcow2 at `backing` (format qcow2; `None`: no backing file)
+/// with `set_backing`, then asks qemu: `qemu-img info` shows the new
+/// backing, `qemu-img check` finds the image clean, and the guest view
+/// (exported as `out`) is the file `before` still.
+fn set_backing_judged(chain: &Chain, backing: Option<&str>, before: &Path, out: &str) {
+    let top = chain.file("top.qcow2");
+    set_backing(&top, backing.map(|b| (b, "qcow2"))).unwrap_or_else(|e| panic!("{e}"));
+    assert_backing(chain, "top.qcow2", backing);
+    assert_check_clean(chain, "top.qcow2");
+    assert_same_file(before, &export_raw(chain, "top.qcow2", out));
+}
+
+/// [`set_backing_judged`] (exporting `after.raw`), and top.qcow2 must then
+/// be byte for byte the file `qemu-img rebase -u` makes of a copy of it
+/// taken before.
+fn set_backing_as_qemu_does(chain: &Chain, backing: Option<&str>, before: &Path) {
+    let top = chain.file("top.qcow2");
+    let copy = chain.file("qemu.qcow2");
+    std::fs::copy(&top, &copy).unwrap();
+    set_backing_judged(chain, backing, before, "after.raw");
+    let mut rebase = vec!["rebase", "-u", "-f", "qcow2", "-b", backing.unwrap_or("")];
+    if backing.is_some() {
+        rebase.extend(["-F", "qcow2"]);
+    }
+    rebase.push("qemu.qcow2");
+    qemu_img(chain.dir(), rebase);
+    assert_same_file(&copy, &top);
 }
 
 /// base <- mid <- top, where top also holds every cluster mid holds (the
@@ -103,32 +123,8 @@ fn streamed_chain(opts: &[&str]) -> Chain {
 /// image, and the same file `qemu-img rebase -u` makes.
 fn stream_commit(opts: &[&str]) -> Chain {
     let chain = streamed_chain(opts);
-    let top = chain.file("top.qcow2");
     let before = export_raw(&chain, "top.qcow2", "before.raw");
-    std::fs::copy(&top, chain.file("qemu.qcow2")).unwrap();
-
-    set_backing(&top, Some(("base.qcow2", "qcow2"))).unwrap_or_else(|e| panic!("{e}"));
-
-    assert_backing(&chain, "top.qcow2", Some("base.qcow2"));
-    assert_check_clean(&chain, "top.qcow2");
-    let after = export_raw(&chain, "top.qcow2", "after.raw");
-    assert_same_file(&before, &after);
-
-    qemu_img(
-        chain.dir(),
-        [
-            "rebase",
-            "-u",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "qemu.qcow2",
-        ],
-    );
-    assert_same_file(&chain.file("qemu.qcow2"), &top);
+    set_backing_as_qemu_does(&chain, Some("base.qcow2"), &before);
     chain
 }
 
@@ -178,29 +174,12 @@ fn remove_unused_backing() {
         zero(MIB, 256 * KIB),
         write(0x33, 100, 200),
     ]);
-    let top = chain.file("top.qcow2");
     let before = export_raw(&chain, "top.qcow2", "before.raw");
-    std::fs::copy(&top, chain.file("qemu.qcow2")).unwrap();
-
-    set_backing(&top, None).unwrap_or_else(|e| panic!("{e}"));
-
-    assert_backing(&chain, "top.qcow2", None);
-    assert_eq!(backing_fields(&top), (0, 0));
-    assert_check_clean(&chain, "top.qcow2");
-    let after = export_raw(&chain, "top.qcow2", "after.raw");
-    assert_same_file(&before, &after);
-
-    qemu_img(
-        chain.dir(),
-        ["rebase", "-u", "-f", "qcow2", "-b", "", "qemu.qcow2"],
-    );
-    assert_same_file(&chain.file("qemu.qcow2"), &top);
+    set_backing_as_qemu_does(&chain, None, &before);
+    assert_eq!(backing_fields(&chain.file("top.qcow2")), (0, 0));
 
     // And back: a root image gains a backing file (unused, top is full).
-    set_backing(&top, Some(("base.qcow2", "qcow2"))).unwrap_or_else(|e| panic!("{e}"));
-    assert_backing(&chain, "top.qcow2", Some("base.qcow2"));
-    assert_check_clean(&chain, "top.qcow2");
-    assert_same_file(&before, &export_raw(&chain, "top.qcow2", "again.raw"));
+    set_backing_judged(&chain, Some("base.qcow2"), &before, "again.raw");
 }
 
 #[test]
@@ -275,18 +254,12 @@ fn long_then_short_name_round_trip() {
     std::os::unix::fs::symlink(chain.file("base.qcow2"), chain.file(&long)).unwrap();
     assert!(long.len() > 900 && long.len() <= 1023, "{}", long.len());
 
-    set_backing(&top, Some((&long, "qcow2"))).unwrap_or_else(|e| panic!("{e}"));
-    assert_backing(&chain, "top.qcow2", Some(&long));
-    assert_check_clean(&chain, "top.qcow2");
-    assert_same_file(&before, &export_raw(&chain, "top.qcow2", "long.raw"));
+    set_backing_judged(&chain, Some(&long), &before, "long.raw");
     let (off, size) = backing_fields(&top);
     assert_eq!(size as usize, long.len());
     let long_end = off as usize + long.len();
 
-    set_backing(&top, Some(("base.qcow2", "qcow2"))).unwrap_or_else(|e| panic!("{e}"));
-    assert_backing(&chain, "top.qcow2", Some("base.qcow2"));
-    assert_check_clean(&chain, "top.qcow2");
-    assert_same_file(&before, &export_raw(&chain, "top.qcow2", "short.raw"));
+    set_backing_judged(&chain, Some("base.qcow2"), &before, "short.raw");
 
     // Nothing of the long name is left after the short one.
     let (off, size) = backing_fields(&top);
@@ -308,14 +281,10 @@ fn keeps_other_extensions() {
     let (name_at, name_len) = backing_fields(&top);
     assert_eq!(&old[name_at as usize..][..name_len as usize], b"mid.qcow2");
 
-    set_backing(&top, Some(("base.qcow2", "qcow2"))).unwrap_or_else(|e| panic!("{e}"));
-
+    set_backing_judged(&chain, Some("base.qcow2"), &before, "after.raw");
     let v = info(&chain, "top.qcow2");
     let bitmaps = &v["format-specific"]["data"]["bitmaps"];
     assert_eq!(bitmaps[0]["name"].as_str(), Some("bm0"), "{v}");
-    assert_backing(&chain, "top.qcow2", Some("base.qcow2"));
-    assert_check_clean(&chain, "top.qcow2");
-    assert_same_file(&before, &export_raw(&chain, "top.qcow2", "after.raw"));
 
     // Byte for byte: only the name's size and the name itself changed (the
     // format extension is rewritten with the same bytes, in place).

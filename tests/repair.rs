@@ -3,71 +3,45 @@
 //! refcount is 1 that nothing references. Judged by `qemu-img check` and by
 //! the bytes `qemu-img convert` reads.
 
+#[macro_use]
+mod common;
+#[path = "common/qcow2_file.rs"]
+mod qcow2_file;
+
+use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 
+use common::qio::{write, zero};
+use common::*;
+use qcow2_file::{be, bytes_at, export_raw};
 use snaptree::image::qcow2::repair::repair_leaks;
-
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok();
-    if !ok {
-        eprintln!("SKIP: qemu-img is not installed");
-    }
-    ok
-}
-
-fn run(args: &[&str], dir: &Path) -> std::process::Output {
-    let o = Command::new(args[0])
-        .args(&args[1..])
-        .current_dir(dir)
-        .output()
-        .expect("run");
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
 
 /// `qemu-img check` exit status: 0 clean, 3 leaks only, 2 corruption.
 fn check(dir: &Path, img: &str) -> i32 {
-    Command::new("qemu-img")
-        .args(["check", "-q", img])
-        .current_dir(dir)
-        .status()
-        .expect("qemu-img check")
+    run_unchecked(&mut qemu_img_cmd(dir, ["check", "-q", img]))
+        .status
         .code()
         .unwrap_or(-1)
 }
 
+/// The guest view of `img` in `dir`.
 fn flat(dir: &Path, img: &str) -> Vec<u8> {
-    run(&["qemu-img", "convert", "-O", "raw", img, "flat.raw"], dir);
-    std::fs::read(dir.join("flat.raw")).expect("read flat")
-}
-
-fn be(b: &[u8], at: usize, n: usize) -> u64 {
-    b[at..at + n].iter().fold(0, |v, x| v << 8 | *x as u64)
+    read_file(&export_raw(dir, img, "flat.raw"))
 }
 
 /// Appends `n` clusters to the image and gives each refcount 1 in the
 /// first refcount block (16-bit refcounts), as a flush killed after its
 /// refcount increments leaves them.
 fn plant_leaks(path: &Path, n: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open");
-    let mut h = vec![0u8; 104];
-    f.read_exact_at(&mut h, 0).expect("header");
+    let h = bytes_at(path, 0, 104);
     let cs = 1u64 << be(&h, 20, 4);
     assert_eq!(be(&h, 96, 4), 4, "test expects 16-bit refcounts");
     let rt = be(&h, 48, 8);
-    let mut e = [0u8; 8];
-    f.read_exact_at(&mut e, rt).expect("refcount table");
-    let block = be(&e, 0, 8);
+    let block = be(&bytes_at(path, rt, 8), 0, 8);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
     let len = f.metadata().expect("stat").len().div_ceil(cs) * cs;
     for i in 0..n {
         let c = len / cs + i;
@@ -80,65 +54,17 @@ fn plant_leaks(path: &Path, n: u64) {
 
 #[test]
 fn planted_leaks_are_freed_and_data_kept() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tempfile::tempdir().expect("tempdir");
-    let d = t.path();
-    run(
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "base.qcow2",
-            "16M",
-        ],
-        d,
-    );
-    run(
-        &[
-            "qemu-io",
-            "-c",
-            "write -P 7 0 3M",
-            "-c",
-            "write -z 5M 1M",
-            "base.qcow2",
-        ],
-        d,
-    );
-    run(
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "-o",
-            "extended_l2=on,cluster_size=128k",
-            "top.qcow2",
-        ],
-        d,
-    );
-    run(&["qemu-io", "-c", "write -P 9 100k 300k", "top.qcow2"], d);
+    require_qemu!();
+    let mut chain = Chain::new();
+    chain
+        .base("base.qcow2", Format::Qcow2, 16 * MIB, &[])
+        .io(&[write(7, 0, 3 * MIB), zero(5 * MIB, MIB)]);
+    chain
+        .overlay("top.qcow2", None, &["extended_l2=on", "cluster_size=128k"])
+        .io(&[write(9, 100 * KIB, 300 * KIB)]);
     // Compressed clusters too.
-    run(
-        &[
-            "qemu-img",
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "base.qcow2",
-            "comp.qcow2",
-        ],
-        d,
-    );
+    chain.qemu_img(&["convert", "-c", "-O", "qcow2", "base.qcow2", "comp.qcow2"]);
+    let d = chain.dir();
     for img in ["base.qcow2", "top.qcow2", "comp.qcow2"] {
         let before = flat(d, img);
         assert_eq!(
@@ -160,20 +86,12 @@ fn planted_leaks_are_freed_and_data_kept() {
 
 #[test]
 fn images_with_snapshots_are_left_alone() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tempfile::tempdir().expect("tempdir");
-    let d = t.path();
-    run(
-        &["qemu-img", "create", "-q", "-f", "qcow2", "s.qcow2", "4M"],
-        d,
-    );
-    run(&["qemu-img", "snapshot", "-c", "one", "s.qcow2"], d);
-    let bytes = std::fs::read(d.join("s.qcow2")).expect("read");
-    assert_eq!(repair_leaks(&d.join("s.qcow2")).expect("repair"), None);
-    assert!(
-        std::fs::read(d.join("s.qcow2")).expect("read") == bytes,
-        "file changed"
-    );
+    require_qemu!();
+    let mut chain = Chain::new();
+    chain.base("s.qcow2", Format::Qcow2, 4 * MIB, &[]);
+    chain.qemu_img(&["snapshot", "-c", "one", "s.qcow2"]);
+    let s = chain.file("s.qcow2");
+    let bytes = read_file(&s);
+    assert_eq!(repair_leaks(&s).expect("repair"), None);
+    assert!(read_file(&s) == bytes, "file changed");
 }

@@ -66,7 +66,7 @@ pub enum ChainError {
         offset: u64,
         max: usize,
     },
-    #[error("{}: backing file format {format:?} is not supported (qcow2 and raw are)", .path.display())]
+    #[error("{}: backing file format {format:?} is not supported (qcow2, raw and vpc are)", .path.display())]
     Format { path: PathBuf, format: String },
 }
 

@@ -5,6 +5,7 @@
 //! /dev/sda or /etc/shadow) into a mount.
 
 use super::ChainError;
+use crate::error::ImageError;
 use crate::image::{probe, Format, Layer};
 use std::collections::HashSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -78,6 +79,9 @@ pub fn open_layers(leaf: &Path, opts: &OpenOptions) -> Result<Vec<Arc<dyn Layer>
             });
         }
         let layer = probe::open_layer(&path, format, opts.writable && layers.is_empty())?;
+        if let Some(child) = layers.last() {
+            check_parent_id(child.as_ref(), layer.as_ref())?;
+        }
         let backing = layer.backing().cloned();
         layers.push(layer);
         let Some(b) = backing else { break };
@@ -135,4 +139,29 @@ pub fn open_layers(leaf: &Path, opts: &OpenOptions) -> Result<Vec<Arc<dyn Layer>
         path = target;
     }
     Ok(layers)
+}
+
+/// A child that records its parent's id (a differencing VHD) must find that
+/// id in the parent: a different id means the parent was replaced or
+/// changed behind the child's back, and reading through it would mix two
+/// disks. Hyper-V refuses such a chain the same way.
+fn check_parent_id(child: &dyn Layer, parent: &dyn Layer) -> Result<(), ChainError> {
+    let (Some(expected), Some(found)) = (child.expected_parent_id(), parent.unique_id()) else {
+        return Ok(());
+    };
+    if expected == found {
+        return Ok(());
+    }
+    let uuid = crate::image::vhd::footer::format_uuid;
+    Err(ImageError::invalid(
+        child.path(),
+        format!(
+            "parent ID mismatch: this differencing disk expects parent unique id {}, but its parent {} \
+             has unique id {}; the parent was replaced or modified by a tool that does not keep VHD ids",
+            uuid(&expected),
+            parent.path().display(),
+            uuid(&found)
+        ),
+    )
+    .into())
 }

@@ -1,7 +1,7 @@
 //! Image formats as *layers*: one source of bytes that knows which guest
 //! ranges it holds.
 //!
-//! Every format (qcow2, raw, later VHD) implements [`Layer`]. A layer answers
+//! Every format (qcow2, raw, VHD) implements [`Layer`]. A layer answers
 //! `map(range)` with extents that say where each guest byte lives *in this
 //! layer only* — at a host offset, in a compressed cluster, as zeros, or not
 //! here at all (fall through to the backing layer). Everything above this
@@ -15,6 +15,7 @@ pub mod lock;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
+pub mod vhd;
 
 use crate::error::{ImageError, Result};
 use serde::Serialize;
@@ -77,6 +78,9 @@ pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
 pub enum Format {
     Qcow2,
     Raw,
+    /// VHD, by QEMU's name for it.
+    #[serde(rename = "vpc")]
+    Vhd,
 }
 
 impl Format {
@@ -84,6 +88,7 @@ impl Format {
         match self {
             Format::Qcow2 => "qcow2",
             Format::Raw => "raw",
+            Format::Vhd => "vpc",
         }
     }
 
@@ -92,6 +97,7 @@ impl Format {
         match name {
             "qcow2" => Some(Format::Qcow2),
             "raw" | "file" => Some(Format::Raw),
+            "vpc" | "vhd" => Some(Format::Vhd),
             _ => None,
         }
     }
@@ -154,6 +160,18 @@ pub trait Layer: Send + Sync {
     fn format(&self) -> Format;
     fn virtual_size(&self) -> u64;
     fn backing(&self) -> Option<&BackingRef>;
+
+    /// The id this image carries for its children to check (a VHD's
+    /// footer unique id), if the format has one.
+    fn unique_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+
+    /// The id the backing image must carry (a differencing VHD's
+    /// parent_unique_id); checked when the chain is opened.
+    fn expected_parent_id(&self) -> Option<[u8; 16]> {
+        None
+    }
 
     /// The unit in which this layer allocates: a write anywhere inside one
     /// may change the mapping of all of it (copy-on-write of a cluster).

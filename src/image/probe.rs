@@ -3,6 +3,7 @@
 
 use super::qcow2::Qcow2Layer;
 use super::raw::RawLayer;
+use super::vhd::VhdLayer;
 use super::{Format, Layer};
 use crate::error::{ImageError, Result};
 use std::fs::{File, OpenOptions};
@@ -10,18 +11,32 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Guesses the format from the first bytes: qcow2 has a magic, anything else
-/// is raw.
+/// Guesses the format from the first bytes: qcow2 and VHD (dynamic and
+/// differencing: a footer copy) have a magic; a file named `*.vhd` with a
+/// valid checksummed footer at the end is a fixed VHD (a raw disk can end
+/// in any bytes its guest wrote, so the footer alone does not decide);
+/// anything else is raw.
 pub fn detect_format(file: &File, path: &Path) -> Result<Format> {
-    let mut magic = [0u8; 4];
+    let mut magic = [0u8; 8];
     let n = file
         .read_at(&mut magic, 0)
         .map_err(|e| ImageError::io(path, "read", 0, e))?;
-    if n == 4 && &magic == super::qcow2::header::MAGIC {
+    if n >= 4 && &magic[..4] == super::qcow2::header::MAGIC {
         Ok(Format::Qcow2)
+    } else if n == 8 && &magic == super::vhd::footer::COOKIE
+        || named_vhd(path) && super::vhd::footer::is_fixed_vhd(file, path)
+    {
+        Ok(Format::Vhd)
     } else {
         Ok(Format::Raw)
     }
+}
+
+/// Whether the file name says VHD (`.vhd`, `.vpc`, any case).
+fn named_vhd(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("vhd") || e.eq_ignore_ascii_case("vpc"))
 }
 
 /// Opens `path` as `format` (or detects it), read-only or for writing.
@@ -38,5 +53,8 @@ pub fn open_layer(path: &Path, format: Option<Format>, writable: bool) -> Result
     Ok(match format {
         Format::Qcow2 => Arc::new(Qcow2Layer::open(path, file, writable)?),
         Format::Raw => Arc::new(RawLayer::open(path, file, writable)?),
+        // Read side only so far: writes to a VHD are refused with a clear
+        // error by the layer itself.
+        Format::Vhd => Arc::new(VhdLayer::open(path, file)?),
     })
 }
