@@ -979,12 +979,18 @@ fn verify_mounted(ws: &Workspace, spec: &Spec, start_merge: bool, tag: &str) {
     }
     let mut status = String::new();
     let done = wait_until(MERGE_DEADLINE, || {
+        // The tree first, then the status: "idle" read after a tree
+        // without mid can only be the end of the merge that removed it
+        // (read the other way round, "idle" may come from before the
+        // redone merge began, and the tree from between its relink and
+        // the removal of mid's file).
+        let names = tree_names(&tree_text(&mnt));
         status = status_text(&mnt);
         assert!(
             !status.contains("last merge: error"),
             "{tag}: the merge failed after remount:\n{status}"
         );
-        status.contains("merge: idle") && !tree_names(&tree_text(&mnt)).contains("mid")
+        !names.contains("mid") && status.contains("merge: idle")
     });
     assert!(
         done,

@@ -31,7 +31,7 @@ pub struct MountArgs {
     /// `allow_other`, `allow_root`; the background merge of hidden points:
     /// `gc_idle=SECONDS` (start after this long without disk I/O; `off`
     /// never; default 10), `gc_step=BYTES` (copied per step, suffixes K M
-    /// G; default 4M), `gc_pause=MS` (pause after each step; default 5).
+    /// G; default 16M), `gc_pause=MS` (pause after each step; default 5).
     /// fstab's `defaults`, `auto`, `noauto`, `user`, `nofail`, `_netdev`
     /// and `x-*` are accepted and ignored.
     #[arg(short = 'o', value_name = "OPTIONS")]

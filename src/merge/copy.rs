@@ -98,8 +98,8 @@ enum Chunk {
 
 /// Copies `pieces` from `src` to `dst` like [`copy_range`], with reads
 /// running on a helper thread ahead of the writes (two buffers in flight),
-/// so reading the source and writing the destination overlap. Paces after
-/// each chunk; returns the bytes copied.
+/// so reading the source and writing the destination overlap. Paces by
+/// [`Pacer`]; returns the bytes copied.
 pub fn copy_pieces(
     tree: &Tree,
     throttle: &Throttle,
@@ -131,6 +131,7 @@ pub fn copy_pieces(
             }
         });
         let mut copied = 0;
+        let mut pacer = Pacer::new(tree, throttle);
         // Returning early drops `rx`, which stops the reader at its next send.
         for chunk in rx {
             let len = match chunk? {
@@ -145,39 +146,67 @@ pub fn copy_pieces(
             };
             copied += len;
             tree.merge.progress(len);
-            pace(tree, throttle)?;
+            pacer.after(len)?;
         }
         Ok(copied)
     })
 }
 
-/// Between two steps: the throttle's pause, and while foreground I/O is
-/// running (background merges), wait until it has been quiet for 200 ms,
-/// at most 1 s a step, so a busy mount still sees progress (one step a
-/// second).
-pub fn pace(tree: &Tree, throttle: &Throttle) -> Result<(), TreeError> {
-    if tree.merge.cancel.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(TreeError::new(
-            libc::ECANCELED,
-            "stopped because the mount is going away; nothing was committed",
-        ));
-    }
-    if throttle.yield_to_io && tree.merge.preempt.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-        return Err(TreeError::new(
-            libc::EAGAIN,
-            "gave way to a tree command; nothing was committed, it starts over later",
-        ));
-    }
-    if !throttle.pause.is_zero() {
-        std::thread::sleep(throttle.pause);
-    }
-    if throttle.yield_to_io {
-        let quiet = Duration::from_millis(200);
-        let mut waited = Duration::ZERO;
-        while tree.merge.idle_for() < quiet && waited < Duration::from_secs(1) {
-            std::thread::sleep(Duration::from_millis(50));
-            waited += Duration::from_millis(50);
+/// Paces a copy: checks after every piece whether the merge must stop
+/// (the mount going away, a tree command waiting), and once a step's worth
+/// of bytes (`step_bytes`) has been copied, takes the throttle's pause and,
+/// while foreground I/O is running (background merges), waits until it has
+/// been quiet for 200 ms, at most 1 s a step, so a busy mount still sees
+/// progress (one step a second). Pieces are often smaller than a step
+/// (scattered clusters): pausing per piece would make the step knob
+/// meaningless.
+pub struct Pacer<'a> {
+    tree: &'a Tree,
+    throttle: &'a Throttle,
+    since_pause: u64,
+}
+
+impl<'a> Pacer<'a> {
+    pub fn new(tree: &'a Tree, throttle: &'a Throttle) -> Pacer<'a> {
+        Pacer {
+            tree,
+            throttle,
+            since_pause: 0,
         }
     }
-    Ok(())
+
+    /// `bytes` more were copied.
+    pub fn after(&mut self, bytes: u64) -> Result<(), TreeError> {
+        let (tree, throttle) = (self.tree, self.throttle);
+        if tree.merge.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(TreeError::new(
+                libc::ECANCELED,
+                "stopped because the mount is going away; nothing was committed",
+            ));
+        }
+        if throttle.yield_to_io && tree.merge.preempt.load(std::sync::atomic::Ordering::SeqCst) > 0
+        {
+            return Err(TreeError::new(
+                libc::EAGAIN,
+                "gave way to a tree command; nothing was committed, it starts over later",
+            ));
+        }
+        self.since_pause += bytes;
+        if self.since_pause < throttle.step_bytes {
+            return Ok(());
+        }
+        self.since_pause = 0;
+        if !throttle.pause.is_zero() {
+            std::thread::sleep(throttle.pause);
+        }
+        if throttle.yield_to_io {
+            let quiet = Duration::from_millis(200);
+            let mut waited = Duration::ZERO;
+            while tree.merge.idle_for() < quiet && waited < Duration::from_secs(1) {
+                std::thread::sleep(Duration::from_millis(50));
+                waited += Duration::from_millis(50);
+            }
+        }
+        Ok(())
+    }
 }

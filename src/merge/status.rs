@@ -169,6 +169,9 @@ impl MergeState {
                     crate::units::human_size(rate as u64),
                 );
             }
+            None if self.resume.load(Ordering::Relaxed) => {
+                let _ = writeln!(out, "merge: pending (an interrupted merge is redone)");
+            }
             None => {
                 let _ = writeln!(out, "merge: idle");
             }

@@ -7,7 +7,7 @@
 //! time under its I/O lock, so a guest write cannot land between checking
 //! that C lacks a range and filling it.
 
-use super::copy::{chain_err, copy_pieces, copy_range, held, image_err, pace, steps, Held};
+use super::copy::{chain_err, copy_pieces, copy_range, held, image_err, steps, Held, Pacer};
 use super::plan::Job;
 use super::run::{err, new_backing, open_writer, rel, relink, reopen, stack, zeros, Failed};
 use super::Throttle;
@@ -67,6 +67,7 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resu
         copied = copy_pieces(tree, throttle, h_chain, &writer, &todo)?;
         ranges.clear();
     }
+    let mut pacer = Pacer::new(tree, throttle);
     for piece in steps(&ranges, throttle.step_bytes) {
         let t = Instant::now();
         // Check-then-write of a leaf must not race a guest write to it.
@@ -89,7 +90,7 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resu
         drop(guard);
         longest_pause = longest_pause.max(t.elapsed().as_secs_f64() * 1e3);
         tree.merge.progress(piece.len);
-        pace(tree, throttle)?;
+        pacer.after(piece.len)?;
     }
     let t = Instant::now();
     let mut guard = if leaf { Some(c.io.write()) } else { None };
