@@ -12,6 +12,7 @@
 //! internal lock, data reads are `pread`s on the layer's file without it.
 
 pub mod lock;
+pub mod overlay;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;

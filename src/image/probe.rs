@@ -53,8 +53,6 @@ pub fn open_layer(path: &Path, format: Option<Format>, writable: bool) -> Result
     Ok(match format {
         Format::Qcow2 => Arc::new(Qcow2Layer::open(path, file, writable)?),
         Format::Raw => Arc::new(RawLayer::open(path, file, writable)?),
-        // Read side only so far: writes to a VHD are refused with a clear
-        // error by the layer itself.
-        Format::Vhd => Arc::new(VhdLayer::open(path, file)?),
+        Format::Vhd => Arc::new(VhdLayer::open_with(path, file, writable)?),
     })
 }

@@ -7,7 +7,7 @@
 //! then re-copy what was written meanwhile, while that shrinks; then its
 //! writers (and readers) pause for the last short pass and the rename.
 
-use super::copy::{chain_err, copy_pieces, held, steps};
+use super::copy::{chain_err, copy_pieces, held, image_err, steps};
 use super::plan::Job;
 use super::run::{err, open_writer, relink, reopen, stack, Failed};
 use super::{PassReport, Throttle};
@@ -131,8 +131,24 @@ fn copy_and_commit(
         tree.merge.pass_done(report, 0);
         hw.flush().map_err(chain_err)?;
     }
+    // A VHD child with children: H's file takes the child's unique id
+    // (they check it) before it takes the child's name. H is written by
+    // nobody else now (the child is no leaf); its writer goes first so no
+    // footer it caches can be written back over the new id.
+    let (hw, w) = match job.adopt_id {
+        Some(id) => {
+            drop(hw);
+            drop(w);
+            adopt_id(job, h_chain, id)?;
+            (None, None)
+        }
+        None => (Some(hw), Some(w)),
+    };
     // The commit point.
     if let Err(e) = std::fs::rename(&job.hidden_image, &job.child_image) {
+        if job.adopt_id.is_some() {
+            adopt_id(job, h_chain, h_chain.leaf().unique_id().unwrap_or_default())?;
+        }
         return Err(Failed::BeforeCommit(err(
             e.raw_os_error().unwrap_or(libc::EIO),
             format!(
@@ -146,13 +162,14 @@ fn copy_and_commit(
     let _ = manifest::sync_dir(tree.dir());
     // C's old file is gone: its descriptor's locks go with it.
     c_chain.leaf().unlock();
-    let new_leaf: Result<Arc<dyn Layer>, TreeError> = if leaf {
+    let new_leaf: Result<Arc<dyn Layer>, TreeError> = match (leaf, w) {
         // The writer already holds the writer lock of what is now C.
-        Ok(w)
-    } else {
-        drop(hw);
-        drop(w);
-        reopen(&job.child_image, h_chain.leaf(), false, &c.name)
+        (true, Some(w)) => Ok(w),
+        (_, w) => {
+            drop(hw);
+            drop(w);
+            reopen(&job.child_image, h_chain.leaf(), false, &c.name)
+        }
     };
     let r = match new_leaf {
         Ok(l) => {
@@ -170,4 +187,17 @@ fn copy_and_commit(
         tree.merge.writer_pause(t.elapsed().as_secs_f64() * 1e3);
     }
     r
+}
+
+/// Writes `id` into H's footers (see `copy_and_commit`). A failure may
+/// leave H's two footers disagreeing: then the journal must stay, so the
+/// next open puts H's own id back, and it counts as after the commit.
+fn adopt_id(job: &Job, h_chain: &Chain, id: [u8; 16]) -> Result<(), Failed> {
+    crate::image::vhd::reparent::set_unique_id(&job.hidden_image, id).map_err(|e| {
+        let own = h_chain.leaf().unique_id().unwrap_or_default();
+        match crate::image::vhd::reparent::set_unique_id(&job.hidden_image, own) {
+            Ok(()) => Failed::BeforeCommit(image_err(e)),
+            Err(_) => Failed::AfterCommit(image_err(e)),
+        }
+    })
 }

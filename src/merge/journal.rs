@@ -2,7 +2,9 @@
 //! the merge in flight, written (atomically) before the first byte is
 //! copied and removed after the cleanup. The next read-write open looks
 //! at the images to tell whether the commit step happened:
-//! - `stream`: the child's header names the hidden node's parent → it did:
+//! - `stream`: the child's header names the hidden node's parent (or, for
+//!   a differencing VHD, the journal holds the writes that re-point it,
+//!   applied again now) → it did:
 //!   remove the hidden image (if nothing references it) and fix the
 //!   manifest. Otherwise the child still reads through the hidden node and
 //!   whatever was copied already reads the same, so the merge is redone.
@@ -10,7 +12,7 @@
 //!   → it did: fix the manifest. Otherwise redo; the hidden node only
 //!   changed in ranges its child covers.
 
-use crate::image::{probe, Format};
+use crate::image::probe;
 use crate::tree::discover;
 use crate::tree::manifest::{self, write_atomic};
 use serde::{Deserialize, Serialize};
@@ -27,6 +29,16 @@ pub struct Entry {
     /// The hidden node's backing file name as stored in its header (what
     /// the child names after a stream), `None` for a root.
     pub parent: Option<String>,
+    /// A stream into a differencing VHD: the writes that re-point the
+    /// child, stored at its commit point (see `run::repoint`). Present =
+    /// committed; recovery applies them again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patches: Option<Vec<crate::image::vhd::reparent::Patch>>,
+    /// A commit that gives the hidden VHD the child's unique id before the
+    /// rename: the hidden VHD's own id (hex), which recovery puts back if
+    /// the rename did not happen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_id: Option<String>,
 }
 
 pub fn store(dir: &Path, e: &Entry) -> std::io::Result<()> {
@@ -169,7 +181,20 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
         }
     }
     let committed = match e.direction.as_str() {
-        "stream" => probe::open_layer(&child, Some(Format::Qcow2), false)
+        "stream" if e.patches.is_some() => {
+            let patches = e.patches.as_deref().unwrap_or_default();
+            if let Err(err) = crate::image::vhd::reparent::apply(&child, patches) {
+                // Torn between two headers: only these writes mend it, so
+                // the journal stays for the next try.
+                problems.push(format!(
+                    "an interrupted merge ({} into {}) had committed, but re-pointing {} failed: {err}; the journal is kept for the next open",
+                    e.hidden, e.child, e.child
+                ));
+                return false;
+            }
+            true
+        }
+        "stream" => probe::open_layer(&child, None, false)
             .map(|l| l.backing().map(|b| b.name.clone()) == e.parent)
             .unwrap_or(false),
         "commit" => !hidden.exists() && child.exists(),
@@ -181,6 +206,21 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
         }
     };
     let what = format!("{} into {}", e.hidden, e.child);
+    if let (false, Some(id)) = (committed, &e.hidden_id) {
+        let restored = crate::image::vhd::reparent::unhex(id)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .ok_or_else(|| format!("hidden_id {id:?} is not 16 bytes of hex"))
+            .and_then(|id| {
+                crate::image::vhd::reparent::set_unique_id(&hidden, id).map_err(|e| e.to_string())
+            });
+        if let Err(why) = restored {
+            problems.push(format!(
+                "an interrupted merge ({what}): giving {} its unique id back failed: {why}; the journal is kept",
+                e.hidden
+            ));
+            return false;
+        }
+    }
     if !committed && !child.exists() {
         problems.push(format!(
             "merge journal names {what}, but {} is gone; ignored",

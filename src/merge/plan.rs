@@ -6,8 +6,13 @@
 //! - `Stream`: the hidden node's blocks go into the child where the child
 //!   holds nothing; then the child's header names the hidden node's parent.
 //! - `Commit`: the child's blocks go into the hidden node; then the hidden
-//!   node's file is renamed onto the child's. Only when both are qcow2 of
-//!   one virtual size, since the file then stands in for the child.
+//!   node's file is renamed onto the child's. Only when both have one
+//!   format and virtual size, since the file then stands in for the child;
+//!   a VHD H first takes the child's unique id when the child has
+//!   children (they check it).
+//!
+//! A VHD child can take only a VHD parent, so a stream into one needs a
+//! hidden node that has a parent; a VHD root is committed into instead.
 
 use crate::image::lock::LockMode;
 use crate::image::Format;
@@ -39,6 +44,10 @@ pub struct Job {
     pub bytes: u64,
     pub hidden_image: PathBuf,
     pub child_image: PathBuf,
+    /// A commit of VHDs where the child has children: H's file takes the
+    /// child's unique id before it takes the child's name, since the
+    /// children check it.
+    pub adopt_id: Option<[u8; 16]>,
 }
 
 impl Job {
@@ -133,12 +142,20 @@ fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
             user.display()
         ));
     }
-    if c_layer.format() != Format::Qcow2 {
-        return Err(format!(
-            "its child {} is not qcow2 and cannot take a new backing file",
-            child_image.display()
-        ));
-    }
+    let c_leaf = tree
+        .nodes
+        .read()
+        .get(&c.id)
+        .is_none_or(|n| n.children.is_empty());
+    let h_format = h_layer.format();
+    let c_format = c_layer.format();
+    // A VHD names its parent only as a differencing disk, and only a VHD.
+    let h_has_parent = h_layer.backing().is_some();
+    let stream_ok = match c_format {
+        Format::Qcow2 => true,
+        Format::Vhd => h_has_parent && h_format == Format::Vhd,
+        Format::Raw => false,
+    };
     let has_snapshots = |l: &Arc<dyn crate::image::Layer>| {
         l.info().map(|i| !i.snapshots.is_empty()).unwrap_or(true)
     };
@@ -153,14 +170,30 @@ fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
     // Committing writes into H and makes H's file the child's: same format,
     // size and directory (H's backing name is relative to it), and
     // writable by us.
-    let commit_ok = h_layer.format() == Format::Qcow2
+    // A VHD file also carries a unique id that the child's children
+    // check: H's file takes the child's id first (see `commit`).
+    let adopt_id = (h_format == Format::Vhd && !c_leaf)
+        .then(|| c_layer.unique_id())
+        .flatten();
+    let commit_ok = h_format == c_format
+        && (h_format == Format::Qcow2
+            || (h_format == Format::Vhd && (c_leaf || adopt_id.is_some())))
         && hidden_image.parent() == child_image.parent()
         && h_layer.virtual_size() == c_layer.virtual_size()
         && !has_snapshots(&h_layer);
-    let (direction, bytes) = if commit_ok && c_bytes < h_bytes {
-        (Direction::Commit, c_bytes)
-    } else {
-        (Direction::Stream, h_bytes)
+    let (direction, bytes) = match (stream_ok, commit_ok) {
+        (true, true) if c_bytes < h_bytes => (Direction::Commit, c_bytes),
+        (true, _) => (Direction::Stream, h_bytes),
+        (false, true) => (Direction::Commit, c_bytes),
+        (false, false) => {
+            return Err(format!(
+                "its child {} ({}) cannot take a new parent in its place, and its data cannot go into {} ({}: another format, size or directory, or internal snapshots)",
+                child_image.display(),
+                c_format.name(),
+                hidden_image.display(),
+                h_format.name(),
+            ))
+        }
     };
     Ok(Job {
         hidden: h,
@@ -169,5 +202,6 @@ fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
         bytes,
         hidden_image,
         child_image,
+        adopt_id: adopt_id.filter(|_| direction == Direction::Commit),
     })
 }

@@ -15,6 +15,8 @@ use super::plan::{Direction, Job};
 use super::{commit, stream, Throttle};
 use crate::chain::Chain;
 use crate::image::lock::LockMode;
+use crate::image::qcow2::rebase::set_backing;
+use crate::image::vhd::reparent;
 use crate::image::{probe, Format, Layer};
 use crate::tree::{PointIo, Tree, TreeError};
 use parking_lot::RwLockWriteGuard;
@@ -87,18 +89,63 @@ pub fn new_backing(h_chain: &Chain, child_image: &Path) -> Option<(String, Strin
     Some((name, fmt))
 }
 
+/// The journal entry of `job` before its commit point.
+fn entry_for(tree: &Tree, job: &Job, h_chain: &Chain) -> Entry {
+    Entry {
+        direction: job.direction.name().into(),
+        hidden: rel(tree, &job.hidden_image),
+        child: rel(tree, &job.child_image),
+        parent: new_backing(h_chain, &job.child_image).map(|b| b.0),
+        patches: None,
+        hidden_id: job
+            .adopt_id
+            .and(h_chain.leaf().unique_id())
+            .map(|id| reparent::hex(&id)),
+    }
+}
+
+/// The commit point of a stream: from now on the child names H's parent.
+/// qcow2: one header `pwrite` of the backing name. A differencing VHD
+/// needs several writes (its header and parent locators), so they go into
+/// the journal first, whose atomic rewrite is then the commit point, and
+/// are applied after it; the next open applies them again if a crash
+/// interrupted that.
+pub fn repoint(tree: &Tree, job: &Job, h_chain: &Chain, child: Format) -> Result<(), Failed> {
+    let backing = new_backing(h_chain, &job.child_image);
+    if child != Format::Vhd {
+        return set_backing(
+            &job.child_image,
+            backing.as_ref().map(|(n, f)| (n.as_str(), f.as_str())),
+        )
+        .map_err(|e| Failed::BeforeCommit(image_err(e)));
+    }
+    let (Some((name, _)), Some(parent)) = (backing, h_chain.layers().get(1)) else {
+        return Err(Failed::BeforeCommit(err(
+            libc::EINVAL,
+            "a differencing VHD cannot lose its parent",
+        )));
+    };
+    let patches = reparent::parent_patches(&job.child_image, parent.path(), &name)
+        .map_err(|e| Failed::BeforeCommit(image_err(e)))?;
+    let mut entry = entry_for(tree, job, h_chain);
+    entry.patches = Some(patches.clone());
+    // Whether a failed store renamed the file or not cannot be told:
+    // count it as committed, so recovery decides from the journal.
+    journal::store(tree.dir(), &entry).map_err(|e| {
+        Failed::AfterCommit(err(
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!("writing the merge journal: {e}"),
+        ))
+    })?;
+    reparent::apply(&job.child_image, &patches).map_err(|e| Failed::AfterCommit(image_err(e)))
+}
+
 /// Runs `job`; returns the bytes copied.
 pub fn run(tree: &Tree, job: &Job, throttle: &Throttle) -> Result<u64, TreeError> {
     let dir = tree.dir();
     check_space(dir, job.bytes)?;
     let h_chain = job.hidden.io.read().chain.clone();
-    let entry = Entry {
-        direction: job.direction.name().into(),
-        hidden: rel(tree, &job.hidden_image),
-        child: rel(tree, &job.child_image),
-        parent: new_backing(&h_chain, &job.child_image).map(|b| b.0),
-    };
-    journal::store(dir, &entry).map_err(|e| {
+    journal::store(dir, &entry_for(tree, job, &h_chain)).map_err(|e| {
         err(
             e.raw_os_error().unwrap_or(libc::EIO),
             format!("writing the merge journal: {e}"),
@@ -169,7 +216,7 @@ pub fn open_writer(
     own: &Arc<dyn Layer>,
     path: &Path,
 ) -> Result<(Arc<dyn Layer>, Relock), TreeError> {
-    let w = probe::open_layer(path, Some(Format::Qcow2), true).map_err(image_err)?;
+    let w = probe::open_layer(path, Some(own.format()), true).map_err(image_err)?;
     own.unlock();
     if let Err(why) = w.lock(LockMode::Writer) {
         let _ = own.lock(LockMode::Reader);
@@ -210,7 +257,7 @@ pub fn reopen(
     name: &str,
 ) -> Result<Arc<dyn Layer>, TreeError> {
     old.unlock();
-    let l = probe::open_layer(path, Some(Format::Qcow2), writable).map_err(image_err)?;
+    let l = probe::open_layer(path, Some(old.format()), writable).map_err(image_err)?;
     let mode = if writable {
         LockMode::Writer
     } else {

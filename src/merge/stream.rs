@@ -1,6 +1,6 @@
 //! Stream: the hidden node H's blocks go into its only child C where C
-//! holds nothing; then one header `pwrite` makes C name H's parent (the
-//! commit point), and H's file goes.
+//! holds nothing; then C's header names H's parent (the commit point, see
+//! `run::repoint`), and H's file goes.
 //!
 //! C reads the same throughout: it took those ranges from H before and
 //! holds the same bytes itself after. A leaf C is filled one step at a
@@ -9,10 +9,9 @@
 
 use super::copy::{chain_err, copy_pieces, copy_range, held, image_err, steps, Held, Pacer};
 use super::plan::Job;
-use super::run::{err, new_backing, open_writer, rel, relink, reopen, stack, zeros, Failed};
+use super::run::{err, open_writer, rel, relink, reopen, repoint, stack, zeros, Failed};
 use super::Throttle;
 use crate::chain::Chain;
-use crate::image::qcow2::rebase::set_backing;
 use crate::image::Mapping;
 use crate::tree::{manifest, Tree};
 use std::time::Instant;
@@ -95,13 +94,8 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resu
     let t = Instant::now();
     let mut guard = if leaf { Some(c.io.write()) } else { None };
     writer.flush().map_err(chain_err)?;
-    let backing = new_backing(h_chain, &job.child_image);
     // The commit point.
-    set_backing(
-        &job.child_image,
-        backing.as_ref().map(|(n, f)| (n.as_str(), f.as_str())),
-    )
-    .map_err(image_err)?;
+    repoint(tree, job, h_chain, writer.leaf().format())?;
     let after = (|| -> Result<(), crate::tree::TreeError> {
         drop(writer);
         if let Some(r) = relock.as_mut() {

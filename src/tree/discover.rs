@@ -1,7 +1,9 @@
 //! Finding the images of a tree and how they reference each other.
 //!
-//! A directory source: every qcow2 image (found by its magic) plus raw
-//! files that a qcow2 image names as backing (or that end in .raw/.img).
+//! A directory source: every qcow2 and VHD image (found by its magic; a
+//! fixed VHD, which has none at its start, by its `.vhd`/`.vpc` name and
+//! checksummed footer) plus raw files that an image names as backing (or
+//! that end in .raw/.img).
 //! A file source: the chain of that one leaf. Images that cannot be parsed
 //! are kept as *broken* entries with the reason, so the rest of the tree
 //! still mounts and the user learns what is wrong.
@@ -97,12 +99,11 @@ fn header_backing(path: &Path) -> Option<String> {
     String::from_utf8(name).ok().filter(|n| !n.contains('\0'))
 }
 
-/// Qcow2 by its magic, else raw.
+/// Qcow2 or VHD by its magic (a fixed VHD also by its name), else raw.
 fn sniff(path: &Path) -> Format {
     std::fs::File::open(path)
         .ok()
         .and_then(|f| probe::detect_format(&f, path).ok())
-        .filter(|f| *f == Format::Qcow2)
         .unwrap_or(Format::Raw)
 }
 
@@ -117,14 +118,14 @@ pub fn scan_dir(dir: &Path, allow_external: bool) -> std::io::Result<BTreeMap<Pa
             continue;
         }
         let path = entry.path().canonicalize()?;
-        let is_qcow2 = std::fs::File::open(&path)
+        let format = std::fs::File::open(&path)
             .ok()
             .and_then(|f| probe::detect_format(&f, &path).ok())
-            .is_some_and(|f| f == Format::Qcow2);
-        if is_qcow2 {
+            .filter(|f| *f != Format::Raw);
+        if let Some(format) = format {
             found.insert(
                 path.clone(),
-                inspect(&path, Some(Format::Qcow2), dir, allow_external),
+                inspect(&path, Some(format), dir, allow_external),
             );
         } else if name.ends_with(".raw") || name.ends_with(".img") {
             raw_candidates.push(path);

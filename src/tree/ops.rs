@@ -17,8 +17,7 @@ use super::open::TMP_SUFFIX;
 use super::{Node, Point, PointIo, Tree, TreeError};
 use crate::chain::Chain;
 use crate::image::lock::LockMode;
-use crate::image::qcow2::create::{create, CreateOptions};
-use crate::image::{probe, Format, Layer};
+use crate::image::{overlay, probe, Layer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -211,12 +210,14 @@ impl Tree {
                 format!("{} exists already", frozen_image.display()),
             ));
         }
-        // The leaf's overlay keeps the leaf's file name if that is a qcow2
-        // file; a raw leaf gets `<stem>.qcow2` beside it.
-        let leaf_image = if leaf_layer.format() == Format::Qcow2 {
+        // The leaf's overlay keeps the leaf's file name if it is of the
+        // leaf's own format (qcow2 on qcow2, VHD on VHD); a raw leaf gets
+        // `<stem>.qcow2` beside it.
+        let child_format = overlay::child_format(leaf_layer.format());
+        let leaf_image = if leaf_layer.format() == child_format {
             old_image.clone()
         } else {
-            old_image.with_extension("qcow2")
+            old_image.with_extension(overlay::extension(child_format))
         };
         if leaf_image != old_image && leaf_image.exists() {
             return Err(err(
@@ -225,13 +226,17 @@ impl Tree {
             ));
         }
         let tmp = PathBuf::from(format!("{}{TMP_SUFFIX}", leaf_image.display()));
-        let mut opts = CreateOptions::new(leaf_layer.virtual_size());
-        opts.backing = Some((frozen_file, leaf_layer.format().name().to_string()));
-        if let Some(cs) = leaf_layer.info().ok().and_then(|i| i.cluster_size) {
-            opts.cluster_bits = cs.trailing_zeros().clamp(9, 21);
-        }
         let _ = std::fs::remove_file(&tmp);
-        create(&tmp, &opts).map_err(|e| image_err(&e, e.errno()))?;
+        if let Err(e) = overlay::create_child(
+            &tmp,
+            leaf_layer.as_ref(),
+            &old_image,
+            &frozen_file,
+            leaf_layer.virtual_size(),
+        ) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(image_err(&e, e.errno()));
+        }
         if let Err(e) = rename_noreplace(&old_image, &frozen_image) {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -257,7 +262,7 @@ impl Tree {
             }
             let mut below = vec![frozen];
             below.extend(io.chain.layers()[1..].iter().cloned());
-            let overlay = probe::open_layer(&leaf_image, Some(Format::Qcow2), true)
+            let overlay = probe::open_layer(&leaf_image, Some(child_format), true)
                 .map_err(|e| image_err(&e, e.errno()))?;
             overlay
                 .lock(LockMode::Writer)
@@ -338,19 +343,37 @@ impl Tree {
         // The parent stops being a leaf: drain its writes first.
         let mut io = point.io.write();
         io.chain.flush().map_err(|e| image_err(&e, e.errno()))?;
-        let image = self
-            .dir
-            .join(image_file_name(name, point.disk.as_deref(), "qcow2"));
+        let parent_layer = io.chain.leaf().clone();
+        let child_format = overlay::child_format(parent_layer.format());
+        let image = self.dir.join(image_file_name(
+            name,
+            point.disk.as_deref(),
+            overlay::extension(child_format),
+        ));
+        // Named relative to the clone's directory (the tree directory):
+        // the parent may sit in a subdirectory.
         let parent_file = io
             .image
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut opts = CreateOptions::new(io.chain.size());
-        opts.backing = Some((parent_file, io.chain.leaf().format().name().to_string()));
-        create(&image, &opts).map_err(|e| image_err(&e, e.errno()))?;
+            .strip_prefix(&self.dir)
+            .unwrap_or(&io.image)
+            .to_string_lossy()
+            .into_owned();
+        if let Err(e) = overlay::create_child(
+            &image,
+            parent_layer.as_ref(),
+            &io.image,
+            &parent_file,
+            io.chain.size(),
+        ) {
+            // A create that failed half-way leaves nothing behind; one that
+            // found the name taken never touched the file.
+            if e.errno() != libc::EEXIST {
+                let _ = std::fs::remove_file(&image);
+            }
+            return Err(image_err(&e, e.errno()));
+        }
         let _ = manifest::sync_dir(&self.dir);
-        let layer = match probe::open_layer(&image, Some(Format::Qcow2), true)
+        let layer = match probe::open_layer(&image, Some(child_format), true)
             .map_err(|e| image_err(&e, e.errno()))
             .and_then(|l| {
                 l.lock(LockMode::Writer)

@@ -18,6 +18,9 @@ mod multidisk;
 mod reads;
 mod support;
 mod tree;
+#[path = "../common/vhd_peers.rs"]
+mod vhd_peers;
+mod vhd_tree;
 mod writes;
 
 use std::fs::{File, OpenOptions};

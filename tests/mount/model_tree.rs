@@ -177,11 +177,14 @@ impl ModelTree {
         merged
     }
 
-    /// The image files the tree must consist of: one `NAME.qcow2` per
+    /// The image files the tree must consist of: one `NAME.<ext>` per
     /// point, hidden ones included (a commit merge renames the hidden
     /// image onto the child's name; a stream merge removes it).
-    fn images(&self) -> Vec<String> {
-        self.points.keys().map(|n| format!("{n}.qcow2")).collect()
+    fn images(&self, fmt: Fmt) -> Vec<String> {
+        self.points
+            .keys()
+            .map(|n| format!("{n}.{}", fmt.ext()))
+            .collect()
     }
 
     /// Returns the points removed (their images go).
@@ -238,10 +241,43 @@ fn assert_tree_matches(mnt: &Path, model: &ModelTree, step: &str) {
     }
 }
 
-/// The qcow2 images of the tree are exactly the model's points.
+/// The images a tree is made of: qcow2 (on a qcow2 base) or VHD (on a
+/// dynamic VHD base: every snapshot and clone is a differencing VHD).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fmt {
+    Qcow2,
+    Vhd,
+}
+
+impl Fmt {
+    fn ext(self) -> &'static str {
+        match self {
+            Fmt::Qcow2 => "qcow2",
+            Fmt::Vhd => "vhd",
+        }
+    }
+
+    fn images(self, ws: &Workspace) -> Vec<String> {
+        match self {
+            Fmt::Qcow2 => ws.qcow2_images(),
+            Fmt::Vhd => ws.vhd_images(),
+        }
+    }
+
+    /// Every image passes the format's checker: `qemu-img check` for
+    /// qcow2, libvhdi's `vhdiinfo` for VHD (qemu-img checks no VHD).
+    fn check_all(self, ws: &Workspace) {
+        match self {
+            Fmt::Qcow2 => ws.check_all(),
+            Fmt::Vhd => ws.vhdiinfo_all(),
+        }
+    }
+}
+
+/// The images of the tree are exactly the model's points.
 #[track_caller]
-fn assert_images_match(ws: &Workspace, model: &ModelTree, step: &str) {
-    assert_eq!(ws.qcow2_images(), model.images(), "{step}: image files");
+fn assert_images_match(ws: &Workspace, model: &ModelTree, fmt: Fmt, step: &str) {
+    assert_eq!(fmt.images(ws), model.images(fmt), "{step}: image files");
 }
 
 /// `merge-now` on the mount and in the model, then every check that a
@@ -251,6 +287,7 @@ fn merge_now_step(
     ws: &Workspace,
     mnt: &Path,
     model: &mut ModelTree,
+    fmt: Fmt,
     fds: &BTreeMap<String, File>,
     step: &str,
 ) -> Vec<String> {
@@ -288,7 +325,7 @@ fn merge_now_step(
     for f in fds.values() {
         f.sync_all().expect("fsync");
     }
-    ws.check_all();
+    fmt.check_all(ws);
     merged
 }
 
@@ -297,7 +334,6 @@ fn random_tree_operations_match_a_model() {
     let Some(ws) = workspace() else {
         return;
     };
-    const S: u64 = 8 * MIB;
     ws.create_qcow2("base.qcow2", S, None, "");
     ws.qemu_io(
         "base.qcow2",
@@ -324,6 +360,42 @@ fn random_tree_operations_match_a_model() {
             hidden: false,
         },
     );
+    run_model(&ws, model, Fmt::Qcow2);
+}
+
+/// The same on a VHD tree: a dynamic VHD made by qemu-img, and every
+/// snapshot and clone a differencing VHD made by snaptree; merges stream
+/// (re-pointing differencing disks through the journal) or commit.
+#[test]
+fn random_vhd_tree_operations_match_a_model() {
+    let Some(ws) = workspace() else {
+        return;
+    };
+    ws.create_vpc("base.vhd", S);
+    ws.qemu_io(
+        "base.vhd",
+        "vpc",
+        &["write -P 0x41 0 3M", "write -P 0x42 5M 1M"],
+    );
+    let mut model = ModelTree::default();
+    model.points.insert(
+        "base".into(),
+        ModelPoint {
+            data: ws.flatten("base.vhd"),
+            parent: None,
+            children: Vec::new(),
+            hidden: false,
+        },
+    );
+    run_model(&ws, model, Fmt::Vhd);
+}
+
+/// Virtual size of the model tests' disks.
+const S: u64 = 8 * MIB;
+
+/// Drives the mount and `model` with the same random operations; see the
+/// module docs.
+fn run_model(ws: &Workspace, mut model: ModelTree, fmt: Fmt) {
     let seed = seed();
     let mut rng = SmallRng::seed_from_u64(seed);
     // No background merge: the test decides when chains get shorter.
@@ -410,7 +482,8 @@ fn random_tree_operations_match_a_model() {
                 format!("delete {p}")
             }
             81..=90 => {
-                let merged = merge_now_step(&ws, &mnt, &mut model, &fds, &format!("step {step}"));
+                let merged =
+                    merge_now_step(ws, &mnt, &mut model, fmt, &fds, &format!("step {step}"));
                 merged_count += merged.len();
                 format!("merge-now (merged {merged:?})")
             }
@@ -447,21 +520,21 @@ fn random_tree_operations_match_a_model() {
                 for f in fds.values() {
                     f.sync_all().expect("fsync");
                 }
-                ws.check_all();
-                "fsync + qemu-img check".to_string()
+                fmt.check_all(ws);
+                "fsync + image check".to_string()
             }
         };
         let label = format!("step {step} ({what}, seed {seed})");
         assert_tree_matches(&mnt, &model, &label);
-        assert_images_match(&ws, &model, &label);
+        assert_images_match(ws, &model, fmt, &label);
     }
     // Always end with everything coalescable merged.
-    let merged = merge_now_step(&ws, &mnt, &mut model, &fds, "final merge-now");
+    let merged = merge_now_step(ws, &mnt, &mut model, fmt, &fds, "final merge-now");
     merged_count += merged.len();
     eprintln!("{}: {merged_count} points merged", test_name());
     let label = format!("final merge-now (merged {merged:?}), seed {seed}");
     assert_tree_matches(&mnt, &model, &label);
-    assert_images_match(&ws, &model, &label);
+    assert_images_match(ws, &model, fmt, &label);
     assert!(
         model.coalescable().is_empty(),
         "model still has coalescable points"
@@ -480,10 +553,19 @@ fn random_tree_operations_match_a_model() {
         })
         .collect();
     unmount_ok(m);
-    ws.check_all();
-    assert_images_match(&ws, &model, "after unmount");
+    fmt.check_all(ws);
+    assert_images_match(ws, &model, fmt, "after unmount");
     for (name, img) in &images {
-        ws.compare(img, &model.points[name].data);
+        match fmt {
+            Fmt::Qcow2 => ws.compare(img, &model.points[name].data),
+            // qemu-img reads no differencing VHD: judged by a fresh
+            // `snaptree export` here, by vhdimount in tests/vhd_write.rs.
+            Fmt::Vhd => assert_bytes_eq(
+                &format!("after unmount: snaptree export {img}"),
+                &ws.export(img),
+                &model.points[name].data,
+            ),
+        }
     }
     let m = ws.remount(&["-o", "gc_idle=off"]);
     assert_tree_matches(&m.mnt, &model, "after remount");

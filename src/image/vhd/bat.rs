@@ -15,6 +15,10 @@
 //! valid one, and otherwise the first time a block's bitmap is read and
 //! found full. A block with the bit set is served without its bitmap. The
 //! bits are atomics, so readers set them without a lock.
+//!
+//! A writable image changes the BAT in memory when it allocates a block;
+//! the entries are atomics too, so readers look them up without a lock
+//! while a writer publishes new blocks (see `write`).
 
 use super::footer::{checksum, Footer};
 use super::header::DynamicHeader;
@@ -22,7 +26,7 @@ use crate::error::{ImageError, Result};
 use crate::fileio::read_exact_at;
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 pub const UNUSED: u32 = 0xFFFF_FFFF;
 /// Bytes of BAT we hold in memory at most (16M blocks: 32 TiB of 2 MiB
@@ -39,8 +43,10 @@ const BATMAP_V1_1: u32 = 0x0001_0001;
 const BATMAP_V1_2: u32 = 0x0001_0002;
 
 /// The block allocation table: only the entries the virtual size needs.
+/// Entries are atomics: a writer publishes a new block with one store after
+/// its data is written (`Release`), readers load without a lock (`Acquire`).
 pub struct Bat {
-    pub entries: Vec<u32>,
+    entries: Vec<AtomicU32>,
     pub table_offset: u64,
     pub block_size: u64,
     pub bitmap_size: u64,
@@ -103,9 +109,9 @@ impl Bat {
         }
         let mut raw = vec![0u8; bytes as usize];
         read_exact_at(file, path, &mut raw, at, "VHD block allocation table")?;
-        let entries: Vec<u32> = raw
+        let entries: Vec<AtomicU32> = raw
             .chunks_exact(4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .map(|c| AtomicU32::new(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
             .collect();
         let bat = Bat {
             entries,
@@ -114,13 +120,14 @@ impl Bat {
             bitmap_size: h.bitmap_size(),
         };
         let bat_range = (at, end, "block allocation table");
-        for (i, &e) in bat.entries.iter().enumerate() {
+        for i in 0..bat.len() {
+            let e = bat.entry(i);
             if e == UNUSED {
                 continue;
             }
             let start = e as u64 * 512;
             let stop = start + bat.bitmap_size + block_size;
-            let entry_at = at + i as u64 * 4;
+            let entry_at = at + i * 4;
             if stop > file_len {
                 return Err(ImageError::corrupt(
                     path,
@@ -148,12 +155,84 @@ impl Bat {
         Ok(bat)
     }
 
+    /// Number of entries (blocks of the virtual size).
+    pub fn len(&self) -> u64 {
+        self.entries.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Entry `i` as stored (a sector number or `UNUSED`); `UNUSED` past
+    /// the end.
+    pub fn entry(&self, i: u64) -> u32 {
+        self.entries
+            .get(i as usize)
+            .map_or(UNUSED, |e| e.load(Ordering::Acquire))
+    }
+
+    /// Points entry `i` at the block starting at file sector `sector`. The
+    /// caller has made the block's bitmap and data visible first.
+    pub fn set_entry(&self, i: u64, sector: u32) {
+        if let Some(e) = self.entries.get(i as usize) {
+            e.store(sector, Ordering::Release);
+        }
+    }
+
     /// File offset of block `i`'s sector bitmap, if allocated.
     pub fn bitmap_offset(&self, i: u64) -> Option<u64> {
-        match self.entries.get(i as usize) {
-            Some(&e) if e != UNUSED => Some(e as u64 * 512),
-            _ => None,
+        match self.entry(i) {
+            UNUSED => None,
+            e => Some(e as u64 * 512),
         }
+    }
+
+    /// Bytes of a block in the file: its bitmap and its data.
+    pub fn block_span(&self) -> u64 {
+        self.bitmap_size + self.block_size
+    }
+
+    /// Before writing: no two allocated blocks may share bytes (a write to
+    /// one would change the other), nor may a block cover other metadata
+    /// (`forbidden`, e.g. parent locator data or XCP's batmap, which the
+    /// read side only checks against the structures it needs). Errors name
+    /// the BAT entry.
+    pub fn check_disjoint(&self, path: &Path, forbidden: &[(u64, u64, &str)]) -> Result<()> {
+        let span = self.block_span();
+        let mut blocks: Vec<(u64, u64)> = (0..self.len())
+            .filter_map(|i| self.bitmap_offset(i).map(|at| (at, i)))
+            .collect();
+        blocks.sort_unstable();
+        let entry_at = |i: u64| self.table_offset + i * 4;
+        for pair in blocks.windows(2) {
+            let ((a, i), (b, j)) = (pair[0], pair[1]);
+            if a + span > b {
+                return Err(ImageError::corrupt(
+                    path,
+                    entry_at(j),
+                    format!(
+                        "BAT entry {j} puts block {j} at offset {b}, inside block {i} (offset {a}, \
+                         {span} bytes with its bitmap); writing one would change the other, so the \
+                         image is not opened for writing"
+                    ),
+                ));
+            }
+        }
+        for &(at, i) in &blocks {
+            let hit = forbidden.iter().find(|(s, e, _)| at < *e && *s < at + span);
+            if let Some((_, _, name)) = hit {
+                return Err(ImageError::corrupt(
+                    path,
+                    entry_at(i),
+                    format!(
+                        "BAT entry {i} puts block {i} at offset {at}, over the {name}; the image \
+                         is not opened for writing"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -185,6 +264,15 @@ impl BitOrder {
     pub fn test(self, map: &[u8], bit: u64) -> bool {
         map.get((bit >> 3) as usize)
             .is_some_and(|b| b & self.mask(bit) != 0)
+    }
+
+    /// Sets bits `[first, end)` of `map` (bits past its end are ignored).
+    pub fn set_range(self, map: &mut [u8], first: u64, end: u64) {
+        for bit in first..end {
+            if let Some(b) = map.get_mut((bit >> 3) as usize) {
+                *b |= self.mask(bit);
+            }
+        }
     }
 }
 
@@ -250,6 +338,16 @@ impl FullBlocks {
     }
 }
 
+/// A valid XCP batmap and where it lives in the file.
+pub struct Batmap {
+    /// One bit per block, most significant first: "block fully allocated".
+    pub map: Vec<u8>,
+    /// File offset of its 512-byte header.
+    pub header_at: u64,
+    /// File offset of the map.
+    pub map_at: u64,
+}
+
 /// XCP's batmap, if this image has a valid one: one bit per block, most
 /// significant first, set when the block is fully allocated. libvhd puts
 /// its header in the sector after the padded BAT (as declared by
@@ -264,7 +362,7 @@ pub fn read_batmap(
     h: &DynamicHeader,
     blocks: u64,
     file_len: u64,
-) -> Option<Vec<u8>> {
+) -> Option<Batmap> {
     if &f.creator_application[..3] != b"tap" || f.creator_version < 0x0001_0001 {
         return None;
     }
@@ -317,7 +415,11 @@ pub fn read_batmap(
             at + 24
         ));
     }
-    Some(map)
+    Some(Batmap {
+        map,
+        header_at: at,
+        map_at: map_offset,
+    })
 }
 
 #[cfg(test)]

@@ -42,6 +42,16 @@ const OFF_TAPDISK_HIDDEN: usize = 85;
 pub const MAX_CHS_SECTORS: u64 = 65535 * 16 * 255;
 /// The largest disk the format allows (2040 GiB), as QEMU enforces.
 pub const MAX_SECTORS: u64 = 0xff00_0000;
+/// VHD time stamps count seconds from 2000-01-01 00:00:00 UTC.
+pub const VHD_EPOCH_UNIX: u64 = 946_684_800;
+
+/// `t` as a VHD time stamp (seconds since 2000, saturating at both ends).
+pub fn vhd_time(t: std::time::SystemTime) -> u32 {
+    let unix = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    unix.saturating_sub(VHD_EPOCH_UNIX).min(u32::MAX as u64) as u32
+}
 
 /// `Disk Geometry`: cylinders, heads, sectors per track.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +64,46 @@ pub struct DiskGeometry {
 impl DiskGeometry {
     pub fn sectors(&self) -> u64 {
         self.cylinder as u64 * self.heads as u64 * self.sectors_per_track as u64
+    }
+
+    /// The geometry QEMU writes when the size is not a CHS size (and
+    /// `force_size`): readers then take the size from `current_size`.
+    pub const MAX: DiskGeometry = DiskGeometry {
+        cylinder: 65535,
+        heads: 16,
+        sectors_per_track: 255,
+    };
+
+    /// The CHS geometry of the spec's appendix for `total` sectors; it
+    /// may describe fewer sectors than `total` (it rounds down).
+    pub fn for_sectors(total: u64) -> DiskGeometry {
+        let total = total.min(MAX_CHS_SECTORS);
+        let (spt, heads, cth);
+        if total >= 65535 * 16 * 63 {
+            spt = 255;
+            heads = 16;
+            cth = total / spt;
+        } else {
+            let mut s = 17;
+            let mut c = total / s;
+            let mut h = c.div_ceil(1024).max(4);
+            if c >= h * 1024 || h > 16 {
+                s = 31;
+                h = 16;
+                c = total / s;
+            }
+            if c >= h * 1024 {
+                s = 63;
+                h = 16;
+                c = total / s;
+            }
+            (spt, heads, cth) = (s, h, c);
+        }
+        DiskGeometry {
+            cylinder: (cth / heads).min(65535) as u16,
+            heads: heads as u8,
+            sectors_per_track: spt as u8,
+        }
     }
 }
 
@@ -205,6 +255,32 @@ impl Footer {
         Ok(f)
     }
 
+    /// The footer as stored: 512 bytes with a fresh checksum (the
+    /// `checksum` field is ignored).
+    pub fn encode(&self) -> [u8; 512] {
+        let mut b = [0u8; 512];
+        b[0..8].copy_from_slice(COOKIE);
+        b[8..12].copy_from_slice(&self.features.to_be_bytes());
+        b[12..16].copy_from_slice(&self.file_format_version.to_be_bytes());
+        b[16..24].copy_from_slice(&self.data_offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.time_stamp.to_be_bytes());
+        b[28..32].copy_from_slice(&self.creator_application);
+        b[32..36].copy_from_slice(&self.creator_version.to_be_bytes());
+        b[36..40].copy_from_slice(&self.creator_host_os.to_be_bytes());
+        b[40..48].copy_from_slice(&self.original_size.to_be_bytes());
+        b[48..56].copy_from_slice(&self.current_size.to_be_bytes());
+        b[56..58].copy_from_slice(&self.disk_geometry.cylinder.to_be_bytes());
+        b[58] = self.disk_geometry.heads;
+        b[59] = self.disk_geometry.sectors_per_track;
+        b[60..64].copy_from_slice(&self.disk_type.to_be_bytes());
+        b[OFF_UNIQUE_ID..OFF_UNIQUE_ID + 16].copy_from_slice(&self.unique_id);
+        b[84] = self.saved_state;
+        b[OFF_TAPDISK_HIDDEN] = self.tapdisk_hidden;
+        let sum = checksum(&b, Some(OFF_CHECKSUM));
+        b[OFF_CHECKSUM..OFF_CHECKSUM + 4].copy_from_slice(&sum.to_be_bytes());
+        b
+    }
+
     /// Early XCP tools set the hidden flag without updating the checksum;
     /// libvhd accepts such footers, so do we.
     fn tapdisk_unhidden_checksum_matches(&self, b: &[u8; 512]) -> bool {
@@ -349,6 +425,28 @@ mod tests {
         b[0] = 1;
         b[64..68].copy_from_slice(&[0xff; 4]);
         assert_eq!(checksum(&b, Some(64)), !1u32);
+    }
+
+    #[test]
+    fn geometry_of_the_spec() {
+        // 8 MiB: 16384 sectors = 240 x 4 x 17 (16320, rounded down).
+        let g = DiskGeometry::for_sectors(16384);
+        assert_eq!((g.cylinder, g.heads, g.sectors_per_track), (240, 4, 17));
+        let g = DiskGeometry::for_sectors(u64::MAX);
+        assert_eq!(g, DiskGeometry::MAX);
+    }
+
+    #[test]
+    fn encode_parses_back() {
+        let mut b = [0u8; 512];
+        b[0..8].copy_from_slice(COOKIE);
+        b[12..16].copy_from_slice(&0x0001_0000u32.to_be_bytes());
+        b[60..64].copy_from_slice(&DISK_DYNAMIC.to_be_bytes());
+        b[48..56].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        let sum = checksum(&b, Some(OFF_CHECKSUM));
+        b[64..68].copy_from_slice(&sum.to_be_bytes());
+        let f = Footer::parse(&b, Path::new("x"), 0, FOOTER_LEN).unwrap();
+        assert_eq!(f.encode(), b);
     }
 
     #[test]

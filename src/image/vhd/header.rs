@@ -182,6 +182,54 @@ impl DynamicHeader {
         Ok(h)
     }
 
+    /// The header as stored: 1024 bytes with a fresh checksum (the
+    /// `checksum` and `at` fields are ignored; at most eight locators).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_LEN as usize];
+        b[0..8].copy_from_slice(COOKIE);
+        b[8..16].copy_from_slice(&self.data_offset.to_be_bytes());
+        b[16..24].copy_from_slice(&self.table_offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.header_version.to_be_bytes());
+        b[28..32].copy_from_slice(&self.max_table_entries.to_be_bytes());
+        b[32..36].copy_from_slice(&self.block_size.to_be_bytes());
+        b[OFF_PARENT_UNIQUE_ID..OFF_PARENT_UNIQUE_ID + 16].copy_from_slice(&self.parent_unique_id);
+        b[56..60].copy_from_slice(&self.parent_time_stamp.to_be_bytes());
+        let name = &self.parent_unicode_name[..self.parent_unicode_name.len().min(512)];
+        b[OFF_PARENT_UNICODE_NAME..OFF_PARENT_UNICODE_NAME + name.len()].copy_from_slice(name);
+        for (i, loc) in self
+            .parent_locators
+            .iter()
+            .take(LOCATOR_ENTRIES)
+            .enumerate()
+        {
+            let o = OFF_PARENT_LOCATORS + i * LOCATOR_ENTRY_LEN;
+            b[o..o + 4].copy_from_slice(&loc.platform_code.to_be_bytes());
+            b[o + 4..o + 8].copy_from_slice(&loc.platform_data_space.to_be_bytes());
+            b[o + 8..o + 12].copy_from_slice(&loc.platform_data_length.to_be_bytes());
+            b[o + 16..o + 24].copy_from_slice(&loc.platform_data_offset.to_be_bytes());
+        }
+        let sum = checksum(&b, Some(OFF_CHECKSUM));
+        b[OFF_CHECKSUM..OFF_CHECKSUM + 4].copy_from_slice(&sum.to_be_bytes());
+        b
+    }
+
+    /// File ranges holding the data of locators with a known platform code
+    /// (for overlap checks before writing), not validated: empty, unused
+    /// and unknown entries are left out.
+    pub fn locator_ranges(&self) -> Vec<(u64, u64)> {
+        const KNOWN: [u32; 6] = [
+            PLAT_W2RU, PLAT_W2KU, PLAT_MACX, PLAT_WI2R, PLAT_WI2K, PLAT_MAC,
+        ];
+        self.parent_locators
+            .iter()
+            .filter(|l| KNOWN.contains(&l.platform_code) && l.platform_data_length > 0)
+            .map(|l| {
+                let s = l.platform_data_offset;
+                (s, s.saturating_add(l.platform_data_length as u64))
+            })
+            .collect()
+    }
+
     /// Bytes of the sector bitmap in front of each block: one bit per
     /// sector, padded to whole sectors.
     pub fn bitmap_size(&self) -> u64 {

@@ -1,11 +1,13 @@
 //! VHD (Microsoft Virtual Hard Disk, QEMU's `vpc`) as a [`Layer`]: fixed,
-//! dynamic and differencing disks, read side.
+//! dynamic and differencing disks, read and written.
 //!
 //! Layout of this module: `footer` parses the footer (and decides the
 //! virtual size the way QEMU does); `header` the dynamic disk header and the
 //! parent locators of differencing disks; `bat` the block allocation table,
-//! sector bitmaps and the per-block "fully allocated" bits. This file holds
-//! the open image and turns guest ranges into mappings.
+//! sector bitmaps and the per-block "fully allocated" bits; `write` the
+//! writer (block allocation, sector bitmaps, crash-safe write-back);
+//! `create` makes new dynamic and differencing disks. This file holds the
+//! open image and turns guest ranges into mappings.
 //!
 //! What a range maps to:
 //! - fixed disk: the file itself, up to the footer (a valid chain base);
@@ -13,21 +15,29 @@
 //!   are data; everything else reads as zeros (`Zero`: a dynamic disk is a
 //!   base, nothing is below it).
 //!   QEMU reads an allocated block's data area whatever its bitmap says;
-//!   we follow the spec. QEMU sets every bit of a block it allocates, so
-//!   the two agree on every image QEMU writes;
+//!   we follow the spec. QEMU sets every bit of a block it allocates, and
+//!   so does snaptree's writer, so the two agree on every image either
+//!   writes;
 //! - differencing disk: the same, but what is not here is `Unallocated`, so
 //!   the chain asks the parent. The parent is named by the parent locators
 //!   (`backing()`, format `vpc`), and must carry the unique id the child
 //!   recorded (`expected_parent_id()`, checked when the chain is opened).
 //!
-//! Concurrency: the BAT is immutable after open. Sector bitmaps sit in a
-//! small LRU behind a mutex held only for the lookup or insert, never
-//! during I/O; the "block fully allocated" bits are atomics (see `bat`).
-//! Data is read with `pread` and no lock.
+//! Concurrency: BAT entries and the "block fully allocated" bits are
+//! atomics (see `bat`); sector bitmaps sit in a small LRU, plus the
+//! bitmaps writes changed and not yet written back, behind a mutex held
+//! only for the lookup or insert, never during I/O. Data is read with
+//! `pread` and no lock. Writers are serialised by their own mutex (see
+//! `write`) and publish a change only after its data is in the file, so a
+//! concurrent reader sees either the old mapping (and old bytes) or the new
+//! one (and new bytes). Blocks never move once allocated.
 
 pub mod bat;
+pub mod create;
 pub mod footer;
 pub mod header;
+pub mod reparent;
+mod write;
 
 use crate::error::{ImageError, Result};
 use crate::fileio::{self, read_exact_at};
@@ -39,6 +49,7 @@ use footer::{format_uuid, Footer};
 use header::DynamicHeader;
 use lru::LruCache;
 use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::fs::File;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -48,13 +59,33 @@ use std::sync::Arc;
 /// Bytes of sector bitmaps kept cached per image (at least 16 bitmaps).
 const BITMAP_CACHE_BYTES: u64 = 1 << 20;
 
+/// Sector bitmaps in memory.
+struct Bitmaps {
+    clean: LruCache<u64, Arc<Vec<u8>>>,
+    /// Bitmaps writes changed and `flush` has not written back yet; never
+    /// evicted (they are the only copy).
+    dirty: HashMap<u64, Arc<Vec<u8>>>,
+    /// Bumped whenever a bitmap changes, so a reader that read a bitmap
+    /// from the file meanwhile does not cache a stale copy.
+    generation: u64,
+}
+
+impl Bitmaps {
+    fn get(&mut self, block: u64) -> Option<Arc<Vec<u8>>> {
+        if let Some(b) = self.dirty.get(&block) {
+            return Some(b.clone());
+        }
+        self.clean.get(&block).cloned()
+    }
+}
+
 /// The metadata of a dynamic or differencing disk.
 struct Sparse {
     header: DynamicHeader,
     bat: Bat,
     order: BitOrder,
     full: FullBlocks,
-    bitmaps: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    bitmaps: Mutex<Bitmaps>,
     /// The fully-allocated bits were seeded from XCP's on-disk batmap.
     batmap: bool,
 }
@@ -69,11 +100,21 @@ pub struct VhdLayer {
     sparse: Option<Sparse>,
     /// Sector bitmaps read from the file so far (for tests and tuning).
     bitmap_reads: AtomicU64,
+    /// The writer's state, for an image opened for writing; its mutex
+    /// serialises writers (see `write`).
+    writer: Option<Mutex<write::Writer>>,
 }
 
 impl VhdLayer {
     /// Opens a VHD read-only; every structure is checked here.
     pub fn open(path: &Path, file: File) -> Result<VhdLayer> {
+        VhdLayer::open_with(path, file, false)
+    }
+
+    /// Opens a VHD read-only or (`file` opened read-write) for writing.
+    /// Writing needs a little more from the file than reading: blocks that
+    /// do not overlap each other or any metadata (see `write`).
+    pub fn open_with(path: &Path, file: File, writable: bool) -> Result<VhdLayer> {
         let footer = Footer::read(&file, path)?;
         let file_len = fileio::file_len(&file, path)?;
         let size = footer.virtual_size(path)?;
@@ -85,6 +126,7 @@ impl VhdLayer {
             backing: None,
             sparse: None,
             bitmap_reads: AtomicU64::new(0),
+            writer: None,
         };
         let footer = &layer.footer;
         if footer.is_fixed() {
@@ -98,6 +140,9 @@ impl VhdLayer {
                         footer.at
                     ),
                 ));
+            }
+            if writable {
+                layer.writer = Some(Mutex::new(write::Writer::fixed()));
             }
             return Ok(layer);
         }
@@ -114,7 +159,7 @@ impl VhdLayer {
             forbidden.push((footer.at, footer.at + footer.len, "footer"));
         }
         let bat = Bat::read(&layer.file, path, &header, size, file_len, &forbidden)?;
-        let blocks = bat.entries.len() as u64;
+        let blocks = bat.len();
         forbidden.push((
             bat.table_offset,
             bat.table_offset + blocks * 4,
@@ -132,12 +177,24 @@ impl VhdLayer {
         }
         let full = FullBlocks::new(blocks);
         let batmap = bat::read_batmap(&layer.file, path, footer, &header, blocks, file_len);
-        if let Some(map) = &batmap {
+        if let Some(b) = &batmap {
             for i in 0..blocks {
-                if bat.bitmap_offset(i).is_some() && BitOrder::MsbFirst.test(map, i) {
+                if bat.bitmap_offset(i).is_some() && BitOrder::MsbFirst.test(&b.map, i) {
                     full.set(i);
                 }
             }
+        }
+        if writable {
+            layer.writer = Some(Mutex::new(write::Writer::sparse(
+                &layer.file,
+                path,
+                footer,
+                &header,
+                &bat,
+                batmap.as_ref(),
+                &forbidden,
+                file_len,
+            )?));
         }
         let cached = (BITMAP_CACHE_BYTES / bat.bitmap_size).max(16) as usize;
         layer.sparse = Some(Sparse {
@@ -145,9 +202,11 @@ impl VhdLayer {
             header,
             bat,
             full,
-            bitmaps: Mutex::new(LruCache::new(
-                NonZeroUsize::new(cached).expect("at least 16"),
-            )),
+            bitmaps: Mutex::new(Bitmaps {
+                clean: LruCache::new(NonZeroUsize::new(cached).expect("at least 16")),
+                dirty: HashMap::new(),
+                generation: 0,
+            }),
             batmap: batmap.is_some(),
         });
         Ok(layer)
@@ -176,16 +235,28 @@ impl VhdLayer {
         self.sparse.as_ref().is_some_and(|s| s.batmap)
     }
 
-    /// Block `block`'s sector bitmap (at file offset `at`), cached.
+    /// Block `block`'s sector bitmap (at file offset `at`), cached. The
+    /// read happens without the lock; its result is cached only if no
+    /// bitmap changed meanwhile (else it may predate a write).
     fn bitmap(&self, sp: &Sparse, block: u64, at: u64) -> Result<Arc<Vec<u8>>> {
-        if let Some(b) = sp.bitmaps.lock().get(&block) {
-            return Ok(b.clone());
-        }
+        let generation = {
+            let mut cache = sp.bitmaps.lock();
+            if let Some(b) = cache.get(block) {
+                return Ok(b);
+            }
+            cache.generation
+        };
         let mut buf = vec![0u8; sp.bat.bitmap_size as usize];
         read_exact_at(&self.file, &self.path, &mut buf, at, "VHD sector bitmap")?;
         self.bitmap_reads.fetch_add(1, Ordering::Relaxed);
         let b = Arc::new(buf);
-        sp.bitmaps.lock().put(block, b.clone());
+        let mut cache = sp.bitmaps.lock();
+        if let Some(now) = cache.get(block) {
+            return Ok(now);
+        }
+        if cache.generation == generation {
+            cache.clean.put(block, b.clone());
+        }
         Ok(b)
     }
 
@@ -321,8 +392,12 @@ impl Layer for VhdLayer {
         (self.footer.is_differencing() && id != [0; 16]).then_some(id)
     }
 
+    /// A write sets the bitmap bits of whole groups of sectors (see
+    /// `write::GROUP_SECTORS`), so that is what its mapping can change by.
     fn allocation_unit(&self) -> u64 {
-        self.sparse.as_ref().map_or(512, |s| s.bat.block_size)
+        self.sparse
+            .as_ref()
+            .map_or(512, |s| write::group_bytes(s.bat.block_size))
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -396,19 +471,29 @@ impl Layer for VhdLayer {
         Ok(total)
     }
 
+    fn is_writable(&self) -> bool {
+        self.writer.is_some()
+    }
+
     fn write(&self, offset: u64, data: &[u8], below: &dyn BackingRead) -> Result<()> {
-        let _ = (offset, data, below);
-        Err(ImageError::unsupported(
-            &self.path,
-            "writing VHD images is not implemented yet (read-only)",
-        ))
+        self.write_guest(offset, data, below)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn BackingRead) -> Result<()> {
-        let _ = (offset, len, below);
-        Err(ImageError::unsupported(
-            &self.path,
-            "writing VHD images is not implemented yet (read-only)",
-        ))
+        self.zero_guest(offset, len, below)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flush_writes()
+    }
+}
+
+impl Drop for VhdLayer {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            if let Err(e) = self.flush_writes() {
+                tracing::error!("flushing {} on close: {e}", self.path.display());
+            }
+        }
     }
 }

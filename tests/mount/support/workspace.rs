@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use tempfile::TempDir;
 
 use super::command::describe_output;
-use super::{diff_bytes, run, run_unchecked, skip, test_name, Mount};
+use super::{bin, diff_bytes, run, run_unchecked, skip, test_name, Mount};
 
 /// A temp directory holding `images/` (the tree), `mnt/` (the mount point)
 /// and scratch files.
@@ -85,6 +85,68 @@ impl Workspace {
         self.qemu_img(&args);
     }
 
+    /// Creates a dynamic VHD of exactly `size` bytes (`force_size`, so the
+    /// size is not rounded to a CHS geometry).
+    pub fn create_vpc(&self, name: &str, size: u64) {
+        let size = size.to_string();
+        self.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vpc",
+            "-o",
+            "subformat=dynamic,force_size=on",
+            name,
+            &size,
+        ]);
+    }
+
+    /// The VHD images of the tree directory (dynamic and differencing, by
+    /// the footer copy at their start), sorted.
+    pub fn vhd_images(&self) -> Vec<String> {
+        self.images_with_magic(b"conectix")
+    }
+
+    /// libvhdi's `vhdiinfo` accepts every VHD image of the tree; without
+    /// it (libvhdi-utils), says so once per call and checks nothing.
+    pub fn vhdiinfo_all(&self) {
+        let images = self.vhd_images();
+        for name in &images {
+            let mut c = Command::new("vhdiinfo");
+            c.current_dir(&self.images).arg(name);
+            match c.output() {
+                Err(e) => {
+                    eprintln!(
+                        "{}: vhdiinfo not run ({e}); install libvhdi-utils",
+                        test_name()
+                    );
+                    return;
+                }
+                Ok(o) => assert!(
+                    o.status.success(),
+                    "vhdiinfo rejects {name}: {}",
+                    describe_output(&c, &o)
+                ),
+            }
+        }
+    }
+
+    /// `snaptree export` of `images/<name>` (through its chain), read back.
+    pub fn export(&self, name: &str) -> Vec<u8> {
+        let out = self.scratch(&format!("export-{}.raw", name.replace('/', "_")));
+        let mut c = Command::new(bin());
+        c.current_dir(&self.images)
+            .arg("export")
+            .arg("--quiet")
+            .arg("--force")
+            .arg(name)
+            .arg(&out);
+        run(&mut c);
+        let v = std::fs::read(&out).expect("read exported image");
+        let _ = std::fs::remove_file(&out);
+        v
+    }
+
     /// Creates a sparse raw image of `size` bytes.
     pub fn create_raw(&self, name: &str, size: u64) {
         File::create(self.img(name))
@@ -137,16 +199,21 @@ impl Workspace {
 
     /// The qcow2 images of the tree directory (by magic), sorted.
     pub fn qcow2_images(&self) -> Vec<String> {
+        self.images_with_magic(b"QFI\xfb")
+    }
+
+    /// Files of the tree directory that start with `magic`, sorted.
+    fn images_with_magic(&self, magic: &[u8]) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&self.images)
             .expect("list images")
             .filter_map(|e| e.ok())
             .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
             .filter(|e| {
-                let mut magic = [0u8; 4];
+                let mut head = vec![0u8; magic.len()];
                 File::open(e.path())
-                    .and_then(|mut f| f.read_exact(&mut magic))
+                    .and_then(|mut f| f.read_exact(&mut head))
                     .is_ok()
-                    && magic == *b"QFI\xfb"
+                    && head == magic
             })
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();

@@ -1,0 +1,58 @@
+//! Creating the empty child a snapshot or a clone puts on a parent image,
+//! in the format that parent's family uses: a differencing VHD on a VHD
+//! (XCP and Hyper-V read VHD chains only, and a qcow2 overlay on a
+//! differencing VHD would ask QEMU to open that VHD without its parent), a
+//! qcow2 overlay on anything else. The tree code calls this and never
+//! names a format's create function itself.
+
+use super::qcow2::create::{create, CreateOptions};
+use super::vhd;
+use super::{Format, Layer};
+use crate::error::Result;
+use std::path::Path;
+
+/// The format of a new child of a `parent` image.
+pub fn child_format(parent: Format) -> Format {
+    match parent {
+        Format::Vhd => Format::Vhd,
+        Format::Qcow2 | Format::Raw => Format::Qcow2,
+    }
+}
+
+/// The file extension new images of `format` get.
+pub fn extension(format: Format) -> &'static str {
+    match format {
+        Format::Vhd => "vhd",
+        Format::Qcow2 => "qcow2",
+        Format::Raw => "raw",
+    }
+}
+
+/// Creates at `path` an empty child of `parent` (its top layer, whose file
+/// is `parent_path` now: a layer's own `path()` is where it was opened,
+/// which a commit merge may have renamed since) that names it `name`:
+/// relative to `path`'s directory, or absolute. `name` may differ from the
+/// parent's current file name when the parent is about to be renamed (a
+/// snapshot). `size` is the child's virtual size.
+pub fn create_child(
+    path: &Path,
+    parent: &dyn Layer,
+    parent_path: &Path,
+    name: &str,
+    size: u64,
+) -> Result<()> {
+    match child_format(parent.format()) {
+        Format::Vhd => {
+            vhd::create::create_differencing(path, parent_path)?;
+            vhd::reparent::set_parent(path, parent_path, name)
+        }
+        _ => {
+            let mut opts = CreateOptions::new(size);
+            opts.backing = Some((name.to_string(), parent.format().name().to_string()));
+            if let Some(cs) = parent.info().ok().and_then(|i| i.cluster_size) {
+                opts.cluster_bits = cs.trailing_zeros().clamp(9, 21);
+            }
+            create(path, &opts)
+        }
+    }
+}
