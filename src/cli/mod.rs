@@ -2,6 +2,7 @@
 //! subcommand lives in its own module; all print errors as
 //! `snaptree: error: ...` and exit 1 (never a panic on bad input).
 
+mod checkpoint;
 mod export;
 mod info;
 mod map;
@@ -45,6 +46,9 @@ enum Command {
     /// (the tree must not be mounted): every visible point reads the same
     /// bytes before, during and after, also if the merge is interrupted.
     Merge(merge::MergeArgs),
+    /// Memory checkpoints of snapshot points.
+    #[command(subcommand)]
+    Checkpoint(checkpoint::CheckpointCmd),
 }
 
 /// How to open a chain; shared by every subcommand.
@@ -85,6 +89,7 @@ pub fn run() -> i32 {
         Command::Export(a) => export::run(a),
         Command::Mount(a) => mount::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Checkpoint(c) => checkpoint::run(c),
     };
     match result {
         Ok(()) => 0,

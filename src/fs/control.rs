@@ -20,10 +20,15 @@ pub fn run_ctl(tree: &Tree, id: u64, point_name: &str, data: &[u8]) -> Result<()
         ("clone", Some(name), None) => tree.clone_point(id, name),
         ("delete", None, None) => tree.delete(id),
         ("merge", None, None) => tree.merge_point(id).map(|_| ()),
+        ("checkpoint", Some(source), None) => checkpoint(tree, id, point_name, source),
+        ("memory", Some("none"), None) => tree.set_memory(id, None),
+        ("memory", Some(source), None) => tree.set_memory(id, Some(source)),
         ("snapshot" | "clone", None, None) => Err(TreeError::new(libc::EINVAL, format!("`{cmd}` needs a NAME: `{cmd} NAME`"))),
+        ("checkpoint", None, None) => Err(TreeError::new(libc::EINVAL, "`checkpoint` needs a SOURCE file: `checkpoint SOURCE`")),
+        ("memory", None, None) => Err(TreeError::new(libc::EINVAL, "`memory` needs a SOURCE file (or `none`): `memory SOURCE`")),
         _ => Err(TreeError::new(
             libc::EINVAL,
-            format!("unknown command {text:?}; commands: `snapshot NAME`, `clone NAME`, `delete`, `merge`"),
+            format!("unknown command {text:?}; commands: `snapshot NAME`, `clone NAME`, `delete`, `merge`, `memory SOURCE|none`, `checkpoint SOURCE`"),
         )),
     };
     tree.record(&label, &result);
@@ -35,4 +40,24 @@ pub fn run_merge_now(tree: &Tree) -> Result<(), TreeError> {
     let result = tree.merge_all(&crate::merge::Throttle::full()).map(|_| ());
     tree.record("merge-now", &result);
     result
+}
+
+/// `checkpoint SOURCE`: imports a memory source as a page-delta
+/// checkpoint of the point, throttled by the default settings; the write
+/// returns when it is done, and `status` shows its progress meanwhile.
+fn checkpoint(tree: &Tree, id: u64, point_name: &str, source: &str) -> Result<(), TreeError> {
+    use std::sync::atomic::Ordering;
+    let throttle = crate::memory::checkpoint::Throttle::DEFAULT;
+    let result = tree.checkpoint(id, source, throttle, &mut |s| {
+        tree.import_progress(point_name, Some(s.describe()));
+        // The mount is going away.
+        !tree.merge.cancel.load(Ordering::Relaxed)
+    });
+    tree.import_progress(point_name, None);
+    let stats = result?;
+    tracing::info!(
+        "checkpoint of {point_name:?} from {source}: {}",
+        stats.describe()
+    );
+    Ok(())
 }

@@ -1,8 +1,11 @@
 //! Disk I/O of a snapshot point through its chain: reads, writes to
 //! leaves, fsync, fallocate (punch hole / zero range), SEEK_DATA and
-//! SEEK_HOLE from the allocation map, and statfs of the tree directory.
+//! SEEK_HOLE from the allocation map, and statfs of the tree directory;
+//! and reads of its memory view (`memory.raw`), which is read-only.
 
 use crate::chain::resolve::Source;
+use crate::chain::Chain;
+use crate::memory::view::MemoryView;
 use crate::tree::{Point, Tree};
 use fuser::Errno;
 use std::path::Path;
@@ -91,10 +94,26 @@ pub fn fallocate(tree: &Tree, p: &Point, offset: u64, len: u64, mode: i32) -> Re
     Ok(())
 }
 
-/// SEEK_DATA / SEEK_HOLE from the allocation map.
-pub fn seek(p: &Point, offset: i64, whence: i32) -> Result<i64, Errno> {
-    let io = p.io.read();
-    let size = io.chain.size();
+/// Reads of a memory view (`memory.raw`).
+pub fn read_memory(tree: &Tree, m: &MemoryView, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    let end = (offset.saturating_add(size as u64)).min(m.chain.size());
+    if offset >= end {
+        return Ok(Vec::new());
+    }
+    let mut buf = vec![0u8; (end - offset) as usize];
+    m.chain.read_at(&mut buf, offset).map_err(|e| {
+        tree.problem(format!(
+            "read of {} at offset {offset}: {e}",
+            m.path.display()
+        ));
+        errno(e.errno())
+    })?;
+    Ok(buf)
+}
+
+/// SEEK_DATA / SEEK_HOLE from the allocation map of `chain`.
+pub fn seek(chain: &Chain, offset: i64, whence: i32) -> Result<i64, Errno> {
+    let size = chain.size();
     if offset < 0 {
         return Err(Errno::EINVAL);
     }
@@ -111,7 +130,7 @@ pub fn seek(p: &Point, offset: i64, whence: i32) -> Result<i64, Errno> {
     let mut at = offset;
     while at < size {
         let len = STEP.min(size - at);
-        let map = io.chain.map(at, len).map_err(|e| errno(e.errno()))?;
+        let map = chain.map(at, len).map_err(|e| errno(e.errno()))?;
         for r in map {
             let is_data = matches!(r.source, Source::Data { .. } | Source::Compressed { .. });
             if is_data == want_data {

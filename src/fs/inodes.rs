@@ -16,15 +16,18 @@ pub enum PointFile {
     Info,
     Ctl,
     Parent,
+    /// `memory.raw`, when the point has a memory checkpoint.
+    Memory,
 }
 
 impl PointFile {
-    const ALL: [PointFile; 5] = [
+    const ALL: [PointFile; 6] = [
         PointFile::Dir,
         PointFile::Disk,
         PointFile::Info,
         PointFile::Ctl,
         PointFile::Parent,
+        PointFile::Memory,
     ];
 
     pub fn name(self) -> &'static str {
@@ -34,6 +37,7 @@ impl PointFile {
             PointFile::Info => "info.json",
             PointFile::Ctl => "ctl",
             PointFile::Parent => "parent",
+            PointFile::Memory => "memory.raw",
         }
     }
 

@@ -17,6 +17,7 @@ mod session;
 
 pub use session::{mount, MountConfig, Mounted};
 
+use crate::memory::view::MemoryView;
 use crate::tree::{Point, Tree};
 use attrs::{attr, dir, epoch, point_kind, TTL};
 use fuser::{
@@ -36,6 +37,8 @@ use std::time::{Duration, SystemTime};
 #[derive(Clone)]
 enum Handle {
     Disk(Arc<Point>),
+    /// A memory view: read-only, never changes while open.
+    Memory(Arc<MemoryView>),
     /// Text rendered at open.
     Text(Arc<Vec<u8>>),
     Ctl(Arc<Point>),
@@ -101,6 +104,13 @@ impl SnapFs {
     }
 
     /// The point of a `disk.raw` handle.
+    /// The memory view of visible point `p`, when it has a readable one.
+    fn memory_of(&self, p: u64) -> Option<Arc<MemoryView>> {
+        let v = self.tree.view(p).filter(|v| !v.hidden)?;
+        let m = v.point.memory.read();
+        m.as_ref().and_then(|m| m.view.as_ref().ok().cloned())
+    }
+
     fn disk_handle(&self, fh: FileHandle) -> Option<Arc<Point>> {
         match self.handle(fh)? {
             Handle::Disk(p) => Some(p),
@@ -185,6 +195,10 @@ impl SnapFs {
                         0,
                         t,
                     ),
+                    PointFile::Memory => {
+                        let m = self.memory_of(p).ok_or(Errno::ENOENT)?;
+                        attr(ino, FileType::RegularFile, 0o444, m.chain.size(), t)
+                    }
                     PointFile::Parent => {
                         let target = self.visible_parent(p).ok_or(Errno::ENOENT)?;
                         attr(ino, FileType::Symlink, 0o777, target.len() as u64 + 3, t)
@@ -216,6 +230,9 @@ impl SnapFs {
                 }
                 let f = PointFile::from_name(name).filter(|f| *f != PointFile::Disk)?;
                 if f == PointFile::Parent && self.visible_parent(p).is_none() {
+                    return None;
+                }
+                if f == PointFile::Memory && self.memory_of(p).is_none() {
                     return None;
                 }
                 Some(Inode::Point(p, f))
@@ -382,6 +399,19 @@ impl Filesystem for SnapFs {
                         let fl = FopenFlags::FOPEN_KEEP_CACHE;
                         reply.opened(self.new_handle(Handle::Disk(v.point.clone())), fl)
                     }
+                    PointFile::Memory => {
+                        if wants_write {
+                            return reply.error(Errno::EROFS);
+                        }
+                        match self.memory_of(p) {
+                            // The source never changes under the view.
+                            Some(m) => reply.opened(
+                                self.new_handle(Handle::Memory(m)),
+                                FopenFlags::FOPEN_KEEP_CACHE,
+                            ),
+                            None => reply.error(Errno::ENOENT),
+                        }
+                    }
                     PointFile::Ctl => {
                         if wants_write && self.tree.read_only() {
                             return reply.error(Errno::EROFS);
@@ -414,6 +444,10 @@ impl Filesystem for SnapFs {
         };
         match h {
             Handle::Disk(p) => match disk::read(&self.tree, &p, offset, size) {
+                Ok(buf) => reply.data(&buf),
+                Err(e) => reply.error(e),
+            },
+            Handle::Memory(m) => match disk::read_memory(&self.tree, &m, offset, size) {
                 Ok(buf) => reply.data(&buf),
                 Err(e) => reply.error(e),
             },
@@ -456,7 +490,7 @@ impl Filesystem for SnapFs {
                 r.map_err(|e| errno(e.errno))
             }
             Handle::MergeNow => control::run_merge_now(&self.tree).map_err(|e| errno(e.errno)),
-            Handle::Text(_) => Err(Errno::EBADF),
+            Handle::Text(_) | Handle::Memory(_) => Err(Errno::EBADF),
         };
         match r {
             Ok(()) => reply.written(data.len() as u32),
@@ -540,6 +574,9 @@ impl Filesystem for SnapFs {
                     if *f == PointFile::Parent && self.visible_parent(p).is_none() {
                         continue;
                     }
+                    if *f == PointFile::Memory && self.memory_of(p).is_none() {
+                        continue;
+                    }
                     if *f == PointFile::Disk {
                         for m in self.tree.members(p) {
                             let ino = encode(Inode::Point(m.id, PointFile::Disk));
@@ -605,10 +642,12 @@ impl Filesystem for SnapFs {
         whence: i32,
         reply: fuser::ReplyLseek,
     ) {
-        let Some(p) = self.disk_handle(fh) else {
-            return reply.error(Errno::EINVAL);
+        let r = match self.handle(fh) {
+            Some(Handle::Disk(p)) => disk::seek(&p.io.read().chain, offset, whence),
+            Some(Handle::Memory(m)) => disk::seek(&m.chain, offset, whence),
+            _ => return reply.error(Errno::EINVAL),
         };
-        match disk::seek(&p, offset, whence) {
+        match r {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(e),
         }

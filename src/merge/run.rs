@@ -144,6 +144,9 @@ pub fn repoint(tree: &Tree, job: &Job, h_chain: &Chain, child: Format) -> Result
 pub fn run(tree: &Tree, job: &Job, throttle: &Throttle) -> Result<u64, TreeError> {
     let dir = tree.dir();
     check_space(dir, job.bytes)?;
+    // The child's memory delta stops needing H's first (its own atomic
+    // step; H's delta goes with H).
+    tree.detach_memory(&job.hidden, &job.child)?;
     let h_chain = job.hidden.io.read().chain.clone();
     journal::store(dir, &entry_for(tree, job, &h_chain)).map_err(|e| {
         err(

@@ -12,6 +12,7 @@
 
 pub mod discover;
 pub mod manifest;
+mod memory;
 mod open;
 mod ops;
 mod render;
@@ -77,6 +78,26 @@ pub struct Point {
     /// Seconds since the Unix epoch.
     pub created: u64,
     pub io: RwLock<PointIo>,
+    /// The memory checkpoint saved with this point, if any (on the first
+    /// disk of a multi-disk point).
+    pub memory: RwLock<Option<PointMemory>>,
+}
+
+/// A point's memory: the source file the manifest names, and its view, or
+/// why it cannot be read (kept, so the manifest keeps naming it).
+pub struct PointMemory {
+    pub source: String,
+    pub view: Result<Arc<crate::memory::view::MemoryView>, String>,
+}
+
+impl PointMemory {
+    /// Indexes `source` (relative to the tree directory `dir`, or absolute).
+    pub fn open(dir: &Path, source: &str) -> PointMemory {
+        PointMemory {
+            source: source.to_string(),
+            view: crate::memory::view::open_view(dir, source).map(Arc::new),
+        }
+    }
 }
 
 impl Point {
@@ -114,6 +135,8 @@ impl PointView {
 pub struct StatusLog {
     pub last_command: Option<(String, Result<(), String>)>,
     pub problems: Vec<String>,
+    /// Memory imports running now, by point name: their progress line.
+    pub imports: BTreeMap<String, String>,
 }
 
 pub struct Tree {
@@ -139,6 +162,9 @@ pub struct Tree {
     _tree_lock: Option<std::fs::File>,
     /// The merge engine's state (progress, last result, idle tracking).
     pub merge: crate::merge::MergeState,
+    /// Memory files the manifest named for points that did not open:
+    /// never removed by the memory sweep.
+    pub(crate) pinned_memory: Vec<String>,
 }
 
 impl Tree {
@@ -180,6 +206,7 @@ impl Tree {
             disk,
             created,
             io: RwLock::new(io),
+            memory: RwLock::new(None),
         })
     }
 
@@ -261,6 +288,16 @@ impl Tree {
             tracing::warn!("{command}: {e}");
         }
         self.status.lock().last_command = Some((command.to_string(), r));
+    }
+
+    /// Shows (or, with `None`, clears) the progress of a memory import
+    /// into point `name` in `status`.
+    pub fn import_progress(&self, name: &str, line: Option<String>) {
+        let mut s = self.status.lock();
+        match line {
+            Some(l) => s.imports.insert(name.to_string(), l),
+            None => s.imports.remove(name),
+        };
     }
 
     pub fn problem(&self, what: String) {

@@ -64,6 +64,13 @@ impl Tree {
             }
         };
         let mut found = found;
+        // Memory checkpoints the manifest names are no disk images, even
+        // when named like raw ones (`*.raw`).
+        for m in manifest.points.iter().filter_map(|p| p.memory.as_deref()) {
+            if let Ok(p) = dir.join(m).canonicalize() {
+                found.remove(&p);
+            }
+        }
         let raw_by_manifest: Vec<PathBuf> = manifest
             .points
             .iter()
@@ -90,6 +97,7 @@ impl Tree {
             ops: Mutex::new(()),
             unlocked: Mutex::new(Default::default()),
             merge: crate::merge::MergeState::default(),
+            pinned_memory: Vec::new(),
         };
         tree.build(found, manifest, &mut problems);
         if tree.nodes.read().is_empty() {
@@ -101,6 +109,7 @@ impl Tree {
             return Err(msg);
         }
         tree.status.lock().problems = problems;
+        tree.sweep_memory(true);
         tree.merge
             .resume
             .store(resume_merge, std::sync::atomic::Ordering::Relaxed);
@@ -142,6 +151,8 @@ impl Tree {
                         "manifest lists {:?} (image {}), but that file is missing",
                         m.name, m.image
                     ));
+                    // Its memory is not ours to remove.
+                    self.pinned_memory.extend(m.memory.clone());
                 }
             }
         }
@@ -314,6 +325,13 @@ impl Tree {
                     writable,
                 },
             );
+            if let Some(source) = m.and_then(|m| m.memory.as_deref()) {
+                let mem = super::PointMemory::open(&self.dir, source);
+                if let Err(why) = &mem.view {
+                    problems.push(format!("{:?}: memory {source:?}: {why}", point.name));
+                }
+                *point.memory.write() = Some(mem);
+            }
             let id = point.id;
             if let Some(pid) = parent_id {
                 if let Some(n) = nodes.get_mut(&pid) {

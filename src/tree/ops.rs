@@ -33,7 +33,7 @@ pub fn valid_name(name: &str) -> bool {
         && !["tree", "status", "merge-now"].contains(&name)
 }
 
-fn err(errno: i32, msg: impl Into<String>) -> TreeError {
+pub(super) fn err(errno: i32, msg: impl Into<String>) -> TreeError {
     TreeError::new(errno, msg)
 }
 
@@ -48,7 +48,7 @@ fn image_err(e: impl std::fmt::Display, errno: i32) -> TreeError {
 }
 
 /// `rename` that fails instead of replacing an existing target.
-fn rename_noreplace(from: &Path, to: &Path) -> Result<(), TreeError> {
+pub(super) fn rename_noreplace(from: &Path, to: &Path) -> Result<(), TreeError> {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| {
         std::ffi::CString::new(p.as_os_str().as_bytes())
@@ -111,7 +111,7 @@ impl Tree {
         Ok(())
     }
 
-    fn writable_check(&self) -> Result<(), TreeError> {
+    pub(super) fn writable_check(&self) -> Result<(), TreeError> {
         if self.opts.read_only {
             return Err(err(libc::EROFS, "mounted read-only (-o ro)"));
         }
@@ -293,6 +293,9 @@ impl Tree {
                 writable: false,
             },
         );
+        // A memory checkpoint describes the content that is frozen now;
+        // the leaf goes on changing without one.
+        *frozen_point.memory.write() = point.memory.write().take();
         let new_id = frozen_point.id;
         io.chain = leaf_chain;
         io.image = leaf_image;
@@ -557,7 +560,7 @@ impl Tree {
                 disk: n.point.disk.clone(),
                 garbage: false,
                 format: Some(n.point.io.read().chain.leaf().format().name().to_string()),
-                memory: None,
+                memory: n.point.memory.read().as_ref().map(|m| m.source.clone()),
             })
             .collect();
         points.extend(self.foreign.iter().cloned());
@@ -569,6 +572,8 @@ impl Tree {
                 e.raw_os_error().unwrap_or(libc::EIO),
                 format!("writing the manifest in {}: {e}", self.dir.display()),
             )
-        })
+        })?;
+        self.sweep_memory(false);
+        Ok(())
     }
 }

@@ -71,6 +71,9 @@ impl Tree {
                 names(&blocked)
             );
         }
+        for (name, line) in &s.imports {
+            let _ = writeln!(out, "memory import into {name:?}: {line}");
+        }
         match &s.last_command {
             None => {
                 let _ = writeln!(out, "last command: none");
@@ -122,6 +125,14 @@ impl Tree {
             "kind": if v.children.is_empty() { "leaf" } else { "snapshot" },
             "hidden": v.hidden,
             "disks": disks,
+            "memory": v.point.memory.read().as_ref().map(|m| match &m.view {
+                Ok(view) => {
+                    let mut i = view.info.clone();
+                    i["file"] = json!("memory.raw");
+                    i
+                }
+                Err(why) => json!({ "source": m.source, "error": why }),
+            }),
         });
         Some(serde_json::to_string_pretty(&j).unwrap_or_default() + "\n")
     }

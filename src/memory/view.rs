@@ -1,0 +1,92 @@
+//! A snapshot point's memory as the tree holds it: the file the manifest
+//! names, opened once when the tree opens (or when `memory`/`checkpoint`
+//! attaches it) and served as a chain, so `memory.raw` reads like any
+//! `disk.raw`. A page-delta checkpoint (a qcow2 image, see [`checkpoint`])
+//! is a chain through its parents' deltas; any other source is indexed
+//! and placed at guest-physical addresses (see [`layout`]) as a one-layer
+//! chain over the original file.
+//!
+//! [`checkpoint`]: super::checkpoint
+
+use super::{detect, layout, MemoryLayer};
+use crate::chain::{Chain, OpenOptions};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub struct MemoryView {
+    /// The source as the manifest names it (relative to the tree
+    /// directory, or absolute).
+    pub source: String,
+    pub path: PathBuf,
+    pub chain: Arc<Chain>,
+    /// True for snaptree's own page-delta checkpoints (which the tree
+    /// creates, merges and removes; other sources are never written).
+    pub delta: bool,
+    /// What `info.json` says about it.
+    pub info: Value,
+}
+
+/// True when the file at `path` starts like a qcow2 image.
+fn is_qcow2(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"QFI\xfb"
+}
+
+/// Opens the memory source `source` of the tree in `dir`.
+pub fn open_view(dir: &Path, source: &str) -> Result<MemoryView, String> {
+    let path = dir.join(source);
+    if is_qcow2(&path) {
+        return open_delta(source, path);
+    }
+    let src = detect::index_any(&path).map_err(|e| e.to_string())?;
+    let placed = layout::place(&src).map_err(|why| format!("{}: {why}", path.display()))?;
+    let layer = MemoryLayer::new(&path, &src.kind, placed.size, placed.runs.clone())
+        .map_err(|e| e.to_string())?;
+    let info = json!({
+        "source": source,
+        "kind": src.kind,
+        "machine": src.machine,
+        "size": placed.size,
+        "ram_block": placed.ram_block,
+        "ram_below_4g": placed.below_4g,
+        "other_blocks": placed
+            .others
+            .iter()
+            .map(|b| json!({ "name": b.name, "size": b.size }))
+            .collect::<Vec<_>>(),
+    });
+    Ok(MemoryView {
+        source: source.to_string(),
+        path,
+        chain: Arc::new(Chain::from_layers(vec![Arc::new(layer)])),
+        delta: false,
+        info,
+    })
+}
+
+/// A page-delta checkpoint: its chain through the parents' deltas.
+fn open_delta(source: &str, path: PathBuf) -> Result<MemoryView, String> {
+    let chain = Chain::open(&path, &OpenOptions::default()).map_err(|e| e.to_string())?;
+    let held = chain.leaf().allocated_bytes().map_err(|e| e.to_string())?;
+    let parent = chain.leaf().backing().map(|b| b.name.clone());
+    let info = json!({
+        "source": source,
+        "kind": "page-delta checkpoint (qcow2)",
+        "size": chain.size(),
+        "chain_depth": chain.layers().len(),
+        "delta_parent": parent,
+        "bytes_held": held,
+    });
+    Ok(MemoryView {
+        source: source.to_string(),
+        path,
+        chain: Arc::new(chain),
+        delta: true,
+        info,
+    })
+}

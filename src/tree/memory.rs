@@ -1,0 +1,395 @@
+//! Memory checkpoints of snapshot points: attaching a source file in place
+//! (`memory SOURCE`), importing one as a page-delta checkpoint against the
+//! parent's memory (`checkpoint SOURCE`, see `memory::checkpoint`), and
+//! keeping the deltas right when the tree changes.
+//!
+//! Deltas live in `SOURCE/.snaptree-memory/`, out of sight of disk
+//! discovery. A point's delta backs onto its parent point's delta (only
+//! ever its direct parent's), so when the merge engine coalesces a hidden
+//! point into its only child, the child's delta is first made independent
+//! of the hidden point's (the hidden delta's pages stream into it where it
+//! has none, then one header write names the hidden delta's parent: the
+//! same stream-and-repoint as a disk merge, crash-safe the same way), and
+//! the hidden point's delta is removed once no point names it. Files in
+//! the memory directory that no point names and no named delta backs onto
+//! are removed after every manifest write ([`Tree::sweep_memory`]); other
+//! sources (migration streams, dumps) are never written or removed.
+
+use super::ops::{err, rename_noreplace};
+use super::{manifest, Point, PointMemory, Tree, TreeError};
+use crate::chain::{Chain, OpenOptions};
+use crate::memory::checkpoint::{self, Base, ImportStats, Throttle};
+use crate::memory::view::MemoryView;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where page-delta checkpoints live, relative to the tree directory.
+pub const MEMORY_DIR: &str = ".snaptree-memory";
+/// Suffix of a delta being imported (removed at open if a crash left it).
+const IMPORTING: &str = ".importing";
+
+impl Tree {
+    /// The snapshot point `id`'s memory view, if it has a readable one.
+    fn memory_view(point: &Point) -> Option<Arc<MemoryView>> {
+        point
+            .memory
+            .read()
+            .as_ref()
+            .and_then(|m| m.view.as_ref().ok().cloned())
+    }
+
+    /// The member of point `id`'s snapshot point that carries its memory
+    /// (the first disk, unless a merge moved things).
+    fn memory_holder(&self, id: u64) -> Option<Arc<Point>> {
+        let members = self.members(id);
+        members
+            .iter()
+            .find(|m| m.memory.read().is_some())
+            .or(members.first())
+            .cloned()
+    }
+
+    /// `SOURCE` as the manifest will name it (relative to the tree when
+    /// inside it), refusing files that are disks of this tree.
+    fn memory_source_name(&self, source: &str) -> Result<String, TreeError> {
+        let path = self.dir.join(source);
+        let canon = path
+            .canonicalize()
+            .map_err(|e| err(libc::ENOENT, format!("{}: {e}", path.display())))?;
+        if self
+            .nodes
+            .read()
+            .values()
+            .any(|n| n.point.io.read().image == canon)
+        {
+            return Err(err(
+                libc::EINVAL,
+                format!(
+                    "{} is a disk image of this tree, not a memory checkpoint",
+                    canon.display()
+                ),
+            ));
+        }
+        Ok(canon
+            .strip_prefix(&self.dir)
+            .map(|r| r.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| canon.to_string_lossy().into_owned()))
+    }
+
+    /// `memory SOURCE` on point `id`: shows the memory checkpoint in
+    /// `SOURCE` (a QEMU migration stream, libvirt save image, ELF core or
+    /// raw dump; relative to the tree directory, or absolute) as the
+    /// point's `memory.raw`, read in place. `None` detaches it. Only the
+    /// manifest changes; the file is never written (a page-delta
+    /// checkpoint detached this way is removed unless another delta backs
+    /// onto it).
+    pub fn set_memory(&self, id: u64, source: Option<&str>) -> Result<(), TreeError> {
+        self.writable_check()?;
+        let _ops = self.lock_ops();
+        let point = self
+            .view(id)
+            .ok_or_else(|| err(libc::ENOENT, "no such snapshot point"))?
+            .point;
+        let mem = match source {
+            None => None,
+            Some(s) => {
+                let name = self.memory_source_name(s)?;
+                let m = PointMemory::open(&self.dir, &name);
+                if let Err(why) = &m.view {
+                    return Err(err(libc::EINVAL, why.clone()));
+                }
+                Some(m)
+            }
+        };
+        *point.memory.write() = mem;
+        self.save_manifest()
+    }
+
+    /// `checkpoint SOURCE` on point `id`: imports the memory source as a
+    /// page-delta checkpoint against the parent point's delta (or as a
+    /// whole one when the parent has none), throttled by `throttle`;
+    /// `progress` sees each step and may cancel. The tree is not locked
+    /// while the pages are copied; the new delta is attached at the end if
+    /// the point and its parent's memory are still what they were.
+    pub fn checkpoint(
+        &self,
+        id: u64,
+        source: &str,
+        throttle: Throttle,
+        progress: &mut dyn FnMut(&ImportStats) -> bool,
+    ) -> Result<ImportStats, TreeError> {
+        self.writable_check()?;
+        let (point, base, source_name) = {
+            let _ops = self.lock_ops();
+            let point = self
+                .view(id)
+                .filter(|v| !v.hidden)
+                .ok_or_else(|| err(libc::ENOENT, "no such snapshot point"))?
+                .point;
+            if let Some(m) = point.memory.read().as_ref() {
+                return Err(err(
+                    libc::EEXIST,
+                    format!(
+                        "{:?} has a memory checkpoint already ({}); `memory none` first",
+                        point.name, m.source
+                    ),
+                ));
+            }
+            (
+                point.clone(),
+                self.delta_base(id),
+                self.memory_source_name(source)?,
+            )
+        };
+        let src = crate::memory::view::open_view(&self.dir, &source_name)
+            .map_err(|why| err(libc::EINVAL, why))?;
+        if src.delta {
+            return Err(err(
+                libc::EINVAL,
+                format!(
+                    "{} is a qcow2 image; attach it with `memory {source_name}` instead",
+                    src.path.display()
+                ),
+            ));
+        }
+        let mem_dir = self.dir.join(MEMORY_DIR);
+        std::fs::create_dir_all(&mem_dir)
+            .map_err(|e| err(libc::EIO, format!("{}: {e}", mem_dir.display())))?;
+        let tmp = mem_dir.join(format!(".{}{IMPORTING}", point.name));
+        let stats = checkpoint::import(
+            &src.chain,
+            base.as_ref().map(|b| Base {
+                view: &b.chain,
+                backing_name: file_name(&b.path),
+            }),
+            &tmp,
+            throttle,
+            progress,
+        )
+        .map_err(|e| {
+            if e.errno() != libc::EEXIST {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            let msg = match e.errno() {
+                libc::EEXIST => format!(
+                    "{} exists: another import into {:?} is running (or a crash left it; \
+                     it is removed at the next read-write open)",
+                    tmp.display(),
+                    point.name
+                ),
+                _ => format!("importing {source_name}: {e}"),
+            };
+            err(e.errno(), msg)
+        })?;
+        let attached = self.attach_delta(id, &point, base.as_deref(), &tmp, &mem_dir);
+        if attached.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        attached.map(|_| stats)
+    }
+
+    /// The delta a new checkpoint of point `id` is made against: its
+    /// parent point's, if that is a page-delta checkpoint.
+    fn delta_base(&self, id: u64) -> Option<Arc<MemoryView>> {
+        let parent = self.nodes.read().get(&id)?.parent?;
+        let holder = self.memory_holder(parent)?;
+        Self::memory_view(&holder).filter(|v| v.delta)
+    }
+
+    /// Renames the imported delta into place and names it in the
+    /// manifest, if nothing changed under the import.
+    fn attach_delta(
+        &self,
+        id: u64,
+        point: &Arc<Point>,
+        base: Option<&MemoryView>,
+        tmp: &Path,
+        mem_dir: &Path,
+    ) -> Result<(), TreeError> {
+        let _ops = self.lock_ops();
+        let still = self
+            .view(id)
+            .is_some_and(|v| !v.hidden && Arc::ptr_eq(&v.point, point));
+        let same_base = match (self.delta_base(id), base) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.path == b.path,
+            _ => false,
+        };
+        if !still || point.memory.read().is_some() || !same_base {
+            return Err(err(
+                libc::EAGAIN,
+                format!(
+                    "the tree changed during the import ({:?} or its parent's memory); run it again",
+                    point.name
+                ),
+            ));
+        }
+        let mut n = 0;
+        let target = loop {
+            let name = match n {
+                0 => format!("{}.qcow2", point.name),
+                _ => format!("{}.{n}.qcow2", point.name),
+            };
+            let t = mem_dir.join(name);
+            if !t.exists() {
+                break t;
+            }
+            n += 1;
+        };
+        rename_noreplace(tmp, &target)?;
+        let _ = manifest::sync_dir(mem_dir);
+        let name = format!("{MEMORY_DIR}/{}", file_name(&target));
+        let m = PointMemory::open(&self.dir, &name);
+        if let Err(why) = &m.view {
+            let _ = std::fs::remove_file(&target);
+            return Err(err(
+                libc::EIO,
+                format!("the new checkpoint does not open: {why}"),
+            ));
+        }
+        *point.memory.write() = Some(m);
+        self.save_manifest()
+    }
+
+    /// Before hidden point `hidden` is coalesced into its only child
+    /// `child`: if the child's delta backs onto the hidden point's, the
+    /// hidden delta's pages go into the child's delta where it holds none
+    /// and the child's delta then names the hidden delta's parent (one
+    /// header write). The child's memory reads the same throughout.
+    pub(crate) fn detach_memory(&self, hidden: &Point, child: &Point) -> Result<(), TreeError> {
+        let (Some(h), Some(holder)) = (
+            self.memory_holder(hidden.id)
+                .and_then(|p| Self::memory_view(&p)),
+            self.memory_holder(child.id),
+        ) else {
+            return Ok(());
+        };
+        let Some(c) = Self::memory_view(&holder).filter(|c| c.delta && h.delta) else {
+            return Ok(());
+        };
+        let backs_on_h = c
+            .chain
+            .layers()
+            .get(1)
+            .is_some_and(|l| same_file(l.path(), &h.path));
+        if !backs_on_h {
+            return Ok(());
+        }
+        let merge_err = |e: crate::chain::ChainError| {
+            err(
+                e.errno(),
+                format!("merging memory delta {}: {e}", h.path.display()),
+            )
+        };
+        let writer = Chain::open(
+            &c.path,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .map_err(merge_err)?;
+        let end = h.chain.size().min(c.chain.size());
+        for r in crate::merge::copy::held(h.chain.leaf().as_ref(), 0, end)? {
+            for e in writer
+                .leaf()
+                .map(r.start, r.len)
+                .map_err(|e| merge_err(e.into()))?
+            {
+                if e.mapping == crate::image::Mapping::Unallocated {
+                    let piece = crate::merge::copy::Held {
+                        start: e.start,
+                        len: e.len,
+                        zero: r.zero,
+                    };
+                    crate::merge::copy::copy_range(&h.chain, &writer, piece)?;
+                }
+            }
+        }
+        writer.flush().map_err(merge_err)?;
+        drop(writer);
+        // The commit: one header write.
+        let backing = h
+            .chain
+            .leaf()
+            .backing()
+            .map(|b| (b.name.clone(), "qcow2".to_string()));
+        crate::image::qcow2::rebase::set_backing(
+            &c.path,
+            backing.as_ref().map(|(n, f)| (n.as_str(), f.as_str())),
+        )
+        .map_err(|e| err(e.errno(), e.to_string()))?;
+        *holder.memory.write() = Some(PointMemory::open(&self.dir, &c.source));
+        Ok(())
+    }
+
+    /// Removes files of the memory directory that no point names and no
+    /// named delta backs onto (see the module docs). Does nothing when a
+    /// named memory does not open (what it needs cannot be told), and
+    /// never touches imports in progress.
+    pub(crate) fn sweep_memory(&self, at_open: bool) {
+        let mem_dir = self.dir.join(MEMORY_DIR);
+        if self.opts.read_only || !mem_dir.is_dir() {
+            return;
+        }
+        let mut keep: HashSet<PathBuf> = HashSet::new();
+        let points: Vec<Arc<Point>> = self
+            .nodes
+            .read()
+            .values()
+            .map(|n| n.point.clone())
+            .collect();
+        for p in points {
+            match p.memory.read().as_ref().map(|m| &m.view) {
+                None => {}
+                Some(Ok(v)) => keep.extend(v.chain.layers().iter().map(|l| canon(l.path()))),
+                Some(Err(_)) => return,
+            }
+        }
+        let named = self.foreign.iter().filter_map(|m| m.memory.as_deref());
+        for f in named.chain(self.pinned_memory.iter().map(String::as_str)) {
+            let path = self.dir.join(f);
+            keep.insert(canon(&path));
+            if path.starts_with(&mem_dir) && path.exists() {
+                match Chain::open(&path, &OpenOptions::default()) {
+                    Ok(c) => keep.extend(c.layers().iter().map(|l| canon(l.path()))),
+                    Err(_) => return,
+                }
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(&mem_dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = if name.starts_with('.') {
+                at_open && name.ends_with(IMPORTING)
+            } else {
+                name.ends_with(".qcow2")
+            };
+            if ours && !keep.contains(&canon(&path)) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::info!("removed unused memory delta {}", path.display()),
+                    Err(e) => self.problem(format!("{}: {e}", path.display())),
+                }
+            }
+        }
+        let _ = manifest::sync_dir(&mem_dir);
+    }
+}
+
+fn canon(p: &Path) -> PathBuf {
+    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    canon(a) == canon(b)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
