@@ -108,6 +108,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         allow_external_backing: false,
         max_depth: 1024,
         gc: Default::default(),
+        import: snaptree::memory::checkpoint::Throttle::DEFAULT,
     };
     let tree = Arc::new(Tree::open(d, opts)?);
     let config = MountConfig {

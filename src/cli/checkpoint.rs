@@ -58,6 +58,7 @@ pub fn run(cmd: CheckpointCmd) -> CliResult {
                 idle: None,
                 ..Default::default()
             },
+            import: crate::memory::checkpoint::Throttle::DEFAULT,
         },
     )?;
     for p in tree.problems() {

@@ -40,6 +40,7 @@ pub fn run(a: MergeArgs) -> CliResult {
                 idle: None,
                 ..Default::default()
             },
+            import: crate::memory::checkpoint::Throttle::DEFAULT,
         },
     )?);
     for p in tree.problems() {

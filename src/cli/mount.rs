@@ -31,7 +31,10 @@ pub struct MountArgs {
     /// `allow_other`, `allow_root`; the background merge of hidden points:
     /// `gc_idle=SECONDS` (start after this long without disk I/O; `off`
     /// never; default 10), `gc_step=BYTES` (copied per step, suffixes K M
-    /// G; default 16M), `gc_pause=MS` (pause after each step; default 5).
+    /// G; default 16M), `gc_pause=MS` (pause after each step; default 5);
+    /// memory imports by `checkpoint SOURCE` on a `ctl`: `ckpt_pages=N`
+    /// (pages per step; default 2048), `ckpt_wait=MS` (pause after each
+    /// step; default 20).
     /// fstab's `defaults`, `auto`, `noauto`, `user`, `nofail`, `_netdev`
     /// and `x-*` are accepted and ignored.
     #[arg(short = 'o', value_name = "OPTIONS")]
@@ -51,12 +54,25 @@ pub struct MountArgs {
 }
 
 /// Mount options understood from `-o`.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 struct Options {
     read_only: bool,
     allow_other: bool,
     allow_root: bool,
     gc: crate::merge::GcSettings,
+    import: crate::memory::checkpoint::Throttle,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            read_only: false,
+            allow_other: false,
+            allow_root: false,
+            gc: Default::default(),
+            import: crate::memory::checkpoint::Throttle::DEFAULT,
+        }
+    }
 }
 
 /// `4M`, `512K`, `1G`, `65536`.
@@ -83,6 +99,14 @@ fn parse_gc(o: &mut Options, key: &str, value: &str) -> CliResult {
                 .ok_or_else(|| format!("{}; gc_step takes 64K..1G", bad()))?
         }
         "gc_pause" => o.gc.pause = Duration::from_millis(value.parse().map_err(|_| bad())?),
+        "ckpt_pages" => {
+            o.import.block_pages = value
+                .parse()
+                .ok()
+                .filter(|n| (1..=1 << 20).contains(n))
+                .ok_or_else(|| format!("{}; ckpt_pages takes 1..1048576", bad()))?
+        }
+        "ckpt_wait" => o.import.wait_ms = value.parse().map_err(|_| bad())?,
         _ => return Err(format!("unknown mount option {key:?}").into()),
     }
     Ok(())
@@ -104,14 +128,14 @@ fn parse_options(raw: &[String]) -> CliResult<Options> {
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "nofail" | "_netdev" | "dev"
             | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "async" | "atime" | "noatime"
             | "relatime" => {}
-            g if g.starts_with("gc_") && g.contains('=') => {
+            g if (g.starts_with("gc_") || g.starts_with("ckpt_")) && g.contains('=') => {
                 let (k, v) = g.split_once('=').unwrap_or((g, ""));
                 parse_gc(&mut o, k, v)?;
             }
             o if o.starts_with("x-") || o.starts_with("comment=") => {}
             other => {
                 return Err(format!(
-                    "unknown mount option {other:?} (known: ro, rw, allow_other, allow_root, gc_idle=, gc_step=, gc_pause=)"
+                    "unknown mount option {other:?} (known: ro, rw, allow_other, allow_root, gc_idle=, gc_step=, gc_pause=, ckpt_pages=, ckpt_wait=)"
                 )
                 .into())
             }
@@ -179,6 +203,7 @@ fn run_foreground(a: &MountArgs, o: &Options) -> CliResult {
             allow_external_backing: a.chain.allow_external_backing,
             max_depth: a.chain.max_depth,
             gc: o.gc.clone(),
+            import: o.import,
         },
     )?;
     let tree = Arc::new(tree);

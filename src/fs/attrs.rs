@@ -41,7 +41,7 @@ pub fn dir(ino: Inode, time: SystemTime) -> FileAttr {
 /// The kind of each file of a point directory.
 pub fn point_kind(f: PointFile) -> FileType {
     match f {
-        PointFile::Dir => FileType::Directory,
+        PointFile::Dir | PointFile::MemoryDir => FileType::Directory,
         PointFile::Parent => FileType::Symlink,
         _ => FileType::RegularFile,
     }

@@ -45,9 +45,10 @@ pub fn run_merge_now(tree: &Tree) -> Result<(), TreeError> {
 /// `checkpoint SOURCE`: imports a memory source as a page-delta
 /// checkpoint of the point, throttled by the default settings; the write
 /// returns when it is done, and `status` shows its progress meanwhile.
+/// Throttled by the mount options `ckpt_pages` and `ckpt_wait`.
 fn checkpoint(tree: &Tree, id: u64, point_name: &str, source: &str) -> Result<(), TreeError> {
     use std::sync::atomic::Ordering;
-    let throttle = crate::memory::checkpoint::Throttle::DEFAULT;
+    let throttle = tree.import_throttle();
     let result = tree.checkpoint(id, source, throttle, &mut |s| {
         tree.import_progress(point_name, Some(s.describe()));
         // The mount is going away.

@@ -94,14 +94,31 @@ pub fn fallocate(tree: &Tree, p: &Point, offset: u64, len: u64, mode: i32) -> Re
     Ok(())
 }
 
-/// Reads of a memory view (`memory.raw`).
-pub fn read_memory(tree: &Tree, m: &MemoryView, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
-    let end = (offset.saturating_add(size as u64)).min(m.chain.size());
+/// The chain a memory handle reads: `memory.raw`, or block `b` under
+/// `memory/`.
+pub fn memory_chain(m: &MemoryView, b: Option<usize>) -> &Chain {
+    match b.and_then(|i| m.blocks.get(i)) {
+        Some(block) => &block.chain,
+        None => &m.chain,
+    }
+}
+
+/// Reads of a memory view (`memory.raw`, or block `block` under
+/// `memory/`).
+pub fn read_memory(
+    tree: &Tree,
+    m: &MemoryView,
+    block: Option<usize>,
+    offset: u64,
+    size: u32,
+) -> Result<Vec<u8>, Errno> {
+    let chain = memory_chain(m, block);
+    let end = (offset.saturating_add(size as u64)).min(chain.size());
     if offset >= end {
         return Ok(Vec::new());
     }
     let mut buf = vec![0u8; (end - offset) as usize];
-    m.chain.read_at(&mut buf, offset).map_err(|e| {
+    chain.read_at(&mut buf, offset).map_err(|e| {
         tree.problem(format!(
             "read of {} at offset {offset}: {e}",
             m.path.display()

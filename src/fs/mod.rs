@@ -37,8 +37,9 @@ use std::time::{Duration, SystemTime};
 #[derive(Clone)]
 enum Handle {
     Disk(Arc<Point>),
-    /// A memory view: read-only, never changes while open.
-    Memory(Arc<MemoryView>),
+    /// A memory view (`memory.raw`, or block `Some(i)` under `memory/`):
+    /// read-only, never changes while open.
+    Memory(Arc<MemoryView>, Option<usize>),
     /// Text rendered at open.
     Text(Arc<Vec<u8>>),
     Ctl(Arc<Point>),
@@ -103,7 +104,6 @@ impl SnapFs {
         self.handles.lock().get(&fh.0).cloned()
     }
 
-    /// The point of a `disk.raw` handle.
     /// The memory view of visible point `p`, when it has a readable one.
     fn memory_of(&self, p: u64) -> Option<Arc<MemoryView>> {
         let v = self.tree.view(p).filter(|v| !v.hidden)?;
@@ -111,6 +111,19 @@ impl SnapFs {
         m.as_ref().and_then(|m| m.view.as_ref().ok().cloned())
     }
 
+    /// The memory view of point `p` if it has other RAM blocks to show.
+    fn memory_blocks_of(&self, p: u64) -> Option<Arc<MemoryView>> {
+        self.memory_of(p).filter(|m| !m.blocks.is_empty())
+    }
+
+    /// The memory view of point `p` and its block `i`, if it has one.
+    fn memory_block(&self, p: u64, i: u64) -> Option<(Arc<MemoryView>, usize)> {
+        let m = self.memory_of(p)?;
+        let i = usize::try_from(i).ok().filter(|i| *i < m.blocks.len())?;
+        Some((m, i))
+    }
+
+    /// The point of a `disk.raw` handle.
     fn disk_handle(&self, fh: FileHandle) -> Option<Arc<Point>> {
         match self.handle(fh)? {
             Handle::Disk(p) => Some(p),
@@ -167,6 +180,17 @@ impl SnapFs {
                 0,
                 t0,
             ),
+            Inode::MemoryBlock(p, i) => {
+                let (m, i) = self.memory_block(p, i).ok_or(Errno::ENOENT)?;
+                let t = self.tree.view(p).map_or(t0, |v| epoch(v.point.created));
+                attr(
+                    ino,
+                    FileType::RegularFile,
+                    0o444,
+                    disk::memory_chain(&m, Some(i)).size(),
+                    t,
+                )
+            }
             Inode::Point(p, f) => {
                 let v = self
                     .tree
@@ -176,6 +200,10 @@ impl SnapFs {
                 let t = epoch(v.point.created);
                 match f {
                     PointFile::Dir => dir(ino, t),
+                    PointFile::MemoryDir => {
+                        self.memory_blocks_of(p).ok_or(Errno::ENOENT)?;
+                        dir(ino, t)
+                    }
                     PointFile::Disk => {
                         let io = v.point.io.read();
                         let perm = if io.writable { 0o644 } else { 0o444 };
@@ -235,7 +263,15 @@ impl SnapFs {
                 if f == PointFile::Memory && self.memory_of(p).is_none() {
                     return None;
                 }
+                if f == PointFile::MemoryDir && self.memory_blocks_of(p).is_none() {
+                    return None;
+                }
                 Some(Inode::Point(p, f))
+            }
+            Inode::Point(p, PointFile::MemoryDir) => {
+                let m = self.memory_blocks_of(p)?;
+                let i = m.blocks.iter().position(|b| b.file == name)?;
+                Some(Inode::MemoryBlock(p, i as u64))
             }
             _ => None,
         }
@@ -406,7 +442,7 @@ impl Filesystem for SnapFs {
                         match self.memory_of(p) {
                             // The source never changes under the view.
                             Some(m) => reply.opened(
-                                self.new_handle(Handle::Memory(m)),
+                                self.new_handle(Handle::Memory(m, None)),
                                 FopenFlags::FOPEN_KEEP_CACHE,
                             ),
                             None => reply.error(Errno::ENOENT),
@@ -422,6 +458,18 @@ impl Filesystem for SnapFs {
                         )
                     }
                     _ => reply.error(Errno::EISDIR),
+                }
+            }
+            Inode::MemoryBlock(p, i) => {
+                if wants_write {
+                    return reply.error(Errno::EROFS);
+                }
+                match self.memory_block(p, i) {
+                    Some((m, i)) => reply.opened(
+                        self.new_handle(Handle::Memory(m, Some(i))),
+                        FopenFlags::FOPEN_KEEP_CACHE,
+                    ),
+                    None => reply.error(Errno::ENOENT),
                 }
             }
             Inode::Root => reply.error(Errno::EISDIR),
@@ -447,7 +495,7 @@ impl Filesystem for SnapFs {
                 Ok(buf) => reply.data(&buf),
                 Err(e) => reply.error(e),
             },
-            Handle::Memory(m) => match disk::read_memory(&self.tree, &m, offset, size) {
+            Handle::Memory(m, b) => match disk::read_memory(&self.tree, &m, b, offset, size) {
                 Ok(buf) => reply.data(&buf),
                 Err(e) => reply.error(e),
             },
@@ -490,7 +538,7 @@ impl Filesystem for SnapFs {
                 r.map_err(|e| errno(e.errno))
             }
             Handle::MergeNow => control::run_merge_now(&self.tree).map_err(|e| errno(e.errno)),
-            Handle::Text(_) | Handle::Memory(_) => Err(Errno::EBADF),
+            Handle::Text(_) | Handle::Memory(..) => Err(Errno::EBADF),
         };
         match r {
             Ok(()) => reply.written(data.len() as u32),
@@ -577,6 +625,9 @@ impl Filesystem for SnapFs {
                     if *f == PointFile::Memory && self.memory_of(p).is_none() {
                         continue;
                     }
+                    if *f == PointFile::MemoryDir && self.memory_blocks_of(p).is_none() {
+                        continue;
+                    }
                     if *f == PointFile::Disk {
                         for m in self.tree.members(p) {
                             let ino = encode(Inode::Point(m.id, PointFile::Disk));
@@ -585,6 +636,16 @@ impl Filesystem for SnapFs {
                         continue;
                     }
                     entries.push((encode(Inode::Point(p, *f)), point_kind(*f), f.name().into()));
+                }
+            }
+            Some(Inode::Point(p, PointFile::MemoryDir)) => {
+                let Some(m) = self.memory_blocks_of(p) else {
+                    return reply.error(Errno::ENOENT);
+                };
+                let n = (m.blocks.len() as u64).min(inodes::MAX_BLOCKS);
+                for (i, b) in m.blocks.iter().take(n as usize).enumerate() {
+                    let ino = encode(Inode::MemoryBlock(p, i as u64));
+                    entries.push((ino, FileType::RegularFile, b.file.clone()));
                 }
             }
             // A point deleted since the kernel looked it up.
@@ -644,7 +705,7 @@ impl Filesystem for SnapFs {
     ) {
         let r = match self.handle(fh) {
             Some(Handle::Disk(p)) => disk::seek(&p.io.read().chain, offset, whence),
-            Some(Handle::Memory(m)) => disk::seek(&m.chain, offset, whence),
+            Some(Handle::Memory(m, b)) => disk::seek(disk::memory_chain(&m, b), offset, whence),
             _ => return reply.error(Errno::EINVAL),
         };
         match r {

@@ -23,8 +23,44 @@ pub struct MemoryView {
     /// True for snaptree's own page-delta checkpoints (which the tree
     /// creates, merges and removes; other sources are never written).
     pub delta: bool,
+    /// The source's other RAM blocks (video memory, ROMs), shown under
+    /// `memory/` by name.
+    pub blocks: Vec<Block>,
     /// What `info.json` says about it.
     pub info: Value,
+}
+
+/// One RAM block besides the main RAM: `memory/<file>`.
+pub struct Block {
+    /// The block's name made a file name (`/` becomes `_`), `.raw`.
+    pub file: String,
+    pub chain: Arc<Chain>,
+}
+
+/// File names for blocks named `names` (QEMU's names can hold `/`, as in
+/// `0000:00:02.0/vga.vram`), unique within the list.
+fn block_files<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for n in names {
+        let base: String = n
+            .trim_start_matches('/')
+            .chars()
+            .map(|c| if c == '/' || c.is_control() { '_' } else { c })
+            .collect();
+        let base = if base.is_empty() || base.starts_with('.') {
+            format!("_{base}")
+        } else {
+            base
+        };
+        let mut file = format!("{base}.raw");
+        let mut k = 1;
+        while out.contains(&file) {
+            k += 1;
+            file = format!("{base}.{k}.raw");
+        }
+        out.push(file);
+    }
+    out
 }
 
 /// True when the file at `path` starts like a qcow2 image.
@@ -47,6 +83,16 @@ pub fn open_view(dir: &Path, source: &str) -> Result<MemoryView, String> {
     let placed = layout::place(&src).map_err(|why| format!("{}: {why}", path.display()))?;
     let layer = MemoryLayer::new(&path, &src.kind, placed.size, placed.runs.clone())
         .map_err(|e| e.to_string())?;
+    let files = block_files(placed.others.iter().map(|b| b.name.as_str()));
+    let mut blocks = Vec::new();
+    for (b, file) in placed.others.iter().zip(files) {
+        let l = MemoryLayer::new(&path, &src.kind, b.size, b.runs.clone())
+            .map_err(|e| e.to_string())?;
+        blocks.push(Block {
+            file,
+            chain: Arc::new(Chain::from_layers(vec![Arc::new(l)])),
+        });
+    }
     let info = json!({
         "source": source,
         "kind": src.kind,
@@ -57,7 +103,8 @@ pub fn open_view(dir: &Path, source: &str) -> Result<MemoryView, String> {
         "other_blocks": placed
             .others
             .iter()
-            .map(|b| json!({ "name": b.name, "size": b.size }))
+            .zip(&blocks)
+            .map(|(b, f)| json!({ "name": b.name, "size": b.size, "file": format!("memory/{}", f.file) }))
             .collect::<Vec<_>>(),
     });
     Ok(MemoryView {
@@ -65,6 +112,7 @@ pub fn open_view(dir: &Path, source: &str) -> Result<MemoryView, String> {
         path,
         chain: Arc::new(Chain::from_layers(vec![Arc::new(layer)])),
         delta: false,
+        blocks,
         info,
     })
 }
@@ -87,6 +135,7 @@ fn open_delta(source: &str, path: PathBuf) -> Result<MemoryView, String> {
         path,
         chain: Arc::new(chain),
         delta: true,
+        blocks: Vec::new(),
         info,
     })
 }

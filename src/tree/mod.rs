@@ -32,6 +32,9 @@ pub struct TreeOptions {
     pub max_depth: usize,
     /// How the background merge works (mounts only).
     pub gc: crate::merge::GcSettings,
+    /// How fast `checkpoint SOURCE` imports memory (mounts only; the CLI
+    /// passes its own).
+    pub import: crate::memory::checkpoint::Throttle,
 }
 
 /// A failed tree operation: the errno for the file system call and the
@@ -178,6 +181,10 @@ impl Tree {
 
     pub fn gc_settings(&self) -> &crate::merge::GcSettings {
         &self.opts.gc
+    }
+
+    pub fn import_throttle(&self) -> crate::memory::checkpoint::Throttle {
+        self.opts.import
     }
 
     /// Whether some hidden point has exactly one child (cheap; the

@@ -16,6 +16,8 @@ mod memory;
 mod merge;
 mod model_tree;
 mod multidisk;
+#[path = "../common/qemu_vm.rs"]
+mod qemu_vm;
 mod reads;
 mod support;
 mod tree;

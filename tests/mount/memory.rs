@@ -3,8 +3,12 @@
 //! address), kept in the manifest across remounts, moved to the frozen
 //! point by `snapshot`, read-only, with holes where the source has none.
 
+use std::collections::BTreeSet;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use serde_json::Value;
 
 use super::*;
 
@@ -99,4 +103,327 @@ fn memory_checkpoint_of_a_raw_dump() {
         ws.img("leaf.vmem").exists(),
         "the dump itself is never removed"
     );
+}
+
+/// Pages of `len` bytes of data at depth 0 of `image` (a memory delta),
+/// by `qemu-img map`: `(first page, pages, zero)`.
+fn own_pages(ws: &Workspace, image: &str) -> Vec<(u64, u64, bool)> {
+    let out = ws.qemu_img(&["map", "-U", "--output=json", image]);
+    let map: Vec<Value> = serde_json::from_slice(&out.stdout).expect("qemu-img map json");
+    map.iter()
+        .filter(|e| e["depth"] == 0 && (e["data"] == true || e["zero"] == true))
+        .map(|e| {
+            let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            (s / PAGE, l / PAGE, e["data"] == false)
+        })
+        .collect()
+}
+
+const PAGE: u64 = 4096;
+
+/// `qemu-img convert -O raw` of `image` (in the tree directory).
+fn qemu_convert(ws: &Workspace, image: &str) -> Vec<u8> {
+    let out = ws.scratch("converted.raw");
+    let _ = std::fs::remove_file(&out);
+    ws.qemu_img(&["convert", "-U", "-O", "raw", image, out.to_str().unwrap()]);
+    std::fs::read(&out).expect("read converted")
+}
+
+fn check_clean(ws: &Workspace, image: &str) {
+    let out = ws.qemu_img(&["check", "-U", image]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("No errors were found"),
+        "qemu-img check {image}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn memory_files(ws: &Workspace) -> BTreeSet<String> {
+    std::fs::read_dir(ws.img(".snaptree-memory"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn page_delta_checkpoints_store_only_changed_pages_and_survive_merges() {
+    let Some(ws) = base_and_leaf_workspace(RAM) else {
+        return;
+    };
+    // Two checkpoints of a guest that changed a few pages in between:
+    // three pages rewritten, two neighbours, one page zeroed, one zero
+    // page written.
+    let ram1 = {
+        let mut r = pattern(7, RAM as usize);
+        r[(5 * MIB) as usize..(6 * MIB) as usize].fill(0);
+        r
+    };
+    let mut ram2 = ram1.clone();
+    let changed_pages = [3u64, 1000, 1001];
+    for p in changed_pages {
+        ram2[(p * PAGE + 17) as usize] ^= 0xff;
+    }
+    ram2[(2000 * PAGE) as usize..(2001 * PAGE) as usize].fill(0);
+    let filled = 5 * MIB / PAGE + 3;
+    ram2[(filled * PAGE) as usize..((filled + 1) * PAGE) as usize].fill(0x5a);
+    std::fs::write(ws.scratch("ram1.vmem"), &ram1).unwrap();
+    std::fs::write(ws.scratch("ram2.vmem"), &ram2).unwrap();
+    let (src1, src2) = (ws.scratch("ram1.vmem"), ws.scratch("ram2.vmem"));
+    let Some(m) = ws.mount(&["-o", "gc_idle=off"]) else {
+        return;
+    };
+    let mnt = m.mnt.clone();
+
+    // base: a whole checkpoint, zero pages as holes.
+    ctl_ok(&mnt, "base", &format!("checkpoint {}", src1.display()));
+    assert_bytes_eq(
+        "base/memory.raw",
+        &read_disk(&mnt.join("base/memory.raw")),
+        &ram1,
+    );
+    let i = info(&mnt, "base");
+    assert_eq!(i["memory"]["kind"], "page-delta checkpoint (qcow2)", "{i}");
+    let base_delta = i["memory"]["source"].as_str().unwrap().to_string();
+    assert_eq!(base_delta, ".snaptree-memory/base.qcow2");
+    let pages = own_pages(&ws, &base_delta);
+    let stored: u64 = pages.iter().filter(|p| !p.2).map(|p| p.1).sum();
+    assert_eq!(
+        stored,
+        RAM / PAGE - MIB / PAGE,
+        "every non-zero page: {pages:?}"
+    );
+    assert_bytes_eq(
+        "qemu-img convert of base's delta",
+        &qemu_convert(&ws, &base_delta),
+        &ram1,
+    );
+    assert!(status_text(&mnt).contains("last command: base/ctl: checkpoint"));
+
+    // s1 (the leaf frozen) on base: only what changed.
+    ctl_ok(&mnt, "leaf", "snapshot s1");
+    ctl_ok(&mnt, "s1", &format!("checkpoint {}", src2.display()));
+    assert_bytes_eq(
+        "s1/memory.raw",
+        &read_disk(&mnt.join("s1/memory.raw")),
+        &ram2,
+    );
+    let s1_delta = info(&mnt, "s1")["memory"]["source"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(info(&mnt, "s1")["memory"]["chain_depth"], 2);
+    assert_eq!(
+        own_pages(&ws, &s1_delta),
+        vec![
+            (3, 1, false),
+            (1000, 2, false),
+            (filled, 1, false),
+            (2000, 1, true)
+        ],
+        "the delta holds the changed pages only (zeroed page as a zero cluster)"
+    );
+    assert_bytes_eq(
+        "qemu-img convert of s1's delta",
+        &qemu_convert(&ws, &s1_delta),
+        &ram2,
+    );
+    check_clean(&ws, &s1_delta);
+    // The base's memory did not change.
+    assert_bytes_eq(
+        "base/memory.raw again",
+        &read_disk(&mnt.join("base/memory.raw")),
+        &ram1,
+    );
+    assert_errno(
+        "a second checkpoint of s1",
+        ctl(&mnt, "s1", &format!("checkpoint {}", src1.display())),
+        libc::EEXIST,
+    );
+
+    // The leaf gets one too, on s1's; deleting the leaf removes it.
+    ctl_ok(&mnt, "leaf", &format!("checkpoint {}", src1.display()));
+    assert_bytes_eq(
+        "leaf/memory.raw",
+        &read_disk(&mnt.join("leaf/memory.raw")),
+        &ram1,
+    );
+    assert_eq!(
+        memory_files(&ws),
+        names(&["base.qcow2", "s1.qcow2", "leaf.qcow2"])
+    );
+    ctl_ok(&mnt, "leaf", "delete");
+    assert_eq!(memory_files(&ws), names(&["base.qcow2", "s1.qcow2"]));
+
+    // Deleting base hides it (s1 needs it); merging it away puts its pages
+    // into s1's delta first: s1's memory reads the same throughout.
+    let reader = std::fs::File::open(mnt.join("s1/memory.raw")).unwrap();
+    ctl_ok(&mnt, "base", "delete");
+    assert_bytes_eq(
+        "s1/memory.raw, base hidden",
+        &read_disk(&mnt.join("s1/memory.raw")),
+        &ram2,
+    );
+    std::fs::write(mnt.join("merge-now"), "1").expect("merge-now");
+    assert_eq!(visible(&mnt), names(&["s1"]));
+    assert_bytes_eq(
+        "s1/memory.raw after the merge",
+        &read_disk(&mnt.join("s1/memory.raw")),
+        &ram2,
+    );
+    assert_eq!(
+        read_at(&reader, 0, RAM as usize),
+        ram2,
+        "a file opened before the merge reads the same"
+    );
+    drop(reader);
+    assert_eq!(
+        memory_files(&ws),
+        names(&["s1.qcow2"]),
+        "base's delta is gone"
+    );
+    assert_eq!(info(&mnt, "s1")["memory"]["chain_depth"], 1);
+    check_clean(&ws, &s1_delta);
+    assert_bytes_eq(
+        "qemu-img convert of s1's delta alone",
+        &qemu_convert(&ws, &s1_delta),
+        &ram2,
+    );
+    unmount_ok(m);
+
+    let m = ws.remount(&["-o", "gc_idle=off"]);
+    assert_bytes_eq(
+        "s1/memory.raw after remount",
+        &read_disk(&m.mnt.join("s1/memory.raw")),
+        &ram2,
+    );
+    unmount_ok(m);
+}
+
+/// A migration stream of a paused VM whose RAM is `ram`, saved to
+/// `to`, or `None` (printed SKIP) without qemu-system-x86_64.
+fn vm_stream(ws: &Workspace, ram: &[u8], to: &Path) -> Option<()> {
+    use super::qemu_vm::{Vm, VmError};
+    let dir = ws.scratch("vm");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ram_file = dir.join("ram.bin");
+    std::fs::write(&ram_file, ram).unwrap();
+    match Vm::start(&dir, &ram_file, ram.len() as u64, false) {
+        Ok(mut vm) => {
+            vm.migrate_to_file(to);
+            vm.quit();
+            Some(())
+        }
+        Err(VmError::Missing(why)) | Err(VmError::NoStart(why)) => {
+            skip(&why);
+            None
+        }
+    }
+}
+
+#[test]
+fn checkpoints_of_real_migration_streams() {
+    const VM_RAM: u64 = 32 * MIB;
+    let Some(ws) = base_and_leaf_workspace(RAM) else {
+        return;
+    };
+    let ram1 = {
+        let mut r = pattern(11, VM_RAM as usize);
+        r[(MIB as usize)..(2 * MIB) as usize].fill(0);
+        r
+    };
+    let mut ram2 = ram1.clone();
+    for p in [17u64, 18, 4000, 7000] {
+        ram2[(p * PAGE) as usize] ^= 1;
+    }
+    let (s1, s2) = (ws.scratch("one.mig"), ws.scratch("two.mig"));
+    if vm_stream(&ws, &ram1, &s1).is_none() || vm_stream(&ws, &ram2, &s2).is_none() {
+        return;
+    }
+    let Some(m) = ws.mount(&["-o", "gc_idle=off"]) else {
+        return;
+    };
+    let mnt = m.mnt.clone();
+
+    // In place: the stream itself, RAM by guest-physical address, the
+    // firmware blocks under memory/.
+    ctl_ok(&mnt, "base", &format!("memory {}", s1.display()));
+    assert_bytes_eq(
+        "base/memory.raw (stream in place)",
+        &read_disk(&mnt.join("base/memory.raw")),
+        &ram1,
+    );
+    let i = info(&mnt, "base");
+    assert_eq!(i["memory"]["kind"], "qemu migration stream", "{i}");
+    assert_eq!(i["memory"]["ram_block"], "mem", "{i}");
+    let blocks: BTreeSet<String> = std::fs::read_dir(mnt.join("base/memory"))
+        .expect("base/memory/")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        blocks.contains("pc.bios.raw") && blocks.contains("pc.rom.raw"),
+        "{blocks:?}"
+    );
+    let bios = read_disk(&mnt.join("base/memory/pc.bios.raw"));
+    assert_eq!(bios.len(), 256 << 10);
+    if let Ok(want) = std::fs::read("/usr/share/seabios/bios-256k.bin") {
+        assert_bytes_eq(
+            "memory/pc.bios.raw is the firmware QEMU loaded",
+            &bios,
+            &want,
+        );
+    }
+    ctl_ok(&mnt, "base", "memory none");
+
+    // Imported: the first whole, the second as a delta of four pages.
+    ctl_ok(&mnt, "base", &format!("checkpoint {}", s1.display()));
+    ctl_ok(&mnt, "leaf", "snapshot s1");
+    ctl_ok(&mnt, "s1", &format!("checkpoint {}", s2.display()));
+    assert_bytes_eq(
+        "base/memory.raw",
+        &read_disk(&mnt.join("base/memory.raw")),
+        &ram1,
+    );
+    assert_bytes_eq(
+        "s1/memory.raw",
+        &read_disk(&mnt.join("s1/memory.raw")),
+        &ram2,
+    );
+    let delta = ".snaptree-memory/s1.qcow2";
+    assert_eq!(
+        own_pages(&ws, delta),
+        vec![(17, 2, false), (4000, 1, false), (7000, 1, false)],
+        "s1's delta holds the four changed pages only"
+    );
+    assert_bytes_eq(
+        "qemu-img convert of s1's delta",
+        &qemu_convert(&ws, delta),
+        &ram2,
+    );
+    check_clean(&ws, delta);
+    unmount_ok(m);
+
+    // Offline, the same against s1: back to the first stream's pages.
+    let out = run(std::process::Command::new(bin()).args([
+        "checkpoint",
+        "import",
+        ws.images.to_str().unwrap(),
+        "leaf",
+        s1.to_str().unwrap(),
+        "--wait-ms",
+        "1",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(": 4 stored,"), "{text}");
+    let m = ws.remount(&["-o", "gc_idle=off,ro"]);
+    assert_bytes_eq(
+        "leaf/memory.raw (offline import)",
+        &read_disk(&m.mnt.join("leaf/memory.raw")),
+        &ram1,
+    );
+    assert_eq!(info(&m.mnt, "leaf")["memory"]["chain_depth"], 3);
+    unmount_ok(m);
 }
