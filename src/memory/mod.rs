@@ -16,6 +16,7 @@
 pub mod checkpoint;
 pub mod detect;
 pub mod elf;
+pub mod index_cache;
 pub mod layout;
 pub mod migstream;
 pub mod raw;

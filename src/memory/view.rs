@@ -8,7 +8,7 @@
 //!
 //! [`checkpoint`]: super::checkpoint
 
-use super::{detect, layout, MemoryLayer};
+use super::{detect, index_cache, layout, MemoryLayer};
 use crate::chain::{Chain, OpenOptions};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -73,13 +73,16 @@ fn is_qcow2(path: &Path) -> bool {
         && magic == *b"QFI\xfb"
 }
 
-/// Opens the memory source `source` of the tree in `dir`.
-pub fn open_view(dir: &Path, source: &str) -> Result<MemoryView, String> {
+/// Opens the memory source `source` of the tree in `dir`, its index taken
+/// from (and stored in) the cache directory `cache` when given.
+pub fn open_view(dir: &Path, source: &str, cache: Option<&Path>) -> Result<MemoryView, String> {
     let path = dir.join(source);
     if is_qcow2(&path) {
         return open_delta(source, path);
     }
-    let src = detect::index_any(&path).map_err(|e| e.to_string())?;
+    let canon = path.canonicalize().unwrap_or(path.clone());
+    let src =
+        index_cache::load_or_index(cache, &canon, detect::index_any).map_err(|e| e.to_string())?;
     let placed = layout::place(&src).map_err(|why| format!("{}: {why}", path.display()))?;
     let layer = MemoryLayer::new(&path, &src.kind, placed.size, placed.runs.clone())
         .map_err(|e| e.to_string())?;

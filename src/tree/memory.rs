@@ -13,12 +13,15 @@
 //! the hidden point's delta is removed once no point names it. Files in
 //! the memory directory that no point names and no named delta backs onto
 //! are removed after every manifest write ([`Tree::sweep_memory`]); other
-//! sources (migration streams, dumps) are never written or removed.
+//! sources (migration streams, dumps) are never written or removed. Their
+//! indexes are cached in `.snaptree-memory/index/` (see
+//! `memory::index_cache`), and dropped with the last point naming them.
 
 use super::ops::{err, rename_noreplace};
 use super::{manifest, Point, PointMemory, Tree, TreeError};
 use crate::chain::{Chain, OpenOptions};
 use crate::memory::checkpoint::{self, Base, ImportStats, Throttle};
+use crate::memory::index_cache;
 use crate::memory::view::MemoryView;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -28,8 +31,20 @@ use std::sync::Arc;
 pub const MEMORY_DIR: &str = ".snaptree-memory";
 /// Suffix of a delta being imported (removed at open if a crash left it).
 const IMPORTING: &str = ".importing";
+/// Index caches of sources read in place, in the memory directory.
+const INDEX_DIR: &str = "index";
 
 impl Tree {
+    /// The memory index cache directory, unless the tree is read-only.
+    fn index_cache(&self) -> Option<PathBuf> {
+        (!self.opts.read_only).then(|| self.dir.join(MEMORY_DIR).join(INDEX_DIR))
+    }
+
+    /// The memory `source` names, opened (see [`PointMemory::open`]).
+    pub(crate) fn open_memory(&self, source: &str) -> PointMemory {
+        PointMemory::open(&self.dir, source, self.index_cache().as_deref())
+    }
+
     /// The snapshot point `id`'s memory view, if it has a readable one.
     fn memory_view(point: &Point) -> Option<Arc<MemoryView>> {
         point
@@ -95,7 +110,7 @@ impl Tree {
             None => None,
             Some(s) => {
                 let name = self.memory_source_name(s)?;
-                let m = PointMemory::open(&self.dir, &name);
+                let m = self.open_memory(&name);
                 if let Err(why) = &m.view {
                     return Err(err(libc::EINVAL, why.clone()));
                 }
@@ -142,8 +157,9 @@ impl Tree {
                 self.memory_source_name(source)?,
             )
         };
-        let src = crate::memory::view::open_view(&self.dir, &source_name)
-            .map_err(|why| err(libc::EINVAL, why))?;
+        let src =
+            crate::memory::view::open_view(&self.dir, &source_name, self.index_cache().as_deref())
+                .map_err(|why| err(libc::EINVAL, why))?;
         if src.delta {
             return Err(err(
                 libc::EINVAL,
@@ -240,7 +256,7 @@ impl Tree {
         rename_noreplace(tmp, &target)?;
         let _ = manifest::sync_dir(mem_dir);
         let name = format!("{MEMORY_DIR}/{}", file_name(&target));
-        let m = PointMemory::open(&self.dir, &name);
+        let m = self.open_memory(&name);
         if let Err(why) = &m.view {
             let _ = std::fs::remove_file(&target);
             return Err(err(
@@ -320,7 +336,7 @@ impl Tree {
             backing.as_ref().map(|(n, f)| (n.as_str(), f.as_str())),
         )
         .map_err(|e| err(e.errno(), e.to_string()))?;
-        *holder.memory.write() = Some(PointMemory::open(&self.dir, &c.source));
+        *holder.memory.write() = Some(self.open_memory(&c.source));
         Ok(())
     }
 
@@ -377,6 +393,21 @@ impl Tree {
             }
         }
         let _ = manifest::sync_dir(&mem_dir);
+        // Index caches of sources no point names any more.
+        let index_dir = mem_dir.join(INDEX_DIR);
+        let wanted: HashSet<PathBuf> = keep
+            .iter()
+            .map(|p| index_cache::file_for(&index_dir, p))
+            .collect();
+        for e in std::fs::read_dir(&index_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if !wanted.contains(&e.path()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 }
 

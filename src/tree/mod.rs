@@ -94,11 +94,12 @@ pub struct PointMemory {
 }
 
 impl PointMemory {
-    /// Indexes `source` (relative to the tree directory `dir`, or absolute).
-    pub fn open(dir: &Path, source: &str) -> PointMemory {
+    /// Indexes `source` (relative to the tree directory `dir`, or
+    /// absolute), through the index cache in `cache` if given.
+    pub fn open(dir: &Path, source: &str, cache: Option<&Path>) -> PointMemory {
         PointMemory {
             source: source.to_string(),
-            view: crate::memory::view::open_view(dir, source).map(Arc::new),
+            view: crate::memory::view::open_view(dir, source, cache).map(Arc::new),
         }
     }
 }

@@ -326,7 +326,7 @@ impl Tree {
                 },
             );
             if let Some(source) = m.and_then(|m| m.memory.as_deref()) {
-                let mem = super::PointMemory::open(&self.dir, source);
+                let mem = self.open_memory(source);
                 if let Err(why) = &mem.view {
                     problems.push(format!("{:?}: memory {source:?}: {why}", point.name));
                 }

@@ -376,7 +376,51 @@ fn checkpoints_of_real_migration_streams() {
             &want,
         );
     }
+    // Its index is cached beside the tree, used by the next mount, and
+    // rebuilt when the stream changes.
+    let index_files = || {
+        std::fs::read_dir(ws.img(".snaptree-memory/index"))
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let cached = index_files();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let first = std::fs::metadata(&cached[0]).unwrap().modified().unwrap();
+    unmount_ok(m);
+    let m = ws.remount(&["-o", "gc_idle=off"]);
+    assert_bytes_eq(
+        "base/memory.raw (index from the cache)",
+        &read_disk(&m.mnt.join("base/memory.raw")),
+        &ram1,
+    );
+    assert_eq!(
+        std::fs::metadata(&cached[0]).unwrap().modified().unwrap(),
+        first
+    );
+    unmount_ok(m);
+    let t = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    File::options()
+        .write(true)
+        .open(&s1)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+    let m = ws.remount(&["-o", "gc_idle=off"]);
+    assert_bytes_eq(
+        "base/memory.raw (indexed again)",
+        &read_disk(&m.mnt.join("base/memory.raw")),
+        &ram1,
+    );
+    assert_ne!(
+        std::fs::metadata(&cached[0]).unwrap().modified().unwrap(),
+        first
+    );
+    let mnt = m.mnt.clone();
     ctl_ok(&mnt, "base", "memory none");
+    assert!(
+        index_files().is_empty(),
+        "the index goes with the last point naming it"
+    );
 
     // Imported: the first whole, the second as a delta of four pages.
     ctl_ok(&mnt, "base", &format!("checkpoint {}", s1.display()));
