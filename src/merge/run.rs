@@ -146,7 +146,7 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle) -> Result<u64, TreeError
     check_space(dir, job.bytes)?;
     // The child's memory delta stops needing H's first (its own atomic
     // step; H's delta goes with H).
-    tree.detach_memory(&job.hidden, &job.child)?;
+    tree.detach_memory(&job.hidden, &job.child, throttle)?;
     let h_chain = job.hidden.io.read().chain.clone();
     journal::store(dir, &entry_for(tree, job, &h_chain)).map_err(|e| {
         err(

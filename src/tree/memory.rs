@@ -273,7 +273,13 @@ impl Tree {
     /// hidden delta's pages go into the child's delta where it holds none
     /// and the child's delta then names the hidden delta's parent (one
     /// header write). The child's memory reads the same throughout.
-    pub(crate) fn detach_memory(&self, hidden: &Point, child: &Point) -> Result<(), TreeError> {
+    pub(crate) fn detach_memory(
+        &self,
+        hidden: &Point,
+        child: &Point,
+        throttle: &crate::merge::Throttle,
+    ) -> Result<(), TreeError> {
+        use crate::merge::copy::{copy_pieces, held, steps, Held};
         let (Some(h), Some(holder)) = (
             self.memory_holder(hidden.id)
                 .and_then(|p| Self::memory_view(&p)),
@@ -306,23 +312,32 @@ impl Tree {
             },
         )
         .map_err(merge_err)?;
+        // What the child's delta lacks of the hidden one's, copied paced
+        // like the disk merge it comes with (it may be GiBs).
         let end = h.chain.size().min(c.chain.size());
-        for r in crate::merge::copy::held(h.chain.leaf().as_ref(), 0, end)? {
+        let mut todo = Vec::new();
+        for r in held(h.chain.leaf().as_ref(), 0, end)? {
             for e in writer
                 .leaf()
                 .map(r.start, r.len)
                 .map_err(|e| merge_err(e.into()))?
             {
                 if e.mapping == crate::image::Mapping::Unallocated {
-                    let piece = crate::merge::copy::Held {
+                    todo.push(Held {
                         start: e.start,
                         len: e.len,
                         zero: r.zero,
-                    };
-                    crate::merge::copy::copy_range(&h.chain, &writer, piece)?;
+                    });
                 }
             }
         }
+        copy_pieces(
+            self,
+            throttle,
+            &h.chain,
+            &writer,
+            &steps(&todo, throttle.step_bytes),
+        )?;
         writer.flush().map_err(merge_err)?;
         drop(writer);
         // The commit: one header write.
