@@ -173,7 +173,7 @@ fn draw(nodes: &BTreeMap<u64, Node>, id: u64, first: &str, rest: &str, out: &mut
     if read_only {
         flags.push("read-only");
     }
-    let detail = match disks.as_slice() {
+    let mut detail = match disks.as_slice() {
         [(None, what)] => what.clone(),
         _ => disks
             .iter()
@@ -181,6 +181,21 @@ fn draw(nodes: &BTreeMap<u64, Node>, id: u64, first: &str, rest: &str, out: &mut
             .collect::<Vec<_>>()
             .join("; "),
     };
+    let memory = nodes
+        .values()
+        .filter(|m| m.point.name == n.point.name)
+        .find_map(|m| match m.point.memory.read().as_ref().map(|m| &m.view) {
+            Some(Ok(v)) if v.delta => {
+                Some(format!("memory {} (delta)", human_size(v.chain.size())))
+            }
+            Some(Ok(v)) => Some(format!("memory {}", human_size(v.chain.size()))),
+            Some(Err(_)) => Some("memory unreadable".to_string()),
+            None => None,
+        });
+    if let Some(m) = memory {
+        detail.push_str("; ");
+        detail.push_str(&m);
+    }
     let _ = writeln!(
         out,
         "{first}{}  ({detail}){}",

@@ -201,6 +201,8 @@ fn page_delta_checkpoints_store_only_changed_pages_and_survive_merges() {
         &ram1,
     );
     assert!(status_text(&mnt).contains("last command: base/ctl: checkpoint"));
+    let tree = tree_text(&mnt);
+    assert!(tree.contains("; memory 16.0 MiB (delta)"), "{tree}");
 
     // s1 (the leaf frozen) on base: only what changed.
     ctl_ok(&mnt, "leaf", "snapshot s1");
