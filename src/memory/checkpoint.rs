@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 /// One guest page: the cluster size of a delta.
 pub const PAGE: u64 = 4096;
 const CLUSTER_BITS: u32 = 12;
+/// Bytes compared at once.
+const MAX_PIECE: u64 = 8 << 20;
 
 /// How fast an import goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,12 +147,16 @@ pub fn import(
         ..Default::default()
     };
     let started = Instant::now();
-    let block = throttle.block_pages.max(1) * PAGE;
-    let mut new = vec![0u8; block as usize];
-    let mut old = vec![0u8; block as usize];
+    // Work in pieces of at most MAX_PIECE whatever the block size, so a
+    // huge `block_pages` costs no more memory.
+    let block_pages = throttle.block_pages.max(1);
+    let piece = block_pages.saturating_mul(PAGE).min(MAX_PIECE);
+    let mut new = vec![0u8; piece as usize];
+    let mut old = vec![0u8; piece as usize];
     let mut at = 0;
+    let mut since_pause = 0;
     while at < source.size() {
-        let len = block.min(source.size() - at) as usize;
+        let len = piece.min(source.size() - at) as usize;
         source.read_at(&mut new[..len], at)?;
         let base_len = base_view.map_or(0, |b| (len as u64).min(b.size().saturating_sub(at)));
         old[..len].fill(0);
@@ -163,7 +169,9 @@ pub fn import(
         if !progress(&stats) {
             return Err(ImportError::Cancelled);
         }
-        if throttle.wait_ms > 0 && at < source.size() {
+        since_pause += (len as u64).div_ceil(PAGE);
+        if since_pause >= block_pages && throttle.wait_ms > 0 && at < source.size() {
+            since_pause = 0;
             std::thread::sleep(Duration::from_millis(throttle.wait_ms));
         }
     }
