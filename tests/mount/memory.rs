@@ -304,25 +304,114 @@ fn page_delta_checkpoints_store_only_changed_pages_and_survive_merges() {
     unmount_ok(m);
 }
 
-/// A migration stream of a paused VM whose RAM is `ram`, saved to
-/// `to`, or `None` (printed SKIP) without qemu-system-x86_64.
-fn vm_stream(ws: &Workspace, ram: &[u8], to: &Path) -> Option<()> {
+/// A paused VM whose RAM is `ram`, or `None` (printed SKIP) without
+/// qemu-system-x86_64.
+fn vm(ws: &Workspace, ram: &[u8]) -> Option<super::qemu_vm::Vm> {
     use super::qemu_vm::{Vm, VmError};
     let dir = ws.scratch("vm");
     std::fs::create_dir_all(&dir).unwrap();
     let ram_file = dir.join("ram.bin");
     std::fs::write(&ram_file, ram).unwrap();
     match Vm::start(&dir, &ram_file, ram.len() as u64, false) {
-        Ok(mut vm) => {
-            vm.migrate_to_file(to);
-            vm.quit();
-            Some(())
-        }
+        Ok(vm) => Some(vm),
         Err(VmError::Missing(why)) | Err(VmError::NoStart(why)) => {
             skip(&why);
             None
         }
     }
+}
+
+/// A migration stream of a paused VM whose RAM is `ram`, saved to `to`.
+fn vm_stream(ws: &Workspace, ram: &[u8], to: &Path) -> Option<()> {
+    let mut vm = vm(ws, ram)?;
+    vm.migrate_to_file(to);
+    vm.quit();
+    Some(())
+}
+
+#[test]
+fn every_kind_of_source_reads_through_memory_raw() {
+    const VM_RAM: u64 = 32 * MIB;
+    let Some(ws) = base_and_leaf_workspace(RAM) else {
+        return;
+    };
+    let ram = {
+        let mut r = pattern(23, VM_RAM as usize);
+        r[(3 * MIB) as usize..(4 * MIB) as usize].fill(0);
+        r
+    };
+    let (plain, mapped, core, dump) = (
+        ws.scratch("plain.mig"),
+        ws.scratch("mapped.mig"),
+        ws.scratch("core.elf"),
+        ws.scratch("ram.vmem"),
+    );
+    // QEMU migrates a VM once: two VMs on the same RAM.
+    let Some(mut first) = vm(&ws, &ram) else {
+        return;
+    };
+    first.migrate_to_file(&plain);
+    first.dump_guest_memory(&core);
+    first.quit();
+    let Some(mut second) = vm(&ws, &ram) else {
+        return;
+    };
+    second.set_capability("mapped-ram", true);
+    second.migrate_to_file(&mapped);
+    second.quit();
+    std::fs::write(&dump, &ram).unwrap();
+    let Some(m) = ws.mount(&["-o", "gc_idle=off"]) else {
+        return;
+    };
+    let mnt = m.mnt.clone();
+    ctl_ok(&mnt, "base", "clone c1");
+    ctl_ok(&mnt, "base", "clone c2");
+    for (point, src, kind) in [
+        ("base", &plain, "qemu migration stream"),
+        ("leaf", &mapped, "qemu migration stream (mapped-ram)"),
+        ("c1", &dump, "raw dump"),
+        ("c2", &core, "elf core"),
+    ] {
+        ctl_ok(&mnt, point, &format!("memory {}", src.display()));
+        assert_eq!(info(&mnt, point)["memory"]["kind"], kind);
+        let f = File::open(mnt.join(point).join("memory.raw")).expect("open memory.raw");
+        if kind == "elf core" {
+            // Guest-physical: RAM, the ROMs over 0xc0000..1 MiB, the BIOS
+            // below 4 GiB, nothing in between.
+            let size = f.metadata().unwrap().len();
+            assert_eq!(size, 4 << 30);
+            assert_bytes_eq(
+                "ELF core, low RAM",
+                &read_at(&f, 0, 0xc0000),
+                &ram[..0xc0000],
+            );
+            assert_bytes_eq(
+                "ELF core, RAM above 1 MiB",
+                &read_at(&f, 0x100000, (VM_RAM - 0x100000) as usize),
+                &ram[0x100000..],
+            );
+            let data = data_ranges(&f, size);
+            assert!(
+                data.iter().all(|&(s, e)| e <= VM_RAM || s >= 0xfffc0000),
+                "data reported in the PCI hole: {data:?}"
+            );
+        } else {
+            assert_bytes_eq(
+                &format!("{point}/memory.raw ({kind})"),
+                &read_disk(&mnt.join(point).join("memory.raw")),
+                &ram,
+            );
+            if kind == "raw dump" {
+                continue; // written whole: its zero pages are data in the file
+            }
+            let data = data_ranges(&f, VM_RAM);
+            assert!(
+                data.iter().all(|&(s, e)| e <= 3 * MIB || s >= 4 * MIB),
+                "{kind}: data reported for zero pages: {data:?}"
+            );
+        }
+    }
+    unmount_ok(m);
 }
 
 #[test]
