@@ -5,7 +5,6 @@
 
 use super::{ChainArgs, CliResult};
 use crate::memory::checkpoint::Throttle;
-use crate::tree::{Tree, TreeOptions};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -48,22 +47,7 @@ pub fn run(cmd: CheckpointCmd) -> CliResult {
     if a.block_pages == 0 {
         return Err("--block-pages must be at least 1".into());
     }
-    let tree = Tree::open(
-        &a.tree,
-        TreeOptions {
-            read_only: false,
-            allow_external_backing: a.chain.allow_external_backing,
-            max_depth: a.chain.max_depth,
-            gc: crate::merge::GcSettings {
-                idle: None,
-                ..Default::default()
-            },
-            import: crate::memory::checkpoint::Throttle::DEFAULT,
-        },
-    )?;
-    for p in tree.problems() {
-        eprintln!("snaptree: {p}");
-    }
+    let tree = a.chain.open_tree(&a.tree)?;
     let point = tree
         .lookup(&a.name)
         .ok_or_else(|| format!("no snapshot point named {:?}", a.name))?;

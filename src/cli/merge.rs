@@ -5,7 +5,7 @@
 
 use super::{ChainArgs, CliResult};
 use crate::merge::Throttle;
-use crate::tree::{Tree, TreeOptions};
+use crate::tree::Tree;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -30,22 +30,7 @@ pub struct MergeArgs {
 }
 
 pub fn run(a: MergeArgs) -> CliResult {
-    let tree = Arc::new(Tree::open(
-        &a.source,
-        TreeOptions {
-            read_only: false,
-            allow_external_backing: a.chain.allow_external_backing,
-            max_depth: a.chain.max_depth,
-            gc: crate::merge::GcSettings {
-                idle: None,
-                ..Default::default()
-            },
-            import: crate::memory::checkpoint::Throttle::DEFAULT,
-        },
-    )?);
-    for p in tree.problems() {
-        eprintln!("snaptree: {p}");
-    }
+    let tree = Arc::new(a.chain.open_tree(&a.source)?);
     let done = Arc::new(AtomicBool::new(false));
     let bar = (!a.quiet && std::io::stderr().is_terminal()).then(|| {
         let t = tree.clone();

@@ -73,6 +73,28 @@ impl ChainArgs {
         };
         Ok(Chain::open(image, &opts)?)
     }
+
+    /// Opens the tree at `source` read-write for an offline command (no
+    /// background merges), printing the problems found.
+    pub fn open_tree(&self, source: &std::path::Path) -> CliResult<crate::tree::Tree> {
+        let tree = crate::tree::Tree::open(
+            source,
+            crate::tree::TreeOptions {
+                read_only: false,
+                allow_external_backing: self.allow_external_backing,
+                max_depth: self.max_depth,
+                gc: crate::merge::GcSettings {
+                    idle: None,
+                    ..Default::default()
+                },
+                import: crate::memory::checkpoint::Throttle::DEFAULT,
+            },
+        )?;
+        for p in tree.problems() {
+            eprintln!("snaptree: {p}");
+        }
+        Ok(tree)
+    }
 }
 
 /// Parses the arguments, runs the command, returns the exit code.

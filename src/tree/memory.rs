@@ -365,12 +365,7 @@ impl Tree {
             return;
         }
         let mut keep: HashSet<PathBuf> = HashSet::new();
-        let points: Vec<Arc<Point>> = self
-            .nodes
-            .read()
-            .values()
-            .map(|n| n.point.clone())
-            .collect();
+        let points = self.all_points();
         for p in points {
             match p.memory.read().as_ref().map(|m| &m.view) {
                 None => {}

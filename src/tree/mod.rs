@@ -313,14 +313,19 @@ impl Tree {
         self.status.lock().problems.push(what);
     }
 
-    /// Flushes every writable point.
-    pub fn flush_all(&self) -> Result<(), TreeError> {
-        let points: Vec<Arc<Point>> = self
-            .nodes
+    /// Every point, hidden ones too (one per disk), taken out of the
+    /// structure lock.
+    pub(crate) fn all_points(&self) -> Vec<Arc<Point>> {
+        self.nodes
             .read()
             .values()
             .map(|n| n.point.clone())
-            .collect();
+            .collect()
+    }
+
+    /// Flushes every writable point.
+    pub fn flush_all(&self) -> Result<(), TreeError> {
+        let points = self.all_points();
         let mut first_err = None;
         for p in points {
             let io = p.io.read();
