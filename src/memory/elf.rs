@@ -10,6 +10,11 @@
 //! segment covers (the PCI hole, MMIO) is a hole. QEMU writes ELF64 unless
 //! every range ends below 4 GiB on a 32-bit guest (then ELF32); both are
 //! read, in either byte order (s390x and ppc64 dumps are big-endian).
+//!
+//! Every offset, count and size in the headers is checked against the
+//! file (and against overflow) before it is used, and reported at the
+//! offset of the header field that holds it. Overlapping segments (a
+//! paging dump, a process core) are refused rather than guessed at.
 
 use super::{MemorySource, Piece, RamBlock, Run};
 use crate::error::{ImageError, Result};
@@ -23,6 +28,10 @@ const PT_LOAD: u32 = 1;
 const PN_XNUM: u16 = 0xffff;
 /// Program headers are read in batches of this many bytes.
 const BATCH: usize = 64 << 10;
+/// The highest physical end accepted: the source is shown as a file of
+/// that size, and file sizes are `off_t` (no guest has RAM near it;
+/// x86 and arm64 addresses stop at 2^52).
+const MAX_PHYS_END: u64 = i64::MAX as u64;
 
 /// Field readers for one ELF class and byte order.
 #[derive(Clone, Copy)]
@@ -133,18 +142,24 @@ pub fn index(path: &Path) -> Result<MemorySource> {
             ),
         ));
     }
+    // Offsets of the header fields, for messages that point at them.
+    let (phoff_at, shoff_at, phentsize_at, shentsize_at) = if wide {
+        (32, 40, 54, 58)
+    } else {
+        (28, 32, 42, 46)
+    };
     let phoff = f.word(h, 28, 32);
     let shoff = f.word(h, 32, 40);
-    let (phentsize, phnum16, shentsize) = if wide {
-        (f.u16(h, 54), f.u16(h, 56), f.u16(h, 58))
-    } else {
-        (f.u16(h, 42), f.u16(h, 44), f.u16(h, 46))
-    };
+    let (phentsize, phnum16, shentsize) = (
+        f.u16(h, phentsize_at),
+        f.u16(h, phentsize_at + 2),
+        f.u16(h, shentsize_at),
+    );
     let min_phent = if wide { 56 } else { 32 };
     if u64::from(phentsize) < min_phent {
         return Err(ImageError::corrupt(
             path,
-            if wide { 54 } else { 42 },
+            phentsize_at as u64,
             format!("program header size {phentsize} (at least {min_phent} expected)"),
         ));
     }
@@ -155,8 +170,22 @@ pub fn index(path: &Path) -> Result<MemorySource> {
         if u64::from(shentsize) < n as u64 {
             return Err(ImageError::corrupt(
                 path,
-                shoff,
-                "section header too small for PN_XNUM",
+                shentsize_at as u64,
+                format!(
+                    "section header size {shentsize}: too small to hold the program header \
+                     count that e_phnum 0xffff (PN_XNUM) says is there"
+                ),
+            ));
+        }
+        if shoff.checked_add(n as u64).is_none_or(|e| e > len) {
+            return Err(ImageError::corrupt(
+                path,
+                shoff_at as u64,
+                format!(
+                    "section header 0 ({n} bytes at e_shoff {shoff}), which holds the program \
+                     header count (e_phnum is PN_XNUM), runs past the end of the file \
+                     ({len} bytes)"
+                ),
             ));
         }
         fileio::read_exact_at(&file, path, &mut sh[..n], shoff, "section header 0")?;
@@ -164,12 +193,16 @@ pub fn index(path: &Path) -> Result<MemorySource> {
     } else {
         u64::from(phnum16)
     };
+    // At most 2^32 entries of at most 64 KiB: no overflow.
     let table_len = phnum * u64::from(phentsize);
     if phoff.checked_add(table_len).is_none_or(|e| e > len) {
         return Err(ImageError::corrupt(
             path,
-            phoff,
-            format!("{phnum} program headers run past the end of the file"),
+            phoff_at as u64,
+            format!(
+                "{phnum} program headers ({table_len} bytes at e_phoff {phoff}) run past \
+                 the end of the file ({len} bytes)"
+            ),
         ));
     }
     let segments = read_segments(&file, path, f, phoff, phnum, phentsize, len)?;
@@ -242,11 +275,21 @@ fn read_segments(
                     s.filesz, s.offset
                 )));
             }
-            if s.paddr.checked_add(s.memsz).is_none() {
-                return Err(what(format!(
-                    "physical range 0x{:x}+0x{:x} overflows",
-                    s.paddr, s.memsz
-                )));
+            match s.paddr.checked_add(s.memsz) {
+                None => {
+                    return Err(what(format!(
+                        "physical range 0x{:x}+0x{:x} overflows",
+                        s.paddr, s.memsz
+                    )))
+                }
+                Some(end) if end > MAX_PHYS_END => {
+                    return Err(what(format!(
+                        "physical range 0x{:x}..0x{end:x} ends past 0x{MAX_PHYS_END:x}: \
+                         memory.raw would be larger than a file can be",
+                        s.paddr
+                    )))
+                }
+                Some(_) => {}
             }
             if s.memsz > 0 {
                 out.push(s);

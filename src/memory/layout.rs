@@ -54,7 +54,8 @@ pub fn below_4g(machine: Option<&str>, ram: u64) -> u64 {
     }
 }
 
-/// Places `src` (see the module docs). `Err` when it holds no RAM block.
+/// Places `src` (see the module docs). `Err` when it holds no RAM block,
+/// or one too large to place.
 pub fn place(src: &MemorySource) -> Result<Placement, String> {
     if src.physical {
         let b = src.blocks.first().ok_or("the source holds no memory")?;
@@ -76,6 +77,16 @@ pub fn place(src: &MemorySource) -> Result<Placement, String> {
         .ok_or("the source holds no RAM block")?;
     let ram = &src.blocks[main];
     let below = below_4g(src.machine.as_deref(), ram.size);
+    // Parsers bound block sizes (and every run lies inside its block), so
+    // this only keeps a source built some other way from wrapping around.
+    let size = if ram.size > below {
+        FOUR_GIB
+            .checked_add(ram.size - below)
+            .filter(|&s| s <= i64::MAX as u64)
+            .ok_or("the RAM block is too large to place above 4 GiB")?
+    } else {
+        ram.size
+    };
     let mut runs = Vec::with_capacity(ram.runs.len() + 1);
     for r in &ram.runs {
         let mut r = *r;
@@ -94,11 +105,6 @@ pub fn place(src: &MemorySource) -> Result<Placement, String> {
         }
         runs.push(r);
     }
-    let size = if ram.size > below {
-        FOUR_GIB + (ram.size - below)
-    } else {
-        ram.size
-    };
     let others = src
         .blocks
         .iter()
