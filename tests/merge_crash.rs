@@ -14,8 +14,18 @@
 //! is merged by committing the child into it (then `rename`), a smaller
 //! one by streaming it into the child (then a header rewrite).
 //!
+//! The points get memory checkpoints through a mount's `ctl` (the mount
+//! that is killed, in the mount variant; see [`give_memory`]): page-delta
+//! checkpoints, parents first, each backing onto its parent's delta, so
+//! that in some runs `mid`'s child backs onto `mid`'s delta (the merge
+//! first copies mid's pages into it and re-points it) and in others not
+//! (no memory on mid, a raw dump on mid, no checkpoint on the child, or
+//! mid's checkpoint taken again after the child's, so the child backs
+//! onto mid's first delta, which must stay).
+//!
 //! The flattened disk of every visible point is recorded (`qemu-img
-//! convert -O raw`, kept as files outside the tree). Then either
+//! convert -O raw`, kept as files outside the tree), and so is its
+//! `memory.raw`. Then either
 //! - **mount**: `snaptree mount -f -o gc_idle=off`, `delete` on `mid/ctl`,
 //!   `1` to `merge-now` from a thread, SIGKILL after a random delay; or
 //! - **offline**: `snaptree merge SRC mid` as a child, SIGKILL after a
@@ -24,12 +34,14 @@
 //! The delays are spread over [0, 1.2 × the merge's duration], measured
 //! on the first run of each variant and direction (not killed before it
 //! ends).
-//! After the kill: `qemu-img check` of every image, every visible point's
-//! image flattens to the recorded bytes, a remount shows the same points
-//! with the same bytes, the interrupted merge completes (redone in the
+//! After the kill: `qemu-img check` of every image and memory delta,
+//! every visible point's image and delta flatten to the recorded bytes, a
+//! remount shows the same points with the same bytes (`disk.raw` and
+//! `memory.raw`), the interrupted merge completes (redone in the
 //! background after the mount), `mid`'s image is gone, every chain is as
-//! short as the visible tree, and once unmounted `qemu-img check` and the
-//! flattened bytes agree again.
+//! short as the visible tree, `.snaptree-memory` holds exactly the
+//! visible points' deltas and what they back onto, and once unmounted
+//! `qemu-img check` and the flattened bytes agree again.
 //!
 //! `qemu-img check`: errors and corruption fail a run. Leaked clusters
 //! (exit 3), which the qcow2 writer's ordering allows right after a kill
@@ -150,8 +162,12 @@ struct Outcome {
     variant: Variant,
     moment: Moment,
     direction: String,
-    /// Bytes of leaked clusters right after the kill.
+    /// Bytes of leaked clusters right after the kill (disks and memory
+    /// deltas).
     leaked: u64,
+    /// What memory `mid` and its child had, and where the kill left the
+    /// child's delta (see [`memory_moment`]).
+    memory: (&'static str, &'static str),
 }
 
 /// Duration of an uninterrupted merge (from the write to `merge-now` or
@@ -199,6 +215,13 @@ fn summarize(outcomes: &[Outcome], took: Duration, seed: u64) {
     );
     for ((v, d, m), c) in &by {
         eprintln!("  {v:?} {d}: killed {m:?}: {c}");
+    }
+    let mut by_memory: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for o in outcomes {
+        *by_memory.entry(o.memory).or_default() += 1;
+    }
+    for ((case, m), c) in &by_memory {
+        eprintln!("  memory: {case}; child's delta after the kill: {m}: {c}");
     }
     let leaky: Vec<&Outcome> = outcomes.iter().filter(|o| o.leaked > 0).collect();
     if !leaky.is_empty() {
@@ -363,6 +386,279 @@ fn build(ws: &Workspace, spec: &Spec, rng: &mut SmallRng) {
 }
 
 // ---------------------------------------------------------------------------
+// Memory checkpoints
+// ---------------------------------------------------------------------------
+
+/// Where the tree keeps page-delta checkpoints.
+const MEMORY_DIR: &str = ".snaptree-memory";
+/// One guest page: the cluster size of a delta.
+const PAGE: usize = 4096;
+
+/// The memory checkpoints the points got before the kill (through a
+/// mount's `ctl`), and what the merge of `mid` must make of them.
+#[derive(Default)]
+struct Memory {
+    /// Points with a memory (their `memory.raw` is recorded).
+    has: BTreeSet<&'static str>,
+    /// Point -> its page-delta checkpoint's file in `MEMORY_DIR`.
+    delta: BTreeMap<&'static str, String>,
+    /// Delta file -> the delta it backs onto.
+    backing: BTreeMap<String, Option<String>>,
+    /// What was done, for the tag.
+    desc: String,
+    /// The length of the file of `mid`'s child's delta before the kill.
+    child_len: Option<u64>,
+}
+
+impl Memory {
+    /// The kind of run this is for the merge of `mid` (for the summary).
+    fn case(&self, spec: &Spec) -> &'static str {
+        let child = spec.imgs[spec.mid_child()].name;
+        match (self.delta.get("mid"), self.delta.get(child)) {
+            (Some(m), Some(c)) if self.backing[c].as_ref() == Some(m) => "child's delta on mid's",
+            (Some(_), _) => "mid's delta, child not on it",
+            (None, _) if self.has.contains("mid") => "mid's raw dump",
+            (None, _) => "no memory on mid",
+        }
+    }
+
+    /// The files `MEMORY_DIR` holds once `mid` is merged away: the deltas
+    /// of the visible points and what they back onto, the child's
+    /// re-pointed to mid's backing first if it backed onto mid's delta.
+    fn files_after_merge(&self, spec: &Spec) -> BTreeSet<String> {
+        let mut backing = self.backing.clone();
+        let child = spec.imgs[spec.mid_child()].name;
+        if let (Some(m), Some(c)) = (self.delta.get("mid"), self.delta.get(child)) {
+            if backing[c].as_ref() == Some(m) {
+                backing.insert(c.clone(), backing[m].clone());
+            }
+        }
+        let mut files = BTreeSet::new();
+        for (_, d) in self.delta.iter().filter(|(p, _)| **p != "mid") {
+            let mut cur = Some(d.clone());
+            while let Some(f) = cur {
+                cur = backing.get(&f).cloned().flatten();
+                files.insert(f);
+            }
+        }
+        files
+    }
+}
+
+fn memory_reference(ws: &Workspace, name: &str) -> PathBuf {
+    ws.scratch(&format!("ref-{name}.memory.raw"))
+}
+
+/// The files in `MEMORY_DIR` (none when it does not exist).
+fn memory_files(ws: &Workspace) -> BTreeSet<String> {
+    std::fs::read_dir(ws.img(MEMORY_DIR))
+        .map(|d| {
+            d.flatten()
+                // Not the index cache directory of sources read in place.
+                .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Fresh RAM of `pages` pages: random, some pages zero.
+fn fresh_ram(rng: &mut SmallRng, pages: usize) -> Vec<u8> {
+    let mut ram = pattern(rng.gen(), pages * PAGE);
+    for p in 0..pages {
+        if rng.gen_bool(0.15) {
+            ram[p * PAGE..(p + 1) * PAGE].fill(0);
+        }
+    }
+    ram
+}
+
+/// The guest a little later than `parent`: 1-5 % of the pages rewritten
+/// or zeroed, so that most of the parent's pages are not in the delta
+/// (and a merge has them to copy).
+fn derived_ram(rng: &mut SmallRng, parent: &[u8]) -> Vec<u8> {
+    let mut ram = parent.to_vec();
+    let pages = ram.len() / PAGE;
+    for _ in 0..(pages * rng.gen_range(1..=5) / 100).max(1) {
+        let p = rng.gen_range(0..pages);
+        let page = &mut ram[p * PAGE..(p + 1) * PAGE];
+        match rng.gen_range(0..3) {
+            0 => page.copy_from_slice(&pattern(rng.gen(), PAGE)),
+            1 => page[rng.gen_range(0..PAGE)] ^= rng.gen_range(1..=255u8),
+            _ => page.fill(0),
+        }
+    }
+    ram
+}
+
+/// Gives the points memory through the mount: page-delta checkpoints
+/// (`ctl checkpoint`, parents first, each RAM derived from the parent's
+/// so it backs onto the parent's delta), sometimes a raw dump on `mid`
+/// (`ctl memory`), sometimes `mid`'s checkpoint taken again after its
+/// child's (the child then backs onto mid's first delta, which a merge
+/// must keep); then records every point's `memory.raw`.
+fn give_memory(ws: &Workspace, spec: &Spec, rng: &mut SmallRng, tag: &str) -> Memory {
+    let mnt = ws.mnt.clone();
+    let pages = rng.gen_range(256..=2048usize);
+    let child = spec.imgs[spec.mid_child()].name;
+    let mut mem = Memory::default();
+    let mut ram: BTreeMap<&'static str, Vec<u8>> = BTreeMap::new();
+    let mut dumps = 0;
+    let mut dump = |r: &[u8]| {
+        dumps += 1;
+        let p = ws.scratch(&format!("ram-{dumps}.vmem"));
+        std::fs::write(&p, r).expect("write dump");
+        p.to_string_lossy().into_owned()
+    };
+    let mut steps = Vec::new();
+    let checkpoint =
+        |mem: &mut Memory, name: &'static str, parent: Option<&'static str>, src: &str| {
+            ctl_ok(&mnt, name, &format!("checkpoint {src}"));
+            let i = info(&mnt, name);
+            let file = i["memory"]["source"]
+                .as_str()
+                .and_then(|s| s.strip_prefix(&format!("{MEMORY_DIR}/")))
+                .unwrap_or_else(|| panic!("{tag}: {name}/info.json after checkpoint: {i}"))
+                .to_string();
+            let base = parent.and_then(|p| mem.delta.get(p).cloned());
+            assert_eq!(
+                i["memory"]["delta_parent"].as_str(),
+                base.as_deref(),
+                "{tag}: {name}'s delta backs onto its parent's: {i}"
+            );
+            mem.backing.insert(file.clone(), base);
+            mem.delta.insert(name, file);
+            mem.has.insert(name);
+        };
+    for img in &spec.imgs {
+        let p = if img.name == "mid" || img.name == child {
+            0.8
+        } else {
+            0.5
+        };
+        if !rng.gen_bool(p) {
+            continue;
+        }
+        let parent = img.parent.map(|i| spec.imgs[i].name);
+        let r = match parent.and_then(|p| ram.get(p)) {
+            Some(r) => derived_ram(rng, r),
+            None => fresh_ram(rng, pages),
+        };
+        let src = dump(&r);
+        if img.name == "mid" && rng.gen_bool(0.15) {
+            ctl_ok(&mnt, "mid", &format!("memory {src}"));
+            mem.has.insert("mid");
+            steps.push("mid:dump".to_string());
+        } else {
+            checkpoint(&mut mem, img.name, parent, &src);
+            steps.push(format!("{}:{}", img.name, mem.delta[img.name]));
+        }
+        ram.insert(img.name, r);
+    }
+    let child_on_mid = matches!(
+        (mem.delta.get("mid"), mem.delta.get(child)),
+        (Some(m), Some(c)) if mem.backing[c].as_ref() == Some(m)
+    );
+    if child_on_mid && rng.gen_bool(0.25) {
+        ctl_ok(&mnt, "mid", "memory none");
+        mem.delta.remove("mid");
+        let parent = spec.imgs[spec.index("mid")]
+            .parent
+            .map(|i| spec.imgs[i].name);
+        let r = derived_ram(rng, &ram["mid"]);
+        let src = dump(&r);
+        checkpoint(&mut mem, "mid", parent, &src);
+        steps.push(format!("mid:{} again", mem.delta["mid"]));
+        ram.insert("mid", r);
+    }
+    for (name, r) in &ram {
+        let got = std::fs::read(mnt.join(name).join("memory.raw"))
+            .unwrap_or_else(|e| panic!("{tag}: read {name}/memory.raw: {e}"));
+        assert!(
+            got == *r,
+            "{tag}: {name}/memory.raw is not the RAM checkpointed"
+        );
+        std::fs::write(memory_reference(ws, name), r).expect("write reference");
+    }
+    mem.desc = format!("memory {} pages: {}", pages, steps.join(" "));
+    mem.child_len = mem
+        .delta
+        .get(child)
+        .map(|d| file_len(&ws.img(&format!("{MEMORY_DIR}/{d}"))));
+    eprintln!("{tag}: {}", mem.desc);
+    mem
+}
+
+/// Right after the kill: every visible point's delta, read by
+/// `qemu-img convert` through the deltas it backs onto, is its recorded
+/// memory.
+fn check_memory_offline(ws: &Workspace, mem: &Memory, points: &[&Img], tag: &str) {
+    for img in points {
+        let Some(d) = mem.delta.get(img.name) else {
+            continue;
+        };
+        let now = ws.scratch(&format!("now-{}.memory.raw", img.name));
+        flatten_to(ws, &format!("{MEMORY_DIR}/{d}"), &now);
+        if let Err(e) = same_bytes(&now, &memory_reference(ws, img.name)) {
+            panic!(
+                "{tag}: after the kill, {}'s memory ({d}) changed: {e}",
+                img.name
+            );
+        }
+        let _ = std::fs::remove_file(&now);
+    }
+}
+
+/// `qemu-img check` of every file in `MEMORY_DIR`; returns the bytes of
+/// leaked clusters (as [`check_all`] does for the disks).
+fn check_deltas(ws: &Workspace, tag: &str) -> u64 {
+    let strict = std::env::var_os("SNAPTREE_CRASH_STRICT_LEAKS").is_some_and(|v| v != "0");
+    let mut leaked = 0;
+    for f in memory_files(ws) {
+        let name = format!("{MEMORY_DIR}/{f}");
+        let o = ws.qemu_img_unchecked(&["check", "-U", "--output=json", &name]);
+        let code = o.status.code();
+        let v: Option<Value> = serde_json::from_slice(&o.stdout).ok();
+        let leaks = v.as_ref().and_then(|v| v["leaks"].as_u64()).unwrap_or(0);
+        if !(code == Some(0) || (code == Some(3) && !strict)) {
+            let text = ws.qemu_img_unchecked(&["check", "-U", &name]);
+            panic!(
+                "{tag}: qemu-img check {name}: {}\n{}{}",
+                o.status,
+                String::from_utf8_lossy(&text.stdout),
+                String::from_utf8_lossy(&text.stderr)
+            );
+        }
+        if leaks > 0 {
+            eprintln!("{tag}: qemu-img check {name}: {leaks} leaked clusters");
+            leaked += leaks * PAGE as u64;
+        }
+    }
+    leaked
+}
+
+/// Where the kill left the memory of `mid`'s child, judged from its
+/// delta: untouched, some of mid's pages copied in (the file grew), or
+/// re-pointed to mid's backing (the memory step is done).
+fn memory_moment(ws: &Workspace, mem: &Memory, spec: &Spec) -> &'static str {
+    let child = spec.imgs[spec.mid_child()].name;
+    let (Some(c), Some(before)) = (mem.delta.get(child), mem.child_len) else {
+        return "-";
+    };
+    if mem.case(spec) != "child's delta on mid's" {
+        return "-";
+    }
+    let name = format!("{MEMORY_DIR}/{c}");
+    if backing_name(ws, &name) != mem.backing[c] {
+        return "re-pointed";
+    }
+    match std::fs::metadata(ws.img(&name)).map(|m| m.len()) {
+        Ok(len) if len > before => "copying",
+        _ => "untouched",
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Reference bytes and comparisons
 // ---------------------------------------------------------------------------
 
@@ -435,6 +731,12 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 // ---------------------------------------------------------------------------
 // Looking at the tree directory
 // ---------------------------------------------------------------------------
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .len()
+}
 
 fn inode(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -614,24 +916,25 @@ fn lazy_umount(mnt: &Path) {
     );
 }
 
-/// Mount variant: delete `mid`, start `merge-now`, SIGKILL the daemon
-/// after a random delay (or after the merge, when calibrating).
-/// `Ok(None)` when FUSE is refused.
+/// Mount variant: give the points memory (see [`give_memory`]), delete
+/// `mid`, start `merge-now`, SIGKILL the daemon after a random delay (or
+/// after the merge, when calibrating). `None` when FUSE is refused.
 fn kill_mounted(
     ws: &Workspace,
     spec: &Spec,
     rng: &mut SmallRng,
     cal: &mut Option<Duration>,
     tag: &str,
-) -> Option<(Moment, Option<String>)> {
+) -> Option<(Moment, Option<String>, Memory)> {
     let mut m = ws.mount(&["-o", "gc_idle=off"])?;
     let pid = m.pid();
     let dog = Watchdog::new(
         pid,
         Duration::from_secs(150),
-        format!("{tag}: delete and merge-now"),
+        format!("{tag}: checkpoints, delete and merge-now"),
         ws.scratch(&format!("hang-{pid}.txt")),
     );
+    let mem = give_memory(ws, spec, rng, tag);
     let want: BTreeSet<String> = spec.imgs.iter().map(|i| i.name.to_string()).collect();
     assert_eq!(visible(&ws.mnt), want, "{tag}: points before the delete");
     ctl_ok(&ws.mnt, "mid", "delete");
@@ -690,14 +993,14 @@ fn kill_mounted(
             "{tag}: merge-now returned ({took:?}) but the files say {moment:?}"
         );
         if early.is_some() {
-            return Some((Moment::Uninterrupted, dir));
+            return Some((Moment::Uninterrupted, dir, mem));
         }
     }
     eprintln!(
         "{tag}: killed after {:?}: {moment:?}",
         wait.unwrap_or_default()
     );
-    Some((moment, dir))
+    Some((moment, dir, mem))
 }
 
 fn snaptree(args: &[&str], log: &Path) -> Command {
@@ -804,20 +1107,40 @@ fn one_run(i: u64, run_seed: u64, cal: &mut Calibration) -> Option<Outcome> {
     let child = spec.mid_child();
 
     let mut slot = cal.get(&(variant, spec.intended)).copied();
-    let (moment, journal_dir) = match variant {
+    let (moment, journal_dir, mem) = match variant {
         Variant::Mount => kill_mounted(&ws, &spec, &mut rng, &mut slot, &tag)?,
-        Variant::Offline => kill_offline(&ws, &mut rng, &mut slot, &tag),
+        Variant::Offline => {
+            let m = ws.mount(&["-o", "gc_idle=off"])?;
+            let mem = give_memory(&ws, &spec, &mut rng, &tag);
+            let s = m.unmount();
+            assert!(
+                s.is_none_or(|s| s.success()),
+                "{tag}: daemon exit status {s:?}"
+            );
+            let (moment, dir) = kill_offline(&ws, &mut rng, &mut slot, &tag);
+            (moment, dir, mem)
+        }
     };
     if let Some(t) = slot {
         cal.insert((variant, spec.intended), t);
     }
-    let tag = format!("{tag} killed {moment:?}");
+    let mem_moment = memory_moment(&ws, &mem, &spec);
+    let tag = format!(
+        "{tag} [{}] killed {moment:?} (memory: {mem_moment})",
+        mem.desc
+    );
 
     // Right after the kill, before anything recovers: images are sound
     // and every visible point reads what it read before.
-    let leaked = check_all(&ws, &tag);
+    let leaked = check_all(&ws, &tag) + check_deltas(&ws, &tag);
     let mid_visible = variant == Variant::Offline && mid_visible_offline(&ws);
-    for img in spec.imgs.iter().filter(|i| i.name != "mid" || mid_visible) {
+    let points: Vec<&Img> = spec
+        .imgs
+        .iter()
+        .filter(|i| i.name != "mid" || mid_visible)
+        .collect();
+    check_memory_offline(&ws, &mem, &points, &tag);
+    for img in points {
         let now = ws.scratch(&format!("now-{}.raw", img.name));
         flatten_to(&ws, &img.file, &now);
         if let Err(e) = same_bytes(&now, &reference(&ws, img.name)) {
@@ -841,6 +1164,7 @@ fn one_run(i: u64, run_seed: u64, cal: &mut Calibration) -> Option<Outcome> {
     verify_mounted(
         &ws,
         &spec,
+        &mem,
         variant == Variant::Mount && moment == Moment::Before,
         &tag,
     );
@@ -858,11 +1182,17 @@ fn one_run(i: u64, run_seed: u64, cal: &mut Calibration) -> Option<Outcome> {
 
     // Unmounted: images sound, bytes right, chains short, no leftovers,
     // and no leaks: recovery freed what the kill left.
-    let leaked_after = check_all(&ws, &tag);
+    let leaked_after = check_all(&ws, &tag) + check_deltas(&ws, &tag);
     assert_eq!(
         leaked_after, 0,
         "{tag}: {leaked_after} bytes of leaked clusters after the merge completed ({leaked} after the kill)"
     );
+    assert_eq!(
+        memory_files(&ws),
+        mem.files_after_merge(&spec),
+        "{tag}: files in {MEMORY_DIR} after unmount"
+    );
+    check_memory_offline(&ws, &mem, &spec.visible(), &tag);
     for img in spec.visible() {
         let now = ws.scratch(&format!("now-{}.raw", img.name));
         flatten_to(&ws, &img.file, &now);
@@ -903,6 +1233,7 @@ fn one_run(i: u64, run_seed: u64, cal: &mut Calibration) -> Option<Outcome> {
         moment,
         direction: direction.to_string(),
         leaked,
+        memory: (mem.case(&spec), mem_moment),
     })
 }
 
@@ -943,7 +1274,7 @@ fn check_all(ws: &Workspace, tag: &str) -> u64 {
 /// Remounts, checks every visible point, lets the merge complete (starting
 /// it when `start_merge`: the kill came before it began), checks again and
 /// unmounts.
-fn verify_mounted(ws: &Workspace, spec: &Spec, start_merge: bool, tag: &str) {
+fn verify_mounted(ws: &Workspace, spec: &Spec, mem: &Memory, start_merge: bool, tag: &str) {
     let mnt = ws.mnt.clone();
     let m = ws.remount(&["-o", "gc_idle=off"]);
     let pid = m.pid();
@@ -966,6 +1297,20 @@ fn verify_mounted(ws: &Workspace, spec: &Spec, start_merge: bool, tag: &str) {
             if let Err(e) = same_bytes(&disk, &reference(ws, img.name)) {
                 panic!(
                     "{tag}: {when}: point {} reads wrong bytes: {e}\nstatus:\n{}",
+                    img.name,
+                    status_text(&mnt)
+                );
+            }
+            let memory = mnt.join(img.name).join("memory.raw");
+            if !mem.has.contains(img.name) {
+                assert!(
+                    !memory.exists(),
+                    "{tag}: {when}: {}/memory.raw exists",
+                    img.name
+                );
+            } else if let Err(e) = same_bytes(&memory, &memory_reference(ws, img.name)) {
+                panic!(
+                    "{tag}: {when}: {}/memory.raw reads wrong bytes: {e}\nstatus:\n{}",
                     img.name,
                     status_text(&mnt)
                 );
@@ -1014,6 +1359,12 @@ fn verify_mounted(ws: &Workspace, spec: &Spec, start_merge: bool, tag: &str) {
         );
     }
     compare_all("after the merge");
+    assert_eq!(
+        memory_files(ws),
+        mem.files_after_merge(spec),
+        "{tag}: files in {MEMORY_DIR} after the merge (the visible points' deltas and what \
+         they back onto)"
+    );
     let s = m.unmount();
     drop(dog);
     assert!(

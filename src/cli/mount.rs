@@ -33,7 +33,7 @@ pub struct MountArgs {
     /// never; default 10), `gc_step=BYTES` (copied per step, suffixes K M
     /// G; default 16M), `gc_pause=MS` (pause after each step; default 5);
     /// memory imports by `checkpoint SOURCE` on a `ctl`: `ckpt_pages=N`
-    /// (pages per step; default 2048), `ckpt_wait=MS` (pause after each
+    /// (pages per step; default 4096), `ckpt_wait=MS` (pause after each
     /// step; default 20).
     /// fstab's `defaults`, `auto`, `noauto`, `user`, `nofail`, `_netdev`
     /// and `x-*` are accepted and ignored.

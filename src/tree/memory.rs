@@ -315,8 +315,21 @@ impl Tree {
         // What the child's delta lacks of the hidden one's, copied paced
         // like the disk merge it comes with (it may be GiBs).
         let end = h.chain.size().min(c.chain.size());
+        let mut ranges = held(h.chain.leaf().as_ref(), 0, end)?;
+        // Past H's end the child read zeros; the new parent may hold data
+        // there.
+        if let Some(g) = h.chain.layers().get(1) {
+            let g_end = c.chain.size().min(g.virtual_size());
+            if g_end > end {
+                ranges.push(Held {
+                    start: end,
+                    len: g_end - end,
+                    zero: true,
+                });
+            }
+        }
         let mut todo = Vec::new();
-        for r in held(h.chain.leaf().as_ref(), 0, end)? {
+        for r in ranges {
             for e in writer
                 .leaf()
                 .map(r.start, r.len)
@@ -351,7 +364,21 @@ impl Tree {
             backing.as_ref().map(|(n, f)| (n.as_str(), f.as_str())),
         )
         .map_err(|e| err(e.errno(), e.to_string()))?;
-        *holder.memory.write() = Some(self.open_memory(&c.source));
+        // Every view whose chain runs through the child's delta (the
+        // child's, and its descendants' deltas on it) opens anew, without
+        // H's delta; views already open keep reading through the old one.
+        let c_file = canon(&c.path);
+        for p in self.all_points() {
+            let through_c = Self::memory_view(&p).is_some_and(|v| {
+                v.delta && v.chain.layers().iter().any(|l| canon(l.path()) == c_file)
+            });
+            if through_c {
+                let source = p.memory.read().as_ref().map(|m| m.source.clone());
+                if let Some(s) = source {
+                    *p.memory.write() = Some(self.open_memory(&s));
+                }
+            }
+        }
         Ok(())
     }
 

@@ -1,8 +1,10 @@
 //! The tree as DESIGN.md describes it, in memory, and a randomised test
 //! that drives the mount and the model with the same operations (writes,
-//! punches, snapshots, clones, deletes, `merge-now` and `ctl merge`) and
-//! compares them after each step: every visible point's bytes, parent and
-//! kind, its chain depth, and which images exist.
+//! punches, snapshots, clones, deletes, `merge-now` and `ctl merge`, and
+//! memory checkpoints: `checkpoint SOURCE`, `memory SOURCE`, `memory
+//! none`) and compares them after each step: every visible point's bytes,
+//! parent and kind, its chain depth, which images exist, its `memory.raw`
+//! and which page-delta checkpoints `.snaptree-memory` holds.
 //!
 //! Merges change nothing visible, so the model coalesces a hidden point
 //! with exactly one child the way the engine does (the child takes its
@@ -10,6 +12,16 @@
 //! of ancestors in the model". After `merge-now` the depth is also checked
 //! against the formula computed before the merge: 1 + the ancestors that
 //! are visible or hidden with two or more children (those stay as layers).
+//!
+//! Memory: a checkpoint's RAM is the parent point's (hidden or not) with a
+//! few pages changed, zeroed or the size changed, or fresh when the
+//! parent has none; its delta backs onto the parent's delta, if the
+//! parent has one. The model keeps each delta file's backing file: a
+//! snapshot moves the leaf's memory to the frozen point, a deleted point's
+//! memory goes, and coalescing a hidden point re-points its child's delta
+//! to the hidden delta's backing when it backed onto the hidden delta.
+//! `.snaptree-memory` must hold exactly the deltas some point names and
+//! the files they back onto, and `qemu-img check` them clean.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -29,12 +41,28 @@ struct ModelPoint {
     parent: Option<String>,
     children: Vec<String>,
     hidden: bool,
+    memory: Option<ModelMemory>,
+}
+
+/// A point's memory checkpoint in the model.
+#[derive(Clone)]
+struct ModelMemory {
+    ram: Vec<u8>,
+    /// The source as `info.json` names it.
+    source: String,
+    /// The page-delta checkpoint's file in `.snaptree-memory`; `None` for
+    /// a raw dump attached in place (`memory SOURCE`).
+    delta: Option<String>,
 }
 
 /// The tree as DESIGN.md describes it, in memory.
 #[derive(Clone, Default)]
 struct ModelTree {
     points: BTreeMap<String, ModelPoint>,
+    /// Each delta file in `.snaptree-memory` -> the delta it backs onto.
+    deltas: BTreeMap<String, Option<String>>,
+    /// Child deltas re-pointed by merges (for the log).
+    repointed: usize,
 }
 
 impl ModelTree {
@@ -75,6 +103,7 @@ impl ModelTree {
                 }
             }
         }
+        // The checkpoint describes the content frozen now.
         self.points.insert(
             name.to_string(),
             ModelPoint {
@@ -82,9 +111,12 @@ impl ModelTree {
                 parent: l.parent.clone(),
                 children: vec![leaf.to_string()],
                 hidden: false,
+                memory: l.memory.clone(),
             },
         );
-        self.points.get_mut(leaf).expect("leaf").parent = Some(name.to_string());
+        let l = self.points.get_mut(leaf).expect("leaf");
+        l.parent = Some(name.to_string());
+        l.memory = None;
     }
 
     fn clone_point(&mut self, of: &str, name: &str) {
@@ -96,6 +128,7 @@ impl ModelTree {
                 parent: Some(of.to_string()),
                 children: Vec::new(),
                 hidden: false,
+                memory: None,
             },
         );
         self.points
@@ -171,10 +204,67 @@ impl ModelTree {
                     }
                 }
             }
-            self.points.get_mut(&child).expect("child").parent = hp.parent;
+            // The child's delta stops needing the hidden one first.
+            let c = self.points.get_mut(&child).expect("child");
+            c.parent = hp.parent;
+            let hd = hp.memory.and_then(|m| m.delta);
+            let cd = c.memory.as_ref().and_then(|m| m.delta.clone());
+            if let (Some(hd), Some(cd)) = (hd, cd) {
+                if self.deltas[&cd].as_ref() == Some(&hd) {
+                    let to = self.deltas[&hd].clone();
+                    self.deltas.insert(cd, to);
+                    self.repointed += 1;
+                }
+            }
             merged.push(h);
         }
+        self.prune_deltas();
         merged
+    }
+
+    /// Delta `file`, then the deltas it backs onto, nearest first.
+    fn delta_chain(&self, file: &str) -> Vec<String> {
+        let mut v = vec![file.to_string()];
+        while let Some(Some(b)) = self.deltas.get(v.last().expect("chain")) {
+            v.push(b.clone());
+        }
+        v
+    }
+
+    /// The files `.snaptree-memory` must hold: every point's delta
+    /// (hidden points' too) and what they back onto.
+    fn memory_files(&self) -> BTreeSet<String> {
+        self.points
+            .values()
+            .filter_map(|p| p.memory.as_ref()?.delta.as_deref())
+            .flat_map(|d| self.delta_chain(d))
+            .collect()
+    }
+
+    /// Forgets deltas that nothing needs (the sweep removes their files).
+    fn prune_deltas(&mut self) {
+        let keep = self.memory_files();
+        self.deltas.retain(|f, _| keep.contains(f));
+    }
+
+    /// The delta a checkpoint of `name` backs onto: its parent's (hidden
+    /// or not), if that is a page-delta checkpoint.
+    fn delta_base(&self, name: &str) -> Option<String> {
+        let parent = self.points[name].parent.as_ref()?;
+        self.points[parent].memory.as_ref()?.delta.clone()
+    }
+
+    /// The file name a new checkpoint of `name` gets: `NAME.qcow2`, or
+    /// `NAME.N.qcow2` with the first N whose file does not exist.
+    fn new_delta_name(&self, name: &str) -> String {
+        let files = self.memory_files();
+        (0..)
+            .map(|n| match n {
+                0 => format!("{name}.qcow2"),
+                _ => format!("{name}.{n}.qcow2"),
+            })
+            .find(|f| !files.contains(f))
+            .expect("a free name")
     }
 
     /// The image files the tree must consist of: one `NAME.<ext>` per
@@ -206,6 +296,7 @@ impl ModelTree {
                 }
             }
         }
+        self.prune_deltas();
         removed
     }
 }
@@ -239,6 +330,251 @@ fn assert_tree_matches(mnt: &Path, model: &ModelTree, step: &str) {
             model.ancestors(&name)
         );
     }
+}
+
+/// Where the tree keeps page-delta checkpoints.
+const MEMORY_DIR: &str = ".snaptree-memory";
+/// One guest page: the cluster size of a delta.
+const PAGE: usize = 4096;
+
+/// The files in `.snaptree-memory` (none when it does not exist).
+fn memory_dir_files(ws: &Workspace) -> BTreeSet<String> {
+    std::fs::read_dir(ws.img(MEMORY_DIR))
+        .map(|d| {
+            d.flatten()
+                // Not the index cache directory of sources read in place.
+                .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every visible point's `memory.raw` (present exactly when the model
+/// has a memory for it, with its bytes) and `info.json` memory object,
+/// and the files of `.snaptree-memory`: no delta leaked, none lost.
+fn assert_memory_matches(ws: &Workspace, mnt: &Path, model: &ModelTree, step: &str) {
+    for name in model.visible() {
+        let path = mnt.join(&name).join("memory.raw");
+        let i = info(mnt, &name);
+        let Some(m) = &model.points[&name].memory else {
+            assert!(!path.exists(), "{step}: {name}/memory.raw exists: {i}");
+            assert!(i["memory"].is_null(), "{step}: {name}/info.json: {i}");
+            continue;
+        };
+        assert_bytes_eq(
+            &format!("{step}: {name}/memory.raw ({})", m.source),
+            &read_disk(&path),
+            &m.ram,
+        );
+        let mi = &i["memory"];
+        assert_eq!(mi["source"], m.source, "{step}: {name}/info.json memory");
+        assert_eq!(mi["size"], m.ram.len(), "{step}: {name}/info.json memory");
+        match &m.delta {
+            Some(d) => {
+                assert_eq!(
+                    mi["kind"], "page-delta checkpoint (qcow2)",
+                    "{step}: {name}/info.json memory"
+                );
+                assert_eq!(
+                    mi["chain_depth"],
+                    model.delta_chain(d).len(),
+                    "{step}: {name}/info.json memory chain_depth (deltas {:?})",
+                    model.delta_chain(d)
+                );
+                assert_eq!(
+                    mi["delta_parent"].as_str(),
+                    model.deltas[d].as_deref(),
+                    "{step}: {name}/info.json memory delta_parent"
+                );
+            }
+            None => assert_eq!(mi["kind"], "raw dump", "{step}: {name}/info.json memory"),
+        }
+    }
+    assert_eq!(
+        memory_dir_files(ws),
+        model.memory_files(),
+        "{step}: files in {MEMORY_DIR} (the deltas points name, and what they back onto)"
+    );
+}
+
+/// `qemu-img check` of every delta in `.snaptree-memory` is clean.
+fn check_memory_deltas(ws: &Workspace, model: &ModelTree) {
+    for f in model.memory_files() {
+        ws.check(&format!("{MEMORY_DIR}/{f}"));
+    }
+}
+
+/// Fresh RAM of 64..=256 pages: random, a fifth of the pages zero, and
+/// sometimes a run of zero pages.
+fn fresh_ram(rng: &mut SmallRng) -> Vec<u8> {
+    let pages = rng.gen_range(64..=256usize);
+    let mut ram = pattern(rng.gen(), pages * PAGE);
+    for p in 0..pages {
+        if rng.gen_bool(0.2) {
+            ram[p * PAGE..(p + 1) * PAGE].fill(0);
+        }
+    }
+    if rng.gen_bool(0.3) {
+        let a = rng.gen_range(0..pages);
+        let b = rng.gen_range(a..=pages.min(a + 32));
+        ram[a * PAGE..b * PAGE].fill(0);
+    }
+    ram
+}
+
+/// The guest a little later than `parent`: a few pages rewritten,
+/// touched, zeroed or filled, and sometimes more or less RAM (added RAM
+/// is half zero pages: a delta then holds none there, and reads past the
+/// end of the smaller parent's, as zeros).
+fn derived_ram(rng: &mut SmallRng, parent: &[u8]) -> Vec<u8> {
+    let mut ram = parent.to_vec();
+    if rng.gen_bool(0.25) {
+        let old = ram.len();
+        ram.resize(rng.gen_range(64..=256usize) * PAGE, 0);
+        for p in old / PAGE..ram.len() / PAGE {
+            if rng.gen_bool(0.5) {
+                ram[p * PAGE..(p + 1) * PAGE].copy_from_slice(&pattern(rng.gen(), PAGE));
+            }
+        }
+    }
+    let pages = ram.len() / PAGE;
+    for _ in 0..rng.gen_range(1..=8) {
+        let p = rng.gen_range(0..pages);
+        let page = &mut ram[p * PAGE..(p + 1) * PAGE];
+        match rng.gen_range(0..4) {
+            0 => page.copy_from_slice(&pattern(rng.gen(), PAGE)),
+            1 => page[rng.gen_range(0..PAGE)] ^= rng.gen_range(1..=255u8),
+            2 => page.fill(0),
+            _ => page.fill(rng.gen_range(1..=255u8)),
+        }
+    }
+    ram
+}
+
+/// Writes `ram` as raw dump number `n`: outside the tree (named by its
+/// absolute path) or sometimes inside it (by its name relative to the
+/// tree), sometimes sparse (zero pages as holes). Returns the name, as
+/// `ctl` takes it and as `info.json` shows it once attached.
+fn write_dump(ws: &Workspace, rng: &mut SmallRng, n: usize, ram: &[u8]) -> String {
+    let file = format!("ram-{n}.vmem");
+    let inside = rng.gen_bool(0.3);
+    let path = if inside {
+        ws.img(&file)
+    } else {
+        ws.scratch(&file)
+    };
+    if rng.gen_bool(0.5) {
+        let f = File::create(&path).expect("create dump");
+        f.set_len(ram.len() as u64).expect("size dump");
+        for (k, page) in ram.chunks(PAGE).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                f.write_all_at(page, (k * PAGE) as u64).expect("write dump");
+            }
+        }
+    } else {
+        std::fs::write(&path, ram).expect("write dump");
+    }
+    if inside {
+        file
+    } else {
+        let abs = path.canonicalize().expect("canonical dump path");
+        abs.to_string_lossy().into_owned()
+    }
+}
+
+/// One random memory operation on the mount and the model, if one
+/// applies: `checkpoint` of a point without memory (RAM derived from the
+/// parent's, whose delta the new one backs onto), a refused second
+/// `checkpoint`, `memory none`, or `memory DUMP` (a raw dump in place).
+fn memory_step(
+    ws: &Workspace,
+    mnt: &Path,
+    model: &mut ModelTree,
+    rng: &mut SmallRng,
+    dumps: &mut usize,
+    step: u64,
+) -> Option<String> {
+    let vis: Vec<String> = model.visible().into_iter().collect();
+    let (with, without): (Vec<String>, Vec<String>) = vis
+        .iter()
+        .cloned()
+        .partition(|n| model.points[n].memory.is_some());
+    let parent_ram = |model: &ModelTree, p: &str| {
+        let pp = model.points[p].parent.as_ref()?;
+        Some(model.points[pp].memory.as_ref()?.ram.clone())
+    };
+    let what = match rng.gen_range(0..100) {
+        0..=69 if !without.is_empty() => {
+            // Mostly a point whose parent has memory: chains of deltas.
+            let on_parent: Vec<&String> = without
+                .iter()
+                .filter(|n| parent_ram(model, n).is_some())
+                .collect();
+            let p = match on_parent.is_empty() || rng.gen_bool(0.3) {
+                true => without[rng.gen_range(0..without.len())].clone(),
+                false => on_parent[rng.gen_range(0..on_parent.len())].clone(),
+            };
+            let ram = match parent_ram(model, &p) {
+                Some(r) => derived_ram(rng, &r),
+                None => fresh_ram(rng),
+            };
+            *dumps += 1;
+            let src = write_dump(ws, rng, *dumps, &ram);
+            let base = model.delta_base(&p);
+            let file = model.new_delta_name(&p);
+            ctl_ok(mnt, &p, &format!("checkpoint {src}"));
+            let what = format!(
+                "checkpoint {p} ({} pages) into {file} on {base:?}",
+                ram.len() / PAGE
+            );
+            model.deltas.insert(file.clone(), base);
+            model.points.get_mut(&p).expect("point").memory = Some(ModelMemory {
+                ram,
+                source: format!("{MEMORY_DIR}/{file}"),
+                delta: Some(file),
+            });
+            what
+        }
+        70..=77 if !with.is_empty() => {
+            let p = with[rng.gen_range(0..with.len())].clone();
+            *dumps += 1;
+            let ram = fresh_ram(rng);
+            let src = write_dump(ws, rng, *dumps, &ram);
+            assert_errno(
+                &format!("step {step}: a second checkpoint of {p}"),
+                ctl(mnt, &p, &format!("checkpoint {src}")),
+                libc::EEXIST,
+            );
+            format!("second checkpoint of {p} refused")
+        }
+        78..=89 if !with.is_empty() => {
+            let p = with[rng.gen_range(0..with.len())].clone();
+            ctl_ok(mnt, &p, "memory none");
+            model.points.get_mut(&p).expect("point").memory = None;
+            model.prune_deltas();
+            format!("memory none on {p}")
+        }
+        90..=99 if !vis.is_empty() => {
+            let p = vis[rng.gen_range(0..vis.len())].clone();
+            let ram = match parent_ram(model, &p) {
+                Some(r) if rng.gen_bool(0.7) => derived_ram(rng, &r),
+                _ => fresh_ram(rng),
+            };
+            *dumps += 1;
+            let src = write_dump(ws, rng, *dumps, &ram);
+            ctl_ok(mnt, &p, &format!("memory {src}"));
+            model.points.get_mut(&p).expect("point").memory = Some(ModelMemory {
+                ram,
+                source: src.clone(),
+                delta: None,
+            });
+            model.prune_deltas();
+            format!("memory {src} on {p}")
+        }
+        _ => return None,
+    };
+    Some(what)
 }
 
 /// The images a tree is made of: qcow2 (on a qcow2 base) or VHD (on a
@@ -326,6 +662,7 @@ fn merge_now_step(
         f.sync_all().expect("fsync");
     }
     fmt.check_all(ws);
+    check_memory_deltas(ws, model);
     merged
 }
 
@@ -349,6 +686,7 @@ fn random_tree_operations_match_a_model() {
             parent: None,
             children: vec!["leaf".into()],
             hidden: false,
+            memory: None,
         },
     );
     model.points.insert(
@@ -358,6 +696,7 @@ fn random_tree_operations_match_a_model() {
             parent: Some("base".into()),
             children: Vec::new(),
             hidden: false,
+            memory: None,
         },
     );
     run_model(&ws, model, Fmt::Qcow2);
@@ -385,6 +724,7 @@ fn random_vhd_tree_operations_match_a_model() {
             parent: None,
             children: Vec::new(),
             hidden: false,
+            memory: None,
         },
     );
     run_model(&ws, model, Fmt::Vhd);
@@ -408,9 +748,25 @@ fn run_model(ws: &Workspace, mut model: ModelTree, fmt: Fmt) {
     let mut next = 0;
     // Points coalesced by merge-now / ctl merge, for the log.
     let mut merged_count = 0;
-    for step in 0..80 {
+    // Raw dumps written (their names: ram-N.vmem), checkpoints imported.
+    let (mut dumps, mut checkpoints) = (0, 0);
+    let check = |model: &ModelTree, label: &str| {
+        assert_tree_matches(&mnt, model, label);
+        assert_images_match(ws, model, fmt, label);
+        assert_memory_matches(ws, &mnt, model, label);
+    };
+    for step in 0..90 {
         let leaves = model.leaves();
         let vis: Vec<String> = model.visible().into_iter().collect();
+        let mem = match rng.gen_bool(0.25) {
+            true => memory_step(ws, &mnt, &mut model, &mut rng, &mut dumps, step),
+            false => None,
+        };
+        checkpoints += mem.as_ref().is_some_and(|w| w.starts_with("checkpoint")) as usize;
+        if let Some(what) = mem {
+            check(&model, &format!("step {step} ({what}, seed {seed})"));
+            continue;
+        }
         let what = match rng.gen_range(0..100) {
             0..=33 => {
                 let l = &leaves[rng.gen_range(0..leaves.len())];
@@ -514,6 +870,7 @@ fn run_model(ws: &Workspace, mut model: ModelTree, fmt: Fmt) {
                         "step {step}: {name} chain_depth after `merge` of {p}"
                     );
                 }
+                check_memory_deltas(ws, &model);
                 format!("ctl merge {p} (merged {merged:?})")
             }
             _ => {
@@ -521,20 +878,26 @@ fn run_model(ws: &Workspace, mut model: ModelTree, fmt: Fmt) {
                     f.sync_all().expect("fsync");
                 }
                 fmt.check_all(ws);
+                check_memory_deltas(ws, &model);
                 "fsync + image check".to_string()
             }
         };
-        let label = format!("step {step} ({what}, seed {seed})");
-        assert_tree_matches(&mnt, &model, &label);
-        assert_images_match(ws, &model, fmt, &label);
+        check(&model, &format!("step {step} ({what}, seed {seed})"));
     }
     // Always end with everything coalescable merged.
     let merged = merge_now_step(ws, &mnt, &mut model, fmt, &fds, "final merge-now");
     merged_count += merged.len();
-    eprintln!("{}: {merged_count} points merged", test_name());
+    eprintln!(
+        "{}: {merged_count} points merged; {checkpoints} memory checkpoints, {} deltas \
+         re-pointed by merges, {} deltas left",
+        test_name(),
+        model.repointed,
+        model.memory_files().len()
+    );
     let label = format!("final merge-now (merged {merged:?}), seed {seed}");
     assert_tree_matches(&mnt, &model, &label);
     assert_images_match(ws, &model, fmt, &label);
+    assert_memory_matches(ws, &mnt, &model, &label);
     assert!(
         model.coalescable().is_empty(),
         "model still has coalescable points"
@@ -555,6 +918,12 @@ fn run_model(ws: &Workspace, mut model: ModelTree, fmt: Fmt) {
     unmount_ok(m);
     fmt.check_all(ws);
     assert_images_match(ws, &model, fmt, "after unmount");
+    assert_eq!(
+        memory_dir_files(ws),
+        model.memory_files(),
+        "after unmount: files in {MEMORY_DIR}, seed {seed}"
+    );
+    check_memory_deltas(ws, &model);
     for (name, img) in &images {
         match fmt {
             Fmt::Qcow2 => ws.compare(img, &model.points[name].data),
@@ -567,7 +936,20 @@ fn run_model(ws: &Workspace, mut model: ModelTree, fmt: Fmt) {
             ),
         }
     }
+    // qemu-img reads each visible point's delta, through the deltas it
+    // backs onto, as the model's RAM.
+    for p in model.points.values().filter(|p| !p.hidden) {
+        if let Some(ModelMemory {
+            ram,
+            delta: Some(d),
+            ..
+        }) = &p.memory
+        {
+            ws.compare(&format!("{MEMORY_DIR}/{d}"), ram);
+        }
+    }
     let m = ws.remount(&["-o", "gc_idle=off"]);
     assert_tree_matches(&m.mnt, &model, "after remount");
+    assert_memory_matches(ws, &m.mnt, &model, &format!("after remount, seed {seed}"));
     unmount_ok(m);
 }
