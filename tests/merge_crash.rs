@@ -738,18 +738,6 @@ fn file_len(path: &Path) -> u64 {
         .len()
 }
 
-fn inode(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
-        .ino()
-}
-
-fn read_json(path: &Path) -> Option<Value> {
-    let text = std::fs::read(path).ok()?;
-    Some(serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-}
-
 /// Whether the manifest says `mid` is a visible point (no manifest, or no
 /// entry: its file makes it one).
 fn mid_visible_offline(ws: &Workspace) -> bool {
@@ -805,18 +793,6 @@ fn classify(ws: &Workspace) -> (Moment, Option<String>) {
         None if ws.img("mid.qcow2").exists() => (Moment::Before, None),
         None => (Moment::After, None),
     }
-}
-
-/// Point names drawn in `MNT/tree` (first word after the box drawing).
-fn tree_names(text: &str) -> BTreeSet<String> {
-    text.lines()
-        .filter_map(|l| {
-            l.trim_start_matches(|c: char| "│├└─ ".contains(c))
-                .split_whitespace()
-                .next()
-                .map(str::to_string)
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -901,19 +877,6 @@ impl Drop for Watchdog {
 /// A delay in [0, 1.2 × `t`].
 fn delay(rng: &mut SmallRng, t: Duration) -> Duration {
     t.mul_f64(rng.gen_range(0.0..1.2))
-}
-
-/// `umount -l`, then waits for the mount to be gone.
-fn lazy_umount(mnt: &Path) {
-    let o = run_unchecked(Command::new("umount").arg("-l").arg(mnt));
-    if !o.status.success() {
-        run_unchecked(Command::new("fusermount3").args(["-u", "-z"]).arg(mnt));
-    }
-    assert!(
-        wait_until(Duration::from_secs(10), || !is_mounted(mnt)),
-        "{} still mounted after umount -l",
-        mnt.display()
-    );
 }
 
 /// Mount variant: give the points memory (see [`give_memory`]), delete

@@ -56,7 +56,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -416,17 +416,6 @@ fn build(ws: &Workspace, spec: &Spec, rng: &mut SmallRng, tag: &str) -> Option<R
 // Looking at the tree directory
 // ---------------------------------------------------------------------------
 
-fn inode(path: &Path) -> u64 {
-    std::fs::metadata(path)
-        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
-        .ino()
-}
-
-fn read_json(path: &Path) -> Option<Value> {
-    let text = std::fs::read(path).ok()?;
-    Some(serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-}
-
 /// The manifest's entries for `mid` that are not garbage.
 fn manifest_mid(ws: &Workspace) -> Vec<Value> {
     read_json(&ws.images.join(MANIFEST))
@@ -472,18 +461,6 @@ fn classify(ws: &Workspace) -> (Moment, Option<String>) {
         Moment::MidMerge
     };
     (m, Some(dir))
-}
-
-/// Point names drawn in `MNT/tree` (first word after the box drawing).
-fn tree_names(text: &str) -> BTreeSet<String> {
-    text.lines()
-        .filter_map(|l| {
-            l.trim_start_matches(|c: char| "│├└─ ".contains(c))
-                .split_whitespace()
-                .next()
-                .map(str::to_string)
-        })
-        .collect()
 }
 
 /// The unique ids (hex) of the footer copy at the start of
@@ -597,21 +574,6 @@ impl Drop for Watchdog {
             let _ = t.join();
         }
     }
-}
-
-/// `umount -l` of a dead daemon's mount, then waits for it to be gone.
-fn lazy_umount(mnt: &Path) {
-    if !run_unchecked(Command::new("umount").arg("-l").arg(mnt))
-        .status
-        .success()
-    {
-        run_unchecked(Command::new("fusermount3").args(["-u", "-z"]).arg(mnt));
-    }
-    assert!(
-        wait_until(Duration::from_secs(10), || !is_mounted(mnt)),
-        "{} still mounted after umount -l",
-        mnt.display()
-    );
 }
 
 /// Mount variant: delete `mid`, start `merge-now`, SIGKILL the daemon

@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{bin, describe, fuse_unavailable, run_with_timeout, test_name};
+use super::{bin, describe, fuse_unavailable, run_unchecked, run_with_timeout, test_name};
 use super::{EXIT_DEADLINE, MOUNT_DEADLINE};
 
 /// Whether `path` (canonical) is a mount point, per `/proc/mounts`.
@@ -401,4 +401,19 @@ impl Drop for Mount {
             self.teardown();
         }
     }
+}
+
+/// `umount -l` of a dead daemon's mount, then waits for it to be gone.
+pub fn lazy_umount(mnt: &Path) {
+    if !run_unchecked(Command::new("umount").arg("-l").arg(mnt))
+        .status
+        .success()
+    {
+        run_unchecked(Command::new("fusermount3").args(["-u", "-z"]).arg(mnt));
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || !is_mounted(mnt)),
+        "{} still mounted after umount -l",
+        mnt.display()
+    );
 }

@@ -188,3 +188,30 @@ pub fn status_text(mnt: &Path) -> String {
 pub fn tree_text(mnt: &Path) -> String {
     read_text(&mnt.join("tree"))
 }
+
+/// Point names drawn in `MNT/tree` (first word after the box drawing).
+pub fn tree_names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| {
+            l.trim_start_matches(|c: char| "│├└─ ".contains(c))
+                .split_whitespace()
+                .next()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// The JSON file at `path`, `None` if it does not exist (a file that is
+/// not JSON fails the test).
+pub fn read_json(path: &Path) -> Option<Value> {
+    let text = std::fs::read(path).ok()?;
+    Some(serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+}
+
+/// The inode number of `path`.
+pub fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .ino()
+}
