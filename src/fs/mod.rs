@@ -270,8 +270,10 @@ impl SnapFs {
             }
             Inode::Point(p, PointFile::MemoryDir) => {
                 let m = self.memory_blocks_of(p)?;
-                let i = m.blocks.iter().position(|b| b.file == name)?;
-                Some(Inode::MemoryBlock(p, i as u64))
+                let i = m.blocks.iter().position(|b| b.file == name)? as u64;
+                // Inode numbers hold MAX_BLOCKS blocks per point (readdir
+                // lists no more).
+                (i < inodes::MAX_BLOCKS).then_some(Inode::MemoryBlock(p, i))
             }
             _ => None,
         }

@@ -129,7 +129,11 @@ pub fn import(
     throttle: Throttle,
     progress: &mut dyn FnMut(&ImportStats) -> bool,
 ) -> Result<ImportStats, ImportError> {
-    let size = source.size().div_ceil(PAGE) * PAGE;
+    let size = source
+        .size()
+        .div_ceil(PAGE)
+        .checked_mul(PAGE)
+        .ok_or_else(|| ImageError::invalid(out, "memory source too large to import"))?;
     let mut opts = CreateOptions::new(size);
     opts.cluster_bits = CLUSTER_BITS;
     opts.backing = base

@@ -178,7 +178,7 @@ fn decode(b: &[u8], path: &Path, st: &Stamp) -> Option<MemorySource> {
     let mut blocks = Vec::new();
     for _ in 0..n_blocks {
         let name = c.string()?;
-        let size = c.u64()?;
+        let size = c.u64().filter(|s| *s <= i64::MAX as u64)?;
         let n_runs = usize::try_from(c.u64()?).ok()?;
         // Each run is 24 bytes: a count the file cannot hold is a lie.
         if n_runs > c.left() / 24 {
@@ -265,6 +265,13 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(decode(&bytes[..cut], p, &ST).is_none(), "cut at {cut}");
         }
+        let mut huge = source();
+        huge.blocks[0].size = u64::MAX;
+        huge.blocks[0].runs.clear();
+        assert!(
+            decode(&encode(&huge, p, &ST), p, &ST).is_none(),
+            "a block no file can hold"
+        );
         let small = Stamp { size: 4000, ..ST };
         let bytes = encode(&source(), p, &small);
         assert!(

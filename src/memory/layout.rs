@@ -57,6 +57,13 @@ pub fn below_4g(machine: Option<&str>, ram: u64) -> u64 {
 /// Places `src` (see the module docs). `Err` when it holds no RAM block,
 /// or one too large to place.
 pub fn place(src: &MemorySource) -> Result<Placement, String> {
+    // No file can be larger: sizes beyond would wrap as file sizes.
+    if let Some(b) = src.blocks.iter().find(|b| b.size > i64::MAX as u64) {
+        return Err(format!(
+            "RAM block {:?} of {} bytes is larger than any file can be",
+            b.name, b.size
+        ));
+    }
     if src.physical {
         let b = src.blocks.first().ok_or("the source holds no memory")?;
         return Ok(Placement {

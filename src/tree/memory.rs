@@ -157,6 +157,7 @@ impl Tree {
                 self.memory_source_name(source)?,
             )
         };
+        let parent = self.nodes.read().get(&id).and_then(|n| n.parent);
         let src =
             crate::memory::view::open_view(&self.dir, &source_name, self.index_cache().as_deref())
                 .map_err(|why| err(libc::EINVAL, why))?;
@@ -198,7 +199,7 @@ impl Tree {
             };
             err(e.errno(), msg)
         })?;
-        let attached = self.attach_delta(id, &point, base.as_deref(), &tmp, &mem_dir);
+        let attached = self.attach_delta(id, &point, parent, base.as_ref(), &tmp, &mem_dir);
         if attached.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
@@ -207,29 +208,44 @@ impl Tree {
 
     /// The delta a new checkpoint of point `id` is made against: its
     /// parent point's, if that is a page-delta checkpoint.
+    /// Only snaptree's own deltas qualify: a qcow2 attached in place
+    /// elsewhere could not be named as a backing file from the memory
+    /// directory (nor is it ours to merge).
     fn delta_base(&self, id: u64) -> Option<Arc<MemoryView>> {
         let parent = self.nodes.read().get(&id)?.parent?;
         let holder = self.memory_holder(parent)?;
-        Self::memory_view(&holder).filter(|v| v.delta)
+        Self::memory_view(&holder).filter(|v| self.is_own_delta(v))
+    }
+
+    /// A page-delta checkpoint in the tree's memory directory.
+    fn is_own_delta(&self, v: &MemoryView) -> bool {
+        v.delta && v.path.starts_with(self.dir.join(MEMORY_DIR))
     }
 
     /// Renames the imported delta into place and names it in the
     /// manifest, if nothing changed under the import.
+    /// Nothing changed means: the point is still there, still under the
+    /// same parent (a `snapshot` of a leaf puts a new point between), and
+    /// the parent's memory is the very view the delta was made against (a
+    /// path is not enough: a delta detached, swept and imported anew can
+    /// reuse the name).
     fn attach_delta(
         &self,
         id: u64,
         point: &Arc<Point>,
-        base: Option<&MemoryView>,
+        parent: Option<u64>,
+        base: Option<&Arc<MemoryView>>,
         tmp: &Path,
         mem_dir: &Path,
     ) -> Result<(), TreeError> {
         let _ops = self.lock_ops();
         let still = self
             .view(id)
-            .is_some_and(|v| !v.hidden && Arc::ptr_eq(&v.point, point));
+            .is_some_and(|v| !v.hidden && Arc::ptr_eq(&v.point, point))
+            && self.nodes.read().get(&id).and_then(|n| n.parent) == parent;
         let same_base = match (self.delta_base(id), base) {
             (None, None) => true,
-            (Some(a), Some(b)) => a.path == b.path,
+            (Some(a), Some(b)) => Arc::ptr_eq(&a, b),
             _ => false,
         };
         if !still || point.memory.read().is_some() || !same_base {
@@ -287,7 +303,9 @@ impl Tree {
         ) else {
             return Ok(());
         };
-        let Some(c) = Self::memory_view(&holder).filter(|c| c.delta && h.delta) else {
+        let Some(c) =
+            Self::memory_view(&holder).filter(|c| self.is_own_delta(c) && self.is_own_delta(&h))
+        else {
             return Ok(());
         };
         let backs_on_h = c
