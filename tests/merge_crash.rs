@@ -449,19 +449,6 @@ fn memory_reference(ws: &Workspace, name: &str) -> PathBuf {
     ws.scratch(&format!("ref-{name}.memory.raw"))
 }
 
-/// The files in `MEMORY_DIR` (none when it does not exist).
-fn memory_files(ws: &Workspace) -> BTreeSet<String> {
-    std::fs::read_dir(ws.img(MEMORY_DIR))
-        .map(|d| {
-            d.flatten()
-                // Not the index cache directory of sources read in place.
-                .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Fresh RAM of `pages` pages: random, some pages zero.
 fn fresh_ram(rng: &mut SmallRng, pages: usize) -> Vec<u8> {
     let mut ram = pattern(rng.gen(), pages * PAGE);
@@ -614,7 +601,7 @@ fn check_memory_offline(ws: &Workspace, mem: &Memory, points: &[&Img], tag: &str
 fn check_deltas(ws: &Workspace, tag: &str) -> u64 {
     let strict = std::env::var_os("SNAPTREE_CRASH_STRICT_LEAKS").is_some_and(|v| v != "0");
     let mut leaked = 0;
-    for f in memory_files(ws) {
+    for f in memory_dir_files(ws) {
         let name = format!("{MEMORY_DIR}/{f}");
         let o = ws.qemu_img_unchecked(&["check", "-U", "--output=json", &name]);
         let code = o.status.code();
@@ -1151,7 +1138,7 @@ fn one_run(i: u64, run_seed: u64, cal: &mut Calibration) -> Option<Outcome> {
         "{tag}: {leaked_after} bytes of leaked clusters after the merge completed ({leaked} after the kill)"
     );
     assert_eq!(
-        memory_files(&ws),
+        memory_dir_files(&ws),
         mem.files_after_merge(&spec),
         "{tag}: files in {MEMORY_DIR} after unmount"
     );
@@ -1323,7 +1310,7 @@ fn verify_mounted(ws: &Workspace, spec: &Spec, mem: &Memory, start_merge: bool, 
     }
     compare_all("after the merge");
     assert_eq!(
-        memory_files(ws),
+        memory_dir_files(ws),
         mem.files_after_merge(spec),
         "{tag}: files in {MEMORY_DIR} after the merge (the visible points' deltas and what \
          they back onto)"

@@ -138,16 +138,6 @@ fn check_clean(ws: &Workspace, image: &str) {
     );
 }
 
-fn memory_files(ws: &Workspace) -> BTreeSet<String> {
-    std::fs::read_dir(ws.img(".snaptree-memory"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn page_delta_checkpoints_store_only_changed_pages_and_survive_merges() {
     let Some(ws) = base_and_leaf_workspace(RAM) else {
@@ -253,11 +243,11 @@ fn page_delta_checkpoints_store_only_changed_pages_and_survive_merges() {
         &ram1,
     );
     assert_eq!(
-        memory_files(&ws),
+        memory_dir_files(&ws),
         names(&["base.qcow2", "s1.qcow2", "leaf.qcow2"])
     );
     ctl_ok(&mnt, "leaf", "delete");
-    assert_eq!(memory_files(&ws), names(&["base.qcow2", "s1.qcow2"]));
+    assert_eq!(memory_dir_files(&ws), names(&["base.qcow2", "s1.qcow2"]));
 
     // Deleting base hides it (s1 needs it); merging it away puts its pages
     // into s1's delta first: s1's memory reads the same throughout.
@@ -282,7 +272,7 @@ fn page_delta_checkpoints_store_only_changed_pages_and_survive_merges() {
     );
     drop(reader);
     assert_eq!(
-        memory_files(&ws),
+        memory_dir_files(&ws),
         names(&["s1.qcow2"]),
         "base's delta is gone"
     );

@@ -10,19 +10,6 @@ pub(super) const MEMORY_DIR: &str = ".snaptree-memory";
 /// One guest page: the cluster size of a delta.
 pub(super) const PAGE: usize = 4096;
 
-/// The files in `.snaptree-memory` (none when it does not exist).
-pub(super) fn memory_dir_files(ws: &Workspace) -> BTreeSet<String> {
-    std::fs::read_dir(ws.img(MEMORY_DIR))
-        .map(|d| {
-            d.flatten()
-                // Not the index cache directory of sources read in place.
-                .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Every visible point's `memory.raw` (present exactly when the model
 /// has a memory for it, with its bytes) and `info.json` memory object,
 /// and the files of `.snaptree-memory`: no delta leaked, none lost.

@@ -215,3 +215,16 @@ pub fn inode(path: &Path) -> u64 {
         .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
         .ino()
 }
+
+/// The files of the tree's `.snaptree-memory` (none when it does not
+/// exist), not its index cache directory.
+pub fn memory_dir_files(ws: &Workspace) -> BTreeSet<String> {
+    std::fs::read_dir(ws.img(".snaptree-memory"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
