@@ -37,9 +37,9 @@ use std::time::{Duration, SystemTime};
 #[derive(Clone)]
 enum Handle {
     Disk(Arc<Point>),
-    /// A memory view (`memory.raw`, or block `Some(i)` under `memory/`):
-    /// read-only, never changes while open.
-    Memory(Arc<MemoryView>, Option<usize>),
+    /// A memory view of point `.0` (`memory.raw`, or block `Some(i)` under
+    /// `memory/`): read-only, never changes while open.
+    Memory(u64, Arc<MemoryView>, Option<usize>),
     /// Text rendered at open.
     Text(Arc<Vec<u8>>),
     Ctl(Arc<Point>),
@@ -109,6 +109,34 @@ impl SnapFs {
         let v = self.tree.view(p).filter(|v| !v.hidden)?;
         let m = v.point.memory.read();
         m.as_ref().and_then(|m| m.view.as_ref().ok().cloned())
+    }
+
+    /// Whether `command` (a `ctl` write to point `p`) could put another
+    /// memory view behind `p`'s memory files while one of them is open
+    /// (also one opened before a `snapshot` moved the view away):
+    /// the kernel keys its page cache by inode, so the open file and new
+    /// ones would share pages of two different sources.
+    fn memory_in_use(&self, p: &Point, command: &[u8]) -> bool {
+        let text = String::from_utf8_lossy(command);
+        let word = text.split_whitespace().next().unwrap_or("");
+        if word != "memory" && word != "checkpoint" {
+            return false;
+        }
+        let open = || {
+            self.handles
+                .lock()
+                .values()
+                .any(|h| matches!(h, Handle::Memory(id, ..) if *id == p.id))
+        };
+        // The kernel sends RELEASE after close(2) returns: a file closed
+        // just before the command may still be counted for a moment.
+        for _ in 0..20 {
+            if !open() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
     }
 
     /// The memory view of point `p` if it has other RAM blocks to show.
@@ -442,10 +470,14 @@ impl Filesystem for SnapFs {
                             return reply.error(Errno::EROFS);
                         }
                         match self.memory_of(p) {
-                            // The source never changes under the view.
+                            // Not FOPEN_KEEP_CACHE: a view never changes,
+                            // but `memory`/`checkpoint` can put another one
+                            // behind the same inode while the kernel still
+                            // holds it (a file kept open) with the old
+                            // pages. Each open starts from a clean cache.
                             Some(m) => reply.opened(
-                                self.new_handle(Handle::Memory(m, None)),
-                                FopenFlags::FOPEN_KEEP_CACHE,
+                                self.new_handle(Handle::Memory(p, m, None)),
+                                FopenFlags::empty(),
                             ),
                             None => reply.error(Errno::ENOENT),
                         }
@@ -467,9 +499,10 @@ impl Filesystem for SnapFs {
                     return reply.error(Errno::EROFS);
                 }
                 match self.memory_block(p, i) {
+                    // No FOPEN_KEEP_CACHE, as for memory.raw.
                     Some((m, i)) => reply.opened(
-                        self.new_handle(Handle::Memory(m, Some(i))),
-                        FopenFlags::FOPEN_KEEP_CACHE,
+                        self.new_handle(Handle::Memory(p, m, Some(i))),
+                        FopenFlags::empty(),
                     ),
                     None => reply.error(Errno::ENOENT),
                 }
@@ -497,7 +530,7 @@ impl Filesystem for SnapFs {
                 Ok(buf) => reply.data(&buf),
                 Err(e) => reply.error(e),
             },
-            Handle::Memory(m, b) => match disk::read_memory(&self.tree, &m, b, offset, size) {
+            Handle::Memory(_, m, b) => match disk::read_memory(&self.tree, &m, b, offset, size) {
                 Ok(buf) => reply.data(&buf),
                 Err(e) => reply.error(e),
             },
@@ -533,6 +566,21 @@ impl Filesystem for SnapFs {
         };
         let r = match h {
             Handle::Disk(p) => disk::write(&self.tree, &p, offset, data),
+            Handle::Ctl(p) if self.memory_in_use(&p, data) => {
+                let e = crate::tree::TreeError::new(
+                    libc::EBUSY,
+                    format!(
+                        "{}/memory.raw is open; close it before changing the point's memory",
+                        p.name
+                    ),
+                );
+                let r = Err(e);
+                self.tree.record(
+                    &format!("{}/ctl: {}", p.name, String::from_utf8_lossy(data).trim()),
+                    &r,
+                );
+                r.map_err(|e| errno(e.errno))
+            }
             Handle::Ctl(p) => {
                 let r = control::run_ctl(&self.tree, p.id, &p.name, data);
                 // Also after a failure: `merge` deletes before it fails.
@@ -707,7 +755,7 @@ impl Filesystem for SnapFs {
     ) {
         let r = match self.handle(fh) {
             Some(Handle::Disk(p)) => disk::seek(&p.io.read().chain, offset, whence),
-            Some(Handle::Memory(m, b)) => disk::seek(disk::memory_chain(&m, b), offset, whence),
+            Some(Handle::Memory(_, m, b)) => disk::seek(disk::memory_chain(&m, b), offset, whence),
             _ => return reply.error(Errno::EINVAL),
         };
         match r {

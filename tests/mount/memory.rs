@@ -95,9 +95,36 @@ fn memory_checkpoint_of_a_raw_dump() {
         &read_disk(&m.mnt.join("s1/memory.raw")),
         &ram,
     );
+    // Read through the page cache (not dropped), then another source on
+    // the same point: the same file name and inode must not serve the
+    // old bytes.
+    assert_bytes_eq(
+        "s1/memory.raw, cached",
+        &std::fs::read(m.mnt.join("s1/memory.raw")).unwrap(),
+        &ram,
+    );
+    // While it is open (the kernel keeps the inode and its pages), the
+    // point's memory cannot change.
+    let held = std::fs::File::open(m.mnt.join("s1/memory.raw")).unwrap();
+    assert_errno(
+        "memory none while memory.raw is open",
+        ctl(&m.mnt, "s1", "memory none"),
+        libc::EBUSY,
+    );
+    assert!(status_text(&m.mnt).contains("memory.raw is open"));
+    drop(held);
     ctl_ok(&m.mnt, "s1", "memory none");
     assert!(!m.mnt.join("s1/memory.raw").exists());
     assert!(info(&m.mnt, "s1")["memory"].is_null());
+    let other = pattern(43, RAM as usize);
+    std::fs::write(ws.img("other.vmem"), &other).unwrap();
+    ctl_ok(&m.mnt, "s1", "memory other.vmem");
+    assert_bytes_eq(
+        "s1/memory.raw, another source",
+        &std::fs::read(m.mnt.join("s1/memory.raw")).unwrap(),
+        &other,
+    );
+    ctl_ok(&m.mnt, "s1", "memory none");
     unmount_ok(m);
     assert!(
         ws.img("leaf.vmem").exists(),
