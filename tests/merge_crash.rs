@@ -599,29 +599,10 @@ fn check_memory_offline(ws: &Workspace, mem: &Memory, points: &[&Img], tag: &str
 /// `qemu-img check` of every file in `MEMORY_DIR`; returns the bytes of
 /// leaked clusters (as [`check_all`] does for the disks).
 fn check_deltas(ws: &Workspace, tag: &str) -> u64 {
-    let strict = std::env::var_os("SNAPTREE_CRASH_STRICT_LEAKS").is_some_and(|v| v != "0");
-    let mut leaked = 0;
-    for f in memory_dir_files(ws) {
-        let name = format!("{MEMORY_DIR}/{f}");
-        let o = ws.qemu_img_unchecked(&["check", "-U", "--output=json", &name]);
-        let code = o.status.code();
-        let v: Option<Value> = serde_json::from_slice(&o.stdout).ok();
-        let leaks = v.as_ref().and_then(|v| v["leaks"].as_u64()).unwrap_or(0);
-        if !(code == Some(0) || (code == Some(3) && !strict)) {
-            let text = ws.qemu_img_unchecked(&["check", "-U", &name]);
-            panic!(
-                "{tag}: qemu-img check {name}: {}\n{}{}",
-                o.status,
-                String::from_utf8_lossy(&text.stdout),
-                String::from_utf8_lossy(&text.stderr)
-            );
-        }
-        if leaks > 0 {
-            eprintln!("{tag}: qemu-img check {name}: {leaks} leaked clusters");
-            leaked += leaks * PAGE as u64;
-        }
-    }
-    leaked
+    let names = memory_dir_files(ws)
+        .into_iter()
+        .map(|f| format!("{MEMORY_DIR}/{f}"));
+    check_images(ws, tag, names)
 }
 
 /// Where the kill left the memory of `mid`'s child, judged from its
@@ -1193,9 +1174,15 @@ fn one_run(i: u64, run_seed: u64, cal: &mut Calibration) -> Option<Outcome> {
 /// metadata so that a crash leaves at worst leaked clusters; see
 /// `src/image/qcow2/write.rs`.)
 fn check_all(ws: &Workspace, tag: &str) -> u64 {
+    check_images(ws, tag, ws.qcow2_images())
+}
+
+/// `qemu-img check` of the qcow2 images `names` (relative to the tree),
+/// with the rules of [`check_all`]; returns the bytes of leaked clusters.
+fn check_images(ws: &Workspace, tag: &str, names: impl IntoIterator<Item = String>) -> u64 {
     let strict = std::env::var_os("SNAPTREE_CRASH_STRICT_LEAKS").is_some_and(|v| v != "0");
     let mut leaked = 0;
-    for name in ws.qcow2_images() {
+    for name in names {
         let o = ws.qemu_img_unchecked(&["check", "-U", "--output=json", &name]);
         let code = o.status.code();
         let v: Option<Value> = serde_json::from_slice(&o.stdout).ok();
