@@ -41,7 +41,7 @@ pub fn index_any(path: &Path) -> Result<MemorySource> {
         ),
         (b"PAGEDUMP", "a Windows crash dump"),
     ];
-    if head.starts_with(b"QFI\xfb") {
+    if head.starts_with(crate::image::qcow2::header::MAGIC) {
         return Err(ImageError::unsupported(
             path,
             "a qcow2 image, not a memory dump (memory sources are raw dumps, ELF cores, \

@@ -10,6 +10,7 @@
 
 use super::{detect, index_cache, layout, MemoryLayer};
 use crate::chain::{Chain, OpenOptions};
+use crate::image::{probe, Format};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,14 +64,12 @@ fn block_files<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
     out
 }
 
-/// True when the file at `path` starts like a qcow2 image.
+/// True when the file at `path` is a qcow2 image (by the disk probe).
 fn is_qcow2(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
     std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && magic == *b"QFI\xfb"
+        .ok()
+        .and_then(|f| probe::detect_format(&f, path).ok())
+        == Some(Format::Qcow2)
 }
 
 /// Opens the memory source `source` of the tree in `dir`, its index taken

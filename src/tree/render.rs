@@ -159,7 +159,16 @@ fn draw(nodes: &BTreeMap<u64, Node>, id: u64, first: &str, rest: &str, out: &mut
     }
     let mut disks = Vec::new();
     let mut read_only = false;
+    let mut memory = None;
     for m in nodes.values().filter(|m| m.point.name == n.point.name) {
+        memory = memory.or_else(|| match m.point.memory.read().as_ref().map(|m| &m.view) {
+            Some(Ok(v)) if v.delta => {
+                Some(format!("memory {} (delta)", human_size(v.chain.size())))
+            }
+            Some(Ok(v)) => Some(format!("memory {}", human_size(v.chain.size()))),
+            Some(Err(_)) => Some("memory unreadable".to_string()),
+            None => None,
+        });
         let io = m.point.io.read();
         read_only |= !io.writable && m.children.is_empty();
         let what = format!(
@@ -181,17 +190,6 @@ fn draw(nodes: &BTreeMap<u64, Node>, id: u64, first: &str, rest: &str, out: &mut
             .collect::<Vec<_>>()
             .join("; "),
     };
-    let memory = nodes
-        .values()
-        .filter(|m| m.point.name == n.point.name)
-        .find_map(|m| match m.point.memory.read().as_ref().map(|m| &m.view) {
-            Some(Ok(v)) if v.delta => {
-                Some(format!("memory {} (delta)", human_size(v.chain.size())))
-            }
-            Some(Ok(v)) => Some(format!("memory {}", human_size(v.chain.size()))),
-            Some(Err(_)) => Some("memory unreadable".to_string()),
-            None => None,
-        });
     if let Some(m) = memory {
         detail.push_str("; ");
         detail.push_str(&m);
