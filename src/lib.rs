@@ -9,6 +9,7 @@
 
 pub mod chain;
 pub mod cli;
+pub mod confine;
 pub mod error;
 pub mod fileio;
 pub mod fs;

@@ -5,6 +5,7 @@
 //! /dev/sda or /etc/shadow) into a mount.
 
 use super::ChainError;
+use crate::confine::{Confine, Refused};
 use crate::error::ImageError;
 use crate::image::{probe, Format, Layer};
 use std::collections::HashSet;
@@ -61,6 +62,11 @@ pub fn open_layers(leaf: &Path, opts: &OpenOptions) -> Result<Vec<Arc<dyn Layer>
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/"));
+    let confine =
+        Confine::new(&root, opts.allow_external_backing).map_err(|e| ChainError::Open {
+            path: root.clone(),
+            source: e,
+        })?;
     let mut layers: Vec<Arc<dyn Layer>> = Vec::new();
     let mut seen = HashSet::new();
     let mut path = leaf.to_path_buf();
@@ -98,37 +104,29 @@ pub fn open_layers(leaf: &Path, opts: &OpenOptions) -> Result<Vec<Arc<dyn Layer>
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        let target = dir.join(&b.name);
-        let target_canon = target.canonicalize().map_err(|e| ChainError::Missing {
-            path: referrer.path().to_path_buf(),
-            offset: b.offset,
-            name: b.name.clone(),
-            target: target.clone(),
-            source: e,
+        let referrer_path = referrer.path().to_path_buf();
+        confine.reference(&dir, &b.name).map_err(|r| match r {
+            Refused::Missing { path, source, .. } => ChainError::Missing {
+                path: referrer_path.clone(),
+                offset: b.offset,
+                name: b.name.clone(),
+                target: path,
+                source,
+            },
+            Refused::Outside { target, root, .. } => ChainError::Outside {
+                path: referrer_path.clone(),
+                offset: b.offset,
+                name: b.name.clone(),
+                target,
+                root,
+            },
+            Refused::Invalid { .. } => ChainError::NotAnImage {
+                path: referrer_path.clone(),
+                offset: b.offset,
+                name: b.name.clone(),
+                target: dir.join(&b.name),
+            },
         })?;
-        if !opts.allow_external_backing && !target_canon.starts_with(&root) {
-            return Err(ChainError::Outside {
-                path: referrer.path().to_path_buf(),
-                offset: b.offset,
-                name: b.name.clone(),
-                target: target_canon,
-                root: root.clone(),
-            });
-        }
-        // Only regular files and block devices hold images: a FIFO would
-        // block forever, a directory is no disk.
-        let ft = std::fs::metadata(&target_canon).map(|m| m.file_type());
-        if !ft
-            .as_ref()
-            .is_ok_and(|t| t.is_file() || t.is_block_device())
-        {
-            return Err(ChainError::NotAnImage {
-                path: referrer.path().to_path_buf(),
-                offset: b.offset,
-                name: b.name.clone(),
-                target: target_canon,
-            });
-        }
         format = match &b.format {
             None => None,
             Some(f) => Some(Format::from_name(f).ok_or_else(|| ChainError::Format {
@@ -136,7 +134,7 @@ pub fn open_layers(leaf: &Path, opts: &OpenOptions) -> Result<Vec<Arc<dyn Layer>
                 format: f.clone(),
             })?),
         };
-        path = target;
+        path = dir.join(&b.name);
     }
     Ok(layers)
 }

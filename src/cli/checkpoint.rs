@@ -70,11 +70,17 @@ pub fn run(cmd: CheckpointCmd) -> CliResult {
         wait_ms: a.wait_ms,
     };
     let stats = tree
-        .checkpoint(point.id, &source.to_string_lossy(), throttle, &mut |s| {
-            bar.set_length(s.pages_total);
-            bar.set_position(s.pages_done);
-            true
-        })
+        .checkpoint(
+            point.id,
+            &source.to_string_lossy(),
+            false,
+            throttle,
+            &mut |s| {
+                bar.set_length(s.pages_total);
+                bar.set_position(s.pages_done);
+                true
+            },
+        )
         .map_err(|e| e.message);
     bar.finish_and_clear();
     let stats = stats?;

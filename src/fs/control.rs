@@ -49,7 +49,7 @@ pub fn run_merge_now(tree: &Tree) -> Result<(), TreeError> {
 fn checkpoint(tree: &Tree, id: u64, point_name: &str, source: &str) -> Result<(), TreeError> {
     use std::sync::atomic::Ordering;
     let throttle = tree.import_throttle();
-    let result = tree.checkpoint(id, source, throttle, &mut |s| {
+    let result = tree.checkpoint(id, source, true, throttle, &mut |s| {
         tree.import_progress(point_name, Some(s.describe()));
         // The mount is going away.
         !tree.merge.cancel.load(Ordering::Relaxed)

@@ -80,10 +80,21 @@ pub fn load_or_index(
 }
 
 fn store(to: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    // The cache directory is `.snaptree-memory/index` of a tree that may
+    // come from someone else: neither may be a symlink.
     let dir = to.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    let mem_dir = dir.parent().unwrap_or(Path::new("."));
+    if !crate::confine::is_real_dir(mem_dir) {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory",
+            mem_dir.display()
+        )));
+    }
+    if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
+        crate::confine::own_dir(mem_dir, name)?;
+    }
     let tmp = to.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = crate::confine::create_fresh(&tmp)?;
     f.write_all(bytes)?;
     f.sync_data()?;
     std::fs::rename(&tmp, to)

@@ -11,12 +11,20 @@
 //! - `commit`: the hidden image's file is gone (renamed onto the child's)
 //!   → it did: fix the manifest. Otherwise redo; the hidden node only
 //!   changed in ranges its child covers.
+//!
+//! A journal is a file in a directory that may come from someone else, so
+//! recovery acts only on one that matches the tree (see [`Trusted`]): its
+//! names pass the confinement check for snaptree's own records, the
+//! manifest marks the hidden image as hidden, and the images' backing
+//! references say what the journal says. Anything else is reported and
+//! left untouched, journal included.
 
+use crate::confine::Confine;
 use crate::image::probe;
 use crate::tree::discover;
 use crate::tree::manifest::{self, write_atomic};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const JOURNAL_NAME: &str = ".snaptree-merge.json";
 
@@ -79,8 +87,11 @@ pub fn referenced_by(dir: &Path, image: &Path, except: &[&Path]) -> Option<std::
         .iter()
         .filter_map(|p| p.canonicalize().ok())
         .collect();
-    match discover::scan_dir(dir, true) {
-        Ok(found) => found
+    // References that leave the tree count too: the file is in use.
+    let scan = Confine::new(dir, true).and_then(|c| discover::scan_dir(&c));
+    match scan {
+        Ok(scan) => scan
+            .found
             .into_iter()
             .find(|(p, f)| f.backing.as_ref() == Some(&target) && !except.contains(p))
             .map(|(p, _)| p),
@@ -124,11 +135,29 @@ pub fn reclaim_garbage(dir: &Path, problems: &mut Vec<String>) {
     if !m.points.iter().any(|p| p.garbage) {
         return;
     }
+    let Ok(confine) = Confine::new(dir, false) else {
+        return;
+    };
     m.points.retain(|p| {
         if !p.garbage {
             return true;
         }
-        let path = dir.join(&p.image);
+        // Only what snaptree itself marked: a hidden point's image, named
+        // as snaptree names images.
+        let path = match confine.record(&p.image) {
+            Ok(path) if p.hidden => path,
+            Ok(_) => {
+                problems.push(format!(
+                    "manifest marks {:?} as garbage but not as hidden; kept",
+                    p.image
+                ));
+                return true;
+            }
+            Err(why) => {
+                problems.push(format!("manifest garbage entry: {why}; kept"));
+                return true;
+            }
+        };
         if !path.exists() {
             return false;
         }
@@ -152,6 +181,106 @@ pub fn reclaim_garbage(dir: &Path, problems: &mut Vec<String>) {
     }
 }
 
+/// A journal entry checked against the tree (see the module docs).
+struct Trusted {
+    entry: Entry,
+    hidden: PathBuf,
+    child: PathBuf,
+    /// Whether the merge reached its commit point.
+    committed: bool,
+}
+
+/// The canonical path of the image `image`'s backing reference (`None`
+/// for none); `Err` when the image does not open or its reference does
+/// not resolve inside the tree.
+fn backing_of(confine: &Confine, image: &Path) -> Result<Option<PathBuf>, String> {
+    let layer = probe::open_layer(image, None, false).map_err(|e| e.to_string())?;
+    let Some(b) = layer.backing() else {
+        return Ok(None);
+    };
+    let base = image.parent().unwrap_or(confine.root());
+    confine
+        .reference(base, &b.name)
+        .map(Some)
+        .map_err(|e| format!("{}: backing file: {e}", image.display()))
+}
+
+/// Checks the journal entry `e` against the manifest and the images, and
+/// tells whether its merge was committed.
+fn trust(dir: &Path, e: Entry) -> Result<Trusted, String> {
+    let confine = Confine::new(dir, false).map_err(|err| format!("{}: {err}", dir.display()))?;
+    let hidden = confine.record(&e.hidden).map_err(|w| w.to_string())?;
+    let child = confine.record(&e.child).map_err(|w| w.to_string())?;
+    if hidden == child {
+        return Err("it names one image as both the hidden image and its child".into());
+    }
+    if e.direction != "stream" && e.direction != "commit" {
+        return Err(format!("its direction {:?} is unknown", e.direction));
+    }
+    if !child.exists() {
+        return Err(format!("{} does not exist", e.child));
+    }
+    let m = manifest::load(dir)?.unwrap_or_default();
+    let listed: Vec<_> = m.points.iter().filter(|p| p.image == e.hidden).collect();
+    if hidden.exists() && !listed.iter().any(|p| p.hidden) || listed.iter().any(|p| !p.hidden) {
+        return Err(format!(
+            "the manifest does not mark {} as a hidden point",
+            e.hidden
+        ));
+    }
+    let child_backing = backing_of(&confine, &child);
+    let committed = match (e.direction.as_str(), hidden.exists()) {
+        ("stream", _) if e.patches.is_some() => {
+            // Re-pointing a differencing VHD, perhaps torn: the writes
+            // must be re-pointing writes of that very file.
+            let patches = e.patches.as_deref().unwrap_or_default();
+            crate::image::vhd::reparent::check_patches(&child, patches)
+                .map_err(|err| err.to_string())?;
+            true
+        }
+        ("stream", true) => {
+            let hidden_backing = backing_of(&confine, &hidden)?;
+            match child_backing? {
+                Some(b) if b == hidden => false,
+                b if b == hidden_backing => true,
+                _ => {
+                    return Err(format!(
+                        "{} backs onto neither {} nor its backing file",
+                        e.child, e.hidden
+                    ))
+                }
+            }
+        }
+        ("stream", false) => {
+            let name = probe::open_layer(&child, None, false)
+                .map(|l| l.backing().map(|b| b.name.clone()))
+                .map_err(|err| err.to_string())?;
+            if name != e.parent {
+                return Err(format!(
+                    "{} is gone, and {} does not name its backing file {:?}",
+                    e.hidden, e.child, e.parent
+                ));
+            }
+            true
+        }
+        ("commit", true) => {
+            if child_backing? != Some(hidden.clone()) {
+                return Err(format!("{} does not back onto {}", e.child, e.hidden));
+            }
+            false
+        }
+        // The hidden file was renamed onto the child: only the manifest is
+        // left to fix.
+        _ => true,
+    };
+    Ok(Trusted {
+        entry: e,
+        hidden,
+        child,
+        committed,
+    })
+}
+
 /// Finishes or prepares to redo the merge a crash interrupted. Returns
 /// whether one must be redone; what happened goes to `problems`.
 pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
@@ -163,8 +292,17 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
             return false;
         }
     };
-    let hidden = dir.join(&e.hidden);
-    let child = dir.join(&e.child);
+    let what = format!("{:?} into {:?}", e.hidden, e.child);
+    let t = match trust(dir, e) {
+        Ok(t) => t,
+        Err(why) => {
+            problems.push(format!(
+                "{JOURNAL_NAME} names a merge of {what} that does not match the tree: {why}; nothing was done and the journal is left as it is"
+            ));
+            return false;
+        }
+    };
+    let (e, hidden, child, committed) = (t.entry, t.hidden, t.child, t.committed);
     // A kill inside a flush leaves leaked clusters in the image being
     // written (never lost data): free them, so `qemu-img check` is clean.
     for img in [&hidden, &child] {
@@ -180,31 +318,17 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
             Err(err) => problems.push(format!("{}: leak repair: {err}", img.display())),
         }
     }
-    let committed = match e.direction.as_str() {
-        "stream" if e.patches.is_some() => {
-            let patches = e.patches.as_deref().unwrap_or_default();
-            if let Err(err) = crate::image::vhd::reparent::apply(&child, patches) {
-                // Torn between two headers: only these writes mend it, so
-                // the journal stays for the next try.
-                problems.push(format!(
-                    "an interrupted merge ({} into {}) had committed, but re-pointing {} failed: {err}; the journal is kept for the next open",
-                    e.hidden, e.child, e.child
-                ));
-                return false;
-            }
-            true
-        }
-        "stream" => probe::open_layer(&child, None, false)
-            .map(|l| l.backing().map(|b| b.name.clone()) == e.parent)
-            .unwrap_or(false),
-        "commit" => !hidden.exists() && child.exists(),
-        other => {
+    if let Some(patches) = e.patches.as_deref() {
+        if let Err(err) = crate::image::vhd::reparent::apply(&child, patches) {
+            // Torn between two headers: only these writes mend it, so
+            // the journal stays for the next try.
             problems.push(format!(
-                "merge journal: unknown direction {other:?}; ignored"
+                "an interrupted merge ({} into {}) had committed, but re-pointing {} failed: {err}; the journal is kept for the next open",
+                e.hidden, e.child, e.child
             ));
             return false;
         }
-    };
+    }
     let what = format!("{} into {}", e.hidden, e.child);
     if let (false, Some(id)) = (committed, &e.hidden_id) {
         let restored = crate::image::vhd::reparent::unhex(id)
@@ -220,14 +344,6 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
             ));
             return false;
         }
-    }
-    if !committed && !child.exists() {
-        problems.push(format!(
-            "merge journal names {what}, but {} is gone; ignored",
-            e.child
-        ));
-        let _ = clear(dir);
-        return false;
     }
     if !committed {
         // The journal stays until the redone merge replaces it, so another

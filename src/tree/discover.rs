@@ -8,6 +8,7 @@
 //! are kept as *broken* entries with the reason, so the rest of the tree
 //! still mounts and the user learns what is wrong.
 
+use crate::confine::Confine;
 use crate::image::{probe, Format};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,8 +32,9 @@ pub fn is_own_file(name: &str) -> bool {
     name.starts_with('.') || name.ends_with(".snaptree-tmp") || name.ends_with(".snaptree-partial")
 }
 
-/// Reads one image's header: its format and backing reference.
-pub fn inspect(path: &Path, format: Option<Format>, dir: &Path, allow_external: bool) -> Found {
+/// Reads one image's header: its format and backing reference, which must
+/// pass `confine`.
+pub fn inspect(path: &Path, format: Option<Format>, confine: &Confine) -> Found {
     let mut found = Found {
         path: path.to_path_buf(),
         format: format.unwrap_or(Format::Raw),
@@ -46,31 +48,23 @@ pub fn inspect(path: &Path, format: Option<Format>, dir: &Path, allow_external: 
             found.broken = Some(e.to_string());
             // Even a broken image may still use a backing file (qemu-img
             // may open it): record it, so nothing it uses is merged away.
-            found.backing = header_backing(path)
-                .and_then(|n| path.parent().unwrap_or(dir).join(n).canonicalize().ok());
+            found.backing = header_backing(path).and_then(|n| {
+                confine
+                    .reference(path.parent().unwrap_or(confine.root()), &n)
+                    .ok()
+            });
             return found;
         }
     };
     found.format = layer.format();
     if let Some(b) = layer.backing() {
         found.backing_format = b.format.as_deref().and_then(Format::from_name);
-        let parent = path.parent().unwrap_or(dir).join(&b.name);
-        match parent.canonicalize() {
-            Ok(p) if allow_external || p.starts_with(dir) => found.backing = Some(p),
-            Ok(p) => {
+        match confine.reference(path.parent().unwrap_or(confine.root()), &b.name) {
+            Ok(p) => found.backing = Some(p),
+            Err(why) => {
                 found.broken = Some(format!(
-                    "{}: backing file {:?} (named at offset {}) resolves to {}, outside the tree directory",
+                    "{}: backing file named at offset {}: {why}",
                     path.display(),
-                    b.name,
-                    b.offset,
-                    p.display()
-                ))
-            }
-            Err(e) => {
-                found.broken = Some(format!(
-                    "{}: backing file {:?} (named at offset {}) cannot be opened: {e}",
-                    path.display(),
-                    b.name,
                     b.offset
                 ))
             }
@@ -107,14 +101,38 @@ fn sniff(path: &Path) -> Format {
         .unwrap_or(Format::Raw)
 }
 
-/// Every image of the tree in `dir` (canonical), keyed by canonical path.
-pub fn scan_dir(dir: &Path, allow_external: bool) -> std::io::Result<BTreeMap<PathBuf, Found>> {
+/// What a directory scan found: the images, keyed by canonical path, and
+/// the entries it passed over that a user may have meant as images.
+pub struct Scan {
+    pub found: BTreeMap<PathBuf, Found>,
+    pub skipped: Vec<String>,
+}
+
+/// Every image of the tree in `confine`'s directory.
+pub fn scan_dir(confine: &Confine) -> std::io::Result<Scan> {
+    let dir = confine.root();
     let mut found = BTreeMap::new();
+    let mut skipped = Vec::new();
     let mut raw_candidates = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if is_own_file(&name) || !entry.file_type()?.is_file() {
+        let kind = entry.file_type()?;
+        if is_own_file(&name) || kind.is_dir() {
+            continue;
+        }
+        if !kind.is_file() {
+            // A symlink may lead out of the tree, or make one image two
+            // points; FIFOs and devices are no image files of a tree.
+            let what = if kind.is_symlink() {
+                "a symbolic link"
+            } else {
+                "not a regular file"
+            };
+            skipped.push(format!(
+                "{}: {what}; not used as an image",
+                entry.path().display()
+            ));
             continue;
         }
         let path = entry.path().canonicalize()?;
@@ -123,20 +141,14 @@ pub fn scan_dir(dir: &Path, allow_external: bool) -> std::io::Result<BTreeMap<Pa
             .and_then(|f| probe::detect_format(&f, &path).ok())
             .filter(|f| *f != Format::Raw);
         if let Some(format) = format {
-            found.insert(
-                path.clone(),
-                inspect(&path, Some(format), dir, allow_external),
-            );
+            found.insert(path.clone(), inspect(&path, Some(format), confine));
         } else if name.ends_with(".raw") || name.ends_with(".img") {
             raw_candidates.push(path);
         }
     }
     // Raw files are images when named like one.
     for path in raw_candidates {
-        found.insert(
-            path.clone(),
-            inspect(&path, Some(Format::Raw), dir, allow_external),
-        );
+        found.insert(path.clone(), inspect(&path, Some(Format::Raw), confine));
     }
     // Backing files elsewhere (a subdirectory, or outside with
     // --allow-external-backing) are images too, of the format their child
@@ -151,7 +163,7 @@ pub fn scan_dir(dir: &Path, allow_external: bool) -> std::io::Result<BTreeMap<Pa
             continue;
         }
         let format = format.unwrap_or_else(|| sniff(&path));
-        let f = inspect(&path, Some(format), dir, allow_external);
+        let f = inspect(&path, Some(format), confine);
         if let Some(b) = &f.backing {
             queue.push((b.clone(), f.backing_format));
         }
@@ -164,15 +176,14 @@ pub fn scan_dir(dir: &Path, allow_external: bool) -> std::io::Result<BTreeMap<Pa
         .filter(|f| f.backing_format == Some(Format::Raw))
         .filter_map(|f| f.backing.clone())
         .collect();
-    force_raw(&mut found, raw_by_reference, dir, allow_external);
-    Ok(found)
+    force_raw(&mut found, raw_by_reference, confine);
+    Ok(Scan { found, skipped })
 }
 
 /// The chain of one leaf image, as found entries.
 pub fn scan_chain(
     leaf: &Path,
-    dir: &Path,
-    allow_external: bool,
+    confine: &Confine,
     max_depth: usize,
 ) -> std::io::Result<BTreeMap<PathBuf, Found>> {
     let mut found = BTreeMap::new();
@@ -181,7 +192,7 @@ pub fn scan_chain(
         if found.contains_key(&path) || found.len() >= max_depth {
             break; // a cycle or too deep: the open of the chain reports it
         }
-        let f = inspect(&path, format, dir, allow_external);
+        let f = inspect(&path, format, confine);
         if let Some(b) = &f.backing {
             // Respect a recorded backing format for raw files.
             let fmt = probe::open_layer(&path, format, false)
@@ -196,18 +207,10 @@ pub fn scan_chain(
 }
 
 /// Re-reads `paths` as raw images where they were taken for qcow2.
-pub fn force_raw(
-    found: &mut BTreeMap<PathBuf, Found>,
-    paths: Vec<PathBuf>,
-    dir: &Path,
-    allow_external: bool,
-) {
+pub fn force_raw(found: &mut BTreeMap<PathBuf, Found>, paths: Vec<PathBuf>, confine: &Confine) {
     for p in paths {
         if found.get(&p).is_some_and(|f| f.format != Format::Raw) {
-            found.insert(
-                p.clone(),
-                inspect(&p, Some(Format::Raw), dir, allow_external),
-            );
+            found.insert(p.clone(), inspect(&p, Some(Format::Raw), confine));
         }
     }
 }

@@ -40,8 +40,16 @@ impl Tree {
         (!self.opts.read_only).then(|| self.dir.join(MEMORY_DIR).join(INDEX_DIR))
     }
 
-    /// The memory `source` names, opened (see [`PointMemory::open`]).
+    /// The memory `source` names, opened (see [`PointMemory::open`]),
+    /// once it passed the confinement check: a manifest may name any
+    /// file, and `memory.raw` would show it to whoever reads the mount.
     pub(crate) fn open_memory(&self, source: &str) -> PointMemory {
+        if let Err(why) = self.confine.reference(&self.dir, source) {
+            return PointMemory {
+                source: source.to_string(),
+                view: Err(format!("not opened: {why}")),
+            };
+        }
         PointMemory::open(&self.dir, source, self.index_cache().as_deref())
     }
 
@@ -66,12 +74,26 @@ impl Tree {
     }
 
     /// `SOURCE` as the manifest will name it (relative to the tree when
-    /// inside it), refusing files that are disks of this tree.
-    fn memory_source_name(&self, source: &str) -> Result<String, TreeError> {
-        let path = self.dir.join(source);
-        let canon = path
-            .canonicalize()
-            .map_err(|e| err(libc::ENOENT, format!("{}: {e}", path.display())))?;
+    /// inside it), refusing files that are disks of this tree. A source
+    /// named through the mount (`confined`) must pass the confinement
+    /// check like a manifest's: whoever may write `ctl` must not make the
+    /// mount show any host file; one typed on snaptree's command line is
+    /// the user's own choice.
+    fn memory_source_name(&self, source: &str, confined: bool) -> Result<String, TreeError> {
+        let canon = if confined {
+            self.confine.reference(&self.dir, source).map_err(|why| {
+                let errno = match why {
+                    crate::confine::Refused::Missing { .. } => libc::ENOENT,
+                    crate::confine::Refused::Outside { .. } => libc::EACCES,
+                    crate::confine::Refused::Invalid { .. } => libc::EINVAL,
+                };
+                err(errno, format!("memory source {why}"))
+            })?
+        } else {
+            let path = self.dir.join(source);
+            path.canonicalize()
+                .map_err(|e| err(libc::ENOENT, format!("{}: {e}", path.display())))?
+        };
         if self
             .nodes
             .read()
@@ -109,7 +131,7 @@ impl Tree {
         let mem = match source {
             None => None,
             Some(s) => {
-                let name = self.memory_source_name(s)?;
+                let name = self.memory_source_name(s, true)?;
                 let m = self.open_memory(&name);
                 if let Err(why) = &m.view {
                     return Err(err(libc::EINVAL, why.clone()));
@@ -131,6 +153,7 @@ impl Tree {
         &self,
         id: u64,
         source: &str,
+        confined: bool,
         throttle: Throttle,
         progress: &mut dyn FnMut(&ImportStats) -> bool,
     ) -> Result<ImportStats, TreeError> {
@@ -154,7 +177,7 @@ impl Tree {
             (
                 point.clone(),
                 self.delta_base(id),
-                self.memory_source_name(source)?,
+                self.memory_source_name(source, confined)?,
             )
         };
         let parent = self.nodes.read().get(&id).and_then(|n| n.parent);
@@ -170,9 +193,8 @@ impl Tree {
                 ),
             ));
         }
-        let mem_dir = self.dir.join(MEMORY_DIR);
-        std::fs::create_dir_all(&mem_dir)
-            .map_err(|e| err(libc::EIO, format!("{}: {e}", mem_dir.display())))?;
+        let mem_dir = crate::confine::own_dir(&self.dir, MEMORY_DIR)
+            .map_err(|e| err(libc::EIO, format!("{e}")))?;
         let tmp = mem_dir.join(format!(".{}{IMPORTING}", point.name));
         let stats = checkpoint::import(
             &src.chain,
@@ -219,7 +241,7 @@ impl Tree {
 
     /// A page-delta checkpoint in the tree's memory directory.
     fn is_own_delta(&self, v: &MemoryView) -> bool {
-        v.delta && v.path.starts_with(self.dir.join(MEMORY_DIR))
+        v.delta && canon(&v.path).parent() == Some(canon(&self.dir.join(MEMORY_DIR)).as_path())
     }
 
     /// Renames the imported delta into place and names it in the
@@ -406,7 +428,8 @@ impl Tree {
     /// never touches imports in progress.
     pub(crate) fn sweep_memory(&self, at_open: bool) {
         let mem_dir = self.dir.join(MEMORY_DIR);
-        if self.opts.read_only || !mem_dir.is_dir() {
+        // Never a symlink: the sweep removes files in it.
+        if self.opts.read_only || !crate::confine::is_real_dir(&mem_dir) {
             return;
         }
         let mut keep: HashSet<PathBuf> = HashSet::new();

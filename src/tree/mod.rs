@@ -13,6 +13,7 @@
 pub mod discover;
 pub mod manifest;
 mod memory;
+pub mod naming;
 mod open;
 mod ops;
 mod render;
@@ -145,6 +146,8 @@ pub struct StatusLog {
 
 pub struct Tree {
     dir: PathBuf,
+    /// Where names read from the tree's files may lead (see `confine`).
+    pub(crate) confine: crate::confine::Confine,
     opts: TreeOptions,
     pub(crate) nodes: RwLock<BTreeMap<u64, Node>>,
     next_id: AtomicU64,

@@ -7,6 +7,7 @@ use super::discover::{self, Found};
 use super::manifest::{self, ManifestPoint};
 use super::{Node, PointIo, StatusLog, Tree, TreeOptions};
 use crate::chain::Chain;
+use crate::confine::Confine;
 use crate::image::lock::LockMode;
 use crate::image::{probe, Format, Layer};
 use parking_lot::{Mutex, RwLock};
@@ -50,10 +51,15 @@ impl Tree {
             resume_merge = crate::merge::journal::recover(&dir, &mut problems);
             crate::merge::journal::reclaim_garbage(&dir, &mut problems);
         }
+        let confine = Confine::new(&dir, opts.allow_external_backing)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
         let found = if is_dir {
-            discover::scan_dir(&dir, opts.allow_external_backing)
+            discover::scan_dir(&confine).map(|scan| {
+                problems.extend(scan.skipped);
+                scan.found
+            })
         } else {
-            discover::scan_chain(&canon, &dir, opts.allow_external_backing, opts.max_depth)
+            discover::scan_chain(&canon, &confine, opts.max_depth)
         }
         .map_err(|e| format!("{}: {e}", dir.display()))?;
         let manifest = match manifest::load(&dir) {
@@ -78,14 +84,10 @@ impl Tree {
             .map(|m| dir.join(&m.image))
             .filter_map(|p| p.canonicalize().ok())
             .collect();
-        discover::force_raw(
-            &mut found,
-            raw_by_manifest,
-            &dir,
-            opts.allow_external_backing,
-        );
+        discover::force_raw(&mut found, raw_by_manifest, &confine);
         let mut tree = Tree {
             dir: dir.clone(),
+            confine,
             opts,
             nodes: RwLock::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
@@ -127,12 +129,15 @@ impl Tree {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         };
-        let by_image: HashMap<String, &ManifestPoint> = manifest
-            .points
-            .iter()
-            .filter(|m| !m.garbage)
-            .map(|m| (m.image.clone(), m))
-            .collect();
+        let mut by_image: HashMap<String, &ManifestPoint> = HashMap::new();
+        for m in manifest.points.iter().filter(|m| !m.garbage) {
+            if by_image.insert(m.image.clone(), m).is_some() {
+                problems.push(format!(
+                    "manifest lists image {:?} more than once; its last entry ({:?}) is used",
+                    m.image, m.name
+                ));
+            }
+        }
         for m in &manifest.points {
             if m.garbage {
                 // Still referenced (see `reclaim_garbage`). Found as an
@@ -144,7 +149,14 @@ impl Tree {
                 continue;
             }
             if !found.contains_key(&self.dir.join(&m.image)) {
-                if self.dir.join(&m.image).exists() {
+                if let Err(why) = self.confine.record(&m.image) {
+                    // Kept (written back as it is), never acted on.
+                    problems.push(format!(
+                        "manifest entry {:?} ignored: its image {why}",
+                        m.name
+                    ));
+                    self.foreign.push(m.clone());
+                } else if self.dir.join(&m.image).exists() {
                     self.foreign.push(m.clone());
                 } else {
                     problems.push(format!(
@@ -200,51 +212,10 @@ impl Tree {
         }
         // Names: the manifest's, else the file stem, made unique. Entries
         // of one name with different `disk`s are the disks of one point.
-        let mut names: HashMap<PathBuf, String> = HashMap::new();
-        let mut disks: HashMap<PathBuf, Option<String>> = HashMap::new();
-        let mut taken: HashSet<String> = self.foreign.iter().map(|m| m.name.clone()).collect();
-        let mut taken_disks: HashSet<(String, Option<String>)> = self
-            .foreign
-            .iter()
-            .map(|m| (m.name.clone(), m.disk.clone()))
-            .collect();
         let mut ordered: Vec<&PathBuf> = usable.iter().collect();
         ordered.sort();
-        for p in &ordered {
-            if let Some(m) = by_image.get(&file_name(p)) {
-                let disk = m.disk.clone().filter(|d| {
-                    let ok = super::ops::valid_name(d);
-                    if !ok {
-                        problems.push(format!(
-                            "manifest: {:?} is not a usable disk name (point {:?}); ignored",
-                            d, m.name
-                        ));
-                    }
-                    ok
-                });
-                if taken_disks.insert((m.name.clone(), disk.clone())) {
-                    taken.insert(m.name.clone());
-                    names.insert((*p).clone(), m.name.clone());
-                    disks.insert((*p).clone(), disk);
-                }
-            }
-        }
-        for p in &ordered {
-            if names.contains_key(*p) {
-                continue;
-            }
-            let stem = p
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let mut name = stem.clone();
-            let mut n = 1;
-            while !super::ops::valid_name(&name) || !taken.insert(name.clone()) {
-                name = format!("{stem}-{n}");
-                n += 1;
-            }
-            names.insert((*p).clone(), name);
-        }
+        let super::naming::Names { names, disks } =
+            super::naming::assign(&ordered, &by_image, &self.foreign, problems);
         // Children, then open roots first so each chain reuses its parent's.
         let mut children: HashMap<PathBuf, Vec<PathBuf>> = HashMap::new();
         for p in &ordered {
@@ -277,8 +248,9 @@ impl Tree {
                 let image_parent = names.get(b);
                 if m.parent.as_ref() != image_parent {
                     problems.push(format!(
-                        "manifest says the parent of {name:?} is {:?}, but its image's backing file says {:?}; following the image",
-                        m.parent, image_parent
+                        "manifest says the parent of {name:?} is {}, but its image's backing file says {}; following the image",
+                        point_or_none(m.parent.as_ref()),
+                        point_or_none(image_parent)
                     ));
                 }
             }
@@ -445,6 +417,11 @@ fn lock_tree(dir: &Path) -> Result<std::fs::File, String> {
         ));
     }
     Ok(f)
+}
+
+/// A point name for `status`: quoted, or "no parent".
+fn point_or_none(name: Option<&String>) -> String {
+    name.map_or_else(|| "no parent (a root)".into(), |n| format!("{n:?}"))
 }
 
 fn mtime(path: &Path) -> u64 {

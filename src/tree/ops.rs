@@ -22,17 +22,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Names that would clash with the mount's own files or with paths.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 200
-        && !name.starts_with('.')
-        && !name.contains('/')
-        && !name.contains('\0')
-        && !name.chars().any(char::is_control)
-        && !["tree", "status", "merge-now"].contains(&name)
-}
-
 pub(super) fn err(errno: i32, msg: impl Into<String>) -> TreeError {
     TreeError::new(errno, msg)
 }
@@ -97,8 +86,11 @@ impl Tree {
     }
 
     fn check_new_name(&self, nodes: &BTreeMap<u64, Node>, name: &str) -> Result<(), TreeError> {
-        if !valid_name(name) {
-            return Err(err(libc::EINVAL, format!("{name:?} is not a valid snapshot name (no '/', no leading '.', not tree/status/merge-now, at most 200 bytes)")));
+        if let Some(why) = super::naming::name_problem(name) {
+            return Err(err(
+                libc::EINVAL,
+                format!("{name:?} is not a valid snapshot name: it {why}"),
+            ));
         }
         if nodes.values().any(|n| n.point.name == name)
             || self.foreign.iter().any(|m| m.name == name)

@@ -230,6 +230,102 @@ pub fn apply(child: &Path, patches: &[Patch]) -> Result<()> {
         .map_err(|e| ImageError::io(child, "fdatasync", 0, e))
 }
 
+/// Checks that `patches` (read back from a merge journal, so not to be
+/// trusted) only re-point `child`: the last one rewrites the dynamic
+/// header where the footer says it is, changing nothing but the parent's
+/// unique id, time stamp and name, the locators' data lengths (or clearing
+/// a locator) and the checksum, and each other one lies inside the data
+/// space of a parent locator that header lists. A crash may have left the
+/// header half written; the check holds for any mix of the old and the
+/// new header, so recovery still works then.
+pub fn check_patches(child: &Path, patches: &[Patch]) -> Result<()> {
+    let bad = |what: String| Err(ImageError::invalid(child, format!("merge journal: {what}")));
+    let file = File::open(child).map_err(|e| ImageError::io(child, "open", 0, e))?;
+    let footer = Footer::read(&file, child)?;
+    let Some((last, locators)) = patches.split_last() else {
+        return bad("no header write".into());
+    };
+    if last.offset != footer.data_offset {
+        return bad(format!(
+            "the last write is at offset {}, but the dynamic header is at {}",
+            last.offset, footer.data_offset
+        ));
+    }
+    let new = match last.bytes() {
+        Some(b) if b.len() == HEADER_LEN as usize => b,
+        _ => return bad(format!("the header write is not {HEADER_LEN} bytes of hex")),
+    };
+    let mut old = vec![0u8; HEADER_LEN as usize];
+    read_exact_at(
+        &file,
+        child,
+        &mut old,
+        footer.data_offset,
+        "VHD dynamic disk header",
+    )?;
+    let may_differ = |i: usize| {
+        let within = |start: usize, len: usize| (start..start + len).contains(&i);
+        if within(OFF_PARENT_UNIQUE_ID, 16)
+            || within(OFF_PARENT_TIME_STAMP, 4)
+            || within(OFF_PARENT_UNICODE_NAME, 512)
+            || within(OFF_CHECKSUM, 4)
+        {
+            return true;
+        }
+        let table = OFF_PARENT_LOCATORS..OFF_PARENT_LOCATORS + LOCATOR_ENTRIES * LOCATOR_ENTRY_LEN;
+        if !table.contains(&i) {
+            return false;
+        }
+        let entry =
+            OFF_PARENT_LOCATORS + (i - OFF_PARENT_LOCATORS) / LOCATOR_ENTRY_LEN * LOCATOR_ENTRY_LEN;
+        let in_entry = i - entry;
+        (8..12).contains(&in_entry)
+            || new[entry..entry + LOCATOR_ENTRY_LEN]
+                .iter()
+                .all(|b| *b == 0)
+    };
+    if let Some(i) = (0..new.len()).find(|i| old[*i] != new[*i] && !may_differ(*i)) {
+        return bad(format!(
+            "the header write changes byte {i} of the dynamic header, which re-pointing never changes"
+        ));
+    }
+    if checksum(&new, Some(OFF_CHECKSUM)).to_be_bytes() != new[OFF_CHECKSUM..OFF_CHECKSUM + 4] {
+        return bad("the header write has a wrong checksum".into());
+    }
+    // Locator data lies where the header, old or new (they agree on the
+    // offsets), says.
+    let regions: Vec<(u64, u64)> = (0..LOCATOR_ENTRIES)
+        .map(|n| {
+            let e = &old[OFF_PARENT_LOCATORS + n * LOCATOR_ENTRY_LEN..][..LOCATOR_ENTRY_LEN];
+            let be32 = |o: usize| u32::from_be_bytes([e[o], e[o + 1], e[o + 2], e[o + 3]]) as u64;
+            let space = if be32(4) < 512 {
+                be32(4) * 512
+            } else {
+                be32(4)
+            };
+            let off = u64::from_be_bytes(e[16..24].try_into().unwrap_or_default());
+            (off, space.max(be32(8)))
+        })
+        .filter(|(off, len)| *off >= FOOTER_LEN && *len > 0)
+        .collect();
+    for p in locators {
+        let len = p.bytes().map_or(u64::MAX, |b| b.len() as u64);
+        let inside = regions.iter().any(|(off, space)| {
+            p.offset >= *off
+                && p.offset
+                    .checked_add(len)
+                    .is_some_and(|end| end <= off.saturating_add(*space))
+        });
+        if !inside {
+            return bad(format!(
+                "a write at offset {} lies outside every parent locator's data space",
+                p.offset
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Re-points `child` at once (a file nothing references yet).
 pub fn set_parent(child: &Path, parent_path: &Path, name: &str) -> Result<()> {
     apply(child, &parent_patches(child, parent_path, name)?)
