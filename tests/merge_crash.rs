@@ -493,7 +493,8 @@ fn give_memory(ws: &Workspace, spec: &Spec, rng: &mut SmallRng, tag: &str) -> Me
     let mut dumps = 0;
     let mut dump = |r: &[u8]| {
         dumps += 1;
-        let p = ws.scratch(&format!("ram-{dumps}.vmem"));
+        // Inside the tree: the mount shows no memory from outside it.
+        let p = ws.img(&format!("ram-{dumps}.vmem"));
         std::fs::write(&p, r).expect("write dump");
         p.to_string_lossy().into_owned()
     };

@@ -293,8 +293,20 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
         }
     };
     let what = format!("{:?} into {:?}", e.hidden, e.child);
+    let child_gone = Confine::new(dir, false)
+        .ok()
+        .and_then(|c| c.record(&e.child).ok())
+        .is_some_and(|c| !c.exists());
     let t = match trust(dir, e) {
         Ok(t) => t,
+        Err(why) if child_gone => {
+            // Nothing is left to finish or redo: only the journal goes.
+            problems.push(format!(
+                "{JOURNAL_NAME} names a merge of {what}, but {why}; the journal is dropped"
+            ));
+            let _ = clear(dir);
+            return false;
+        }
         Err(why) => {
             problems.push(format!(
                 "{JOURNAL_NAME} names a merge of {what} that does not match the tree: {why}; nothing was done and the journal is left as it is"

@@ -186,9 +186,9 @@ fn page_delta_checkpoints_store_only_changed_pages_and_survive_merges() {
     ram2[(2000 * PAGE) as usize..(2001 * PAGE) as usize].fill(0);
     let filled = 5 * MIB / PAGE + 3;
     ram2[(filled * PAGE) as usize..((filled + 1) * PAGE) as usize].fill(0x5a);
-    std::fs::write(ws.scratch("ram1.vmem"), &ram1).unwrap();
-    std::fs::write(ws.scratch("ram2.vmem"), &ram2).unwrap();
-    let (src1, src2) = (ws.scratch("ram1.vmem"), ws.scratch("ram2.vmem"));
+    std::fs::write(ws.img("ram1.vmem"), &ram1).unwrap();
+    std::fs::write(ws.img("ram2.vmem"), &ram2).unwrap();
+    let (src1, src2) = (ws.img("ram1.vmem"), ws.img("ram2.vmem"));
     let Some(m) = ws.mount(&["-o", "gc_idle=off"]) else {
         return;
     };
@@ -358,10 +358,10 @@ fn every_kind_of_source_reads_through_memory_raw() {
         r
     };
     let (plain, mapped, core, dump) = (
-        ws.scratch("plain.mig"),
-        ws.scratch("mapped.mig"),
-        ws.scratch("core.elf"),
-        ws.scratch("ram.vmem"),
+        ws.img("plain.mig"),
+        ws.img("mapped.mig"),
+        ws.img("core.elf"),
+        ws.img("ram.vmem"),
     );
     // QEMU migrates a VM once: two VMs on the same RAM.
     let Some(mut first) = vm(&ws, &ram) else {
@@ -446,7 +446,7 @@ fn checkpoints_of_real_migration_streams() {
     for p in [17u64, 18, 4000, 7000] {
         ram2[(p * PAGE) as usize] ^= 1;
     }
-    let (s1, s2) = (ws.scratch("one.mig"), ws.scratch("two.mig"));
+    let (s1, s2) = (ws.img("one.mig"), ws.img("two.mig"));
     if vm_stream(&ws, &ram1, &s1).is_none() || vm_stream(&ws, &ram2, &s2).is_none() {
         return;
     }

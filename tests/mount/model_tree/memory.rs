@@ -112,18 +112,13 @@ pub(super) fn derived_ram(rng: &mut SmallRng, parent: &[u8]) -> Vec<u8> {
     ram
 }
 
-/// Writes `ram` as raw dump number `n`: outside the tree (named by its
-/// absolute path) or sometimes inside it (by its name relative to the
-/// tree), sometimes sparse (zero pages as holes). Returns the name, as
-/// `ctl` takes it and as `info.json` shows it once attached.
+/// Writes `ram` as raw dump number `n` in the tree directory (the mount
+/// shows no memory from outside it), sometimes sparse (zero pages as
+/// holes). Returns the name, as `ctl` takes it and as `info.json` shows
+/// it once attached.
 pub(super) fn write_dump(ws: &Workspace, rng: &mut SmallRng, n: usize, ram: &[u8]) -> String {
     let file = format!("ram-{n}.vmem");
-    let inside = rng.gen_bool(0.3);
-    let path = if inside {
-        ws.img(&file)
-    } else {
-        ws.scratch(&file)
-    };
+    let path = ws.img(&file);
     if rng.gen_bool(0.5) {
         let f = File::create(&path).expect("create dump");
         f.set_len(ram.len() as u64).expect("size dump");
@@ -135,12 +130,7 @@ pub(super) fn write_dump(ws: &Workspace, rng: &mut SmallRng, n: usize, ram: &[u8
     } else {
         std::fs::write(&path, ram).expect("write dump");
     }
-    if inside {
-        file
-    } else {
-        let abs = path.canonicalize().expect("canonical dump path");
-        abs.to_string_lossy().into_owned()
-    }
+    file
 }
 
 /// One random memory operation on the mount and the model, if one
