@@ -71,7 +71,7 @@ pub fn load_or_index(
     let src = index(path)?;
     if let (Some(c), Some(st)) = (cache, st) {
         if st.size >= MIN_SOURCE && !src.kind.starts_with("raw") {
-            if let Err(e) = store(&c, &encode(&src, path, &st)) {
+            if let Err(e) = store(&c, &encode(&src, path, &st), path) {
                 tracing::info!("memory index cache {}: {e}", c.display());
             }
         }
@@ -79,11 +79,14 @@ pub fn load_or_index(
     Ok(src)
 }
 
-fn store(to: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes the index of `source` to `to`, as private as the source (it
+/// names the source and its layout).
+fn store(to: &Path, bytes: &[u8], source: &Path) -> std::io::Result<()> {
     let dir = to.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = to.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
+    let like = crate::ownership::Ownership::of(source)?.masked(0o666);
+    let mut f = crate::ownership::create_replacing(&tmp, &like)?;
     f.write_all(bytes)?;
     f.sync_data()?;
     std::fs::rename(&tmp, to)
