@@ -183,4 +183,64 @@ mod tests {
         .unwrap();
         assert_eq!(tree_file(d.path(), &missing).mode, 0o640);
     }
+
+    /// Not root: the file stays ours, the mode is applied, and a group we
+    /// could not set gets no more than the others. Runs itself again as
+    /// `nobody` through `setpriv` (the tests run as root).
+    #[test]
+    fn not_root_keeps_the_owner_and_cuts_a_foreign_groups_bits() {
+        const CHILD: &str = "SNAPTREE_OWNERSHIP_CHILD_DIR";
+        if let Some(dir) = std::env::var_os(CHILD) {
+            let dir = std::path::PathBuf::from(dir);
+            for (i, (mode, want)) in [(0o640, 0o600), (0o644, 0o644), (0o660, 0o600)]
+                .into_iter()
+                .enumerate()
+            {
+                let p = dir.join(format!("f{i}"));
+                let like = Ownership {
+                    uid: 1234,
+                    gid: 1234,
+                    mode,
+                };
+                let f = new_file(Some(&like)).open(&p).unwrap();
+                like.apply(&f, &p).unwrap();
+                let got = Ownership::of(&p).unwrap();
+                assert_eq!(got.mode, want, "template {mode:o}");
+                assert_eq!(got.uid, 65534);
+            }
+            return;
+        }
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: needs root to run itself as nobody");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            d.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .args([
+                "--exact",
+                "ownership::tests::not_root_keeps_the_owner_and_cuts_a_foreign_groups_bits",
+            ])
+            .env(CHILD, d.path())
+            .output();
+        let Ok(out) = out else {
+            eprintln!("SKIP: setpriv (util-linux) is missing");
+            return;
+        };
+        assert!(
+            out.status.success(),
+            "as nobody: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(d.path().join("f2").exists(), "the child ran the test");
+    }
 }

@@ -270,3 +270,29 @@ fn a_commit_merge_keeps_the_leafs_owner_and_mode() {
     unmount_ok(m);
     ws.check_all();
 }
+
+/// A VHD leaf's snapshot makes a differencing VHD, which is as private as
+/// the leaf too.
+#[test]
+fn a_vhd_snapshot_inherits_the_leafs_owner_and_mode() {
+    if !can_switch_users() {
+        return;
+    }
+    let Some(ws) = workspace() else {
+        return;
+    };
+    ws.create_vpc("disk.vhd", 8 * MIB);
+    chmod(&ws.img("disk.vhd"), 0o640);
+    chown(&ws.img("disk.vhd"), OWNER);
+    let Some(m) = ws.mount(&["-o", "gc_idle=off"]) else {
+        return;
+    };
+    ctl_ok(&m.mnt, "disk", "snapshot frozen");
+    assert_eq!(mode_of(&ws.img("frozen.vhd")), (0o640, OWNER, OWNER));
+    assert_eq!(mode_of(&ws.img("disk.vhd")), (0o640, OWNER, OWNER));
+    assert_eq!(mode_of(&disk(&m.mnt, "disk")), (0o640, OWNER, OWNER));
+    assert_eq!(mode_of(&disk(&m.mnt, "frozen")), (0o440, OWNER, OWNER));
+    ctl_ok(&m.mnt, "frozen", "clone other");
+    assert_eq!(mode_of(&ws.img("other.vhd")), (0o640, OWNER, OWNER));
+    unmount_ok(m);
+}
