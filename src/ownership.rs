@@ -18,8 +18,8 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-/// Owner, group and permission bits (`0o777` at most: set-id and sticky
-/// bits are never copied).
+/// Owner, group and mode bits as `stat` gives them; [`Ownership::apply`]
+/// never copies the set-id and sticky bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ownership {
     pub uid: u32,
@@ -37,7 +37,7 @@ impl Ownership {
         Ownership {
             uid: m.uid(),
             gid: m.gid(),
-            mode: m.mode() & 0o777,
+            mode: m.mode() & 0o7777,
         }
     }
 

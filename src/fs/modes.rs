@@ -17,9 +17,10 @@
 //!   directory's owner and read/search bits (what `ls` of it would show);
 //!   the root and point directories keep the owner's write bit, as the
 //!   layout always had;
-//! - `ctl`, `merge-now`: the tree directory's read bits, writable only by
-//!   its owner (commands create and delete files there), and by nobody on
-//!   a read-only mount.
+//! - `ctl`, `merge-now`: the tree directory's read bits, writable by its
+//!   owner, and by its group where the group may write it (not sticky):
+//!   commands create and delete files there; by nobody on a read-only
+//!   mount.
 //!
 //! Sources are `stat`ed at most once per attribute time-to-live: a
 //! `chmod` on the host shows within that time, and a busy `getattr`
@@ -114,11 +115,20 @@ pub fn link(dir: Ownership) -> Ownership {
     Ownership { mode: 0o777, ..dir }
 }
 
-/// `ctl` and `merge-now`.
+/// `ctl` and `merge-now`: commands create, rename and delete files in the
+/// tree directory, so they are for whoever may do that there: its owner,
+/// and its group where it is group-writable and not sticky (sticky, a
+/// member may not delete another's file); never others.
 pub fn control(dir: Ownership, read_only: bool) -> Ownership {
     let d = dir.masked(0o444);
+    let group = dir.mode & 0o020 != 0 && dir.mode & 0o1000 == 0;
+    let write = match (read_only, group) {
+        (true, _) => 0,
+        (false, true) => 0o220,
+        (false, false) => 0o200,
+    };
     Ownership {
-        mode: d.mode | if read_only { 0 } else { 0o200 },
+        mode: d.mode | write,
         ..d
     }
 }
@@ -154,7 +164,11 @@ mod tests {
         assert_eq!(directory(o(0o700)).mode, 0o700);
         assert_eq!(directory(o(0o777)).mode, 0o755);
         assert_eq!(text(o(0o751)).mode, 0o440);
-        assert_eq!(control(o(0o777), false).mode, 0o644);
+        assert_eq!(control(o(0o777), false).mode, 0o664);
+        assert_eq!(control(o(0o1777), false).mode, 0o644);
+        assert_eq!(control(o(0o755), false).mode, 0o644);
+        assert_eq!(directory(o(0o1777)).mode, 0o755);
+        assert_eq!(disk(o(0o4755), true).mode, 0o644);
         assert_eq!(control(o(0o700), true).mode, 0o400);
         assert_eq!(disk(o(0o600), true).uid, 1234);
     }
