@@ -185,23 +185,6 @@ impl Confine {
     }
 }
 
-/// Creates `path` as a new, empty file for writing, replacing whatever
-/// entry was there: snaptree's temporary files have fixed names, so a
-/// crafted tree could hold a symlink by that name, which a plain create
-/// would follow to truncate its target. The old entry (a symlink itself,
-/// never its target) is unlinked, then `O_CREAT | O_EXCL` refuses to
-/// follow anything that reappears.
-pub fn create_fresh(path: &Path) -> std::io::Result<std::fs::File> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-}
-
 /// The directory `name` inside the tree directory `root`, created if
 /// missing, refused if that name is a symlink or no directory: snaptree
 /// writes and removes files in its own directories, which must not lead

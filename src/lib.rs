@@ -16,5 +16,6 @@ pub mod fs;
 pub mod image;
 pub mod memory;
 pub mod merge;
+pub mod ownership;
 pub mod tree;
 pub mod units;

@@ -1,6 +1,7 @@
 //! File attributes of the mounted layout.
 
 use super::inodes::{encode, Inode, PointFile};
+use crate::ownership::Ownership;
 use fuser::{FileAttr, FileType, INodeNo};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,9 +13,9 @@ pub fn epoch(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
 }
 
-pub fn attr(ino: Inode, kind: FileType, perm: u16, size: u64, time: SystemTime) -> FileAttr {
-    // SAFETY: getuid/getgid cannot fail.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+/// The attributes of a file of `kind` owned and moded as `own` (see
+/// [`super::modes`] for who gets what).
+pub fn attr(ino: Inode, kind: FileType, own: Ownership, size: u64, time: SystemTime) -> FileAttr {
     FileAttr {
         ino: INodeNo(encode(ino)),
         size,
@@ -24,18 +25,18 @@ pub fn attr(ino: Inode, kind: FileType, perm: u16, size: u64, time: SystemTime) 
         ctime: time,
         crtime: time,
         kind,
-        perm,
+        perm: own.mode as u16,
         nlink: if kind == FileType::Directory { 2 } else { 1 },
-        uid,
-        gid,
+        uid: own.uid,
+        gid: own.gid,
         rdev: 0,
         flags: 0,
         blksize: 4096,
     }
 }
 
-pub fn dir(ino: Inode, time: SystemTime) -> FileAttr {
-    attr(ino, FileType::Directory, 0o755, 0, time)
+pub fn dir(ino: Inode, own: Ownership, time: SystemTime) -> FileAttr {
+    attr(ino, FileType::Directory, own, 0, time)
 }
 
 /// The kind of each file of a point directory.

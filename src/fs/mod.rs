@@ -13,6 +13,7 @@ mod attrs;
 mod control;
 mod disk;
 pub mod inodes;
+mod modes;
 mod session;
 
 pub use session::{mount, MountConfig, Mounted};
@@ -51,6 +52,8 @@ pub struct SnapFs {
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     mounted_at: SystemTime,
+    /// Owners and modes of the host files shown.
+    owners: modes::Owners,
     /// Tells the kernel to drop cached entries after `ctl` commands; set
     /// once the session exists.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
@@ -63,6 +66,7 @@ fn errno(e: i32) -> Errno {
 impl SnapFs {
     pub fn new(tree: Arc<Tree>, notifier: Arc<std::sync::OnceLock<fuser::Notifier>>) -> SnapFs {
         SnapFs {
+            owners: modes::Owners::new(tree.dir()),
             tree,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -192,19 +196,20 @@ impl SnapFs {
     fn getattr_of(&self, ino: Inode) -> Result<FileAttr, Errno> {
         let t0 = self.mounted_at;
         let ro = self.tree.read_only();
+        let tree_dir = self.owners.tree_dir();
         Ok(match ino {
-            Inode::Root => dir(ino, t0),
+            Inode::Root => dir(ino, modes::directory(tree_dir), t0),
             Inode::Tree | Inode::Status => attr(
                 ino,
                 FileType::RegularFile,
-                0o444,
+                modes::text(tree_dir),
                 self.text(ino).map_or(0, |t| t.len() as u64),
                 t0,
             ),
             Inode::MergeNow => attr(
                 ino,
                 FileType::RegularFile,
-                if ro { 0o444 } else { 0o644 },
+                modes::control(tree_dir, ro),
                 0,
                 t0,
             ),
@@ -214,7 +219,7 @@ impl SnapFs {
                 attr(
                     ino,
                     FileType::RegularFile,
-                    0o444,
+                    modes::memory(self.owners.of(&m.path)),
                     disk::memory_chain(&m, Some(i)).size(),
                     t,
                 )
@@ -226,38 +231,43 @@ impl SnapFs {
                     .filter(|v| !v.hidden)
                     .ok_or(Errno::ENOENT)?;
                 let t = epoch(v.point.created);
+                let disk_own = || {
+                    let io = v.point.io.read();
+                    modes::disk(self.owners.of(&io.image), io.writable && !ro)
+                };
                 match f {
-                    PointFile::Dir => dir(ino, t),
+                    PointFile::Dir => dir(ino, modes::directory(tree_dir), t),
                     PointFile::MemoryDir => {
-                        self.memory_blocks_of(p).ok_or(Errno::ENOENT)?;
-                        dir(ino, t)
+                        let m = self.memory_blocks_of(p).ok_or(Errno::ENOENT)?;
+                        dir(ino, modes::memory_dir(self.owners.of(&m.path)), t)
                     }
                     PointFile::Disk => {
-                        let io = v.point.io.read();
-                        let perm = if io.writable { 0o644 } else { 0o444 };
-                        attr(ino, FileType::RegularFile, perm, io.chain.size(), t)
+                        let size = v.point.io.read().chain.size();
+                        attr(ino, FileType::RegularFile, disk_own(), size, t)
                     }
                     PointFile::Info => attr(
                         ino,
                         FileType::RegularFile,
-                        0o444,
+                        modes::info(disk_own()),
                         self.text(ino).map_or(0, |t| t.len() as u64),
                         t,
                     ),
                     PointFile::Ctl => attr(
                         ino,
                         FileType::RegularFile,
-                        if ro { 0o444 } else { 0o644 },
+                        modes::control(tree_dir, ro),
                         0,
                         t,
                     ),
                     PointFile::Memory => {
                         let m = self.memory_of(p).ok_or(Errno::ENOENT)?;
-                        attr(ino, FileType::RegularFile, 0o444, m.chain.size(), t)
+                        let own = modes::memory(self.owners.of(&m.path));
+                        attr(ino, FileType::RegularFile, own, m.chain.size(), t)
                     }
                     PointFile::Parent => {
                         let target = self.visible_parent(p).ok_or(Errno::ENOENT)?;
-                        attr(ino, FileType::Symlink, 0o777, target.len() as u64 + 3, t)
+                        let own = modes::link(tree_dir);
+                        attr(ino, FileType::Symlink, own, target.len() as u64 + 3, t)
                     }
                 }
             }
@@ -332,7 +342,7 @@ impl Filesystem for SnapFs {
             .and_then(|(p, n)| self.lookup_in(p, n));
         match found.map(|i| self.getattr_of(i)) {
             Some(Ok(a)) => {
-                let ttl = if matches!(a.kind, FileType::RegularFile) && a.perm == 0o444 {
+                let ttl = if matches!(a.kind, FileType::RegularFile) && a.perm & 0o222 == 0 {
                     Duration::ZERO
                 } else {
                     TTL

@@ -9,6 +9,7 @@ use super::qcow2::create::{create, CreateOptions};
 use super::vhd;
 use super::{Format, Layer};
 use crate::error::Result;
+use crate::ownership::Ownership;
 use std::path::Path;
 
 /// The format of a new child of a `parent` image.
@@ -41,14 +42,18 @@ pub fn create_child(
     name: &str,
     size: u64,
 ) -> Result<()> {
+    // The child holds the parent's future writes: as private as it is.
+    let like = Ownership::of(parent_path)
+        .map_err(|e| crate::error::ImageError::io(parent_path, "stat", 0, e))?;
     match child_format(parent.format()) {
         Format::Vhd => {
-            vhd::create::create_differencing(path, parent_path)?;
+            vhd::create::create_differencing_like(path, parent_path, Some(&like))?;
             vhd::reparent::set_parent(path, parent_path, name)
         }
         _ => {
             let mut opts = CreateOptions::new(size);
             opts.backing = Some((name.to_string(), parent.format().name().to_string()));
+            opts.like = Some(like);
             if let Some(cs) = parent.info().ok().and_then(|i| i.cluster_size) {
                 opts.cluster_bits = cs.trailing_zeros().clamp(9, 21);
             }

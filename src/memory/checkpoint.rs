@@ -19,6 +19,7 @@
 use crate::chain::{Chain, ChainError, OpenOptions};
 use crate::error::ImageError;
 use crate::image::qcow2::create::{create, CreateOptions};
+use crate::ownership::Ownership;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -121,11 +122,13 @@ pub struct Base<'a> {
 
 /// Imports `source` (a placed memory view) into a new delta image at
 /// `out` against `base`; `progress` is called after every block and may
-/// cancel by returning false. `out` must not exist.
+/// cancel by returning false. `out` must not exist; it is created with
+/// the owner and mode `like` (the source file's: it holds its pages).
 pub fn import(
     source: &Chain,
     base: Option<Base<'_>>,
     out: &Path,
+    like: Option<Ownership>,
     throttle: Throttle,
     progress: &mut dyn FnMut(&ImportStats) -> bool,
 ) -> Result<ImportStats, ImportError> {
@@ -139,6 +142,7 @@ pub fn import(
     opts.backing = base
         .as_ref()
         .map(|b| (b.backing_name.clone(), "qcow2".to_string()));
+    opts.like = like;
     create(out, &opts)?;
     let delta = Chain::open(
         out,

@@ -71,7 +71,7 @@ pub fn load_or_index(
     let src = index(path)?;
     if let (Some(c), Some(st)) = (cache, st) {
         if st.size >= MIN_SOURCE && !src.kind.starts_with("raw") {
-            if let Err(e) = store(&c, &encode(&src, path, &st)) {
+            if let Err(e) = store(&c, &encode(&src, path, &st), path) {
                 tracing::info!("memory index cache {}: {e}", c.display());
             }
         }
@@ -79,7 +79,9 @@ pub fn load_or_index(
     Ok(src)
 }
 
-fn store(to: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes the index of `source` to `to`, as private as the source (it
+/// names the source and its layout).
+fn store(to: &Path, bytes: &[u8], source: &Path) -> std::io::Result<()> {
     // The cache directory is `.snaptree-memory/index` of a tree that may
     // come from someone else: neither may be a symlink.
     let dir = to.parent().unwrap_or(Path::new("."));
@@ -94,7 +96,8 @@ fn store(to: &Path, bytes: &[u8]) -> std::io::Result<()> {
         crate::confine::own_dir(mem_dir, name)?;
     }
     let tmp = to.with_extension("tmp");
-    let mut f = crate::confine::create_fresh(&tmp)?;
+    let like = crate::ownership::Ownership::of(source)?.masked(0o666);
+    let mut f = crate::ownership::create_replacing(&tmp, &like)?;
     f.write_all(bytes)?;
     f.sync_data()?;
     std::fs::rename(&tmp, to)

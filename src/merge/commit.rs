@@ -131,6 +131,19 @@ fn copy_and_commit(
         tree.merge.pass_done(report, 0);
         hw.flush().map_err(chain_err)?;
     }
+    // H's file becomes C's, holding C's data: it takes C's owner and mode
+    // (a 0644 parent must not turn a 0600 leaf world-readable).
+    let like = crate::ownership::Ownership::of(&job.child_image);
+    if let Err(e) = like.and_then(|o| o.apply_path(&job.hidden_image)) {
+        return Err(Failed::BeforeCommit(err(
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!(
+                "giving {} the owner and mode of {}: {e}",
+                job.hidden_image.display(),
+                job.child_image.display()
+            ),
+        )));
+    }
     // A VHD child with children: H's file takes the child's unique id
     // (they check it) before it takes the child's name. H is written by
     // nobody else now (the child is no leaf); its writer goes first so no

@@ -86,7 +86,10 @@ pub fn store(dir: &Path, m: &Manifest) -> std::io::Result<()> {
 pub fn write_atomic(dir: &Path, name: &str, value: &impl Serialize) -> std::io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     {
-        let mut f = crate::confine::create_fresh(&tmp)?;
+        // It names every image of the tree: no more open than the file it
+        // replaces, or than the directory (see `ownership::tree_file`).
+        let like = crate::ownership::tree_file(dir, &dir.join(name));
+        let mut f = crate::ownership::create_replacing(&tmp, &like)?;
         f.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
         f.write_all(b"\n")?;
         f.sync_all()?;

@@ -23,6 +23,7 @@ use crate::chain::{Chain, OpenOptions};
 use crate::memory::checkpoint::{self, Base, ImportStats, Throttle};
 use crate::memory::index_cache;
 use crate::memory::view::MemoryView;
+use crate::ownership::Ownership;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -203,6 +204,11 @@ impl Tree {
                 backing_name: file_name(&b.path),
             }),
             &tmp,
+            // The delta holds the source's pages: as private as it is.
+            Some(
+                Ownership::of(&src.path)
+                    .map_err(|e| err(libc::EIO, format!("{}: {e}", src.path.display())))?,
+            ),
             throttle,
             progress,
         )

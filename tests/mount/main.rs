@@ -16,6 +16,7 @@ mod lifecycle;
 mod memory;
 mod merge;
 mod model_tree;
+mod modes;
 mod multidisk;
 #[path = "../common/qemu_vm.rs"]
 mod qemu_vm;

@@ -13,7 +13,7 @@ use super::header::{
 };
 use crate::error::{ImageError, Result};
 use crate::fileio::{sync_data, write_all_at};
-use std::fs::OpenOptions;
+use crate::ownership::{new_file, Ownership};
 use std::path::Path;
 
 /// What to create.
@@ -26,6 +26,9 @@ pub struct CreateOptions {
     /// directory, or absolute) and its format name.
     pub backing: Option<(String, String)>,
     pub extended_l2: bool,
+    /// The owner and mode the new file takes (those of the image it
+    /// derives from; see `crate::ownership`), or `None` for the umask's.
+    pub like: Option<Ownership>,
 }
 
 impl CreateOptions {
@@ -35,6 +38,7 @@ impl CreateOptions {
             cluster_bits: 16,
             backing: None,
             extended_l2: false,
+            like: None,
         }
     }
 }
@@ -165,13 +169,14 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         rb[(c * 2) as usize..(c * 2 + 2) as usize].copy_from_slice(&1u16.to_be_bytes());
     }
 
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
+    let file = new_file(opts.like.as_ref())
         .open(path)
         .map_err(|e| ImageError::io(path, "create", 0, e))?;
     let result = (|| {
+        if let Some(like) = &opts.like {
+            like.apply(&file, path)
+                .map_err(|e| ImageError::io(path, "set owner and mode of", 0, e))?;
+        }
         write_all_at(&file, path, &head, 0)?;
         write_all_at(&file, path, &rt, rt_off)?;
         write_all_at(&file, path, &rb, rb_off)?;

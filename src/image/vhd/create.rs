@@ -34,7 +34,8 @@ use super::VhdLayer;
 use crate::error::{ImageError, Result};
 use crate::fileio::write_all_at;
 use crate::image::Layer;
-use std::fs::{File, OpenOptions};
+use crate::ownership::{new_file, Ownership};
+use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 use std::time::SystemTime;
@@ -74,7 +75,7 @@ pub fn create_dynamic(path: &Path, size: u64, block_size: u32) -> Result<()> {
     };
     let footer = new_footer(DISK_DYNAMIC, size, geometry)?;
     let header = new_header(path, size, block_size)?;
-    write_image(path, &footer, header, &[])
+    write_image(path, &footer, header, &[], None)
 }
 
 /// Creates at `path` (which must not exist) an empty differencing VHD whose
@@ -85,6 +86,16 @@ pub fn create_dynamic(path: &Path, size: u64, block_size: u32) -> Result<()> {
 /// for next to the child), `W2ru` (`.\dir\name`), `W2ku` (absolute) and
 /// `MacX` (`file://./dir/name`, as XCP writes it).
 pub fn create_differencing(path: &Path, parent: &Path) -> Result<()> {
+    create_differencing_like(path, parent, None)
+}
+
+/// [`create_differencing`], the new file taking the owner and mode `like`
+/// (see `crate::ownership`) instead of the umask's.
+pub fn create_differencing_like(
+    path: &Path,
+    parent: &Path,
+    like: Option<&Ownership>,
+) -> Result<()> {
     let pfile = File::open(parent).map_err(|e| ImageError::io(parent, "open", 0, e))?;
     let player = VhdLayer::open(parent, pfile).map_err(|e| {
         ImageError::unsupported(
@@ -108,7 +119,7 @@ pub fn create_differencing(path: &Path, parent: &Path) -> Result<()> {
         .map_or(0, vhd_time);
     let names = ParentNames::new(path, parent)?;
     header.parent_unicode_name = names.unicode.clone();
-    write_image(path, &footer, header, &names.locators())
+    write_image(path, &footer, header, &names.locators(), like)
 }
 
 /// The ways a differencing disk names its parent (also used by
@@ -303,12 +314,14 @@ fn new_header(path: &Path, size: u64, block_size: u32) -> Result<DynamicHeader> 
 }
 
 /// Lays out and writes a new image: footer copy, header, BAT, locator
-/// data (`(platform code, data)`), footer; then fsync.
+/// data (`(platform code, data)`), footer; then fsync. The file gets the
+/// owner and mode `like` before its first byte.
 fn write_image(
     path: &Path,
     footer: &Footer,
     mut header: DynamicHeader,
     locators: &[(u32, Vec<u8>)],
+    like: Option<&Ownership>,
 ) -> Result<()> {
     let bat_bytes = (header.max_table_entries as u64 * 4).div_ceil(512) * 512;
     let mut at = BAT_OFFSET + bat_bytes;
@@ -337,11 +350,13 @@ fn write_image(
         img[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
     }
     img.extend_from_slice(&footer_bytes);
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
+    let file = new_file(like)
         .open(path)
         .map_err(|e| ImageError::io(path, "create", 0, e))?;
+    if let Some(like) = like {
+        like.apply(&file, path)
+            .map_err(|e| ImageError::io(path, "set owner and mode of", 0, e))?;
+    }
     write_all_at(&file, path, &img, 0)?;
     file.sync_all()
         .map_err(|e| ImageError::io(path, "fsync", 0, e))
