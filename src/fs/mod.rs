@@ -320,8 +320,11 @@ impl Filesystem for SnapFs {
         Ok(())
     }
 
+    /// The session ended (someone ran `umount`, which does not wait for
+    /// us): flush and release every image lock now, not at process exit,
+    /// so the command after `umount` finds the images free.
     fn destroy(&mut self) {
-        if let Err(e) = self.tree.flush_all() {
+        if let Err(e) = self.tree.release_for_unmount() {
             tracing::error!("flushing on unmount: {e}");
         }
     }
@@ -613,15 +616,26 @@ impl Filesystem for SnapFs {
         }
     }
 
+    /// `close(2)` of a disk: what it wrote is made durable before close
+    /// returns (a no-op when nothing was written). The kernel waits for
+    /// this reply, unlike for `release` or the unmount, so a written
+    /// image is clean on disk before `umount` can even start, and the
+    /// unmount's `destroy` has only locks left to drop.
     fn flush(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok()
+        let Some(p) = self.disk_handle(fh) else {
+            return reply.ok();
+        };
+        match disk::fsync(&p) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn release(

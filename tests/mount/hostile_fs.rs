@@ -128,3 +128,52 @@ fn fifo_manifest_journal_and_lock_do_not_hang() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(".snaptree.lock"), "{err}");
 }
+
+/// Finding 8: the images are free for the next command as soon as
+/// `umount` returns (a script's `umount M; qemu-img check ...`). Checked
+/// over several rounds (`SNAPTREE_TEST_UMOUNT_ROUNDS`, default 5), each
+/// with a write to flush first; while mounted the same check must fail,
+/// so the test sees the lock it expects to be gone.
+#[test]
+fn image_locks_are_free_when_umount_returns() {
+    let Some(ws) = base_and_leaf_workspace(16 * MIB) else {
+        return;
+    };
+    let rounds: u64 = std::env::var("SNAPTREE_TEST_UMOUNT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let mut model = ws.flatten("leaf.qcow2");
+    for round in 0..rounds {
+        let mut m = if round == 0 {
+            let Some(m) = ws.mount(&[]) else { return };
+            m
+        } else {
+            ws.remount(&[])
+        };
+        {
+            let f = open_rw(&m.mnt, "leaf").expect("open leaf");
+            write_both(
+                &f,
+                &mut model,
+                (round % 15) * MIB + 7,
+                &pattern(round, 70_000),
+            );
+        }
+        let held = ws.qemu_img_unchecked(&["check", "-q", "leaf.qcow2"]);
+        assert!(
+            !held.status.success(),
+            "round {round}: qemu-img check passed while the leaf is mounted read-write"
+        );
+        m.umount_only();
+        let o = ws.qemu_img_unchecked(&["check", "-q", "leaf.qcow2"]);
+        assert!(
+            o.status.success(),
+            "round {round}: qemu-img check right after umount: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let st = m.wait_exit();
+        assert!(st.success(), "round {round}: daemon exit {st}");
+    }
+    ws.compare("leaf.qcow2", &model);
+}
