@@ -567,8 +567,11 @@ impl Filesystem for SnapFs {
         let Some(h) = self.handle(fh) else {
             return reply.error(Errno::EBADF);
         };
+        let whole = |label: String| control::whole_command(&self.tree, &label, offset, data.len());
         let r = match h {
             Handle::Disk(p) => disk::write(&self.tree, &p, offset, data),
+            Handle::Ctl(p) if let Err(e) = whole(format!("{}/ctl", p.name)) => Err(errno(e.errno)),
+            Handle::MergeNow if let Err(e) = whole("merge-now".into()) => Err(errno(e.errno)),
             Handle::Ctl(p) if self.memory_in_use(&p, data) => {
                 let e = crate::tree::TreeError::new(
                     libc::EBUSY,
