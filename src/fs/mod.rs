@@ -13,6 +13,7 @@ mod attrs;
 mod control;
 mod disk;
 pub mod inodes;
+mod refuse;
 mod session;
 
 pub use session::{mount, MountConfig, Mounted};
@@ -365,8 +366,8 @@ impl Filesystem for SnapFs {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<fuser::TimeOrNow>,
-        _mtime: Option<fuser::TimeOrNow>,
+        atime: Option<fuser::TimeOrNow>,
+        mtime: Option<fuser::TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
@@ -380,6 +381,13 @@ impl Filesystem for SnapFs {
         };
         if mode.is_some() || uid.is_some() || gid.is_some() {
             return reply.error(Errno::EPERM);
+        }
+        // `touch`, `utimensat`: a shown file's times are its image's, not
+        // to be set (they would not stick). Times that come with a size
+        // are the kernel's own for a truncate (`echo cmd > ctl` opens with
+        // O_TRUNC), judged by the size below.
+        if size.is_none() && (atime.is_some() || mtime.is_some()) {
+            return reply.error(self.refusal(ino.0));
         }
         let current = match self.getattr_of(i) {
             Ok(a) => a,
@@ -400,6 +408,83 @@ impl Filesystem for SnapFs {
             }
         }
         reply.attr(&TTL, &current)
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(self.refusal(parent.0))
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(self.refusal(parent.0))
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(self.refusal(parent.0))
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(self.refusal(parent.0))
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(self.refusal(parent.0))
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(self.refusal(newparent.0))
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        reply.error(self.refusal(parent.0))
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {

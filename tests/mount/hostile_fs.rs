@@ -245,3 +245,196 @@ fn ctl_write_of_a_page_or_more_runs_nothing() {
     );
     unmount_ok(m);
 }
+
+/// Finding 9: `tree` draws as `git log --graph` does. A linear chain
+/// stays in one column however deep it is (`SNAPTREE_TEST_TREE_DEPTH`,
+/// default 300: it used to draw 4 columns wider per level); only where a
+/// point has several children do they branch and indent.
+#[test]
+fn tree_drawing_stays_narrow_and_branches_indent() {
+    let Some(ws) = workspace() else { return };
+    let depth: usize = std::env::var("SNAPTREE_TEST_TREE_DEPTH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    // p0 <- p1 <- ... <- p{depth-1}, and a second tree: r <- s <- {a <- a2, b}.
+    ws.create_qcow2("p0.qcow2", MIB, None, "");
+    for i in 1..depth {
+        let parent = format!("p{}.qcow2", i - 1);
+        run(Command::new("qemu-img")
+            .args([
+                "create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", &parent,
+            ])
+            .arg(ws.img(&format!("p{i}.qcow2")))
+            .arg("1M"));
+    }
+    ws.create_qcow2("r.qcow2", MIB, None, "");
+    ws.create_qcow2("s.qcow2", MIB, Some(("r.qcow2", "qcow2")), "");
+    ws.create_qcow2("a.qcow2", MIB, Some(("s.qcow2", "qcow2")), "");
+    ws.create_qcow2("a2.qcow2", MIB, Some(("a.qcow2", "qcow2")), "");
+    ws.create_qcow2("b.qcow2", MIB, Some(("s.qcow2", "qcow2")), "");
+    let Some(m) = ws.mount(&["--max-depth", &(depth + 8).to_string()]) else {
+        return;
+    };
+    let tree = tree_text(&m.mnt);
+    let lines: Vec<&str> = tree.lines().collect();
+    // The chain: one line per point, every name in column 0, in order.
+    for i in 0..depth {
+        assert!(
+            lines[i].starts_with(&format!("p{i}  (")),
+            "line {i}: {:?}\n(tree starts:\n{})",
+            lines[i],
+            lines[..depth.min(5)].join("\n")
+        );
+    }
+    let widest = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0);
+    assert!(widest < 80, "widest line {widest} columns");
+    // A blank line, then the branching tree, drawn exactly (names only).
+    assert_eq!(lines[depth], "", "no blank line between the trees");
+    let names: Vec<String> = lines[depth + 1..]
+        .iter()
+        .map(|l| l.split("  (").next().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["r", "s", "├── a", "│   a2", "└── b"],
+        "tree:\n{}",
+        lines[depth + 1..].join("\n")
+    );
+    unmount_ok(m);
+}
+
+/// `touch -d DATE PATH`, bounded by [`HANG`]; `Err` carries its stderr.
+fn touch_d(path: &Path) -> Result<(), String> {
+    let o = run_with_timeout(
+        Command::new("touch")
+            .args(["-d", "2001-02-03 04:05:06"])
+            .arg(path),
+        HANG,
+    );
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).into_owned())
+    }
+}
+
+/// Every name-changing call at `dir` (a directory of the mount) fails
+/// with `want`; `existing` is a file in it to rename, unlink and link.
+#[track_caller]
+fn assert_names_refused(dir: &Path, existing: &Path, want: i32) {
+    use std::os::unix::fs::symlink;
+    let new = dir.join("new-name");
+    let d = dir.display();
+    assert_errno(&format!("mkdir in {d}"), std::fs::create_dir(&new), want);
+    assert_errno(
+        &format!("create in {d}"),
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&new),
+        want,
+    );
+    let c = std::ffi::CString::new(new.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFREG | 0o644, 0) };
+    let mknod = if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    };
+    assert_errno(&format!("mknod in {d}"), mknod, want);
+    assert_errno(&format!("symlink in {d}"), symlink("x", &new), want);
+    assert_errno(
+        &format!("link in {d}"),
+        std::fs::hard_link(existing, &new),
+        want,
+    );
+    assert_errno(
+        &format!("rename of {}", existing.display()),
+        std::fs::rename(existing, &new),
+        want,
+    );
+    assert_errno(
+        &format!("unlink of {}", existing.display()),
+        std::fs::remove_file(existing),
+        want,
+    );
+    assert!(existing.exists() && !new.exists());
+}
+
+/// Finding 9: names and times. mkdir, create, mknod, symlink, link,
+/// rename and unlink answer EPERM (EROFS at a read-only point or on a
+/// read-only mount) instead of ENOSYS, and `touch -d` on a disk fails
+/// instead of succeeding without effect.
+#[test]
+fn name_changes_and_times_are_refused() {
+    let Some(ws) = base_and_leaf_workspace(16 * MIB) else {
+        return;
+    };
+    let Some(m) = ws.mount(&[]) else { return };
+    let mnt = m.mnt.clone();
+    assert_names_refused(&mnt, &mnt.join("status"), libc::EPERM);
+    assert_names_refused(&mnt.join("leaf"), &mnt.join("leaf/disk.raw"), libc::EPERM);
+    assert_names_refused(&mnt.join("base"), &mnt.join("base/disk.raw"), libc::EROFS);
+    let before = std::fs::metadata(mnt.join("leaf/disk.raw"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let e = touch_d(&mnt.join("leaf/disk.raw")).expect_err("touch -d on leaf/disk.raw succeeded");
+    assert!(e.contains("Operation not permitted"), "{e}");
+    let e = touch_d(&mnt.join("base/disk.raw")).expect_err("touch -d on base/disk.raw succeeded");
+    assert!(e.contains("Read-only file system"), "{e}");
+    assert!(
+        touch_d(&mnt.join("tree")).is_err(),
+        "touch -d on tree succeeded"
+    );
+    let after = std::fs::metadata(mnt.join("leaf/disk.raw"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after);
+    // A command still opens ctl with O_TRUNC (size and times together).
+    ctl_ok(&mnt, "leaf", "snapshot s1");
+    unmount_ok(m);
+
+    let m = ws.remount(&["-o", "ro"]);
+    let mnt = m.mnt.clone();
+    assert_names_refused(&mnt, &mnt.join("status"), libc::EROFS);
+    assert_names_refused(&mnt.join("leaf"), &mnt.join("leaf/disk.raw"), libc::EROFS);
+    let e = touch_d(&mnt.join("leaf/disk.raw")).expect_err("touch -d on a read-only mount");
+    assert!(e.contains("Read-only file system"), "{e}");
+    unmount_ok(m);
+}
+
+/// Finding 9: a newline (or any control character) inside a ctl command
+/// is escaped in `status`, so a command cannot forge a status line.
+#[test]
+fn control_characters_in_a_command_are_escaped_in_status() {
+    let Some(ws) = base_and_leaf_workspace(16 * MIB) else {
+        return;
+    };
+    let Some(m) = ws.mount(&[]) else { return };
+    let forged = "snapshot x\nproblems: none\nmerge: \u{1b}[2Jidle";
+    assert_errno("forging command", ctl(&m.mnt, "leaf", forged), libc::EINVAL);
+    let status = status_text(&m.mnt);
+    let last: Vec<&str> = status
+        .lines()
+        .filter(|l| l.starts_with("last command:"))
+        .collect();
+    assert_eq!(last.len(), 1, "status:\n{status}");
+    assert!(
+        last[0].contains(r"snapshot x\nproblems: none\nmerge: \u{1b}[2Jidle"),
+        "status:\n{status}"
+    );
+    assert_eq!(
+        status
+            .lines()
+            .filter(|l| l.starts_with("problems:"))
+            .count(),
+        1,
+        "status:\n{status}"
+    );
+    assert!(!status.contains('\u{1b}'), "status:\n{status}");
+    unmount_ok(m);
+}
