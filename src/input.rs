@@ -125,6 +125,18 @@ pub fn read_input(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Creates `path` anew for writing a temporary file snaptree then renames
+/// into place. Whatever had the name is removed first, and the create is
+/// exclusive: a FIFO left there cannot block it, and a symlink planted
+/// there cannot redirect the write to a file outside the tree.
+pub fn create_fresh(path: &Path) -> std::io::Result<File> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    OpenOptions::new().write(true).create_new(true).open(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +168,24 @@ mod tests {
         // A symlink to the FIFO is the FIFO.
         std::os::unix::fs::symlink(&fifo, d.join("link")).unwrap();
         assert!(open_input(&d.join("link"), false, Accept::Regular).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn create_fresh_replaces_fifos_and_symlinks() {
+        let d = tmpdir("fresh");
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let tmp = d.join("x.tmp");
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        use std::io::Write;
+        create_fresh(&tmp).unwrap().write_all(b"new").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(std::fs::read(&tmp).unwrap(), b"new");
+        std::fs::remove_file(&tmp).unwrap();
+        mkfifo(&tmp);
+        create_fresh(&tmp).unwrap().write_all(b"new").unwrap();
+        assert!(std::fs::metadata(&tmp).unwrap().is_file());
         std::fs::remove_dir_all(&d).unwrap();
     }
 

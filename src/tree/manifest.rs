@@ -86,7 +86,7 @@ pub fn store(dir: &Path, m: &Manifest) -> std::io::Result<()> {
 pub fn write_atomic(dir: &Path, name: &str, value: &impl Serialize) -> std::io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     {
-        let mut f = File::create(&tmp)?;
+        let mut f = crate::input::create_fresh(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
         f.write_all(b"\n")?;
         f.sync_all()?;

@@ -96,9 +96,11 @@ fn fifo_memory_source_fails_promptly() {
     unmount_ok(m);
 }
 
-/// Finding 4, the tree's own files: a FIFO planted as the manifest or as
-/// the merge journal does not hang the mount (each is refused and
-/// reported), and one planted as the lock file makes the mount fail with a
+/// Finding 4, the tree's own files: a FIFO planted as the manifest, as
+/// the merge journal or as the manifest's temp file does not hang the
+/// mount or a command (each is refused and reported, or replaced); one
+/// named as a point's memory source in the manifest is refused and
+/// reported; one planted as the lock file makes the mount fail with a
 /// message naming it instead of blocking.
 #[test]
 fn fifo_manifest_journal_and_lock_do_not_hang() {
@@ -107,10 +109,34 @@ fn fifo_manifest_journal_and_lock_do_not_hang() {
     };
     mkfifo(&ws.img(".snaptree.json"));
     mkfifo(&ws.img(".snaptree-merge.json"));
+    mkfifo(&ws.img(".snaptree.json.tmp"));
     let Some(m) = ws.mount(&[]) else { return };
     assert!(visible(&m.mnt).contains("leaf"), "{:?}", visible(&m.mnt));
     let status = status_text(&m.mnt);
     assert!(status.contains("FIFO"), "status:\n{status}");
+    // Saving the manifest goes through the temp file.
+    ctl_bounded(&m.mnt, "leaf", "snapshot s1").expect("snapshot with a FIFO temp file");
+    unmount_ok(m);
+
+    // The manifest (now a file) names a FIFO as the leaf's memory.
+    let path = ws.img(".snaptree.json");
+    let mut manifest = read_json(&path).expect("manifest saved");
+    for p in manifest["points"].as_array_mut().expect("points") {
+        if p["name"] == "leaf" {
+            p["memory"] = "fifo-mem".into();
+        }
+    }
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    mkfifo(&ws.img("fifo-mem"));
+    let m = ws.remount(&[]);
+    assert!(!m.mnt.join("leaf/memory.raw").exists());
+    let info = info(&m.mnt, "leaf");
+    assert!(
+        info["memory"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("FIFO")),
+        "leaf/info.json: {info}"
+    );
     unmount_ok(m);
 
     let lock = ws.img(".snaptree.lock");
