@@ -14,6 +14,7 @@ pub mod error;
 pub mod fileio;
 pub mod fs;
 pub mod image;
+pub mod input;
 pub mod memory;
 pub mod merge;
 pub mod ownership;

@@ -158,6 +158,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn create_replacing_replaces_fifos_and_symlinks_not_their_targets() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let tmp = d.path().join("x.tmp");
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let like = Ownership::own(0o600);
+        create_replacing(&tmp, &like)
+            .unwrap()
+            .write_all(b"new")
+            .unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(std::fs::read(&tmp).unwrap(), b"new");
+        std::fs::remove_file(&tmp).unwrap();
+        let c = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        create_replacing(&tmp, &like)
+            .unwrap()
+            .write_all(b"new")
+            .unwrap();
+        assert!(std::fs::metadata(&tmp).unwrap().is_file());
+    }
+
+    #[test]
     fn new_file_takes_mode_not_umask() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("x");

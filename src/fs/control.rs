@@ -5,6 +5,35 @@
 
 use crate::tree::{Tree, TreeError};
 
+/// A command is shorter than one page. A longer command arrives in
+/// pieces: the kernel splits a `write(2)` larger than `max_write` (1 MiB)
+/// into requests whose later ones are at offsets past 0, and a program's
+/// stdio (bash's `printf`, anything using `FILE *`) flushes a buffer of
+/// `st_blksize` (4096, see `attrs`) as soon as it is full, so the first
+/// piece of any command of 4096 bytes or more is a whole page. Refusing
+/// every write of a page or more, and every write past offset 0, refuses
+/// such a command before any piece of it runs.
+pub const PAGE: usize = 4096;
+
+/// Refuses (EINVAL) a control file write that cannot be one whole command:
+/// [`PAGE`] bytes or longer, or not at offset 0 (the rest of a split
+/// write, or a second command through one descriptor). `label` names the
+/// file in `status`.
+pub fn whole_command(tree: &Tree, label: &str, offset: u64, len: usize) -> Result<(), TreeError> {
+    let why = if len >= PAGE {
+        format!("a write of {len} bytes: a command is shorter than {PAGE} bytes; nothing was run")
+    } else if offset != 0 {
+        format!(
+            "a write at offset {offset}: one command per open and write (or the rest of a command of {PAGE} bytes or more); nothing was run"
+        )
+    } else {
+        return Ok(());
+    };
+    let r = Err(TreeError::new(libc::EINVAL, why));
+    tree.record(label, &r);
+    r
+}
+
 /// Parses and runs one `ctl` command on point `id`.
 pub fn run_ctl(tree: &Tree, id: u64, point_name: &str, data: &[u8]) -> Result<(), TreeError> {
     let text = String::from_utf8_lossy(data);

@@ -14,6 +14,7 @@ mod control;
 mod disk;
 pub mod inodes;
 mod modes;
+mod refuse;
 mod session;
 
 pub use session::{mount, MountConfig, Mounted};
@@ -330,8 +331,11 @@ impl Filesystem for SnapFs {
         Ok(())
     }
 
+    /// The session ended (someone ran `umount`, which does not wait for
+    /// us): flush and release every image lock now, not at process exit,
+    /// so the command after `umount` finds the images free.
     fn destroy(&mut self) {
-        if let Err(e) = self.tree.flush_all() {
+        if let Err(e) = self.tree.release_for_unmount() {
             tracing::error!("flushing on unmount: {e}");
         }
     }
@@ -372,8 +376,8 @@ impl Filesystem for SnapFs {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<fuser::TimeOrNow>,
-        _mtime: Option<fuser::TimeOrNow>,
+        atime: Option<fuser::TimeOrNow>,
+        mtime: Option<fuser::TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
@@ -387,6 +391,13 @@ impl Filesystem for SnapFs {
         };
         if mode.is_some() || uid.is_some() || gid.is_some() {
             return reply.error(Errno::EPERM);
+        }
+        // `touch`, `utimensat`: a shown file's times are its image's, not
+        // to be set (they would not stick). Times that come with a size
+        // are the kernel's own for a truncate (`echo cmd > ctl` opens with
+        // O_TRUNC), judged by the size below.
+        if size.is_none() && (atime.is_some() || mtime.is_some()) {
+            return reply.error(self.refusal(ino.0));
         }
         let current = match self.getattr_of(i) {
             Ok(a) => a,
@@ -407,6 +418,83 @@ impl Filesystem for SnapFs {
             }
         }
         reply.attr(&TTL, &current)
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(self.refusal(parent.0))
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(self.refusal(parent.0))
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(self.refusal(parent.0))
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(self.refusal(parent.0))
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(self.refusal(parent.0))
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(self.refusal(newparent.0))
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        reply.error(self.refusal(parent.0))
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -574,8 +662,11 @@ impl Filesystem for SnapFs {
         let Some(h) = self.handle(fh) else {
             return reply.error(Errno::EBADF);
         };
+        let whole = |label: String| control::whole_command(&self.tree, &label, offset, data.len());
         let r = match h {
             Handle::Disk(p) => disk::write(&self.tree, &p, offset, data),
+            Handle::Ctl(p) if let Err(e) = whole(format!("{}/ctl", p.name)) => Err(errno(e.errno)),
+            Handle::MergeNow if let Err(e) = whole("merge-now".into()) => Err(errno(e.errno)),
             Handle::Ctl(p) if self.memory_in_use(&p, data) => {
                 let e = crate::tree::TreeError::new(
                     libc::EBUSY,
@@ -623,15 +714,26 @@ impl Filesystem for SnapFs {
         }
     }
 
+    /// `close(2)` of a disk: what it wrote is made durable before close
+    /// returns (a no-op when nothing was written). The kernel waits for
+    /// this reply, unlike for `release` or the unmount, so a written
+    /// image is clean on disk before `umount` can even start, and the
+    /// unmount's `destroy` has only locks left to drop.
     fn flush(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok()
+        let Some(p) = self.disk_handle(fh) else {
+            return reply.ok();
+        };
+        match disk::fsync(&p) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn release(

@@ -6,7 +6,7 @@ use super::raw::RawLayer;
 use super::vhd::VhdLayer;
 use super::{Format, Layer};
 use crate::error::{ImageError, Result};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -41,11 +41,7 @@ fn named_vhd(path: &Path) -> bool {
 
 /// Opens `path` as `format` (or detects it), read-only or for writing.
 pub fn open_layer(path: &Path, format: Option<Format>, writable: bool) -> Result<Arc<dyn Layer>> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .open(path)
-        .map_err(|e| ImageError::io(path, "open", 0, e))?;
+    let file = crate::input::open_input(path, writable, crate::input::Accept::RegularOrBlock)?;
     let format = match format {
         Some(f) => f,
         None => detect_format(&file, path)?,

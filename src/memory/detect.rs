@@ -5,13 +5,12 @@
 
 use super::{elf, migstream, raw, MemorySource};
 use crate::error::{ImageError, Result};
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// Indexes the memory source at `path`, whatever its format.
 pub fn index_any(path: &Path) -> Result<MemorySource> {
-    let file = File::open(path).map_err(|e| ImageError::io(path, "open", 0, e))?;
+    let file = crate::input::open_input(path, false, crate::input::Accept::Regular)?;
     let mut head = [0u8; 16];
     let mut n = 0;
     while n < head.len() {

@@ -88,7 +88,7 @@ struct Segment {
 
 /// Indexes the ELF core at `path`.
 pub fn index(path: &Path) -> Result<MemorySource> {
-    let file = File::open(path).map_err(|e| ImageError::io(path, "open", 0, e))?;
+    let file = crate::input::open_input(path, false, crate::input::Accept::Regular)?;
     let len = fileio::file_len(&file, path)?;
     let mut ident = [0u8; 64];
     let head_len = (len as usize).min(64);

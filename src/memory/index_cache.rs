@@ -64,7 +64,13 @@ pub fn load_or_index(
     let st = stamp(path);
     let cache = cache_dir.map(|d| file_for(d, path));
     if let (Some(c), Some(st)) = (&cache, &st) {
-        if let Some(src) = std::fs::read(c).ok().and_then(|b| decode(&b, path, st)) {
+        // At most one 24-byte run per page of the source, plus names: a
+        // larger file is not a cache of this source (and a FIFO is none).
+        let max = (st.size / 4096).saturating_mul(32).saturating_add(1 << 20);
+        if let Some(src) = crate::input::read_input(c, max)
+            .ok()
+            .and_then(|b| decode(&b, path, st))
+        {
             return Ok(src);
         }
     }

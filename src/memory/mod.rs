@@ -22,7 +22,7 @@ pub mod migstream;
 pub mod raw;
 pub mod view;
 
-use crate::error::{ImageError, Result};
+use crate::error::Result;
 use crate::fileio;
 use crate::image::{check_range, BackingRef, Extent, Format, Layer, LayerInfo, Mapping};
 use std::fs::File;
@@ -84,7 +84,7 @@ pub struct MemoryLayer {
 impl MemoryLayer {
     /// A layer over `runs` of the source file at `path`.
     pub fn new(path: &Path, kind: &str, size: u64, runs: Vec<Run>) -> Result<MemoryLayer> {
-        let file = File::open(path).map_err(|e| ImageError::io(path, "open", 0, e))?;
+        let file = crate::input::open_input(path, false, crate::input::Accept::Regular)?;
         Ok(MemoryLayer {
             path: path.to_path_buf(),
             file,

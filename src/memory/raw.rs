@@ -8,12 +8,11 @@
 use super::{MemorySource, Piece, RamBlock, Run};
 use crate::error::{ImageError, Result};
 use crate::fileio;
-use std::fs::File;
 use std::path::Path;
 
 /// Indexes the raw dump at `path`.
 pub fn index(path: &Path) -> Result<MemorySource> {
-    let file = File::open(path).map_err(|e| ImageError::io(path, "open", 0, e))?;
+    let file = crate::input::open_input(path, false, crate::input::Accept::Regular)?;
     let len = fileio::file_len(&file, path)?;
     if len == 0 {
         return Err(ImageError::invalid(

@@ -66,7 +66,7 @@ fn block_files<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
 
 /// True when the file at `path` is a qcow2 image (by the disk probe).
 fn is_qcow2(path: &Path) -> bool {
-    std::fs::File::open(path)
+    crate::input::open_input(path, false, crate::input::Accept::Regular)
         .ok()
         .and_then(|f| probe::detect_format(&f, path).ok())
         == Some(Format::Qcow2)

@@ -62,7 +62,7 @@ pub fn clear(dir: &Path) -> std::io::Result<()> {
 
 fn load(dir: &Path) -> Result<Option<Entry>, String> {
     let path = dir.join(JOURNAL_NAME);
-    let text = match std::fs::read(&path) {
+    let text = match crate::input::read_input(&path, 1 << 20) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),

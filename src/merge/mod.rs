@@ -106,6 +106,14 @@ impl Tree {
         } else {
             self.lock_ops()
         };
+        // The mount is going away (see `tree::close`): its locks may be
+        // released already, so nothing may be written now.
+        if self.merge.cancel.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(TreeError::new(
+                libc::ECANCELED,
+                "not started: the mount is going away",
+            ));
+        }
         if let Some(why) = self.merge.broken.lock().clone() {
             return Err(TreeError::new(libc::EIO, why));
         }

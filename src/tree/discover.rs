@@ -10,6 +10,7 @@
 
 use crate::confine::Confine;
 use crate::image::{probe, Format};
+use crate::input::{open_input, Accept};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -77,7 +78,7 @@ pub fn inspect(path: &Path, format: Option<Format>, confine: &Confine) -> Found 
 /// it takes to read it safely (for images that do not open).
 fn header_backing(path: &Path) -> Option<String> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).ok()?;
+    let f = open_input(path, false, Accept::RegularOrBlock).ok()?;
     let mut h = [0u8; 20];
     f.read_exact_at(&mut h, 0).ok()?;
     if &h[..4] != b"QFI\xfb" {
@@ -95,7 +96,7 @@ fn header_backing(path: &Path) -> Option<String> {
 
 /// Qcow2 or VHD by its magic (a fixed VHD also by its name), else raw.
 fn sniff(path: &Path) -> Format {
-    std::fs::File::open(path)
+    open_input(path, false, Accept::RegularOrBlock)
         .ok()
         .and_then(|f| probe::detect_format(&f, path).ok())
         .unwrap_or(Format::Raw)
@@ -136,7 +137,7 @@ pub fn scan_dir(confine: &Confine) -> std::io::Result<Scan> {
             continue;
         }
         let path = entry.path().canonicalize()?;
-        let format = std::fs::File::open(&path)
+        let format = open_input(&path, false, Accept::RegularOrBlock)
             .ok()
             .and_then(|f| probe::detect_format(&f, &path).ok())
             .filter(|f| *f != Format::Raw);

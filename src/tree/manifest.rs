@@ -57,7 +57,7 @@ pub fn path_in(dir: &Path) -> PathBuf {
 /// Reads the manifest; `Ok(None)` when there is none.
 pub fn load(dir: &Path) -> Result<Option<Manifest>, String> {
     let path = path_in(dir);
-    let text = match std::fs::read(&path) {
+    let text = match crate::input::read_input(&path, 64 << 20) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),

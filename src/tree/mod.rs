@@ -10,6 +10,7 @@
 //! no write can land in an image after it stopped being a leaf.
 //! Structural operations are serialised by `ops`.
 
+mod close;
 pub mod discover;
 pub mod manifest;
 mod memory;

@@ -394,14 +394,24 @@ pub const TREE_LOCK_NAME: &str = ".snaptree.lock";
 /// Takes the tree's exclusive lock (an OFD-independent `flock`, released
 /// when the process dies), or says who to blame.
 fn lock_tree(dir: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
     let path = dir.join(TREE_LOCK_NAME);
+    // O_NONBLOCK: a FIFO planted under this name must not block the open
+    // (nothing is ever read or written through this descriptor).
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(&path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(format!(
+            "{}: not a regular file; remove it (snaptree keeps its lock there)",
+            path.display()
+        ));
+    }
     // A mount that was just unmounted may still be flushing on its way
     // out: give it a few seconds.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

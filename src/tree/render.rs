@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 impl Tree {
-    /// The tree drawn as text: names, sizes, chain depth, flags.
+    /// The tree drawn as text: names, sizes, chain depth, flags. Separate
+    /// trees (several roots) are separated by a blank line.
     pub fn render_tree(&self) -> String {
         let nodes = self.nodes.read();
         let mut out = String::new();
@@ -19,8 +20,11 @@ impl Tree {
             .filter(|id| is_first_disk(&nodes, *id))
             .collect();
         roots.sort_by(|a, b| nodes[a].point.name.cmp(&nodes[b].point.name));
-        for r in roots {
-            draw(&nodes, r, "", "", &mut out);
+        for (i, r) in roots.into_iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            draw(&nodes, r, &mut out);
         }
         out
     }
@@ -79,10 +83,15 @@ impl Tree {
                 let _ = writeln!(out, "last command: none");
             }
             Some((cmd, Ok(()))) => {
-                let _ = writeln!(out, "last command: {cmd}: ok");
+                let _ = writeln!(out, "last command: {}: ok", one_line(cmd));
             }
             Some((cmd, Err(e))) => {
-                let _ = writeln!(out, "last command: {cmd}: error: {e}");
+                let _ = writeln!(
+                    out,
+                    "last command: {}: error: {}",
+                    one_line(cmd),
+                    one_line(e)
+                );
             }
         }
         if s.problems.is_empty() {
@@ -90,7 +99,7 @@ impl Tree {
         } else {
             let _ = writeln!(out, "problems:");
             for p in &s.problems {
-                let _ = writeln!(out, "  - {p}");
+                let _ = writeln!(out, "  - {}", one_line(p));
             }
         }
         out
@@ -138,6 +147,26 @@ impl Tree {
     }
 }
 
+/// `text` with every control character escaped (`\n`, `\u{1b}`, ...):
+/// commands, file names and messages quoted in `status` come from users
+/// and directories, and a raw newline in one would forge a line of its
+/// own ("problems: none").
+fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// Whether `id` is the first disk of its point: the one the drawing shows
 /// (the other disks of a point hang in parallel chains under the first
 /// disks of the parent's point).
@@ -148,7 +177,35 @@ fn is_first_disk(nodes: &BTreeMap<u64, Node>, id: u64) -> bool {
         .any(|n| n.point.name == me.name && n.point.disk < me.disk)
 }
 
-fn draw(nodes: &BTreeMap<u64, Node>, id: u64, first: &str, rest: &str, out: &mut String) {
+/// Draws the tree under `root` as `git log --graph` draws history: a
+/// point's only child goes on the next line in the same column, so a
+/// linear chain of any depth stays as narrow as its names; where a point
+/// has several children they branch with `├──`/`└──` and indent one
+/// level. A stack, not recursion: a chain may be thousands deep.
+fn draw(nodes: &BTreeMap<u64, Node>, root: u64, out: &mut String) {
+    let mut todo = vec![(root, String::new(), String::new())];
+    while let Some((id, first, rest)) = todo.pop() {
+        draw_point(nodes, id, &first, out);
+        let mut kids = nodes[&id].children.clone();
+        kids.sort_by(|a, b| nodes[a].point.name.cmp(&nodes[b].point.name));
+        if let [only] = kids[..] {
+            todo.push((only, rest.clone(), rest));
+            continue;
+        }
+        // Pushed last first, so the first child is drawn first.
+        for (i, k) in kids.iter().enumerate().rev() {
+            let (f, r) = if i + 1 == kids.len() {
+                ("└── ", "    ")
+            } else {
+                ("├── ", "│   ")
+            };
+            todo.push((*k, format!("{rest}{f}"), format!("{rest}{r}")));
+        }
+    }
+}
+
+/// One point's line, after `first` (the drawing left of its name).
+fn draw_point(nodes: &BTreeMap<u64, Node>, id: u64, first: &str, out: &mut String) {
     let n = &nodes[&id];
     let mut flags = Vec::new();
     if n.children.is_empty() {
@@ -204,15 +261,4 @@ fn draw(nodes: &BTreeMap<u64, Node>, id: u64, first: &str, rest: &str, out: &mut
             format!(" [{}]", flags.join(", "))
         }
     );
-    let mut kids = n.children.clone();
-    kids.sort_by(|a, b| nodes[a].point.name.cmp(&nodes[b].point.name));
-    for (i, k) in kids.iter().enumerate() {
-        let last = i + 1 == kids.len();
-        let (f, r) = if last {
-            ("└── ", "    ")
-        } else {
-            ("├── ", "│   ")
-        };
-        draw(nodes, *k, &format!("{rest}{f}"), &format!("{rest}{r}"), out);
-    }
 }

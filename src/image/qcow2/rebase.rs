@@ -43,7 +43,6 @@ use super::header::{
 };
 use crate::error::{ImageError, Result};
 use crate::fileio::{be_u32, be_u64, file_len, read_exact_at, sync_data, write_all_at};
-use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -76,11 +75,7 @@ pub fn set_backing(path: &Path, backing: Option<(&str, &str)>) -> Result<()> {
     if let Some((name, format)) = backing {
         check_name(path, name, format)?;
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| ImageError::io(path, "open", 0, e))?;
+    let file = crate::input::open_input(path, true, crate::input::Accept::RegularOrBlock)?;
     let header = Header::read(&file, path)?;
     if header.incompatible_features & INCOMPAT_DIRTY != 0 {
         return Err(ImageError::invalid(

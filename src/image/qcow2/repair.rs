@@ -16,7 +16,7 @@ use super::l2::{Geometry, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
 use super::refcount::Refcounts;
 use crate::error::{ImageError, Result};
 use crate::fileio::{file_len, read_exact_at, sync_data};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::Path;
 
 /// Refuse to scan images with more clusters than this (the bitset of
@@ -57,11 +57,7 @@ impl Used {
 /// Frees the leaked clusters of the qcow2 image at `path`. Returns how many
 /// were freed, or `None` when the image is of a kind this does not repair.
 pub fn repair_leaks(path: &Path) -> Result<Option<u64>> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| ImageError::io(path, "open", 0, e))?;
+    let file = crate::input::open_input(path, true, crate::input::Accept::RegularOrBlock)?;
     let mut magic = [0u8; 4];
     if read_exact_at(&file, path, &mut magic, 0, "magic").is_err() || &magic != super::header::MAGIC
     {

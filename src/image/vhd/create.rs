@@ -96,7 +96,7 @@ pub fn create_differencing_like(
     parent: &Path,
     like: Option<&Ownership>,
 ) -> Result<()> {
-    let pfile = File::open(parent).map_err(|e| ImageError::io(parent, "open", 0, e))?;
+    let pfile = crate::input::open_input(parent, false, crate::input::Accept::RegularOrBlock)?;
     let player = VhdLayer::open(parent, pfile).map_err(|e| {
         ImageError::unsupported(
             path,

@@ -31,7 +31,6 @@ use super::VhdLayer;
 use crate::error::{ImageError, Result};
 use crate::fileio::read_exact_at;
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -85,7 +84,7 @@ pub fn unhex(text: &str) -> Option<Vec<u8>> {
 /// (whose file is at `parent_path`) as `name`: a path relative to the
 /// child's directory, or absolute. Nothing is written.
 pub fn parent_patches(child: &Path, parent_path: &Path, name: &str) -> Result<Vec<Patch>> {
-    let file = File::open(child).map_err(|e| ImageError::io(child, "open", 0, e))?;
+    let file = crate::input::open_input(child, false, crate::input::Accept::RegularOrBlock)?;
     let layer = VhdLayer::open(
         child,
         file.try_clone()
@@ -106,7 +105,7 @@ pub fn parent_patches(child: &Path, parent_path: &Path, name: &str) -> Result<Ve
             "differencing disk without a dynamic header",
         ));
     };
-    let pfile = File::open(parent_path).map_err(|e| ImageError::io(parent_path, "open", 0, e))?;
+    let pfile = crate::input::open_input(parent_path, false, crate::input::Accept::RegularOrBlock)?;
     let parent = VhdLayer::open(parent_path, pfile).map_err(|e| {
         ImageError::unsupported(
             child,
@@ -188,10 +187,7 @@ pub fn apply(child: &Path, patches: &[Patch]) -> Result<()> {
             ),
         ));
     }
-    let file = OpenOptions::new()
-        .write(true)
-        .open(child)
-        .map_err(|e| ImageError::io(child, "open", 0, e))?;
+    let file = crate::input::open_input(child, true, crate::input::Accept::RegularOrBlock)?;
     let len = file
         .metadata()
         .map_err(|e| ImageError::io(child, "stat", 0, e))?
@@ -240,7 +236,7 @@ pub fn apply(child: &Path, patches: &[Patch]) -> Result<()> {
 /// new header, so recovery still works then.
 pub fn check_patches(child: &Path, patches: &[Patch]) -> Result<()> {
     let bad = |what: String| Err(ImageError::invalid(child, format!("merge journal: {what}")));
-    let file = File::open(child).map_err(|e| ImageError::io(child, "open", 0, e))?;
+    let file = crate::input::open_input(child, false, crate::input::Accept::RegularOrBlock)?;
     let footer = Footer::read(&file, child)?;
     let Some((last, locators)) = patches.split_last() else {
         return bad("no header write".into());
@@ -333,7 +329,7 @@ pub fn set_parent(child: &Path, parent_path: &Path, name: &str) -> Result<()> {
 
 /// The unique id in the footer of the VHD at `path`.
 pub fn unique_id(path: &Path) -> Result<[u8; 16]> {
-    let file = File::open(path).map_err(|e| ImageError::io(path, "open", 0, e))?;
+    let file = crate::input::open_input(path, false, crate::input::Accept::RegularOrBlock)?;
     Ok(Footer::read(&file, path)?.unique_id)
 }
 
@@ -342,11 +338,7 @@ pub fn unique_id(path: &Path) -> Result<[u8; 16]> {
 /// this before renaming a hidden VHD onto its child: the child's children
 /// check the id of the file they find under the child's name.
 pub fn set_unique_id(path: &Path, id: [u8; 16]) -> Result<()> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| ImageError::io(path, "open", 0, e))?;
+    let file = crate::input::open_input(path, true, crate::input::Accept::RegularOrBlock)?;
     let f = Footer::read(&file, path)?;
     if f.len != FOOTER_LEN {
         return Err(ImageError::unsupported(

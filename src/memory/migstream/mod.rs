@@ -39,10 +39,9 @@
 //! state: nothing here is shared.
 
 use super::{MemorySource, RamBlock, Run};
-use crate::error::{ImageError, Result};
+use crate::error::Result;
 use crate::fileio;
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::Path;
 
 /// `return Err(Corrupt)` naming the parser's file and `$at`.
@@ -90,7 +89,7 @@ pub fn index(path: &Path) -> Result<MemorySource> {
 
 /// [`index`], also saying what the page records held.
 pub fn index_with_stats(path: &Path) -> Result<(MemorySource, StreamStats)> {
-    let file = File::open(path).map_err(|e| ImageError::io(path, "open", 0, e))?;
+    let file = crate::input::open_input(path, false, crate::input::Accept::Regular)?;
     let len = fileio::file_len(&file, path)?;
     let mut r = Reader::new(&file, path, len);
     let libvirt = libvirt::present(&mut r)?;
