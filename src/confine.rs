@@ -21,23 +21,24 @@
 //!   tree directory: snaptree never writes anything else there, so
 //!   anything else is refused, whatever the options.
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Component, Path, PathBuf};
 
 /// A name refused by the confinement check.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
     /// Not a name snaptree accepts from that source (see the module docs).
-    #[error("{name:?} {why}")]
+    #[error("{} {why}", shown(.name))]
     Invalid { name: String, why: String },
     /// The file it names does not exist or cannot be resolved.
-    #[error("{name:?} resolves to {path}: {source}", path = .path.display())]
+    #[error("{} resolves to {path}: {source}", shown(.name), path = .path.display())]
     Missing {
         name: String,
         path: PathBuf,
         source: std::io::Error,
     },
     /// It resolves outside the tree directory.
-    #[error("{name:?} resolves to {target}, outside the tree directory {root} (allowed only with --allow-external-backing)", target = .target.display(), root = .root.display())]
+    #[error("{} resolves to {target}, outside the tree directory {root} (allowed only with --allow-external-backing)", shown(.name), target = .target.display(), root = .root.display())]
     Outside {
         name: String,
         target: PathBuf,
@@ -106,16 +107,20 @@ impl Confine {
         }
         // Only regular files and block devices hold images or memory: a
         // FIFO would block the opener forever, a directory is no disk.
-        let kind = std::fs::metadata(&canon).map(|m| m.file_type());
-        if !kind.is_ok_and(|t| {
-            use std::os::unix::fs::FileTypeExt;
-            t.is_file() || t.is_block_device()
-        }) {
+        let kind = std::fs::metadata(&canon)
+            .map(|m| m.file_type())
+            .map_err(|source| Refused::Missing {
+                name: name.to_string(),
+                path: canon.clone(),
+                source,
+            })?;
+        if !(kind.is_file() || kind.is_block_device()) {
             return Err(refuse(
                 name,
                 format!(
-                    "resolves to {}, which is not a regular file or block device",
-                    canon.display()
+                    "resolves to {}, which is {}, not a regular file or block device",
+                    canon.display(),
+                    crate::input::kind_name(kind)
                 ),
             ));
         }
@@ -208,6 +213,16 @@ pub fn own_dir(root: &Path, name: &str) -> std::io::Result<PathBuf> {
 /// Whether `path` is a real directory (not a symlink to one).
 pub fn is_real_dir(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_dir())
+}
+
+/// `name` quoted for a message, cut short when long: a crafted file may
+/// hold names of any length, and `status` must stay readable.
+pub fn shown(name: &str) -> String {
+    const MAX: usize = 80;
+    match name.char_indices().nth(MAX) {
+        None => format!("{name:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &name[..cut], name.len()),
+    }
 }
 
 /// What no name may be, whatever it is for.

@@ -50,7 +50,7 @@ impl Accept {
 }
 
 /// Names the kind of a refused file, for the message.
-fn kind_name(ft: std::fs::FileType) -> &'static str {
+pub(crate) fn kind_name(ft: std::fs::FileType) -> &'static str {
     if ft.is_fifo() {
         "a FIFO (named pipe)"
     } else if ft.is_socket() {

@@ -19,7 +19,7 @@
 //! references say what the journal says. Anything else is reported and
 //! left untouched, journal included.
 
-use crate::confine::Confine;
+use crate::confine::{shown, Confine};
 use crate::image::probe;
 use crate::tree::discover;
 use crate::tree::manifest::{self, write_atomic};
@@ -148,8 +148,8 @@ pub fn reclaim_garbage(dir: &Path, problems: &mut Vec<String>) {
             Ok(path) if p.hidden => path,
             Ok(_) => {
                 problems.push(format!(
-                    "manifest marks {:?} as garbage but not as hidden; kept",
-                    p.image
+                    "manifest marks {} as garbage but not as hidden; kept",
+                    shown(&p.image)
                 ));
                 return true;
             }
@@ -292,7 +292,7 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
             return false;
         }
     };
-    let what = format!("{:?} into {:?}", e.hidden, e.child);
+    let what = format!("{} into {}", shown(&e.hidden), shown(&e.child));
     let child_gone = Confine::new(dir, false)
         .ok()
         .and_then(|c| c.record(&e.child).ok())

@@ -10,6 +10,7 @@
 //! overrides).
 
 use super::manifest::ManifestPoint;
+use crate::confine::shown;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -109,8 +110,9 @@ pub(super) fn assign(
         };
         if let Some(why) = name_problem(&m.name) {
             problems.push(format!(
-                "manifest: the name {:?} of {} {why}; named after its file instead",
-                m.name, m.image
+                "manifest: the name {} of {} {why}; named after its file instead",
+                shown(&m.name),
+                shown(&m.image)
             ));
             continue;
         }
@@ -118,8 +120,9 @@ pub(super) fn assign(
             let why = name_problem(d);
             if let Some(why) = why {
                 problems.push(format!(
-                    "manifest: the disk name {d:?} of point {:?} {why}; ignored",
-                    m.name
+                    "manifest: the disk name {} of point {} {why}; ignored",
+                    shown(d),
+                    shown(&m.name)
                 ));
             }
             why.is_none()
@@ -130,9 +133,9 @@ pub(super) fn assign(
             out.disks.insert((*p).clone(), disk);
         } else {
             problems.push(format!(
-                "manifest: {} is named {:?}{}, as another image is; named after its file instead",
-                m.image,
-                m.name,
+                "manifest: {} is named {}{}, as another image is; named after its file instead",
+                shown(&m.image),
+                shown(&m.name),
                 disk.map_or(String::new(), |d| format!(" (disk {d:?})"))
             ));
         }

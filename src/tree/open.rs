@@ -71,9 +71,24 @@ impl Tree {
         };
         let mut found = found;
         // Memory checkpoints the manifest names are no disk images, even
-        // when named like raw ones (`*.raw`).
+        // when named like raw ones (`*.raw`); unless an image backs onto
+        // the file or the manifest names it as a point's image too: then
+        // it is a disk, and the memory naming it is refused (in `build`).
+        let disks_named: HashSet<String> = manifest
+            .points
+            .iter()
+            .filter(|p| !p.garbage)
+            .map(|p| p.image.clone())
+            .collect();
         for m in manifest.points.iter().filter_map(|p| p.memory.as_deref()) {
-            if let Ok(p) = dir.join(m).canonicalize() {
+            let Ok(p) = dir.join(m).canonicalize() else {
+                continue;
+            };
+            let backed_onto = found.values().any(|f| f.backing.as_ref() == Some(&p));
+            let named = p
+                .strip_prefix(&dir)
+                .is_ok_and(|r| disks_named.contains(r.to_string_lossy().as_ref()));
+            if !backed_onto && !named {
                 found.remove(&p);
             }
         }
@@ -133,8 +148,9 @@ impl Tree {
         for m in manifest.points.iter().filter(|m| !m.garbage) {
             if by_image.insert(m.image.clone(), m).is_some() {
                 problems.push(format!(
-                    "manifest lists image {:?} more than once; its last entry ({:?}) is used",
-                    m.image, m.name
+                    "manifest lists image {} more than once; its last entry ({}) is used",
+                    crate::confine::shown(&m.image),
+                    crate::confine::shown(&m.name)
                 ));
             }
         }
@@ -160,8 +176,9 @@ impl Tree {
                     self.foreign.push(m.clone());
                 } else {
                     problems.push(format!(
-                        "manifest lists {:?} (image {}), but that file is missing",
-                        m.name, m.image
+                        "manifest lists {} (image {}), but that file is missing",
+                        crate::confine::shown(&m.name),
+                        crate::confine::shown(&m.image)
                     ));
                     // Its memory is not ours to remove.
                     self.pinned_memory.extend(m.memory.clone());
@@ -298,7 +315,19 @@ impl Tree {
                 },
             );
             if let Some(source) = m.and_then(|m| m.memory.as_deref()) {
-                let mem = self.open_memory(source);
+                let is_disk = self
+                    .dir
+                    .join(source)
+                    .canonicalize()
+                    .is_ok_and(|p| found.contains_key(&p));
+                let mem = if is_disk {
+                    super::PointMemory {
+                        source: source.to_string(),
+                        view: Err("not opened: it is a disk image of this tree".into()),
+                    }
+                } else {
+                    self.open_memory(source)
+                };
                 if let Err(why) = &mem.view {
                     problems.push(format!("{:?}: memory {source:?}: {why}", point.name));
                 }
