@@ -7,6 +7,7 @@
 //! adapter), `cli` (the `snaptree` command). Format code never knows about
 //! FUSE; FUSE code never parses a format.
 
+pub mod cache;
 pub mod chain;
 pub mod cli;
 pub mod error;
