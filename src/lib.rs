@@ -11,6 +11,7 @@ pub mod cache;
 pub mod chain;
 pub mod cli;
 pub mod error;
+pub mod fdlimit;
 pub mod fileio;
 pub mod fs;
 pub mod image;

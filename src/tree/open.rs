@@ -84,6 +84,12 @@ impl Tree {
             &dir,
             opts.allow_external_backing,
         );
+        // Every image stays open (its descriptor holds its lock): refuse a
+        // tree the open-file limit cannot hold before opening any of it,
+        // rather than mount part of it.
+        let memories = manifest.points.iter().filter(|p| p.memory.is_some());
+        let images = found.values().filter(|f| f.broken.is_none()).count();
+        crate::fdlimit::check_budget((images + memories.count()) as u64, &dir)?;
         let mut tree = Tree {
             dir: dir.clone(),
             opts,

@@ -12,6 +12,7 @@
 //! per-point helpers. The tests live by subject in the modules below.
 
 mod lifecycle;
+mod many_images;
 mod memory;
 mod merge;
 mod model_tree;
