@@ -226,3 +226,42 @@ fn low_soft_nofile_limit_is_raised_to_the_hard_one() {
     );
     guard.unmount();
 }
+
+/// A writable leaf loads its refcount table only when a write first needs
+/// it. A discard of whole clusters is such a first change that allocates
+/// nothing but frees clusters: it must still reach the image, with the
+/// freed clusters' refcounts dropped (no leak in `qemu-img check`).
+#[test]
+fn discard_as_first_write_frees_clusters_without_a_leak() {
+    if !prerequisites_or_skip() {
+        return;
+    }
+    let ws = Workspace::new();
+    ws.create_qcow2("leaf.qcow2", 4 * MIB, None, "");
+    ws.qemu_io("leaf.qcow2", "qcow2", &["write -P 0x77 0 1M"]);
+    let mut model = ws.flatten("leaf.qcow2");
+    let Some(m) = ws.mount(&[]) else { return };
+    {
+        let f = super::open_rw(&ws.mnt, "leaf").expect("open leaf/disk.raw");
+        let (off, len) = (128 << 10, 256 << 10);
+        fallocate(
+            &f,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+        .expect("punch a hole of whole clusters");
+        model[off as usize..(off + len) as usize].fill(0);
+        f.sync_all().expect("fsync leaf/disk.raw");
+    }
+    m.unmount();
+    ws.check("leaf.qcow2");
+    ws.compare("leaf.qcow2", &model);
+    let map = ws.qemu_img(&["map", "--output=json", "leaf.qcow2"]);
+    let map = String::from_utf8_lossy(&map.stdout);
+    let zeroed = "{ \"start\": 131072, \"length\": 262144, \"depth\": 0, \"present\": true, \"zero\": true, \"data\": false";
+    assert!(
+        map.contains(zeroed),
+        "the discarded clusters must be zero clusters now: {map}"
+    );
+}
