@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// The operating system refused an I/O request.
-    #[error("{path}: {op} at offset {offset} failed: {source}", path = .path.display())]
+    #[error("{path}: {op} at offset {offset} failed: {source}{hint}", path = .path.display(), hint = crate::fdlimit::hint(.source))]
     Io {
         path: PathBuf,
         op: &'static str,

@@ -7,10 +7,12 @@
 //! adapter), `cli` (the `snaptree` command). Format code never knows about
 //! FUSE; FUSE code never parses a format.
 
+pub mod cache;
 pub mod chain;
 pub mod cli;
 pub mod confine;
 pub mod error;
+pub mod fdlimit;
 pub mod fileio;
 pub mod fs;
 pub mod image;

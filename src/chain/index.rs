@@ -17,7 +17,6 @@ use crate::error::Result;
 use crate::image::{Layer, Mapping};
 use lru::LruCache;
 use parking_lot::Mutex;
-use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -35,9 +34,7 @@ pub struct ResolutionIndex {
 impl ResolutionIndex {
     pub fn new(size: u64) -> ResolutionIndex {
         ResolutionIndex {
-            regions: Mutex::new(LruCache::new(
-                NonZeroUsize::new(REGIONS_CACHED).expect("nonzero"),
-            )),
+            regions: Mutex::new(crate::cache::lazy_lru(REGIONS_CACHED)),
             epoch: AtomicU64::new(0),
             size,
         }

@@ -26,12 +26,12 @@ use std::sync::Arc;
 pub enum ChainError {
     #[error(transparent)]
     Image(#[from] ImageError),
-    #[error("{}: cannot open: {source}", .path.display())]
+    #[error("{}: cannot open: {source}{}", .path.display(), crate::fdlimit::hint(.source))]
     Open {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{}: backing file {name:?} (named at offset {offset}) cannot be opened as {}: {source}", .path.display(), .target.display())]
+    #[error("{}: backing file {name:?} (named at offset {offset}) cannot be opened as {}: {source}{}", .path.display(), .target.display(), crate::fdlimit::hint(.source))]
     Missing {
         path: PathBuf,
         offset: u64,

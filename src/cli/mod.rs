@@ -104,7 +104,7 @@ pub fn run() -> i32 {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("SNAPTREE_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    raise_fd_limit();
+    crate::fdlimit::raise();
     let result = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
@@ -118,22 +118,6 @@ pub fn run() -> i32 {
         Err(e) => {
             eprintln!("snaptree: error: {e}");
             1
-        }
-    }
-}
-
-/// Deep chains keep one descriptor per layer open: lift the soft limit to
-/// the hard one.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }

@@ -219,8 +219,13 @@ fn run_foreground(a: &MountArgs, o: &Options) -> CliResult {
         allow_root: o.allow_root,
         threads: a.threads,
     };
-    let bg = mount(tree.clone(), &a.mountpoint, &config)
-        .map_err(|e| format!("{}: cannot mount: {e}", a.mountpoint.display()))?;
+    let bg = mount(tree.clone(), &a.mountpoint, &config).map_err(|e| {
+        format!(
+            "{}: cannot mount: {e}{}",
+            a.mountpoint.display(),
+            crate::fdlimit::hint(&e)
+        )
+    })?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;

@@ -8,7 +8,9 @@
 //! permission p it wants, and nobody holds `100 + p` for one it refuses to
 //! share. Permissions: 0 consistent read, 1 write, 2 write-unchanged,
 //! 3 resize. The locks die with the descriptor, also when the process is
-//! killed.
+//! killed. They are taken on the layer's own descriptor, the one its reads
+//! use: that is why a mount keeps one descriptor per image open for as
+//! long as it is mounted, and cannot close idle ones (see `crate::fdlimit`).
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;

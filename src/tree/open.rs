@@ -100,6 +100,12 @@ impl Tree {
             .filter_map(|p| p.canonicalize().ok())
             .collect();
         discover::force_raw(&mut found, raw_by_manifest, &confine);
+        // Every image stays open (its descriptor holds its lock): refuse a
+        // tree the open-file limit cannot hold before opening any of it,
+        // rather than mount part of it.
+        let memories = manifest.points.iter().filter(|p| p.memory.is_some());
+        let images = found.values().filter(|f| f.broken.is_none()).count();
+        crate::fdlimit::check_budget((images + memories.count()) as u64, &dir)?;
         let mut tree = Tree {
             dir: dir.clone(),
             confine,

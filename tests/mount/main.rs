@@ -14,6 +14,7 @@
 mod hostile_fs;
 mod hostile_paths;
 mod lifecycle;
+mod many_images;
 mod memory;
 mod merge;
 mod model_tree;

@@ -38,7 +38,6 @@ use parking_lot::Mutex;
 use refcount::Refcounts;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -59,6 +58,8 @@ pub(crate) struct Meta {
     /// Bound for host offsets: the file length at open, or for a writer
     /// the end of everything allocated so far.
     pub file_end: u64,
+    /// The writer's refcounts, loaded on first need (see `open`); always
+    /// `None` for a read-only image.
     pub refs: Option<Refcounts>,
     /// Host ranges whose references were dropped from L2 tables in memory;
     /// their refcounts fall only after the new tables are on disk.
@@ -110,7 +111,7 @@ impl Qcow2Layer {
         let mut meta = Meta {
             l1,
             l1_dirty: BTreeSet::new(),
-            l2_clean: LruCache::new(NonZeroUsize::new(cache_tables).expect("nonzero")),
+            l2_clean: crate::cache::lazy_lru(cache_tables),
             l2_dirty: HashMap::new(),
             file_end: len,
             refs: None,
@@ -120,7 +121,11 @@ impl Qcow2Layer {
         if writable {
             write::check_writable(path, &header)?;
             meta.file_end = len.div_ceil(geom.cluster_size) * geom.cluster_size;
-            meta.refs = Some(Refcounts::load(&file, path, &header, len)?);
+            // The refcount table (at least a cluster, 64 KiB by default) is
+            // loaded by the first allocation or flush that needs it
+            // (`write::refs_mut`), not here: most mounted leaves are never
+            // written, and with thousands of them the tables were most of
+            // the mount's memory.
         }
         Ok(Qcow2Layer {
             path: path.to_path_buf(),
@@ -132,9 +137,7 @@ impl Qcow2Layer {
             writable,
             meta: Mutex::new(meta),
             write_lock: Mutex::new(()),
-            compressed_cache: Mutex::new(LruCache::new(
-                NonZeroUsize::new(COMPRESSED_CACHE).expect("nonzero"),
-            )),
+            compressed_cache: Mutex::new(crate::cache::lazy_lru(COMPRESSED_CACHE)),
             metadata_preallocation: std::sync::OnceLock::new(),
             autoclear_cleared: std::sync::atomic::AtomicBool::new(false),
         })

@@ -527,9 +527,7 @@ impl Qcow2Layer {
     fn alloc(&self, meta: &mut Meta, n: u64) -> Result<u64> {
         let cs = self.geom.cluster_size;
         let Meta { refs, file_end, .. } = meta;
-        let refs = refs
-            .as_mut()
-            .ok_or_else(|| ImageError::invalid(&self.path, "image is open read-only"))?;
+        let refs = self.refs_mut(refs, *file_end)?;
         let start = *file_end;
         *file_end += n * cs;
         for c in start / cs..start / cs + n {
@@ -544,6 +542,26 @@ impl Qcow2Layer {
             refs.set(&self.file, &self.path, c, 1, file_end)?;
         }
         Ok(start)
+    }
+
+    /// The refcounts, loaded from the image on first use (see `open`).
+    fn refs_mut<'m>(
+        &self,
+        refs: &'m mut Option<super::refcount::Refcounts>,
+        file_end: u64,
+    ) -> Result<&'m mut super::refcount::Refcounts> {
+        if !self.writable {
+            return Err(ImageError::invalid(&self.path, "image is open read-only"));
+        }
+        if refs.is_none() {
+            *refs = Some(super::refcount::Refcounts::load(
+                &self.file,
+                &self.path,
+                &self.header,
+                file_end,
+            )?);
+        }
+        Ok(refs.as_mut().expect("just loaded"))
     }
 
     /// The L2 table for L1 index `i`, allocating an empty one if needed.
@@ -591,18 +609,22 @@ impl Qcow2Layer {
 
     /// Writes everything back in crash-safe order (see the module docs).
     pub(super) fn flush_locked(&self, meta: &mut Meta) -> Result<()> {
-        let Some(refs) = meta.refs.as_mut() else {
+        if !self.writable {
             return Ok(());
-        };
+        }
         let meta_dirty = !meta.l2_dirty.is_empty()
             || !meta.l1_dirty.is_empty()
             || !meta.pending_free.is_empty()
-            || refs.table_moved
-            || refs.table_dirty
-            || !refs.dirty_blocks.is_empty();
+            || meta
+                .refs
+                .as_ref()
+                .is_some_and(|r| r.table_moved || r.table_dirty || !r.dirty_blocks.is_empty());
         if !meta.data_written && !meta_dirty {
             return Ok(());
         }
+        // Freed clusters (`pending_free`) need the refcounts even when no
+        // write allocated anything yet.
+        let refs = self.refs_mut(&mut meta.refs, meta.file_end)?;
         let (file, path) = (&self.file, self.path.as_path());
         // Every allocated cluster lies inside the file, even the ones whose
         // contents are still only in memory.

@@ -51,7 +51,6 @@ use lru::LruCache;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fs::File;
-use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -203,7 +202,7 @@ impl VhdLayer {
             bat,
             full,
             bitmaps: Mutex::new(Bitmaps {
-                clean: LruCache::new(NonZeroUsize::new(cached).expect("at least 16")),
+                clean: crate::cache::lazy_lru(cached),
                 dirty: HashMap::new(),
                 generation: 0,
             }),
