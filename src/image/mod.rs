@@ -257,6 +257,14 @@ pub trait Layer: Send + Sync {
     }
 }
 
+/// Frees what a crash left allocated but unreferenced in the image at
+/// `path` (qcow2 leaked clusters), so `qemu-img check` is clean again.
+/// Returns how much was freed, or `None` for a format that needs no such
+/// repair. Callers hold the tree's lock: nobody else writes the image.
+pub fn repair_after_crash(path: &Path) -> Result<Option<u64>> {
+    qcow2::repair::repair_leaks(path)
+}
+
 /// Checks that `[offset, offset+len)` lies inside a layer of `size` bytes.
 pub fn check_range(path: &Path, size: u64, offset: u64, len: u64) -> Result<()> {
     match offset.checked_add(len) {
