@@ -1,8 +1,9 @@
 //! Control files: `ctl` commands of a snapshot point and `merge-now`.
 //!
-//! One command per write. The write's errno is the outcome, and the reason
+//! One command per write (parsed in `command`). The write's errno is the outcome, and the reason
 //! is recorded for `status`, because an errno alone cannot say why.
 
+use super::command::Command;
 use crate::tree::{Tree, TreeError};
 
 /// A command is shorter than one page. A longer command arrives in
@@ -34,33 +35,24 @@ pub fn whole_command(tree: &Tree, label: &str, offset: u64, len: usize) -> Resul
     r
 }
 
-/// Parses and runs one `ctl` command on point `id`.
-pub fn run_ctl(tree: &Tree, id: u64, point_name: &str, data: &[u8]) -> Result<(), TreeError> {
-    let text = String::from_utf8_lossy(data);
-    let text = text.trim();
-    let mut words = text.split_whitespace();
-    let cmd = words.next().unwrap_or("");
-    let arg = words.next();
-    let extra = words.next();
-    let label = format!("{point_name}/ctl: {text}");
-    let result = match (cmd, arg, extra) {
-        (_, _, Some(_)) => Err(TreeError::new(libc::EINVAL, format!("too many words in {text:?}; one command per write"))),
-        ("snapshot", Some(name), None) => tree.snapshot(id, name),
-        ("clone", Some(name), None) => tree.clone_point(id, name),
-        ("delete", None, None) => tree.delete(id),
-        ("merge", None, None) => tree.merge_point(id).map(|_| ()),
-        ("checkpoint", Some(source), None) => checkpoint(tree, id, point_name, source),
-        ("memory", Some("none"), None) => tree.set_memory(id, None),
-        ("memory", Some(source), None) => tree.set_memory(id, Some(source)),
-        ("snapshot" | "clone", None, None) => Err(TreeError::new(libc::EINVAL, format!("`{cmd}` needs a NAME: `{cmd} NAME`"))),
-        ("checkpoint", None, None) => Err(TreeError::new(libc::EINVAL, "`checkpoint` needs a SOURCE file: `checkpoint SOURCE`")),
-        ("memory", None, None) => Err(TreeError::new(libc::EINVAL, "`memory` needs a SOURCE file (or `none`): `memory SOURCE`")),
-        _ => Err(TreeError::new(
-            libc::EINVAL,
-            format!("unknown command {text:?}; commands: `snapshot NAME`, `clone NAME`, `delete`, `merge`, `memory SOURCE|none`, `checkpoint SOURCE`"),
-        )),
-    };
-    tree.record(&label, &result);
+/// Runs one parsed `ctl` command (or reports why it did not parse) on
+/// point `id`, recording the outcome under `label` for `status`.
+pub fn run_ctl(
+    tree: &Tree,
+    id: u64,
+    point_name: &str,
+    label: &str,
+    command: Result<Command, TreeError>,
+) -> Result<(), TreeError> {
+    let result = command.and_then(|c| match c {
+        Command::Snapshot(name) => tree.snapshot(id, &name),
+        Command::Clone(name) => tree.clone_point(id, &name),
+        Command::Delete => tree.delete(id),
+        Command::Merge => tree.merge_point(id).map(|_| ()),
+        Command::Checkpoint(source) => checkpoint(tree, id, point_name, &source),
+        Command::Memory(source) => tree.set_memory(id, source.as_deref()),
+    });
+    tree.record(label, &result);
     result
 }
 

@@ -10,22 +10,27 @@
 //! reader sees one consistent text.
 
 mod attrs;
+mod command;
 mod control;
 mod disk;
 pub mod inodes;
+mod layout;
+mod memory_files;
 mod modes;
 mod refuse;
 mod session;
 
+pub use command::Command;
+pub use layout::{disk_file, reserved_names};
 pub use session::{mount, MountConfig, Mounted};
 
 use crate::memory::view::MemoryView;
 use crate::tree::{Point, Tree};
-use attrs::{attr, dir, epoch, point_kind, TTL};
+use attrs::TTL;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, Request,
 };
 use inodes::{decode, encode, Inode, PointFile};
 use parking_lot::Mutex;
@@ -109,53 +114,6 @@ impl SnapFs {
         self.handles.lock().get(&fh.0).cloned()
     }
 
-    /// The memory view of visible point `p`, when it has a readable one.
-    fn memory_of(&self, p: u64) -> Option<Arc<MemoryView>> {
-        let v = self.tree.view(p).filter(|v| !v.hidden)?;
-        let m = v.point.memory.read();
-        m.as_ref().and_then(|m| m.view.as_ref().ok().cloned())
-    }
-
-    /// Whether `command` (a `ctl` write to point `p`) could put another
-    /// memory view behind `p`'s memory files while one of them is open
-    /// (also one opened before a `snapshot` moved the view away):
-    /// the kernel keys its page cache by inode, so the open file and new
-    /// ones would share pages of two different sources.
-    fn memory_in_use(&self, p: &Point, command: &[u8]) -> bool {
-        let text = String::from_utf8_lossy(command);
-        let word = text.split_whitespace().next().unwrap_or("");
-        if word != "memory" && word != "checkpoint" {
-            return false;
-        }
-        let open = || {
-            self.handles
-                .lock()
-                .values()
-                .any(|h| matches!(h, Handle::Memory(id, ..) if *id == p.id))
-        };
-        // The kernel sends RELEASE after close(2) returns: a file closed
-        // just before the command may still be counted for a moment.
-        for _ in 0..20 {
-            if !open() {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        true
-    }
-
-    /// The memory view of point `p` if it has other RAM blocks to show.
-    fn memory_blocks_of(&self, p: u64) -> Option<Arc<MemoryView>> {
-        self.memory_of(p).filter(|m| !m.blocks.is_empty())
-    }
-
-    /// The memory view of point `p` and its block `i`, if it has one.
-    fn memory_block(&self, p: u64, i: u64) -> Option<(Arc<MemoryView>, usize)> {
-        let m = self.memory_of(p)?;
-        let i = usize::try_from(i).ok().filter(|i| *i < m.blocks.len())?;
-        Some((m, i))
-    }
-
     /// The point of a `disk.raw` handle.
     fn disk_handle(&self, fh: FileHandle) -> Option<Arc<Point>> {
         match self.handle(fh)? {
@@ -194,128 +152,28 @@ impl SnapFs {
         }
     }
 
-    fn getattr_of(&self, ino: Inode) -> Result<FileAttr, Errno> {
-        let t0 = self.mounted_at;
-        let ro = self.tree.read_only();
-        let tree_dir = self.owners.tree_dir();
-        Ok(match ino {
-            Inode::Root => dir(ino, modes::directory(tree_dir), t0),
-            Inode::Tree | Inode::Status => attr(
-                ino,
-                FileType::RegularFile,
-                modes::text(tree_dir),
-                self.text(ino).map_or(0, |t| t.len() as u64),
-                t0,
-            ),
-            Inode::MergeNow => attr(
-                ino,
-                FileType::RegularFile,
-                modes::control(tree_dir, ro),
-                0,
-                t0,
-            ),
-            Inode::MemoryBlock(p, i) => {
-                let (m, i) = self.memory_block(p, i).ok_or(Errno::ENOENT)?;
-                let t = self.tree.view(p).map_or(t0, |v| epoch(v.point.created));
-                attr(
-                    ino,
-                    FileType::RegularFile,
-                    modes::memory(self.owners.of(&m.path)),
-                    disk::memory_chain(&m, Some(i)).size(),
-                    t,
-                )
-            }
-            Inode::Point(p, f) => {
-                let v = self
-                    .tree
-                    .view(p)
-                    .filter(|v| !v.hidden)
-                    .ok_or(Errno::ENOENT)?;
-                let t = epoch(v.point.created);
-                let disk_own = || {
-                    let io = v.point.io.read();
-                    modes::disk(self.owners.of(&io.image), io.writable && !ro)
-                };
-                match f {
-                    PointFile::Dir => dir(ino, modes::directory(tree_dir), t),
-                    PointFile::MemoryDir => {
-                        let m = self.memory_blocks_of(p).ok_or(Errno::ENOENT)?;
-                        dir(ino, modes::memory_dir(self.owners.of(&m.path)), t)
-                    }
-                    PointFile::Disk => {
-                        let size = v.point.io.read().chain.size();
-                        attr(ino, FileType::RegularFile, disk_own(), size, t)
-                    }
-                    PointFile::Info => attr(
-                        ino,
-                        FileType::RegularFile,
-                        modes::info(disk_own()),
-                        self.text(ino).map_or(0, |t| t.len() as u64),
-                        t,
-                    ),
-                    PointFile::Ctl => attr(
-                        ino,
-                        FileType::RegularFile,
-                        modes::control(tree_dir, ro),
-                        0,
-                        t,
-                    ),
-                    PointFile::Memory => {
-                        let m = self.memory_of(p).ok_or(Errno::ENOENT)?;
-                        let own = modes::memory(self.owners.of(&m.path));
-                        attr(ino, FileType::RegularFile, own, m.chain.size(), t)
-                    }
-                    PointFile::Parent => {
-                        let target = self.visible_parent(p).ok_or(Errno::ENOENT)?;
-                        let own = modes::link(tree_dir);
-                        attr(ino, FileType::Symlink, own, target.len() as u64 + 3, t)
-                    }
-                }
-            }
-        })
-    }
-
-    fn lookup_in(&self, parent: Inode, name: &str) -> Option<Inode> {
-        match parent {
-            Inode::Root => match name {
-                "tree" => Some(Inode::Tree),
-                "status" => Some(Inode::Status),
-                "merge-now" => Some(Inode::MergeNow),
-                _ => self
-                    .tree
-                    .lookup(name)
-                    .map(|p| Inode::Point(p.id, PointFile::Dir)),
-            },
-            Inode::Point(p, PointFile::Dir) => {
-                if let Some(m) = self
-                    .tree
-                    .members(p)
-                    .into_iter()
-                    .find(|m| m.disk_file() == name)
-                {
-                    return Some(Inode::Point(m.id, PointFile::Disk));
-                }
-                let f = PointFile::from_name(name).filter(|f| *f != PointFile::Disk)?;
-                if f == PointFile::Parent && self.visible_parent(p).is_none() {
-                    return None;
-                }
-                if f == PointFile::Memory && self.memory_of(p).is_none() {
-                    return None;
-                }
-                if f == PointFile::MemoryDir && self.memory_blocks_of(p).is_none() {
-                    return None;
-                }
-                Some(Inode::Point(p, f))
-            }
-            Inode::Point(p, PointFile::MemoryDir) => {
-                let m = self.memory_blocks_of(p)?;
-                let i = m.blocks.iter().position(|b| b.file == name)? as u64;
-                // Inode numbers hold MAX_BLOCKS blocks per point (readdir
-                // lists no more).
-                (i < inodes::MAX_BLOCKS).then_some(Inode::MemoryBlock(p, i))
-            }
-            _ => None,
+    /// A write of `data` to point `p`'s `ctl`: parses the command once,
+    /// refuses one that would replace a memory view still open (see
+    /// `memory_in_use`), runs the rest.
+    fn ctl_write(&self, p: &Point, data: &[u8]) -> Result<(), Errno> {
+        let text = String::from_utf8_lossy(data);
+        let label = format!("{}/ctl: {}", p.name, text.trim());
+        let command = text.parse::<Command>();
+        if command.as_ref().is_ok_and(|c| self.memory_in_use(p, c)) {
+            let r = Err(crate::tree::TreeError::new(
+                libc::EBUSY,
+                format!(
+                    "{}/memory.raw is open; close it before changing the point's memory",
+                    p.name
+                ),
+            ));
+            self.tree.record(&label, &r);
+            return r.map_err(|e| errno(e.errno));
         }
+        let r = control::run_ctl(&self.tree, p.id, &p.name, &label, command);
+        // Also after a failure: `merge` deletes before it fails.
+        self.invalidate_after_command(p.name.clone());
+        r.map_err(|e| errno(e.errno))
     }
 }
 
@@ -667,27 +525,7 @@ impl Filesystem for SnapFs {
             Handle::Disk(p) => disk::write(&self.tree, &p, offset, data),
             Handle::Ctl(p) if let Err(e) = whole(format!("{}/ctl", p.name)) => Err(errno(e.errno)),
             Handle::MergeNow if let Err(e) = whole("merge-now".into()) => Err(errno(e.errno)),
-            Handle::Ctl(p) if self.memory_in_use(&p, data) => {
-                let e = crate::tree::TreeError::new(
-                    libc::EBUSY,
-                    format!(
-                        "{}/memory.raw is open; close it before changing the point's memory",
-                        p.name
-                    ),
-                );
-                let r = Err(e);
-                self.tree.record(
-                    &format!("{}/ctl: {}", p.name, String::from_utf8_lossy(data).trim()),
-                    &r,
-                );
-                r.map_err(|e| errno(e.errno))
-            }
-            Handle::Ctl(p) => {
-                let r = control::run_ctl(&self.tree, p.id, &p.name, data);
-                // Also after a failure: `merge` deletes before it fails.
-                self.invalidate_after_command(p.name.clone());
-                r.map_err(|e| errno(e.errno))
-            }
+            Handle::Ctl(p) => self.ctl_write(&p, data),
             Handle::MergeNow => control::run_merge_now(&self.tree).map_err(|e| errno(e.errno)),
             Handle::Text(_) | Handle::Memory(..) => Err(Errno::EBADF),
         };
@@ -758,61 +596,16 @@ impl Filesystem for SnapFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let listed = decode(ino.0)
+            .ok_or(Errno::ENOTDIR)
+            .and_then(|d| self.list(d));
         let mut entries: Vec<(u64, FileType, String)> = vec![
             (ino.0, FileType::Directory, ".".into()),
             (inodes::ROOT, FileType::Directory, "..".into()),
         ];
-        match decode(ino.0) {
-            Some(Inode::Root) => {
-                entries.push((inodes::TREE, FileType::RegularFile, "tree".into()));
-                entries.push((inodes::STATUS, FileType::RegularFile, "status".into()));
-                entries.push((inodes::MERGE_NOW, FileType::RegularFile, "merge-now".into()));
-                let mut points = self.tree.visible();
-                points.sort_by_key(|p| p.id);
-                for p in points {
-                    entries.push((
-                        encode(Inode::Point(p.id, PointFile::Dir)),
-                        FileType::Directory,
-                        p.name.clone(),
-                    ));
-                }
-            }
-            Some(Inode::Point(p, PointFile::Dir))
-                if self.tree.view(p).is_some_and(|v| !v.hidden) =>
-            {
-                for f in PointFile::entries() {
-                    if *f == PointFile::Parent && self.visible_parent(p).is_none() {
-                        continue;
-                    }
-                    if *f == PointFile::Memory && self.memory_of(p).is_none() {
-                        continue;
-                    }
-                    if *f == PointFile::MemoryDir && self.memory_blocks_of(p).is_none() {
-                        continue;
-                    }
-                    if *f == PointFile::Disk {
-                        for m in self.tree.members(p) {
-                            let ino = encode(Inode::Point(m.id, PointFile::Disk));
-                            entries.push((ino, point_kind(*f), m.disk_file()));
-                        }
-                        continue;
-                    }
-                    entries.push((encode(Inode::Point(p, *f)), point_kind(*f), f.name().into()));
-                }
-            }
-            Some(Inode::Point(p, PointFile::MemoryDir)) => {
-                let Some(m) = self.memory_blocks_of(p) else {
-                    return reply.error(Errno::ENOENT);
-                };
-                let n = (m.blocks.len() as u64).min(inodes::MAX_BLOCKS);
-                for (i, b) in m.blocks.iter().take(n as usize).enumerate() {
-                    let ino = encode(Inode::MemoryBlock(p, i as u64));
-                    entries.push((ino, FileType::RegularFile, b.file.clone()));
-                }
-            }
-            // A point deleted since the kernel looked it up.
-            Some(Inode::Point(_, PointFile::Dir)) => return reply.error(Errno::ENOENT),
-            _ => return reply.error(Errno::ENOTDIR),
+        match listed {
+            Ok(l) => entries.extend(l),
+            Err(e) => return reply.error(e),
         }
         entries[2..].sort_by_key(|e| e.0);
         // Each entry's cookie (the offset the kernel resumes from) is stable
