@@ -1,10 +1,17 @@
 //! Control files: `ctl` commands of a snapshot point and `merge-now`.
 //!
-//! One command per write (parsed in `command`). The write's errno is the outcome, and the reason
-//! is recorded for `status`, because an errno alone cannot say why.
+//! One command per write, parsed once (see `command`) and dispatched
+//! here. The write's errno is the outcome, and the reason is recorded for
+//! `status`, because an errno alone cannot say why.
 
 use super::command::Command;
-use crate::tree::{Tree, TreeError};
+use super::inodes::{self, encode, Inode, PointFile};
+use super::layout::MEMORY_FILE;
+use super::{errno, SnapFs};
+use crate::tree::{Point, Tree, TreeError};
+use fuser::{Errno, INodeNo};
+use std::ffi::OsStr;
+use std::time::Duration;
 
 /// A command is shorter than one page. A longer command arrives in
 /// pieces: the kernel splits a `write(2)` larger than `max_write` (1 MiB)
@@ -33,6 +40,59 @@ pub fn whole_command(tree: &Tree, label: &str, offset: u64, len: usize) -> Resul
     let r = Err(TreeError::new(libc::EINVAL, why));
     tree.record(label, &r);
     r
+}
+
+impl SnapFs {
+    /// A write of `data` to point `p`'s `ctl`: parses the command once,
+    /// refuses one that would replace a memory view still open (see
+    /// `memory_in_use`), runs the rest.
+    pub(super) fn ctl_write(&self, p: &Point, data: &[u8]) -> Result<(), Errno> {
+        let text = String::from_utf8_lossy(data);
+        let label = format!("{}/ctl: {}", p.name, text.trim());
+        let command = text.parse::<Command>();
+        if command.as_ref().is_ok_and(|c| self.memory_in_use(p, c)) {
+            let r = Err(TreeError::new(
+                libc::EBUSY,
+                format!(
+                    "{}/{MEMORY_FILE} is open; close it before changing the point's memory",
+                    p.name
+                ),
+            ));
+            self.tree.record(&label, &r);
+            return r.map_err(|e| errno(e.errno));
+        }
+        let r = run_ctl(&self.tree, p.id, &p.name, &label, command);
+        // Also after a failure: `merge` deletes before it fails.
+        self.invalidate_after_command(p.name.clone());
+        r.map_err(|e| errno(e.errno))
+    }
+
+    /// After a `ctl` command changed the tree: make the kernel forget the
+    /// entry of `name` and the attributes of every disk (a leaf may have
+    /// become a snapshot or the other way round), before the command's
+    /// write returns, so the next `stat` sees the change. Sent from another
+    /// thread and waited for at most a second: a notification that needs a
+    /// directory lock held by a request we are serving must not hang us.
+    pub(super) fn invalidate_after_command(&self, name: String) {
+        let Some(n) = self.notifier.get().cloned() else {
+            return;
+        };
+        let disks: Vec<u64> = self
+            .tree
+            .visible_disks()
+            .iter()
+            .map(|p| encode(Inode::Point(p.id, PointFile::Disk)))
+            .collect();
+        let (done, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = n.inval_entry(INodeNo(inodes::ROOT), OsStr::new(&name));
+            for d in disks {
+                let _ = n.inval_inode(INodeNo(d), -1, 0);
+            }
+            let _ = done.send(());
+        });
+        let _ = wait.recv_timeout(Duration::from_secs(1));
+    }
 }
 
 /// Runs one parsed `ctl` command (or reports why it did not parse) on

@@ -6,9 +6,10 @@
 
 use super::attrs::{attr, epoch};
 use super::command::Command;
+use super::handles::Handle;
 use super::inodes::{self, encode, Inode};
 use super::layout::Listed;
-use super::{modes, Handle, SnapFs};
+use super::{modes, SnapFs};
 use crate::memory::view::MemoryView;
 use crate::tree::Point;
 use fuser::{Errno, FileAttr, FileType};

@@ -1,6 +1,7 @@
 //! The FUSE adapter: presents a [`Tree`] as the mounted layout of
-//! DESIGN.md ("Mounted layout") with fuser. It parses no format; every byte
-//! of a disk comes from the point's chain.
+//! DESIGN.md ("Mounted layout") with fuser. The layout is declared once,
+//! in `layout`; this file answers the kernel's requests from it. It parses
+//! no format; every byte of a disk comes from the point's chain.
 //!
 //! Concurrency: fuser runs several event loops (each with its own
 //! `/dev/fuse` fd); all methods take `&self`. Disk I/O holds only the
@@ -13,6 +14,7 @@ mod attrs;
 mod command;
 mod control;
 mod disk;
+mod handles;
 pub mod inodes;
 mod layout;
 mod memory_files;
@@ -20,38 +22,24 @@ mod modes;
 mod refuse;
 mod session;
 
-pub use command::Command;
-pub use layout::{disk_file, reserved_names};
+pub use layout::reserved_names;
 pub use session::{mount, MountConfig, Mounted};
 
-use crate::memory::view::MemoryView;
-use crate::tree::{Point, Tree};
+use crate::tree::Tree;
 use attrs::TTL;
 use fuser::{
-    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    Errno, FileHandle, FileType, Filesystem, Generation, INodeNo, KernelConfig, OpenAccMode,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request,
 };
-use inodes::{decode, encode, Inode, PointFile};
+use handles::Handle;
+use inodes::{decode, Inode, PointFile};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-
-/// What an open file handle refers to (cheap to clone: Arcs).
-#[derive(Clone)]
-enum Handle {
-    Disk(Arc<Point>),
-    /// A memory view of point `.0` (`memory.raw`, or block `Some(i)` under
-    /// `memory/`): read-only, never changes while open.
-    Memory(u64, Arc<MemoryView>, Option<usize>),
-    /// Text rendered at open.
-    Text(Arc<Vec<u8>>),
-    Ctl(Arc<Point>),
-    MergeNow,
-}
 
 pub struct SnapFs {
     tree: Arc<Tree>,
@@ -81,59 +69,15 @@ impl SnapFs {
         }
     }
 
-    /// After a `ctl` command changed the tree: make the kernel forget the
-    /// entry of `name` and the attributes of every disk (a leaf may have
-    /// become a snapshot or the other way round), before the command's
-    /// write returns, so the next `stat` sees the change. Sent from another
-    /// thread and waited for at most a second: a notification that needs a
-    /// directory lock held by a request we are serving must not hang us.
-    fn invalidate_after_command(&self, name: String) {
-        let Some(n) = self.notifier.get().cloned() else {
-            return;
-        };
-        let disks: Vec<u64> = self
-            .tree
-            .visible_disks()
-            .iter()
-            .map(|p| encode(Inode::Point(p.id, PointFile::Disk)))
-            .collect();
-        let (done, wait) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = n.inval_entry(INodeNo(inodes::ROOT), OsStr::new(&name));
-            for d in disks {
-                let _ = n.inval_inode(INodeNo(d), -1, 0);
-            }
-            let _ = done.send(());
-        });
-        let _ = wait.recv_timeout(Duration::from_secs(1));
-    }
-
-    /// The handle `fh` refers to, cloned so the table lock is not held
-    /// during the request.
-    fn handle(&self, fh: FileHandle) -> Option<Handle> {
-        self.handles.lock().get(&fh.0).cloned()
-    }
-
-    /// The point of a `disk.raw` handle.
-    fn disk_handle(&self, fh: FileHandle) -> Option<Arc<Point>> {
-        match self.handle(fh)? {
-            Handle::Disk(p) => Some(p),
-            _ => None,
-        }
-    }
-
-    fn new_handle(&self, h: Handle) -> FileHandle {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, h);
-        FileHandle(fh)
-    }
-
     /// The text of a dynamic file, rendered now.
     fn text(&self, ino: Inode) -> Option<Vec<u8>> {
         match ino {
             Inode::Tree => Some(self.tree.render_tree().into_bytes()),
             Inode::Status => Some(self.tree.render_status().into_bytes()),
-            Inode::Point(p, PointFile::Info) => self.tree.info_json(p).map(String::into_bytes),
+            Inode::Point(p, PointFile::Info) => self
+                .tree
+                .info_json(p, layout::disk_file, layout::MEMORY_FILE)
+                .map(String::into_bytes),
             _ => None,
         }
     }
@@ -150,30 +94,6 @@ impl SnapFs {
             }
             v = nv;
         }
-    }
-
-    /// A write of `data` to point `p`'s `ctl`: parses the command once,
-    /// refuses one that would replace a memory view still open (see
-    /// `memory_in_use`), runs the rest.
-    fn ctl_write(&self, p: &Point, data: &[u8]) -> Result<(), Errno> {
-        let text = String::from_utf8_lossy(data);
-        let label = format!("{}/ctl: {}", p.name, text.trim());
-        let command = text.parse::<Command>();
-        if command.as_ref().is_ok_and(|c| self.memory_in_use(p, c)) {
-            let r = Err(crate::tree::TreeError::new(
-                libc::EBUSY,
-                format!(
-                    "{}/memory.raw is open; close it before changing the point's memory",
-                    p.name
-                ),
-            ));
-            self.tree.record(&label, &r);
-            return r.map_err(|e| errno(e.errno));
-        }
-        let r = control::run_ctl(&self.tree, p.id, &p.name, &label, command);
-        // Also after a failure: `merge` deletes before it fails.
-        self.invalidate_after_command(p.name.clone());
-        r.map_err(|e| errno(e.errno))
     }
 }
 
@@ -385,85 +305,9 @@ impl Filesystem for SnapFs {
             return reply.error(Errno::ENOENT);
         };
         let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        match i {
-            Inode::Tree | Inode::Status | Inode::Point(_, PointFile::Info) => {
-                if wants_write {
-                    return reply.error(Errno::EACCES);
-                }
-                match self.text(i) {
-                    Some(t) => reply.opened(
-                        self.new_handle(Handle::Text(Arc::new(t))),
-                        FopenFlags::FOPEN_DIRECT_IO,
-                    ),
-                    None => reply.error(Errno::ENOENT),
-                }
-            }
-            Inode::MergeNow => reply.opened(
-                self.new_handle(Handle::MergeNow),
-                FopenFlags::FOPEN_DIRECT_IO,
-            ),
-            Inode::Point(p, f) => {
-                let Some(v) = self.tree.view(p).filter(|v| !v.hidden) else {
-                    return reply.error(Errno::ENOENT);
-                };
-                match f {
-                    PointFile::Disk => {
-                        let writable = v.point.io.read().writable;
-                        if wants_write && !writable {
-                            return reply.error(Errno::EROFS);
-                        }
-                        // Every disk keeps the page cache across opens, so a
-                        // second read runs at memory speed. Safe for leaves
-                        // too: their bytes change only through this mount,
-                        // whose writes, fallocates and direct I/O the kernel
-                        // applies to (or drops from) its cache; tree commands
-                        // never change what a point reads.
-                        let fl = FopenFlags::FOPEN_KEEP_CACHE;
-                        reply.opened(self.new_handle(Handle::Disk(v.point.clone())), fl)
-                    }
-                    PointFile::Memory => {
-                        if wants_write {
-                            return reply.error(Errno::EROFS);
-                        }
-                        match self.memory_of(p) {
-                            // Not FOPEN_KEEP_CACHE: a view never changes,
-                            // but `memory`/`checkpoint` can put another one
-                            // behind the same inode while the kernel still
-                            // holds it (a file kept open) with the old
-                            // pages. Each open starts from a clean cache.
-                            Some(m) => reply.opened(
-                                self.new_handle(Handle::Memory(p, m, None)),
-                                FopenFlags::empty(),
-                            ),
-                            None => reply.error(Errno::ENOENT),
-                        }
-                    }
-                    PointFile::Ctl => {
-                        if wants_write && self.tree.read_only() {
-                            return reply.error(Errno::EROFS);
-                        }
-                        reply.opened(
-                            self.new_handle(Handle::Ctl(v.point.clone())),
-                            FopenFlags::FOPEN_DIRECT_IO,
-                        )
-                    }
-                    _ => reply.error(Errno::EISDIR),
-                }
-            }
-            Inode::MemoryBlock(p, i) => {
-                if wants_write {
-                    return reply.error(Errno::EROFS);
-                }
-                match self.memory_block(p, i) {
-                    // No FOPEN_KEEP_CACHE, as for memory.raw.
-                    Some((m, i)) => reply.opened(
-                        self.new_handle(Handle::Memory(p, m, Some(i))),
-                        FopenFlags::empty(),
-                    ),
-                    None => reply.error(Errno::ENOENT),
-                }
-            }
-            Inode::Root => reply.error(Errno::EISDIR),
+        match self.open_file(i, wants_write) {
+            Ok((h, fl)) => reply.opened(self.new_handle(h), fl),
+            Err(e) => reply.error(e),
         }
     }
 
