@@ -71,7 +71,9 @@ pub(super) enum Names {
 }
 
 /// The handler of a directory entry whose contents are not a table (a
-/// point's `memory/`): `None` when the point has none now.
+/// point's `memory/`): `None` when the point has none now. The entries
+/// it finds have inode numbers of their own (`Inode::MemoryBlock`), whose
+/// attributes `getattr_of` asks the handler's module for.
 pub(super) struct Contents {
     pub lookup: fn(&SnapFs, u64, &str) -> Option<Inode>,
     pub list: fn(&SnapFs, u64) -> Option<Vec<Listed>>,
@@ -242,7 +244,7 @@ impl SnapFs {
                 .map(|e| e.inode)
                 .or_else(|| {
                     let p = self.tree.lookup(name)?;
-                    Some(Inode::Point(p.id, PointFile::Dir))
+                    Some(Inode::Point(p.id, POINT_DIR.file))
                 }),
             Inode::Point(p, PointFile::Dir) => POINT_ENTRIES
                 .iter()
