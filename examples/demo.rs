@@ -109,6 +109,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_depth: 1024,
         gc: Default::default(),
         import: snaptree::memory::checkpoint::Throttle::DEFAULT,
+        reserved_names: snaptree::fs::reserved_names(),
     };
     let tree = Arc::new(Tree::open(d, opts)?);
     let config = MountConfig {

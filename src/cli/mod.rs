@@ -88,6 +88,7 @@ impl ChainArgs {
                     ..Default::default()
                 },
                 import: crate::memory::checkpoint::Throttle::DEFAULT,
+                reserved_names: crate::fs::reserved_names(),
             },
         )?;
         for p in tree.problems() {

@@ -204,6 +204,7 @@ fn run_foreground(a: &MountArgs, o: &Options) -> CliResult {
             max_depth: a.chain.max_depth,
             gc: o.gc.clone(),
             import: o.import,
+            reserved_names: crate::fs::reserved_names(),
         },
     )?;
     let tree = Arc::new(tree);

@@ -1,6 +1,6 @@
 //! File attributes of the mounted layout.
 
-use super::inodes::{encode, Inode, PointFile};
+use super::inodes::{encode, Inode};
 use crate::ownership::Ownership;
 use fuser::{FileAttr, FileType, INodeNo};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,18 +32,5 @@ pub fn attr(ino: Inode, kind: FileType, own: Ownership, size: u64, time: SystemT
         rdev: 0,
         flags: 0,
         blksize: 4096,
-    }
-}
-
-pub fn dir(ino: Inode, own: Ownership, time: SystemTime) -> FileAttr {
-    attr(ino, FileType::Directory, own, 0, time)
-}
-
-/// The kind of each file of a point directory.
-pub fn point_kind(f: PointFile) -> FileType {
-    match f {
-        PointFile::Dir | PointFile::MemoryDir => FileType::Directory,
-        PointFile::Parent => FileType::Symlink,
-        _ => FileType::RegularFile,
     }
 }

@@ -1,9 +1,17 @@
 //! Control files: `ctl` commands of a snapshot point and `merge-now`.
 //!
-//! One command per write. The write's errno is the outcome, and the reason
-//! is recorded for `status`, because an errno alone cannot say why.
+//! One command per write, parsed once (see `command`) and dispatched
+//! here. The write's errno is the outcome, and the reason is recorded for
+//! `status`, because an errno alone cannot say why.
 
-use crate::tree::{Tree, TreeError};
+use super::command::Command;
+use super::inodes::{self, encode, Inode, PointFile};
+use super::layout::MEMORY_FILE;
+use super::{errno, SnapFs};
+use crate::tree::{Point, Tree, TreeError};
+use fuser::{Errno, INodeNo};
+use std::ffi::OsStr;
+use std::time::Duration;
 
 /// A command is shorter than one page. A longer command arrives in
 /// pieces: the kernel splits a `write(2)` larger than `max_write` (1 MiB)
@@ -34,33 +42,77 @@ pub fn whole_command(tree: &Tree, label: &str, offset: u64, len: usize) -> Resul
     r
 }
 
-/// Parses and runs one `ctl` command on point `id`.
-pub fn run_ctl(tree: &Tree, id: u64, point_name: &str, data: &[u8]) -> Result<(), TreeError> {
-    let text = String::from_utf8_lossy(data);
-    let text = text.trim();
-    let mut words = text.split_whitespace();
-    let cmd = words.next().unwrap_or("");
-    let arg = words.next();
-    let extra = words.next();
-    let label = format!("{point_name}/ctl: {text}");
-    let result = match (cmd, arg, extra) {
-        (_, _, Some(_)) => Err(TreeError::new(libc::EINVAL, format!("too many words in {text:?}; one command per write"))),
-        ("snapshot", Some(name), None) => tree.snapshot(id, name),
-        ("clone", Some(name), None) => tree.clone_point(id, name),
-        ("delete", None, None) => tree.delete(id),
-        ("merge", None, None) => tree.merge_point(id).map(|_| ()),
-        ("checkpoint", Some(source), None) => checkpoint(tree, id, point_name, source),
-        ("memory", Some("none"), None) => tree.set_memory(id, None),
-        ("memory", Some(source), None) => tree.set_memory(id, Some(source)),
-        ("snapshot" | "clone", None, None) => Err(TreeError::new(libc::EINVAL, format!("`{cmd}` needs a NAME: `{cmd} NAME`"))),
-        ("checkpoint", None, None) => Err(TreeError::new(libc::EINVAL, "`checkpoint` needs a SOURCE file: `checkpoint SOURCE`")),
-        ("memory", None, None) => Err(TreeError::new(libc::EINVAL, "`memory` needs a SOURCE file (or `none`): `memory SOURCE`")),
-        _ => Err(TreeError::new(
-            libc::EINVAL,
-            format!("unknown command {text:?}; commands: `snapshot NAME`, `clone NAME`, `delete`, `merge`, `memory SOURCE|none`, `checkpoint SOURCE`"),
-        )),
-    };
-    tree.record(&label, &result);
+impl SnapFs {
+    /// A write of `data` to point `p`'s `ctl`: parses the command once,
+    /// refuses one that would replace a memory view still open (see
+    /// `memory_in_use`), runs the rest.
+    pub(super) fn ctl_write(&self, p: &Point, data: &[u8]) -> Result<(), Errno> {
+        let text = String::from_utf8_lossy(data);
+        let label = format!("{}/ctl: {}", p.name, text.trim());
+        let command = text.parse::<Command>();
+        if command.as_ref().is_ok_and(|c| self.memory_in_use(p, c)) {
+            let r = Err(TreeError::new(
+                libc::EBUSY,
+                format!(
+                    "{}/{MEMORY_FILE} is open; close it before changing the point's memory",
+                    p.name
+                ),
+            ));
+            self.tree.record(&label, &r);
+            return r.map_err(|e| errno(e.errno));
+        }
+        let r = run_ctl(&self.tree, p.id, &p.name, &label, command);
+        // Also after a failure: `merge` deletes before it fails.
+        self.invalidate_after_command(p.name.clone());
+        r.map_err(|e| errno(e.errno))
+    }
+
+    /// After a `ctl` command changed the tree: make the kernel forget the
+    /// entry of `name` and the attributes of every disk (a leaf may have
+    /// become a snapshot or the other way round), before the command's
+    /// write returns, so the next `stat` sees the change. Sent from another
+    /// thread and waited for at most a second: a notification that needs a
+    /// directory lock held by a request we are serving must not hang us.
+    pub(super) fn invalidate_after_command(&self, name: String) {
+        let Some(n) = self.notifier.get().cloned() else {
+            return;
+        };
+        let disks: Vec<u64> = self
+            .tree
+            .visible_disks()
+            .iter()
+            .map(|p| encode(Inode::Point(p.id, PointFile::Disk)))
+            .collect();
+        let (done, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = n.inval_entry(INodeNo(inodes::ROOT), OsStr::new(&name));
+            for d in disks {
+                let _ = n.inval_inode(INodeNo(d), -1, 0);
+            }
+            let _ = done.send(());
+        });
+        let _ = wait.recv_timeout(Duration::from_secs(1));
+    }
+}
+
+/// Runs one parsed `ctl` command (or reports why it did not parse) on
+/// point `id`, recording the outcome under `label` for `status`.
+pub fn run_ctl(
+    tree: &Tree,
+    id: u64,
+    point_name: &str,
+    label: &str,
+    command: Result<Command, TreeError>,
+) -> Result<(), TreeError> {
+    let result = command.and_then(|c| match c {
+        Command::Snapshot(name) => tree.snapshot(id, &name),
+        Command::Clone(name) => tree.clone_point(id, &name),
+        Command::Delete => tree.delete(id),
+        Command::Merge => tree.merge_point(id).map(|_| ()),
+        Command::Checkpoint(source) => checkpoint(tree, id, point_name, &source),
+        Command::Memory(source) => tree.set_memory(id, source.as_deref()),
+    });
+    tree.record(label, &result);
     result
 }
 

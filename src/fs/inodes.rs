@@ -14,7 +14,9 @@ const FIRST_BLOCK: u64 = 1 << 44;
 /// dozen or so).
 pub const MAX_BLOCKS: u64 = 1024;
 
-/// The files each snapshot point directory holds.
+/// The inode slots of a snapshot point: its directory and the files it
+/// holds (named and described in `layout`). The order is the numbering:
+/// append, never reorder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PointFile {
     Dir,
@@ -39,30 +41,6 @@ impl PointFile {
         PointFile::Memory,
         PointFile::MemoryDir,
     ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            PointFile::Dir => ".",
-            PointFile::Disk => "disk.raw",
-            PointFile::Info => "info.json",
-            PointFile::Ctl => "ctl",
-            PointFile::Parent => "parent",
-            PointFile::Memory => "memory.raw",
-            PointFile::MemoryDir => "memory",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<PointFile> {
-        PointFile::ALL
-            .into_iter()
-            .skip(1)
-            .find(|f| f.name() == name)
-    }
-
-    /// The entries of a point directory, in listing order.
-    pub fn entries() -> &'static [PointFile] {
-        &PointFile::ALL[1..]
-    }
 }
 
 /// What an inode number stands for.

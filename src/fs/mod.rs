@@ -1,6 +1,7 @@
 //! The FUSE adapter: presents a [`Tree`] as the mounted layout of
-//! DESIGN.md ("Mounted layout") with fuser. It parses no format; every byte
-//! of a disk comes from the point's chain.
+//! DESIGN.md ("Mounted layout") with fuser. The layout is declared once,
+//! in `layout`; this file answers the kernel's requests from it. It parses
+//! no format; every byte of a disk comes from the point's chain.
 //!
 //! Concurrency: fuser runs several event loops (each with its own
 //! `/dev/fuse` fd); all methods take `&self`. Disk I/O holds only the
@@ -10,43 +11,35 @@
 //! reader sees one consistent text.
 
 mod attrs;
+mod command;
 mod control;
 mod disk;
+mod handles;
 pub mod inodes;
+mod layout;
+mod memory_files;
 mod modes;
 mod refuse;
 mod session;
 
+pub use layout::reserved_names;
 pub use session::{mount, MountConfig, Mounted};
 
-use crate::memory::view::MemoryView;
-use crate::tree::{Point, Tree};
-use attrs::{attr, dir, epoch, point_kind, TTL};
+use crate::tree::Tree;
+use attrs::TTL;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    Errno, FileHandle, FileType, Filesystem, Generation, INodeNo, KernelConfig, OpenAccMode,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request,
 };
-use inodes::{decode, encode, Inode, PointFile};
+use handles::Handle;
+use inodes::{decode, Inode, PointFile};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-
-/// What an open file handle refers to (cheap to clone: Arcs).
-#[derive(Clone)]
-enum Handle {
-    Disk(Arc<Point>),
-    /// A memory view of point `.0` (`memory.raw`, or block `Some(i)` under
-    /// `memory/`): read-only, never changes while open.
-    Memory(u64, Arc<MemoryView>, Option<usize>),
-    /// Text rendered at open.
-    Text(Arc<Vec<u8>>),
-    Ctl(Arc<Point>),
-    MergeNow,
-}
 
 pub struct SnapFs {
     tree: Arc<Tree>,
@@ -76,106 +69,15 @@ impl SnapFs {
         }
     }
 
-    /// After a `ctl` command changed the tree: make the kernel forget the
-    /// entry of `name` and the attributes of every disk (a leaf may have
-    /// become a snapshot or the other way round), before the command's
-    /// write returns, so the next `stat` sees the change. Sent from another
-    /// thread and waited for at most a second: a notification that needs a
-    /// directory lock held by a request we are serving must not hang us.
-    fn invalidate_after_command(&self, name: String) {
-        let Some(n) = self.notifier.get().cloned() else {
-            return;
-        };
-        let disks: Vec<u64> = self
-            .tree
-            .visible_disks()
-            .iter()
-            .map(|p| encode(Inode::Point(p.id, PointFile::Disk)))
-            .collect();
-        let (done, wait) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = n.inval_entry(INodeNo(inodes::ROOT), OsStr::new(&name));
-            for d in disks {
-                let _ = n.inval_inode(INodeNo(d), -1, 0);
-            }
-            let _ = done.send(());
-        });
-        let _ = wait.recv_timeout(Duration::from_secs(1));
-    }
-
-    /// The handle `fh` refers to, cloned so the table lock is not held
-    /// during the request.
-    fn handle(&self, fh: FileHandle) -> Option<Handle> {
-        self.handles.lock().get(&fh.0).cloned()
-    }
-
-    /// The memory view of visible point `p`, when it has a readable one.
-    fn memory_of(&self, p: u64) -> Option<Arc<MemoryView>> {
-        let v = self.tree.view(p).filter(|v| !v.hidden)?;
-        let m = v.point.memory.read();
-        m.as_ref().and_then(|m| m.view.as_ref().ok().cloned())
-    }
-
-    /// Whether `command` (a `ctl` write to point `p`) could put another
-    /// memory view behind `p`'s memory files while one of them is open
-    /// (also one opened before a `snapshot` moved the view away):
-    /// the kernel keys its page cache by inode, so the open file and new
-    /// ones would share pages of two different sources.
-    fn memory_in_use(&self, p: &Point, command: &[u8]) -> bool {
-        let text = String::from_utf8_lossy(command);
-        let word = text.split_whitespace().next().unwrap_or("");
-        if word != "memory" && word != "checkpoint" {
-            return false;
-        }
-        let open = || {
-            self.handles
-                .lock()
-                .values()
-                .any(|h| matches!(h, Handle::Memory(id, ..) if *id == p.id))
-        };
-        // The kernel sends RELEASE after close(2) returns: a file closed
-        // just before the command may still be counted for a moment.
-        for _ in 0..20 {
-            if !open() {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        true
-    }
-
-    /// The memory view of point `p` if it has other RAM blocks to show.
-    fn memory_blocks_of(&self, p: u64) -> Option<Arc<MemoryView>> {
-        self.memory_of(p).filter(|m| !m.blocks.is_empty())
-    }
-
-    /// The memory view of point `p` and its block `i`, if it has one.
-    fn memory_block(&self, p: u64, i: u64) -> Option<(Arc<MemoryView>, usize)> {
-        let m = self.memory_of(p)?;
-        let i = usize::try_from(i).ok().filter(|i| *i < m.blocks.len())?;
-        Some((m, i))
-    }
-
-    /// The point of a `disk.raw` handle.
-    fn disk_handle(&self, fh: FileHandle) -> Option<Arc<Point>> {
-        match self.handle(fh)? {
-            Handle::Disk(p) => Some(p),
-            _ => None,
-        }
-    }
-
-    fn new_handle(&self, h: Handle) -> FileHandle {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, h);
-        FileHandle(fh)
-    }
-
     /// The text of a dynamic file, rendered now.
     fn text(&self, ino: Inode) -> Option<Vec<u8>> {
         match ino {
             Inode::Tree => Some(self.tree.render_tree().into_bytes()),
             Inode::Status => Some(self.tree.render_status().into_bytes()),
-            Inode::Point(p, PointFile::Info) => self.tree.info_json(p).map(String::into_bytes),
+            Inode::Point(p, PointFile::Info) => self
+                .tree
+                .info_json(p, layout::disk_file, layout::MEMORY_FILE)
+                .map(String::into_bytes),
             _ => None,
         }
     }
@@ -191,130 +93,6 @@ impl SnapFs {
                 return Some(name);
             }
             v = nv;
-        }
-    }
-
-    fn getattr_of(&self, ino: Inode) -> Result<FileAttr, Errno> {
-        let t0 = self.mounted_at;
-        let ro = self.tree.read_only();
-        let tree_dir = self.owners.tree_dir();
-        Ok(match ino {
-            Inode::Root => dir(ino, modes::directory(tree_dir), t0),
-            Inode::Tree | Inode::Status => attr(
-                ino,
-                FileType::RegularFile,
-                modes::text(tree_dir),
-                self.text(ino).map_or(0, |t| t.len() as u64),
-                t0,
-            ),
-            Inode::MergeNow => attr(
-                ino,
-                FileType::RegularFile,
-                modes::control(tree_dir, ro),
-                0,
-                t0,
-            ),
-            Inode::MemoryBlock(p, i) => {
-                let (m, i) = self.memory_block(p, i).ok_or(Errno::ENOENT)?;
-                let t = self.tree.view(p).map_or(t0, |v| epoch(v.point.created));
-                attr(
-                    ino,
-                    FileType::RegularFile,
-                    modes::memory(self.owners.of(&m.path)),
-                    disk::memory_chain(&m, Some(i)).size(),
-                    t,
-                )
-            }
-            Inode::Point(p, f) => {
-                let v = self
-                    .tree
-                    .view(p)
-                    .filter(|v| !v.hidden)
-                    .ok_or(Errno::ENOENT)?;
-                let t = epoch(v.point.created);
-                let disk_own = || {
-                    let io = v.point.io.read();
-                    modes::disk(self.owners.of(&io.image), io.writable && !ro)
-                };
-                match f {
-                    PointFile::Dir => dir(ino, modes::directory(tree_dir), t),
-                    PointFile::MemoryDir => {
-                        let m = self.memory_blocks_of(p).ok_or(Errno::ENOENT)?;
-                        dir(ino, modes::memory_dir(self.owners.of(&m.path)), t)
-                    }
-                    PointFile::Disk => {
-                        let size = v.point.io.read().chain.size();
-                        attr(ino, FileType::RegularFile, disk_own(), size, t)
-                    }
-                    PointFile::Info => attr(
-                        ino,
-                        FileType::RegularFile,
-                        modes::info(disk_own()),
-                        self.text(ino).map_or(0, |t| t.len() as u64),
-                        t,
-                    ),
-                    PointFile::Ctl => attr(
-                        ino,
-                        FileType::RegularFile,
-                        modes::control(tree_dir, ro),
-                        0,
-                        t,
-                    ),
-                    PointFile::Memory => {
-                        let m = self.memory_of(p).ok_or(Errno::ENOENT)?;
-                        let own = modes::memory(self.owners.of(&m.path));
-                        attr(ino, FileType::RegularFile, own, m.chain.size(), t)
-                    }
-                    PointFile::Parent => {
-                        let target = self.visible_parent(p).ok_or(Errno::ENOENT)?;
-                        let own = modes::link(tree_dir);
-                        attr(ino, FileType::Symlink, own, target.len() as u64 + 3, t)
-                    }
-                }
-            }
-        })
-    }
-
-    fn lookup_in(&self, parent: Inode, name: &str) -> Option<Inode> {
-        match parent {
-            Inode::Root => match name {
-                "tree" => Some(Inode::Tree),
-                "status" => Some(Inode::Status),
-                "merge-now" => Some(Inode::MergeNow),
-                _ => self
-                    .tree
-                    .lookup(name)
-                    .map(|p| Inode::Point(p.id, PointFile::Dir)),
-            },
-            Inode::Point(p, PointFile::Dir) => {
-                if let Some(m) = self
-                    .tree
-                    .members(p)
-                    .into_iter()
-                    .find(|m| m.disk_file() == name)
-                {
-                    return Some(Inode::Point(m.id, PointFile::Disk));
-                }
-                let f = PointFile::from_name(name).filter(|f| *f != PointFile::Disk)?;
-                if f == PointFile::Parent && self.visible_parent(p).is_none() {
-                    return None;
-                }
-                if f == PointFile::Memory && self.memory_of(p).is_none() {
-                    return None;
-                }
-                if f == PointFile::MemoryDir && self.memory_blocks_of(p).is_none() {
-                    return None;
-                }
-                Some(Inode::Point(p, f))
-            }
-            Inode::Point(p, PointFile::MemoryDir) => {
-                let m = self.memory_blocks_of(p)?;
-                let i = m.blocks.iter().position(|b| b.file == name)? as u64;
-                // Inode numbers hold MAX_BLOCKS blocks per point (readdir
-                // lists no more).
-                (i < inodes::MAX_BLOCKS).then_some(Inode::MemoryBlock(p, i))
-            }
-            _ => None,
         }
     }
 }
@@ -527,85 +305,9 @@ impl Filesystem for SnapFs {
             return reply.error(Errno::ENOENT);
         };
         let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        match i {
-            Inode::Tree | Inode::Status | Inode::Point(_, PointFile::Info) => {
-                if wants_write {
-                    return reply.error(Errno::EACCES);
-                }
-                match self.text(i) {
-                    Some(t) => reply.opened(
-                        self.new_handle(Handle::Text(Arc::new(t))),
-                        FopenFlags::FOPEN_DIRECT_IO,
-                    ),
-                    None => reply.error(Errno::ENOENT),
-                }
-            }
-            Inode::MergeNow => reply.opened(
-                self.new_handle(Handle::MergeNow),
-                FopenFlags::FOPEN_DIRECT_IO,
-            ),
-            Inode::Point(p, f) => {
-                let Some(v) = self.tree.view(p).filter(|v| !v.hidden) else {
-                    return reply.error(Errno::ENOENT);
-                };
-                match f {
-                    PointFile::Disk => {
-                        let writable = v.point.io.read().writable;
-                        if wants_write && !writable {
-                            return reply.error(Errno::EROFS);
-                        }
-                        // Every disk keeps the page cache across opens, so a
-                        // second read runs at memory speed. Safe for leaves
-                        // too: their bytes change only through this mount,
-                        // whose writes, fallocates and direct I/O the kernel
-                        // applies to (or drops from) its cache; tree commands
-                        // never change what a point reads.
-                        let fl = FopenFlags::FOPEN_KEEP_CACHE;
-                        reply.opened(self.new_handle(Handle::Disk(v.point.clone())), fl)
-                    }
-                    PointFile::Memory => {
-                        if wants_write {
-                            return reply.error(Errno::EROFS);
-                        }
-                        match self.memory_of(p) {
-                            // Not FOPEN_KEEP_CACHE: a view never changes,
-                            // but `memory`/`checkpoint` can put another one
-                            // behind the same inode while the kernel still
-                            // holds it (a file kept open) with the old
-                            // pages. Each open starts from a clean cache.
-                            Some(m) => reply.opened(
-                                self.new_handle(Handle::Memory(p, m, None)),
-                                FopenFlags::empty(),
-                            ),
-                            None => reply.error(Errno::ENOENT),
-                        }
-                    }
-                    PointFile::Ctl => {
-                        if wants_write && self.tree.read_only() {
-                            return reply.error(Errno::EROFS);
-                        }
-                        reply.opened(
-                            self.new_handle(Handle::Ctl(v.point.clone())),
-                            FopenFlags::FOPEN_DIRECT_IO,
-                        )
-                    }
-                    _ => reply.error(Errno::EISDIR),
-                }
-            }
-            Inode::MemoryBlock(p, i) => {
-                if wants_write {
-                    return reply.error(Errno::EROFS);
-                }
-                match self.memory_block(p, i) {
-                    // No FOPEN_KEEP_CACHE, as for memory.raw.
-                    Some((m, i)) => reply.opened(
-                        self.new_handle(Handle::Memory(p, m, Some(i))),
-                        FopenFlags::empty(),
-                    ),
-                    None => reply.error(Errno::ENOENT),
-                }
-            }
-            Inode::Root => reply.error(Errno::EISDIR),
+        match self.open_file(i, wants_write) {
+            Ok((h, fl)) => reply.opened(self.new_handle(h), fl),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -667,27 +369,7 @@ impl Filesystem for SnapFs {
             Handle::Disk(p) => disk::write(&self.tree, &p, offset, data),
             Handle::Ctl(p) if let Err(e) = whole(format!("{}/ctl", p.name)) => Err(errno(e.errno)),
             Handle::MergeNow if let Err(e) = whole("merge-now".into()) => Err(errno(e.errno)),
-            Handle::Ctl(p) if self.memory_in_use(&p, data) => {
-                let e = crate::tree::TreeError::new(
-                    libc::EBUSY,
-                    format!(
-                        "{}/memory.raw is open; close it before changing the point's memory",
-                        p.name
-                    ),
-                );
-                let r = Err(e);
-                self.tree.record(
-                    &format!("{}/ctl: {}", p.name, String::from_utf8_lossy(data).trim()),
-                    &r,
-                );
-                r.map_err(|e| errno(e.errno))
-            }
-            Handle::Ctl(p) => {
-                let r = control::run_ctl(&self.tree, p.id, &p.name, data);
-                // Also after a failure: `merge` deletes before it fails.
-                self.invalidate_after_command(p.name.clone());
-                r.map_err(|e| errno(e.errno))
-            }
+            Handle::Ctl(p) => self.ctl_write(&p, data),
             Handle::MergeNow => control::run_merge_now(&self.tree).map_err(|e| errno(e.errno)),
             Handle::Text(_) | Handle::Memory(..) => Err(Errno::EBADF),
         };
@@ -758,61 +440,16 @@ impl Filesystem for SnapFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let listed = decode(ino.0)
+            .ok_or(Errno::ENOTDIR)
+            .and_then(|d| self.list(d));
         let mut entries: Vec<(u64, FileType, String)> = vec![
             (ino.0, FileType::Directory, ".".into()),
             (inodes::ROOT, FileType::Directory, "..".into()),
         ];
-        match decode(ino.0) {
-            Some(Inode::Root) => {
-                entries.push((inodes::TREE, FileType::RegularFile, "tree".into()));
-                entries.push((inodes::STATUS, FileType::RegularFile, "status".into()));
-                entries.push((inodes::MERGE_NOW, FileType::RegularFile, "merge-now".into()));
-                let mut points = self.tree.visible();
-                points.sort_by_key(|p| p.id);
-                for p in points {
-                    entries.push((
-                        encode(Inode::Point(p.id, PointFile::Dir)),
-                        FileType::Directory,
-                        p.name.clone(),
-                    ));
-                }
-            }
-            Some(Inode::Point(p, PointFile::Dir))
-                if self.tree.view(p).is_some_and(|v| !v.hidden) =>
-            {
-                for f in PointFile::entries() {
-                    if *f == PointFile::Parent && self.visible_parent(p).is_none() {
-                        continue;
-                    }
-                    if *f == PointFile::Memory && self.memory_of(p).is_none() {
-                        continue;
-                    }
-                    if *f == PointFile::MemoryDir && self.memory_blocks_of(p).is_none() {
-                        continue;
-                    }
-                    if *f == PointFile::Disk {
-                        for m in self.tree.members(p) {
-                            let ino = encode(Inode::Point(m.id, PointFile::Disk));
-                            entries.push((ino, point_kind(*f), m.disk_file()));
-                        }
-                        continue;
-                    }
-                    entries.push((encode(Inode::Point(p, *f)), point_kind(*f), f.name().into()));
-                }
-            }
-            Some(Inode::Point(p, PointFile::MemoryDir)) => {
-                let Some(m) = self.memory_blocks_of(p) else {
-                    return reply.error(Errno::ENOENT);
-                };
-                let n = (m.blocks.len() as u64).min(inodes::MAX_BLOCKS);
-                for (i, b) in m.blocks.iter().take(n as usize).enumerate() {
-                    let ino = encode(Inode::MemoryBlock(p, i as u64));
-                    entries.push((ino, FileType::RegularFile, b.file.clone()));
-                }
-            }
-            // A point deleted since the kernel looked it up.
-            Some(Inode::Point(_, PointFile::Dir)) => return reply.error(Errno::ENOENT),
-            _ => return reply.error(Errno::ENOTDIR),
+        match listed {
+            Ok(l) => entries.extend(l),
+            Err(e) => return reply.error(e),
         }
         entries[2..].sort_by_key(|e| e.0);
         // Each entry's cookie (the offset the kernel resumes from) is stable

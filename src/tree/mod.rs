@@ -37,6 +37,10 @@ pub struct TreeOptions {
     /// How fast `checkpoint SOURCE` imports memory (mounts only; the CLI
     /// passes its own).
     pub import: crate::memory::checkpoint::Throttle,
+    /// Names no point may take: the mount's own entries at its root.
+    /// The mount's layout owns them (`fs::reserved_names`); the tree
+    /// only refuses them, also in the manifest at open.
+    pub reserved_names: Vec<String>,
 }
 
 /// A failed tree operation: the errno for the file system call and the
@@ -78,7 +82,7 @@ pub struct Point {
     pub name: String,
     /// Which disk of a multi-disk snapshot point this is (`None` when the
     /// point has one disk). The points of one name form one snapshot point
-    /// shown as one directory, one `<disk>.raw` per member.
+    /// shown as one directory, one file per member.
     pub disk: Option<String>,
     /// Seconds since the Unix epoch.
     pub created: u64,
@@ -103,13 +107,6 @@ impl PointMemory {
             source: source.to_string(),
             view: crate::memory::view::open_view(dir, source, cache).map(Arc::new),
         }
-    }
-}
-
-impl Point {
-    /// The file name of this disk in its point's directory.
-    pub fn disk_file(&self) -> String {
-        format!("{}.raw", self.disk.as_deref().unwrap_or("disk"))
     }
 }
 

@@ -5,44 +5,50 @@
 //!
 //! A name becomes a directory entry of the mount and a part of new image
 //! file names, and it is printed in `status` and `tree`; so it must be
-//! one path component, not clash with the mount's own files, and not be
-//! able to disguise itself on a terminal (control characters, bidi
-//! overrides).
+//! one path component, not clash with the mount's own files (the
+//! reserved names, which the mount's layout owns and `TreeOptions`
+//! brings here), and not be able to disguise itself on a terminal
+//! (control characters, bidi overrides).
 
 use super::manifest::ManifestPoint;
 use crate::confine::shown;
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-/// The mount's own entries at its root, which no point may be called.
-const RESERVED: [&str; 3] = ["tree", "status", "merge-now"];
 /// Longest name, in bytes (file names get a suffix; 255 is the limit).
 const MAX_LEN: usize = 200;
 
 /// Why `name` cannot name a point or a disk, or `None` if it can.
-pub fn name_problem(name: &str) -> Option<&'static str> {
-    if name.is_empty() {
-        Some("is empty")
+/// `reserved` are the mount's own entries at its root.
+pub fn name_problem(name: &str, reserved: &[String]) -> Option<Cow<'static, str>> {
+    let why = if name.is_empty() {
+        "is empty"
     } else if name.len() > MAX_LEN {
-        Some("is longer than 200 bytes")
+        "is longer than 200 bytes"
     } else if name.starts_with('.') {
-        Some("starts with '.'")
+        "starts with '.'"
     } else if name.contains('/') {
-        Some("contains '/'")
+        "contains '/'"
     } else if name.chars().any(|c| c.is_control() || is_bidi_control(c)) {
-        Some("contains a control or bidirectional-override character")
+        "contains a control or bidirectional-override character"
     } else if name.contains('\u{fffd}') {
-        Some("contains U+FFFD (it was not valid UTF-8)")
-    } else if RESERVED.contains(&name) {
-        Some("is one of the mount's own files (tree, status, merge-now)")
+        "contains U+FFFD (it was not valid UTF-8)"
+    } else if reserved.iter().any(|r| r == name) {
+        return Some(Cow::Owned(format!(
+            "is one of the mount's own files ({})",
+            reserved.join(", ")
+        )));
     } else {
-        None
-    }
+        return None;
+    };
+    Some(Cow::Borrowed(why))
 }
 
-/// Whether `name` can name a point or a disk.
-pub fn valid_name(name: &str) -> bool {
-    name_problem(name).is_none()
+/// Whether `name` can name a point or a disk (`reserved` as for
+/// [`name_problem`]).
+pub fn valid_name(name: &str, reserved: &[String]) -> bool {
+    name_problem(name, reserved).is_none()
 }
 
 /// Characters that reorder how a terminal shows text (U+202E shows
@@ -53,7 +59,7 @@ fn is_bidi_control(c: char) -> bool {
 
 /// A valid name made from a file stem: characters a name may not hold
 /// become `_`, a leading dot goes, long stems are cut.
-fn name_from_stem(stem: &str) -> String {
+fn name_from_stem(stem: &str, reserved: &[String]) -> String {
     let mut name: String = stem
         .trim_start_matches('.')
         .chars()
@@ -68,7 +74,7 @@ fn name_from_stem(stem: &str) -> String {
     while name.len() > MAX_LEN - 16 {
         name.pop();
     }
-    if name.is_empty() || RESERVED.contains(&name.as_str()) {
+    if name.is_empty() || reserved.contains(&name) {
         name.insert_str(0, "image-");
     }
     name
@@ -90,12 +96,14 @@ fn file_name(p: &Path) -> String {
 /// Names `images` (sorted): the manifest entry's name (`by_image`) when it
 /// is valid and no other image took that name and disk, else the file
 /// stem, made valid and unique. `foreign` are manifest entries of images
-/// this tree does not hold; their names stay taken. Every name the
-/// manifest gives that is not used is reported in `problems`.
+/// this tree does not hold; their names stay taken. `reserved` as for
+/// [`name_problem`]. Every name the manifest gives that is not used is
+/// reported in `problems`.
 pub(super) fn assign(
     images: &[&PathBuf],
     by_image: &HashMap<String, &ManifestPoint>,
     foreign: &[ManifestPoint],
+    reserved: &[String],
     problems: &mut Vec<String>,
 ) -> Names {
     let mut out = Names::default();
@@ -108,7 +116,7 @@ pub(super) fn assign(
         let Some(m) = by_image.get(&file_name(p)) else {
             continue;
         };
-        if let Some(why) = name_problem(&m.name) {
+        if let Some(why) = name_problem(&m.name, reserved) {
             problems.push(format!(
                 "manifest: the name {} of {} {why}; named after its file instead",
                 shown(&m.name),
@@ -117,8 +125,8 @@ pub(super) fn assign(
             continue;
         }
         let disk = m.disk.clone().filter(|d| {
-            let why = name_problem(d);
-            if let Some(why) = why {
+            let why = name_problem(d, reserved);
+            if let Some(why) = &why {
                 problems.push(format!(
                     "manifest: the disk name {} of point {} {why}; ignored",
                     shown(d),
@@ -148,6 +156,7 @@ pub(super) fn assign(
             &p.file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            reserved,
         );
         let mut name = stem.clone();
         let mut n = 1;
@@ -164,10 +173,15 @@ pub(super) fn assign(
 mod tests {
     use super::*;
 
+    /// The mount's root files (the list `fs` gives at open).
+    fn reserved() -> Vec<String> {
+        ["tree", "status", "merge-now"].map(String::from).to_vec()
+    }
+
     #[test]
     fn names_are_one_safe_component() {
         for ok in ["base", "monday-2026", "snap 1", "été", "a.b"] {
-            assert!(valid_name(ok), "{ok:?}");
+            assert!(valid_name(ok, &reserved()), "{ok:?}");
         }
         let long = "x".repeat(201);
         for bad in [
@@ -186,7 +200,7 @@ mod tests {
             "bad\u{fffd}",
             &long,
         ] {
-            assert!(!valid_name(bad), "{bad:?} accepted");
+            assert!(!valid_name(bad, &reserved()), "{bad:?} accepted");
         }
     }
 
@@ -201,9 +215,12 @@ mod tests {
             "a\u{202e}b",
             &"é".repeat(300),
         ] {
-            let n = name_from_stem(stem);
-            assert!(valid_name(&n), "{stem:?} gave {n:?}");
-            assert!(valid_name(&format!("{n}-12345")), "{stem:?} gave {n:?}");
+            let n = name_from_stem(stem, &reserved());
+            assert!(valid_name(&n, &reserved()), "{stem:?} gave {n:?}");
+            assert!(
+                valid_name(&format!("{n}-12345"), &reserved()),
+                "{stem:?} gave {n:?}"
+            );
         }
     }
 
@@ -243,7 +260,7 @@ mod tests {
         .collect();
         let refs: Vec<&PathBuf> = paths.iter().collect();
         let mut problems = Vec::new();
-        let n = assign(&refs, &by_image, &[], &mut problems);
+        let n = assign(&refs, &by_image, &[], &reserved(), &mut problems);
         let got: Vec<&str> = paths.iter().map(|p| n.names[p].as_str()).collect();
         assert_eq!(got, ["base", "b", "c", "d", "image-tree"]);
         assert_eq!(problems.len(), 3, "{problems:?}");

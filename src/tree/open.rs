@@ -238,8 +238,13 @@ impl Tree {
         // of one name with different `disk`s are the disks of one point.
         let mut ordered: Vec<&PathBuf> = usable.iter().collect();
         ordered.sort();
-        let super::naming::Names { names, disks } =
-            super::naming::assign(&ordered, &by_image, &self.foreign, problems);
+        let super::naming::Names { names, disks } = super::naming::assign(
+            &ordered,
+            &by_image,
+            &self.foreign,
+            &self.opts.reserved_names,
+            problems,
+        );
         // Children, then open roots first so each chain reuses its parent's.
         let mut children: HashMap<PathBuf, Vec<PathBuf>> = HashMap::new();
         for p in &ordered {

@@ -86,7 +86,7 @@ impl Tree {
     }
 
     fn check_new_name(&self, nodes: &BTreeMap<u64, Node>, name: &str) -> Result<(), TreeError> {
-        if let Some(why) = super::naming::name_problem(name) {
+        if let Some(why) = super::naming::name_problem(name, &self.opts.reserved_names) {
             return Err(err(
                 libc::EINVAL,
                 format!("{name:?} is not a valid snapshot name: it {why}"),

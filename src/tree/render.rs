@@ -1,7 +1,7 @@
 //! Text the mount shows: the `tree` drawing, `status`, and each point's
 //! `info.json`.
 
-use super::{Node, Tree};
+use super::{Node, Point, Tree};
 use crate::units::human_size;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -106,8 +106,15 @@ impl Tree {
         out
     }
 
-    /// `info.json` of point `id`, with every disk of the point.
-    pub fn info_json(&self, id: u64) -> Option<String> {
+    /// `info.json` of point `id`, with every disk of the point. The
+    /// mount names the files: `disk_file` a disk's, `memory_file` the
+    /// memory's.
+    pub fn info_json(
+        &self,
+        id: u64,
+        disk_file: impl Fn(&Point) -> String,
+        memory_file: &str,
+    ) -> Option<String> {
         let v = self.view(id)?;
         let mut disks = serde_json::Map::new();
         for m in self.members(id) {
@@ -117,7 +124,7 @@ impl Tree {
             disks.insert(
                 m.disk.clone().unwrap_or_else(|| "disk".into()),
                 json!({
-                    "file": m.disk_file(),
+                    "file": disk_file(&m),
                     "format": leaf.format().name(),
                     "image": io.image.file_name().map(|n| n.to_string_lossy().into_owned()),
                     "virtual_size": io.chain.size(),
@@ -138,7 +145,7 @@ impl Tree {
             "memory": v.point.memory.read().as_ref().map(|m| match &m.view {
                 Ok(view) => {
                     let mut i = view.info.clone();
-                    i["file"] = json!("memory.raw");
+                    i["file"] = json!(memory_file);
                     i
                 }
                 Err(why) => json!({ "source": m.source, "error": why }),

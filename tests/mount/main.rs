@@ -13,6 +13,7 @@
 
 mod hostile_fs;
 mod hostile_paths;
+mod layout_contract;
 mod lifecycle;
 mod many_images;
 mod memory;
