@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # snaptree's FUSE mount against qemu-storage-daemon's FUSE export of the same
-# qcow2 leaf (see ../shared/DESIGN.md, "Performance notes").
+# qcow2 leaf (see README.md, "Benchmarks").
 #
 # Builds a chain l00 (base) <- ... <- l{DEPTH-1} (leaf) of SIZE_MB MiB whose
 # data is spread over every layer (layer k owns every DEPTH-th 1 MiB stripe,

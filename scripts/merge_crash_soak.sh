@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Soak test of the merge engine's crash safety (DESIGN.md, "Invariant of
-# every merge"): runs tests/merge_crash.rs in release mode with many runs.
+# Soak test of the merge engine's crash safety (ARCHITECTURE.md, "The merge
+# invariant"): runs tests/merge_crash.rs in release mode with many runs.
 # Each run builds a random snapshot tree, SIGKILLs a merge at a random
 # moment (mounted or offline), and checks every visible point, qemu-img
 # check and that the merge completes afterwards.

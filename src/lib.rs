@@ -1,5 +1,5 @@
 //! snaptree: a VM's snapshot tree (qcow2 backing chains, later VHD chains
-//! and memory checkpoints) as plain files. See ../shared/DESIGN.md.
+//! and memory checkpoints) as plain files. See ARCHITECTURE.md.
 //!
 //! Layers, bottom up: `image` (formats, one [`image::Layer`] each), `chain`
 //! (resolving reads through a stack of layers, fast at any depth), `tree`

@@ -1,4 +1,4 @@
-//! Crash test of the merge engine (DESIGN.md, "Invariant of every merge"):
+//! Crash test of the merge engine (ARCHITECTURE.md, "The merge invariant"):
 //! SIGKILL the process doing a merge at a random moment, then check that
 //! nothing visible changed and that the merge completes afterwards.
 //!

@@ -768,7 +768,7 @@ fn success_or_clear_refusal<S: AsRef<std::ffi::OsStr>>(
     None
 }
 
-/// DESIGN.md: refuse encryption with a clear message. A LUKS-encrypted qcow2
+/// README ("What is supported"): encryption is refused with a clear message. A LUKS-encrypted qcow2
 /// cannot be exported without its key: `export` must fail cleanly and say
 /// it is encrypted; `map` and `info` may work but must not panic.
 #[test]
@@ -798,7 +798,7 @@ fn encrypted_image_refused() {
     success_or_clear_refusal(&args!["info", img], &["encrypt"]);
 }
 
-/// DESIGN.md: refuse external data files with a clear message, or support
+/// README ("What is supported"): external data files are refused with a clear message, or supported
 /// them. Whichever snaptree does, it must do it cleanly: either `export`
 /// and `map` agree with qemu (map offsets then refer to the data file, so
 /// they are not checked), or both fail and say "data file".

@@ -1,5 +1,5 @@
-//! Crash test of merges on VHD trees (DESIGN.md, "Invariant of every
-//! merge"): SIGKILL the process doing a merge at a random moment, then
+//! Crash test of merges on VHD trees (ARCHITECTURE.md, "The merge
+//! invariant"): SIGKILL the process doing a merge at a random moment, then
 //! check that nothing visible changed and that the merge completes
 //! afterwards. The VHD counterpart of `merge_crash.rs`.
 //!

@@ -1,7 +1,7 @@
 //! Sequential read throughput of a flattened qcow2 chain as the chain grows
 //! deeper, against QEMU reading the same chain.
 //!
-//! DESIGN.md promises that, through the resolution index, once a region has
+//! ARCHITECTURE.md ("The read path") promises that, through the resolution index, once a region has
 //! been looked at a lookup costs the same at chain depth 64 as at depth 1
 //! (goal: reading a 1 GiB flattened disk at depth 64 at >= 95 % of depth
 //! 1), and its "Performance notes" put qemu-storage-daemon's FUSE export at

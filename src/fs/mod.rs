@@ -1,5 +1,5 @@
 //! The FUSE adapter: presents a [`Tree`] as the mounted layout of
-//! DESIGN.md ("Mounted layout") with fuser. The layout is declared once,
+//! ARCHITECTURE.md ("The mounted layout") with fuser. The layout is declared once,
 //! in `layout`; this file answers the kernel's requests from it. It parses
 //! no format; every byte of a disk comes from the point's chain.
 //!

@@ -1,6 +1,6 @@
 //! Shared helpers for snaptree's integration tests.
 //!
-//! DESIGN.md ("Testing: real peers are the oracle"): `qemu-img` and `qemu-io`
+//! ARCHITECTURE.md ("Testing"): `qemu-img` and `qemu-io`
 //! build the images a test reads, and their answers are the expected results.
 //! This module holds what every such test needs, so that the tests
 //! themselves say only what they build and what they expect:

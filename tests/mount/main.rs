@@ -1,6 +1,6 @@
 //! The FUSE mount, for real: `snaptree mount` on trees built with
 //! `qemu-img`/`qemu-io`, judged by `qemu-img convert/check/compare` and by
-//! in-memory models (DESIGN.md, "Mounted layout" and "Testing").
+//! in-memory models (ARCHITECTURE.md, "The mounted layout" and "Testing").
 //!
 //! Each test builds its own tree in a temp directory, mounts it (normally
 //! `-f`, as a child whose pid the guard holds) and tears the mount down

@@ -1,5 +1,5 @@
-//! The merge engine through the mount (DESIGN.md, "Invariant of every
-//! merge"): `merge-now`, `ctl merge` and the background merge coalesce a
+//! The merge engine through the mount (ARCHITECTURE.md, "The merge
+//! invariant"): `merge-now`, `ctl merge` and the background merge coalesce a
 //! hidden point with exactly one child, in whichever direction copies less,
 //! while every visible point reads the same bytes. Each test judges the
 //! result with `qemu-img` (check, `info --backing-chain`, convert), the

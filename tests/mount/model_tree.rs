@@ -1,4 +1,4 @@
-//! The tree as DESIGN.md describes it, in memory, and a randomised test
+//! The tree as ARCHITECTURE.md describes it, in memory, and a randomised test
 //! that drives the mount and the model with the same operations (writes,
 //! punches, snapshots, clones, deletes, `merge-now` and `ctl merge`, and
 //! memory checkpoints: `checkpoint SOURCE`, `memory SOURCE`, `memory
@@ -58,7 +58,7 @@ struct ModelMemory {
     delta: Option<String>,
 }
 
-/// The tree as DESIGN.md describes it, in memory.
+/// The tree as ARCHITECTURE.md describes it, in memory.
 #[derive(Clone, Default)]
 struct ModelTree {
     points: BTreeMap<String, ModelPoint>,

@@ -286,7 +286,7 @@ fn broken_images_are_listed_and_the_rest_mounts() {
     assert_eq!(std::fs::read(ws.img("x.qcow2")).expect("x.qcow2"), junk);
 }
 
-/// DESIGN.md: "run a VM on top of the mount". qemu-io opens the leaf's
+/// What users do: "run a VM on top of the mount". qemu-io opens the leaf's
 /// disk.raw as a raw image, with O_DIRECT (`-t none`, threads and native
 /// AIO) and through the page cache; every pattern reads back, the mount
 /// reads what was written, and qemu-img sees the same disk.

@@ -1,6 +1,6 @@
 //! Helpers for the FUSE mount tests in `tests/mount/`.
 //!
-//! DESIGN.md ("Testing"): FUSE tests mount for real, and `qemu-img` /
+//! ARCHITECTURE.md ("Testing"): FUSE tests mount for real, and `qemu-img` /
 //! `qemu-io` are the oracle. This module keeps the tests themselves about
 //! behaviour:
 //!
