@@ -106,8 +106,8 @@ pub fn new_file(like: Option<&Ownership>) -> OpenOptions {
     o
 }
 
-/// Creates `path` (replacing a stale one) for [`crate::tree::manifest`]
-/// style atomic writes, with ownership `like`. The temporary names are
+/// Creates `path` (replacing a stale one) for atomic writes in the style
+/// of the manifest's (temp file, then rename), with ownership `like`. The temporary names are
 /// fixed, so a crafted tree may hold a symlink by that name: the old entry
 /// (the link itself, never its target) is unlinked and `create_new`
 /// (`O_EXCL`) never follows one that reappears.
