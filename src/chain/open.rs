@@ -7,7 +7,7 @@
 use super::ChainError;
 use crate::confine::{Confine, Refused};
 use crate::error::ImageError;
-use crate::image::{probe, Format, Layer};
+use crate::image::{probe, BackingRef, Format, Layer};
 use std::collections::HashSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -38,35 +38,7 @@ impl Default for OpenOptions {
 
 /// Opens every layer of the chain that ends in `leaf`, leaf first.
 pub fn open_layers(leaf: &Path, opts: &OpenOptions) -> Result<Vec<Arc<dyn Layer>>, ChainError> {
-    let canon = |p: &Path| {
-        p.canonicalize().map_err(|e| ChainError::Open {
-            path: p.to_path_buf(),
-            source: e,
-        })
-    };
-    let leaf_canon = canon(leaf)?;
-    let ft = std::fs::metadata(&leaf_canon).map(|m| m.file_type());
-    if !ft
-        .as_ref()
-        .is_ok_and(|t| t.is_file() || t.is_block_device())
-    {
-        return Err(ChainError::Open {
-            path: leaf.to_path_buf(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a regular file or block device",
-            ),
-        });
-    }
-    let root = leaf_canon
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/"));
-    let confine =
-        Confine::new(&root, opts.allow_external_backing).map_err(|e| ChainError::Open {
-            path: root.clone(),
-            source: e,
-        })?;
+    let confine = leaf_confine(leaf, opts)?;
     let mut layers: Vec<Arc<dyn Layer>> = Vec::new();
     let mut seen = HashSet::new();
     let mut path = leaf.to_path_buf();
@@ -99,44 +71,88 @@ pub fn open_layers(leaf: &Path, opts: &OpenOptions) -> Result<Vec<Arc<dyn Layer>
                 max: opts.max_depth,
             });
         }
-        let dir = referrer
-            .path()
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        let referrer_path = referrer.path().to_path_buf();
-        confine.reference(&dir, &b.name).map_err(|r| match r {
-            Refused::Missing { path, source, .. } => ChainError::Missing {
-                path: referrer_path.clone(),
-                offset: b.offset,
-                name: b.name.clone(),
-                target: path,
-                source,
-            },
-            Refused::Outside { target, root, .. } => ChainError::Outside {
-                path: referrer_path.clone(),
-                offset: b.offset,
-                name: b.name.clone(),
-                target,
-                root,
-            },
-            Refused::Invalid { .. } => ChainError::NotAnImage {
-                path: referrer_path.clone(),
-                offset: b.offset,
-                name: b.name.clone(),
-                target: dir.join(&b.name),
-            },
-        })?;
-        format = match &b.format {
-            None => None,
-            Some(f) => Some(Format::from_name(f).ok_or_else(|| ChainError::Format {
-                path: referrer.path().to_path_buf(),
-                format: f.clone(),
-            })?),
-        };
-        path = dir.join(&b.name);
+        (path, format) = follow(&confine, referrer.as_ref(), &b)?;
     }
     Ok(layers)
+}
+
+/// The confinement of the chain of `leaf`: the leaf's directory (unless
+/// `opts` allows references out of it). Refused unless the leaf is a
+/// regular file or a block device.
+fn leaf_confine(leaf: &Path, opts: &OpenOptions) -> Result<Confine, ChainError> {
+    let leaf_canon = leaf.canonicalize().map_err(|e| ChainError::Open {
+        path: leaf.to_path_buf(),
+        source: e,
+    })?;
+    let ft = std::fs::metadata(&leaf_canon).map(|m| m.file_type());
+    if !ft
+        .as_ref()
+        .is_ok_and(|t| t.is_file() || t.is_block_device())
+    {
+        return Err(ChainError::Open {
+            path: leaf.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file or block device",
+            ),
+        });
+    }
+    let root = leaf_canon
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    Confine::new(&root, opts.allow_external_backing).map_err(|e| ChainError::Open {
+        path: root.clone(),
+        source: e,
+    })
+}
+
+/// Where the backing reference `b` of `referrer` leads (relative to the
+/// referrer's directory) and the format it records, if any. Refused when
+/// `confine` refuses the target (missing, outside the tree, not an image)
+/// or the format is unknown; the error names the referrer and the offset
+/// of the reference in it.
+fn follow(
+    confine: &Confine,
+    referrer: &dyn Layer,
+    b: &BackingRef,
+) -> Result<(PathBuf, Option<Format>), ChainError> {
+    let dir = referrer
+        .path()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let referrer_path = referrer.path().to_path_buf();
+    confine.reference(&dir, &b.name).map_err(|r| match r {
+        Refused::Missing { path, source, .. } => ChainError::Missing {
+            path: referrer_path.clone(),
+            offset: b.offset,
+            name: b.name.clone(),
+            target: path,
+            source,
+        },
+        Refused::Outside { target, root, .. } => ChainError::Outside {
+            path: referrer_path.clone(),
+            offset: b.offset,
+            name: b.name.clone(),
+            target,
+            root,
+        },
+        Refused::Invalid { .. } => ChainError::NotAnImage {
+            path: referrer_path.clone(),
+            offset: b.offset,
+            name: b.name.clone(),
+            target: dir.join(&b.name),
+        },
+    })?;
+    let format = match &b.format {
+        None => None,
+        Some(f) => Some(Format::from_name(f).ok_or_else(|| ChainError::Format {
+            path: referrer.path().to_path_buf(),
+            format: f.clone(),
+        })?),
+    };
+    Ok((dir.join(&b.name), format))
 }
 
 /// A child that records its parent's id (a differencing VHD) must find that

@@ -3,6 +3,7 @@
 
 use super::{ChainArgs, CliResult};
 use crate::chain::resolve::{Resolved, Source};
+use crate::chain::Chain;
 use clap::{Args, ValueEnum};
 use std::io::Write;
 use std::path::PathBuf;
@@ -85,6 +86,8 @@ impl Entry {
 /// Step through big disks in chunks so memory stays bounded.
 const CHUNK: u64 = 1 << 30;
 
+/// Prints the map of the chain of `a.image`: one entry per run of equal
+/// attributes (adjacent ranges merged as `qemu-img map` merges them).
 pub fn run(a: MapArgs) -> CliResult {
     let chain = a.chain.open(&a.image)?;
     // Built in memory and printed only when complete, so a failure never
@@ -103,43 +106,8 @@ pub fn run(a: MapArgs) -> CliResult {
     }
     let mut emit = |e: Entry, out: &mut dyn Write| -> std::io::Result<()> {
         match a.output {
-            Output::Json => {
-                if !first {
-                    writeln!(out, ",")?;
-                }
-                first = false;
-                write!(
-                    out,
-                    "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
-                    e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
-                )?;
-                if let Some(o) = e.offset {
-                    write!(out, ", \"offset\": {o}")?;
-                }
-                write!(out, "}}")
-            }
-            Output::Human => {
-                let kind = match (e.present, e.zero, e.compressed) {
-                    (false, _, _) => "unallocated",
-                    (true, true, _) => "zero",
-                    (true, false, true) => "compressed",
-                    _ => "data",
-                };
-                let host = e
-                    .offset
-                    .map(|o| format!("{o:#x}"))
-                    .unwrap_or_else(|| "-".into());
-                let file = chain
-                    .layers()
-                    .get(e.depth as usize)
-                    .map(|l| l.path().display().to_string())
-                    .unwrap_or_default();
-                writeln!(
-                    out,
-                    "{:<#18x} {:<#18x} {:>5}  {:<12} {:<18} {}",
-                    e.start, e.length, e.depth, kind, host, file
-                )
-            }
+            Output::Json => write_json(out, &e, std::mem::replace(&mut first, false)),
+            Output::Human => write_human(out, &e, &chain),
         }
     };
     let mut at = 0;
@@ -169,4 +137,46 @@ pub fn run(a: MapArgs) -> CliResult {
     stdout.write_all(&out)?;
     stdout.flush()?;
     Ok(())
+}
+
+/// Writes `e` as one object of `qemu-img map --output=json`'s array,
+/// after a separating comma unless it is the `first`.
+fn write_json(out: &mut dyn Write, e: &Entry, first: bool) -> std::io::Result<()> {
+    if !first {
+        writeln!(out, ",")?;
+    }
+    write!(
+        out,
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+        e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+    )?;
+    if let Some(o) = e.offset {
+        write!(out, ", \"offset\": {o}")?;
+    }
+    write!(out, "}}")
+}
+
+/// Writes `e` as one row of the human table, naming the file of the
+/// layer of `chain` that provides it.
+fn write_human(out: &mut dyn Write, e: &Entry, chain: &Chain) -> std::io::Result<()> {
+    let kind = match (e.present, e.zero, e.compressed) {
+        (false, _, _) => "unallocated",
+        (true, true, _) => "zero",
+        (true, false, true) => "compressed",
+        _ => "data",
+    };
+    let host = e
+        .offset
+        .map(|o| format!("{o:#x}"))
+        .unwrap_or_else(|| "-".into());
+    let file = chain
+        .layers()
+        .get(e.depth as usize)
+        .map(|l| l.path().display().to_string())
+        .unwrap_or_default();
+    writeln!(
+        out,
+        "{:<#18x} {:<#18x} {:>5}  {:<12} {:<18} {}",
+        e.start, e.length, e.depth, kind, host, file
+    )
 }

@@ -93,37 +93,8 @@ pub fn index(path: &Path) -> Result<MemorySource> {
     let mut ident = [0u8; 64];
     let head_len = (len as usize).min(64);
     fileio::read_exact_at(&file, path, &mut ident[..head_len], 0, "ELF header")?;
-    if head_len < 16 || ident[..4] != *b"\x7fELF" {
-        return Err(ImageError::corrupt(
-            path,
-            0,
-            "not an ELF file (no \\x7fELF magic)",
-        ));
-    }
-    let wide = match ident[4] {
-        1 => false,
-        2 => true,
-        c => {
-            return Err(ImageError::corrupt(
-                path,
-                4,
-                format!("unknown ELF class {c}"),
-            ))
-        }
-    };
-    let big = match ident[5] {
-        1 => false,
-        2 => true,
-        d => {
-            return Err(ImageError::corrupt(
-                path,
-                5,
-                format!("unknown ELF data encoding {d}"),
-            ))
-        }
-    };
-    let f = Form { wide, big };
-    let ehsize = if wide { 64 } else { 52 };
+    let f = Form::of(path, &ident, head_len)?;
+    let ehsize = if f.wide { 64 } else { 52 };
     if head_len < ehsize {
         return Err(ImageError::corrupt(
             path,
@@ -131,81 +102,16 @@ pub fn index(path: &Path) -> Result<MemorySource> {
             "ELF header runs past the end of the file",
         ));
     }
-    let h = &ident[..ehsize];
-    let e_type = f.u16(h, 16);
-    if e_type != ET_CORE {
-        return Err(ImageError::unsupported(
-            path,
-            format!(
-                "ELF file of type {e_type} (at offset 16), not a core dump (type 4): \
-                 snaptree reads guest memory dumps from dump-guest-memory"
-            ),
-        ));
-    }
-    // Offsets of the header fields, for messages that point at them.
-    let (phoff_at, shoff_at, phentsize_at, shentsize_at) = if wide {
-        (32, 40, 54, 58)
-    } else {
-        (28, 32, 42, 46)
-    };
-    let phoff = f.word(h, 28, 32);
-    let shoff = f.word(h, 32, 40);
-    let (phentsize, phnum16, shentsize) = (
-        f.u16(h, phentsize_at),
-        f.u16(h, phentsize_at + 2),
-        f.u16(h, shentsize_at),
-    );
-    let min_phent = if wide { 56 } else { 32 };
-    if u64::from(phentsize) < min_phent {
-        return Err(ImageError::corrupt(
-            path,
-            phentsize_at as u64,
-            format!("program header size {phentsize} (at least {min_phent} expected)"),
-        ));
-    }
-    let phnum = if phnum16 == PN_XNUM {
-        // More than 65534 segments: the count is in section 0's sh_info.
-        let mut sh = [0u8; 64];
-        let n = if wide { 64 } else { 40 };
-        if u64::from(shentsize) < n as u64 {
-            return Err(ImageError::corrupt(
-                path,
-                shentsize_at as u64,
-                format!(
-                    "section header size {shentsize}: too small to hold the program header \
-                     count that e_phnum 0xffff (PN_XNUM) says is there"
-                ),
-            ));
-        }
-        if shoff.checked_add(n as u64).is_none_or(|e| e > len) {
-            return Err(ImageError::corrupt(
-                path,
-                shoff_at as u64,
-                format!(
-                    "section header 0 ({n} bytes at e_shoff {shoff}), which holds the program \
-                     header count (e_phnum is PN_XNUM), runs past the end of the file \
-                     ({len} bytes)"
-                ),
-            ));
-        }
-        fileio::read_exact_at(&file, path, &mut sh[..n], shoff, "section header 0")?;
-        u64::from(f.u32(&sh, if wide { 44 } else { 28 }))
-    } else {
-        u64::from(phnum16)
-    };
-    // At most 2^32 entries of at most 64 KiB: no overflow.
-    let table_len = phnum * u64::from(phentsize);
-    if phoff.checked_add(table_len).is_none_or(|e| e > len) {
-        return Err(ImageError::corrupt(
-            path,
-            phoff_at as u64,
-            format!(
-                "{phnum} program headers ({table_len} bytes at e_phoff {phoff}) run past \
-                 the end of the file ({len} bytes)"
-            ),
-        ));
-    }
-    let segments = read_segments(&file, path, f, phoff, phnum, phentsize, len)?;
+    let table = ProgramTable::read(&file, path, f, &ident[..ehsize], len)?;
+    let segments = read_segments(
+        &file,
+        path,
+        f,
+        table.phoff,
+        table.phnum,
+        table.phentsize,
+        len,
+    )?;
     let (size, runs) = place(path, segments)?;
     Ok(MemorySource {
         path: path.to_path_buf(),
@@ -218,6 +124,150 @@ pub fn index(path: &Path) -> Result<MemorySource> {
             runs,
         }],
     })
+}
+
+impl Form {
+    /// The class and byte order the identification bytes `ident` (the
+    /// first `head_len` bytes of the file) declare; refused unless they
+    /// start with the ELF magic and name a known class and encoding.
+    fn of(path: &Path, ident: &[u8; 64], head_len: usize) -> Result<Form> {
+        if head_len < 16 || ident[..4] != *b"\x7fELF" {
+            return Err(ImageError::corrupt(
+                path,
+                0,
+                "not an ELF file (no \\x7fELF magic)",
+            ));
+        }
+        let wide = match ident[4] {
+            1 => false,
+            2 => true,
+            c => {
+                return Err(ImageError::corrupt(
+                    path,
+                    4,
+                    format!("unknown ELF class {c}"),
+                ))
+            }
+        };
+        let big = match ident[5] {
+            1 => false,
+            2 => true,
+            d => {
+                return Err(ImageError::corrupt(
+                    path,
+                    5,
+                    format!("unknown ELF data encoding {d}"),
+                ))
+            }
+        };
+        Ok(Form { wide, big })
+    }
+
+    /// Offsets in the ELF header of e_phoff, e_shoff, e_phentsize and
+    /// e_shentsize (e_phnum follows e_phentsize), for reading them and for
+    /// messages that point at them.
+    fn field_offsets(self) -> (usize, usize, usize, usize) {
+        if self.wide {
+            (32, 40, 54, 58)
+        } else {
+            (28, 32, 42, 46)
+        }
+    }
+}
+
+/// Where the program header table is and how it is laid out, as the ELF
+/// header says, checked against the file.
+struct ProgramTable {
+    phoff: u64,
+    phnum: u64,
+    phentsize: u16,
+}
+
+impl ProgramTable {
+    /// Reads the program table's place from the ELF header `h` of a file
+    /// of `len` bytes: refused unless it is a core dump whose entries are
+    /// large enough and whose table lies inside the file.
+    fn read(file: &File, path: &Path, f: Form, h: &[u8], len: u64) -> Result<ProgramTable> {
+        let e_type = f.u16(h, 16);
+        if e_type != ET_CORE {
+            return Err(ImageError::unsupported(
+                path,
+                format!(
+                    "ELF file of type {e_type} (at offset 16), not a core dump (type 4): \
+                     snaptree reads guest memory dumps from dump-guest-memory"
+                ),
+            ));
+        }
+        // Offsets of the header fields, for messages that point at them.
+        let (phoff_at, _, phentsize_at, _) = f.field_offsets();
+        let phoff = f.word(h, 28, 32);
+        let (phentsize, phnum16) = (f.u16(h, phentsize_at), f.u16(h, phentsize_at + 2));
+        let min_phent = if f.wide { 56 } else { 32 };
+        if u64::from(phentsize) < min_phent {
+            return Err(ImageError::corrupt(
+                path,
+                phentsize_at as u64,
+                format!("program header size {phentsize} (at least {min_phent} expected)"),
+            ));
+        }
+        let phnum = if phnum16 == PN_XNUM {
+            extended_phnum(file, path, f, h, len)?
+        } else {
+            u64::from(phnum16)
+        };
+        // At most 2^32 entries of at most 64 KiB: no overflow.
+        let table_len = phnum * u64::from(phentsize);
+        if phoff.checked_add(table_len).is_none_or(|e| e > len) {
+            return Err(ImageError::corrupt(
+                path,
+                phoff_at as u64,
+                format!(
+                    "{phnum} program headers ({table_len} bytes at e_phoff {phoff}) run past \
+                     the end of the file ({len} bytes)"
+                ),
+            ));
+        }
+        Ok(ProgramTable {
+            phoff,
+            phnum,
+            phentsize,
+        })
+    }
+}
+
+/// The program header count of a file with more than 65534 segments
+/// (e_phnum is PN_XNUM): section header 0's sh_info, read from the file
+/// of `len` bytes after checking that section header 0 lies inside it.
+fn extended_phnum(file: &File, path: &Path, f: Form, h: &[u8], len: u64) -> Result<u64> {
+    let (_, shoff_at, _, shentsize_at) = f.field_offsets();
+    let shoff = f.word(h, 32, 40);
+    let shentsize = f.u16(h, shentsize_at);
+    // More than 65534 segments: the count is in section 0's sh_info.
+    let mut sh = [0u8; 64];
+    let n = if f.wide { 64 } else { 40 };
+    if u64::from(shentsize) < n as u64 {
+        return Err(ImageError::corrupt(
+            path,
+            shentsize_at as u64,
+            format!(
+                "section header size {shentsize}: too small to hold the program header \
+                 count that e_phnum 0xffff (PN_XNUM) says is there"
+            ),
+        ));
+    }
+    if shoff.checked_add(n as u64).is_none_or(|e| e > len) {
+        return Err(ImageError::corrupt(
+            path,
+            shoff_at as u64,
+            format!(
+                "section header 0 ({n} bytes at e_shoff {shoff}), which holds the program \
+                 header count (e_phnum is PN_XNUM), runs past the end of the file \
+                 ({len} bytes)"
+            ),
+        ));
+    }
+    fileio::read_exact_at(file, path, &mut sh[..n], shoff, "section header 0")?;
+    Ok(u64::from(f.u32(&sh, if f.wide { 44 } else { 28 })))
 }
 
 /// The PT_LOAD segments, each checked against the file.

@@ -3,15 +3,16 @@
 //! the manifest, else by file stem), report what disagrees or is broken,
 //! and open a chain per point that shares layer objects with its parent.
 
+mod build;
+
 use super::discover::{self, Found};
-use super::manifest::{self, ManifestPoint};
-use super::{Node, PointIo, StatusLog, Tree, TreeOptions};
-use crate::chain::Chain;
+use super::manifest::{self, Manifest};
+use super::{StatusLog, Tree, TreeOptions};
 use crate::confine::Confine;
 use crate::image::lock::LockMode;
 use crate::image::{probe, Format, Layer};
 use parking_lot::{Mutex, RwLock};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -28,41 +29,13 @@ impl Tree {
             .canonicalize()
             .map_err(|e| format!("{}: {e}", source.display()))?;
         let is_dir = canon.is_dir();
-        let dir = if is_dir {
-            canon.clone()
-        } else {
-            canon
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("/"))
-        };
+        let dir = tree_dir(&canon, is_dir);
         let mut problems = Vec::new();
-        // One read-write opener per tree: a second one (a `snaptree merge`
-        // while mounted, two mounts) would recover the first one's
-        // in-flight snapshots and merges and write the same images.
-        let tree_lock = if opts.read_only {
-            None
-        } else {
-            Some(lock_tree(&dir)?)
-        };
-        let mut resume_merge = false;
-        if !opts.read_only {
-            recover_snapshots(&dir, &mut problems);
-            resume_merge = crate::merge::journal::recover(&dir, &mut problems);
-            crate::merge::journal::reclaim_garbage(&dir, &mut problems);
-            repair_memory_deltas(&dir, &mut problems);
-        }
+        let (tree_lock, resume_merge) = take_over(&dir, opts.read_only, &mut problems)?;
         let confine = Confine::new(&dir, opts.allow_external_backing)
             .map_err(|e| format!("{}: {e}", dir.display()))?;
-        let found = if is_dir {
-            discover::scan_dir(&confine).map(|scan| {
-                problems.extend(scan.skipped);
-                scan.found
-            })
-        } else {
-            discover::scan_chain(&canon, &confine, opts.max_depth)
-        }
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut found = find_images(&canon, is_dir, &confine, opts.max_depth, &mut problems)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
         let manifest = match manifest::load(&dir) {
             Ok(m) => m.unwrap_or_default(),
             Err(e) => {
@@ -70,59 +43,15 @@ impl Tree {
                 manifest::Manifest::default()
             }
         };
-        let mut found = found;
-        // Memory checkpoints the manifest names are no disk images, even
-        // when named like raw ones (`*.raw`); unless an image backs onto
-        // the file or the manifest names it as a point's image too: then
-        // it is a disk, and the memory naming it is refused (in `build`).
-        let disks_named: HashSet<String> = manifest
-            .points
-            .iter()
-            .filter(|p| !p.garbage)
-            .map(|p| p.image.clone())
-            .collect();
-        for m in manifest.points.iter().filter_map(|p| p.memory.as_deref()) {
-            let Ok(p) = dir.join(m).canonicalize() else {
-                continue;
-            };
-            let backed_onto = found.values().any(|f| f.backing.as_ref() == Some(&p));
-            let named = p
-                .strip_prefix(&dir)
-                .is_ok_and(|r| disks_named.contains(r.to_string_lossy().as_ref()));
-            if !backed_onto && !named {
-                found.remove(&p);
-            }
-        }
-        let raw_by_manifest: Vec<PathBuf> = manifest
-            .points
-            .iter()
-            .filter(|m| m.format.as_deref() == Some("raw"))
-            .map(|m| dir.join(&m.image))
-            .filter_map(|p| p.canonicalize().ok())
-            .collect();
-        discover::force_raw(&mut found, raw_by_manifest, &confine);
+        drop_memory_files(&mut found, &manifest, &dir);
+        apply_manifest_formats(&mut found, &manifest, &dir, &confine);
         // Every image stays open (its descriptor holds its lock): refuse a
         // tree the open-file limit cannot hold before opening any of it,
         // rather than mount part of it.
         let memories = manifest.points.iter().filter(|p| p.memory.is_some());
         let images = found.values().filter(|f| f.broken.is_none()).count();
         crate::fdlimit::check_budget((images + memories.count()) as u64, &dir)?;
-        let mut tree = Tree {
-            dir: dir.clone(),
-            confine,
-            opts,
-            nodes: RwLock::new(BTreeMap::new()),
-            next_id: AtomicU64::new(1),
-            status: Mutex::new(StatusLog::default()),
-            foreign: Vec::new(),
-            garbage: Mutex::new(Vec::new()),
-            single_chain: !is_dir,
-            _tree_lock: tree_lock,
-            ops: Mutex::new(()),
-            unlocked: Mutex::new(Default::default()),
-            merge: crate::merge::MergeState::default(),
-            pinned_memory: Vec::new(),
-        };
+        let mut tree = Tree::unbuilt(dir, confine, opts, !is_dir, tree_lock);
         tree.build(found, manifest, &mut problems);
         if tree.nodes.read().is_empty() {
             let mut msg = format!("no usable image found in {}", source.display());
@@ -140,261 +69,136 @@ impl Tree {
         Ok(tree)
     }
 
-    fn build(
-        &mut self,
-        found: BTreeMap<PathBuf, Found>,
-        manifest: manifest::Manifest,
-        problems: &mut Vec<String>,
-    ) {
-        let file_name = |p: &Path| {
-            p.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        };
-        let mut by_image: HashMap<String, &ManifestPoint> = HashMap::new();
-        for m in manifest.points.iter().filter(|m| !m.garbage) {
-            if by_image.insert(m.image.clone(), m).is_some() {
-                problems.push(format!(
-                    "manifest lists image {} more than once; its last entry ({}) is used",
-                    crate::confine::shown(&m.image),
-                    crate::confine::shown(&m.name)
-                ));
-            }
+    /// A tree with no points yet, for `build` to fill: `single_chain` when
+    /// it was opened from one leaf image rather than a directory, and
+    /// `tree_lock` the held lock of a read-write opener.
+    fn unbuilt(
+        dir: PathBuf,
+        confine: Confine,
+        opts: TreeOptions,
+        single_chain: bool,
+        tree_lock: Option<std::fs::File>,
+    ) -> Tree {
+        Tree {
+            dir,
+            confine,
+            opts,
+            nodes: RwLock::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+            status: Mutex::new(StatusLog::default()),
+            foreign: Vec::new(),
+            garbage: Mutex::new(Vec::new()),
+            single_chain,
+            _tree_lock: tree_lock,
+            ops: Mutex::new(()),
+            unlocked: Mutex::new(Default::default()),
+            merge: crate::merge::MergeState::default(),
+            pinned_memory: Vec::new(),
         }
-        for m in &manifest.points {
-            if m.garbage {
-                // Still referenced (see `reclaim_garbage`). Found as an
-                // image of the tree, it is one again: the mark goes, so it
-                // is never reclaimed under a visible point.
-                if !found.contains_key(&self.dir.join(&m.image)) {
-                    self.foreign.push(m.clone());
-                }
-                continue;
-            }
-            if !found.contains_key(&self.dir.join(&m.image)) {
-                if let Err(why) = self.confine.record(&m.image) {
-                    // Kept (written back as it is), never acted on.
-                    problems.push(format!(
-                        "manifest entry {:?} ignored: its image {why}",
-                        m.name
-                    ));
-                    self.foreign.push(m.clone());
-                } else if self.dir.join(&m.image).exists() {
-                    self.foreign.push(m.clone());
-                } else {
-                    problems.push(format!(
-                        "manifest lists {} (image {}), but that file is missing",
-                        crate::confine::shown(&m.name),
-                        crate::confine::shown(&m.image)
-                    ));
-                    // Its memory is not ours to remove.
-                    self.pinned_memory.extend(m.memory.clone());
-                }
-            }
-        }
-        // Usable = not broken and every ancestor usable and no cycle.
-        let mut usable: HashSet<PathBuf> = HashSet::new();
-        for (path, f) in &found {
-            let mut seen = HashSet::new();
-            let mut cur = Some(path.clone());
-            let mut ok = true;
-            while let Some(p) = cur {
-                if !seen.insert(p.clone()) {
-                    problems.push(format!("{}: backing chain loops", path.display()));
-                    ok = false;
-                    break;
-                }
-                match found.get(&p) {
-                    Some(g) if g.broken.is_none() => cur = g.backing.clone(),
-                    Some(g) => {
-                        if &p == path {
-                            problems.push(g.broken.clone().unwrap_or_default());
-                        } else {
-                            problems.push(format!(
-                                "{}: not mounted, its backing file {} is broken",
-                                path.display(),
-                                p.display()
-                            ));
-                        }
-                        ok = false;
-                        break;
-                    }
-                    None => {
-                        problems.push(format!(
-                            "{}: backing file {} is not part of the tree",
-                            path.display(),
-                            p.display()
-                        ));
-                        ok = false;
-                        break;
-                    }
-                }
-            }
-            if ok && f.broken.is_none() {
-                usable.insert(path.clone());
-            }
-        }
-        // Names: the manifest's, else the file stem, made unique. Entries
-        // of one name with different `disk`s are the disks of one point.
-        let mut ordered: Vec<&PathBuf> = usable.iter().collect();
-        ordered.sort();
-        let super::naming::Names { names, disks } = super::naming::assign(
-            &ordered,
-            &by_image,
-            &self.foreign,
-            &self.opts.reserved_names,
-            problems,
-        );
-        // Children, then open roots first so each chain reuses its parent's.
-        let mut children: HashMap<PathBuf, Vec<PathBuf>> = HashMap::new();
-        for p in &ordered {
-            if let Some(b) = &found[*p].backing {
-                children.entry(b.clone()).or_default().push((*p).clone());
-            }
-        }
-        let mut ids: HashMap<PathBuf, u64> = HashMap::new();
-        let mut queue: Vec<PathBuf> = ordered
-            .iter()
-            .filter(|p| found[**p].backing.is_none())
-            .map(|p| (*p).clone())
-            .collect();
-        let mut nodes = BTreeMap::new();
-        while let Some(path) = queue.pop() {
-            let f = &found[&path];
-            let kids = children.get(&path).cloned().unwrap_or_default();
-            let name = names[&path].clone();
-            let m = by_image.get(&file_name(&path)).filter(|m| m.name == name);
-            let mut hidden = m.is_some_and(|m| m.hidden);
-            if hidden && kids.is_empty() {
-                // Hidden points exist for their children; one without any
-                // is what an interrupted delete leaves. Show it again
-                // rather than keep an invisible, unremovable image.
-                problems.push(format!("{name:?} was hidden but has no children any more (an interrupted delete?); it is visible again"));
-                hidden = false;
-            }
-            let parent_id = f.backing.as_ref().and_then(|b| ids.get(b).copied());
-            if let (Some(m), Some(b)) = (m, &f.backing) {
-                let image_parent = names.get(b);
-                if m.parent.as_ref() != image_parent {
-                    problems.push(format!(
-                        "manifest says the parent of {name:?} is {}, but its image's backing file says {}; following the image",
-                        point_or_none(m.parent.as_ref()),
-                        point_or_none(image_parent)
-                    ));
-                }
-            }
-            let parent_layers: Vec<Arc<dyn Layer>> = match parent_id {
-                Some(pid) => {
-                    let n: &Node = &nodes[&pid];
-                    n.point.io.read().chain.layers().to_vec()
-                }
-                None => Vec::new(),
-            };
-            if parent_layers.len() + 1 > self.opts.max_depth {
-                problems.push(format!(
-                    "{}: chain deeper than {} layers, not mounted",
-                    path.display(),
-                    self.opts.max_depth
-                ));
-                continue;
-            }
-            let want_write = kids.is_empty() && !hidden && !self.opts.read_only;
-            let (layer, writable) =
-                match open_point_layer(&path, f.format, want_write, &name, problems) {
-                    Ok((l, w, locked)) => {
-                        if !locked {
-                            self.unlocked.lock().insert(path.clone());
-                        }
-                        (l, w)
-                    }
-                    Err(e) => {
-                        problems.push(e);
-                        continue;
-                    }
-                };
-            let mut layers = vec![layer];
-            layers.extend(parent_layers);
-            let created = m.map(|m| m.created).unwrap_or_else(|| mtime(&path));
-            let disk = disks.get(&path).cloned().flatten();
-            let point = self.new_point(
-                name,
-                disk,
-                created,
-                PointIo {
-                    chain: Arc::new(Chain::from_layers(layers)),
-                    image: path.clone(),
-                    writable,
-                },
-            );
-            if let Some(source) = m.and_then(|m| m.memory.as_deref()) {
-                let is_disk = self
-                    .dir
-                    .join(source)
-                    .canonicalize()
-                    .is_ok_and(|p| found.contains_key(&p));
-                let mem = if is_disk {
-                    super::PointMemory {
-                        source: source.to_string(),
-                        view: Err("not opened: it is a disk image of this tree".into()),
-                    }
-                } else {
-                    self.open_memory(source)
-                };
-                if let Err(why) = &mem.view {
-                    problems.push(format!("{:?}: memory {source:?}: {why}", point.name));
-                }
-                *point.memory.write() = Some(mem);
-            }
-            let id = point.id;
-            if let Some(pid) = parent_id {
-                if let Some(n) = nodes.get_mut(&pid) {
-                    let n: &mut Node = n;
-                    n.children.push(id);
-                }
-            }
-            nodes.insert(
-                id,
-                Node {
-                    point,
-                    parent: parent_id,
-                    children: Vec::new(),
-                    hidden,
-                },
-            );
-            ids.insert(path.clone(), id);
-            queue.extend(kids);
-        }
-        check_groups(&nodes, problems);
-        *self.nodes.write() = nodes;
     }
 }
 
-/// The disks of one multi-disk point must hang under one parent point and
-/// agree on being hidden; the images are the truth, so a mismatch is
-/// reported (the disks still show under the shared name).
-fn check_groups(nodes: &BTreeMap<u64, Node>, problems: &mut Vec<String>) {
-    let mut groups: BTreeMap<&str, Vec<&Node>> = BTreeMap::new();
-    for n in nodes.values() {
-        groups.entry(n.point.name.as_str()).or_default().push(n);
+/// The tree's directory: `canon` itself, or the directory of the leaf
+/// image `canon` when the tree is opened from one image.
+fn tree_dir(canon: &Path, is_dir: bool) -> PathBuf {
+    if is_dir {
+        canon.to_path_buf()
+    } else {
+        canon
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"))
     }
-    for (name, members) in groups.into_iter().filter(|(_, m)| m.len() > 1) {
-        let parent_name = |n: &Node| {
-            n.parent
-                .and_then(|p| nodes.get(&p))
-                .map(|p| p.point.name.clone())
+}
+
+/// For a read-write opener: takes the tree lock, then finishes what a
+/// crash interrupted (snapshots, merges, garbage, leaked memory-delta
+/// clusters), reporting it in `problems`. Returns the lock (`None` when
+/// read-only) and whether an interrupted merge should resume.
+fn take_over(
+    dir: &Path,
+    read_only: bool,
+    problems: &mut Vec<String>,
+) -> Result<(Option<std::fs::File>, bool), String> {
+    // One read-write opener per tree: a second one (a `snaptree merge`
+    // while mounted, two mounts) would recover the first one's
+    // in-flight snapshots and merges and write the same images.
+    let tree_lock = if read_only {
+        None
+    } else {
+        Some(lock_tree(dir)?)
+    };
+    let mut resume_merge = false;
+    if !read_only {
+        recover_snapshots(dir, problems);
+        resume_merge = crate::merge::journal::recover(dir, problems);
+        crate::merge::journal::reclaim_garbage(dir, problems);
+        repair_memory_deltas(dir, problems);
+    }
+    Ok((tree_lock, resume_merge))
+}
+
+/// The images of the tree: every image in the confinement's root when
+/// opened from a directory (what was skipped goes to `problems`), else the
+/// chain of the leaf image `canon`.
+fn find_images(
+    canon: &Path,
+    is_dir: bool,
+    confine: &Confine,
+    max_depth: usize,
+    problems: &mut Vec<String>,
+) -> std::io::Result<BTreeMap<PathBuf, Found>> {
+    if is_dir {
+        discover::scan_dir(confine).map(|scan| {
+            problems.extend(scan.skipped);
+            scan.found
+        })
+    } else {
+        discover::scan_chain(canon, confine, max_depth)
+    }
+}
+
+/// Memory checkpoints the manifest names are no disk images, even when
+/// named like raw ones (`*.raw`); unless an image backs onto the file or
+/// the manifest names it as a point's image too: then it is a disk, and
+/// the memory naming it is refused (in `build`).
+fn drop_memory_files(found: &mut BTreeMap<PathBuf, Found>, manifest: &Manifest, dir: &Path) {
+    let disks_named: HashSet<String> = manifest
+        .points
+        .iter()
+        .filter(|p| !p.garbage)
+        .map(|p| p.image.clone())
+        .collect();
+    for m in manifest.points.iter().filter_map(|p| p.memory.as_deref()) {
+        let Ok(p) = dir.join(m).canonicalize() else {
+            continue;
         };
-        let first = parent_name(members[0]);
-        if members.iter().any(|m| parent_name(m) != first) {
-            problems.push(format!(
-                "the disks of {name:?} have different parents in their images' backing files; each disk reads its own chain"
-            ));
-        }
-        if members.iter().any(|m| m.hidden != members[0].hidden) {
-            problems.push(format!(
-                "some disks of {name:?} are hidden and some are not"
-            ));
+        let backed_onto = found.values().any(|f| f.backing.as_ref() == Some(&p));
+        let named = p
+            .strip_prefix(dir)
+            .is_ok_and(|r| disks_named.contains(r.to_string_lossy().as_ref()));
+        if !backed_onto && !named {
+            found.remove(&p);
         }
     }
+}
+
+/// Re-reads as raw the images the manifest says are raw (a raw image's
+/// content may look like another format).
+fn apply_manifest_formats(
+    found: &mut BTreeMap<PathBuf, Found>,
+    manifest: &Manifest,
+    dir: &Path,
+    confine: &Confine,
+) {
+    let raw_by_manifest: Vec<PathBuf> = manifest
+        .points
+        .iter()
+        .filter(|m| m.format.as_deref() == Some("raw"))
+        .map(|m| dir.join(&m.image))
+        .filter_map(|p| p.canonicalize().ok())
+        .collect();
+    discover::force_raw(found, raw_by_manifest, confine);
 }
 
 /// Opens the image of point `name`, for writing if `want_write` and

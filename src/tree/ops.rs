@@ -12,12 +12,13 @@
 //! - delete of a leaf removes its overlay (then hidden ancestors left
 //!   without children); delete of a point with children hides it.
 
+mod snapshot;
+
 use super::manifest::{self, Manifest, ManifestPoint};
-use super::open::TMP_SUFFIX;
 use super::{Node, Point, PointIo, Tree, TreeError};
 use crate::chain::Chain;
 use crate::image::lock::LockMode;
-use crate::image::{overlay, probe, Layer};
+use crate::image::{overlay, probe, Format, Layer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -110,35 +111,6 @@ impl Tree {
         Ok(())
     }
 
-    /// `snapshot NAME` on leaf `id`: every disk of the point is
-    /// snapshotted, each as one atomic step. Refusals (not a leaf,
-    /// read-only, name taken) are checked for all disks first, so they
-    /// change nothing.
-    pub fn snapshot(&self, id: u64, name: &str) -> Result<(), TreeError> {
-        self.writable_check()?;
-        let _ops = self.lock_ops();
-        self.check_new_name(&self.nodes.read(), name)?;
-        let members = self.members(id);
-        for m in &members {
-            let nodes = self.nodes.read();
-            if nodes.get(&m.id).is_some_and(|n| !n.children.is_empty()) {
-                return Err(err(
-                    libc::EINVAL,
-                    format!(
-                        "{:?} is not a leaf; `snapshot` works on leaves (use `clone` here)",
-                        m.name
-                    ),
-                ));
-            }
-            if !m.io.read().writable {
-                return Err(err(libc::EROFS, format!("{:?} is read-only", m.name)));
-            }
-        }
-        self.for_each_disk(&members, "snapshot", name, |m| {
-            self.snapshot_disk(m.id, name)
-        })
-    }
-
     /// Runs `op` on each disk of a point, stopping at the first failure,
     /// whose message then says which disks were done (each disk's step is
     /// atomic, the point's is not).
@@ -165,160 +137,6 @@ impl Tree {
         Ok(())
     }
 
-    /// Snapshot of one disk (leaf `id`) as NAME.
-    fn snapshot_disk(&self, id: u64, name: &str) -> Result<(), TreeError> {
-        let (point, parent) = {
-            let nodes = self.nodes.read();
-            let n = nodes
-                .get(&id)
-                .ok_or_else(|| err(libc::ENOENT, "no such snapshot point"))?;
-            if !n.children.is_empty() {
-                return Err(err(
-                    libc::EINVAL,
-                    format!(
-                        "{:?} is not a leaf; `snapshot` works on leaves (use `clone` here)",
-                        n.point.name
-                    ),
-                ));
-            }
-            (n.point.clone(), n.parent)
-        };
-        let mut io = point.io.write();
-        if !io.writable {
-            return Err(err(libc::EROFS, format!("{:?} is read-only", point.name)));
-        }
-        io.chain.flush().map_err(|e| image_err(&e, e.errno()))?;
-        let old_image = io.image.clone();
-        let leaf_layer = io.chain.leaf().clone();
-        let ext = old_image
-            .extension()
-            .map(|e| e.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "qcow2".into());
-        let frozen_file = image_file_name(name, point.disk.as_deref(), &ext);
-        let frozen_image = self.dir.join(&frozen_file);
-        if frozen_image.exists() {
-            return Err(err(
-                libc::EEXIST,
-                format!("{} exists already", frozen_image.display()),
-            ));
-        }
-        // The leaf's overlay keeps the leaf's file name if it is of the
-        // leaf's own format (qcow2 on qcow2, VHD on VHD); a raw leaf gets
-        // `<stem>.qcow2` beside it.
-        let child_format = overlay::child_format(leaf_layer.format());
-        let leaf_image = if leaf_layer.format() == child_format {
-            old_image.clone()
-        } else {
-            old_image.with_extension(overlay::extension(child_format))
-        };
-        if leaf_image != old_image && leaf_image.exists() {
-            return Err(err(
-                libc::EEXIST,
-                format!("{} exists already", leaf_image.display()),
-            ));
-        }
-        let tmp = PathBuf::from(format!("{}{TMP_SUFFIX}", leaf_image.display()));
-        let _ = std::fs::remove_file(&tmp);
-        if let Err(e) = overlay::create_child(
-            &tmp,
-            leaf_layer.as_ref(),
-            &old_image,
-            &frozen_file,
-            leaf_layer.virtual_size(),
-        ) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(image_err(&e, e.errno()));
-        }
-        if let Err(e) = rename_noreplace(&old_image, &frozen_image) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        if let Err(e) = rename_noreplace(&tmp, &leaf_image) {
-            // Put the leaf back as it was.
-            let _ = std::fs::rename(&frozen_image, &old_image);
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        let _ = manifest::sync_dir(&self.dir);
-        // Reopen the frozen image under its new name, read-only, and stack
-        // the new overlay on it.
-        // Our writer locks on the old descriptor would conflict with the
-        // reader locks of the new one.
-        leaf_layer.unlock();
-        let built = (|| -> Result<(Arc<Chain>, Arc<Chain>), TreeError> {
-            let frozen: Arc<dyn Layer> =
-                probe::open_layer(&frozen_image, Some(leaf_layer.format()), false)
-                    .map_err(|e| image_err(&e, e.errno()))?;
-            if let Err(why) = frozen.lock(LockMode::Reader) {
-                self.problem(format!("{name}: {why}"));
-            }
-            let mut below = vec![frozen];
-            below.extend(io.chain.layers()[1..].iter().cloned());
-            let overlay = probe::open_layer(&leaf_image, Some(child_format), true)
-                .map_err(|e| image_err(&e, e.errno()))?;
-            overlay
-                .lock(LockMode::Writer)
-                .map_err(|why| err(libc::EBUSY, why))?;
-            let mut leaf_layers = vec![overlay];
-            leaf_layers.extend(below.iter().cloned());
-            Ok((
-                Arc::new(Chain::from_layers(below)),
-                Arc::new(Chain::from_layers(leaf_layers)),
-            ))
-        })();
-        let (frozen_chain, leaf_chain) = match built {
-            Ok(c) => c,
-            Err(e) => {
-                self.problem(format!("snapshot {name}: files are in place but reopening failed ({e}); remount to pick them up"));
-                io.writable = false;
-                return Err(e);
-            }
-        };
-        drop(leaf_layer);
-        let frozen_point = self.new_point(
-            name.to_string(),
-            point.disk.clone(),
-            now(),
-            PointIo {
-                chain: frozen_chain,
-                image: frozen_image,
-                writable: false,
-            },
-        );
-        // A memory checkpoint describes the content that is frozen now;
-        // the leaf goes on changing without one.
-        *frozen_point.memory.write() = point.memory.write().take();
-        let new_id = frozen_point.id;
-        io.chain = leaf_chain;
-        io.image = leaf_image;
-        drop(io);
-        {
-            let mut nodes = self.nodes.write();
-            if let Some(pid) = parent {
-                if let Some(p) = nodes.get_mut(&pid) {
-                    for c in p.children.iter_mut() {
-                        if *c == id {
-                            *c = new_id;
-                        }
-                    }
-                }
-            }
-            nodes.insert(
-                new_id,
-                Node {
-                    point: frozen_point,
-                    parent,
-                    children: vec![id],
-                    hidden: false,
-                },
-            );
-            if let Some(n) = nodes.get_mut(&id) {
-                n.parent = Some(new_id);
-            }
-        }
-        self.save_manifest()
-    }
-
     /// `clone NAME` on point `id`: a new writable leaf whose parent it is,
     /// with one overlay per disk.
     pub fn clone_point(&self, id: u64, name: &str) -> Result<(), TreeError> {
@@ -332,12 +150,49 @@ impl Tree {
         self.for_each_disk(&members, "clone", name, |m| self.clone_disk(m, name))
     }
 
-    /// Clone of one disk (`point`) as NAME.
+    /// Clone of one disk (`point`) as NAME: a new overlay on its image,
+    /// then the point becomes a read-only inner point (held as a reader),
+    /// then the nodes, then the manifest.
     fn clone_disk(&self, point: &Arc<Point>, name: &str) -> Result<(), TreeError> {
         let id = point.id;
         // The parent stops being a leaf: drain its writes first.
         let mut io = point.io.write();
         io.chain.flush().map_err(|e| image_err(&e, e.errno()))?;
+        let (image, child_format) = self.create_clone_image(&io, point, name)?;
+        let layer = open_clone_layer(&image, child_format)?;
+        let mut layers = vec![layer];
+        layers.extend(io.chain.layers().iter().cloned());
+        io.writable = false;
+        // It is no leaf any more: hold it as a reader, as a fresh open would.
+        let own = io.chain.leaf();
+        own.unlock();
+        if let Err(why) = own.lock(LockMode::Reader) {
+            self.problem(format!("{}: {why}", io.image.display()));
+        }
+        drop(io);
+        let child = self.new_point(
+            name.to_string(),
+            point.disk.clone(),
+            now(),
+            PointIo {
+                chain: Arc::new(Chain::from_layers(layers)),
+                image,
+                writable: true,
+            },
+        );
+        self.insert_child(id, child);
+        self.save_manifest()
+    }
+
+    /// Creates the clone NAME's overlay on `point`'s image (its I/O state
+    /// `io`) in the tree directory, synced into it. Returns the overlay's
+    /// path and format.
+    fn create_clone_image(
+        &self,
+        io: &PointIo,
+        point: &Point,
+        name: &str,
+    ) -> Result<(PathBuf, Format), TreeError> {
         let parent_layer = io.chain.leaf().clone();
         let child_format = overlay::child_format(parent_layer.format());
         let image = self.dir.join(image_file_name(
@@ -368,56 +223,25 @@ impl Tree {
             return Err(image_err(&e, e.errno()));
         }
         let _ = manifest::sync_dir(&self.dir);
-        let layer = match probe::open_layer(&image, Some(child_format), true)
-            .map_err(|e| image_err(&e, e.errno()))
-            .and_then(|l| {
-                l.lock(LockMode::Writer)
-                    .map(|_| l)
-                    .map_err(|why| err(libc::EBUSY, why))
-            }) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = std::fs::remove_file(&image);
-                return Err(e);
-            }
-        };
-        let mut layers = vec![layer];
-        layers.extend(io.chain.layers().iter().cloned());
-        io.writable = false;
-        // It is no leaf any more: hold it as a reader, as a fresh open would.
-        let own = io.chain.leaf();
-        own.unlock();
-        if let Err(why) = own.lock(LockMode::Reader) {
-            self.problem(format!("{}: {why}", io.image.display()));
-        }
-        drop(io);
-        let child = self.new_point(
-            name.to_string(),
-            point.disk.clone(),
-            now(),
-            PointIo {
-                chain: Arc::new(Chain::from_layers(layers)),
-                image,
-                writable: true,
+        Ok((image, child_format))
+    }
+
+    /// Adds `child` as a new leaf under point `parent` in the nodes.
+    fn insert_child(&self, parent: u64, child: Arc<Point>) {
+        let new_id = child.id;
+        let mut nodes = self.nodes.write();
+        nodes.insert(
+            new_id,
+            Node {
+                point: child,
+                parent: Some(parent),
+                children: Vec::new(),
+                hidden: false,
             },
         );
-        let new_id = child.id;
-        {
-            let mut nodes = self.nodes.write();
-            nodes.insert(
-                new_id,
-                Node {
-                    point: child,
-                    parent: Some(id),
-                    children: Vec::new(),
-                    hidden: false,
-                },
-            );
-            if let Some(n) = nodes.get_mut(&id) {
-                n.children.push(new_id);
-            }
+        if let Some(n) = nodes.get_mut(&parent) {
+            n.children.push(new_id);
         }
-        self.save_manifest()
     }
 
     /// `delete` (or `rmdir`) of point `id`, all its disks.
@@ -567,5 +391,23 @@ impl Tree {
         })?;
         self.sweep_memory(false);
         Ok(())
+    }
+}
+
+/// Opens a new clone overlay `image` for writing and takes its writer
+/// lock; on failure the overlay is removed again (nothing refers to it).
+fn open_clone_layer(image: &Path, format: Format) -> Result<Arc<dyn Layer>, TreeError> {
+    match probe::open_layer(image, Some(format), true)
+        .map_err(|e| image_err(&e, e.errno()))
+        .and_then(|l| {
+            l.lock(LockMode::Writer)
+                .map(|_| l)
+                .map_err(|why| err(libc::EBUSY, why))
+        }) {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            let _ = std::fs::remove_file(image);
+            Err(e)
+        }
     }
 }
