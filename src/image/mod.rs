@@ -155,24 +155,17 @@ impl BackingRead for NoBacking {
     }
 }
 
-/// One source of bytes in a chain. See the module docs.
-pub trait Layer: Send + Sync {
+/// Reading and mapping: what every layer does. The chain's read path
+/// calls only these (`map`, `read_host`, `read_compressed`), through the
+/// one `dyn Layer` vtable it always used.
+pub trait ReadMap: Send + Sync {
     fn path(&self) -> &Path;
+
     fn format(&self) -> Format;
+
     fn virtual_size(&self) -> u64;
+
     fn backing(&self) -> Option<&BackingRef>;
-
-    /// The id this image carries for its children to check (a VHD's
-    /// footer unique id), if the format has one.
-    fn unique_id(&self) -> Option<[u8; 16]> {
-        None
-    }
-
-    /// The id the backing image must carry (a differencing VHD's
-    /// parent_unique_id); checked when the chain is opened.
-    fn expected_parent_id(&self) -> Option<[u8; 16]> {
-        None
-    }
 
     /// The unit in which this layer allocates: a write anywhere inside one
     /// may change the mapping of all of it (copy-on-write of a cluster).
@@ -188,8 +181,6 @@ pub trait Layer: Send + Sync {
     /// mapping); never takes the metadata lock.
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()>;
 
-    /// Reads guest bytes at `offset` from the compressed cluster that starts
-    /// at guest offset `cluster_start`.
     /// Splits host range `[host, host+len)` into (start, end, is_data)
     /// pieces: holes in the file read as zeros even inside data clusters
     /// (preallocated images). Used for maps, not for reads.
@@ -197,6 +188,8 @@ pub trait Layer: Send + Sync {
         Ok(vec![(host, host + len, true)])
     }
 
+    /// Reads guest bytes at `offset` from the compressed cluster that starts
+    /// at guest offset `cluster_start`.
     fn read_compressed(&self, cluster_start: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let _ = (cluster_start, offset, buf);
         Err(ImageError::unsupported(
@@ -206,15 +199,6 @@ pub trait Layer: Send + Sync {
     }
 
     fn info(&self) -> Result<LayerInfo>;
-
-    /// Takes QEMU-compatible locks on the image file (see `lock`).
-    fn lock(&self, mode: lock::LockMode) -> Result<(), String> {
-        let _ = mode;
-        Ok(())
-    }
-
-    /// Drops the locks taken by `lock`.
-    fn unlock(&self) {}
 
     /// Guest bytes this layer itself holds (data, compressed or zero-marked).
     fn allocated_bytes(&self) -> Result<u64> {
@@ -233,7 +217,11 @@ pub trait Layer: Send + Sync {
         }
         Ok(total)
     }
+}
 
+/// Writing guest bytes into a layer opened for writing; read-only
+/// layers keep the defaults, which refuse.
+pub trait Writable: ReadMap {
     fn is_writable(&self) -> bool {
         false
     }
@@ -256,6 +244,43 @@ pub trait Layer: Send + Sync {
         Ok(())
     }
 }
+
+/// Identity a format records for its children to check (a VHD's unique
+/// id; a VMDK's CID would go here). Formats without one keep the defaults.
+pub trait Identity: ReadMap {
+    /// The id this image carries for its children to check (a VHD's
+    /// footer unique id), if the format has one.
+    fn unique_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+
+    /// The id the backing image must carry (a differencing VHD's
+    /// parent_unique_id); checked when the chain is opened.
+    fn expected_parent_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+}
+
+/// QEMU-compatible image locks (see [`lock`]); formats whose files are
+/// never shared keep the no-op defaults.
+pub trait Locking: ReadMap {
+    /// Takes QEMU-compatible locks on the image file (see `lock`).
+    fn lock(&self, mode: lock::LockMode) -> Result<(), String> {
+        let _ = mode;
+        Ok(())
+    }
+
+    /// Drops the locks taken by `lock`.
+    fn unlock(&self) {}
+}
+
+/// One source of bytes in a chain, with every capability an open image
+/// has (see the module docs). Implemented for any type that has them all:
+/// a format implements the four traits above, and `Arc<dyn Layer>` calls
+/// any of their methods through one vtable, as before the split.
+pub trait Layer: ReadMap + Writable + Identity + Locking + Send + Sync {}
+
+impl<T: ReadMap + Writable + Identity + Locking + Send + Sync> Layer for T {}
 
 /// Checks that `[offset, offset+len)` lies inside a layer of `size` bytes.
 pub fn check_range(path: &Path, size: u64, offset: u64, len: u64) -> Result<()> {

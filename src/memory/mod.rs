@@ -24,7 +24,10 @@ pub mod view;
 
 use crate::error::Result;
 use crate::fileio;
-use crate::image::{check_range, BackingRef, Extent, Format, Layer, LayerInfo, Mapping};
+use crate::image::{
+    check_range, BackingRef, Extent, Format, Identity, LayerInfo, Locking, Mapping, ReadMap,
+    Writable,
+};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -100,16 +103,19 @@ impl MemoryLayer {
     }
 }
 
-impl Layer for MemoryLayer {
+impl ReadMap for MemoryLayer {
     fn path(&self) -> &Path {
         &self.path
     }
+
     fn format(&self) -> Format {
         Format::Raw
     }
+
     fn virtual_size(&self) -> u64 {
         self.size
     }
+
     fn backing(&self) -> Option<&BackingRef> {
         None
     }
@@ -183,3 +189,9 @@ impl Layer for MemoryLayer {
         })
     }
 }
+
+impl Writable for MemoryLayer {}
+
+impl Identity for MemoryLayer {}
+
+impl Locking for MemoryLayer {}
