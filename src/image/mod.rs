@@ -11,11 +11,13 @@
 //! Concurrency: layers are `Send + Sync`; metadata lookups take a short
 //! internal lock, data reads are `pread`s on the layer's file without it.
 
+pub mod formats;
 pub mod lock;
 pub mod overlay;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
+pub mod repoint;
 pub mod vhd;
 
 use crate::error::{ImageError, Result};
@@ -73,7 +75,7 @@ pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
     out.push(e);
 }
 
-/// Formats snaptree can open.
+/// Formats snaptree can open; each has a driver in [`formats::FORMATS`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
@@ -85,22 +87,17 @@ pub enum Format {
 }
 
 impl Format {
+    /// QEMU's name for it (what backing-format fields record).
     pub fn name(self) -> &'static str {
-        match self {
-            Format::Qcow2 => "qcow2",
-            Format::Raw => "raw",
-            Format::Vhd => "vpc",
-        }
+        self.driver().names()[0]
     }
 
     /// The format named in a backing-format header field.
     pub fn from_name(name: &str) -> Option<Format> {
-        match name {
-            "qcow2" => Some(Format::Qcow2),
-            "raw" | "file" => Some(Format::Raw),
-            "vpc" | "vhd" => Some(Format::Vhd),
-            _ => None,
-        }
+        formats::FORMATS
+            .iter()
+            .find(|d| d.names().contains(&name))
+            .map(|d| d.format())
     }
 }
 

@@ -150,3 +150,48 @@ impl Locking for RawLayer {
         crate::image::lock::release(&self.file)
     }
 }
+
+/// Raw in the format registry (see `image::formats`): never recognised by
+/// magic (a raw disk holds any bytes), only what nothing else is or what
+/// a name or a child's backing format says; names no backing file, so it
+/// is neither re-pointed nor committed into.
+pub struct RawDriver;
+
+pub static DRIVER: RawDriver = RawDriver;
+
+impl super::formats::Driver for RawDriver {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    fn names(&self) -> &'static [&'static str] {
+        &["raw", "file"]
+    }
+
+    fn extension(&self) -> &'static str {
+        "raw"
+    }
+
+    fn sniff(&self, _file: &File, _path: &Path, _magic: &[u8]) -> bool {
+        false
+    }
+
+    fn open(
+        &self,
+        path: &Path,
+        file: File,
+        writable: bool,
+    ) -> Result<std::sync::Arc<dyn super::Layer>> {
+        Ok(std::sync::Arc::new(RawLayer::open(path, file, writable)?))
+    }
+
+    fn merge_caps(&self) -> super::formats::MergeCaps {
+        super::formats::MergeCaps {
+            can_repoint: false,
+            repoint_needs_parent: false,
+            parent_same_format: false,
+            can_commit_into: false,
+            children_check_id: false,
+        }
+    }
+}

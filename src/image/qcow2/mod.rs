@@ -17,6 +17,7 @@
 
 pub mod compress;
 pub mod create;
+pub mod driver;
 pub mod header;
 pub mod l2;
 pub mod rebase;

@@ -34,6 +34,7 @@
 
 pub mod bat;
 pub mod create;
+pub mod driver;
 pub mod footer;
 pub mod header;
 pub mod reparent;
