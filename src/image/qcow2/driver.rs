@@ -50,7 +50,7 @@ impl Driver for Qcow2Driver {
     fn create_child(&self, req: &ChildRequest<'_>) -> Result<()> {
         let mut opts = CreateOptions::new(req.size);
         opts.backing = Some((req.name.to_string(), req.parent.format().name().to_string()));
-        opts.like = Some(req.like.clone());
+        opts.like = Some(req.like);
         if let Some(cs) = req.parent.info().ok().and_then(|i| i.cluster_size) {
             opts.cluster_bits = cs.trailing_zeros().clamp(9, 21);
         }
