@@ -1,7 +1,16 @@
 //! Image formats as *layers*: one source of bytes that knows which guest
 //! ranges it holds.
 //!
-//! Every format (qcow2, raw, VHD) implements [`Layer`]. A layer answers
+//! An open image is a [`Layer`]: the sum of small capability traits —
+//! [`ReadMap`] (reading and mapping), [`Writable`], [`Identity`] (ids
+//! children check), [`Locking`] — each format implementing what it can
+//! and keeping the defaults for the rest. What is done to an image file by
+//! path (re-pointing its backing reference in one atomic step, adopting an
+//! identity, repair after a crash, creating a child, the merge directions
+//! it allows) is a capability of its driver in [`formats`], where formats
+//! are registered; [`formats`] also lists the files a new format touches.
+//!
+//! Every format (qcow2, raw, VHD) implements [`ReadMap`]. A layer answers
 //! `map(range)` with extents that say where each guest byte lives *in this
 //! layer only* — at a host offset, in a compressed cluster, as zeros, or not
 //! here at all (fall through to the backing layer). Everything above this

@@ -9,7 +9,7 @@
 //! [`MemorySource`]: the RAM blocks it holds and, for each, which ranges
 //! are bytes at some file offset and which are zero pages. [`layout`]
 //! places the blocks at guest-physical addresses; [`MemoryLayer`] serves
-//! that placement as a [`Layer`], reading the original file with `pread`
+//! that placement as a [`Layer`](crate::image::Layer), reading the original file with `pread`
 //! (no conversion). Ranges a source never sent are holes (read as zeros,
 //! reported by SEEK_HOLE).
 

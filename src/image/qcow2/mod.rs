@@ -1,4 +1,4 @@
-//! qcow2 (versions 2 and 3) as a [`Layer`].
+//! qcow2 (versions 2 and 3) as a [`Layer`](crate::image::Layer).
 //!
 //! Layout of this module: `header` parses and validates the header and its
 //! extensions; `l2` turns L1/L2 entries into mappings; `snapshot` reads the

@@ -1,4 +1,4 @@
-//! VHD (Microsoft Virtual Hard Disk, QEMU's `vpc`) as a [`Layer`]: fixed,
+//! VHD (Microsoft Virtual Hard Disk, QEMU's `vpc`) as a [`Layer`](crate::image::Layer): fixed,
 //! dynamic and differencing disks, read and written.
 //!
 //! Layout of this module: `footer` parses the footer (and decides the
