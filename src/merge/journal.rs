@@ -399,3 +399,25 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A journal written before the format capabilities (patches as VHD
+    /// header writes, the hidden VHD's id) reads, and writes back, the same.
+    #[test]
+    fn journal_json_keeps_its_fields() {
+        let text = r#"{"direction":"stream","hidden":"h.vhd","child":"c.vhd","parent":"p.vhd","patches":[{"offset":512,"hex":"00ff"}],"hidden_id":"000102030405060708090a0b0c0d0e0f"}"#;
+        let e: Entry = serde_json::from_str(text).expect("parse");
+        assert_eq!(
+            e.patches.as_deref(),
+            Some(&[Patch::new(512, &[0, 0xff])][..])
+        );
+        assert_eq!(
+            unhex(e.hidden_id.as_deref().unwrap()),
+            Some((0u8..16).collect())
+        );
+        assert_eq!(serde_json::to_string(&e).unwrap(), text);
+    }
+}
