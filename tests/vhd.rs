@@ -18,7 +18,7 @@ use common::*;
 use serde_json::Value;
 use snaptree::chain::{Chain, OpenOptions};
 use snaptree::image::vhd::VhdLayer;
-use snaptree::image::{probe, Format as ImgFormat, Layer};
+use snaptree::image::{probe, Format as ImgFormat, ReadMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;

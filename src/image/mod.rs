@@ -1,7 +1,16 @@
 //! Image formats as *layers*: one source of bytes that knows which guest
 //! ranges it holds.
 //!
-//! Every format (qcow2, raw, VHD) implements [`Layer`]. A layer answers
+//! An open image is a [`Layer`]: the sum of small capability traits —
+//! [`ReadMap`] (reading and mapping), [`Writable`], [`Identity`] (ids
+//! children check), [`Locking`] — each format implementing what it can
+//! and keeping the defaults for the rest. What is done to an image file by
+//! path (re-pointing its backing reference in one atomic step, adopting an
+//! identity, repair after a crash, creating a child, the merge directions
+//! it allows) is a capability of its driver in [`formats`], where formats
+//! are registered; [`formats`] also lists the files a new format touches.
+//!
+//! Every format (qcow2, raw, VHD) implements [`ReadMap`]. A layer answers
 //! `map(range)` with extents that say where each guest byte lives *in this
 //! layer only* — at a host offset, in a compressed cluster, as zeros, or not
 //! here at all (fall through to the backing layer). Everything above this
@@ -11,11 +20,13 @@
 //! Concurrency: layers are `Send + Sync`; metadata lookups take a short
 //! internal lock, data reads are `pread`s on the layer's file without it.
 
+pub mod formats;
 pub mod lock;
 pub mod overlay;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
+pub mod repoint;
 pub mod vhd;
 
 use crate::error::{ImageError, Result};
@@ -73,7 +84,7 @@ pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
     out.push(e);
 }
 
-/// Formats snaptree can open.
+/// Formats snaptree can open; each has a driver in [`formats::FORMATS`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
@@ -85,22 +96,17 @@ pub enum Format {
 }
 
 impl Format {
+    /// QEMU's name for it (what backing-format fields record).
     pub fn name(self) -> &'static str {
-        match self {
-            Format::Qcow2 => "qcow2",
-            Format::Raw => "raw",
-            Format::Vhd => "vpc",
-        }
+        self.driver().names()[0]
     }
 
     /// The format named in a backing-format header field.
     pub fn from_name(name: &str) -> Option<Format> {
-        match name {
-            "qcow2" => Some(Format::Qcow2),
-            "raw" | "file" => Some(Format::Raw),
-            "vpc" | "vhd" => Some(Format::Vhd),
-            _ => None,
-        }
+        formats::FORMATS
+            .iter()
+            .find(|d| d.names().contains(&name))
+            .map(|d| d.format())
     }
 }
 
@@ -155,24 +161,17 @@ impl BackingRead for NoBacking {
     }
 }
 
-/// One source of bytes in a chain. See the module docs.
-pub trait Layer: Send + Sync {
+/// Reading and mapping: what every layer does. The chain's read path
+/// calls only these (`map`, `read_host`, `read_compressed`), through the
+/// one `dyn Layer` vtable it always used.
+pub trait ReadMap: Send + Sync {
     fn path(&self) -> &Path;
+
     fn format(&self) -> Format;
+
     fn virtual_size(&self) -> u64;
+
     fn backing(&self) -> Option<&BackingRef>;
-
-    /// The id this image carries for its children to check (a VHD's
-    /// footer unique id), if the format has one.
-    fn unique_id(&self) -> Option<[u8; 16]> {
-        None
-    }
-
-    /// The id the backing image must carry (a differencing VHD's
-    /// parent_unique_id); checked when the chain is opened.
-    fn expected_parent_id(&self) -> Option<[u8; 16]> {
-        None
-    }
 
     /// The unit in which this layer allocates: a write anywhere inside one
     /// may change the mapping of all of it (copy-on-write of a cluster).
@@ -188,8 +187,6 @@ pub trait Layer: Send + Sync {
     /// mapping); never takes the metadata lock.
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()>;
 
-    /// Reads guest bytes at `offset` from the compressed cluster that starts
-    /// at guest offset `cluster_start`.
     /// Splits host range `[host, host+len)` into (start, end, is_data)
     /// pieces: holes in the file read as zeros even inside data clusters
     /// (preallocated images). Used for maps, not for reads.
@@ -197,6 +194,8 @@ pub trait Layer: Send + Sync {
         Ok(vec![(host, host + len, true)])
     }
 
+    /// Reads guest bytes at `offset` from the compressed cluster that starts
+    /// at guest offset `cluster_start`.
     fn read_compressed(&self, cluster_start: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let _ = (cluster_start, offset, buf);
         Err(ImageError::unsupported(
@@ -206,15 +205,6 @@ pub trait Layer: Send + Sync {
     }
 
     fn info(&self) -> Result<LayerInfo>;
-
-    /// Takes QEMU-compatible locks on the image file (see `lock`).
-    fn lock(&self, mode: lock::LockMode) -> Result<(), String> {
-        let _ = mode;
-        Ok(())
-    }
-
-    /// Drops the locks taken by `lock`.
-    fn unlock(&self) {}
 
     /// Guest bytes this layer itself holds (data, compressed or zero-marked).
     fn allocated_bytes(&self) -> Result<u64> {
@@ -233,7 +223,11 @@ pub trait Layer: Send + Sync {
         }
         Ok(total)
     }
+}
 
+/// Writing guest bytes into a layer opened for writing; read-only
+/// layers keep the defaults, which refuse.
+pub trait Writable: ReadMap {
     fn is_writable(&self) -> bool {
         false
     }
@@ -257,13 +251,42 @@ pub trait Layer: Send + Sync {
     }
 }
 
-/// Frees what a crash left allocated but unreferenced in the image at
-/// `path` (qcow2 leaked clusters), so `qemu-img check` is clean again.
-/// Returns how much was freed, or `None` for a format that needs no such
-/// repair. Callers hold the tree's lock: nobody else writes the image.
-pub fn repair_after_crash(path: &Path) -> Result<Option<u64>> {
-    qcow2::repair::repair_leaks(path)
+/// Identity a format records for its children to check (a VHD's unique
+/// id; a VMDK's CID would go here). Formats without one keep the defaults.
+pub trait Identity: ReadMap {
+    /// The id this image carries for its children to check (a VHD's
+    /// footer unique id), if the format has one.
+    fn unique_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+
+    /// The id the backing image must carry (a differencing VHD's
+    /// parent_unique_id); checked when the chain is opened.
+    fn expected_parent_id(&self) -> Option<[u8; 16]> {
+        None
+    }
 }
+
+/// QEMU-compatible image locks (see [`lock`]); formats whose files are
+/// never shared keep the no-op defaults.
+pub trait Locking: ReadMap {
+    /// Takes QEMU-compatible locks on the image file (see `lock`).
+    fn lock(&self, mode: lock::LockMode) -> Result<(), String> {
+        let _ = mode;
+        Ok(())
+    }
+
+    /// Drops the locks taken by `lock`.
+    fn unlock(&self) {}
+}
+
+/// One source of bytes in a chain, with every capability an open image
+/// has (see the module docs). Implemented for any type that has them all:
+/// a format implements the four traits above, and `Arc<dyn Layer>` calls
+/// any of their methods through one vtable, as before the split.
+pub trait Layer: ReadMap + Writable + Identity + Locking + Send + Sync {}
+
+impl<T: ReadMap + Writable + Identity + Locking + Send + Sync> Layer for T {}
 
 /// Checks that `[offset, offset+len)` lies inside a layer of `size` bytes.
 pub fn check_range(path: &Path, size: u64, offset: u64, len: u64) -> Result<()> {

@@ -5,8 +5,7 @@
 //! qcow2 overlay on anything else. The tree code calls this and never
 //! names a format's create function itself.
 
-use super::qcow2::create::{create, CreateOptions};
-use super::vhd;
+use super::formats::ChildRequest;
 use super::{Format, Layer};
 use crate::error::Result;
 use crate::ownership::Ownership;
@@ -14,19 +13,17 @@ use std::path::Path;
 
 /// The format of a new child of a `parent` image.
 pub fn child_format(parent: Format) -> Format {
-    match parent {
-        Format::Vhd => Format::Vhd,
-        Format::Qcow2 | Format::Raw => Format::Qcow2,
+    if parent.driver().children_own_format() {
+        parent
+    } else {
+        // qcow2 overlays take any backing format.
+        Format::Qcow2
     }
 }
 
 /// The file extension new images of `format` get.
 pub fn extension(format: Format) -> &'static str {
-    match format {
-        Format::Vhd => "vhd",
-        Format::Qcow2 => "qcow2",
-        Format::Raw => "raw",
-    }
+    format.driver().extension()
 }
 
 /// Creates at `path` an empty child of `parent` (its top layer, whose file
@@ -45,19 +42,14 @@ pub fn create_child(
     // The child holds the parent's future writes: as private as it is.
     let like = Ownership::of(parent_path)
         .map_err(|e| crate::error::ImageError::io(parent_path, "stat", 0, e))?;
-    match child_format(parent.format()) {
-        Format::Vhd => {
-            vhd::create::create_differencing_like(path, parent_path, Some(&like))?;
-            vhd::reparent::set_parent(path, parent_path, name)
-        }
-        _ => {
-            let mut opts = CreateOptions::new(size);
-            opts.backing = Some((name.to_string(), parent.format().name().to_string()));
-            opts.like = Some(like);
-            if let Some(cs) = parent.info().ok().and_then(|i| i.cluster_size) {
-                opts.cluster_bits = cs.trailing_zeros().clamp(9, 21);
-            }
-            create(path, &opts)
-        }
-    }
+    child_format(parent.format())
+        .driver()
+        .create_child(&ChildRequest {
+            path,
+            parent,
+            parent_path,
+            name,
+            size,
+            like,
+        })
 }

@@ -1,9 +1,8 @@
 //! Opening an image file by format: from the name a backing reference
-//! records, or by the file's magic.
+//! records, or by the file's magic, through the drivers registered in
+//! `formats`.
 
-use super::qcow2::Qcow2Layer;
-use super::raw::RawLayer;
-use super::vhd::VhdLayer;
+use super::formats::FORMATS;
 use super::{Format, Layer};
 use crate::error::{ImageError, Result};
 use std::fs::File;
@@ -11,32 +10,25 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Guesses the format from the first bytes: qcow2 and VHD (dynamic and
-/// differencing: a footer copy) have a magic; a file named `*.vhd` with a
-/// valid checksummed footer at the end is a fixed VHD (a raw disk can end
-/// in any bytes its guest wrote, so the footer alone does not decide);
-/// anything else is raw.
+/// Guesses the format from the first bytes, asking each registered driver
+/// (see `formats::FORMATS`); anything no driver recognises is raw.
 pub fn detect_format(file: &File, path: &Path) -> Result<Format> {
     let mut magic = [0u8; 8];
     let n = file
         .read_at(&mut magic, 0)
         .map_err(|e| ImageError::io(path, "read", 0, e))?;
-    if n >= 4 && &magic[..4] == super::qcow2::header::MAGIC {
-        Ok(Format::Qcow2)
-    } else if n == 8 && &magic == super::vhd::footer::COOKIE
-        || named_vhd(path) && super::vhd::footer::is_fixed_vhd(file, path)
-    {
-        Ok(Format::Vhd)
-    } else {
-        Ok(Format::Raw)
-    }
+    Ok(FORMATS
+        .iter()
+        .find(|d| d.sniff(file, path, &magic[..n]))
+        .map_or_else(Format::raw, |d| d.format()))
 }
 
-/// Whether the file name says VHD (`.vhd`, `.vpc`, any case).
-fn named_vhd(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("vhd") || e.eq_ignore_ascii_case("vpc"))
+/// The format `detect_format` finds when it is not raw: an image format
+/// recognised by its contents, `None` for plain bytes or an unreadable
+/// file.
+pub fn sniff_image(path: &Path) -> Option<Format> {
+    let file = crate::input::open_input(path, false, crate::input::Accept::RegularOrBlock).ok()?;
+    detect_format(&file, path).ok().filter(|f| !f.is_raw())
 }
 
 /// Opens `path` as `format` (or detects it), read-only or for writing.
@@ -46,9 +38,5 @@ pub fn open_layer(path: &Path, format: Option<Format>, writable: bool) -> Result
         Some(f) => f,
         None => detect_format(&file, path)?,
     };
-    Ok(match format {
-        Format::Qcow2 => Arc::new(Qcow2Layer::open(path, file, writable)?),
-        Format::Raw => Arc::new(RawLayer::open(path, file, writable)?),
-        Format::Vhd => Arc::new(VhdLayer::open_with(path, file, writable)?),
-    })
+    format.driver().open(path, file, writable)
 }

@@ -3,9 +3,10 @@
 //! Holes in the file (found with `SEEK_DATA`/`SEEK_HOLE`) are reported as
 //! `Zero`, as QEMU does, so maps and sparse exports skip them.
 
-use super::{check_range, push_extent, BackingRef, Extent, Format, Layer, LayerInfo, Mapping};
+use super::{check_range, push_extent, BackingRef, Extent, Format, LayerInfo, Mapping};
 use crate::error::{ImageError, Result};
 use crate::fileio;
+use crate::image::{Identity, Locking, ReadMap, Writable};
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -31,16 +32,19 @@ impl RawLayer {
     }
 }
 
-impl Layer for RawLayer {
+impl ReadMap for RawLayer {
     fn path(&self) -> &Path {
         &self.path
     }
+
     fn format(&self) -> Format {
         Format::Raw
     }
+
     fn virtual_size(&self) -> u64 {
         self.size
     }
+
     fn backing(&self) -> Option<&BackingRef> {
         None
     }
@@ -66,14 +70,6 @@ impl Layer for RawLayer {
         Ok(out)
     }
 
-    fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
-        crate::image::lock::acquire(&self.file, mode)
-    }
-
-    fn unlock(&self) {
-        crate::image::lock::release(&self.file)
-    }
-
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
         fileio::read_at_zero_fill(&self.file, &self.path, buf, host)
     }
@@ -95,7 +91,9 @@ impl Layer for RawLayer {
             snapshots: Vec::new(),
         })
     }
+}
 
+impl Writable for RawLayer {
     fn is_writable(&self) -> bool {
         self.writable
     }
@@ -138,5 +136,62 @@ impl Layer for RawLayer {
 
     fn flush(&self) -> Result<()> {
         fileio::sync_data(&self.file, &self.path)
+    }
+}
+
+impl Identity for RawLayer {}
+
+impl Locking for RawLayer {
+    fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
+        crate::image::lock::acquire(&self.file, mode)
+    }
+
+    fn unlock(&self) {
+        crate::image::lock::release(&self.file)
+    }
+}
+
+/// Raw in the format registry (see `image::formats`): never recognised by
+/// magic (a raw disk holds any bytes), only what nothing else is or what
+/// a name or a child's backing format says; names no backing file, so it
+/// is neither re-pointed nor committed into.
+pub struct RawDriver;
+
+pub static DRIVER: RawDriver = RawDriver;
+
+impl super::formats::Driver for RawDriver {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    fn names(&self) -> &'static [&'static str] {
+        &["raw", "file"]
+    }
+
+    fn extension(&self) -> &'static str {
+        "raw"
+    }
+
+    fn sniff(&self, _file: &File, _path: &Path, _magic: &[u8]) -> bool {
+        false
+    }
+
+    fn open(
+        &self,
+        path: &Path,
+        file: File,
+        writable: bool,
+    ) -> Result<std::sync::Arc<dyn super::Layer>> {
+        Ok(std::sync::Arc::new(RawLayer::open(path, file, writable)?))
+    }
+
+    fn merge_caps(&self) -> super::formats::MergeCaps {
+        super::formats::MergeCaps {
+            can_repoint: false,
+            repoint_needs_parent: false,
+            parent_same_format: false,
+            can_commit_into: false,
+            children_check_id: false,
+        }
     }
 }

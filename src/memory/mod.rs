@@ -9,7 +9,7 @@
 //! [`MemorySource`]: the RAM blocks it holds and, for each, which ranges
 //! are bytes at some file offset and which are zero pages. [`layout`]
 //! places the blocks at guest-physical addresses; [`MemoryLayer`] serves
-//! that placement as a [`Layer`], reading the original file with `pread`
+//! that placement as a [`Layer`](crate::image::Layer), reading the original file with `pread`
 //! (no conversion). Ranges a source never sent are holes (read as zeros,
 //! reported by SEEK_HOLE).
 
@@ -24,7 +24,10 @@ pub mod view;
 
 use crate::error::Result;
 use crate::fileio;
-use crate::image::{check_range, BackingRef, Extent, Format, Layer, LayerInfo, Mapping};
+use crate::image::{
+    check_range, BackingRef, Extent, Format, Identity, LayerInfo, Locking, Mapping, ReadMap,
+    Writable,
+};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -100,16 +103,19 @@ impl MemoryLayer {
     }
 }
 
-impl Layer for MemoryLayer {
+impl ReadMap for MemoryLayer {
     fn path(&self) -> &Path {
         &self.path
     }
+
     fn format(&self) -> Format {
         Format::Raw
     }
+
     fn virtual_size(&self) -> u64 {
         self.size
     }
+
     fn backing(&self) -> Option<&BackingRef> {
         None
     }
@@ -183,3 +189,9 @@ impl Layer for MemoryLayer {
         })
     }
 }
+
+impl Writable for MemoryLayer {}
+
+impl Identity for MemoryLayer {}
+
+impl Locking for MemoryLayer {}

@@ -13,6 +13,7 @@ use super::run::{err, open_writer, relink, reopen, stack, Failed};
 use super::{PassReport, Throttle};
 use crate::chain::dirty::total;
 use crate::chain::Chain;
+use crate::image::formats::set_id;
 use crate::image::Layer;
 use crate::tree::{manifest, Tree, TreeError};
 use std::sync::Arc;
@@ -206,9 +207,10 @@ fn copy_and_commit(
 /// leave H's two footers disagreeing: then the journal must stay, so the
 /// next open puts H's own id back, and it counts as after the commit.
 fn adopt_id(job: &Job, h_chain: &Chain, id: [u8; 16]) -> Result<(), Failed> {
-    crate::image::vhd::reparent::set_unique_id(&job.hidden_image, id).map_err(|e| {
+    let format = h_chain.leaf().format();
+    set_id(format, &job.hidden_image, id).map_err(|e| {
         let own = h_chain.leaf().unique_id().unwrap_or_default();
-        match crate::image::vhd::reparent::set_unique_id(&job.hidden_image, own) {
+        match set_id(format, &job.hidden_image, own) {
             Ok(()) => Failed::BeforeCommit(image_err(e)),
             Err(_) => Failed::AfterCommit(image_err(e)),
         }

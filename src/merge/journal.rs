@@ -3,8 +3,8 @@
 //! copied and removed after the cleanup. The next read-write open looks
 //! at the images to tell whether the commit step happened:
 //! - `stream`: the child's header names the hidden node's parent (or, for
-//!   a differencing VHD, the journal holds the writes that re-point it,
-//!   applied again now) → it did:
+//!   a format re-pointed by several writes such as a differencing VHD,
+//!   the journal holds those writes, applied again now) → it did:
 //!   remove the hidden image (if nothing references it) and fix the
 //!   manifest. Otherwise the child still reads through the hidden node and
 //!   whatever was copied already reads the same, so the merge is redone.
@@ -20,7 +20,9 @@
 //! left untouched, journal included.
 
 use crate::confine::{shown, Confine};
+use crate::image::formats::{self, repoint_of};
 use crate::image::probe;
+use crate::image::repoint::{unhex, Patch, RepointPlan};
 use crate::tree::discover;
 use crate::tree::manifest::{self, write_atomic};
 use serde::{Deserialize, Serialize};
@@ -37,14 +39,15 @@ pub struct Entry {
     /// The hidden node's backing file name as stored in its header (what
     /// the child names after a stream), `None` for a root.
     pub parent: Option<String>,
-    /// A stream into a differencing VHD: the writes that re-point the
-    /// child, stored at its commit point (see `run::repoint`). Present =
-    /// committed; recovery applies them again.
+    /// A stream into a child whose format re-points by several writes (a
+    /// differencing VHD): those writes, stored at its commit point (see
+    /// `run::repoint`). Present = committed; recovery checks them through
+    /// the child's format and applies them again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub patches: Option<Vec<crate::image::vhd::reparent::Patch>>,
-    /// A commit that gives the hidden VHD the child's unique id before the
-    /// rename: the hidden VHD's own id (hex), which recovery puts back if
-    /// the rename did not happen.
+    pub patches: Option<Vec<Patch>>,
+    /// A commit that gives the hidden image the child's identity (a VHD's
+    /// unique id) before the rename: the hidden image's own id (hex),
+    /// which recovery puts back if the rename did not happen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden_id: Option<String>,
 }
@@ -234,7 +237,9 @@ fn trust(dir: &Path, e: Entry) -> Result<Trusted, String> {
             // Re-pointing a differencing VHD, perhaps torn: the writes
             // must be re-pointing writes of that very file.
             let patches = e.patches.as_deref().unwrap_or_default();
-            crate::image::vhd::reparent::check_patches(&child, patches)
+            formats::format_of(&child)
+                .and_then(|f| repoint_of(f, &child))
+                .and_then(|r| r.check(&child, patches))
                 .map_err(|err| err.to_string())?;
             true
         }
@@ -316,12 +321,13 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
     };
     let (e, hidden, child, committed) = (t.entry, t.hidden, t.child, t.committed);
     // A kill inside a flush leaves leaked clusters in the image being
-    // written (never lost data): free them, so `qemu-img check` is clean.
+    // written (never lost data): its format frees them (qcow2), so
+    // `qemu-img check` is clean.
     for img in [&hidden, &child] {
         if !img.exists() {
             continue;
         }
-        match crate::image::qcow2::repair::repair_leaks(img) {
+        match formats::repair_after_crash(img) {
             Ok(Some(n)) if n > 0 => problems.push(format!(
                 "{}: freed {n} clusters an interrupted merge had leaked",
                 img.display()
@@ -331,7 +337,11 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
         }
     }
     if let Some(patches) = e.patches.as_deref() {
-        if let Err(err) = crate::image::vhd::reparent::apply(&child, patches) {
+        let plan = RepointPlan::Journaled(patches.to_vec());
+        let applied = formats::format_of(&child)
+            .and_then(|f| repoint_of(f, &child))
+            .and_then(|r| r.apply(&child, &plan));
+        if let Err(err) = applied {
             // Torn between two headers: only these writes mend it, so
             // the journal stays for the next try.
             problems.push(format!(
@@ -343,11 +353,13 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
     }
     let what = format!("{} into {}", e.hidden, e.child);
     if let (false, Some(id)) = (committed, &e.hidden_id) {
-        let restored = crate::image::vhd::reparent::unhex(id)
+        let restored = unhex(id)
             .and_then(|b| <[u8; 16]>::try_from(b).ok())
             .ok_or_else(|| format!("hidden_id {id:?} is not 16 bytes of hex"))
             .and_then(|id| {
-                crate::image::vhd::reparent::set_unique_id(&hidden, id).map_err(|e| e.to_string())
+                formats::format_of(&hidden)
+                    .and_then(|f| formats::set_id(f, &hidden, id))
+                    .map_err(|e| e.to_string())
             });
         if let Err(why) = restored {
             problems.push(format!(
@@ -386,4 +398,26 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
         problems.push(format!("removing the merge journal: {err}"));
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A journal written before the format capabilities (patches as VHD
+    /// header writes, the hidden VHD's id) reads, and writes back, the same.
+    #[test]
+    fn journal_json_keeps_its_fields() {
+        let text = r#"{"direction":"stream","hidden":"h.vhd","child":"c.vhd","parent":"p.vhd","patches":[{"offset":512,"hex":"00ff"}],"hidden_id":"000102030405060708090a0b0c0d0e0f"}"#;
+        let e: Entry = serde_json::from_str(text).expect("parse");
+        assert_eq!(
+            e.patches.as_deref(),
+            Some(&[Patch::new(512, &[0, 0xff])][..])
+        );
+        assert_eq!(
+            unhex(e.hidden_id.as_deref().unwrap()),
+            Some((0u8..16).collect())
+        );
+        assert_eq!(serde_json::to_string(&e).unwrap(), text);
+    }
 }

@@ -26,7 +26,7 @@ pub mod copy;
 pub mod journal;
 pub mod plan;
 pub mod run;
-mod stream;
+pub mod stream;
 
 mod gc;
 mod status;

@@ -11,11 +11,11 @@
 //!   a VHD H first takes the child's unique id when the child has
 //!   children (they check it).
 //!
-//! A VHD child can take only a VHD parent, so a stream into one needs a
-//! hidden node that has a parent; a VHD root is committed into instead.
+//! Which of the two a format allows is its [`MergeCaps`](crate::image::formats::MergeCaps):
+//! e.g. a VHD child can take only a VHD parent, so a stream into one needs
+//! a hidden node that has a parent; a VHD root is committed into instead.
 
 use crate::image::lock::LockMode;
-use crate::image::Format;
 use crate::tree::{Point, Tree};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,9 +44,9 @@ pub struct Job {
     pub bytes: u64,
     pub hidden_image: PathBuf,
     pub child_image: PathBuf,
-    /// A commit of VHDs where the child has children: H's file takes the
-    /// child's unique id before it takes the child's name, since the
-    /// children check it.
+    /// A commit where the child has children that check its identity (a
+    /// VHD's unique id): H's file takes the child's id before it takes the
+    /// child's name.
     pub adopt_id: Option<[u8; 16]>,
 }
 
@@ -149,13 +149,10 @@ fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
         .is_none_or(|n| n.children.is_empty());
     let h_format = h_layer.format();
     let c_format = c_layer.format();
-    // A VHD names its parent only as a differencing disk, and only a VHD.
+    // Some formats name a parent only of their own kind, or must keep one
+    // (see `MergeCaps`).
     let h_has_parent = h_layer.backing().is_some();
-    let stream_ok = match c_format {
-        Format::Qcow2 => true,
-        Format::Vhd => h_has_parent && h_format == Format::Vhd,
-        Format::Raw => false,
-    };
+    let stream_ok = c_format.can_stream_into(h_format, h_has_parent);
     let has_snapshots = |l: &Arc<dyn crate::image::Layer>| {
         l.info().map(|i| !i.snapshots.is_empty()).unwrap_or(true)
     };
@@ -170,14 +167,15 @@ fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
     // Committing writes into H and makes H's file the child's: same format,
     // size and directory (H's backing name is relative to it), and
     // writable by us.
-    // A VHD file also carries a unique id that the child's children
-    // check: H's file takes the child's id first (see `commit`).
-    let adopt_id = (h_format == Format::Vhd && !c_leaf)
+    // A file whose children check its identity (a VHD's unique id)
+    // takes the child's id first (see `commit`).
+    let h_caps = h_format.merge_caps();
+    let adopt_id = (h_caps.children_check_id && !c_leaf)
         .then(|| c_layer.unique_id())
         .flatten();
     let commit_ok = h_format == c_format
-        && (h_format == Format::Qcow2
-            || (h_format == Format::Vhd && (c_leaf || adopt_id.is_some())))
+        && h_caps.can_commit_into
+        && (!h_caps.children_check_id || c_leaf || adopt_id.is_some())
         && hidden_image.parent() == child_image.parent()
         && h_layer.virtual_size() == c_layer.virtual_size()
         && !has_snapshots(&h_layer);

@@ -14,9 +14,9 @@ use super::journal::{self, Entry};
 use super::plan::{Direction, Job};
 use super::{commit, stream, Throttle};
 use crate::chain::Chain;
+use crate::image::formats::repoint_of;
 use crate::image::lock::LockMode;
-use crate::image::qcow2::rebase::set_backing;
-use crate::image::vhd::reparent;
+use crate::image::repoint::{hex, NewBacking};
 use crate::image::{probe, Format, Layer};
 use crate::tree::{PointIo, Tree, TreeError};
 use parking_lot::RwLockWriteGuard;
@@ -100,35 +100,32 @@ fn entry_for(tree: &Tree, job: &Job, h_chain: &Chain) -> Entry {
         hidden_id: job
             .adopt_id
             .and(h_chain.leaf().unique_id())
-            .map(|id| reparent::hex(&id)),
+            .map(|id| hex(&id)),
     }
 }
 
-/// The commit point of a stream: from now on the child names H's parent.
-/// qcow2: one header `pwrite` of the backing name. A differencing VHD
-/// needs several writes (its header and parent locators), so they go into
-/// the journal first, whose atomic rewrite is then the commit point, and
-/// are applied after it; the next open applies them again if a crash
-/// interrupted that.
+/// The commit point of a stream: from now on the child names H's parent,
+/// as the child's format re-points (see `image::repoint`). One write
+/// (qcow2: a header `pwrite` of the backing name) is the commit point
+/// itself. Several writes (a differencing VHD: its header and parent
+/// locators) go into the journal first, whose atomic rewrite is then the
+/// commit point, and are applied after it; the next open applies them
+/// again if a crash interrupted that.
 pub fn repoint(tree: &Tree, job: &Job, h_chain: &Chain, child: Format) -> Result<(), Failed> {
     let backing = new_backing(h_chain, &job.child_image);
-    if child != Format::Vhd {
-        return set_backing(
-            &job.child_image,
-            backing.as_ref().map(|(n, f)| (n.as_str(), f.as_str())),
-        )
-        .map_err(|e| Failed::BeforeCommit(image_err(e)));
-    }
-    let (Some((name, _)), Some(parent)) = (backing, h_chain.layers().get(1)) else {
-        return Err(Failed::BeforeCommit(err(
-            libc::EINVAL,
-            "a differencing VHD cannot lose its parent",
-        )));
+    let to = backing.as_ref().map(|(name, format)| NewBacking {
+        name,
+        format,
+        path: h_chain.layers().get(1).map(|l| l.path()),
+    });
+    let before = |e| Failed::BeforeCommit(image_err(e));
+    let how = repoint_of(child, &job.child_image).map_err(before)?;
+    let plan = how.plan(&job.child_image, to).map_err(before)?;
+    let Some(patches) = plan.patches() else {
+        return how.apply(&job.child_image, &plan).map_err(before);
     };
-    let patches = reparent::parent_patches(&job.child_image, parent.path(), &name)
-        .map_err(|e| Failed::BeforeCommit(image_err(e)))?;
     let mut entry = entry_for(tree, job, h_chain);
-    entry.patches = Some(patches.clone());
+    entry.patches = Some(patches.to_vec());
     // Whether a failed store renamed the file or not cannot be told:
     // count it as committed, so recovery decides from the journal.
     journal::store(tree.dir(), &entry).map_err(|e| {
@@ -137,7 +134,8 @@ pub fn repoint(tree: &Tree, job: &Job, h_chain: &Chain, child: Format) -> Result
             format!("writing the merge journal: {e}"),
         ))
     })?;
-    reparent::apply(&job.child_image, &patches).map_err(|e| Failed::AfterCommit(image_err(e)))
+    how.apply(&job.child_image, &plan)
+        .map_err(|e| Failed::AfterCommit(image_err(e)))
 }
 
 /// Runs `job`; returns the bytes copied.

@@ -13,7 +13,7 @@ use super::run::{err, open_writer, rel, relink, reopen, repoint, stack, zeros, F
 use super::Throttle;
 use crate::chain::Chain;
 use crate::image::Mapping;
-use crate::tree::{manifest, Tree};
+use crate::tree::{manifest, Tree, TreeError};
 use std::time::Instant;
 
 pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Result<u64, Failed> {
@@ -31,39 +31,13 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resu
         let (w, relock) = open_writer(c_chain.leaf(), &job.child_image)?;
         (stack(w, &c_chain.layers()[1..]), Some(relock))
     };
-    let h_size = h_chain.size();
-    let mut ranges = held(h_chain.leaf().as_ref(), 0, h_size.min(c_chain.size()))?;
-    if h_chain.layers().len() == 1 {
-        // Without a parent, ranges the child does not hold read as zeros
-        // anyway: H's zeros need no copy.
-        ranges.retain(|r| !r.zero);
-    } else if let Some(z) = zeros(
-        h_size,
-        c_chain.size().min(h_chain.layers()[1].virtual_size()),
-    ) {
-        // Past H's end the child read zeros; its new parent may hold data
-        // there.
-        ranges.push(z);
-    }
+    let mut ranges = ranges_to_stream(h_chain, c_chain.size())?;
     let mut copied = 0;
     let mut longest_pause = 0f64;
     if !leaf {
         // Nothing else writes C: find what it lacks once, then copy it all
         // in one pipelined run.
-        let mut todo = Vec::new();
-        for r in &ranges {
-            for e in writer.leaf().map(r.start, r.len).map_err(image_err)? {
-                if e.mapping == Mapping::Unallocated {
-                    todo.push(Held {
-                        start: e.start,
-                        len: e.len,
-                        zero: r.zero,
-                    });
-                }
-            }
-        }
-        let todo = steps(&todo, throttle.step_bytes);
-        copied = copy_pieces(tree, throttle, h_chain, &writer, &todo)?;
+        copied = copy_lacking(tree, throttle, h_chain, &writer, &ranges)?;
         ranges.clear();
     }
     let mut pacer = Pacer::new(tree, throttle);
@@ -122,6 +96,56 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resu
     }
     after.map_err(Failed::AfterCommit)?;
     Ok(copied)
+}
+
+/// What a stream of H (the leaf of `h_chain`) into a child of `c_size`
+/// bytes must make the child hold: H's own ranges; without a parent of H,
+/// not H's zeros (ranges the child does not hold read as zeros anyway);
+/// with one, zeros past H's end, where the child read zeros and its new
+/// parent may hold data. Shared by disk merges and the memory-delta merge
+/// (`Tree::detach_memory`).
+pub fn ranges_to_stream(h_chain: &Chain, c_size: u64) -> Result<Vec<Held>, TreeError> {
+    let h_size = h_chain.size();
+    let mut ranges = held(h_chain.leaf().as_ref(), 0, h_size.min(c_size))?;
+    if h_chain.layers().len() == 1 {
+        ranges.retain(|r| !r.zero);
+    } else if let Some(z) = zeros(h_size, c_size.min(h_chain.layers()[1].virtual_size())) {
+        ranges.push(z);
+    }
+    Ok(ranges)
+}
+
+/// Copies into `writer` (a chain over the child's file that nothing else
+/// writes) the parts of `ranges` its top layer does not hold, from
+/// `h_chain`, in one pipelined paced run; returns the bytes copied. The
+/// child reads the same before and after: it took those ranges from H.
+/// The caller then flushes and re-points the child in one atomic step.
+pub fn copy_lacking(
+    tree: &Tree,
+    throttle: &Throttle,
+    h_chain: &Chain,
+    writer: &Chain,
+    ranges: &[Held],
+) -> Result<u64, TreeError> {
+    let mut todo = Vec::new();
+    for r in ranges {
+        for e in writer.leaf().map(r.start, r.len).map_err(image_err)? {
+            if e.mapping == Mapping::Unallocated {
+                todo.push(Held {
+                    start: e.start,
+                    len: e.len,
+                    zero: r.zero,
+                });
+            }
+        }
+    }
+    copy_pieces(
+        tree,
+        throttle,
+        h_chain,
+        writer,
+        &steps(&todo, throttle.step_bytes),
+    )
 }
 
 /// H's file goes once nothing references it: the manifest lists it as

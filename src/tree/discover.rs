@@ -9,8 +9,7 @@
 //! still mounts and the user learns what is wrong.
 
 use crate::confine::Confine;
-use crate::image::{probe, Format};
-use crate::input::{open_input, Accept};
+use crate::image::{formats, probe, Format};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -38,7 +37,7 @@ pub fn is_own_file(name: &str) -> bool {
 pub fn inspect(path: &Path, format: Option<Format>, confine: &Confine) -> Found {
     let mut found = Found {
         path: path.to_path_buf(),
-        format: format.unwrap_or(Format::Raw),
+        format: format.unwrap_or_else(Format::raw),
         backing: None,
         backing_format: None,
         broken: None,
@@ -74,32 +73,17 @@ pub fn inspect(path: &Path, format: Option<Format>, confine: &Confine) -> Found 
     found
 }
 
-/// The backing file name in a qcow2 header, read with no more checks than
-/// it takes to read it safely (for images that do not open).
+/// The backing file name an image that does not open records, read with
+/// no more checks than it takes to read it safely (by its format; see
+/// `image::formats`).
 fn header_backing(path: &Path) -> Option<String> {
-    use std::os::unix::fs::FileExt;
-    let f = open_input(path, false, Accept::RegularOrBlock).ok()?;
-    let mut h = [0u8; 20];
-    f.read_exact_at(&mut h, 0).ok()?;
-    if &h[..4] != b"QFI\xfb" {
-        return None;
-    }
-    let off = u64::from_be_bytes(h[8..16].try_into().ok()?);
-    let len = u32::from_be_bytes(h[16..20].try_into().ok()?) as usize;
-    if off == 0 || len == 0 || len > 1023 || off > 2 << 20 {
-        return None;
-    }
-    let mut name = vec![0u8; len];
-    f.read_exact_at(&mut name, off).ok()?;
-    String::from_utf8(name).ok().filter(|n| !n.contains('\0'))
+    formats::backing_name_unchecked(path)
 }
 
-/// Qcow2 or VHD by its magic (a fixed VHD also by its name), else raw.
+/// An image format by its contents (a fixed VHD also by its name), else
+/// raw.
 fn sniff(path: &Path) -> Format {
-    open_input(path, false, Accept::RegularOrBlock)
-        .ok()
-        .and_then(|f| probe::detect_format(&f, path).ok())
-        .unwrap_or(Format::Raw)
+    probe::sniff_image(path).unwrap_or_else(Format::raw)
 }
 
 /// What a directory scan found: the images, keyed by canonical path, and
@@ -137,11 +121,7 @@ pub fn scan_dir(confine: &Confine) -> std::io::Result<Scan> {
             continue;
         }
         let path = entry.path().canonicalize()?;
-        let format = open_input(&path, false, Accept::RegularOrBlock)
-            .ok()
-            .and_then(|f| probe::detect_format(&f, &path).ok())
-            .filter(|f| *f != Format::Raw);
-        if let Some(format) = format {
+        if let Some(format) = probe::sniff_image(&path) {
             found.insert(path.clone(), inspect(&path, Some(format), confine));
         } else if name.ends_with(".raw") || name.ends_with(".img") {
             raw_candidates.push(path);
@@ -149,7 +129,7 @@ pub fn scan_dir(confine: &Confine) -> std::io::Result<Scan> {
     }
     // Raw files are images when named like one.
     for path in raw_candidates {
-        found.insert(path.clone(), inspect(&path, Some(Format::Raw), confine));
+        found.insert(path.clone(), inspect(&path, Some(Format::raw()), confine));
     }
     // Backing files elsewhere (a subdirectory, or outside with
     // --allow-external-backing) are images too, of the format their child
@@ -174,7 +154,7 @@ pub fn scan_dir(confine: &Confine) -> std::io::Result<Scan> {
     // must stay raw: the format its child records wins over the magic.
     let raw_by_reference: Vec<PathBuf> = found
         .values()
-        .filter(|f| f.backing_format == Some(Format::Raw))
+        .filter(|f| f.backing_format.is_some_and(Format::is_raw))
         .filter_map(|f| f.backing.clone())
         .collect();
     force_raw(&mut found, raw_by_reference, confine);
@@ -210,8 +190,8 @@ pub fn scan_chain(
 /// Re-reads `paths` as raw images where they were taken for qcow2.
 pub fn force_raw(found: &mut BTreeMap<PathBuf, Found>, paths: Vec<PathBuf>, confine: &Confine) {
     for p in paths {
-        if found.get(&p).is_some_and(|f| f.format != Format::Raw) {
-            found.insert(p.clone(), inspect(&p, Some(Format::Raw), confine));
+        if found.get(&p).is_some_and(|f| !f.format.is_raw()) {
+            found.insert(p.clone(), inspect(&p, Some(Format::raw()), confine));
         }
     }
 }

@@ -20,6 +20,8 @@
 use super::ops::{err, rename_noreplace};
 use super::{manifest, Point, PointMemory, Tree, TreeError};
 use crate::chain::{Chain, OpenOptions};
+use crate::image::formats::repoint_of;
+use crate::image::repoint::NewBacking;
 use crate::memory::checkpoint::{self, Base, ImportStats, Throttle};
 use crate::memory::index_cache;
 use crate::memory::view::MemoryView;
@@ -323,7 +325,7 @@ impl Tree {
         child: &Point,
         throttle: &crate::merge::Throttle,
     ) -> Result<(), TreeError> {
-        use crate::merge::copy::{copy_pieces, held, steps, Held};
+        use crate::merge::stream::{copy_lacking, ranges_to_stream};
         let (Some(h), Some(holder)) = (
             self.memory_holder(hidden.id)
                 .and_then(|p| Self::memory_view(&p)),
@@ -359,57 +361,38 @@ impl Tree {
         )
         .map_err(merge_err)?;
         // What the child's delta lacks of the hidden one's, copied paced
-        // like the disk merge it comes with (it may be GiBs).
-        let end = h.chain.size().min(c.chain.size());
-        let mut ranges = held(h.chain.leaf().as_ref(), 0, end)?;
-        // Past H's end the child read zeros; the new parent may hold data
-        // there.
-        if let Some(g) = h.chain.layers().get(1) {
-            let g_end = c.chain.size().min(g.virtual_size());
-            if g_end > end {
-                ranges.push(Held {
-                    start: end,
-                    len: g_end - end,
-                    zero: true,
-                });
-            }
-        }
-        let mut todo = Vec::new();
-        for r in ranges {
-            for e in writer
-                .leaf()
-                .map(r.start, r.len)
-                .map_err(|e| merge_err(e.into()))?
-            {
-                if e.mapping == crate::image::Mapping::Unallocated {
-                    todo.push(Held {
-                        start: e.start,
-                        len: e.len,
-                        zero: r.zero,
-                    });
-                }
-            }
-        }
-        copy_pieces(
-            self,
-            throttle,
-            &h.chain,
-            &writer,
-            &steps(&todo, throttle.step_bytes),
-        )?;
+        // like the disk merge it comes with (it may be GiBs), by the same
+        // stream routine.
+        let ranges = ranges_to_stream(&h.chain, c.chain.size())?;
+        copy_lacking(self, throttle, &h.chain, &writer, &ranges)?;
         writer.flush().map_err(merge_err)?;
+        let format = writer.leaf().format();
         drop(writer);
-        // The commit: one header write.
-        let backing = h
-            .chain
-            .leaf()
-            .backing()
-            .map(|b| (b.name.clone(), "qcow2".to_string()));
-        crate::image::qcow2::rebase::set_backing(
-            &c.path,
-            backing.as_ref().map(|(n, f)| (n.as_str(), f.as_str())),
-        )
-        .map_err(|e| err(e.errno(), e.to_string()))?;
+        // The commit: one atomic re-point (a header write for the qcow2
+        // deltas snaptree makes, which record their base as of their own
+        // format; see `memory::checkpoint`).
+        let backing = h.chain.leaf().backing().map(|b| b.name.clone());
+        let to = backing.as_deref().map(|name| NewBacking {
+            name,
+            format: format.name(),
+            path: h.chain.layers().get(1).map(|l| l.path()),
+        });
+        let how = repoint_of(format, &c.path).map_err(|e| err(e.errno(), e.to_string()))?;
+        let plan = how
+            .plan(&c.path, to)
+            .map_err(|e| err(e.errno(), e.to_string()))?;
+        if plan.patches().is_some() {
+            return Err(err(
+                libc::EOPNOTSUPP,
+                format!(
+                    "merging memory delta {}: a {} delta is not re-pointed in one write",
+                    h.path.display(),
+                    format.name()
+                ),
+            ));
+        }
+        how.apply(&c.path, &plan)
+            .map_err(|e| err(e.errno(), e.to_string()))?;
         // Every view whose chain runs through the child's delta (the
         // child's, and its descendants' deltas on it) opens anew, without
         // H's delta; views already open keep reading through the old one.

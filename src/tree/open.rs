@@ -295,7 +295,7 @@ fn repair_memory_deltas(dir: &Path, problems: &mut Vec<String>) {
         if !own_delta {
             continue;
         }
-        match crate::image::repair_after_crash(&e.path()) {
+        match crate::image::formats::repair_after_crash(&e.path()) {
             Ok(Some(n)) if n > 0 => problems.push(format!(
                 "{}: freed {n} clusters an interrupted merge or import had leaked",
                 e.path().display()

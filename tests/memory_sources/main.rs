@@ -23,7 +23,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use snaptree::chain::Chain;
-use snaptree::image::{Layer, Mapping};
+use snaptree::image::{Mapping, ReadMap};
 use snaptree::memory::{detect, elf, layout, migstream, raw, MemoryLayer, MemorySource, Piece};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! qcow2 (versions 2 and 3) as a [`Layer`].
+//! qcow2 (versions 2 and 3) as a [`Layer`](crate::image::Layer).
 //!
 //! Layout of this module: `header` parses and validates the header and its
 //! extensions; `l2` turns L1/L2 entries into mappings; `snapshot` reads the
@@ -17,6 +17,7 @@
 
 pub mod compress;
 pub mod create;
+pub mod driver;
 pub mod header;
 pub mod l2;
 pub mod rebase;
@@ -28,9 +29,10 @@ mod write;
 use crate::error::{ImageError, Result};
 use crate::fileio::{self, read_exact_at};
 use crate::image::{
-    check_range, push_extent, BackingRead, BackingRef, Extent, Format, InternalSnapshot, Layer,
-    LayerInfo, Mapping,
+    check_range, push_extent, BackingRead, BackingRef, Extent, Format, InternalSnapshot, LayerInfo,
+    Mapping,
 };
+use crate::image::{Identity, Locking, ReadMap, Writable};
 use header::Header;
 use l2::{CompressedDesc, Entry, Geometry};
 use lru::LruCache;
@@ -327,16 +329,19 @@ impl Qcow2Layer {
     }
 }
 
-impl Layer for Qcow2Layer {
+impl ReadMap for Qcow2Layer {
     fn path(&self) -> &Path {
         &self.path
     }
+
     fn format(&self) -> Format {
         Format::Qcow2
     }
+
     fn virtual_size(&self) -> u64 {
         self.header.size
     }
+
     fn backing(&self) -> Option<&BackingRef> {
         self.backing.as_ref()
     }
@@ -376,14 +381,6 @@ impl Layer for Qcow2Layer {
             at = span_end;
         }
         Ok(out)
-    }
-
-    fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
-        crate::image::lock::acquire(&self.file, mode)
-    }
-
-    fn unlock(&self) {
-        crate::image::lock::release(&self.file)
     }
 
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
@@ -433,7 +430,9 @@ impl Layer for Qcow2Layer {
             snapshots: self.snapshots.clone(),
         })
     }
+}
 
+impl Writable for Qcow2Layer {
     fn is_writable(&self) -> bool {
         self.writable
     }
@@ -453,6 +452,18 @@ impl Layer for Qcow2Layer {
         let _w = self.write_lock.lock();
         let mut meta = self.meta.lock();
         self.flush_locked(&mut meta)
+    }
+}
+
+impl Identity for Qcow2Layer {}
+
+impl Locking for Qcow2Layer {
+    fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
+        crate::image::lock::acquire(&self.file, mode)
+    }
+
+    fn unlock(&self) {
+        crate::image::lock::release(&self.file)
     }
 }
 

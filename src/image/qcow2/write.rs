@@ -21,7 +21,7 @@ use super::l2::{self, Entry, BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, OFLAG_COPIED, OF
 use super::{Meta, Qcow2Layer, MAX_DIRTY_BYTES};
 use crate::error::{ImageError, Result};
 use crate::fileio::{self, sync_data, write_all_at};
-use crate::image::{check_range, BackingRead, Layer};
+use crate::image::{check_range, BackingRead, ReadMap};
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;

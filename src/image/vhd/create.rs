@@ -33,7 +33,7 @@ use super::header::{
 use super::VhdLayer;
 use crate::error::{ImageError, Result};
 use crate::fileio::write_all_at;
-use crate::image::Layer;
+use crate::image::ReadMap;
 use crate::ownership::{new_file, Ownership};
 use std::fs::File;
 use std::io::Read;

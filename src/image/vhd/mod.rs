@@ -1,4 +1,4 @@
-//! VHD (Microsoft Virtual Hard Disk, QEMU's `vpc`) as a [`Layer`]: fixed,
+//! VHD (Microsoft Virtual Hard Disk, QEMU's `vpc`) as a [`Layer`](crate::image::Layer): fixed,
 //! dynamic and differencing disks, read and written.
 //!
 //! Layout of this module: `footer` parses the footer (and decides the
@@ -34,6 +34,7 @@
 
 pub mod bat;
 pub mod create;
+pub mod driver;
 pub mod footer;
 pub mod header;
 pub mod reparent;
@@ -42,8 +43,9 @@ mod write;
 use crate::error::{ImageError, Result};
 use crate::fileio::{self, read_exact_at};
 use crate::image::{
-    check_range, push_extent, BackingRead, BackingRef, Extent, Format, Layer, LayerInfo, Mapping,
+    check_range, push_extent, BackingRead, BackingRef, Extent, Format, LayerInfo, Mapping,
 };
+use crate::image::{Identity, Locking, ReadMap, Writable};
 use bat::{Bat, BitOrder, FullBlocks};
 use footer::{format_uuid, Footer};
 use header::DynamicHeader;
@@ -367,28 +369,21 @@ impl VhdLayer {
     }
 }
 
-impl Layer for VhdLayer {
+impl ReadMap for VhdLayer {
     fn path(&self) -> &Path {
         &self.path
     }
+
     fn format(&self) -> Format {
         Format::Vhd
     }
+
     fn virtual_size(&self) -> u64 {
         self.size
     }
+
     fn backing(&self) -> Option<&BackingRef> {
         self.backing.as_ref()
-    }
-
-    fn unique_id(&self) -> Option<[u8; 16]> {
-        Some(self.footer.unique_id)
-    }
-
-    fn expected_parent_id(&self) -> Option<[u8; 16]> {
-        let sp = self.sparse.as_ref()?;
-        let id = sp.header.parent_unique_id;
-        (self.footer.is_differencing() && id != [0; 16]).then_some(id)
     }
 
     /// A write sets the bitmap bits of whole groups of sectors (see
@@ -441,14 +436,6 @@ impl Layer for VhdLayer {
         })
     }
 
-    fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
-        crate::image::lock::acquire(&self.file, mode)
-    }
-
-    fn unlock(&self) {
-        crate::image::lock::release(&self.file)
-    }
-
     /// Only what this file holds: a dynamic disk's unallocated sectors read
     /// as zeros but take no space.
     fn allocated_bytes(&self) -> Result<u64> {
@@ -469,7 +456,9 @@ impl Layer for VhdLayer {
         }
         Ok(total)
     }
+}
 
+impl Writable for VhdLayer {
     fn is_writable(&self) -> bool {
         self.writer.is_some()
     }
@@ -484,6 +473,28 @@ impl Layer for VhdLayer {
 
     fn flush(&self) -> Result<()> {
         self.flush_writes()
+    }
+}
+
+impl Identity for VhdLayer {
+    fn unique_id(&self) -> Option<[u8; 16]> {
+        Some(self.footer.unique_id)
+    }
+
+    fn expected_parent_id(&self) -> Option<[u8; 16]> {
+        let sp = self.sparse.as_ref()?;
+        let id = sp.header.parent_unique_id;
+        (self.footer.is_differencing() && id != [0; 16]).then_some(id)
+    }
+}
+
+impl Locking for VhdLayer {
+    fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
+        crate::image::lock::acquire(&self.file, mode)
+    }
+
+    fn unlock(&self) {
+        crate::image::lock::release(&self.file)
     }
 }
 

@@ -30,7 +30,6 @@ use super::header::{
 use super::VhdLayer;
 use crate::error::{ImageError, Result};
 use crate::fileio::read_exact_at;
-use serde::{Deserialize, Serialize};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -43,42 +42,7 @@ const VHD_EPOCH: u64 = 946_684_800;
 /// (a header and eight locators).
 const MAX_PATCHES: usize = 1 + LOCATOR_ENTRIES;
 
-/// One write of a re-pointing: `bytes` at `offset` of the child's file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Patch {
-    pub offset: u64,
-    /// The bytes, as lower-case hex (the journal is JSON).
-    pub hex: String,
-}
-
-impl Patch {
-    fn new(offset: u64, bytes: &[u8]) -> Patch {
-        Patch {
-            offset,
-            hex: hex(bytes),
-        }
-    }
-
-    fn bytes(&self) -> Option<Vec<u8>> {
-        unhex(&self.hex)
-    }
-}
-
-/// Bytes as lower-case hex, for JSON.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The bytes of [`hex`] text; `None` if it is not hex.
-pub fn unhex(text: &str) -> Option<Vec<u8>> {
-    let h = text.as_bytes();
-    if !h.len().is_multiple_of(2) {
-        return None;
-    }
-    h.chunks(2)
-        .map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok())
-        .collect()
-}
+pub use crate::image::repoint::{hex, unhex, Patch};
 
 /// The writes that make the differencing disk `child` name `parent`
 /// (whose file is at `parent_path`) as `name`: a path relative to the
