@@ -27,6 +27,7 @@ pub mod probe;
 pub mod qcow2;
 pub mod raw;
 pub mod repoint;
+pub mod storage;
 pub mod vhd;
 
 use crate::error::{ImageError, Result};

@@ -16,7 +16,7 @@ use super::l2::{Geometry, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
 use super::refcount::Refcounts;
 use crate::error::{ImageError, Result};
 use crate::fileio::{file_len, read_exact_at, sync_data};
-use std::fs::File;
+use crate::image::storage::Storage;
 use std::path::Path;
 
 /// Refuse to scan images with more clusters than this (the bitset of
@@ -109,7 +109,7 @@ pub fn repair_leaks(path: &Path) -> Result<Option<u64>> {
 /// Marks the header, L1, L2 tables, data clusters, refcount table and
 /// refcount blocks.
 fn mark_references(
-    file: &File,
+    file: &dyn Storage,
     path: &Path,
     h: &Header,
     g: &Geometry,
