@@ -28,6 +28,8 @@ pub mod qcow2;
 pub mod raw;
 pub mod repoint;
 pub mod storage;
+#[cfg(test)]
+pub mod testutil;
 pub mod vhd;
 
 use crate::error::{ImageError, Result};

@@ -17,7 +17,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 /// Positioned I/O on the bytes of one image. `Send + Sync`: many threads
 /// read one image at once (no seek position to share).
@@ -160,10 +160,12 @@ impl Storage for File {
 
 /// An image held in memory, for unit tests of the formats. Grows on
 /// writes past the end, as a file does. `limit` caps its size so a test
-/// of a hostile header cannot make it allocate without bound.
-#[derive(Debug, Default)]
+/// of a hostile header cannot make it allocate without bound. Clones
+/// share the bytes (as two descriptors of one file do), so a test can
+/// hand one to a layer and look at, or reopen, what the layer wrote.
+#[derive(Clone, Debug, Default)]
 pub struct MemStorage {
-    bytes: RwLock<Vec<u8>>,
+    bytes: Arc<RwLock<Vec<u8>>>,
     limit: Option<u64>,
 }
 
@@ -175,7 +177,7 @@ impl MemStorage {
     /// Storage holding `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> MemStorage {
         MemStorage {
-            bytes: RwLock::new(bytes),
+            bytes: Arc::new(RwLock::new(bytes)),
             limit: None,
         }
     }
@@ -261,7 +263,8 @@ mod tests {
         );
         m.write_all_at(&[7, 7], 5).unwrap();
         assert_eq!(m.to_vec(), vec![1, 2, 3, 0, 0, 7, 7]);
-        m.set_len(2).unwrap();
+        let other = m.clone();
+        other.set_len(2).unwrap();
         assert_eq!(m.len().unwrap(), 2);
         assert!(m.as_file().is_none());
     }

@@ -24,6 +24,8 @@ pub mod rebase;
 mod refcount;
 pub mod repair;
 pub mod snapshot;
+#[cfg(test)]
+mod tests;
 mod write;
 
 use crate::error::{ImageError, Result};
