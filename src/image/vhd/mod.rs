@@ -38,6 +38,8 @@ pub mod driver;
 pub mod footer;
 pub mod header;
 pub mod reparent;
+#[cfg(test)]
+mod tests;
 mod write;
 
 use crate::error::{ImageError, Result};
