@@ -191,3 +191,51 @@ impl super::formats::Driver for RawDriver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::storage::MemStorage;
+    use crate::image::testutil::{mem_path, pattern, read_guest};
+    use crate::image::NoBacking;
+
+    fn raw(len: usize, writable: bool) -> (MemStorage, RawLayer) {
+        let mem = MemStorage::from_bytes(pattern(2, 0, len));
+        let l = RawLayer::open_storage(mem_path("r.raw"), Box::new(mem.clone()), writable).unwrap();
+        (mem, l)
+    }
+
+    #[test]
+    fn guest_offset_is_file_offset_and_the_tail_sector_reads_zeros() {
+        let (_, l) = raw(1000, false);
+        // As QEMU: whole sectors, the tail past EOF reads as zeros.
+        assert_eq!(l.virtual_size(), 1024);
+        assert_eq!(
+            l.map(0, 1024).unwrap(),
+            vec![Extent {
+                start: 0,
+                len: 1024,
+                mapping: Mapping::Data { host: 0 }
+            }]
+        );
+        let got = read_guest(&l, 0, 1024).unwrap();
+        assert_eq!(&got[..1000], &pattern(2, 0, 1000)[..]);
+        assert!(got[1000..].iter().all(|b| *b == 0));
+        assert!(l.map(1000, 100).is_err());
+        assert!(l.write(0, b"x", &NoBacking).is_err());
+    }
+
+    #[test]
+    fn writes_and_zeros_land_in_the_storage() {
+        let (mem, l) = raw(8192, true);
+        l.write(10, b"abc", &NoBacking).unwrap();
+        // Memory cannot punch holes: zeros are written instead.
+        l.write_zeroes(4096, 4096, &NoBacking).unwrap();
+        l.flush().unwrap();
+        let bytes = mem.to_vec();
+        assert_eq!(&bytes[10..13], b"abc");
+        assert_eq!(&bytes[13..4096], &pattern(2, 13, 4083)[..]);
+        assert!(bytes[4096..].iter().all(|b| *b == 0));
+        assert!(l.write(8190, b"abc", &NoBacking).is_err());
+    }
+}
