@@ -5,15 +5,19 @@
 //! fight over and without holding any lock while the kernel works.
 
 use crate::error::{ImageError, Result};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::image::storage::Storage;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the
 /// file read as zero (as QEMU does), so a last cluster that was never fully
 /// written does not turn into an error.
-pub fn read_at_zero_fill(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
+pub fn read_at_zero_fill(
+    file: &dyn Storage,
+    path: &Path,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<()> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {
@@ -32,7 +36,7 @@ pub fn read_at_zero_fill(file: &File, path: &Path, buf: &mut [u8], offset: u64) 
 /// Reads exactly `buf.len()` bytes at `offset`; a short file is corruption
 /// (used for metadata, which must be entirely inside the file).
 pub fn read_exact_at(
-    file: &File,
+    file: &dyn Storage,
     path: &Path,
     buf: &mut [u8],
     offset: u64,
@@ -54,20 +58,18 @@ pub fn read_exact_at(
     })
 }
 
-pub fn write_all_at(file: &File, path: &Path, buf: &[u8], offset: u64) -> Result<()> {
+pub fn write_all_at(file: &dyn Storage, path: &Path, buf: &[u8], offset: u64) -> Result<()> {
     file.write_all_at(buf, offset)
         .map_err(|e| ImageError::io(path, "write", offset, e))
 }
 
-pub fn sync_data(file: &File, path: &Path) -> Result<()> {
+pub fn sync_data(file: &dyn Storage, path: &Path) -> Result<()> {
     file.sync_data()
         .map_err(|e| ImageError::io(path, "fdatasync", 0, e))
 }
 
-pub fn file_len(file: &File, path: &Path) -> Result<u64> {
-    file.metadata()
-        .map(|m| m.len())
-        .map_err(|e| ImageError::io(path, "stat", 0, e))
+pub fn file_len(file: &dyn Storage, path: &Path) -> Result<u64> {
+    file.len().map_err(|e| ImageError::io(path, "stat", 0, e))
 }
 
 pub fn be_u16(b: &[u8], at: usize) -> u16 {
@@ -87,13 +89,20 @@ pub fn be_u64(b: &[u8], at: usize) -> u64 {
 /// Splits `[from, to)` of the file into (start, end, is_data) segments with
 /// `SEEK_DATA`/`SEEK_HOLE`. Bytes past the end of the file are a hole.
 /// Filesystems without hole support report everything as data, which is
-/// right.
+/// right, and so is storage without a file (memory): all data.
 pub fn data_segments(
-    file: &File,
+    file: &dyn Storage,
     path: &Path,
     from: u64,
     to: u64,
 ) -> Result<Vec<(u64, u64, bool)>> {
+    let Some(file) = file.as_file() else {
+        return Ok(if from < to {
+            vec![(from, to, true)]
+        } else {
+            Vec::new()
+        });
+    };
     let seek = |at: u64, whence: i32| -> Result<Option<u64>> {
         // SAFETY: lseek on a descriptor we own; no memory is touched.
         let r = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, whence) };

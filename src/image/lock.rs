@@ -12,6 +12,7 @@
 //! use: that is why a mount keeps one descriptor per image open for as
 //! long as it is mounted, and cannot close idle ones (see `crate::fdlimit`).
 
+use crate::image::storage::Storage;
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
 
@@ -69,7 +70,13 @@ fn set(file: &File, ty: i32, byte: i64) -> std::io::Result<()> {
 
 /// Tests for conflicts, then takes the locks of `mode`. The error says
 /// which permission another process holds or refuses.
-pub fn acquire(file: &File, mode: LockMode) -> Result<(), String> {
+///
+/// Storage without a descriptor (memory, in unit tests) is never shared,
+/// so it takes no locks.
+pub fn acquire(storage: &dyn Storage, mode: LockMode) -> Result<(), String> {
+    let Some(file) = storage.as_file() else {
+        return Ok(());
+    };
     let (used, unshared) = mode.masks();
     for (p, name) in PERM_NAMES.iter().enumerate() {
         let bit = 1 << p;
@@ -98,7 +105,10 @@ pub fn acquire(file: &File, mode: LockMode) -> Result<(), String> {
 
 /// Drops every lock this descriptor holds (before reopening the same
 /// image in another mode, where our own locks would conflict).
-pub fn release(file: &File) {
+pub fn release(storage: &dyn Storage) {
+    let Some(file) = storage.as_file() else {
+        return;
+    };
     for p in 0..PERM_NAMES.len() as i64 {
         let _ = set(file, libc::F_UNLCK, PERM_BASE + p);
         let _ = set(file, libc::F_UNLCK, SHARED_BASE + p);

@@ -17,6 +17,11 @@
 //! module (chain resolution, the mount, merges) works on that answer and
 //! never parses a format itself.
 //!
+//! A format reads and writes its bytes through [`storage::Storage`]: the
+//! image's `File` in production (the same `pread`s as ever), memory in
+//! the formats' unit tests (`open_storage` constructors; images built in
+//! a [`storage::MemStorage`]).
+//!
 //! Concurrency: layers are `Send + Sync`; metadata lookups take a short
 //! internal lock, data reads are `pread`s on the layer's file without it.
 
@@ -27,6 +32,9 @@ pub mod probe;
 pub mod qcow2;
 pub mod raw;
 pub mod repoint;
+pub mod storage;
+#[cfg(test)]
+pub mod testutil;
 pub mod vhd;
 
 use crate::error::{ImageError, Result};

@@ -6,23 +6,28 @@
 use super::{check_range, push_extent, BackingRef, Extent, Format, LayerInfo, Mapping};
 use crate::error::{ImageError, Result};
 use crate::fileio;
+use crate::image::storage::Storage;
 use crate::image::{Identity, Locking, ReadMap, Writable};
 use std::fs::File;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 pub struct RawLayer {
     path: PathBuf,
-    file: File,
+    file: Box<dyn Storage>,
     size: u64,
     writable: bool,
 }
 
 impl RawLayer {
     pub fn open(path: &Path, file: File, writable: bool) -> Result<RawLayer> {
+        RawLayer::open_storage(path, Box::new(file), writable)
+    }
+
+    /// A raw layer over any storage (memory, in unit tests).
+    pub fn open_storage(path: &Path, file: Box<dyn Storage>, writable: bool) -> Result<RawLayer> {
         // QEMU sees a raw file in whole 512-byte sectors; the tail past
         // EOF reads as zeros. Matching it keeps sizes and maps identical.
-        let size = fileio::file_len(&file, path)?.div_ceil(512) * 512;
+        let size = fileio::file_len(&*file, path)?.div_ceil(512) * 512;
         Ok(RawLayer {
             path: path.to_path_buf(),
             file,
@@ -52,7 +57,7 @@ impl ReadMap for RawLayer {
     fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(&self.path, self.size, offset, len)?;
         let mut out = Vec::new();
-        for (s, e, data) in fileio::data_segments(&self.file, &self.path, offset, offset + len)? {
+        for (s, e, data) in fileio::data_segments(&*self.file, &self.path, offset, offset + len)? {
             let mapping = if data {
                 Mapping::Data { host: s }
             } else {
@@ -71,11 +76,11 @@ impl ReadMap for RawLayer {
     }
 
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
-        fileio::read_at_zero_fill(&self.file, &self.path, buf, host)
+        fileio::read_at_zero_fill(&*self.file, &self.path, buf, host)
     }
 
     fn host_segments(&self, host: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
-        fileio::data_segments(&self.file, &self.path, host, host + len)
+        fileio::data_segments(&*self.file, &self.path, host, host + len)
     }
 
     fn info(&self) -> Result<LayerInfo> {
@@ -85,7 +90,7 @@ impl ReadMap for RawLayer {
             version: None,
             virtual_size: self.size,
             cluster_size: None,
-            file_size: fileio::file_len(&self.file, &self.path)?,
+            file_size: fileio::file_len(&*self.file, &self.path)?,
             backing: None,
             features: Vec::new(),
             snapshots: Vec::new(),
@@ -103,7 +108,7 @@ impl Writable for RawLayer {
             return Err(ImageError::invalid(&self.path, "image is open read-only"));
         }
         check_range(&self.path, self.size, offset, data.len() as u64)?;
-        fileio::write_all_at(&self.file, &self.path, data, offset)
+        fileio::write_all_at(&*self.file, &self.path, data, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _below: &dyn super::BackingRead) -> Result<()> {
@@ -111,16 +116,7 @@ impl Writable for RawLayer {
             return Err(ImageError::invalid(&self.path, "image is open read-only"));
         }
         check_range(&self.path, self.size, offset, len)?;
-        // SAFETY: fallocate on our own descriptor with a validated range.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
+        if self.file.punch_hole(offset, len).is_ok() {
             return Ok(());
         }
         // No hole punching here: write the zeros.
@@ -128,14 +124,14 @@ impl Writable for RawLayer {
         let mut at = offset;
         while at < offset + len {
             let n = (offset + len - at).min(chunk.len() as u64) as usize;
-            fileio::write_all_at(&self.file, &self.path, &chunk[..n], at)?;
+            fileio::write_all_at(&*self.file, &self.path, &chunk[..n], at)?;
             at += n as u64;
         }
         Ok(())
     }
 
     fn flush(&self) -> Result<()> {
-        fileio::sync_data(&self.file, &self.path)
+        fileio::sync_data(&*self.file, &self.path)
     }
 }
 
@@ -143,11 +139,11 @@ impl Identity for RawLayer {}
 
 impl Locking for RawLayer {
     fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
-        crate::image::lock::acquire(&self.file, mode)
+        crate::image::lock::acquire(&*self.file, mode)
     }
 
     fn unlock(&self) {
-        crate::image::lock::release(&self.file)
+        crate::image::lock::release(&*self.file)
     }
 }
 
@@ -193,5 +189,53 @@ impl super::formats::Driver for RawDriver {
             can_commit_into: false,
             children_check_id: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::storage::MemStorage;
+    use crate::image::testutil::{mem_path, pattern, read_guest};
+    use crate::image::NoBacking;
+
+    fn raw(len: usize, writable: bool) -> (MemStorage, RawLayer) {
+        let mem = MemStorage::from_bytes(pattern(2, 0, len));
+        let l = RawLayer::open_storage(mem_path("r.raw"), Box::new(mem.clone()), writable).unwrap();
+        (mem, l)
+    }
+
+    #[test]
+    fn guest_offset_is_file_offset_and_the_tail_sector_reads_zeros() {
+        let (_, l) = raw(1000, false);
+        // As QEMU: whole sectors, the tail past EOF reads as zeros.
+        assert_eq!(l.virtual_size(), 1024);
+        assert_eq!(
+            l.map(0, 1024).unwrap(),
+            vec![Extent {
+                start: 0,
+                len: 1024,
+                mapping: Mapping::Data { host: 0 }
+            }]
+        );
+        let got = read_guest(&l, 0, 1024).unwrap();
+        assert_eq!(&got[..1000], &pattern(2, 0, 1000)[..]);
+        assert!(got[1000..].iter().all(|b| *b == 0));
+        assert!(l.map(1000, 100).is_err());
+        assert!(l.write(0, b"x", &NoBacking).is_err());
+    }
+
+    #[test]
+    fn writes_and_zeros_land_in_the_storage() {
+        let (mem, l) = raw(8192, true);
+        l.write(10, b"abc", &NoBacking).unwrap();
+        // Memory cannot punch holes: zeros are written instead.
+        l.write_zeroes(4096, 4096, &NoBacking).unwrap();
+        l.flush().unwrap();
+        let bytes = mem.to_vec();
+        assert_eq!(&bytes[10..13], b"abc");
+        assert_eq!(&bytes[13..4096], &pattern(2, 13, 4083)[..]);
+        assert!(bytes[4096..].iter().all(|b| *b == 0));
+        assert!(l.write(8190, b"abc", &NoBacking).is_err());
     }
 }

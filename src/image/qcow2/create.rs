@@ -13,6 +13,7 @@ use super::header::{
 };
 use crate::error::{ImageError, Result};
 use crate::fileio::{sync_data, write_all_at};
+use crate::image::storage::Storage;
 use crate::ownership::{new_file, Ownership};
 use std::path::Path;
 
@@ -58,6 +59,26 @@ const FEATURE_NAMES: &[(u8, u8, &str)] = &[
 
 /// Creates a new qcow2 v3 image at `path`; fails if the file exists.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    let file = new_file(opts.like.as_ref())
+        .open(path)
+        .map_err(|e| ImageError::io(path, "create", 0, e))?;
+    let result = (|| {
+        if let Some(like) = &opts.like {
+            like.apply(&file, path)
+                .map_err(|e| ImageError::io(path, "set owner and mode of", 0, e))?;
+        }
+        create_on(&file, path, opts)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// Writes a new qcow2 v3 image into empty `storage` (a new file, or
+/// memory in unit tests); `path` names it in errors. Ownership in `opts`
+/// is the caller's business.
+pub fn create_on(storage: &dyn Storage, path: &Path, opts: &CreateOptions) -> Result<()> {
     // QEMU works in 512-byte sectors and rounds sizes up, as qemu-img
     // create does; an unaligned size would be cut down when QEMU opens it.
     let mut opts = opts.clone();
@@ -169,23 +190,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         rb[(c * 2) as usize..(c * 2 + 2) as usize].copy_from_slice(&1u16.to_be_bytes());
     }
 
-    let file = new_file(opts.like.as_ref())
-        .open(path)
-        .map_err(|e| ImageError::io(path, "create", 0, e))?;
-    let result = (|| {
-        if let Some(like) = &opts.like {
-            like.apply(&file, path)
-                .map_err(|e| ImageError::io(path, "set owner and mode of", 0, e))?;
-        }
-        write_all_at(&file, path, &head, 0)?;
-        write_all_at(&file, path, &rt, rt_off)?;
-        write_all_at(&file, path, &rb, rb_off)?;
-        file.set_len(l1_off + l1_clusters * cs)
-            .map_err(|e| ImageError::io(path, "extend", l1_off, e))?;
-        sync_data(&file, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(path);
-    }
-    result
+    write_all_at(storage, path, &head, 0)?;
+    write_all_at(storage, path, &rt, rt_off)?;
+    write_all_at(storage, path, &rb, rb_off)?;
+    storage
+        .set_len(l1_off + l1_clusters * cs)
+        .map_err(|e| ImageError::io(path, "extend", l1_off, e))?;
+    sync_data(storage, path)
 }

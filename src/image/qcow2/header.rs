@@ -4,7 +4,7 @@
 
 use crate::error::{ImageError, Result};
 use crate::fileio::{be_u32, be_u64, file_len, read_exact_at};
-use std::fs::File;
+use crate::image::storage::Storage;
 use std::path::Path;
 
 pub const MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -118,7 +118,7 @@ impl Header {
     }
 
     /// Reads and validates the header of `file` at `path`.
-    pub fn read(file: &File, path: &Path) -> Result<Header> {
+    pub fn read(file: &dyn Storage, path: &Path) -> Result<Header> {
         let len = file_len(file, path)?;
         let bad = |offset: u64, what: String| ImageError::corrupt(path, offset, what);
         if len < V2_HEADER_LEN as u64 {
@@ -320,7 +320,7 @@ impl Header {
         Ok(())
     }
 
-    fn read_extensions(&mut self, file: &File, path: &Path, len: u64) -> Result<()> {
+    fn read_extensions(&mut self, file: &dyn Storage, path: &Path, len: u64) -> Result<()> {
         let cs = self.cluster_size();
         // Extensions live in the first cluster, before the backing file name.
         let mut end = cs.min(len);
@@ -368,7 +368,7 @@ impl Header {
         Ok(())
     }
 
-    fn read_backing_name(&mut self, file: &File, path: &Path, len: u64) -> Result<()> {
+    fn read_backing_name(&mut self, file: &dyn Storage, path: &Path, len: u64) -> Result<()> {
         if self.backing_file_offset == 0 {
             return Ok(());
         }

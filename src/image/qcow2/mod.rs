@@ -24,10 +24,13 @@ pub mod rebase;
 mod refcount;
 pub mod repair;
 pub mod snapshot;
+#[cfg(test)]
+mod tests;
 mod write;
 
 use crate::error::{ImageError, Result};
 use crate::fileio::{self, read_exact_at};
+use crate::image::storage::Storage;
 use crate::image::{
     check_range, push_extent, BackingRead, BackingRef, Extent, Format, InternalSnapshot, LayerInfo,
     Mapping,
@@ -71,7 +74,7 @@ pub(crate) struct Meta {
 
 pub struct Qcow2Layer {
     path: PathBuf,
-    file: File,
+    file: Box<dyn Storage>,
     header: Header,
     geom: Geometry,
     snapshots: Vec<InternalSnapshot>,
@@ -91,19 +94,25 @@ pub struct Qcow2Layer {
 
 impl Qcow2Layer {
     pub fn open(path: &Path, file: File, writable: bool) -> Result<Qcow2Layer> {
-        let header = Header::read(&file, path)?;
+        Qcow2Layer::open_storage(path, Box::new(file), writable)
+    }
+
+    /// Opens the image held by `file` (any storage: memory in unit tests);
+    /// `path` names it in errors.
+    pub fn open_storage(path: &Path, file: Box<dyn Storage>, writable: bool) -> Result<Qcow2Layer> {
+        let header = Header::read(&*file, path)?;
         let geom = Geometry::new(&header);
-        let len = fileio::file_len(&file, path)?;
+        let len = fileio::file_len(&*file, path)?;
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
         read_exact_at(
-            &file,
+            &*file,
             path,
             &mut l1_bytes,
             header.l1_table_offset,
             "L1 table",
         )?;
         let l1 = header::decode_u64s(&l1_bytes);
-        let snapshots = snapshot::read_snapshots(&file, path, &header, len)?;
+        let snapshots = snapshot::read_snapshots(&*file, path, &header, len)?;
         let backing = header.backing_file.clone().map(|name| BackingRef {
             name,
             offset: header.backing_file_offset,
@@ -148,7 +157,7 @@ impl Qcow2Layer {
     /// The file's length now, rounded up to whole clusters (0 if unknown).
     fn current_end(&self) -> u64 {
         let cs = self.geom.cluster_size;
-        fileio::file_len(&self.file, &self.path).map_or(0, |l| l.div_ceil(cs) * cs)
+        fileio::file_len(&*self.file, &self.path).map_or(0, |l| l.div_ceil(cs) * cs)
     }
 
     pub fn header(&self) -> &Header {
@@ -202,7 +211,7 @@ impl Qcow2Layer {
             return Ok(Some((off, t.clone())));
         }
         let mut bytes = vec![0u8; cs as usize];
-        read_exact_at(&self.file, &self.path, &mut bytes, off, "L2 table")?;
+        read_exact_at(&*self.file, &self.path, &mut bytes, off, "L2 table")?;
         let table = Arc::new(header::decode_u64s(&bytes));
         meta.l2_clean.put(off, table.clone());
         Ok(Some((off, table)))
@@ -281,20 +290,23 @@ impl Qcow2Layer {
     /// the file inside data clusters worth reporting as zeros.
     fn detect_metadata_preallocation(&self) -> Result<bool> {
         use std::os::unix::fs::MetadataExt;
-        let m = self
-            .file
+        // Storage without a file (memory) has no holes to compare with.
+        let Some(file) = self.file.as_file() else {
+            return Ok(false);
+        };
+        let m = file
             .metadata()
             .map_err(|e| ImageError::io(&self.path, "stat", 0, e))?;
         let cs = self.geom.cluster_size;
         let real_clusters = m.blocks() * 512 / cs;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
-        let mut refs = Refcounts::load(&self.file, &self.path, &self.header, m.len())?;
+        let mut refs = Refcounts::load(&*self.file, &self.path, &self.header, m.len())?;
         let mut count = 0;
         for c in 0..m.len().div_ceil(cs) {
             if count >= threshold {
                 break;
             }
-            if refs.get(&self.file, &self.path, c, m.len())? > 0 {
+            if refs.get(&*self.file, &self.path, c, m.len())? > 0 {
                 count += 1;
             }
         }
@@ -307,7 +319,7 @@ impl Qcow2Layer {
             return Ok(c.clone());
         }
         let mut raw = vec![0u8; desc.len as usize];
-        fileio::read_at_zero_fill(&self.file, &self.path, &mut raw, desc.host)?;
+        fileio::read_at_zero_fill(&*self.file, &self.path, &mut raw, desc.host)?;
         let out = compress::inflate(
             self.header.compression_type,
             &raw,
@@ -384,7 +396,7 @@ impl ReadMap for Qcow2Layer {
     }
 
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
-        fileio::read_at_zero_fill(&self.file, &self.path, buf, host)
+        fileio::read_at_zero_fill(&*self.file, &self.path, buf, host)
     }
 
     fn host_segments(&self, host: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
@@ -398,7 +410,7 @@ impl ReadMap for Qcow2Layer {
         if !preallocated {
             return Ok(vec![(host, host + len, true)]);
         }
-        fileio::data_segments(&self.file, &self.path, host, host + len)
+        fileio::data_segments(&*self.file, &self.path, host, host + len)
     }
 
     fn read_compressed(&self, cluster_start: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -424,7 +436,7 @@ impl ReadMap for Qcow2Layer {
             version: Some(self.header.version),
             virtual_size: self.header.size,
             cluster_size: Some(self.geom.cluster_size),
-            file_size: fileio::file_len(&self.file, &self.path)?,
+            file_size: fileio::file_len(&*self.file, &self.path)?,
             backing: self.backing.clone(),
             features: self.header.feature_list(),
             snapshots: self.snapshots.clone(),
@@ -459,11 +471,11 @@ impl Identity for Qcow2Layer {}
 
 impl Locking for Qcow2Layer {
     fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
-        crate::image::lock::acquire(&self.file, mode)
+        crate::image::lock::acquire(&*self.file, mode)
     }
 
     fn unlock(&self) {
-        crate::image::lock::release(&self.file)
+        crate::image::lock::release(&*self.file)
     }
 }
 

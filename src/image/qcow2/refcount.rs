@@ -10,8 +10,8 @@
 use super::header::{self, Header};
 use crate::error::{ImageError, Result};
 use crate::fileio::{read_exact_at, write_all_at};
+use crate::image::storage::Storage;
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
 use std::path::Path;
 
 pub(crate) struct Refcounts {
@@ -32,7 +32,7 @@ pub(crate) struct Refcounts {
 }
 
 impl Refcounts {
-    pub fn load(file: &File, path: &Path, h: &Header, _len: u64) -> Result<Refcounts> {
+    pub fn load(file: &dyn Storage, path: &Path, h: &Header, _len: u64) -> Result<Refcounts> {
         let cs = h.cluster_size();
         let mut bytes = vec![0u8; (h.refcount_table_clusters as u64 * cs) as usize];
         read_exact_at(
@@ -66,7 +66,7 @@ impl Refcounts {
     }
 
     /// Loads block `i` (which the table says exists) into the cache.
-    fn load_block(&mut self, file: &File, path: &Path, i: u64, file_end: u64) -> Result<()> {
+    fn load_block(&mut self, file: &dyn Storage, path: &Path, i: u64, file_end: u64) -> Result<()> {
         if self.blocks.contains_key(&i) {
             return Ok(());
         }
@@ -86,7 +86,7 @@ impl Refcounts {
     }
 
     /// The refcount of host cluster number `c`.
-    pub fn get(&mut self, file: &File, path: &Path, c: u64, file_end: u64) -> Result<u64> {
+    pub fn get(&mut self, file: &dyn Storage, path: &Path, c: u64, file_end: u64) -> Result<u64> {
         let i = c / self.per_block;
         if i >= self.table.len() as u64 || self.table[i as usize] == 0 {
             return Ok(0);
@@ -100,7 +100,7 @@ impl Refcounts {
     /// `file_end`) and growing the table when needed.
     pub fn set(
         &mut self,
-        file: &File,
+        file: &dyn Storage,
         path: &Path,
         c: u64,
         value: u64,
@@ -142,7 +142,7 @@ impl Refcounts {
     /// Moves the table to a larger one appended at `file_end`.
     fn grow_table(
         &mut self,
-        file: &File,
+        file: &dyn Storage,
         path: &Path,
         min_entries: u64,
         file_end: &mut u64,
@@ -196,7 +196,7 @@ impl Refcounts {
     /// Sets the refcount of every cluster touched by `[off, off+len)`.
     pub fn set_range(
         &mut self,
-        file: &File,
+        file: &dyn Storage,
         path: &Path,
         off: u64,
         len: u64,
@@ -212,7 +212,7 @@ impl Refcounts {
     /// Decrements the refcount of every cluster touched by `[off, off+len)`.
     pub fn decrement_range(
         &mut self,
-        file: &File,
+        file: &dyn Storage,
         path: &Path,
         off: u64,
         len: u64,
@@ -237,7 +237,7 @@ impl Refcounts {
     /// table entry must never reach the disk before the block it points
     /// at). Each item stays dirty until its own write succeeded, so a
     /// failed flush loses nothing and the next one retries.
-    pub fn write_out(&mut self, file: &File, path: &Path) -> Result<()> {
+    pub fn write_out(&mut self, file: &dyn Storage, path: &Path) -> Result<()> {
         let dirty: Vec<u64> = self.dirty_blocks.iter().copied().collect();
         for i in dirty {
             let off = self.table[i as usize];

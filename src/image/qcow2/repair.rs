@@ -16,7 +16,7 @@ use super::l2::{Geometry, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
 use super::refcount::Refcounts;
 use crate::error::{ImageError, Result};
 use crate::fileio::{file_len, read_exact_at, sync_data};
-use std::fs::File;
+use crate::image::storage::Storage;
 use std::path::Path;
 
 /// Refuse to scan images with more clusters than this (the bitset of
@@ -58,12 +58,18 @@ impl Used {
 /// were freed, or `None` when the image is of a kind this does not repair.
 pub fn repair_leaks(path: &Path) -> Result<Option<u64>> {
     let file = crate::input::open_input(path, true, crate::input::Accept::RegularOrBlock)?;
+    repair_leaks_in(&file, path)
+}
+
+/// [`repair_leaks`] on the image in `file` (any storage); `path` names it
+/// in errors.
+pub fn repair_leaks_in(file: &dyn Storage, path: &Path) -> Result<Option<u64>> {
     let mut magic = [0u8; 4];
-    if read_exact_at(&file, path, &mut magic, 0, "magic").is_err() || &magic != super::header::MAGIC
+    if read_exact_at(file, path, &mut magic, 0, "magic").is_err() || &magic != super::header::MAGIC
     {
         return Ok(None); // not qcow2
     }
-    let h = Header::read(&file, path)?;
+    let h = Header::read(file, path)?;
     if h.nb_snapshots > 0
         || h.has_bitmaps
         || h.incompatible_features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0
@@ -72,7 +78,7 @@ pub fn repair_leaks(path: &Path) -> Result<Option<u64>> {
     }
     let g = Geometry::new(&h);
     let cs = g.cluster_size;
-    let len = file_len(&file, path)?;
+    let len = file_len(file, path)?;
     let clusters = len.div_ceil(cs);
     if clusters > MAX_CLUSTERS {
         return Ok(None);
@@ -82,9 +88,9 @@ pub fn repair_leaks(path: &Path) -> Result<Option<u64>> {
         clusters,
         cluster_size: cs,
     };
-    mark_references(&file, path, &h, &g, &mut used)?;
+    mark_references(file, path, &h, &g, &mut used)?;
 
-    let mut refs = Refcounts::load(&file, path, &h, len)?;
+    let mut refs = Refcounts::load(file, path, &h, len)?;
     let mut freed = 0;
     let mut file_end = clusters * cs;
     let per_block = refs.per_block();
@@ -93,15 +99,15 @@ pub fn repair_leaks(path: &Path) -> Result<Option<u64>> {
             continue;
         }
         for c in i * per_block..(i + 1) * per_block {
-            if !used.is_used(c) && refs.get(&file, path, c, file_end)? > 0 {
-                refs.set(&file, path, c, 0, &mut file_end)?;
+            if !used.is_used(c) && refs.get(file, path, c, file_end)? > 0 {
+                refs.set(file, path, c, 0, &mut file_end)?;
                 freed += 1;
             }
         }
     }
     if freed > 0 {
-        refs.write_out(&file, path)?;
-        sync_data(&file, path)?;
+        refs.write_out(file, path)?;
+        sync_data(file, path)?;
     }
     Ok(Some(freed))
 }
@@ -109,7 +115,7 @@ pub fn repair_leaks(path: &Path) -> Result<Option<u64>> {
 /// Marks the header, L1, L2 tables, data clusters, refcount table and
 /// refcount blocks.
 fn mark_references(
-    file: &File,
+    file: &dyn Storage,
     path: &Path,
     h: &Header,
     g: &Geometry,

@@ -4,8 +4,8 @@
 use super::header::Header;
 use crate::error::{ImageError, Result};
 use crate::fileio::{be_u16, be_u32, be_u64, read_exact_at};
+use crate::image::storage::Storage;
 use crate::image::InternalSnapshot;
-use std::fs::File;
 use std::path::Path;
 
 /// Fixed part of a snapshot table entry.
@@ -14,7 +14,7 @@ const ENTRY_FIXED: u64 = 40;
 const MAX_TABLE_BYTES: u64 = 64 << 20;
 
 pub fn read_snapshots(
-    file: &File,
+    file: &dyn Storage,
     path: &Path,
     h: &Header,
     file_len: u64,

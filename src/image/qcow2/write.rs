@@ -21,8 +21,8 @@ use super::l2::{self, Entry, BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, OFLAG_COPIED, OF
 use super::{Meta, Qcow2Layer, MAX_DIRTY_BYTES};
 use crate::error::{ImageError, Result};
 use crate::fileio::{self, sync_data, write_all_at};
+use crate::image::storage::Storage;
 use crate::image::{check_range, BackingRead, ReadMap};
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -55,7 +55,7 @@ pub(super) fn check_writable(path: &Path, h: &Header) -> Result<()> {
 /// Autoclear features (e.g. persistent bitmaps) describe data we will not
 /// keep up to date; the spec says a writer that does not maintain them must
 /// clear them.
-pub(super) fn clear_autoclear(file: &File, path: &Path, h: &Header) -> Result<()> {
+pub(super) fn clear_autoclear(file: &dyn Storage, path: &Path, h: &Header) -> Result<()> {
     if h.version >= 3 && h.autoclear_features != 0 {
         write_all_at(file, path, &0u64.to_be_bytes(), header::OFF_AUTOCLEAR)?;
         sync_data(file, path)?;
@@ -116,7 +116,7 @@ impl HostWriter<'_> {
 
     fn finish(&mut self) -> Result<()> {
         if !self.buf.is_empty() {
-            write_all_at(&self.layer.file, &self.layer.path, &self.buf, self.start)?;
+            write_all_at(&*self.layer.file, &self.layer.path, &self.buf, self.start)?;
             self.buf.clear();
         }
         Ok(())
@@ -134,7 +134,7 @@ impl Qcow2Layer {
         if !self.autoclear_cleared.load(Ordering::Acquire) {
             let _w = self.meta.lock();
             if !self.autoclear_cleared.load(Ordering::Acquire) {
-                clear_autoclear(&self.file, &self.path, &self.header)?;
+                clear_autoclear(&*self.file, &self.path, &self.header)?;
                 self.autoclear_cleared.store(true, Ordering::Release);
             }
         }
@@ -180,7 +180,7 @@ impl Qcow2Layer {
                 } => host,
                 _ => continue,
             };
-            if let Err(e) = refs.set(&self.file, &self.path, host / cs, 0, file_end) {
+            if let Err(e) = refs.set(&*self.file, &self.path, host / cs, 0, file_end) {
                 tracing::warn!(
                     "releasing a reserved cluster of {}: {e}",
                     self.path.display()
@@ -531,7 +531,7 @@ impl Qcow2Layer {
         let start = *file_end;
         *file_end += n * cs;
         for c in start / cs..start / cs + n {
-            let old = refs.get(&self.file, &self.path, c, *file_end)?;
+            let old = refs.get(&*self.file, &self.path, c, *file_end)?;
             if old != 0 {
                 return Err(ImageError::corrupt(
                     &self.path,
@@ -539,7 +539,7 @@ impl Qcow2Layer {
                     format!("cluster past the end of the file already has refcount {old}"),
                 ));
             }
-            refs.set(&self.file, &self.path, c, 1, file_end)?;
+            refs.set(&*self.file, &self.path, c, 1, file_end)?;
         }
         Ok(start)
     }
@@ -555,7 +555,7 @@ impl Qcow2Layer {
         }
         if refs.is_none() {
             *refs = Some(super::refcount::Refcounts::load(
-                &self.file,
+                &*self.file,
                 &self.path,
                 &self.header,
                 file_end,
@@ -625,7 +625,7 @@ impl Qcow2Layer {
         // Freed clusters (`pending_free`) need the refcounts even when no
         // write allocated anything yet.
         let refs = self.refs_mut(&mut meta.refs, meta.file_end)?;
-        let (file, path) = (&self.file, self.path.as_path());
+        let (file, path) = (&*self.file, self.path.as_path());
         // Every allocated cluster lies inside the file, even the ones whose
         // contents are still only in memory.
         if fileio::file_len(file, path)? < meta.file_end {

@@ -24,7 +24,7 @@ use super::footer::{checksum, Footer};
 use super::header::DynamicHeader;
 use crate::error::{ImageError, Result};
 use crate::fileio::read_exact_at;
-use std::fs::File;
+use crate::image::storage::Storage;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -57,7 +57,7 @@ impl Bat {
     /// must lie inside the file (QEMU's rule: the last block may end at the
     /// end of the file) and outside the metadata in `forbidden`.
     pub fn read(
-        file: &File,
+        file: &dyn Storage,
         path: &Path,
         h: &DynamicHeader,
         virtual_size: u64,
@@ -356,7 +356,7 @@ pub struct Batmap {
 /// wrong with it (cookie, version, bounds, checksum) means "no batmap",
 /// with a warning, never an error.
 pub fn read_batmap(
-    file: &File,
+    file: &dyn Storage,
     path: &Path,
     f: &Footer,
     h: &DynamicHeader,

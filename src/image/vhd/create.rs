@@ -63,6 +63,13 @@ const MIN_DYNAMIC_BLOCK_SIZE: u32 = 4096;
 /// sectors) in blocks of `block_size` bytes (a power of two, 4 KiB to
 /// 256 MiB) at `path`, which must not exist.
 pub fn create_dynamic(path: &Path, size: u64, block_size: u32) -> Result<()> {
+    let img = dynamic_bytes(path, size, block_size)?;
+    write_new(path, &img, None)
+}
+
+/// The bytes of a new empty dynamic VHD (see [`create_dynamic`]); `path`
+/// names it in errors. Unit tests open these from memory.
+pub fn dynamic_bytes(path: &Path, size: u64, block_size: u32) -> Result<Vec<u8>> {
     let size = size.div_ceil(512) * 512;
     check_size(path, size)?;
     check_block_size(path, block_size, MIN_DYNAMIC_BLOCK_SIZE)?;
@@ -75,7 +82,7 @@ pub fn create_dynamic(path: &Path, size: u64, block_size: u32) -> Result<()> {
     };
     let footer = new_footer(DISK_DYNAMIC, size, geometry)?;
     let header = new_header(path, size, block_size)?;
-    write_image(path, &footer, header, &[], None)
+    Ok(layout(&footer, header, &[]))
 }
 
 /// Creates at `path` (which must not exist) an empty differencing VHD whose
@@ -106,20 +113,34 @@ pub fn create_differencing_like(
             ),
         )
     })?;
-    let pf = player.footer();
-    let size = player.virtual_size();
-    let block_size = player
+    let time_stamp = std::fs::metadata(parent)
+        .and_then(|m| m.modified())
+        .map_or(0, vhd_time);
+    let names = ParentNames::new(path, parent)?;
+    let img = differencing_bytes(path, &player, &names, time_stamp)?;
+    write_new(path, &img, like)
+}
+
+/// The bytes of a new empty differencing VHD on `parent`, which `names`
+/// name and whose file was last modified at `parent_time_stamp` (VHD
+/// time); `path` names the child in errors.
+pub(super) fn differencing_bytes(
+    path: &Path,
+    parent: &VhdLayer,
+    names: &ParentNames,
+    parent_time_stamp: u32,
+) -> Result<Vec<u8>> {
+    let pf = parent.footer();
+    let size = parent.virtual_size();
+    let block_size = parent
         .dynamic_header()
         .map_or(DEFAULT_BLOCK_SIZE, |h| h.block_size);
     let footer = new_footer(DISK_DIFFERENCING, size, pf.disk_geometry)?;
     let mut header = new_header(path, size, block_size)?;
     header.parent_unique_id = pf.unique_id;
-    header.parent_time_stamp = std::fs::metadata(parent)
-        .and_then(|m| m.modified())
-        .map_or(0, vhd_time);
-    let names = ParentNames::new(path, parent)?;
+    header.parent_time_stamp = parent_time_stamp;
     header.parent_unicode_name = names.unicode.clone();
-    write_image(path, &footer, header, &names.locators(), like)
+    Ok(layout(&footer, header, &names.locators()))
 }
 
 /// The ways a differencing disk names its parent (also used by
@@ -263,7 +284,7 @@ fn new_unique_id(path: &Path) -> Result<[u8; 16]> {
     Ok(id)
 }
 
-fn new_footer(disk_type: u32, size: u64, geometry: DiskGeometry) -> Result<Footer> {
+pub(super) fn new_footer(disk_type: u32, size: u64, geometry: DiskGeometry) -> Result<Footer> {
     Ok(Footer {
         // Bit 1 is reserved and must be set.
         features: 2,
@@ -313,16 +334,9 @@ fn new_header(path: &Path, size: u64, block_size: u32) -> Result<DynamicHeader> 
     })
 }
 
-/// Lays out and writes a new image: footer copy, header, BAT, locator
-/// data (`(platform code, data)`), footer; then fsync. The file gets the
-/// owner and mode `like` before its first byte.
-fn write_image(
-    path: &Path,
-    footer: &Footer,
-    mut header: DynamicHeader,
-    locators: &[(u32, Vec<u8>)],
-    like: Option<&Ownership>,
-) -> Result<()> {
+/// Lays out a new image: footer copy, header, BAT, locator data
+/// (`(platform code, data)`), footer.
+fn layout(footer: &Footer, mut header: DynamicHeader, locators: &[(u32, Vec<u8>)]) -> Vec<u8> {
     let bat_bytes = (header.max_table_entries as u64 * 4).div_ceil(512) * 512;
     let mut at = BAT_OFFSET + bat_bytes;
     let mut data = Vec::new();
@@ -350,6 +364,12 @@ fn write_image(
         img[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
     }
     img.extend_from_slice(&footer_bytes);
+    img
+}
+
+/// Writes `img` to the new file `path`, then fsync. The file gets the
+/// owner and mode `like` before its first byte.
+fn write_new(path: &Path, img: &[u8], like: Option<&Ownership>) -> Result<()> {
     let file = new_file(like)
         .open(path)
         .map_err(|e| ImageError::io(path, "create", 0, e))?;
@@ -357,7 +377,7 @@ fn write_image(
         like.apply(&file, path)
             .map_err(|e| ImageError::io(path, "set owner and mode of", 0, e))?;
     }
-    write_all_at(&file, path, &img, 0)?;
+    write_all_at(&file, path, img, 0)?;
     file.sync_all()
         .map_err(|e| ImageError::io(path, "fsync", 0, e))
 }

@@ -18,7 +18,7 @@
 
 use crate::error::{ImageError, Result};
 use crate::fileio::{be_u16, be_u32, be_u64, file_len, read_exact_at};
-use std::fs::File;
+use crate::image::storage::Storage;
 use std::path::Path;
 
 pub const COOKIE: &[u8; 8] = b"conectix";
@@ -298,7 +298,7 @@ impl Footer {
     /// Reads the footer of `file`: at the end, else (dynamic and
     /// differencing disks) the copy at offset 0. A copy that is present is
     /// checked too: a damaged copy means a damaged image.
-    pub fn read(file: &File, path: &Path) -> Result<Footer> {
+    pub fn read(file: &dyn Storage, path: &Path) -> Result<Footer> {
         let len = file_len(file, path)?;
         if len < SHORT_FOOTER_LEN {
             return Err(ImageError::corrupt(
@@ -411,7 +411,7 @@ impl Footer {
 /// Whether `file` is a fixed VHD: no magic at the start, but a valid fixed
 /// disk footer at the end (QEMU needs `-f vpc` for those; we recognise
 /// them, since only a checksummed footer of type fixed matches).
-pub fn is_fixed_vhd(file: &File, path: &Path) -> bool {
+pub fn is_fixed_vhd(file: &dyn Storage, path: &Path) -> bool {
     Footer::read(file, path).is_ok_and(|f| f.is_fixed())
 }
 

@@ -16,7 +16,7 @@
 use super::footer::{checksum, Footer, FOOTER_LEN};
 use crate::error::{ImageError, Result};
 use crate::fileio::{be_u32, be_u64, read_exact_at};
-use std::fs::File;
+use crate::image::storage::Storage;
 use std::path::Path;
 
 pub const COOKIE: &[u8; 8] = b"cxsparse";
@@ -93,7 +93,12 @@ pub struct ParentName {
 
 impl DynamicHeader {
     /// Reads and checks the header the footer points at.
-    pub fn read(file: &File, path: &Path, footer: &Footer, file_len: u64) -> Result<DynamicHeader> {
+    pub fn read(
+        file: &dyn Storage,
+        path: &Path,
+        footer: &Footer,
+        file_len: u64,
+    ) -> Result<DynamicHeader> {
         let at = footer.data_offset;
         let field = footer.at + 16;
         if at < FOOTER_LEN || at.checked_add(HEADER_LEN).is_none_or(|e| e > file_len) {
@@ -241,7 +246,7 @@ impl DynamicHeader {
     /// skipped (their data is in formats nobody writes any more).
     fn read_locator(
         &self,
-        file: &File,
+        file: &dyn Storage,
         path: &Path,
         i: usize,
         file_len: u64,
@@ -326,7 +331,7 @@ impl DynamicHeader {
     /// lie inside the file and outside the `forbidden` metadata ranges.
     pub fn parent_name(
         &self,
-        file: &File,
+        file: &dyn Storage,
         path: &Path,
         file_len: u64,
         forbidden: &[(u64, u64, &str)],

@@ -38,10 +38,13 @@ pub mod driver;
 pub mod footer;
 pub mod header;
 pub mod reparent;
+#[cfg(test)]
+mod tests;
 mod write;
 
 use crate::error::{ImageError, Result};
 use crate::fileio::{self, read_exact_at};
+use crate::image::storage::Storage;
 use crate::image::{
     check_range, push_extent, BackingRead, BackingRef, Extent, Format, LayerInfo, Mapping,
 };
@@ -93,7 +96,7 @@ struct Sparse {
 
 pub struct VhdLayer {
     path: PathBuf,
-    file: File,
+    file: Box<dyn Storage>,
     footer: Footer,
     size: u64,
     backing: Option<BackingRef>,
@@ -116,8 +119,14 @@ impl VhdLayer {
     /// Writing needs a little more from the file than reading: blocks that
     /// do not overlap each other or any metadata (see `write`).
     pub fn open_with(path: &Path, file: File, writable: bool) -> Result<VhdLayer> {
-        let footer = Footer::read(&file, path)?;
-        let file_len = fileio::file_len(&file, path)?;
+        VhdLayer::open_storage(path, Box::new(file), writable)
+    }
+
+    /// Opens the VHD held by `file` (any storage: memory in unit tests);
+    /// `path` names it in errors.
+    pub fn open_storage(path: &Path, file: Box<dyn Storage>, writable: bool) -> Result<VhdLayer> {
+        let footer = Footer::read(&*file, path)?;
+        let file_len = fileio::file_len(&*file, path)?;
         let size = footer.virtual_size(path)?;
         let mut layer = VhdLayer {
             path: path.to_path_buf(),
@@ -147,7 +156,7 @@ impl VhdLayer {
             }
             return Ok(layer);
         }
-        let header = DynamicHeader::read(&layer.file, path, footer, file_len)?;
+        let header = DynamicHeader::read(&*layer.file, path, footer, file_len)?;
         let mut forbidden: Vec<(u64, u64, &str)> = vec![
             (0, footer::FOOTER_LEN, "footer copy at offset 0"),
             (
@@ -159,7 +168,7 @@ impl VhdLayer {
         if !footer.from_head_copy {
             forbidden.push((footer.at, footer.at + footer.len, "footer"));
         }
-        let bat = Bat::read(&layer.file, path, &header, size, file_len, &forbidden)?;
+        let bat = Bat::read(&*layer.file, path, &header, size, file_len, &forbidden)?;
         let blocks = bat.len();
         forbidden.push((
             bat.table_offset,
@@ -167,7 +176,7 @@ impl VhdLayer {
             "block allocation table",
         ));
         if footer.is_differencing() {
-            let parent = header.parent_name(&layer.file, path, file_len, &forbidden)?;
+            let parent = header.parent_name(&*layer.file, path, file_len, &forbidden)?;
             // XCP records a raw parent with a nil id: let the chain probe it.
             let nil = header.parent_unique_id == [0; 16];
             layer.backing = Some(BackingRef {
@@ -177,7 +186,7 @@ impl VhdLayer {
             });
         }
         let full = FullBlocks::new(blocks);
-        let batmap = bat::read_batmap(&layer.file, path, footer, &header, blocks, file_len);
+        let batmap = bat::read_batmap(&*layer.file, path, footer, &header, blocks, file_len);
         if let Some(b) = &batmap {
             for i in 0..blocks {
                 if bat.bitmap_offset(i).is_some() && BitOrder::MsbFirst.test(&b.map, i) {
@@ -187,7 +196,7 @@ impl VhdLayer {
         }
         if writable {
             layer.writer = Some(Mutex::new(write::Writer::sparse(
-                &layer.file,
+                &*layer.file,
                 path,
                 footer,
                 &header,
@@ -248,7 +257,7 @@ impl VhdLayer {
             cache.generation
         };
         let mut buf = vec![0u8; sp.bat.bitmap_size as usize];
-        read_exact_at(&self.file, &self.path, &mut buf, at, "VHD sector bitmap")?;
+        read_exact_at(&*self.file, &self.path, &mut buf, at, "VHD sector bitmap")?;
         self.bitmap_reads.fetch_add(1, Ordering::Relaxed);
         let b = Arc::new(buf);
         let mut cache = sp.bitmaps.lock();
@@ -409,7 +418,7 @@ impl ReadMap for VhdLayer {
     }
 
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
-        fileio::read_at_zero_fill(&self.file, &self.path, buf, host)
+        fileio::read_at_zero_fill(&*self.file, &self.path, buf, host)
     }
 
     /// A fixed disk's holes read as zeros and are reported so; inside the
@@ -419,7 +428,7 @@ impl ReadMap for VhdLayer {
         if self.sparse.is_some() {
             return Ok(vec![(host, host + len, true)]);
         }
-        fileio::data_segments(&self.file, &self.path, host, host + len)
+        fileio::data_segments(&*self.file, &self.path, host, host + len)
     }
 
     fn info(&self) -> Result<LayerInfo> {
@@ -429,7 +438,7 @@ impl ReadMap for VhdLayer {
             version: Some(self.footer.file_format_version >> 16),
             virtual_size: self.size,
             cluster_size: self.sparse.as_ref().map(|s| s.bat.block_size),
-            file_size: fileio::file_len(&self.file, &self.path)?,
+            file_size: fileio::file_len(&*self.file, &self.path)?,
             backing: self.backing.clone(),
             features: self.features(),
             snapshots: Vec::new(),
@@ -490,11 +499,11 @@ impl Identity for VhdLayer {
 
 impl Locking for VhdLayer {
     fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
-        crate::image::lock::acquire(&self.file, mode)
+        crate::image::lock::acquire(&*self.file, mode)
     }
 
     fn unlock(&self) {
-        crate::image::lock::release(&self.file)
+        crate::image::lock::release(&*self.file)
     }
 }
 

@@ -65,11 +65,10 @@ use super::header::DynamicHeader;
 use super::{Sparse, VhdLayer};
 use crate::error::{ImageError, Result};
 use crate::fileio::{read_exact_at, sync_data, write_all_at};
+use crate::image::storage::Storage;
 use crate::image::{check_range, BackingRead, Mapping};
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -118,7 +117,7 @@ impl Writer {
     /// not overlap each other, the parent locators' data or XCP's batmap.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn sparse(
-        file: &File,
+        file: &dyn Storage,
         path: &Path,
         footer: &Footer,
         header: &DynamicHeader,
@@ -197,7 +196,7 @@ impl VhdLayer {
         match &self.sparse {
             None => {
                 w.data_written = true;
-                write_all_at(&self.file, &self.path, data, offset)
+                write_all_at(&*self.file, &self.path, data, offset)
             }
             Some(sp) => {
                 self.write_sparse(sp, &mut w, offset, data, below)?;
@@ -244,27 +243,16 @@ impl VhdLayer {
     /// Zeros `[host, host+len)` of the file (guest data, never metadata):
     /// a hole where allowed and possible, else written zeros.
     fn zero_host(&self, host: u64, len: u64, punch: bool) -> Result<()> {
-        if punch {
-            // SAFETY: fallocate on our own descriptor; the caller passes a
-            // range of guest data (a fixed disk's data area or data sectors
-            // of a block), which `map` and `check_range` bounded.
-            let r = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    host as libc::off_t,
-                    len as libc::off_t,
-                )
-            };
-            if r == 0 {
-                return Ok(());
-            }
+        // A hole where the storage can (the caller passes a range of guest
+        // data, which `map` and `check_range` bounded), else written zeros.
+        if punch && self.file.punch_hole(host, len).is_ok() {
+            return Ok(());
         }
         let chunk = vec![0u8; len.min(ZERO_CHUNK) as usize];
         let mut at = host;
         while at < host + len {
             let n = (host + len - at).min(ZERO_CHUNK) as usize;
-            write_all_at(&self.file, &self.path, &chunk[..n], at)?;
+            write_all_at(&*self.file, &self.path, &chunk[..n], at)?;
             at += n as u64;
         }
         Ok(())
@@ -344,7 +332,7 @@ impl VhdLayer {
                     })?;
                     if sp.full.get(block) {
                         let host = bitmap_at + sp.bat.bitmap_size + (at - block * bs);
-                        write_all_at(&self.file, &self.path, piece, host)?;
+                        write_all_at(&*self.file, &self.path, piece, host)?;
                     } else {
                         let old = self.bitmap(sp, block, bitmap_at)?;
                         let changed =
@@ -383,15 +371,15 @@ impl VhdLayer {
         // the old one. The space is given up at once, even if the sync
         // fails: a later allocation must not put a block's data where this
         // footer may have landed.
-        write_all_at(&self.file, &self.path, &w.footer, end)?;
+        write_all_at(&*self.file, &self.path, &w.footer, end)?;
         w.alloc_at = end;
-        sync_data(&self.file, &self.path)?;
+        sync_data(&*self.file, &self.path)?;
         // The first block's bitmap lies where the old footer was; the rest
         // of the new space lies past the old end of the file and reads
         // zeros, so an empty bitmap need not be written there.
         for i in 0..count {
             if i == 0 || bitmap.iter().any(|b| *b != 0) {
-                write_all_at(&self.file, &self.path, bitmap, first + i * span)?;
+                write_all_at(&*self.file, &self.path, bitmap, first + i * span)?;
             }
         }
         Ok(first)
@@ -425,12 +413,12 @@ impl VhdLayer {
             .min(in_disk)
             .max(s1);
         if (g0..g1).all(|s| sp.order.test(bitmap, s)) {
-            write_all_at(&self.file, &self.path, piece, data_at + (at - bstart))?;
+            write_all_at(&*self.file, &self.path, piece, data_at + (at - bstart))?;
             return Ok(None);
         }
         let (span_s, span_e) = (bstart + g0 * 512, bstart + g1 * 512);
         if span_s == at && span_e == end {
-            write_all_at(&self.file, &self.path, piece, data_at + g0 * 512)?;
+            write_all_at(&*self.file, &self.path, piece, data_at + g0 * 512)?;
         } else {
             let mut buf = vec![0u8; (span_e - span_s) as usize];
             for (rs, re) in [(span_s, at), (end, span_e)] {
@@ -440,7 +428,7 @@ impl VhdLayer {
                 }
             }
             buf[(at - span_s) as usize..(end - span_s) as usize].copy_from_slice(piece);
-            write_all_at(&self.file, &self.path, &buf, data_at + g0 * 512)?;
+            write_all_at(&*self.file, &self.path, &buf, data_at + g0 * 512)?;
         }
         let mut new_map = bitmap.to_vec();
         sp.order.set_range(&mut new_map, g0, g1);
@@ -480,7 +468,7 @@ impl VhdLayer {
     }
 
     fn read_host_bytes(&self, host: u64, buf: &mut [u8]) -> Result<()> {
-        crate::fileio::read_at_zero_fill(&self.file, &self.path, buf, host)
+        crate::fileio::read_at_zero_fill(&*self.file, &self.path, buf, host)
     }
 
     /// Makes a block's new bitmap (and, for a new block at `new_block_at`,
@@ -539,7 +527,7 @@ impl VhdLayer {
     /// Makes every completed write durable, in the order of the module
     /// docs. What fails stays dirty, for the next attempt.
     fn write_back(&self, w: &mut Writer) -> Result<()> {
-        let (file, path) = (&self.file, self.path.as_path());
+        let (file, path) = (&*self.file, self.path.as_path());
         let Some(sp) = &self.sparse else {
             if w.data_written {
                 sync_data(file, path)?;
