@@ -51,10 +51,28 @@ pub fn raise() {
     }
 }
 
+/// A tree that needs more descriptors than the open-file limit allows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {images} images need about {need} open files (one per image, which holds its QEMU-compatible lock, plus {RESERVE}), but the open-file limit (RLIMIT_NOFILE) is {soft} (hard limit {hard}); raise it, e.g. `ulimit -Hn {need}; ulimit -n {need}` as root, `LimitNOFILE={need}` in a systemd unit, or `nofile` in /etc/security/limits.conf", .dir.display())]
+pub struct OverBudget {
+    pub dir: std::path::PathBuf,
+    pub images: u64,
+    pub need: u64,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+impl OverBudget {
+    /// The errno of a call refused for it.
+    pub fn errno(&self) -> i32 {
+        libc::EMFILE
+    }
+}
+
 /// Refuses a tree of `images` images when the descriptors it needs
 /// (`images` + [`RESERVE`]) exceed the soft limit, which [`raise`] has
 /// already lifted as far as it goes.
-pub fn check_budget(images: u64, dir: &std::path::Path) -> Result<(), String> {
+pub fn check_budget(images: u64, dir: &std::path::Path) -> Result<(), OverBudget> {
     let Some((soft, hard)) = limits() else {
         return Ok(());
     };
@@ -62,10 +80,13 @@ pub fn check_budget(images: u64, dir: &std::path::Path) -> Result<(), String> {
     if need <= soft {
         return Ok(());
     }
-    Err(format!(
-        "{}: {images} images need about {need} open files (one per image, which holds its QEMU-compatible lock, plus {RESERVE}), but the open-file limit (RLIMIT_NOFILE) is {soft} (hard limit {hard}); raise it, e.g. `ulimit -Hn {need}; ulimit -n {need}` as root, `LimitNOFILE={need}` in a systemd unit, or `nofile` in /etc/security/limits.conf",
-        dir.display()
-    ))
+    Err(OverBudget {
+        dir: dir.to_path_buf(),
+        images,
+        need,
+        soft,
+        hard,
+    })
 }
 
 /// For an error that is "Too many open files" (EMFILE, this process) or
@@ -103,7 +124,9 @@ mod tests {
     fn budget_names_count_and_limit() {
         let (soft, _) = limits().expect("getrlimit");
         assert!(check_budget(0, std::path::Path::new("/t")).is_ok() || soft < RESERVE);
-        let e = check_budget(soft, std::path::Path::new("/t")).unwrap_err();
+        let e = check_budget(soft, std::path::Path::new("/t"))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains(&format!("{soft} images need about {}", soft + RESERVE)),
             "{e}"

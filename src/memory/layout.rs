@@ -54,18 +54,31 @@ pub fn below_4g(machine: Option<&str>, ram: u64) -> u64 {
     }
 }
 
+/// Why a source cannot be placed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    #[error("RAM block {name:?} of {size} bytes is larger than any file can be")]
+    BlockTooLarge { name: String, size: u64 },
+    #[error("the source holds no memory")]
+    NoMemory,
+    #[error("the source holds no RAM block")]
+    NoRamBlock,
+    #[error("the RAM block is too large to place above 4 GiB")]
+    TooLargeAbove4G,
+}
+
 /// Places `src` (see the module docs). `Err` when it holds no RAM block,
 /// or one too large to place.
-pub fn place(src: &MemorySource) -> Result<Placement, String> {
+pub fn place(src: &MemorySource) -> Result<Placement, PlacementError> {
     // No file can be larger: sizes beyond would wrap as file sizes.
     if let Some(b) = src.blocks.iter().find(|b| b.size > i64::MAX as u64) {
-        return Err(format!(
-            "RAM block {:?} of {} bytes is larger than any file can be",
-            b.name, b.size
-        ));
+        return Err(PlacementError::BlockTooLarge {
+            name: b.name.clone(),
+            size: b.size,
+        });
     }
     if src.physical {
-        let b = src.blocks.first().ok_or("the source holds no memory")?;
+        let b = src.blocks.first().ok_or(PlacementError::NoMemory)?;
         return Ok(Placement {
             size: b.size,
             runs: b.runs.clone(),
@@ -81,7 +94,7 @@ pub fn place(src: &MemorySource) -> Result<Placement, String> {
         .or_else(|| {
             (0..src.blocks.len()).max_by_key(|&i| (src.blocks[i].size, std::cmp::Reverse(i)))
         })
-        .ok_or("the source holds no RAM block")?;
+        .ok_or(PlacementError::NoRamBlock)?;
     let ram = &src.blocks[main];
     let below = below_4g(src.machine.as_deref(), ram.size);
     // Parsers bound block sizes (and every run lies inside its block), so
@@ -90,7 +103,7 @@ pub fn place(src: &MemorySource) -> Result<Placement, String> {
         FOUR_GIB
             .checked_add(ram.size - below)
             .filter(|&s| s <= i64::MAX as u64)
-            .ok_or("the RAM block is too large to place above 4 GiB")?
+            .ok_or(PlacementError::TooLargeAbove4G)?
     } else {
         ram.size
     };

@@ -2,8 +2,8 @@
 //! from the file the hypervisor wrote (a QEMU migration stream, an ELF core
 //! from `dump-guest-memory`, a raw dump) and shown as `memory.raw`, laid
 //! out by guest-physical address, so forensics tools read it as a raw
-//! physical dump (DESIGN.md: "everything is a layer, every view is a
-//! chain").
+//! physical dump (ARCHITECTURE.md, "Layers": a memory source is one more
+//! layer, and a point's memory one more chain).
 //!
 //! Each source format has a parser that indexes the file once into a
 //! [`MemorySource`]: the RAM blocks it holds and, for each, which ranges
@@ -16,6 +16,7 @@
 pub mod checkpoint;
 pub mod detect;
 pub mod elf;
+pub mod error;
 pub mod index_cache;
 pub mod layout;
 pub mod migstream;

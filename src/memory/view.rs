@@ -8,6 +8,7 @@
 //!
 //! [`checkpoint`]: super::checkpoint
 
+use super::error::MemoryError;
 use super::{detect, index_cache, layout, MemoryLayer};
 use crate::chain::{Chain, OpenOptions};
 use crate::image::{probe, Format};
@@ -74,22 +75,26 @@ fn is_qcow2(path: &Path) -> bool {
 
 /// Opens the memory source `source` of the tree in `dir`, its index taken
 /// from (and stored in) the cache directory `cache` when given.
-pub fn open_view(dir: &Path, source: &str, cache: Option<&Path>) -> Result<MemoryView, String> {
+pub fn open_view(
+    dir: &Path,
+    source: &str,
+    cache: Option<&Path>,
+) -> Result<MemoryView, MemoryError> {
     let path = dir.join(source);
     if is_qcow2(&path) {
         return open_delta(source, path);
     }
     let canon = path.canonicalize().unwrap_or(path.clone());
-    let src =
-        index_cache::load_or_index(cache, &canon, detect::index_any).map_err(|e| e.to_string())?;
-    let placed = layout::place(&src).map_err(|why| format!("{}: {why}", path.display()))?;
-    let layer = MemoryLayer::new(&path, &src.kind, placed.size, placed.runs.clone())
-        .map_err(|e| e.to_string())?;
+    let src = index_cache::load_or_index(cache, &canon, detect::index_any)?;
+    let placed = layout::place(&src).map_err(|source| MemoryError::Placement {
+        path: path.clone(),
+        source,
+    })?;
+    let layer = MemoryLayer::new(&path, &src.kind, placed.size, placed.runs.clone())?;
     let files = block_files(placed.others.iter().map(|b| b.name.as_str()));
     let mut blocks = Vec::new();
     for (b, file) in placed.others.iter().zip(files) {
-        let l = MemoryLayer::new(&path, &src.kind, b.size, b.runs.clone())
-            .map_err(|e| e.to_string())?;
+        let l = MemoryLayer::new(&path, &src.kind, b.size, b.runs.clone())?;
         blocks.push(Block {
             file,
             chain: Arc::new(Chain::from_layers(vec![Arc::new(l)])),
@@ -120,9 +125,9 @@ pub fn open_view(dir: &Path, source: &str, cache: Option<&Path>) -> Result<Memor
 }
 
 /// A page-delta checkpoint: its chain through the parents' deltas.
-fn open_delta(source: &str, path: PathBuf) -> Result<MemoryView, String> {
-    let chain = Chain::open(&path, &OpenOptions::default()).map_err(|e| e.to_string())?;
-    let held = chain.leaf().allocated_bytes().map_err(|e| e.to_string())?;
+fn open_delta(source: &str, path: PathBuf) -> Result<MemoryView, MemoryError> {
+    let chain = Chain::open(&path, &OpenOptions::default())?;
+    let held = chain.leaf().allocated_bytes()?;
     let parent = chain.leaf().backing().map(|b| b.name.clone());
     let info = json!({
         "source": source,

@@ -186,7 +186,7 @@ impl Tree {
         let parent = self.nodes.read().get(&id).and_then(|n| n.parent);
         let src =
             crate::memory::view::open_view(&self.dir, &source_name, self.index_cache().as_deref())
-                .map_err(|why| err(libc::EINVAL, why))?;
+                .map_err(|why| err(libc::EINVAL, why.to_string()))?;
         if src.delta {
             return Err(err(
                 libc::EINVAL,

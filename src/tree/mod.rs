@@ -105,7 +105,9 @@ impl PointMemory {
     pub fn open(dir: &Path, source: &str, cache: Option<&Path>) -> PointMemory {
         PointMemory {
             source: source.to_string(),
-            view: crate::memory::view::open_view(dir, source, cache).map(Arc::new),
+            view: crate::memory::view::open_view(dir, source, cache)
+                .map(Arc::new)
+                .map_err(|e| e.to_string()),
         }
     }
 }

@@ -50,7 +50,8 @@ impl Tree {
         // rather than mount part of it.
         let memories = manifest.points.iter().filter(|p| p.memory.is_some());
         let images = found.values().filter(|f| f.broken.is_none()).count();
-        crate::fdlimit::check_budget((images + memories.count()) as u64, &dir)?;
+        crate::fdlimit::check_budget((images + memories.count()) as u64, &dir)
+            .map_err(|e| e.to_string())?;
         let mut tree = Tree::unbuilt(dir, confine, opts, !is_dir, tree_lock);
         tree.build(found, manifest, &mut problems);
         if tree.nodes.read().is_empty() {
