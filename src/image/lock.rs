@@ -68,31 +68,76 @@ fn set(file: &File, ty: i32, byte: i64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Why a lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process uses the image in a way `mode` cannot share.
+    #[error("another process (a running VM, qemu-img, another mount?) {}", if *.holds { format!("holds the {} permission", .permission) } else { format!("does not share the {} permission", .permission) })]
+    Conflict {
+        permission: &'static str,
+        /// It holds the permission (else: it refuses to share it).
+        holds: bool,
+    },
+    /// The system refused to test or set a lock byte.
+    #[error("{} byte {byte}: {source}", if *.testing { "testing lock" } else { "locking" })]
+    Io {
+        byte: i64,
+        testing: bool,
+        source: std::io::Error,
+    },
+}
+
+impl LockError {
+    /// The errno of a call refused for it.
+    pub fn errno(&self) -> i32 {
+        match self {
+            LockError::Conflict { .. } => libc::EBUSY,
+            LockError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
 /// Tests for conflicts, then takes the locks of `mode`. The error says
 /// which permission another process holds or refuses.
 ///
 /// Storage without a descriptor (memory, in unit tests) is never shared,
 /// so it takes no locks.
-pub fn acquire(storage: &dyn Storage, mode: LockMode) -> Result<(), String> {
+pub fn acquire(storage: &dyn Storage, mode: LockMode) -> Result<(), LockError> {
     let Some(file) = storage.as_file() else {
         return Ok(());
     };
     let (used, unshared) = mode.masks();
     for (p, name) in PERM_NAMES.iter().enumerate() {
         let bit = 1 << p;
-        let busy =
-            |b: i64| held_by_other(file, b).map_err(|e| format!("testing lock byte {b}: {e}"));
+        let busy = |byte: i64| {
+            held_by_other(file, byte).map_err(|source| LockError::Io {
+                byte,
+                testing: true,
+                source,
+            })
+        };
         if used & bit != 0 && busy(SHARED_BASE + p as i64)? {
-            return Err(format!("another process (a running VM, qemu-img, another mount?) does not share the {name} permission"));
+            return Err(LockError::Conflict {
+                permission: name,
+                holds: false,
+            });
         }
         if unshared & bit != 0 && busy(PERM_BASE + p as i64)? {
-            return Err(format!("another process (a running VM, qemu-img, another mount?) holds the {name} permission"));
+            return Err(LockError::Conflict {
+                permission: name,
+                holds: true,
+            });
         }
     }
     for p in 0..PERM_NAMES.len() as i64 {
         let bit = 1 << p;
-        let take =
-            |b: i64| set(file, libc::F_RDLCK, b).map_err(|e| format!("locking byte {b}: {e}"));
+        let take = |byte: i64| {
+            set(file, libc::F_RDLCK, byte).map_err(|source| LockError::Io {
+                byte,
+                testing: false,
+                source,
+            })
+        };
         if used & bit != 0 {
             take(PERM_BASE + p)?;
         }

@@ -279,7 +279,7 @@ pub trait Identity: ReadMap {
 /// never shared keep the no-op defaults.
 pub trait Locking: ReadMap {
     /// Takes QEMU-compatible locks on the image file (see `lock`).
-    fn lock(&self, mode: lock::LockMode) -> Result<(), String> {
+    fn lock(&self, mode: lock::LockMode) -> Result<(), lock::LockError> {
         let _ = mode;
         Ok(())
     }

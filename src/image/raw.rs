@@ -138,7 +138,10 @@ impl Writable for RawLayer {
 impl Identity for RawLayer {}
 
 impl Locking for RawLayer {
-    fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
+    fn lock(
+        &self,
+        mode: crate::image::lock::LockMode,
+    ) -> std::result::Result<(), crate::image::lock::LockError> {
         crate::image::lock::acquire(&*self.file, mode)
     }
 

@@ -402,7 +402,7 @@ fn open_clone_layer(image: &Path, format: Format) -> Result<Arc<dyn Layer>, Tree
         .and_then(|l| {
             l.lock(LockMode::Writer)
                 .map(|_| l)
-                .map_err(|why| err(libc::EBUSY, why))
+                .map_err(|why| err(libc::EBUSY, why.to_string()))
         }) {
         Ok(l) => Ok(l),
         Err(e) => {

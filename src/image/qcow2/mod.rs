@@ -470,7 +470,10 @@ impl Writable for Qcow2Layer {
 impl Identity for Qcow2Layer {}
 
 impl Locking for Qcow2Layer {
-    fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
+    fn lock(
+        &self,
+        mode: crate::image::lock::LockMode,
+    ) -> std::result::Result<(), crate::image::lock::LockError> {
         crate::image::lock::acquire(&*self.file, mode)
     }
 

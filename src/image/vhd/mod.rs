@@ -498,7 +498,10 @@ impl Identity for VhdLayer {
 }
 
 impl Locking for VhdLayer {
-    fn lock(&self, mode: crate::image::lock::LockMode) -> std::result::Result<(), String> {
+    fn lock(
+        &self,
+        mode: crate::image::lock::LockMode,
+    ) -> std::result::Result<(), crate::image::lock::LockError> {
         crate::image::lock::acquire(&*self.file, mode)
     }
 

@@ -201,7 +201,7 @@ impl Tree {
             .map_err(|e| image_err(&e, e.errno()))?;
         overlay
             .lock(LockMode::Writer)
-            .map_err(|why| err(libc::EBUSY, why))?;
+            .map_err(|why| err(libc::EBUSY, why.to_string()))?;
         let mut leaf_layers = vec![overlay];
         leaf_layers.extend(below.iter().cloned());
         Ok((
