@@ -135,22 +135,22 @@ impl DynamicHeader {
             .map(|i| {
                 let o = OFF_PARENT_LOCATORS + i * LOCATOR_ENTRY_LEN;
                 ParentLocator {
-                    platform_code: be_u32(&b, o),
-                    platform_data_space: be_u32(&b, o + 4),
-                    platform_data_length: be_u32(&b, o + 8),
-                    platform_data_offset: be_u64(&b, o + 16),
+                    platform_code: be_u32(b, o),
+                    platform_data_space: be_u32(b, o + 4),
+                    platform_data_length: be_u32(b, o + 8),
+                    platform_data_offset: be_u64(b, o + 16),
                 }
             })
             .collect();
         DynamicHeader {
-            data_offset: be_u64(&b, 8),
-            table_offset: be_u64(&b, 16),
-            header_version: be_u32(&b, 24),
-            max_table_entries: be_u32(&b, 28),
-            block_size: be_u32(&b, 32),
-            checksum: be_u32(&b, OFF_CHECKSUM),
+            data_offset: be_u64(b, 8),
+            table_offset: be_u64(b, 16),
+            header_version: be_u32(b, 24),
+            max_table_entries: be_u32(b, 28),
+            block_size: be_u32(b, 32),
+            checksum: be_u32(b, OFF_CHECKSUM),
             parent_unique_id,
-            parent_time_stamp: be_u32(&b, 56),
+            parent_time_stamp: be_u32(b, 56),
             parent_unicode_name: b[OFF_PARENT_UNICODE_NAME..OFF_PARENT_UNICODE_NAME + 512].to_vec(),
             parent_locators,
             at,
