@@ -120,6 +120,21 @@ impl Header {
     /// Reads and validates the header of `file` at `path`.
     pub fn read(file: &dyn Storage, path: &Path) -> Result<Header> {
         let len = file_len(file, path)?;
+        let mut h = Header::read_v2(file, path, len)?;
+        if h.version == 3 {
+            h.read_v3(file, path, len)?;
+        }
+        h.validate(path, len)?;
+        h.read_extensions(file, path, len)?;
+        h.read_backing_name(file, path, len)?;
+        h.check_features(path)?;
+        Ok(h)
+    }
+
+    /// The version 2 fields (the first 72 bytes), after checking the file
+    /// length, magic, version and cluster size in that order; the v3
+    /// fields keep their defaults here.
+    fn read_v2(file: &dyn Storage, path: &Path, len: u64) -> Result<Header> {
         let bad = |offset: u64, what: String| ImageError::corrupt(path, offset, what);
         if len < V2_HEADER_LEN as u64 {
             return Err(bad(
@@ -146,8 +161,7 @@ impl Header {
                 format!("cluster_bits {cluster_bits} outside 9..=21 (512 B..2 MiB)"),
             ));
         }
-        let cluster_size = 1u64 << cluster_bits;
-        let mut h = Header {
+        Ok(Header {
             version,
             backing_file_offset: be_u64(&fixed, 8),
             backing_file_size: be_u32(&fixed, 16),
@@ -170,53 +184,46 @@ impl Header {
             backing_format: None,
             feature_names: Vec::new(),
             has_bitmaps: false,
-        };
-        if version == 3 {
-            if len < V3_HEADER_LEN as u64 {
-                return Err(bad(
-                    0,
-                    format!("file is {len} bytes, shorter than the 104-byte qcow2 v3 header (truncated?)"),
-                ));
-            }
-            let mut v3 = [0u8; V3_HEADER_LEN - V2_HEADER_LEN];
-            read_exact_at(file, path, &mut v3, V2_HEADER_LEN as u64, "qcow2 v3 header")?;
-            h.incompatible_features = be_u64(&v3, 0);
-            h.compatible_features = be_u64(&v3, 8);
-            h.autoclear_features = be_u64(&v3, 16);
-            h.refcount_order = be_u32(&v3, 24);
-            h.header_length = be_u32(&v3, 28);
-            if (h.header_length as usize) < V3_HEADER_LEN
-                || h.header_length as u64 > cluster_size
-                || h.header_length as u64 > len
-            {
-                return Err(bad(
-                    100,
-                    format!(
-                        "header_length {} must be at least 104 and inside the first cluster ({cluster_size} bytes) and the file ({len} bytes)",
-                        h.header_length
-                    ),
-                ));
-            }
-            if h.header_length as usize > V3_HEADER_LEN {
-                let mut b = [0u8; 1];
-                read_exact_at(file, path, &mut b, V3_HEADER_LEN as u64, "compression_type")?;
-                h.compression_type = match b[0] {
-                    0 => CompressionType::Zlib,
-                    1 => CompressionType::Zstd,
-                    t => {
-                        return Err(ImageError::unsupported(
-                            path,
-                            format!("compression type {t} at offset 104 (known: 0 zlib, 1 zstd)"),
-                        ))
-                    }
-                };
-            }
+        })
+    }
+
+    /// The version 3 fields (bytes 72..104) and, when the header is
+    /// longer, the compression type; checks the file length first, then
+    /// `header_length`.
+    fn read_v3(&mut self, file: &dyn Storage, path: &Path, len: u64) -> Result<()> {
+        let bad = |offset: u64, what: String| ImageError::corrupt(path, offset, what);
+        let cluster_size = 1u64 << self.cluster_bits;
+        if len < V3_HEADER_LEN as u64 {
+            return Err(bad(
+                0,
+                format!(
+                    "file is {len} bytes, shorter than the 104-byte qcow2 v3 header (truncated?)"
+                ),
+            ));
         }
-        h.validate(path, len)?;
-        h.read_extensions(file, path, len)?;
-        h.read_backing_name(file, path, len)?;
-        h.check_features(path)?;
-        Ok(h)
+        let mut v3 = [0u8; V3_HEADER_LEN - V2_HEADER_LEN];
+        read_exact_at(file, path, &mut v3, V2_HEADER_LEN as u64, "qcow2 v3 header")?;
+        self.incompatible_features = be_u64(&v3, 0);
+        self.compatible_features = be_u64(&v3, 8);
+        self.autoclear_features = be_u64(&v3, 16);
+        self.refcount_order = be_u32(&v3, 24);
+        self.header_length = be_u32(&v3, 28);
+        if (self.header_length as usize) < V3_HEADER_LEN
+            || self.header_length as u64 > cluster_size
+            || self.header_length as u64 > len
+        {
+            return Err(bad(
+                100,
+                format!(
+                    "header_length {} must be at least 104 and inside the first cluster ({cluster_size} bytes) and the file ({len} bytes)",
+                    self.header_length
+                ),
+            ));
+        }
+        if self.header_length as usize > V3_HEADER_LEN {
+            self.compression_type = read_compression_type(file, path)?;
+        }
+        Ok(())
     }
 
     fn validate(&self, path: &Path, len: u64) -> Result<()> {
@@ -475,4 +482,21 @@ pub fn encode_u64s(entries: &[u64]) -> Vec<u8> {
         out.extend_from_slice(&e.to_be_bytes());
     }
     out
+}
+
+/// The compression type byte at offset 104, present when `header_length`
+/// is over 104; unknown types are refused rather than misread.
+fn read_compression_type(file: &dyn Storage, path: &Path) -> Result<CompressionType> {
+    let mut b = [0u8; 1];
+    read_exact_at(file, path, &mut b, V3_HEADER_LEN as u64, "compression_type")?;
+    Ok(match b[0] {
+        0 => CompressionType::Zlib,
+        1 => CompressionType::Zstd,
+        t => {
+            return Err(ImageError::unsupported(
+                path,
+                format!("compression type {t} at offset 104 (known: 0 zlib, 1 zstd)"),
+            ))
+        }
+    })
 }

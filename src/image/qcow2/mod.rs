@@ -19,6 +19,7 @@ pub mod compress;
 pub mod create;
 pub mod driver;
 pub mod header;
+mod hostwrite;
 pub mod l2;
 pub mod rebase;
 mod refcount;
@@ -27,6 +28,7 @@ pub mod snapshot;
 #[cfg(test)]
 mod tests;
 mod write;
+mod zero;
 
 use crate::error::{ImageError, Result};
 use crate::fileio::{self, read_exact_at};

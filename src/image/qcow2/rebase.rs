@@ -217,7 +217,16 @@ fn relayout(
     let limit = COMMIT_BLOCK.min(cs) as usize;
     let start = extensions_start(h);
     let old = read_extensions(path, h, cluster)?;
-    for e in &old {
+    check_bitmap_directory(path, cs, &old)?;
+    let exts = new_extensions(&old, backing);
+    check_fits(path, backing, start, &exts, limit)?;
+    Ok(encode_block(cluster, start, &exts, backing, limit))
+}
+
+/// Refuses a bitmap directory inside the header cluster: the bitmap
+/// directory lives elsewhere, and `relayout` zeros part of that cluster.
+fn check_bitmap_directory(path: &Path, cs: u64, old: &[Extension]) -> Result<()> {
+    for e in old {
         // The bitmap directory lives elsewhere; make sure it is not in the
         // part of the header cluster we zero.
         if e.ty == EXT_BITMAPS && e.data.len() >= 24 {
@@ -232,10 +241,18 @@ fn relayout(
         }
     }
 
-    // The new extension list, as (type, data).
+    Ok(())
+}
+
+/// The new extension list, as (type, data): the old one with the backing
+/// format replaced (or dropped without a backing file, or added first).
+fn new_extensions<'a>(
+    old: &'a [Extension],
+    backing: Option<(&'a str, &'a str)>,
+) -> Vec<(u32, &'a [u8])> {
     let mut exts: Vec<(u32, &[u8])> = Vec::with_capacity(old.len() + 1);
     let mut format_placed = false;
-    for e in &old {
+    for e in old {
         if e.ty != EXT_BACKING_FORMAT {
             exts.push((e.ty, &e.data));
         } else if let (Some((_, format)), false) = (backing, format_placed) {
@@ -248,7 +265,18 @@ fn relayout(
         // Added first, where QEMU puts it.
         exts.insert(0, (EXT_BACKING_FORMAT, format.as_bytes()));
     }
+    exts
+}
 
+/// Refuses a header that does not fit the one block that is rewritten
+/// atomically, before anything is written.
+fn check_fits(
+    path: &Path,
+    backing: Option<(&str, &str)>,
+    start: usize,
+    exts: &[(u32, &[u8])],
+    limit: usize,
+) -> Result<()> {
     let exts_len: usize = exts.iter().map(|(_, d)| 8 + d.len().div_ceil(8) * 8).sum();
     let name = backing.map_or(&[][..], |(n, _)| n.as_bytes());
     let needed = start + exts_len + 8 + name.len();
@@ -270,9 +298,22 @@ fn relayout(
         ));
     }
 
+    Ok(())
+}
+
+/// The new first `limit` bytes of the header cluster: the fixed header,
+/// the extensions, the end marker and the backing name, zero-padded.
+fn encode_block(
+    cluster: &[u8],
+    start: usize,
+    exts: &[(u32, &[u8])],
+    backing: Option<(&str, &str)>,
+    limit: usize,
+) -> Vec<u8> {
+    let name = backing.map_or(&[][..], |(n, _)| n.as_bytes());
     let mut block = Vec::with_capacity(limit);
     block.extend_from_slice(&cluster[..start]);
-    for (ty, data) in &exts {
+    for (ty, data) in exts {
         block.extend_from_slice(&ty.to_be_bytes());
         block.extend_from_slice(&(data.len() as u32).to_be_bytes());
         block.extend_from_slice(data);
@@ -291,5 +332,5 @@ fn relayout(
     block.resize(limit, 0);
     block[8..16].copy_from_slice(&name_offset.to_be_bytes());
     block[16..20].copy_from_slice(&name_size.to_be_bytes());
-    Ok(block)
+    block
 }

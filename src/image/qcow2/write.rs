@@ -17,7 +17,8 @@
 //! points at unwritten data or a cluster in use with refcount 0.
 
 use super::header::{self, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use super::l2::{self, Entry, BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, OFLAG_COPIED, OFLAG_ZERO};
+use super::hostwrite::HostWriter;
+use super::l2::{self, Entry, BITMAP_ALL_ALLOC, OFLAG_COPIED};
 use super::{Meta, Qcow2Layer, MAX_DIRTY_BYTES};
 use crate::error::{ImageError, Result};
 use crate::fileio::{self, sync_data, write_all_at};
@@ -90,43 +91,10 @@ struct Piece {
     plan: Plan,
 }
 
-/// Coalesces `pwrite`s to contiguous host ranges into one call.
-struct HostWriter<'a> {
-    layer: &'a Qcow2Layer,
-    start: u64,
-    buf: Vec<u8>,
-}
-
-impl HostWriter<'_> {
-    const MAX: usize = 8 << 20;
-
-    fn write(&mut self, host: u64, data: &[u8]) -> Result<()> {
-        if !self.buf.is_empty()
-            && (self.start + self.buf.len() as u64 != host
-                || self.buf.len() + data.len() > Self::MAX)
-        {
-            self.finish()?;
-        }
-        if self.buf.is_empty() {
-            self.start = host;
-        }
-        self.buf.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn finish(&mut self) -> Result<()> {
-        if !self.buf.is_empty() {
-            write_all_at(&*self.layer.file, &self.layer.path, &self.buf, self.start)?;
-            self.buf.clear();
-        }
-        Ok(())
-    }
-}
-
 impl Qcow2Layer {
     /// Refuses writes to read-only images; before the first write, clears
     /// the autoclear features (see `clear_autoclear`).
-    fn require_writable(&self) -> Result<()> {
+    pub(super) fn require_writable(&self) -> Result<()> {
         if !self.writable {
             return Err(ImageError::invalid(&self.path, "image is open read-only"));
         }
@@ -153,7 +121,12 @@ impl Qcow2Layer {
         self.write_locked(offset, data, below)
     }
 
-    fn write_locked(&self, offset: u64, data: &[u8], below: &dyn BackingRead) -> Result<()> {
+    pub(super) fn write_locked(
+        &self,
+        offset: u64,
+        data: &[u8],
+        below: &dyn BackingRead,
+    ) -> Result<()> {
         if data.is_empty() {
             return Ok(());
         }
@@ -287,11 +260,7 @@ impl Qcow2Layer {
         below: &dyn BackingRead,
     ) -> Result<()> {
         let cs = self.geom.cluster_size;
-        let mut out = HostWriter {
-            layer: self,
-            start: 0,
-            buf: Vec::new(),
-        };
+        let mut out = HostWriter::new(self);
         for p in pieces {
             let src = &data[(p.guest - offset) as usize..(p.guest - offset + p.len) as usize];
             match p.plan {
@@ -431,98 +400,6 @@ impl Qcow2Layer {
         self.maybe_write_back(&mut meta)
     }
 
-    pub(super) fn zero_range(&self, offset: u64, len: u64, below: &dyn BackingRead) -> Result<()> {
-        self.require_writable()?;
-        check_range(&self.path, self.header.size, offset, len)?;
-        let _w = self.write_lock.lock();
-        let g = self.geom;
-        let cs = g.cluster_size;
-        let size = self.header.size;
-        // Ranges that cannot be expressed in metadata are written as zeros.
-        let mut partial: Vec<(u64, u64)> = Vec::new();
-        {
-            let mut meta = self.meta.lock();
-            let end = offset + len;
-            let mut at = offset;
-            while at < end {
-                let cstart = at / cs * cs;
-                let cend = (cstart + cs).min(end);
-                let full = at == cstart && (cend == cstart + cs || cend == size);
-                let entry = self.entry_at(&mut meta, at)?;
-                if g.extended {
-                    let sc = g.subcluster_size;
-                    let first = (at - cstart).div_ceil(sc);
-                    let last_excl = if cend == size {
-                        (cend - cstart).div_ceil(sc)
-                    } else {
-                        (cend - cstart) / sc
-                    };
-                    let mut zeroed = false;
-                    if full {
-                        if !matches!(
-                            entry,
-                            Entry::Normal {
-                                host: None,
-                                bitmap: Some(BITMAP_ALL_ZERO),
-                                ..
-                            }
-                        ) {
-                            self.set_entry(&mut meta, cstart, 0, BITMAP_ALL_ZERO)?;
-                            release(&mut meta, &entry, cs);
-                        }
-                        zeroed = true;
-                    } else if first < last_excl && !matches!(entry, Entry::Compressed(_)) {
-                        let mask = sub_mask(first, last_excl - 1);
-                        let (word, bm) = match entry {
-                            Entry::Normal {
-                                host,
-                                copied,
-                                bitmap: Some(bm),
-                            } => {
-                                let flag = if copied { OFLAG_COPIED } else { 0 };
-                                (host.map_or(0, |h| h | flag), bm)
-                            }
-                            _ => (0, 0),
-                        };
-                        self.set_entry(&mut meta, cstart, word, (bm & !mask) | (mask << 32))?;
-                        let (zs, ze) = (cstart + first * sc, (cstart + last_excl * sc).min(cend));
-                        if at < zs {
-                            partial.push((at, zs - at));
-                        }
-                        if ze < cend {
-                            partial.push((ze, cend - ze));
-                        }
-                        zeroed = true;
-                    }
-                    if !zeroed {
-                        partial.push((at, cend - at));
-                    }
-                } else if full && g.version >= 3 {
-                    // Unallocated with no backing file reads zeros already.
-                    let zero_already = matches!(entry, Entry::Zero { host: None })
-                        || (entry == Entry::Unallocated && self.backing.is_none());
-                    if !zero_already {
-                        self.set_entry(&mut meta, cstart, OFLAG_ZERO, 0)?;
-                        release(&mut meta, &entry, cs);
-                    }
-                } else if full && self.backing.is_none() {
-                    if entry != Entry::Unallocated {
-                        self.set_entry(&mut meta, cstart, 0, 0)?;
-                        release(&mut meta, &entry, cs);
-                    }
-                } else {
-                    partial.push((at, cend - at));
-                }
-                at = cend;
-            }
-            self.maybe_write_back(&mut meta)?;
-        }
-        for (at, n) in partial {
-            self.write_locked(at, &vec![0u8; n as usize], below)?;
-        }
-        Ok(())
-    }
-
     /// Allocates `n` contiguous clusters at the end of the file.
     fn alloc(&self, meta: &mut Meta, n: u64) -> Result<u64> {
         let cs = self.geom.cluster_size;
@@ -578,7 +455,13 @@ impl Qcow2Layer {
     }
 
     /// Replaces the entry of the guest cluster at `guest` in memory.
-    fn set_entry(&self, meta: &mut Meta, guest: u64, word: u64, bitmap: u64) -> Result<()> {
+    pub(super) fn set_entry(
+        &self,
+        meta: &mut Meta,
+        guest: u64,
+        word: u64,
+        bitmap: u64,
+    ) -> Result<()> {
         let g = self.geom;
         let (off, _) = self.l2_for_write(meta, g.l1_index(guest))?;
         let mut table = match meta.l2_dirty.remove(&off) {
@@ -598,7 +481,9 @@ impl Qcow2Layer {
         Ok(())
     }
 
-    fn maybe_write_back(&self, meta: &mut Meta) -> Result<()> {
+    /// Writes metadata back once the dirty part held in memory exceeds
+    /// `MAX_DIRTY_BYTES`, which bounds memory use between flushes.
+    pub(super) fn maybe_write_back(&self, meta: &mut Meta) -> Result<()> {
         let dirty = meta.l2_dirty.len() as u64 * self.geom.cluster_size
             + meta.refs.as_ref().map_or(0, |r| r.dirty_bytes());
         if dirty > MAX_DIRTY_BYTES {
@@ -687,7 +572,7 @@ impl Qcow2Layer {
 }
 
 /// Queues the host storage an overwritten entry held for freeing.
-fn release(meta: &mut Meta, old: &Entry, cluster_size: u64) {
+pub(super) fn release(meta: &mut Meta, old: &Entry, cluster_size: u64) {
     match *old {
         Entry::Compressed(d) => meta.pending_free.push((d.host, d.len)),
         _ => {
@@ -699,7 +584,7 @@ fn release(meta: &mut Meta, old: &Entry, cluster_size: u64) {
 }
 
 /// Allocation bits for subclusters `first..=last`.
-fn sub_mask(first: u64, last: u64) -> u64 {
+pub(super) fn sub_mask(first: u64, last: u64) -> u64 {
     let n = last - first + 1;
     let ones = if n >= 32 {
         0xffff_ffff

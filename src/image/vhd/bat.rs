@@ -64,49 +64,7 @@ impl Bat {
         file_len: u64,
         forbidden: &[(u64, u64, &str)],
     ) -> Result<Bat> {
-        let block_size = h.block_size as u64;
-        let needed = virtual_size.div_ceil(block_size);
-        let entries_at = h.at + 28;
-        if (h.max_table_entries as u64) < needed {
-            return Err(ImageError::corrupt(
-                path,
-                entries_at,
-                format!(
-                    "max_table_entries {} is too small: a virtual size of {virtual_size} bytes in \
-                     {block_size}-byte blocks needs {needed} BAT entries",
-                    h.max_table_entries
-                ),
-            ));
-        }
-        let bytes = needed * 4;
-        if bytes > MAX_BAT_BYTES {
-            return Err(ImageError::unsupported(
-                path,
-                format!(
-                    "BAT of {needed} entries ({bytes} bytes, block size {block_size}) is larger than \
-                     the {MAX_BAT_BYTES} bytes snaptree holds in memory"
-                ),
-            ));
-        }
-        let at = h.table_offset;
-        let table_field = h.at + 16;
-        let end = at.checked_add(bytes).filter(|e| *e <= file_len);
-        let Some(end) = end else {
-            return Err(ImageError::corrupt(
-                path,
-                table_field,
-                format!(
-                    "BAT at offset {at} ({bytes} bytes) extends past the end of the file ({file_len} bytes)"
-                ),
-            ));
-        };
-        if let Some((_, _, name)) = forbidden.iter().find(|(s, e, _)| at < *e && *s < end) {
-            return Err(ImageError::corrupt(
-                path,
-                table_field,
-                format!("BAT at offset {at} ({bytes} bytes) overlaps the {name}"),
-            ));
-        }
+        let (at, bytes, end) = table_extent(path, h, virtual_size, file_len, forbidden)?;
         let mut raw = vec![0u8; bytes as usize];
         read_exact_at(file, path, &mut raw, at, "VHD block allocation table")?;
         let entries: Vec<AtomicU32> = raw
@@ -116,18 +74,32 @@ impl Bat {
         let bat = Bat {
             entries,
             table_offset: at,
-            block_size,
+            block_size: h.block_size as u64,
             bitmap_size: h.bitmap_size(),
         };
-        let bat_range = (at, end, "block allocation table");
-        for i in 0..bat.len() {
-            let e = bat.entry(i);
+        bat.check_entries(path, file_len, forbidden, end)?;
+        Ok(bat)
+    }
+
+    /// Checks that every used entry puts its block (bitmap and data) inside
+    /// the file and over none of the `forbidden` ranges nor the table
+    /// itself (which ends at `table_end`), naming the first bad entry.
+    fn check_entries(
+        &self,
+        path: &Path,
+        file_len: u64,
+        forbidden: &[(u64, u64, &str)],
+        table_end: u64,
+    ) -> Result<()> {
+        let bat_range = (self.table_offset, table_end, "block allocation table");
+        for i in 0..self.len() {
+            let e = self.entry(i);
             if e == UNUSED {
                 continue;
             }
             let start = e as u64 * 512;
-            let stop = start + bat.bitmap_size + block_size;
-            let entry_at = at + i * 4;
+            let stop = start + self.bitmap_size + self.block_size;
+            let entry_at = self.table_offset + i * 4;
             if stop > file_len {
                 return Err(ImageError::corrupt(
                     path,
@@ -136,7 +108,7 @@ impl Bat {
                         "BAT entry {i} puts block {i} at offset {start}, but the block ({} bytes with \
                          its bitmap) ends at {stop}, past the end of the file ({file_len} bytes); \
                          the image was truncated",
-                        bat.bitmap_size + block_size
+                        self.bitmap_size + self.block_size
                     ),
                 ));
             }
@@ -152,7 +124,7 @@ impl Bat {
                 ));
             }
         }
-        Ok(bat)
+        Ok(())
     }
 
     /// Number of entries (blocks of the virtual size).
@@ -420,6 +392,63 @@ pub fn read_batmap(
         header_at: at,
         map_at: map_offset,
     })
+}
+
+/// Where the BAT lies, as (offset, bytes, end): checks that
+/// `max_table_entries` covers the virtual size, that the table is not too
+/// large to hold in memory, and that it lies inside the file and over none
+/// of the `forbidden` ranges, in that order.
+fn table_extent(
+    path: &Path,
+    h: &DynamicHeader,
+    virtual_size: u64,
+    file_len: u64,
+    forbidden: &[(u64, u64, &str)],
+) -> Result<(u64, u64, u64)> {
+    let block_size = h.block_size as u64;
+    let needed = virtual_size.div_ceil(block_size);
+    let entries_at = h.at + 28;
+    if (h.max_table_entries as u64) < needed {
+        return Err(ImageError::corrupt(
+            path,
+            entries_at,
+            format!(
+                "max_table_entries {} is too small: a virtual size of {virtual_size} bytes in \
+                 {block_size}-byte blocks needs {needed} BAT entries",
+                h.max_table_entries
+            ),
+        ));
+    }
+    let bytes = needed * 4;
+    if bytes > MAX_BAT_BYTES {
+        return Err(ImageError::unsupported(
+            path,
+            format!(
+                "BAT of {needed} entries ({bytes} bytes, block size {block_size}) is larger than \
+                 the {MAX_BAT_BYTES} bytes snaptree holds in memory"
+            ),
+        ));
+    }
+    let at = h.table_offset;
+    let table_field = h.at + 16;
+    let end = at.checked_add(bytes).filter(|e| *e <= file_len);
+    let Some(end) = end else {
+        return Err(ImageError::corrupt(
+            path,
+            table_field,
+            format!(
+                "BAT at offset {at} ({bytes} bytes) extends past the end of the file ({file_len} bytes)"
+            ),
+        ));
+    };
+    if let Some((_, _, name)) = forbidden.iter().find(|(s, e, _)| at < *e && *s < end) {
+        return Err(ImageError::corrupt(
+            path,
+            table_field,
+            format!("BAT at offset {at} ({bytes} bytes) overlaps the {name}"),
+        ));
+    }
+    Ok((at, bytes, end))
 }
 
 #[cfg(test)]

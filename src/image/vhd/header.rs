@@ -121,54 +121,69 @@ impl DynamicHeader {
                     .into(),
             ));
         }
+        let h = DynamicHeader::decode(&b, at);
+        h.check(path, &b)?;
+        Ok(h)
+    }
+
+    /// The header's fields from its 1024 bytes `b`, read at offset `at`;
+    /// nothing is checked here.
+    fn decode(b: &[u8], at: u64) -> DynamicHeader {
         let mut parent_unique_id = [0u8; 16];
         parent_unique_id.copy_from_slice(&b[OFF_PARENT_UNIQUE_ID..OFF_PARENT_UNIQUE_ID + 16]);
         let parent_locators = (0..LOCATOR_ENTRIES)
             .map(|i| {
                 let o = OFF_PARENT_LOCATORS + i * LOCATOR_ENTRY_LEN;
                 ParentLocator {
-                    platform_code: be_u32(&b, o),
-                    platform_data_space: be_u32(&b, o + 4),
-                    platform_data_length: be_u32(&b, o + 8),
-                    platform_data_offset: be_u64(&b, o + 16),
+                    platform_code: be_u32(b, o),
+                    platform_data_space: be_u32(b, o + 4),
+                    platform_data_length: be_u32(b, o + 8),
+                    platform_data_offset: be_u64(b, o + 16),
                 }
             })
             .collect();
-        let h = DynamicHeader {
-            data_offset: be_u64(&b, 8),
-            table_offset: be_u64(&b, 16),
-            header_version: be_u32(&b, 24),
-            max_table_entries: be_u32(&b, 28),
-            block_size: be_u32(&b, 32),
-            checksum: be_u32(&b, OFF_CHECKSUM),
+        DynamicHeader {
+            data_offset: be_u64(b, 8),
+            table_offset: be_u64(b, 16),
+            header_version: be_u32(b, 24),
+            max_table_entries: be_u32(b, 28),
+            block_size: be_u32(b, 32),
+            checksum: be_u32(b, OFF_CHECKSUM),
             parent_unique_id,
-            parent_time_stamp: be_u32(&b, 56),
+            parent_time_stamp: be_u32(b, 56),
             parent_unicode_name: b[OFF_PARENT_UNICODE_NAME..OFF_PARENT_UNICODE_NAME + 512].to_vec(),
             parent_locators,
             at,
-        };
-        let computed = checksum(&b, Some(OFF_CHECKSUM));
-        if computed != h.checksum {
+        }
+    }
+
+    /// Checks the checksum over `b`, the version and the block size, in
+    /// that order, naming the offset of the first bad field.
+    fn check(&self, path: &Path, b: &[u8]) -> Result<()> {
+        let at = self.at;
+        let bad = |off: usize, what: String| ImageError::corrupt(path, at + off as u64, what);
+        let computed = checksum(b, Some(OFF_CHECKSUM));
+        if computed != self.checksum {
             return Err(bad(
                 OFF_CHECKSUM,
                 format!(
                     "dynamic disk header checksum 0x{:08x} does not match the header's contents \
                      (0x{computed:08x}); the header is damaged, repair or replace the image",
-                    h.checksum
+                    self.checksum
                 ),
             ));
         }
-        if h.header_version >> 16 != 1 {
+        if self.header_version >> 16 != 1 {
             return Err(ImageError::unsupported(
                 path,
                 format!(
                     "dynamic disk header version 0x{:08x} (at offset {}); only version 1.x exists",
-                    h.header_version,
+                    self.header_version,
                     at + 24
                 ),
             ));
         }
-        let bs = h.block_size;
+        let bs = self.block_size;
         if bs == 0 || !bs.is_power_of_two() {
             return Err(bad(
                 32,
@@ -184,7 +199,7 @@ impl DynamicHeader {
                 ),
             ));
         }
-        Ok(h)
+        Ok(())
     }
 
     /// The header as stored: 1024 bytes with a fresh checksum (the
@@ -295,34 +310,8 @@ impl DynamicHeader {
         }
         let mut raw = vec![0u8; len as usize];
         read_exact_at(file, path, &mut raw, off, "parent locator data")?;
-        let text = if loc.platform_code == PLAT_MACX {
-            String::from_utf8(raw)
-                .map_err(|_| ImageError::corrupt(path, off, format!("{what}: data is not UTF-8")))?
-        } else {
-            decode_utf16(&raw, false).ok_or_else(|| {
-                ImageError::corrupt(path, off, format!("{what}: data is not UTF-16LE"))
-            })?
-        };
-        let text = text.trim_end_matches('\0').to_string();
-        let name = match loc.platform_code {
-            PLAT_W2RU => relative_windows_path(&text),
-            PLAT_W2KU => last_component(&text),
-            _ => {
-                let Some(url) = text.strip_prefix("file://") else {
-                    return Err(ImageError::corrupt(
-                        path,
-                        off,
-                        format!("{what}: {text:?} is not a file:// URL"),
-                    ));
-                };
-                let url = percent_decode(url.strip_prefix("localhost").unwrap_or(url));
-                if url.starts_with('/') {
-                    last_component(&url)
-                } else {
-                    relative_windows_path(&url)
-                }
-            }
-        };
+        let text = decode_locator_text(path, loc.platform_code, &what, off, raw)?;
+        let name = locator_name(path, loc.platform_code, &what, off, &text)?;
         Ok(name.map(|n| (n, off)))
     }
 
@@ -463,6 +452,57 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8(out).unwrap_or_else(|_| s.to_string())
+}
+
+/// A locator's data as text: UTF-8 for Mac OS X URLs, UTF-16LE for
+/// Windows paths, without trailing NULs; `what` and `off` name it in errors.
+fn decode_locator_text(
+    path: &Path,
+    code: u32,
+    what: &str,
+    off: u64,
+    raw: Vec<u8>,
+) -> Result<String> {
+    let text = if code == PLAT_MACX {
+        String::from_utf8(raw)
+            .map_err(|_| ImageError::corrupt(path, off, format!("{what}: data is not UTF-8")))?
+    } else {
+        decode_utf16(&raw, false).ok_or_else(|| {
+            ImageError::corrupt(path, off, format!("{what}: data is not UTF-16LE"))
+        })?
+    };
+    Ok(text.trim_end_matches('\0').to_string())
+}
+
+/// The parent's file name a locator's text gives: a relative or absolute
+/// Windows path, or a file:// URL (Mac OS X); `None` when it has no usable
+/// name.
+fn locator_name(
+    path: &Path,
+    code: u32,
+    what: &str,
+    off: u64,
+    text: &str,
+) -> Result<Option<String>> {
+    Ok(match code {
+        PLAT_W2RU => relative_windows_path(text),
+        PLAT_W2KU => last_component(text),
+        _ => {
+            let Some(url) = text.strip_prefix("file://") else {
+                return Err(ImageError::corrupt(
+                    path,
+                    off,
+                    format!("{what}: {text:?} is not a file:// URL"),
+                ));
+            };
+            let url = percent_decode(url.strip_prefix("localhost").unwrap_or(url));
+            if url.starts_with('/') {
+                last_component(&url)
+            } else {
+                relative_windows_path(&url)
+            }
+        }
+    })
 }
 
 #[cfg(test)]

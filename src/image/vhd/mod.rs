@@ -38,9 +38,11 @@ pub mod driver;
 pub mod footer;
 pub mod header;
 pub mod reparent;
+
 #[cfg(test)]
 mod tests;
 mod write;
+mod zero;
 
 use crate::error::{ImageError, Result};
 use crate::fileio::{self, read_exact_at};
@@ -138,37 +140,27 @@ impl VhdLayer {
             bitmap_reads: AtomicU64::new(0),
             writer: None,
         };
-        let footer = &layer.footer;
-        if footer.is_fixed() {
-            // The data is the file up to the footer.
-            if size > footer.at {
-                return Err(ImageError::corrupt(
-                    path,
-                    footer.at + 48,
-                    format!(
-                        "fixed disk of {size} bytes, but only {} bytes precede the footer (truncated?)",
-                        footer.at
-                    ),
-                ));
-            }
+        if layer.footer.is_fixed() {
+            check_fixed_size(path, &layer.footer, size)?;
             if writable {
                 layer.writer = Some(Mutex::new(write::Writer::fixed()));
             }
             return Ok(layer);
         }
-        let header = DynamicHeader::read(&*layer.file, path, footer, file_len)?;
-        let mut forbidden: Vec<(u64, u64, &str)> = vec![
-            (0, footer::FOOTER_LEN, "footer copy at offset 0"),
-            (
-                header.at,
-                header.at + header::HEADER_LEN,
-                "dynamic disk header",
-            ),
-        ];
-        if !footer.from_head_copy {
-            forbidden.push((footer.at, footer.at + footer.len, "footer"));
-        }
-        let bat = Bat::read(&*layer.file, path, &header, size, file_len, &forbidden)?;
+        layer.open_sparse(path, file_len, writable)?;
+        Ok(layer)
+    }
+
+    /// Dynamic and differencing disks: reads and checks the dynamic
+    /// header, the BAT (against the other metadata) and the parent
+    /// locators, then sets up the block state and, if `writable`, the
+    /// writer.
+    fn open_sparse(&mut self, path: &Path, file_len: u64, writable: bool) -> Result<()> {
+        let footer = &self.footer;
+        let size = self.size;
+        let header = DynamicHeader::read(&*self.file, path, footer, file_len)?;
+        let mut forbidden = metadata_ranges(footer, &header);
+        let bat = Bat::read(&*self.file, path, &header, size, file_len, &forbidden)?;
         let blocks = bat.len();
         forbidden.push((
             bat.table_offset,
@@ -176,27 +168,20 @@ impl VhdLayer {
             "block allocation table",
         ));
         if footer.is_differencing() {
-            let parent = header.parent_name(&*layer.file, path, file_len, &forbidden)?;
+            let parent = header.parent_name(&*self.file, path, file_len, &forbidden)?;
             // XCP records a raw parent with a nil id: let the chain probe it.
             let nil = header.parent_unique_id == [0; 16];
-            layer.backing = Some(BackingRef {
+            self.backing = Some(BackingRef {
                 name: parent.name,
                 offset: parent.offset,
                 format: (!nil).then(|| "vpc".to_string()),
             });
         }
-        let full = FullBlocks::new(blocks);
-        let batmap = bat::read_batmap(&*layer.file, path, footer, &header, blocks, file_len);
-        if let Some(b) = &batmap {
-            for i in 0..blocks {
-                if bat.bitmap_offset(i).is_some() && BitOrder::MsbFirst.test(&b.map, i) {
-                    full.set(i);
-                }
-            }
-        }
+        let batmap = bat::read_batmap(&*self.file, path, footer, &header, blocks, file_len);
+        let full = batmap_full_blocks(&bat, batmap.as_ref());
         if writable {
-            layer.writer = Some(Mutex::new(write::Writer::sparse(
-                &*layer.file,
+            self.writer = Some(Mutex::new(write::Writer::sparse(
+                &*self.file,
                 path,
                 footer,
                 &header,
@@ -207,7 +192,7 @@ impl VhdLayer {
             )?));
         }
         let cached = (BITMAP_CACHE_BYTES / bat.bitmap_size).max(16) as usize;
-        layer.sparse = Some(Sparse {
+        self.sparse = Some(Sparse {
             order: BitOrder::for_footer(footer),
             header,
             bat,
@@ -219,7 +204,7 @@ impl VhdLayer {
             }),
             batmap: batmap.is_some(),
         });
-        Ok(layer)
+        Ok(())
     }
 
     pub fn footer(&self) -> &Footer {
@@ -518,4 +503,53 @@ impl Drop for VhdLayer {
             }
         }
     }
+}
+
+/// A fixed disk's data is the file up to the footer, so the virtual size
+/// must fit before it.
+fn check_fixed_size(path: &Path, footer: &Footer, size: u64) -> Result<()> {
+    if size > footer.at {
+        return Err(ImageError::corrupt(
+            path,
+            footer.at + 48,
+            format!(
+                "fixed disk of {size} bytes, but only {} bytes precede the footer (truncated?)",
+                footer.at
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The metadata ranges no BAT entry or locator may overlap: the footer
+/// copy, the dynamic header and (unless it was lost and the copy is used)
+/// the footer.
+fn metadata_ranges(footer: &Footer, header: &DynamicHeader) -> Vec<(u64, u64, &'static str)> {
+    let mut forbidden: Vec<(u64, u64, &str)> = vec![
+        (0, footer::FOOTER_LEN, "footer copy at offset 0"),
+        (
+            header.at,
+            header.at + header::HEADER_LEN,
+            "dynamic disk header",
+        ),
+    ];
+    if !footer.from_head_copy {
+        forbidden.push((footer.at, footer.at + footer.len, "footer"));
+    }
+    forbidden
+}
+
+/// The blocks the batmap marks fully written (only blocks the BAT maps):
+/// their sector bitmaps need not be read.
+fn batmap_full_blocks(bat: &Bat, batmap: Option<&bat::Batmap>) -> FullBlocks {
+    let blocks = bat.len();
+    let full = FullBlocks::new(blocks);
+    if let Some(b) = batmap {
+        for i in 0..blocks {
+            if bat.bitmap_offset(i).is_some() && BitOrder::MsbFirst.test(&b.map, i) {
+                full.set(i);
+            }
+        }
+    }
+    full
 }

@@ -97,42 +97,7 @@ pub fn parent_patches(child: &Path, parent_path: &Path, name: &str) -> Result<Ve
         .copy_from_slice(&parent_time_stamp(parent_path).to_be_bytes());
     raw[OFF_PARENT_UNICODE_NAME..OFF_PARENT_UNICODE_NAME + 512].copy_from_slice(&names.unicode);
 
-    let mut patches = Vec::new();
-    for (i, loc) in h.parent_locators.iter().enumerate() {
-        let entry = OFF_PARENT_LOCATORS + i * LOCATOR_ENTRY_LEN;
-        if loc.platform_code == PLAT_NONE {
-            continue;
-        }
-        let data = locators
-            .iter()
-            .find(|(code, _)| *code == loc.platform_code)
-            .map(|(_, d)| d.clone());
-        // Hyper-V stores bytes in platform_data_space, the spec sectors:
-        // small values are sectors.
-        let space = if loc.platform_data_space < 512 {
-            loc.platform_data_space as u64 * 512
-        } else {
-            loc.platform_data_space as u64
-        };
-        let off = loc.platform_data_offset;
-        let fits = |d: &Vec<u8>| {
-            d.len() as u64 <= space
-                && off >= FOOTER_LEN
-                && off
-                    .checked_add(space.max(loc.platform_data_length as u64))
-                    .is_some_and(|e| e <= file_len)
-        };
-        match data.filter(fits) {
-            Some(d) => {
-                // Old bytes past the new name are cleared.
-                let mut bytes = d.clone();
-                bytes.resize(d.len().max(loc.platform_data_length as usize), 0);
-                patches.push(Patch::new(off, &bytes));
-                raw[entry + 8..entry + 12].copy_from_slice(&(d.len() as u32).to_be_bytes());
-            }
-            None => raw[entry..entry + LOCATOR_ENTRY_LEN].fill(0),
-        }
-    }
+    let mut patches = patch_locators(h, &locators, &mut raw, file_len);
     let sum = checksum(&raw, Some(OFF_CHECKSUM));
     raw[OFF_CHECKSUM..OFF_CHECKSUM + 4].copy_from_slice(&sum.to_be_bytes());
     patches.push(Patch::new(h.at, &raw));
@@ -223,28 +188,7 @@ pub fn check_patches(child: &Path, patches: &[Patch]) -> Result<()> {
         footer.data_offset,
         "VHD dynamic disk header",
     )?;
-    let may_differ = |i: usize| {
-        let within = |start: usize, len: usize| (start..start + len).contains(&i);
-        if within(OFF_PARENT_UNIQUE_ID, 16)
-            || within(OFF_PARENT_TIME_STAMP, 4)
-            || within(OFF_PARENT_UNICODE_NAME, 512)
-            || within(OFF_CHECKSUM, 4)
-        {
-            return true;
-        }
-        let table = OFF_PARENT_LOCATORS..OFF_PARENT_LOCATORS + LOCATOR_ENTRIES * LOCATOR_ENTRY_LEN;
-        if !table.contains(&i) {
-            return false;
-        }
-        let entry =
-            OFF_PARENT_LOCATORS + (i - OFF_PARENT_LOCATORS) / LOCATOR_ENTRY_LEN * LOCATOR_ENTRY_LEN;
-        let in_entry = i - entry;
-        (8..12).contains(&in_entry)
-            || new[entry..entry + LOCATOR_ENTRY_LEN]
-                .iter()
-                .all(|b| *b == 0)
-    };
-    if let Some(i) = (0..new.len()).find(|i| old[*i] != new[*i] && !may_differ(*i)) {
+    if let Some(i) = first_foreign_change(&old, &new) {
         return bad(format!(
             "the header write changes byte {i} of the dynamic header, which re-pointing never changes"
         ));
@@ -252,22 +196,7 @@ pub fn check_patches(child: &Path, patches: &[Patch]) -> Result<()> {
     if checksum(&new, Some(OFF_CHECKSUM)).to_be_bytes() != new[OFF_CHECKSUM..OFF_CHECKSUM + 4] {
         return bad("the header write has a wrong checksum".into());
     }
-    // Locator data lies where the header, old or new (they agree on the
-    // offsets), says.
-    let regions: Vec<(u64, u64)> = (0..LOCATOR_ENTRIES)
-        .map(|n| {
-            let e = &old[OFF_PARENT_LOCATORS + n * LOCATOR_ENTRY_LEN..][..LOCATOR_ENTRY_LEN];
-            let be32 = |o: usize| u32::from_be_bytes([e[o], e[o + 1], e[o + 2], e[o + 3]]) as u64;
-            let space = if be32(4) < 512 {
-                be32(4) * 512
-            } else {
-                be32(4)
-            };
-            let off = u64::from_be_bytes(e[16..24].try_into().unwrap_or_default());
-            (off, space.max(be32(8)))
-        })
-        .filter(|(off, len)| *off >= FOOTER_LEN && *len > 0)
-        .collect();
+    let regions = locator_regions(&old);
     for p in locators {
         let len = p.bytes().map_or(u64::MAX, |b| b.len() as u64);
         let inside = regions.iter().any(|(off, space)| {
@@ -340,6 +269,104 @@ fn parent_time_stamp(parent: &Path) -> u32 {
         .map_or(0, |d| {
             d.as_secs().saturating_sub(VHD_EPOCH).min(u32::MAX as u64) as u32
         })
+}
+
+/// For each parent locator of `h`: a write of the new name's data where
+/// it fits the locator's data space inside the file (its length entered in
+/// `raw`, the header being rewritten), else the entry is cleared in `raw`.
+fn patch_locators(
+    h: &super::header::DynamicHeader,
+    locators: &[(u32, Vec<u8>)],
+    raw: &mut [u8],
+    file_len: u64,
+) -> Vec<Patch> {
+    let mut patches = Vec::new();
+    for (i, loc) in h.parent_locators.iter().enumerate() {
+        let entry = OFF_PARENT_LOCATORS + i * LOCATOR_ENTRY_LEN;
+        if loc.platform_code == PLAT_NONE {
+            continue;
+        }
+        let data = locators
+            .iter()
+            .find(|(code, _)| *code == loc.platform_code)
+            .map(|(_, d)| d.clone());
+        let space = data_space(loc.platform_data_space as u64);
+        let off = loc.platform_data_offset;
+        let fits = |d: &Vec<u8>| {
+            d.len() as u64 <= space
+                && off >= FOOTER_LEN
+                && off
+                    .checked_add(space.max(loc.platform_data_length as u64))
+                    .is_some_and(|e| e <= file_len)
+        };
+        match data.filter(fits) {
+            Some(d) => {
+                // Old bytes past the new name are cleared.
+                let mut bytes = d.clone();
+                bytes.resize(d.len().max(loc.platform_data_length as usize), 0);
+                patches.push(Patch::new(off, &bytes));
+                raw[entry + 8..entry + 12].copy_from_slice(&(d.len() as u32).to_be_bytes());
+            }
+            None => raw[entry..entry + LOCATOR_ENTRY_LEN].fill(0),
+        }
+    }
+    patches
+}
+
+/// A locator's data space in bytes. Hyper-V stores bytes in
+/// platform_data_space, the spec sectors: small values are sectors.
+fn data_space(field: u64) -> u64 {
+    if field < 512 {
+        field * 512
+    } else {
+        field
+    }
+}
+
+/// The first byte where the dynamic header `new` differs from `old`
+/// outside the fields re-pointing rewrites: the parent's id, time stamp,
+/// Unicode name, the checksum, and per locator entry its data length or
+/// the whole entry when it is cleared.
+fn first_foreign_change(old: &[u8], new: &[u8]) -> Option<usize> {
+    let may_differ = |i: usize| {
+        let within = |start: usize, len: usize| (start..start + len).contains(&i);
+        if within(OFF_PARENT_UNIQUE_ID, 16)
+            || within(OFF_PARENT_TIME_STAMP, 4)
+            || within(OFF_PARENT_UNICODE_NAME, 512)
+            || within(OFF_CHECKSUM, 4)
+        {
+            return true;
+        }
+        let table = OFF_PARENT_LOCATORS..OFF_PARENT_LOCATORS + LOCATOR_ENTRIES * LOCATOR_ENTRY_LEN;
+        if !table.contains(&i) {
+            return false;
+        }
+        let entry =
+            OFF_PARENT_LOCATORS + (i - OFF_PARENT_LOCATORS) / LOCATOR_ENTRY_LEN * LOCATOR_ENTRY_LEN;
+        let in_entry = i - entry;
+        (8..12).contains(&in_entry)
+            || new[entry..entry + LOCATOR_ENTRY_LEN]
+                .iter()
+                .all(|b| *b == 0)
+    };
+    (0..new.len()).find(|i| old[*i] != new[*i] && !may_differ(*i))
+}
+
+/// The data space (offset, bytes) of each locator entry of the header
+/// `old`, leaving out empty ones and ones over the footer copy.
+fn locator_regions(old: &[u8]) -> Vec<(u64, u64)> {
+    // Locator data lies where the header, old or new (they agree on the
+    // offsets), says.
+    (0..LOCATOR_ENTRIES)
+        .map(|n| {
+            let e = &old[OFF_PARENT_LOCATORS + n * LOCATOR_ENTRY_LEN..][..LOCATOR_ENTRY_LEN];
+            let be32 = |o: usize| u32::from_be_bytes([e[o], e[o + 1], e[o + 2], e[o + 3]]) as u64;
+            let space = data_space(be32(4));
+            let off = u64::from_be_bytes(e[16..24].try_into().unwrap_or_default());
+            (off, space.max(be32(8)))
+        })
+        .filter(|(off, len)| *off >= FOOTER_LEN && *len > 0)
+        .collect()
 }
 
 #[cfg(test)]

@@ -66,7 +66,7 @@ use super::{Sparse, VhdLayer};
 use crate::error::{ImageError, Result};
 use crate::fileio::{read_exact_at, sync_data, write_all_at};
 use crate::image::storage::Storage;
-use crate::image::{check_range, BackingRead, Mapping};
+use crate::image::{check_range, BackingRead};
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -77,8 +77,6 @@ pub(super) const GROUP_SECTORS: u64 = 8;
 /// Changed bitmaps kept in memory at most before they are written back
 /// without a flush (128k blocks: 256 GiB of 2 MiB blocks).
 const MAX_DIRTY_BITMAP_BYTES: u64 = 64 << 20;
-/// Zero writes go in pieces of this size.
-const ZERO_CHUNK: u64 = 1 << 20;
 
 /// Guest bytes per bitmap group in a disk of `block_size` blocks.
 pub(super) fn group_bytes(block_size: u64) -> u64 {
@@ -95,7 +93,7 @@ pub(super) struct Writer {
     /// BAT entries changed in memory and not yet written back.
     dirty_bat: BTreeSet<u64>,
     /// Something was written since the last `fdatasync`.
-    data_written: bool,
+    pub(super) data_written: bool,
     /// Unallocated blocks XCP's batmap marks full, with the file offset of
     /// the batmap byte that says so.
     batmap_conflicts: HashMap<u64, u64>,
@@ -174,7 +172,7 @@ impl Writer {
 }
 
 impl VhdLayer {
-    fn writer(&self) -> Result<&Mutex<Writer>> {
+    pub(super) fn writer(&self) -> Result<&Mutex<Writer>> {
         self.writer
             .as_ref()
             .ok_or_else(|| ImageError::invalid(&self.path, "image is open read-only"))
@@ -205,63 +203,10 @@ impl VhdLayer {
         }
     }
 
-    /// `Layer::write_zeroes`.
-    pub(super) fn zero_guest(&self, offset: u64, len: u64, below: &dyn BackingRead) -> Result<()> {
-        let writer = self.writer()?;
-        check_range(&self.path, self.size, offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        let mut w = writer.lock();
-        w.data_written = true;
-        let Some(sp) = &self.sparse else {
-            return self.zero_host(offset, len, true);
-        };
-        if self.footer.is_differencing() {
-            let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
-            let mut at = offset;
-            while at < offset + len {
-                let n = (offset + len - at).min(ZERO_CHUNK) as usize;
-                self.write_sparse(sp, &mut w, at, &zeros[..n], below)?;
-                self.maybe_write_back(sp, &mut w)?;
-                at += n as u64;
-            }
-            return Ok(());
-        }
-        // A dynamic disk: what the file does not hold reads zeros already;
-        // what it holds becomes a hole in the data area (every reader reads
-        // a hole as zeros, bitmap or not) or, where the file system cannot
-        // punch, written zeros. Blocks are never freed (see module docs).
-        for e in self.map_sparse(sp, offset, len)? {
-            if let Mapping::Data { host } = e.mapping {
-                self.zero_host(host, e.len, true)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Zeros `[host, host+len)` of the file (guest data, never metadata):
-    /// a hole where allowed and possible, else written zeros.
-    fn zero_host(&self, host: u64, len: u64, punch: bool) -> Result<()> {
-        // A hole where the storage can (the caller passes a range of guest
-        // data, which `map` and `check_range` bounded), else written zeros.
-        if punch && self.file.punch_hole(host, len).is_ok() {
-            return Ok(());
-        }
-        let chunk = vec![0u8; len.min(ZERO_CHUNK) as usize];
-        let mut at = host;
-        while at < host + len {
-            let n = (host + len - at).min(ZERO_CHUNK) as usize;
-            write_all_at(&*self.file, &self.path, &chunk[..n], at)?;
-            at += n as u64;
-        }
-        Ok(())
-    }
-
     /// Writes `data` at guest `offset` of a dynamic or differencing disk
     /// (writer lock held): allocates the blocks it needs, writes each
     /// block's piece, publishes the new bits.
-    fn write_sparse(
+    pub(super) fn write_sparse(
         &self,
         sp: &Sparse,
         w: &mut Writer,
@@ -271,46 +216,8 @@ impl VhdLayer {
     ) -> Result<()> {
         let bs = sp.bat.block_size;
         let end = offset + data.len() as u64;
-        let new: Vec<u64> = (offset / bs..=(end - 1) / bs)
-            .filter(|b| sp.bat.bitmap_offset(*b).is_none())
-            .collect();
-        let mut fresh: HashMap<u64, u64> = HashMap::new();
-        // A new block of a dynamic disk starts with every bit set: its data
-        // area lies past the old end of the file and reads zeros, which is
-        // what an absent sector of a dynamic disk reads. That is what QEMU
-        // writes, and it keeps QEMU and libvhdi (which read a dynamic
-        // disk's data area whatever the bitmap says) in agreement with us
-        // even about writes lost in a crash. A differencing disk's new
-        // block starts empty: its absent sectors come from the parent.
-        let fresh_bitmap = vec![
-            if self.footer.is_differencing() {
-                0
-            } else {
-                0xff
-            };
-            sp.bat.bitmap_size as usize
-        ];
-        if !new.is_empty() {
-            if let Some((b, at)) = new
-                .iter()
-                .find_map(|b| w.batmap_conflicts.get(b).map(|at| (*b, *at)))
-            {
-                return Err(ImageError::corrupt(
-                    &self.path,
-                    at,
-                    format!(
-                        "XCP batmap marks block {b} fully allocated, but the BAT has no block {b}; \
-                         XCP would read it wrong once allocated, so it is not written (repair the \
-                         image with vhd-util)"
-                    ),
-                ));
-            }
-            let first = self.allocate(sp, w, new.len() as u64, &fresh_bitmap)?;
-            let span = sp.bat.block_span();
-            for (i, b) in new.iter().enumerate() {
-                fresh.insert(*b, first + i as u64 * span);
-            }
-        }
+        let fresh_bitmap = self.fresh_bitmap(sp);
+        let fresh = self.allocate_missing(sp, w, offset, end, &fresh_bitmap)?;
         w.data_written = true;
         let mut at = offset;
         while at < end {
@@ -326,24 +233,99 @@ impl VhdLayer {
                     let map = changed.unwrap_or_else(|| fresh_bitmap.clone());
                     self.publish(sp, w, block, Some(bitmap_at), map, dirty);
                 }
-                None => {
-                    let bitmap_at = sp.bat.bitmap_offset(block).ok_or_else(|| {
-                        ImageError::invalid(&self.path, format!("block {block} vanished"))
-                    })?;
-                    if sp.full.get(block) {
-                        let host = bitmap_at + sp.bat.bitmap_size + (at - block * bs);
-                        write_all_at(&*self.file, &self.path, piece, host)?;
-                    } else {
-                        let old = self.bitmap(sp, block, bitmap_at)?;
-                        let changed =
-                            self.write_piece(sp, block, bitmap_at, &old, at, piece, below)?;
-                        if let Some(new_map) = changed {
-                            self.publish(sp, w, block, None, new_map, true);
-                        }
-                    }
-                }
+                None => self.write_allocated(sp, w, block, at, piece, below)?,
             }
             at = pend;
+        }
+        Ok(())
+    }
+
+    /// The sector bitmap a newly allocated block starts with.
+    fn fresh_bitmap(&self, sp: &Sparse) -> Vec<u8> {
+        // A new block of a dynamic disk starts with every bit set: its data
+        // area lies past the old end of the file and reads zeros, which is
+        // what an absent sector of a dynamic disk reads. That is what QEMU
+        // writes, and it keeps QEMU and libvhdi (which read a dynamic
+        // disk's data area whatever the bitmap says) in agreement with us
+        // even about writes lost in a crash. A differencing disk's new
+        // block starts empty: its absent sectors come from the parent.
+        vec![
+            if self.footer.is_differencing() {
+                0
+            } else {
+                0xff
+            };
+            sp.bat.bitmap_size as usize
+        ]
+    }
+
+    /// Allocates (in one step, see `allocate`) the blocks of `[offset,
+    /// end)` the BAT does not map yet, and returns where each one's bitmap
+    /// now lies. Refuses, before allocating anything, a block that an XCP
+    /// batmap marks full although the BAT has none.
+    fn allocate_missing(
+        &self,
+        sp: &Sparse,
+        w: &mut Writer,
+        offset: u64,
+        end: u64,
+        fresh_bitmap: &[u8],
+    ) -> Result<HashMap<u64, u64>> {
+        let bs = sp.bat.block_size;
+        let new: Vec<u64> = (offset / bs..=(end - 1) / bs)
+            .filter(|b| sp.bat.bitmap_offset(*b).is_none())
+            .collect();
+        let mut fresh: HashMap<u64, u64> = HashMap::new();
+        if !new.is_empty() {
+            if let Some((b, at)) = new
+                .iter()
+                .find_map(|b| w.batmap_conflicts.get(b).map(|at| (*b, *at)))
+            {
+                return Err(ImageError::corrupt(
+                    &self.path,
+                    at,
+                    format!(
+                        "XCP batmap marks block {b} fully allocated, but the BAT has no block {b}; \
+                         XCP would read it wrong once allocated, so it is not written (repair the \
+                         image with vhd-util)"
+                    ),
+                ));
+            }
+            let first = self.allocate(sp, w, new.len() as u64, fresh_bitmap)?;
+            let span = sp.bat.block_span();
+            for (i, b) in new.iter().enumerate() {
+                fresh.insert(*b, first + i as u64 * span);
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// Writes `piece` (guest offset `at`) into the already allocated
+    /// `block`: straight into the data area when the block is known full,
+    /// else through its sector bitmap, publishing the changed bitmap.
+    fn write_allocated(
+        &self,
+        sp: &Sparse,
+        w: &mut Writer,
+        block: u64,
+        at: u64,
+        piece: &[u8],
+        below: &dyn BackingRead,
+    ) -> Result<()> {
+        let bs = sp.bat.block_size;
+        let bitmap_at = sp
+            .bat
+            .bitmap_offset(block)
+            .ok_or_else(|| ImageError::invalid(&self.path, format!("block {block} vanished")))?;
+        if sp.full.get(block) {
+            let host = bitmap_at + sp.bat.bitmap_size + (at - block * bs);
+            write_all_at(&*self.file, &self.path, piece, host)?;
+        } else {
+            let old = self.bitmap(sp, block, bitmap_at)?;
+            let changed = self.write_piece(sp, block, bitmap_at, &old, at, piece, below)?;
+            if let Some(new_map) = changed {
+                self.publish(sp, w, block, None, new_map, true);
+            }
         }
         Ok(())
     }
@@ -507,7 +489,7 @@ impl VhdLayer {
         }
     }
 
-    fn maybe_write_back(&self, sp: &Sparse, w: &mut Writer) -> Result<()> {
+    pub(super) fn maybe_write_back(&self, sp: &Sparse, w: &mut Writer) -> Result<()> {
         let dirty = sp.bitmaps.lock().dirty.len() as u64 * sp.bat.bitmap_size;
         if dirty > MAX_DIRTY_BITMAP_BYTES {
             self.write_back(w)?;
