@@ -128,12 +128,11 @@ pub fn run_merge_now(tree: &Tree) -> Result<(), TreeError> {
 /// returns when it is done, and `status` shows its progress meanwhile.
 /// Throttled by the mount options `ckpt_pages` and `ckpt_wait`.
 fn checkpoint(tree: &Tree, id: u64, point_name: &str, source: &str) -> Result<(), TreeError> {
-    use std::sync::atomic::Ordering;
     let throttle = tree.import_throttle();
     let result = tree.checkpoint(id, source, true, throttle, &mut |s| {
         tree.import_progress(point_name, Some(s.describe()));
         // The mount is going away.
-        !tree.merge.cancel.load(Ordering::Relaxed)
+        !tree.closing()
     });
     tree.import_progress(point_name, None);
     let stats = result?;

@@ -139,7 +139,7 @@ impl Mounted {
     /// commit, which leaves every image as it was.
     fn stop_gc(&mut self) {
         self.gc_stop.store(true, Ordering::Relaxed);
-        self.tree.merge.cancel.store(true, Ordering::Relaxed);
+        self.tree.begin_closing();
         if let Some(h) = self.gc.take() {
             let _ = h.join();
         }

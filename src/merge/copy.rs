@@ -178,14 +178,13 @@ impl<'a> Pacer<'a> {
     /// `bytes` more were copied.
     pub fn after(&mut self, bytes: u64) -> Result<(), TreeError> {
         let (tree, throttle) = (self.tree, self.throttle);
-        if tree.merge.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        if tree.closing() {
             return Err(TreeError::new(
                 libc::ECANCELED,
                 "stopped because the mount is going away; nothing was committed",
             ));
         }
-        if throttle.yield_to_io && tree.merge.preempt.load(std::sync::atomic::Ordering::SeqCst) > 0
-        {
+        if throttle.yield_to_io && tree.commands_waiting() {
             return Err(TreeError::new(
                 libc::EAGAIN,
                 "gave way to a tree command; nothing was committed, it starts over later",

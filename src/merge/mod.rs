@@ -102,13 +102,13 @@ impl Tree {
         // A foreground merge (merge-now, ctl, CLI) makes a background one
         // give way, as tree commands do.
         let _ops = if throttle.yield_to_io {
-            self.ops.lock()
+            self.lock_ops_yielding()
         } else {
             self.lock_ops()
         };
         // The mount is going away (see `tree::close`): its locks may be
         // released already, so nothing may be written now.
-        if self.merge.cancel.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.closing() {
             return Err(TreeError::new(
                 libc::ECANCELED,
                 "not started: the mount is going away",

@@ -284,36 +284,11 @@ pub fn relink(
         Some(mut g) => g.chain = c_chain.clone(),
         None => job.child.io.write().chain = c_chain.clone(),
     }
-    {
-        let mut nodes = tree.nodes.write();
-        let parent = nodes.get(&hid).and_then(|n| n.parent);
-        nodes.remove(&hid);
-        if let Some(p) = parent.and_then(|p| nodes.get_mut(&p)) {
-            for k in p.children.iter_mut() {
-                if *k == hid {
-                    *k = cid;
-                }
-            }
-        }
-        if let Some(n) = nodes.get_mut(&cid) {
-            n.parent = parent;
-        }
-    }
+    tree.unlink_coalesced(hid, cid);
     // Below C: each point's own layer over its parent's new chain.
     let mut queue = vec![(cid, c_chain)];
     while let Some((id, chain)) = queue.pop() {
-        let kids: Vec<_> = {
-            let nodes = tree.nodes.read();
-            nodes
-                .get(&id)
-                .map(|n| {
-                    n.children
-                        .iter()
-                        .filter_map(|k| nodes.get(k).map(|k| k.point.clone()))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let kids = tree.children_of(id);
         for k in kids {
             let mut io = k.io.write();
             let new = stack(io.chain.leaf().clone(), chain.layers());

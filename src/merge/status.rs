@@ -42,12 +42,6 @@ pub struct MergeState {
     /// An interrupted merge was found at open: merge without waiting for
     /// the idle time.
     pub resume: AtomicBool,
-    /// Set when the mount goes away: a running merge stops before its
-    /// commit.
-    pub cancel: AtomicBool,
-    /// Tree commands waiting for the structural lock: a background merge
-    /// gives way to them.
-    pub preempt: std::sync::atomic::AtomicUsize,
     /// A merge committed but could not finish its cleanup: the tree in
     /// memory is behind the files, so no merge runs until a remount.
     pub broken: Mutex<Option<String>>,
@@ -60,8 +54,6 @@ impl Default for MergeState {
             started: Instant::now(),
             last_io: AtomicU64::new(0),
             resume: AtomicBool::new(false),
-            cancel: AtomicBool::new(false),
-            preempt: Default::default(),
             broken: Mutex::new(None),
         }
     }

@@ -161,7 +161,7 @@ fn remove_hidden(tree: &Tree, job: &Job) -> Result<(), crate::tree::TreeError> {
             ),
         ));
     }
-    tree.garbage.lock().push(manifest::ManifestPoint {
+    tree.note_garbage(manifest::ManifestPoint {
         name: job.hidden.name.clone(),
         image: rel(tree, &job.hidden_image),
         parent: None,
@@ -176,7 +176,7 @@ fn remove_hidden(tree: &Tree, job: &Job) -> Result<(), crate::tree::TreeError> {
     if let Err(e) = std::fs::remove_file(&job.hidden_image) {
         tree.problem(format!("{}: {e}", job.hidden_image.display()));
     } else {
-        tree.garbage.lock().clear();
+        tree.clear_garbage();
     }
     let _ = manifest::sync_dir(tree.dir());
     Ok(())

@@ -11,6 +11,7 @@
 //! Structural operations are serialised by `ops`.
 
 mod close;
+mod coalesce;
 pub mod discover;
 pub mod manifest;
 mod memory;
@@ -23,7 +24,7 @@ use crate::chain::Chain;
 use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 /// How to open a tree.
@@ -157,6 +158,12 @@ pub struct Tree {
     /// the manifest until their files are gone.
     pub(crate) garbage: Mutex<Vec<manifest::ManifestPoint>>,
     pub(crate) ops: Mutex<()>,
+    /// Tree commands waiting for `ops` (see `Tree::lock_ops`): whoever
+    /// holds it for long (a background merge) gives way to them.
+    commands_waiting: AtomicUsize,
+    /// Set when the mount goes away (see `close`): long work (a merge, an
+    /// import) stops, and nothing structural starts again.
+    closing: AtomicBool,
     /// Images another process holds a lock on, so we could not take ours:
     /// the merge engine leaves them alone.
     pub(crate) unlocked: Mutex<std::collections::HashSet<PathBuf>>,

@@ -14,7 +14,7 @@ use crate::image::{probe, Format, Layer};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 /// Suffix of an overlay created by `snapshot` before it is renamed into
@@ -91,6 +91,8 @@ impl Tree {
             single_chain,
             _tree_lock: tree_lock,
             ops: Mutex::new(()),
+            commands_waiting: Default::default(),
+            closing: AtomicBool::new(false),
             unlocked: Mutex::new(Default::default()),
             merge: crate::merge::MergeState::default(),
             pinned_memory: Vec::new(),
