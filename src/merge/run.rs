@@ -12,7 +12,7 @@
 use super::copy::{image_err, Held};
 use super::journal::{self, Entry};
 use super::plan::{Direction, Job};
-use super::{commit, stream, Throttle};
+use super::{commit, stream, Engine, Throttle};
 use crate::chain::Chain;
 use crate::image::formats::repoint_of;
 use crate::image::lock::LockMode;
@@ -139,12 +139,13 @@ pub fn repoint(tree: &Tree, job: &Job, h_chain: &Chain, child: Format) -> Result
 }
 
 /// Runs `job`; returns the bytes copied.
-pub fn run(tree: &Tree, job: &Job, throttle: &Throttle) -> Result<u64, TreeError> {
+pub fn run(eng: &Engine, job: &Job, throttle: &Throttle) -> Result<u64, TreeError> {
+    let tree = eng.tree();
     let dir = tree.dir();
     check_space(dir, job.bytes)?;
     // The child's memory delta stops needing H's first (its own atomic
     // step; H's delta goes with H).
-    tree.detach_memory(&job.hidden, &job.child, throttle)?;
+    super::memory::detach_memory(eng, &job.hidden, &job.child, throttle)?;
     let h_chain = job.hidden.io.read().chain.clone();
     journal::store(dir, &entry_for(tree, job, &h_chain)).map_err(|e| {
         err(
@@ -152,12 +153,12 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle) -> Result<u64, TreeError
             format!("writing the merge journal: {e}"),
         )
     })?;
-    tree.merge.begin(job.describe(), job.bytes);
+    eng.state.begin(job.describe(), job.bytes);
     let r = match job.direction {
-        Direction::Stream => stream::run(tree, job, throttle, &h_chain),
-        Direction::Commit => commit::run(tree, job, throttle, &h_chain),
+        Direction::Stream => stream::run(eng, job, throttle, &h_chain),
+        Direction::Commit => commit::run(eng, job, throttle, &h_chain),
     };
-    tree.merge.end_one();
+    eng.state.end_one();
     match r {
         Ok(bytes) => {
             if let Err(e) = tree.save_manifest() {
@@ -185,7 +186,7 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle) -> Result<u64, TreeError
                 e.message
             );
             tree.problem(msg.clone());
-            *tree.merge.broken.lock() = Some(msg);
+            *eng.state.broken.lock() = Some(msg);
             Err(e)
         }
     }

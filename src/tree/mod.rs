@@ -17,6 +17,7 @@ pub mod manifest;
 mod memory;
 pub mod naming;
 mod open;
+pub use open::Recovery;
 mod ops;
 mod render;
 
@@ -33,8 +34,6 @@ pub struct TreeOptions {
     pub read_only: bool,
     pub allow_external_backing: bool,
     pub max_depth: usize,
-    /// How the background merge works (mounts only).
-    pub gc: crate::merge::GcSettings,
     /// How fast `checkpoint SOURCE` imports memory (mounts only; the CLI
     /// passes its own).
     pub import: crate::memory::checkpoint::Throttle,
@@ -172,8 +171,6 @@ pub struct Tree {
     pub(crate) single_chain: bool,
     /// Held while the tree is open read-write (see `open::lock_tree`).
     _tree_lock: Option<std::fs::File>,
-    /// The merge engine's state (progress, last result, idle tracking).
-    pub merge: crate::merge::MergeState,
     /// Memory files the manifest named for points that did not open:
     /// never removed by the memory sweep.
     pub(crate) pinned_memory: Vec<String>,
@@ -186,10 +183,6 @@ impl Tree {
 
     pub fn read_only(&self) -> bool {
         self.opts.read_only
-    }
-
-    pub fn gc_settings(&self) -> &crate::merge::GcSettings {
-        &self.opts.gc
     }
 
     pub fn import_throttle(&self) -> crate::memory::checkpoint::Throttle {
