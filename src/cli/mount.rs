@@ -87,8 +87,9 @@ fn parse_bytes(v: &str) -> Option<u64> {
     num.parse::<u64>().ok()?.checked_mul(mul)
 }
 
-/// A `gc_*=VALUE` option.
-fn parse_gc(o: &mut Options, key: &str, value: &str) -> CliResult {
+/// A tuning option: `gc_*=VALUE` (the background merge; the user-facing
+/// names keep "gc") or `ckpt_*=VALUE` (memory imports).
+fn parse_tuning(o: &mut Options, key: &str, value: &str) -> CliResult {
     use std::time::Duration;
     let bad = || format!("mount option {key}={value}: not a valid value");
     match key {
@@ -135,7 +136,7 @@ fn parse_options(raw: &[String]) -> CliResult<Options> {
             | "relatime" => {}
             g if (g.starts_with("gc_") || g.starts_with("ckpt_")) && g.contains('=') => {
                 let (k, v) = g.split_once('=').unwrap_or((g, ""));
-                parse_gc(&mut o, k, v)?;
+                parse_tuning(&mut o, k, v)?;
             }
             o if o.starts_with("x-") || o.starts_with("comment=") => {}
             other => {

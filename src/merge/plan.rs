@@ -115,11 +115,7 @@ fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
             user.display()
         ));
     }
-    let c_leaf = tree
-        .nodes
-        .read()
-        .get(&c.id)
-        .is_none_or(|n| n.children.is_empty());
+    let c_leaf = tree.is_leaf(c.id);
     let h_format = h_layer.format();
     let c_format = c_layer.format();
     // Some formats name a parent only of their own kind, or must keep one

@@ -39,6 +39,14 @@ impl Tree {
             .collect()
     }
 
+    /// Whether point `id` has no children (or is gone).
+    pub fn is_leaf(&self, id: u64) -> bool {
+        self.nodes
+            .read()
+            .get(&id)
+            .is_none_or(|n| n.children.is_empty())
+    }
+
     /// Opened from one leaf image rather than a directory: other chains
     /// may share its images unseen, so nothing may be merged.
     pub fn single_chain(&self) -> bool {

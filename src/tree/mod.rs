@@ -9,6 +9,11 @@
 //! take the write side, so they wait for in-flight I/O on that point and
 //! no write can land in an image after it stopped being a leaf.
 //! Structural operations are serialised by `ops`.
+//!
+//! The tree does not know the merge engine (`merge` uses the tree, never
+//! the other way): the engine reads and changes the structure through
+//! the methods in `coalesce`, and its recovery at open comes in through
+//! [`Recovery`] (ARCHITECTURE.md, "Layers").
 
 mod close;
 mod coalesce;
@@ -110,7 +115,7 @@ impl PointMemory {
     }
 }
 
-pub(crate) struct Node {
+struct Node {
     pub point: Arc<Point>,
     pub parent: Option<u64>,
     pub children: Vec<u64>,
@@ -145,9 +150,9 @@ pub struct StatusLog {
 pub struct Tree {
     dir: PathBuf,
     /// Where names read from the tree's files may lead (see `confine`).
-    pub(crate) confine: crate::confine::Confine,
+    confine: crate::confine::Confine,
     opts: TreeOptions,
-    pub(crate) nodes: RwLock<BTreeMap<u64, Node>>,
+    nodes: RwLock<BTreeMap<u64, Node>>,
     next_id: AtomicU64,
     status: Mutex<StatusLog>,
     /// Manifest entries of images this mount does not hold (another chain
@@ -155,8 +160,8 @@ pub struct Tree {
     foreign: Vec<manifest::ManifestPoint>,
     /// Images a merge has just cut out of the tree, listed as garbage in
     /// the manifest until their files are gone.
-    pub(crate) garbage: Mutex<Vec<manifest::ManifestPoint>>,
-    pub(crate) ops: Mutex<()>,
+    garbage: Mutex<Vec<manifest::ManifestPoint>>,
+    ops: Mutex<()>,
     /// Tree commands waiting for `ops` (see `Tree::lock_ops`): whoever
     /// holds it for long (a background merge) gives way to them.
     commands_waiting: AtomicUsize,
@@ -165,15 +170,15 @@ pub struct Tree {
     closing: AtomicBool,
     /// Images another process holds a lock on, so we could not take ours:
     /// the merge engine leaves them alone.
-    pub(crate) unlocked: Mutex<std::collections::HashSet<PathBuf>>,
+    unlocked: Mutex<std::collections::HashSet<PathBuf>>,
     /// Opened from one leaf image rather than a directory: other chains
     /// may share its images unseen, so nothing is merged.
-    pub(crate) single_chain: bool,
+    single_chain: bool,
     /// Held while the tree is open read-write (see `open::lock_tree`).
     _tree_lock: Option<std::fs::File>,
     /// Memory files the manifest named for points that did not open:
     /// never removed by the memory sweep.
-    pub(crate) pinned_memory: Vec<String>,
+    pinned_memory: Vec<String>,
 }
 
 impl Tree {
