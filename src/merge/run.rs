@@ -300,11 +300,27 @@ pub fn relink(
     }
 }
 
-/// A range marked zero, for the copier.
+/// A range marked zero, for the copier; `None` when it is empty.
 pub fn zeros(start: u64, end: u64) -> Option<Held> {
-    (end > start).then_some(Held {
+    // `then`, not `then_some`: the length must not be computed when `end`
+    // is below `start` (it would overflow).
+    (end > start).then(|| Held {
         start,
         len: end - start,
         zero: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::zeros;
+
+    #[test]
+    fn zeros_of_an_empty_or_inverted_range_is_none() {
+        assert!(zeros(10, 10).is_none());
+        // A hidden image larger than what its child reads through it.
+        assert!(zeros(10 << 20, 4 << 20).is_none());
+        let z = zeros(4, 10).expect("a range");
+        assert_eq!((z.start, z.len, z.zero), (4, 6, true));
+    }
 }
