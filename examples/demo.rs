@@ -8,7 +8,8 @@
 
 use snaptree::chain::{resolve::Source, Chain, OpenOptions};
 use snaptree::fs::{mount, MountConfig};
-use snaptree::tree::{Tree, TreeOptions};
+use snaptree::merge::Engine;
+use snaptree::tree::TreeOptions;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -107,11 +108,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         read_only: false,
         allow_external_backing: false,
         max_depth: 1024,
-        gc: Default::default(),
         import: snaptree::memory::checkpoint::Throttle::DEFAULT,
         reserved_names: snaptree::fs::reserved_names(),
     };
-    let tree = Arc::new(Tree::open(d, opts)?);
+    let engine = Arc::new(Engine::open(d, opts, Default::default())?);
     let config = MountConfig {
         fs_name: d.display().to_string(),
         read_only: false,
@@ -119,7 +119,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         allow_root: false,
         threads: 4,
     };
-    let mounted = mount(tree.clone(), &mnt, &config)
+    let mounted = mount(engine, &mnt, &config)
         .map_err(|e| format!("mounting on {}: {e} (is /dev/fuse there?)", mnt.display()))?;
     println!("\nmounted on {}:\n", mnt.display());
     print!("{}", std::fs::read_to_string(mnt.join("tree"))?);

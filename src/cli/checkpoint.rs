@@ -47,7 +47,8 @@ pub fn run(cmd: CheckpointCmd) -> CliResult {
     if a.block_pages == 0 {
         return Err("--block-pages must be at least 1".into());
     }
-    let tree = a.chain.open_tree(&a.tree)?;
+    let engine = a.chain.open_tree(&a.tree)?;
+    let tree = engine.tree();
     let point = tree
         .lookup(&a.name)
         .ok_or_else(|| format!("no snapshot point named {:?}", a.name))?;

@@ -4,8 +4,7 @@
 //! crash interrupted.
 
 use super::{ChainArgs, CliResult};
-use crate::merge::Throttle;
-use crate::tree::Tree;
+use crate::merge::{Engine, Throttle};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -30,10 +29,11 @@ pub struct MergeArgs {
 }
 
 pub fn run(a: MergeArgs) -> CliResult {
-    let tree = Arc::new(a.chain.open_tree(&a.source)?);
+    let engine = Arc::new(a.chain.open_tree(&a.source)?);
+    let tree = engine.tree();
     let done = Arc::new(AtomicBool::new(false));
     let bar = (!a.quiet && std::io::stderr().is_terminal()).then(|| {
-        let t = tree.clone();
+        let t = engine.clone();
         let done = done.clone();
         std::thread::spawn(move || show_progress(&t, &done))
     });
@@ -42,9 +42,9 @@ pub fn run(a: MergeArgs) -> CliResult {
             let p = tree
                 .lookup(name)
                 .ok_or_else(|| format!("no snapshot point named {name:?}"))?;
-            tree.merge_point(p.id)
+            engine.merge_point(p.id)
         }
-        None => tree.merge_all(&Throttle::full()),
+        None => engine.merge_all(&Throttle::full()),
     };
     done.store(true, Ordering::Relaxed);
     if let Some(b) = bar {
@@ -56,7 +56,7 @@ pub fn run(a: MergeArgs) -> CliResult {
     Ok(())
 }
 
-fn show_progress(tree: &Tree, done: &AtomicBool) {
+fn show_progress(engine: &Engine, done: &AtomicBool) {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -65,7 +65,7 @@ fn show_progress(tree: &Tree, done: &AtomicBool) {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     while !done.load(Ordering::Relaxed) {
-        if let Some((what, d, t)) = tree.merge.current() {
+        if let Some((what, d, t)) = engine.current() {
             bar.set_message(what);
             bar.set_length(t);
             bar.set_position(d.min(t));

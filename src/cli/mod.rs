@@ -74,27 +74,28 @@ impl ChainArgs {
         Ok(Chain::open(image, &opts)?)
     }
 
-    /// Opens the tree at `source` read-write for an offline command (no
-    /// background merges), printing the problems found.
-    pub fn open_tree(&self, source: &std::path::Path) -> CliResult<crate::tree::Tree> {
-        let tree = crate::tree::Tree::open(
+    /// Opens the tree at `source` read-write for an offline command,
+    /// with its merge engine (no background merges; the open finishes a
+    /// merge a crash interrupted), printing the problems found.
+    pub fn open_tree(&self, source: &std::path::Path) -> CliResult<crate::merge::Engine> {
+        let engine = crate::merge::Engine::open(
             source,
             crate::tree::TreeOptions {
                 read_only: false,
                 allow_external_backing: self.allow_external_backing,
                 max_depth: self.max_depth,
-                gc: crate::merge::GcSettings {
-                    idle: None,
-                    ..Default::default()
-                },
                 import: crate::memory::checkpoint::Throttle::DEFAULT,
                 reserved_names: crate::fs::reserved_names(),
             },
+            crate::merge::BackgroundMergeSettings {
+                idle: None,
+                ..Default::default()
+            },
         )?;
-        for p in tree.problems() {
+        for p in engine.tree().problems() {
             eprintln!("snaptree: {p}");
         }
-        Ok(tree)
+        Ok(engine)
     }
 }
 

@@ -10,7 +10,8 @@
 
 use super::{ChainArgs, CliResult};
 use crate::fs::{mount, MountConfig};
-use crate::tree::{Tree, TreeOptions};
+use crate::merge::Engine;
+use crate::tree::TreeOptions;
 use clap::Args;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -59,7 +60,7 @@ struct Options {
     read_only: bool,
     allow_other: bool,
     allow_root: bool,
-    gc: crate::merge::GcSettings,
+    background_merge: crate::merge::BackgroundMergeSettings,
     import: crate::memory::checkpoint::Throttle,
 }
 
@@ -69,7 +70,7 @@ impl Default for Options {
             read_only: false,
             allow_other: false,
             allow_root: false,
-            gc: Default::default(),
+            background_merge: Default::default(),
             import: crate::memory::checkpoint::Throttle::DEFAULT,
         }
     }
@@ -86,19 +87,24 @@ fn parse_bytes(v: &str) -> Option<u64> {
     num.parse::<u64>().ok()?.checked_mul(mul)
 }
 
-/// A `gc_*=VALUE` option.
-fn parse_gc(o: &mut Options, key: &str, value: &str) -> CliResult {
+/// A tuning option: `gc_*=VALUE` (the background merge; the user-facing
+/// names keep "gc") or `ckpt_*=VALUE` (memory imports).
+fn parse_tuning(o: &mut Options, key: &str, value: &str) -> CliResult {
     use std::time::Duration;
     let bad = || format!("mount option {key}={value}: not a valid value");
     match key {
-        "gc_idle" if value == "off" => o.gc.idle = None,
-        "gc_idle" => o.gc.idle = Some(Duration::from_secs(value.parse().map_err(|_| bad())?)),
+        "gc_idle" if value == "off" => o.background_merge.idle = None,
+        "gc_idle" => {
+            o.background_merge.idle = Some(Duration::from_secs(value.parse().map_err(|_| bad())?))
+        }
         "gc_step" => {
-            o.gc.step_bytes = parse_bytes(value)
+            o.background_merge.step_bytes = parse_bytes(value)
                 .filter(|b| (64 << 10..=1 << 30).contains(b))
                 .ok_or_else(|| format!("{}; gc_step takes 64K..1G", bad()))?
         }
-        "gc_pause" => o.gc.pause = Duration::from_millis(value.parse().map_err(|_| bad())?),
+        "gc_pause" => {
+            o.background_merge.pause = Duration::from_millis(value.parse().map_err(|_| bad())?)
+        }
         "ckpt_pages" => {
             o.import.block_pages = value
                 .parse()
@@ -130,7 +136,7 @@ fn parse_options(raw: &[String]) -> CliResult<Options> {
             | "relatime" => {}
             g if (g.starts_with("gc_") || g.starts_with("ckpt_")) && g.contains('=') => {
                 let (k, v) = g.split_once('=').unwrap_or((g, ""));
-                parse_gc(&mut o, k, v)?;
+                parse_tuning(&mut o, k, v)?;
             }
             o if o.starts_with("x-") || o.starts_with("comment=") => {}
             other => {
@@ -196,18 +202,18 @@ fn daemonize(a: &MountArgs) -> CliResult {
 }
 
 fn run_foreground(a: &MountArgs, o: &Options) -> CliResult {
-    let tree = Tree::open(
+    let engine = Engine::open(
         &a.source,
         TreeOptions {
             read_only: o.read_only,
             allow_external_backing: a.chain.allow_external_backing,
             max_depth: a.chain.max_depth,
-            gc: o.gc.clone(),
             import: o.import,
             reserved_names: crate::fs::reserved_names(),
         },
+        o.background_merge.clone(),
     )?;
-    let tree = Arc::new(tree);
+    let engine = Arc::new(engine);
     let config = MountConfig {
         fs_name: a
             .source
@@ -220,7 +226,7 @@ fn run_foreground(a: &MountArgs, o: &Options) -> CliResult {
         allow_root: o.allow_root,
         threads: a.threads,
     };
-    let bg = mount(tree.clone(), &a.mountpoint, &config).map_err(|e| {
+    let bg = mount(engine, &a.mountpoint, &config).map_err(|e| {
         format!(
             "{}: cannot mount: {e}{}",
             a.mountpoint.display(),

@@ -61,7 +61,7 @@ impl SnapFs {
             self.tree.record(&label, &r);
             return r.map_err(|e| errno(e.errno));
         }
-        let r = run_ctl(&self.tree, p.id, &p.name, &label, command);
+        let r = run_ctl(&self.merge, p.id, &p.name, &label, command);
         // Also after a failure: `merge` deletes before it fails.
         self.invalidate_after_command(p.name.clone());
         r.map_err(|e| errno(e.errno))
@@ -98,17 +98,18 @@ impl SnapFs {
 /// Runs one parsed `ctl` command (or reports why it did not parse) on
 /// point `id`, recording the outcome under `label` for `status`.
 pub fn run_ctl(
-    tree: &Tree,
+    merge: &crate::merge::Engine,
     id: u64,
     point_name: &str,
     label: &str,
     command: Result<Command, TreeError>,
 ) -> Result<(), TreeError> {
+    let tree = merge.tree();
     let result = command.and_then(|c| match c {
         Command::Snapshot(name) => tree.snapshot(id, &name),
         Command::Clone(name) => tree.clone_point(id, &name),
         Command::Delete => tree.delete(id),
-        Command::Merge => tree.merge_point(id).map(|_| ()),
+        Command::Merge => merge.merge_point(id).map(|_| ()),
         Command::Checkpoint(source) => checkpoint(tree, id, point_name, &source),
         Command::Memory(source) => tree.set_memory(id, source.as_deref()),
     });
@@ -117,9 +118,9 @@ pub fn run_ctl(
 }
 
 /// A write to `merge-now`: coalesce everything coalescable, at full speed.
-pub fn run_merge_now(tree: &Tree) -> Result<(), TreeError> {
-    let result = tree.merge_all(&crate::merge::Throttle::full()).map(|_| ());
-    tree.record("merge-now", &result);
+pub fn run_merge_now(merge: &crate::merge::Engine) -> Result<(), TreeError> {
+    let result = merge.merge_all(&crate::merge::Throttle::full()).map(|_| ());
+    merge.tree().record("merge-now", &result);
     result
 }
 
@@ -128,12 +129,11 @@ pub fn run_merge_now(tree: &Tree) -> Result<(), TreeError> {
 /// returns when it is done, and `status` shows its progress meanwhile.
 /// Throttled by the mount options `ckpt_pages` and `ckpt_wait`.
 fn checkpoint(tree: &Tree, id: u64, point_name: &str, source: &str) -> Result<(), TreeError> {
-    use std::sync::atomic::Ordering;
     let throttle = tree.import_throttle();
     let result = tree.checkpoint(id, source, true, throttle, &mut |s| {
         tree.import_progress(point_name, Some(s.describe()));
         // The mount is going away.
-        !tree.merge.cancel.load(Ordering::Relaxed)
+        !tree.closing()
     });
     tree.import_progress(point_name, None);
     let stats = result?;

@@ -6,6 +6,7 @@
 use crate::chain::resolve::Source;
 use crate::chain::Chain;
 use crate::memory::view::MemoryView;
+use crate::merge::Engine;
 use crate::tree::{Point, Tree};
 use fuser::Errno;
 use std::path::Path;
@@ -23,9 +24,15 @@ fn alive(tree: &Tree, p: &Point) -> Result<(), Errno> {
     Ok(())
 }
 
-pub fn read(tree: &Tree, p: &Point, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+pub fn read(
+    tree: &Tree,
+    merge: &Engine,
+    p: &Point,
+    offset: u64,
+    size: u32,
+) -> Result<Vec<u8>, Errno> {
     alive(tree, p)?;
-    tree.merge.note_io();
+    merge.note_io();
     let io = p.io.read();
     let end = (offset.saturating_add(size as u64)).min(io.chain.size());
     if offset >= end {
@@ -40,9 +47,15 @@ pub fn read(tree: &Tree, p: &Point, offset: u64, size: u32) -> Result<Vec<u8>, E
     Ok(buf)
 }
 
-pub fn write(tree: &Tree, p: &Point, offset: u64, data: &[u8]) -> Result<(), Errno> {
+pub fn write(
+    tree: &Tree,
+    merge: &Engine,
+    p: &Point,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), Errno> {
     alive(tree, p)?;
-    tree.merge.note_io();
+    merge.note_io();
     let io = p.io.read();
     if !io.writable {
         return Err(Errno::EROFS);

@@ -43,6 +43,9 @@ use std::time::{Duration, SystemTime};
 
 pub struct SnapFs {
     tree: Arc<Tree>,
+    /// The merge engine on `tree`: `merge-now`, its lines of `status`,
+    /// the idle clock the background merge waits on.
+    merge: Arc<crate::merge::Engine>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     mounted_at: SystemTime,
@@ -58,10 +61,15 @@ fn errno(e: i32) -> Errno {
 }
 
 impl SnapFs {
-    pub fn new(tree: Arc<Tree>, notifier: Arc<std::sync::OnceLock<fuser::Notifier>>) -> SnapFs {
+    pub fn new(
+        merge: Arc<crate::merge::Engine>,
+        notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    ) -> SnapFs {
+        let tree = merge.tree().clone();
         SnapFs {
             owners: modes::Owners::new(tree.dir()),
             tree,
+            merge,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             mounted_at: SystemTime::now(),
@@ -73,7 +81,12 @@ impl SnapFs {
     fn text(&self, ino: Inode) -> Option<Vec<u8>> {
         match ino {
             Inode::Tree => Some(self.tree.render_tree().into_bytes()),
-            Inode::Status => Some(self.tree.render_status().into_bytes()),
+            // The tree's lines with the merge engine's composed in.
+            Inode::Status => Some(
+                self.tree
+                    .render_status(&self.merge.render_status())
+                    .into_bytes(),
+            ),
             Inode::Point(p, PointFile::Info) => self
                 .tree
                 .info_json(p, layout::disk_file, layout::MEMORY_FILE)
@@ -326,7 +339,7 @@ impl Filesystem for SnapFs {
             return reply.error(Errno::EBADF);
         };
         match h {
-            Handle::Disk(p) => match disk::read(&self.tree, &p, offset, size) {
+            Handle::Disk(p) => match disk::read(&self.tree, &self.merge, &p, offset, size) {
                 Ok(buf) => reply.data(&buf),
                 Err(e) => reply.error(e),
             },
@@ -340,7 +353,7 @@ impl Filesystem for SnapFs {
                 reply.data(&t[s..e])
             }
             Handle::MergeNow => {
-                let t = self.tree.merge.last_text().into_bytes();
+                let t = self.merge.last_text().into_bytes();
                 let s = (offset as usize).min(t.len());
                 let e = (s + size as usize).min(t.len());
                 reply.data(&t[s..e])
@@ -366,11 +379,11 @@ impl Filesystem for SnapFs {
         };
         let whole = |label: String| control::whole_command(&self.tree, &label, offset, data.len());
         let r = match h {
-            Handle::Disk(p) => disk::write(&self.tree, &p, offset, data),
+            Handle::Disk(p) => disk::write(&self.tree, &self.merge, &p, offset, data),
             Handle::Ctl(p) if let Err(e) = whole(format!("{}/ctl", p.name)) => Err(errno(e.errno)),
             Handle::MergeNow if let Err(e) = whole("merge-now".into()) => Err(errno(e.errno)),
             Handle::Ctl(p) => self.ctl_write(&p, data),
-            Handle::MergeNow => control::run_merge_now(&self.tree).map_err(|e| errno(e.errno)),
+            Handle::MergeNow => control::run_merge_now(&self.merge).map_err(|e| errno(e.errno)),
             Handle::Text(_) | Handle::Memory(..) => Err(Errno::EBADF),
         };
         match r {

@@ -10,6 +10,7 @@
 //! mount is ours), and fuser's handle is never dropped.
 
 use super::SnapFs;
+use crate::merge::Engine;
 use crate::tree::Tree;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,13 +35,14 @@ pub struct Mounted {
     tree: Arc<Tree>,
     mountpoint: PathBuf,
     /// The background merger (read-write mounts).
-    gc: Option<std::thread::JoinHandle<()>>,
-    gc_stop: Arc<AtomicBool>,
+    background_merge: Option<std::thread::JoinHandle<()>>,
+    background_merge_stop: Arc<AtomicBool>,
 }
 
-/// Mounts `tree` at `mountpoint`; requests are served on the session's
-/// own threads until [`Mounted::wait`] returns.
-pub fn mount(tree: Arc<Tree>, mountpoint: &Path, c: &MountConfig) -> std::io::Result<Mounted> {
+/// Mounts the tree of `engine` at `mountpoint`; requests are served on
+/// the session's own threads until [`Mounted::wait`] returns.
+pub fn mount(engine: Arc<Engine>, mountpoint: &Path, c: &MountConfig) -> std::io::Result<Mounted> {
+    let tree = engine.tree().clone();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(c.fs_name.clone()),
@@ -59,21 +61,23 @@ pub fn mount(tree: Arc<Tree>, mountpoint: &Path, c: &MountConfig) -> std::io::Re
     config.clone_fd = c.threads > 1;
     let notifier = Arc::new(OnceLock::new());
     let session = fuser::Session::new(
-        SnapFs::new(tree.clone(), notifier.clone()),
+        SnapFs::new(engine.clone(), notifier.clone()),
         mountpoint,
         &config,
     )?;
     let _ = notifier.set(session.notifier());
     let session = session.spawn()?;
     raise_readahead(mountpoint);
-    let gc_stop = Arc::new(AtomicBool::new(false));
-    let gc = (!c.read_only).then(|| crate::merge::spawn_gc(tree.clone(), gc_stop.clone()));
+    let background_merge_stop = Arc::new(AtomicBool::new(false));
+    let background_merge = (!c.read_only).then(|| {
+        crate::merge::spawn_background_merge(engine.clone(), background_merge_stop.clone())
+    });
     Ok(Mounted {
         session: Some(session),
         tree,
         mountpoint: mountpoint.to_path_buf(),
-        gc,
-        gc_stop,
+        background_merge,
+        background_merge_stop,
     })
 }
 
@@ -123,7 +127,7 @@ impl Mounted {
             std::thread::sleep(Duration::from_millis(50));
         }
         let result = self.finish();
-        self.stop_gc();
+        self.stop_background_merge();
         let flushed = self.tree.flush_all();
         result?;
         flushed.map_err(|e| std::io::Error::other(e.message))
@@ -137,10 +141,10 @@ impl Mounted {
 
     /// Stops the background merger: a merge in progress stops before its
     /// commit, which leaves every image as it was.
-    fn stop_gc(&mut self) {
-        self.gc_stop.store(true, Ordering::Relaxed);
-        self.tree.merge.cancel.store(true, Ordering::Relaxed);
-        if let Some(h) = self.gc.take() {
+    fn stop_background_merge(&mut self) {
+        self.background_merge_stop.store(true, Ordering::Relaxed);
+        self.tree.begin_closing();
+        if let Some(h) = self.background_merge.take() {
             let _ = h.join();
         }
     }
@@ -166,7 +170,7 @@ impl Drop for Mounted {
             self.detach();
             let _ = self.finish();
         }
-        self.stop_gc();
+        self.stop_background_merge();
     }
 }
 

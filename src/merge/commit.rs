@@ -10,12 +10,12 @@
 use super::copy::{chain_err, copy_pieces, held, image_err, steps};
 use super::plan::Job;
 use super::run::{err, open_writer, relink, reopen, stack, Failed};
-use super::{PassReport, Throttle};
+use super::{Engine, PassReport, Throttle};
 use crate::chain::dirty::total;
 use crate::chain::Chain;
 use crate::image::formats::set_id;
 use crate::image::Layer;
-use crate::tree::{manifest, Tree, TreeError};
+use crate::tree::{manifest, TreeError};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,7 +27,7 @@ const MAX_PASSES: u32 = 8;
 /// merge gives up (and is retried later) rather than stall the guest.
 const MAX_PAUSED_BYTES: u64 = 64 << 20;
 
-pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Result<u64, Failed> {
+pub fn run(eng: &Engine, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Result<u64, Failed> {
     let c_chain = job.child.io.read().chain.clone();
     let leaf = job.child.io.read().writable;
     // Declared before the writer, so the writer closes first on failure.
@@ -36,14 +36,14 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resu
     if leaf {
         c_chain.dirty.start();
     }
-    let r = copy_and_commit(tree, job, throttle, h_chain, &c_chain, hw, w, relock, leaf);
+    let r = copy_and_commit(eng, job, throttle, h_chain, &c_chain, hw, w, relock, leaf);
     c_chain.dirty.stop();
     r
 }
 
 /// Copies what `src`'s own layer holds inside `ranges` into `dst`.
 fn copy_held(
-    tree: &Tree,
+    eng: &Engine,
     throttle: &Throttle,
     src: &Chain,
     dst: &Chain,
@@ -54,7 +54,7 @@ fn copy_held(
         pieces.extend(held(src.leaf().as_ref(), s, e.min(src.size()))?);
     }
     copy_pieces(
-        tree,
+        eng,
         throttle,
         src,
         dst,
@@ -64,7 +64,7 @@ fn copy_held(
 
 #[allow(clippy::too_many_arguments)]
 fn copy_and_commit(
-    tree: &Tree,
+    eng: &Engine,
     job: &Job,
     throttle: &Throttle,
     h_chain: &Chain,
@@ -74,10 +74,11 @@ fn copy_and_commit(
     mut relock: super::run::Relock,
     leaf: bool,
 ) -> Result<u64, Failed> {
+    let tree = eng.tree();
     let c = &job.child;
     let mut pass = 1;
     let t = Instant::now();
-    let mut copied = copy_held(tree, throttle, c_chain, &hw, &[(0, c_chain.size())])?;
+    let mut copied = copy_held(eng, throttle, c_chain, &hw, &[(0, c_chain.size())])?;
     let mut pending = Vec::new();
     if leaf {
         let (mut pass_copied, mut pass_start, mut last) = (copied, t, u64::MAX);
@@ -90,7 +91,7 @@ fn copy_and_commit(
                 dirtied: d,
                 millis: pass_start.elapsed().as_millis() as u64,
             };
-            tree.merge.pass_done(report, d);
+            eng.state.pass_done(report, d);
             if d <= FINAL_PASS_BYTES || pass >= MAX_PASSES || d >= last {
                 pending = dirty;
                 break;
@@ -98,7 +99,7 @@ fn copy_and_commit(
             last = d;
             pass += 1;
             pass_start = Instant::now();
-            pass_copied = copy_held(tree, &Throttle::full(), c_chain, &hw, &dirty)?;
+            pass_copied = copy_held(eng, &Throttle::full(), c_chain, &hw, &dirty)?;
             copied += pass_copied;
         }
     }
@@ -121,7 +122,7 @@ fn copy_and_commit(
                 ),
             )));
         }
-        let n = copy_held(tree, &Throttle::full(), c_chain, &hw, &pending)?;
+        let n = copy_held(eng, &Throttle::full(), c_chain, &hw, &pending)?;
         copied += n;
         let report = PassReport {
             pass: pass + 1,
@@ -129,7 +130,7 @@ fn copy_and_commit(
             dirtied: 0,
             millis: t.elapsed().as_millis() as u64,
         };
-        tree.merge.pass_done(report, 0);
+        eng.state.pass_done(report, 0);
         hw.flush().map_err(chain_err)?;
     }
     // H's file becomes C's, holding C's data: it takes C's owner and mode
@@ -198,7 +199,7 @@ fn copy_and_commit(
         }
     };
     if leaf {
-        tree.merge.writer_pause(t.elapsed().as_secs_f64() * 1e3);
+        eng.state.writer_pause(t.elapsed().as_secs_f64() * 1e3);
     }
     r
 }

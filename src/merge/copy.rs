@@ -1,10 +1,10 @@
 //! The copier's pieces: the allocated ranges of one layer, moving one
 //! range from a chain into another, and pacing between steps.
 
-use super::Throttle;
+use super::{Engine, Throttle};
 use crate::chain::Chain;
 use crate::image::{Layer, Mapping};
-use crate::tree::{Tree, TreeError};
+use crate::tree::TreeError;
 use std::time::Duration;
 
 /// A range a layer holds itself: data, or marked zero.
@@ -101,7 +101,7 @@ enum Chunk {
 /// so reading the source and writing the destination overlap. Paces by
 /// [`Pacer`]; returns the bytes copied.
 pub fn copy_pieces(
-    tree: &Tree,
+    eng: &Engine,
     throttle: &Throttle,
     src: &Chain,
     dst: &Chain,
@@ -131,7 +131,7 @@ pub fn copy_pieces(
             }
         });
         let mut copied = 0;
-        let mut pacer = Pacer::new(tree, throttle);
+        let mut pacer = Pacer::new(eng, throttle);
         // Returning early drops `rx`, which stops the reader at its next send.
         for chunk in rx {
             let len = match chunk? {
@@ -145,7 +145,7 @@ pub fn copy_pieces(
                 }
             };
             copied += len;
-            tree.merge.progress(len);
+            eng.state.progress(len);
             pacer.after(len)?;
         }
         Ok(copied)
@@ -161,15 +161,15 @@ pub fn copy_pieces(
 /// (scattered clusters): pausing per piece would make the step knob
 /// meaningless.
 pub struct Pacer<'a> {
-    tree: &'a Tree,
+    eng: &'a Engine,
     throttle: &'a Throttle,
     since_pause: u64,
 }
 
 impl<'a> Pacer<'a> {
-    pub fn new(tree: &'a Tree, throttle: &'a Throttle) -> Pacer<'a> {
+    pub fn new(eng: &'a Engine, throttle: &'a Throttle) -> Pacer<'a> {
         Pacer {
-            tree,
+            eng,
             throttle,
             since_pause: 0,
         }
@@ -177,15 +177,15 @@ impl<'a> Pacer<'a> {
 
     /// `bytes` more were copied.
     pub fn after(&mut self, bytes: u64) -> Result<(), TreeError> {
-        let (tree, throttle) = (self.tree, self.throttle);
-        if tree.merge.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        let (eng, throttle) = (self.eng, self.throttle);
+        let tree = eng.tree();
+        if tree.closing() {
             return Err(TreeError::new(
                 libc::ECANCELED,
                 "stopped because the mount is going away; nothing was committed",
             ));
         }
-        if throttle.yield_to_io && tree.merge.preempt.load(std::sync::atomic::Ordering::SeqCst) > 0
-        {
+        if throttle.yield_to_io && tree.commands_waiting() {
             return Err(TreeError::new(
                 libc::EAGAIN,
                 "gave way to a tree command; nothing was committed, it starts over later",
@@ -202,7 +202,7 @@ impl<'a> Pacer<'a> {
         if throttle.yield_to_io {
             let quiet = Duration::from_millis(200);
             let mut waited = Duration::ZERO;
-            while tree.merge.idle_for() < quiet && waited < Duration::from_secs(1) {
+            while eng.state.idle_for() < quiet && waited < Duration::from_secs(1) {
                 std::thread::sleep(Duration::from_millis(50));
                 waited += Duration::from_millis(50);
             }

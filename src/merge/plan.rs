@@ -15,7 +15,6 @@
 //! e.g. a VHD child can take only a VHD parent, so a stream into one needs
 //! a hidden node that has a parent; a VHD root is committed into instead.
 
-use crate::image::lock::LockMode;
 use crate::tree::{Point, Tree};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -69,21 +68,7 @@ impl Job {
 
 /// The merges possible now, and the hidden points that must stay, with why.
 pub fn plan(tree: &Tree) -> (Vec<Job>, Vec<String>) {
-    let candidates: Vec<(Arc<Point>, Vec<Arc<Point>>)> = {
-        let nodes = tree.nodes.read();
-        nodes
-            .values()
-            .filter(|n| n.hidden)
-            .map(|n| {
-                let kids = n
-                    .children
-                    .iter()
-                    .filter_map(|c| nodes.get(c).map(|c| c.point.clone()))
-                    .collect();
-                (n.point.clone(), kids)
-            })
-            .collect()
-    };
+    let candidates = tree.hidden_with_children();
     let mut jobs = Vec::new();
     let mut left = Vec::new();
     for (h, kids) in candidates {
@@ -109,7 +94,7 @@ pub fn plan(tree: &Tree) -> (Vec<Job>, Vec<String>) {
 }
 
 fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
-    if tree.single_chain {
+    if tree.single_chain() {
         return Err("the tree was opened from one leaf image, so images of other chains may use it unseen; open the directory to merge".into());
     }
     let (h_layer, hidden_image) = {
@@ -121,19 +106,7 @@ fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
         (io.chain.leaf().clone(), io.image.clone())
     };
     // An image we could not lock at open may be free now: try again.
-    let mut unlocked = tree.unlocked.lock();
-    for (p, layer) in [(&hidden_image, &h_layer), (&child_image, &c_layer)] {
-        if unlocked.contains(p) {
-            if let Err(why) = layer.lock(LockMode::Reader) {
-                return Err(format!(
-                    "{} is locked by another process (a running VM?): {why}; not merged",
-                    p.display()
-                ));
-            }
-            unlocked.remove(p);
-        }
-    }
-    drop(unlocked);
+    tree.retry_image_locks(&[(&hidden_image, &h_layer), (&child_image, &c_layer)])?;
     // Images that are not points of this tree (broken, too deep) may use
     // H too: then it must stay.
     if let Some(user) = super::journal::referenced_by(tree.dir(), &hidden_image, &[&child_image]) {
@@ -142,11 +115,7 @@ fn job_for(tree: &Tree, h: Arc<Point>, c: Arc<Point>) -> Result<Job, String> {
             user.display()
         ));
     }
-    let c_leaf = tree
-        .nodes
-        .read()
-        .get(&c.id)
-        .is_none_or(|n| n.children.is_empty());
+    let c_leaf = tree.is_leaf(c.id);
     let h_format = h_layer.format();
     let c_format = c_layer.format();
     // Some formats name a parent only of their own kind, or must keep one

@@ -12,7 +12,7 @@
 use super::copy::{image_err, Held};
 use super::journal::{self, Entry};
 use super::plan::{Direction, Job};
-use super::{commit, stream, Throttle};
+use super::{commit, stream, Engine, Throttle};
 use crate::chain::Chain;
 use crate::image::formats::repoint_of;
 use crate::image::lock::LockMode;
@@ -139,12 +139,13 @@ pub fn repoint(tree: &Tree, job: &Job, h_chain: &Chain, child: Format) -> Result
 }
 
 /// Runs `job`; returns the bytes copied.
-pub fn run(tree: &Tree, job: &Job, throttle: &Throttle) -> Result<u64, TreeError> {
+pub fn run(eng: &Engine, job: &Job, throttle: &Throttle) -> Result<u64, TreeError> {
+    let tree = eng.tree();
     let dir = tree.dir();
     check_space(dir, job.bytes)?;
     // The child's memory delta stops needing H's first (its own atomic
     // step; H's delta goes with H).
-    tree.detach_memory(&job.hidden, &job.child, throttle)?;
+    super::memory::detach_memory(eng, &job.hidden, &job.child, throttle)?;
     let h_chain = job.hidden.io.read().chain.clone();
     journal::store(dir, &entry_for(tree, job, &h_chain)).map_err(|e| {
         err(
@@ -152,12 +153,12 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle) -> Result<u64, TreeError
             format!("writing the merge journal: {e}"),
         )
     })?;
-    tree.merge.begin(job.describe(), job.bytes);
+    eng.state.begin(job.describe(), job.bytes);
     let r = match job.direction {
-        Direction::Stream => stream::run(tree, job, throttle, &h_chain),
-        Direction::Commit => commit::run(tree, job, throttle, &h_chain),
+        Direction::Stream => stream::run(eng, job, throttle, &h_chain),
+        Direction::Commit => commit::run(eng, job, throttle, &h_chain),
     };
-    tree.merge.end_one();
+    eng.state.end_one();
     match r {
         Ok(bytes) => {
             if let Err(e) = tree.save_manifest() {
@@ -185,7 +186,7 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle) -> Result<u64, TreeError
                 e.message
             );
             tree.problem(msg.clone());
-            *tree.merge.broken.lock() = Some(msg);
+            *eng.state.broken.lock() = Some(msg);
             Err(e)
         }
     }
@@ -284,36 +285,11 @@ pub fn relink(
         Some(mut g) => g.chain = c_chain.clone(),
         None => job.child.io.write().chain = c_chain.clone(),
     }
-    {
-        let mut nodes = tree.nodes.write();
-        let parent = nodes.get(&hid).and_then(|n| n.parent);
-        nodes.remove(&hid);
-        if let Some(p) = parent.and_then(|p| nodes.get_mut(&p)) {
-            for k in p.children.iter_mut() {
-                if *k == hid {
-                    *k = cid;
-                }
-            }
-        }
-        if let Some(n) = nodes.get_mut(&cid) {
-            n.parent = parent;
-        }
-    }
+    tree.unlink_coalesced(hid, cid);
     // Below C: each point's own layer over its parent's new chain.
     let mut queue = vec![(cid, c_chain)];
     while let Some((id, chain)) = queue.pop() {
-        let kids: Vec<_> = {
-            let nodes = tree.nodes.read();
-            nodes
-                .get(&id)
-                .map(|n| {
-                    n.children
-                        .iter()
-                        .filter_map(|k| nodes.get(k).map(|k| k.point.clone()))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let kids = tree.children_of(id);
         for k in kids {
             let mut io = k.io.write();
             let new = stack(io.chain.leaf().clone(), chain.layers());
@@ -324,11 +300,27 @@ pub fn relink(
     }
 }
 
-/// A range marked zero, for the copier.
+/// A range marked zero, for the copier; `None` when it is empty.
 pub fn zeros(start: u64, end: u64) -> Option<Held> {
-    (end > start).then_some(Held {
+    // `then`, not `then_some`: the length must not be computed when `end`
+    // is below `start` (it would overflow).
+    (end > start).then(|| Held {
         start,
         len: end - start,
         zero: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::zeros;
+
+    #[test]
+    fn zeros_of_an_empty_or_inverted_range_is_none() {
+        assert!(zeros(10, 10).is_none());
+        // A hidden image larger than what its child reads through it.
+        assert!(zeros(10 << 20, 4 << 20).is_none());
+        let z = zeros(4, 10).expect("a range");
+        assert_eq!((z.start, z.len, z.zero), (4, 6, true));
+    }
 }

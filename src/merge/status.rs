@@ -42,12 +42,6 @@ pub struct MergeState {
     /// An interrupted merge was found at open: merge without waiting for
     /// the idle time.
     pub resume: AtomicBool,
-    /// Set when the mount goes away: a running merge stops before its
-    /// commit.
-    pub cancel: AtomicBool,
-    /// Tree commands waiting for the structural lock: a background merge
-    /// gives way to them.
-    pub preempt: std::sync::atomic::AtomicUsize,
     /// A merge committed but could not finish its cleanup: the tree in
     /// memory is behind the files, so no merge runs until a remount.
     pub broken: Mutex<Option<String>>,
@@ -60,8 +54,6 @@ impl Default for MergeState {
             started: Instant::now(),
             last_io: AtomicU64::new(0),
             resume: AtomicBool::new(false),
-            cancel: AtomicBool::new(false),
-            preempt: Default::default(),
             broken: Mutex::new(None),
         }
     }
@@ -147,7 +139,7 @@ impl MergeState {
     }
 
     /// The merge lines of `status`.
-    pub fn render(&self, out: &mut String, settings: &super::GcSettings) {
+    pub fn render(&self, out: &mut String, settings: &super::BackgroundMergeSettings) {
         let g = self.inner.lock();
         match &g.running {
             Some(r) => {
@@ -210,6 +202,31 @@ impl MergeState {
             "merge settings: {when}, {} per step, {} ms pause",
             crate::units::human_size(settings.step_bytes),
             settings.pause.as_millis()
+        );
+    }
+}
+
+/// The merge queue lines of `status`: hidden points with one child (to be
+/// merged) and those with several (waiting), from `hidden` (each hidden
+/// point's name and number of children).
+pub fn render_queue(out: &mut String, hidden: Vec<(String, usize)>) {
+    let (ready, blocked): (Vec<_>, Vec<_>) = hidden.into_iter().partition(|(_, kids)| *kids == 1);
+    let names = |v: &[(String, usize)]| {
+        v.iter()
+            .map(|(n, _)| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if ready.is_empty() {
+        let _ = writeln!(out, "merge queue: empty");
+    } else {
+        let _ = writeln!(out, "merge queue: {}", names(&ready));
+    }
+    if !blocked.is_empty() {
+        let _ = writeln!(
+            out,
+            "merge waiting: {} (hidden with several children; merged once one is left)",
+            names(&blocked)
         );
     }
 }

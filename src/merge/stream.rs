@@ -10,13 +10,14 @@
 use super::copy::{chain_err, copy_pieces, copy_range, held, image_err, steps, Held, Pacer};
 use super::plan::Job;
 use super::run::{err, open_writer, rel, relink, reopen, repoint, stack, zeros, Failed};
-use super::Throttle;
+use super::{Engine, Throttle};
 use crate::chain::Chain;
 use crate::image::Mapping;
 use crate::tree::{manifest, Tree, TreeError};
 use std::time::Instant;
 
-pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Result<u64, Failed> {
+pub fn run(eng: &Engine, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Result<u64, Failed> {
+    let tree = eng.tree();
     let c = &job.child;
     let (c_chain, leaf) = {
         let io = c.io.read();
@@ -37,10 +38,10 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resu
     if !leaf {
         // Nothing else writes C: find what it lacks once, then copy it all
         // in one pipelined run.
-        copied = copy_lacking(tree, throttle, h_chain, &writer, &ranges)?;
+        copied = copy_lacking(eng, throttle, h_chain, &writer, &ranges)?;
         ranges.clear();
     }
-    let mut pacer = Pacer::new(tree, throttle);
+    let mut pacer = Pacer::new(eng, throttle);
     for piece in steps(&ranges, throttle.step_bytes) {
         let t = Instant::now();
         // Check-then-write of a leaf must not race a guest write to it.
@@ -62,7 +63,7 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resu
         }
         drop(guard);
         longest_pause = longest_pause.max(t.elapsed().as_secs_f64() * 1e3);
-        tree.merge.progress(piece.len);
+        eng.state.progress(piece.len);
         pacer.after(piece.len)?;
     }
     let t = Instant::now();
@@ -92,7 +93,7 @@ pub fn run(tree: &Tree, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Resu
     drop(guard);
     if leaf {
         longest_pause = longest_pause.max(t.elapsed().as_secs_f64() * 1e3);
-        tree.merge.writer_pause(longest_pause);
+        eng.state.writer_pause(longest_pause);
     }
     after.map_err(Failed::AfterCommit)?;
     Ok(copied)
@@ -121,7 +122,7 @@ pub fn ranges_to_stream(h_chain: &Chain, c_size: u64) -> Result<Vec<Held>, TreeE
 /// child reads the same before and after: it took those ranges from H.
 /// The caller then flushes and re-points the child in one atomic step.
 pub fn copy_lacking(
-    tree: &Tree,
+    eng: &Engine,
     throttle: &Throttle,
     h_chain: &Chain,
     writer: &Chain,
@@ -140,7 +141,7 @@ pub fn copy_lacking(
         }
     }
     copy_pieces(
-        tree,
+        eng,
         throttle,
         h_chain,
         writer,
@@ -161,7 +162,7 @@ fn remove_hidden(tree: &Tree, job: &Job) -> Result<(), crate::tree::TreeError> {
             ),
         ));
     }
-    tree.garbage.lock().push(manifest::ManifestPoint {
+    tree.note_garbage(manifest::ManifestPoint {
         name: job.hidden.name.clone(),
         image: rel(tree, &job.hidden_image),
         parent: None,
@@ -176,7 +177,7 @@ fn remove_hidden(tree: &Tree, job: &Job) -> Result<(), crate::tree::TreeError> {
     if let Err(e) = std::fs::remove_file(&job.hidden_image) {
         tree.problem(format!("{}: {e}", job.hidden_image.display()));
     } else {
-        tree.garbage.lock().clear();
+        tree.clear_garbage();
     }
     let _ = manifest::sync_dir(tree.dir());
     Ok(())

@@ -16,13 +16,24 @@ use std::os::unix::io::AsRawFd;
 use std::sync::atomic::Ordering;
 
 impl Tree {
+    /// The mount is going away: long work (a merge, a memory import)
+    /// stops at its next check, and no merge starts again.
+    pub fn begin_closing(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Tree::begin_closing`] was called.
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
     /// Stops merges (one running stops before its commit; none starts
     /// again), flushes every image, then releases every image lock and
     /// the tree lock. Nothing is written afterwards: no FUSE request
-    /// arrives after `destroy`, and `merge_all` refuses once `cancel` is
-    /// set.
+    /// arrives after `destroy`, and the merge engine refuses once the tree
+    /// is closing.
     pub fn release_for_unmount(&self) -> Result<(), TreeError> {
-        self.merge.cancel.store(true, Ordering::SeqCst);
+        self.begin_closing();
         // A merge holds `ops` from start to end: taking it waits for the
         // running one to stop.
         let _ops = self.ops.lock();

@@ -20,8 +20,6 @@
 use super::ops::{err, rename_noreplace};
 use super::{manifest, Point, PointMemory, Tree, TreeError};
 use crate::chain::{Chain, OpenOptions};
-use crate::image::formats::repoint_of;
-use crate::image::repoint::NewBacking;
 use crate::memory::checkpoint::{self, Base, ImportStats, Throttle};
 use crate::memory::index_cache;
 use crate::memory::view::MemoryView;
@@ -314,101 +312,29 @@ impl Tree {
         self.save_manifest()
     }
 
-    /// Before hidden point `hidden` is coalesced into its only child
-    /// `child`: if the child's delta backs onto the hidden point's, the
-    /// hidden delta's pages go into the child's delta where it holds none
-    /// and the child's delta then names the hidden delta's parent (one
-    /// header write). The child's memory reads the same throughout.
-    pub(crate) fn detach_memory(
-        &self,
-        hidden: &Point,
-        child: &Point,
-        throttle: &crate::merge::Throttle,
-    ) -> Result<(), TreeError> {
-        use crate::merge::stream::{copy_lacking, ranges_to_stream};
-        let (Some(h), Some(holder)) = (
-            self.memory_holder(hidden.id)
-                .and_then(|p| Self::memory_view(&p)),
-            self.memory_holder(child.id),
-        ) else {
-            return Ok(());
-        };
-        let Some(c) =
-            Self::memory_view(&holder).filter(|c| self.is_own_delta(c) && self.is_own_delta(&h))
-        else {
-            return Ok(());
-        };
-        let backs_on_h = c
-            .chain
-            .layers()
-            .get(1)
-            .is_some_and(|l| same_file(l.path(), &h.path));
-        if !backs_on_h {
-            return Ok(());
-        }
-        let merge_err = |e: crate::chain::ChainError| {
-            err(
-                e.errno(),
-                format!("merging memory delta {}: {e}", h.path.display()),
-            )
-        };
-        let writer = Chain::open(
-            &c.path,
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .map_err(merge_err)?;
-        // What the child's delta lacks of the hidden one's, copied paced
-        // like the disk merge it comes with (it may be GiBs), by the same
-        // stream routine.
-        let ranges = ranges_to_stream(&h.chain, c.chain.size())?;
-        copy_lacking(self, throttle, &h.chain, &writer, &ranges)?;
-        writer.flush().map_err(merge_err)?;
-        let format = writer.leaf().format();
-        drop(writer);
-        // The commit: one atomic re-point (a header write for the qcow2
-        // deltas snaptree makes, which record their base as of their own
-        // format; see `memory::checkpoint`).
-        let backing = h.chain.leaf().backing().map(|b| b.name.clone());
-        let to = backing.as_deref().map(|name| NewBacking {
-            name,
-            format: format.name(),
-            path: h.chain.layers().get(1).map(|l| l.path()),
-        });
-        let how = repoint_of(format, &c.path).map_err(|e| err(e.errno(), e.to_string()))?;
-        let plan = how
-            .plan(&c.path, to)
-            .map_err(|e| err(e.errno(), e.to_string()))?;
-        if plan.patches().is_some() {
-            return Err(err(
-                libc::EOPNOTSUPP,
-                format!(
-                    "merging memory delta {}: a {} delta is not re-pointed in one write",
-                    h.path.display(),
-                    format.name()
-                ),
-            ));
-        }
-        how.apply(&c.path, &plan)
-            .map_err(|e| err(e.errno(), e.to_string()))?;
-        // Every view whose chain runs through the child's delta (the
-        // child's, and its descendants' deltas on it) opens anew, without
-        // H's delta; views already open keep reading through the old one.
-        let c_file = canon(&c.path);
+    /// The page-delta checkpoint (in the tree's memory directory) that
+    /// carries point `id`'s memory, if it has a readable one.
+    pub fn own_memory_delta(&self, id: u64) -> Option<Arc<MemoryView>> {
+        let holder = self.memory_holder(id)?;
+        Self::memory_view(&holder).filter(|v| self.is_own_delta(v))
+    }
+
+    /// Opens anew every memory view whose chain runs through the delta
+    /// file `delta` (after a merge re-pointed it); views already open
+    /// keep reading through the old chain.
+    pub fn reopen_memory_through(&self, delta: &Path) {
+        let file = canon(delta);
         for p in self.all_points() {
-            let through_c = Self::memory_view(&p).is_some_and(|v| {
-                v.delta && v.chain.layers().iter().any(|l| canon(l.path()) == c_file)
+            let through = Self::memory_view(&p).is_some_and(|v| {
+                v.delta && v.chain.layers().iter().any(|l| canon(l.path()) == file)
             });
-            if through_c {
+            if through {
                 let source = p.memory.read().as_ref().map(|m| m.source.clone());
                 if let Some(s) = source {
                     *p.memory.write() = Some(self.open_memory(&s));
                 }
             }
         }
-        Ok(())
     }
 
     /// Removes files of the memory directory that no point names and no
@@ -480,10 +406,6 @@ impl Tree {
 
 fn canon(p: &Path) -> PathBuf {
     p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    canon(a) == canon(b)
 }
 
 fn file_name(p: &Path) -> String {

@@ -9,13 +9,20 @@
 //! take the write side, so they wait for in-flight I/O on that point and
 //! no write can land in an image after it stopped being a leaf.
 //! Structural operations are serialised by `ops`.
+//!
+//! The tree does not know the merge engine (`merge` uses the tree, never
+//! the other way): the engine reads and changes the structure through
+//! the methods in `coalesce`, and its recovery at open comes in through
+//! [`Recovery`] (ARCHITECTURE.md, "Layers").
 
 mod close;
+mod coalesce;
 pub mod discover;
 pub mod manifest;
 mod memory;
 pub mod naming;
 mod open;
+pub use open::Recovery;
 mod ops;
 mod render;
 
@@ -23,7 +30,7 @@ use crate::chain::Chain;
 use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 /// How to open a tree.
@@ -32,8 +39,6 @@ pub struct TreeOptions {
     pub read_only: bool,
     pub allow_external_backing: bool,
     pub max_depth: usize,
-    /// How the background merge works (mounts only).
-    pub gc: crate::merge::GcSettings,
     /// How fast `checkpoint SOURCE` imports memory (mounts only; the CLI
     /// passes its own).
     pub import: crate::memory::checkpoint::Throttle,
@@ -112,7 +117,7 @@ impl PointMemory {
     }
 }
 
-pub(crate) struct Node {
+struct Node {
     pub point: Arc<Point>,
     pub parent: Option<u64>,
     pub children: Vec<u64>,
@@ -147,9 +152,9 @@ pub struct StatusLog {
 pub struct Tree {
     dir: PathBuf,
     /// Where names read from the tree's files may lead (see `confine`).
-    pub(crate) confine: crate::confine::Confine,
+    confine: crate::confine::Confine,
     opts: TreeOptions,
-    pub(crate) nodes: RwLock<BTreeMap<u64, Node>>,
+    nodes: RwLock<BTreeMap<u64, Node>>,
     next_id: AtomicU64,
     status: Mutex<StatusLog>,
     /// Manifest entries of images this mount does not hold (another chain
@@ -157,21 +162,25 @@ pub struct Tree {
     foreign: Vec<manifest::ManifestPoint>,
     /// Images a merge has just cut out of the tree, listed as garbage in
     /// the manifest until their files are gone.
-    pub(crate) garbage: Mutex<Vec<manifest::ManifestPoint>>,
-    pub(crate) ops: Mutex<()>,
+    garbage: Mutex<Vec<manifest::ManifestPoint>>,
+    ops: Mutex<()>,
+    /// Tree commands waiting for `ops` (see `Tree::lock_ops`): whoever
+    /// holds it for long (a background merge) gives way to them.
+    commands_waiting: AtomicUsize,
+    /// Set when the mount goes away (see `close`): long work (a merge, an
+    /// import) stops, and nothing structural starts again.
+    closing: AtomicBool,
     /// Images another process holds a lock on, so we could not take ours:
     /// the merge engine leaves them alone.
-    pub(crate) unlocked: Mutex<std::collections::HashSet<PathBuf>>,
+    unlocked: Mutex<std::collections::HashSet<PathBuf>>,
     /// Opened from one leaf image rather than a directory: other chains
     /// may share its images unseen, so nothing is merged.
-    pub(crate) single_chain: bool,
+    single_chain: bool,
     /// Held while the tree is open read-write (see `open::lock_tree`).
     _tree_lock: Option<std::fs::File>,
-    /// The merge engine's state (progress, last result, idle tracking).
-    pub merge: crate::merge::MergeState,
     /// Memory files the manifest named for points that did not open:
     /// never removed by the memory sweep.
-    pub(crate) pinned_memory: Vec<String>,
+    pinned_memory: Vec<String>,
 }
 
 impl Tree {
@@ -181,10 +190,6 @@ impl Tree {
 
     pub fn read_only(&self) -> bool {
         self.opts.read_only
-    }
-
-    pub fn gc_settings(&self) -> &crate::merge::GcSettings {
-        &self.opts.gc
     }
 
     pub fn import_throttle(&self) -> crate::memory::checkpoint::Throttle {

@@ -14,24 +14,39 @@ use crate::image::{probe, Format, Layer};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 /// Suffix of an overlay created by `snapshot` before it is renamed into
 /// place; a crash can leave one behind (see `recover_snapshots`).
 pub const TMP_SUFFIX: &str = ".snaptree-tmp";
 
+/// Work of a layer above the tree that a read-write open must finish
+/// before anything else reads the directory: it runs under the tree lock,
+/// after interrupted snapshots are finished and before the images are
+/// discovered, and reports what it found in `problems` (shown in
+/// `status`). The tree defines it and does not know who implements it:
+/// the merge engine's journal recovery does (`merge::Engine::open`).
+pub trait Recovery {
+    fn recover(&mut self, dir: &Path, problems: &mut Vec<String>);
+}
+
 impl Tree {
     /// Opens the tree at `source`. Fails only when nothing usable is found;
-    /// individual broken images are reported in `status`.
-    pub fn open(source: &Path, opts: TreeOptions) -> Result<Tree, String> {
+    /// individual broken images are reported in `status`. A read-write
+    /// open runs `recovery` under the tree lock, before discovery.
+    pub fn open(
+        source: &Path,
+        opts: TreeOptions,
+        recovery: &mut dyn Recovery,
+    ) -> Result<Tree, String> {
         let canon = source
             .canonicalize()
             .map_err(|e| format!("{}: {e}", source.display()))?;
         let is_dir = canon.is_dir();
         let dir = tree_dir(&canon, is_dir);
         let mut problems = Vec::new();
-        let (tree_lock, resume_merge) = take_over(&dir, opts.read_only, &mut problems)?;
+        let tree_lock = take_over(&dir, opts.read_only, recovery, &mut problems)?;
         let confine = Confine::new(&dir, opts.allow_external_backing)
             .map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut found = find_images(&canon, is_dir, &confine, opts.max_depth, &mut problems)
@@ -64,9 +79,6 @@ impl Tree {
         }
         tree.status.lock().problems = problems;
         tree.sweep_memory(true);
-        tree.merge
-            .resume
-            .store(resume_merge, std::sync::atomic::Ordering::Relaxed);
         Ok(tree)
     }
 
@@ -92,8 +104,9 @@ impl Tree {
             single_chain,
             _tree_lock: tree_lock,
             ops: Mutex::new(()),
+            commands_waiting: Default::default(),
+            closing: AtomicBool::new(false),
             unlocked: Mutex::new(Default::default()),
-            merge: crate::merge::MergeState::default(),
             pinned_memory: Vec::new(),
         }
     }
@@ -113,14 +126,15 @@ fn tree_dir(canon: &Path, is_dir: bool) -> PathBuf {
 }
 
 /// For a read-write opener: takes the tree lock, then finishes what a
-/// crash interrupted (snapshots, merges, garbage, leaked memory-delta
-/// clusters), reporting it in `problems`. Returns the lock (`None` when
-/// read-only) and whether an interrupted merge should resume.
+/// crash interrupted (snapshots; through `recovery`, merges and their
+/// garbage; leaked memory-delta clusters), reporting it in `problems`.
+/// Returns the lock (`None` when read-only).
 fn take_over(
     dir: &Path,
     read_only: bool,
+    recovery: &mut dyn Recovery,
     problems: &mut Vec<String>,
-) -> Result<(Option<std::fs::File>, bool), String> {
+) -> Result<Option<std::fs::File>, String> {
     // One read-write opener per tree: a second one (a `snaptree merge`
     // while mounted, two mounts) would recover the first one's
     // in-flight snapshots and merges and write the same images.
@@ -129,14 +143,12 @@ fn take_over(
     } else {
         Some(lock_tree(dir)?)
     };
-    let mut resume_merge = false;
     if !read_only {
         recover_snapshots(dir, problems);
-        resume_merge = crate::merge::journal::recover(dir, problems);
-        crate::merge::journal::reclaim_garbage(dir, problems);
+        recovery.recover(dir, problems);
         repair_memory_deltas(dir, problems);
     }
-    Ok((tree_lock, resume_merge))
+    Ok(tree_lock)
 }
 
 /// The images of the tree: every image in the confinement's root when

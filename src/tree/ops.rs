@@ -80,10 +80,24 @@ impl Tree {
     /// starts over later, so a command never waits for a long merge.
     pub(crate) fn lock_ops(&self) -> parking_lot::MutexGuard<'_, ()> {
         use std::sync::atomic::Ordering;
-        self.merge.preempt.fetch_add(1, Ordering::SeqCst);
+        self.commands_waiting.fetch_add(1, Ordering::SeqCst);
         let g = self.ops.lock();
-        self.merge.preempt.fetch_sub(1, Ordering::SeqCst);
+        self.commands_waiting.fetch_sub(1, Ordering::SeqCst);
         g
+    }
+
+    /// Takes the structural lock for work that gives way to commands (a
+    /// background merge): it asks no holder to give way itself.
+    pub(crate) fn lock_ops_yielding(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.ops.lock()
+    }
+
+    /// Whether a tree command waits for the structural lock: work holding
+    /// it that gives way (a background merge) stops before its commit.
+    pub fn commands_waiting(&self) -> bool {
+        self.commands_waiting
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
     }
 
     fn check_new_name(&self, nodes: &BTreeMap<u64, Node>, name: &str) -> Result<(), TreeError> {

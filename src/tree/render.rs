@@ -35,8 +35,9 @@ impl Tree {
         self.status.lock().problems.clone()
     }
 
-    /// What `status` shows.
-    pub fn render_status(&self) -> String {
+    /// What `status` shows: the tree's lines, with `between` (the merge
+    /// engine's lines, which `fs` composes in) after the mode.
+    pub fn render_status(&self, between: &str) -> String {
         let s = self.status.lock();
         let mut out = String::new();
         let _ = writeln!(out, "tree: {}", self.dir.display());
@@ -49,33 +50,7 @@ impl Tree {
                 "read-write"
             }
         );
-        self.merge.render(&mut out, &self.opts.gc);
-        let (ready, blocked): (Vec<_>, Vec<_>) = {
-            let nodes = self.nodes.read();
-            nodes
-                .values()
-                .filter(|n| n.hidden)
-                .map(|n| (n.point.name.clone(), n.children.len()))
-                .partition(|(_, kids)| *kids == 1)
-        };
-        let names = |v: &[(String, usize)]| {
-            v.iter()
-                .map(|(n, _)| format!("{n:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        if ready.is_empty() {
-            let _ = writeln!(out, "merge queue: empty");
-        } else {
-            let _ = writeln!(out, "merge queue: {}", names(&ready));
-        }
-        if !blocked.is_empty() {
-            let _ = writeln!(
-                out,
-                "merge waiting: {} (hidden with several children; merged once one is left)",
-                names(&blocked)
-            );
-        }
+        out.push_str(between);
         for (name, line) in &s.imports {
             let _ = writeln!(out, "memory import into {name:?}: {line}");
         }

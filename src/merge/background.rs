@@ -4,22 +4,25 @@
 //! foreground I/O runs. An interrupted merge found at open is redone at
 //! once, without waiting for idleness.
 
-use super::Throttle;
-use crate::tree::Tree;
+use super::{Engine, Throttle};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Starts the background merger; it ends when `stop` is set.
-pub fn spawn_gc(tree: Arc<Tree>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+pub fn spawn_background_merge(
+    engine: Arc<Engine>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
-        .name("snaptree-gc".into())
-        .spawn(move || run(&tree, &stop))
+        .name("snaptree-merge".into())
+        .spawn(move || run(&engine, &stop))
         .expect("spawning the merge thread")
 }
 
-fn run(tree: &Tree, stop: &AtomicBool) {
-    let settings = tree.gc_settings().clone();
+fn run(engine: &Engine, stop: &AtomicBool) {
+    let tree = engine.tree();
+    let settings = engine.settings().clone();
     let throttle = Throttle {
         step_bytes: settings.step_bytes,
         pause: settings.pause,
@@ -36,10 +39,10 @@ fn run(tree: &Tree, stop: &AtomicBool) {
             backoff = backoff.saturating_sub(Duration::from_millis(250));
             continue;
         }
-        let resume = tree.merge.resume.swap(false, Ordering::Relaxed);
+        let resume = engine.state.resume.swap(false, Ordering::Relaxed);
         let idle_enough = settings
             .idle
-            .is_some_and(|idle| tree.merge.idle_for() >= idle);
+            .is_some_and(|idle| engine.state.idle_for() >= idle);
         if !(resume || idle_enough) || !tree.has_coalescable() {
             continue;
         }
@@ -48,10 +51,10 @@ fn run(tree: &Tree, stop: &AtomicBool) {
         } else {
             throttle.clone()
         };
-        match tree.merge_all(&t) {
+        match engine.merge_all(&t) {
             Err(e) if e.errno == libc::EAGAIN => {
                 // Gave way to a tree command: try again once idle.
-                tree.merge.note_io();
+                engine.state.note_io();
             }
             Err(e) => {
                 tracing::warn!("background merge: {e}");
