@@ -6,8 +6,8 @@
 //! pointing C at P instead of H (or at nothing when H was a root). Until
 //! that last step C still names H and reads exactly as before; after it C
 //! names P and, since it now holds all of H's data itself, still reads
-//! exactly as before. The switch has to be one atomic step (DESIGN.md,
-//! "Invariant of every merge"), and [`set_backing`] is that step.
+//! exactly as before. The switch has to be one atomic step (ARCHITECTURE.md,
+//! "The merge invariant"), and [`set_backing`] is that step.
 //!
 //! Why one `pwrite` is the commit point: the backing file name, its offset
 //! and size, and the backing-format extension all live in the first
