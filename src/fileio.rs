@@ -5,7 +5,7 @@
 //! fight over and without holding any lock while the kernel works.
 
 use crate::error::{ImageError, Result};
-use crate::image::storage::Storage;
+use crate::storage::Storage;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 

@@ -20,5 +20,6 @@ pub mod input;
 pub mod memory;
 pub mod merge;
 pub mod ownership;
+pub mod storage;
 pub mod tree;
 pub mod units;

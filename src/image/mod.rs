@@ -32,7 +32,9 @@ pub mod probe;
 pub mod qcow2;
 pub mod raw;
 pub mod repoint;
-pub mod storage;
+/// Where formats keep their bytes (a file, or memory in tests); a crate-level
+/// module so `fileio` can use it without depending on `image`.
+pub use crate::storage;
 #[cfg(test)]
 pub mod testutil;
 pub mod vhd;
