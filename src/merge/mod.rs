@@ -81,7 +81,7 @@ impl Engine {
         source: &Path,
         opts: TreeOptions,
         settings: BackgroundMergeSettings,
-    ) -> Result<Engine, String> {
+    ) -> Result<Engine, crate::tree::OpenError> {
         let mut recovery = JournalRecovery::default();
         let tree = Tree::open(source, opts, &mut recovery)?;
         let state = MergeState::default();

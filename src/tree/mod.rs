@@ -22,7 +22,7 @@ pub mod manifest;
 mod memory;
 pub mod naming;
 mod open;
-pub use open::Recovery;
+pub use open::{OpenError, Recovery};
 mod ops;
 mod render;
 

@@ -31,6 +31,52 @@ pub trait Recovery {
     fn recover(&mut self, dir: &Path, problems: &mut Vec<String>);
 }
 
+/// Why a tree could not be opened at all (problems with single images
+/// are no failure: they go to `status`).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The source or the tree directory could not be read.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `.snaptree.lock` is no regular file (a FIFO planted there, say).
+    #[error("{}: not a regular file; remove it (snaptree keeps its lock there)", .path.display())]
+    LockNotAFile { path: PathBuf },
+    /// Another read-write opener holds the tree.
+    #[error("{} is in use by another snaptree (mounted read-write, or a `snaptree merge` running); unmount it first, or mount with -o ro", .dir.display())]
+    InUse { dir: PathBuf },
+    #[error(transparent)]
+    OverBudget(#[from] crate::fdlimit::OverBudget),
+    /// Not one image could be used; `problems` says why for each.
+    #[error("no usable image found in {}{}", .source_path.display(), .problems.iter().map(|p| format!("\n  {p}")).collect::<String>())]
+    NothingUsable {
+        source_path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+impl OpenError {
+    /// The errno a mount or command reports for it.
+    pub fn errno(&self) -> i32 {
+        match self {
+            OpenError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            OpenError::LockNotAFile { .. } => libc::EINVAL,
+            OpenError::InUse { .. } => libc::EBUSY,
+            OpenError::OverBudget(e) => e.errno(),
+            OpenError::NothingUsable { .. } => libc::ENOENT,
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 impl Tree {
     /// Opens the tree at `source`. Fails only when nothing usable is found;
     /// individual broken images are reported in `status`. A read-write
@@ -39,18 +85,15 @@ impl Tree {
         source: &Path,
         opts: TreeOptions,
         recovery: &mut dyn Recovery,
-    ) -> Result<Tree, String> {
-        let canon = source
-            .canonicalize()
-            .map_err(|e| format!("{}: {e}", source.display()))?;
+    ) -> Result<Tree, OpenError> {
+        let canon = source.canonicalize().map_err(io_err(source))?;
         let is_dir = canon.is_dir();
         let dir = tree_dir(&canon, is_dir);
         let mut problems = Vec::new();
         let tree_lock = take_over(&dir, opts.read_only, recovery, &mut problems)?;
-        let confine = Confine::new(&dir, opts.allow_external_backing)
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let confine = Confine::new(&dir, opts.allow_external_backing).map_err(io_err(&dir))?;
         let mut found = find_images(&canon, is_dir, &confine, opts.max_depth, &mut problems)
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+            .map_err(io_err(&dir))?;
         let manifest = match manifest::load(&dir) {
             Ok(m) => m.unwrap_or_default(),
             Err(e) => {
@@ -65,17 +108,14 @@ impl Tree {
         // rather than mount part of it.
         let memories = manifest.points.iter().filter(|p| p.memory.is_some());
         let images = found.values().filter(|f| f.broken.is_none()).count();
-        crate::fdlimit::check_budget((images + memories.count()) as u64, &dir)
-            .map_err(|e| e.to_string())?;
+        crate::fdlimit::check_budget((images + memories.count()) as u64, &dir)?;
         let mut tree = Tree::unbuilt(dir, confine, opts, !is_dir, tree_lock);
         tree.build(found, manifest, &mut problems);
         if tree.nodes.read().is_empty() {
-            let mut msg = format!("no usable image found in {}", source.display());
-            for p in &problems {
-                msg.push_str("\n  ");
-                msg.push_str(p);
-            }
-            return Err(msg);
+            return Err(OpenError::NothingUsable {
+                source_path: source.to_path_buf(),
+                problems,
+            });
         }
         tree.status.lock().problems = problems;
         tree.sweep_memory(true);
@@ -134,7 +174,7 @@ fn take_over(
     read_only: bool,
     recovery: &mut dyn Recovery,
     problems: &mut Vec<String>,
-) -> Result<Option<std::fs::File>, String> {
+) -> Result<Option<std::fs::File>, OpenError> {
     // One read-write opener per tree: a second one (a `snaptree merge`
     // while mounted, two mounts) would recover the first one's
     // in-flight snapshots and merges and write the same images.
@@ -251,7 +291,7 @@ pub const TREE_LOCK_NAME: &str = ".snaptree.lock";
 
 /// Takes the tree's exclusive lock (an OFD-independent `flock`, released
 /// when the process dies), or says who to blame.
-fn lock_tree(dir: &Path) -> Result<std::fs::File, String> {
+fn lock_tree(dir: &Path) -> Result<std::fs::File, OpenError> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
     let path = dir.join(TREE_LOCK_NAME);
@@ -263,12 +303,9 @@ fn lock_tree(dir: &Path) -> Result<std::fs::File, String> {
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(io_err(&path))?;
     if !f.metadata().is_ok_and(|m| m.is_file()) {
-        return Err(format!(
-            "{}: not a regular file; remove it (snaptree keeps its lock there)",
-            path.display()
-        ));
+        return Err(OpenError::LockNotAFile { path });
     }
     // A mount that was just unmounted may still be flushing on its way
     // out: give it a few seconds.
@@ -279,10 +316,9 @@ fn lock_tree(dir: &Path) -> Result<std::fs::File, String> {
             std::thread::sleep(std::time::Duration::from_millis(100));
             continue;
         }
-        return Err(format!(
-            "{} is in use by another snaptree (mounted read-write, or a `snaptree merge` running); unmount it first, or mount with -o ro",
-            dir.display()
-        ));
+        return Err(OpenError::InUse {
+            dir: dir.to_path_buf(),
+        });
     }
     Ok(f)
 }
