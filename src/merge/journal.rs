@@ -297,33 +297,58 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
             return false;
         }
     };
+    let Some(t) = trusted(dir, e, problems) else {
+        return false;
+    };
+    repair_both(&t, problems);
+    if !reapply_patches(&t, problems) || !restore_hidden_id(&t, problems) {
+        return false;
+    }
+    let what = format!("{} into {}", t.entry.hidden, t.entry.child);
+    if !t.committed {
+        // The journal stays until the redone merge replaces it, so another
+        // interruption before that is still found.
+        problems.push(format!(
+            "an interrupted merge ({what}) had not reached its commit; it is redone now"
+        ));
+        return true;
+    }
+    finish_committed(dir, &t, problems);
+    false
+}
+
+/// The journal entry `e` if it matches the tree (see [`trust`]). A
+/// journal whose child is gone has nothing left to finish or redo and is
+/// dropped; any other mismatch is reported and left as it is.
+fn trusted(dir: &Path, e: Entry, problems: &mut Vec<String>) -> Option<Trusted> {
     let what = format!("{} into {}", shown(&e.hidden), shown(&e.child));
     let child_gone = Confine::new(dir, false)
         .ok()
         .and_then(|c| c.record(&e.child).ok())
         .is_some_and(|c| !c.exists());
-    let t = match trust(dir, e) {
-        Ok(t) => t,
+    match trust(dir, e) {
+        Ok(t) => Some(t),
         Err(why) if child_gone => {
-            // Nothing is left to finish or redo: only the journal goes.
             problems.push(format!(
                 "{JOURNAL_NAME} names a merge of {what}, but {why}; the journal is dropped"
             ));
             let _ = clear(dir);
-            return false;
+            None
         }
         Err(why) => {
             problems.push(format!(
                 "{JOURNAL_NAME} names a merge of {what} that does not match the tree: {why}; nothing was done and the journal is left as it is"
             ));
-            return false;
+            None
         }
-    };
-    let (e, hidden, child, committed) = (t.entry, t.hidden, t.child, t.committed);
-    // A kill inside a flush leaves leaked clusters in the image being
-    // written (never lost data): its format frees them (qcow2), so
-    // `qemu-img check` is clean.
-    for img in [&hidden, &child] {
+    }
+}
+
+/// A kill inside a flush leaves leaked clusters in the image being
+/// written (never lost data): its format frees them (qcow2), so
+/// `qemu-img check` is clean.
+fn repair_both(t: &Trusted, problems: &mut Vec<String>) {
+    for img in [&t.hidden, &t.child] {
         if !img.exists() {
             continue;
         }
@@ -336,54 +361,69 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
             Err(err) => problems.push(format!("{}: leak repair: {err}", img.display())),
         }
     }
-    if let Some(patches) = e.patches.as_deref() {
-        let plan = RepointPlan::Journaled(patches.to_vec());
-        let applied = formats::format_of(&child)
-            .and_then(|f| repoint_of(f, &child))
-            .and_then(|r| r.apply(&child, &plan));
-        if let Err(err) = applied {
-            // Torn between two headers: only these writes mend it, so
-            // the journal stays for the next try.
-            problems.push(format!(
-                "an interrupted merge ({} into {}) had committed, but re-pointing {} failed: {err}; the journal is kept for the next open",
-                e.hidden, e.child, e.child
-            ));
-            return false;
-        }
-    }
-    let what = format!("{} into {}", e.hidden, e.child);
-    if let (false, Some(id)) = (committed, &e.hidden_id) {
-        let restored = unhex(id)
-            .and_then(|b| <[u8; 16]>::try_from(b).ok())
-            .ok_or_else(|| format!("hidden_id {id:?} is not 16 bytes of hex"))
-            .and_then(|id| {
-                formats::format_of(&hidden)
-                    .and_then(|f| formats::set_id(f, &hidden, id))
-                    .map_err(|e| e.to_string())
-            });
-        if let Err(why) = restored {
-            problems.push(format!(
-                "an interrupted merge ({what}): giving {} its unique id back failed: {why}; the journal is kept",
-                e.hidden
-            ));
-            return false;
-        }
-    }
-    if !committed {
-        // The journal stays until the redone merge replaces it, so another
-        // interruption before that is still found.
-        problems.push(format!(
-            "an interrupted merge ({what}) had not reached its commit; it is redone now"
-        ));
+}
+
+/// A committed re-pointing that needs several writes (a differencing
+/// VHD) is applied again from the journal. `false` when that failed: the
+/// child may be torn between two headers and only these writes mend it,
+/// so the journal stays for the next try.
+fn reapply_patches(t: &Trusted, problems: &mut Vec<String>) -> bool {
+    let (e, child) = (&t.entry, &t.child);
+    let Some(patches) = e.patches.as_deref() else {
         return true;
+    };
+    let plan = RepointPlan::Journaled(patches.to_vec());
+    let applied = formats::format_of(child)
+        .and_then(|f| repoint_of(f, child))
+        .and_then(|r| r.apply(child, &plan));
+    if let Err(err) = applied {
+        problems.push(format!(
+            "an interrupted merge ({} into {}) had committed, but re-pointing {} failed: {err}; the journal is kept for the next open",
+            e.hidden, e.child, e.child
+        ));
+        return false;
     }
+    true
+}
+
+/// A commit that had given the hidden image the child's unique id but not
+/// reached its rename: the hidden image gets its own id back. `false`
+/// when that failed (the journal is kept).
+fn restore_hidden_id(t: &Trusted, problems: &mut Vec<String>) -> bool {
+    let (e, hidden) = (&t.entry, &t.hidden);
+    let (false, Some(id)) = (t.committed, &e.hidden_id) else {
+        return true;
+    };
+    let restored = unhex(id)
+        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+        .ok_or_else(|| format!("hidden_id {id:?} is not 16 bytes of hex"))
+        .and_then(|id| {
+            formats::format_of(hidden)
+                .and_then(|f| formats::set_id(f, hidden, id))
+                .map_err(|e| e.to_string())
+        });
+    if let Err(why) = restored {
+        problems.push(format!(
+            "an interrupted merge ({} into {}): giving {} its unique id back failed: {why}; the journal is kept",
+            e.hidden, e.child, e.hidden
+        ));
+        return false;
+    }
+    true
+}
+
+/// The cleanup after a commit point: a streamed hidden image goes (once
+/// nothing references it), the manifest drops it, the journal goes.
+fn finish_committed(dir: &Path, t: &Trusted, problems: &mut Vec<String>) {
+    let (e, hidden) = (&t.entry, &t.hidden);
+    let what = format!("{} into {}", e.hidden, e.child);
     if e.direction == "stream" && hidden.exists() {
-        if referenced(dir, &hidden) {
+        if referenced(dir, hidden) {
             problems.push(format!(
                 "interrupted merge {what}: {} is still referenced; kept",
                 e.hidden
             ));
-        } else if let Err(err) = std::fs::remove_file(&hidden) {
+        } else if let Err(err) = std::fs::remove_file(hidden) {
             problems.push(format!(
                 "interrupted merge {what}: removing {}: {err}",
                 e.hidden
@@ -397,7 +437,6 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
     if let Err(err) = clear(dir) {
         problems.push(format!("removing the merge journal: {err}"));
     }
-    false
 }
 
 #[cfg(test)]
