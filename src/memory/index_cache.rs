@@ -89,18 +89,19 @@ pub fn load_or_index(
 /// names the source and its layout).
 fn store(to: &Path, bytes: &[u8], source: &Path) -> std::io::Result<()> {
     // The cache directory is `.snaptree-memory/index` of a tree that may
-    // come from someone else: neither may be a symlink.
+    // come from someone else: each is created if missing, and neither may
+    // be a symlink.
     let dir = to.parent().unwrap_or(Path::new("."));
     let mem_dir = dir.parent().unwrap_or(Path::new("."));
-    if !crate::confine::is_real_dir(mem_dir) {
-        return Err(std::io::Error::other(format!(
-            "{} is not a directory",
-            mem_dir.display()
-        )));
-    }
-    if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
-        crate::confine::own_dir(mem_dir, name)?;
-    }
+    let tree_dir = mem_dir.parent().unwrap_or(Path::new("."));
+    let name = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .ok_or_else(|| std::io::Error::other(format!("{}: not a cache directory", p.display())))
+    };
+    crate::confine::own_dir(tree_dir, &name(mem_dir)?)?;
+    crate::confine::own_dir(mem_dir, &name(dir)?)?;
     let tmp = to.with_extension("tmp");
     let like = crate::ownership::Ownership::of(source)?.masked(0o666);
     let mut f = crate::ownership::create_replacing(&tmp, &like)?;
