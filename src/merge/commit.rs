@@ -62,6 +62,10 @@ fn copy_held(
     )
 }
 
+/// The whole commit, in the order the module doc's argument needs: copy
+/// C into H while C's writers run, flush, pause C's I/O for the last pass
+/// and flush, give H C's owner and mode (and id), rename H onto C (the
+/// commit point), then put the renamed file in C's place in the tree.
 #[allow(clippy::too_many_arguments)]
 fn copy_and_commit(
     eng: &Engine,
@@ -76,76 +80,20 @@ fn copy_and_commit(
 ) -> Result<u64, Failed> {
     let tree = eng.tree();
     let c = &job.child;
-    let mut pass = 1;
-    let t = Instant::now();
-    let mut copied = copy_held(eng, throttle, c_chain, &hw, &[(0, c_chain.size())])?;
-    let mut pending = Vec::new();
-    if leaf {
-        let (mut pass_copied, mut pass_start, mut last) = (copied, t, u64::MAX);
-        loop {
-            let dirty = c_chain.dirty.take();
-            let d = total(&dirty);
-            let report = PassReport {
-                pass,
-                copied: pass_copied,
-                dirtied: d,
-                millis: pass_start.elapsed().as_millis() as u64,
-            };
-            eng.state.pass_done(report, d);
-            if d <= FINAL_PASS_BYTES || pass >= MAX_PASSES || d >= last {
-                pending = dirty;
-                break;
-            }
-            last = d;
-            pass += 1;
-            pass_start = Instant::now();
-            pass_copied = copy_held(eng, &Throttle::full(), c_chain, &hw, &dirty)?;
-            copied += pass_copied;
-        }
-    }
+    let LivePasses {
+        mut copied,
+        pass,
+        pending,
+    } = live_passes(eng, throttle, c_chain, &hw, leaf)?;
     // Make the passes so far durable while writers still run, so the
     // paused part flushes only the last pass.
     hw.flush().map_err(chain_err)?;
     let t = Instant::now();
     let mut guard = c.io.write();
     if leaf {
-        // The last pass, with the leaf's I/O paused.
-        pending.extend(c_chain.dirty.take());
-        pending.sort_unstable();
-        let n = total(&pending);
-        if n > MAX_PAUSED_BYTES {
-            return Err(Failed::BeforeCommit(err(
-                libc::EAGAIN,
-                format!(
-                    "the leaf is written faster than it can be copied ({} still dirty after {pass} passes); try again when it is quieter",
-                    crate::units::human_size(n)
-                ),
-            )));
-        }
-        let n = copy_held(eng, &Throttle::full(), c_chain, &hw, &pending)?;
-        copied += n;
-        let report = PassReport {
-            pass: pass + 1,
-            copied: n,
-            dirtied: 0,
-            millis: t.elapsed().as_millis() as u64,
-        };
-        eng.state.pass_done(report, 0);
-        hw.flush().map_err(chain_err)?;
+        copied += paused_pass(eng, c_chain, &hw, pending, pass, t)?;
     }
-    // H's file becomes C's, holding C's data: it takes C's owner and mode
-    // (a 0644 parent must not turn a 0600 leaf world-readable).
-    let like = crate::ownership::Ownership::of(&job.child_image);
-    if let Err(e) = like.and_then(|o| o.apply_path(&job.hidden_image)) {
-        return Err(Failed::BeforeCommit(err(
-            e.raw_os_error().unwrap_or(libc::EIO),
-            format!(
-                "giving {} the owner and mode of {}: {e}",
-                job.hidden_image.display(),
-                job.child_image.display()
-            ),
-        )));
-    }
+    take_owner_and_mode(job)?;
     // A VHD child with children: H's file takes the child's unique id
     // (they check it) before it takes the child's name. H is written by
     // nobody else now (the child is no leaf); its writer goes first so no
@@ -160,19 +108,7 @@ fn copy_and_commit(
         None => (Some(hw), Some(w)),
     };
     // The commit point.
-    if let Err(e) = std::fs::rename(&job.hidden_image, &job.child_image) {
-        if job.adopt_id.is_some() {
-            adopt_id(job, h_chain, h_chain.leaf().unique_id().unwrap_or_default())?;
-        }
-        return Err(Failed::BeforeCommit(err(
-            e.raw_os_error().unwrap_or(libc::EIO),
-            format!(
-                "rename {} to {}: {e}",
-                job.hidden_image.display(),
-                job.child_image.display()
-            ),
-        )));
-    }
+    rename_onto_child(job, h_chain)?;
     relock.disarm();
     let _ = manifest::sync_dir(tree.dir());
     // C's old file is gone: its descriptor's locks go with it.
@@ -202,6 +138,137 @@ fn copy_and_commit(
         eng.state.writer_pause(t.elapsed().as_secs_f64() * 1e3);
     }
     r
+}
+
+/// What the passes while C's writers run leave for the paused one.
+struct LivePasses {
+    /// Bytes copied so far.
+    copied: u64,
+    /// The number of the last pass.
+    pass: u32,
+    /// Ranges still dirty after it.
+    pending: Vec<(u64, u64)>,
+}
+
+/// The copy passes while C's writers run: a first pass over all C holds,
+/// then, for a leaf, passes over what was written meanwhile until they stop
+/// shrinking (see the constants). What is still dirty is for the paused
+/// pass.
+fn live_passes(
+    eng: &Engine,
+    throttle: &Throttle,
+    c_chain: &Chain,
+    hw: &Chain,
+    leaf: bool,
+) -> Result<LivePasses, Failed> {
+    let mut pass = 1;
+    let t = Instant::now();
+    let mut copied = copy_held(eng, throttle, c_chain, hw, &[(0, c_chain.size())])?;
+    let mut pending = Vec::new();
+    if leaf {
+        let (mut pass_copied, mut pass_start, mut last) = (copied, t, u64::MAX);
+        loop {
+            let dirty = c_chain.dirty.take();
+            let d = total(&dirty);
+            let report = PassReport {
+                pass,
+                copied: pass_copied,
+                dirtied: d,
+                millis: pass_start.elapsed().as_millis() as u64,
+            };
+            eng.state.pass_done(report, d);
+            if d <= FINAL_PASS_BYTES || pass >= MAX_PASSES || d >= last {
+                pending = dirty;
+                break;
+            }
+            last = d;
+            pass += 1;
+            pass_start = Instant::now();
+            pass_copied = copy_held(eng, &Throttle::full(), c_chain, hw, &dirty)?;
+            copied += pass_copied;
+        }
+    }
+    Ok(LivePasses {
+        copied,
+        pass,
+        pending,
+    })
+}
+
+/// The last pass of a leaf, run by the caller while it holds the leaf's
+/// I/O lock (its writers and readers paused since `paused_at`): copies
+/// `pending` plus what was written since, and flushes it, so H holds all
+/// of C before the commit. Gives up (before the commit) if that is more
+/// than `MAX_PAUSED_BYTES`, rather than stall the guest. Returns the bytes
+/// copied.
+fn paused_pass(
+    eng: &Engine,
+    c_chain: &Chain,
+    hw: &Chain,
+    mut pending: Vec<(u64, u64)>,
+    pass: u32,
+    paused_at: Instant,
+) -> Result<u64, Failed> {
+    // The last pass, with the leaf's I/O paused.
+    pending.extend(c_chain.dirty.take());
+    pending.sort_unstable();
+    let n = total(&pending);
+    if n > MAX_PAUSED_BYTES {
+        return Err(Failed::BeforeCommit(err(
+            libc::EAGAIN,
+            format!(
+                "the leaf is written faster than it can be copied ({} still dirty after {pass} passes); try again when it is quieter",
+                crate::units::human_size(n)
+            ),
+        )));
+    }
+    let n = copy_held(eng, &Throttle::full(), c_chain, hw, &pending)?;
+    let report = PassReport {
+        pass: pass + 1,
+        copied: n,
+        dirtied: 0,
+        millis: paused_at.elapsed().as_millis() as u64,
+    };
+    eng.state.pass_done(report, 0);
+    hw.flush().map_err(chain_err)?;
+    Ok(n)
+}
+
+/// H's file becomes C's, holding C's data: it takes C's owner and mode
+/// (a 0644 parent must not turn a 0600 leaf world-readable). Runs before
+/// the commit, so a failure leaves C as it was.
+fn take_owner_and_mode(job: &Job) -> Result<(), Failed> {
+    let like = crate::ownership::Ownership::of(&job.child_image);
+    if let Err(e) = like.and_then(|o| o.apply_path(&job.hidden_image)) {
+        return Err(Failed::BeforeCommit(err(
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!(
+                "giving {} the owner and mode of {}: {e}",
+                job.hidden_image.display(),
+                job.child_image.display()
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// The commit point: `rename(H, C)`. If the rename fails nothing was
+/// committed; an id H adopted from C is put back first (see `adopt_id`).
+fn rename_onto_child(job: &Job, h_chain: &Chain) -> Result<(), Failed> {
+    if let Err(e) = std::fs::rename(&job.hidden_image, &job.child_image) {
+        if job.adopt_id.is_some() {
+            adopt_id(job, h_chain, h_chain.leaf().unique_id().unwrap_or_default())?;
+        }
+        return Err(Failed::BeforeCommit(err(
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!(
+                "rename {} to {}: {e}",
+                job.hidden_image.display(),
+                job.child_image.display()
+            ),
+        )));
+    }
+    Ok(())
 }
 
 /// Writes `id` into H's footers (see `copy_and_commit`). A failure may

@@ -34,38 +34,16 @@ pub fn run(eng: &Engine, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Res
     };
     let mut ranges = ranges_to_stream(h_chain, c_chain.size())?;
     let mut copied = 0;
-    let mut longest_pause = 0f64;
     if !leaf {
         // Nothing else writes C: find what it lacks once, then copy it all
         // in one pipelined run.
         copied = copy_lacking(eng, throttle, h_chain, &writer, &ranges)?;
         ranges.clear();
     }
-    let mut pacer = Pacer::new(eng, throttle);
-    for piece in steps(&ranges, throttle.step_bytes) {
-        let t = Instant::now();
-        // Check-then-write of a leaf must not race a guest write to it.
-        let guard = c.io.write();
-        for e in writer
-            .leaf()
-            .map(piece.start, piece.len)
-            .map_err(image_err)?
-            .into_iter()
-            .filter(|e| e.mapping == Mapping::Unallocated)
-        {
-            let part = Held {
-                start: e.start,
-                len: e.len,
-                zero: piece.zero,
-            };
-            copy_range(h_chain, &writer, part)?;
-            copied += e.len;
-        }
-        drop(guard);
-        longest_pause = longest_pause.max(t.elapsed().as_secs_f64() * 1e3);
-        eng.state.progress(piece.len);
-        pacer.after(piece.len)?;
-    }
+    // A leaf: step by step (`ranges` is empty for any other child).
+    let (leaf_copied, mut longest_pause) =
+        fill_leaf(eng, throttle, job, h_chain, &writer, &ranges)?;
+    copied += leaf_copied;
     let t = Instant::now();
     let mut guard = if leaf { Some(c.io.write()) } else { None };
     writer.flush().map_err(chain_err)?;
@@ -97,6 +75,51 @@ pub fn run(eng: &Engine, job: &Job, throttle: &Throttle, h_chain: &Chain) -> Res
     }
     after.map_err(Failed::AfterCommit)?;
     Ok(copied)
+}
+
+/// Fills the leaf child through `writer` (its own chain) with the parts of
+/// `ranges` it lacks, from `h_chain`, one step at a time, each step under
+/// the leaf's I/O lock so a guest write cannot land between checking that
+/// the leaf lacks a range and filling it. Paced between steps (and stops
+/// when the mount goes away or a command waits). Returns the bytes copied
+/// and the longest pause of the leaf's I/O, in milliseconds.
+fn fill_leaf(
+    eng: &Engine,
+    throttle: &Throttle,
+    job: &Job,
+    h_chain: &Chain,
+    writer: &Chain,
+    ranges: &[Held],
+) -> Result<(u64, f64), Failed> {
+    let c = &job.child;
+    let mut copied = 0;
+    let mut longest_pause = 0f64;
+    let mut pacer = Pacer::new(eng, throttle);
+    for piece in steps(ranges, throttle.step_bytes) {
+        let t = Instant::now();
+        // Check-then-write of a leaf must not race a guest write to it.
+        let guard = c.io.write();
+        for e in writer
+            .leaf()
+            .map(piece.start, piece.len)
+            .map_err(image_err)?
+            .into_iter()
+            .filter(|e| e.mapping == Mapping::Unallocated)
+        {
+            let part = Held {
+                start: e.start,
+                len: e.len,
+                zero: piece.zero,
+            };
+            copy_range(h_chain, writer, part)?;
+            copied += e.len;
+        }
+        drop(guard);
+        longest_pause = longest_pause.max(t.elapsed().as_secs_f64() * 1e3);
+        eng.state.progress(piece.len);
+        pacer.after(piece.len)?;
+    }
+    Ok((copied, longest_pause))
 }
 
 /// What a stream of H (the leaf of `h_chain`) into a child of `c_size`

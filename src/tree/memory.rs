@@ -35,6 +35,16 @@ const IMPORTING: &str = ".importing";
 /// Index caches of sources read in place, in the memory directory.
 const INDEX_DIR: &str = "index";
 
+/// What a `checkpoint` command imports into (see `Tree::checkpoint_target`).
+struct CheckpointTarget {
+    /// The visible point that gets the checkpoint.
+    point: Arc<Point>,
+    /// The delta the import goes against: the parent point's, if ours.
+    base: Option<Arc<MemoryView>>,
+    /// The source as the manifest will name it.
+    source_name: String,
+}
+
 impl Tree {
     /// The memory index cache directory, unless the tree is read-only.
     fn index_cache(&self) -> Option<PathBuf> {
@@ -144,6 +154,57 @@ impl Tree {
         self.save_manifest()
     }
 
+    /// What `checkpoint` works on, checked under the ops lock: the visible
+    /// point `id` (which must have no memory yet), the delta its import
+    /// goes against (its parent's, if that is one of ours) and the source's
+    /// name as the manifest will record it (see `memory_source_name`).
+    fn checkpoint_target(
+        &self,
+        id: u64,
+        source: &str,
+        confined: bool,
+    ) -> Result<CheckpointTarget, TreeError> {
+        let _ops = self.lock_ops();
+        let point = self
+            .view(id)
+            .filter(|v| !v.hidden)
+            .ok_or_else(|| err(libc::ENOENT, "no such snapshot point"))?
+            .point;
+        if let Some(m) = point.memory.read().as_ref() {
+            return Err(err(
+                libc::EEXIST,
+                format!(
+                    "{:?} has a memory checkpoint already ({}); `memory none` first",
+                    point.name, m.source
+                ),
+            ));
+        }
+        Ok(CheckpointTarget {
+            point: point.clone(),
+            base: self.delta_base(id),
+            source_name: self.memory_source_name(source, confined)?,
+        })
+    }
+
+    /// Opens `source_name` (in the tree directory) as the full memory image
+    /// a checkpoint imports. A qcow2 delta is refused: it is attached with
+    /// `memory`, not imported.
+    fn open_full_source(&self, source_name: &str) -> Result<MemoryView, TreeError> {
+        let src =
+            crate::memory::view::open_view(&self.dir, source_name, self.index_cache().as_deref())
+                .map_err(|why| err(libc::EINVAL, why.to_string()))?;
+        if src.delta {
+            return Err(err(
+                libc::EINVAL,
+                format!(
+                    "{} is a qcow2 image; attach it with `memory {source_name}` instead",
+                    src.path.display()
+                ),
+            ));
+        }
+        Ok(src)
+    }
+
     /// `checkpoint SOURCE` on point `id`: imports the memory source as a
     /// page-delta checkpoint against the parent point's delta (or as a
     /// whole one when the parent has none), throttled by `throttle`;
@@ -159,41 +220,13 @@ impl Tree {
         progress: &mut dyn FnMut(&ImportStats) -> bool,
     ) -> Result<ImportStats, TreeError> {
         self.writable_check()?;
-        let (point, base, source_name) = {
-            let _ops = self.lock_ops();
-            let point = self
-                .view(id)
-                .filter(|v| !v.hidden)
-                .ok_or_else(|| err(libc::ENOENT, "no such snapshot point"))?
-                .point;
-            if let Some(m) = point.memory.read().as_ref() {
-                return Err(err(
-                    libc::EEXIST,
-                    format!(
-                        "{:?} has a memory checkpoint already ({}); `memory none` first",
-                        point.name, m.source
-                    ),
-                ));
-            }
-            (
-                point.clone(),
-                self.delta_base(id),
-                self.memory_source_name(source, confined)?,
-            )
-        };
+        let CheckpointTarget {
+            point,
+            base,
+            source_name,
+        } = self.checkpoint_target(id, source, confined)?;
         let parent = self.nodes.read().get(&id).and_then(|n| n.parent);
-        let src =
-            crate::memory::view::open_view(&self.dir, &source_name, self.index_cache().as_deref())
-                .map_err(|why| err(libc::EINVAL, why.to_string()))?;
-        if src.delta {
-            return Err(err(
-                libc::EINVAL,
-                format!(
-                    "{} is a qcow2 image; attach it with `memory {source_name}` instead",
-                    src.path.display()
-                ),
-            ));
-        }
+        let src = self.open_full_source(&source_name)?;
         let mem_dir = crate::confine::own_dir(&self.dir, MEMORY_DIR)
             .map_err(|e| err(libc::EIO, format!("{e}")))?;
         let tmp = mem_dir.join(format!(".{}{IMPORTING}", point.name));
