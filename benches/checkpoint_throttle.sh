@@ -96,14 +96,16 @@ build_snaptree
 
 make_workdir snaptree-ckpt
 MNT=$T/mnt
-SRC=$T/src
 TREE=$T/tree
+# Memory sources inside the tree directory (a subdirectory, which discovery
+# passes over): `ctl checkpoint` reads no file from outside the tree.
+SRC=$TREE/src
 PAGE=4096
 MEM_PAGES=$((MEM_MB * 1024 * 1024 / PAGE))
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ------------------------------------------------------------ the inputs
-mkdir "$SRC" "$TREE"
+mkdir "$TREE" "$SRC"
 log "making the tree: base with $DISK_MB MiB of random data <- vm1 <- vm2 <- leaf"
 head -c $((DISK_MB * 1024 * 1024)) /dev/urandom >"$SRC/disk.bin"
 (

@@ -280,14 +280,24 @@ pub trait Identity: ReadMap {
 /// QEMU-compatible image locks (see [`lock`]); formats whose files are
 /// never shared keep the no-op defaults.
 pub trait Locking: ReadMap {
+    /// The storage whose file carries the locks; `None` (the default):
+    /// nothing to lock.
+    fn lock_storage(&self) -> Option<&dyn crate::storage::Storage> {
+        None
+    }
+
     /// Takes QEMU-compatible locks on the image file (see `lock`).
     fn lock(&self, mode: lock::LockMode) -> Result<(), lock::LockError> {
-        let _ = mode;
-        Ok(())
+        self.lock_storage()
+            .map_or(Ok(()), |s| lock::acquire(s, mode))
     }
 
     /// Drops the locks taken by `lock`.
-    fn unlock(&self) {}
+    fn unlock(&self) {
+        if let Some(s) = self.lock_storage() {
+            lock::release(s)
+        }
+    }
 }
 
 /// One source of bytes in a chain, with every capability an open image

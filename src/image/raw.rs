@@ -138,15 +138,8 @@ impl Writable for RawLayer {
 impl Identity for RawLayer {}
 
 impl Locking for RawLayer {
-    fn lock(
-        &self,
-        mode: crate::image::lock::LockMode,
-    ) -> std::result::Result<(), crate::image::lock::LockError> {
-        crate::image::lock::acquire(&*self.file, mode)
-    }
-
-    fn unlock(&self) {
-        crate::image::lock::release(&*self.file)
+    fn lock_storage(&self) -> Option<&dyn crate::storage::Storage> {
+        Some(&*self.file)
     }
 }
 

@@ -472,15 +472,8 @@ impl Writable for Qcow2Layer {
 impl Identity for Qcow2Layer {}
 
 impl Locking for Qcow2Layer {
-    fn lock(
-        &self,
-        mode: crate::image::lock::LockMode,
-    ) -> std::result::Result<(), crate::image::lock::LockError> {
-        crate::image::lock::acquire(&*self.file, mode)
-    }
-
-    fn unlock(&self) {
-        crate::image::lock::release(&*self.file)
+    fn lock_storage(&self) -> Option<&dyn crate::storage::Storage> {
+        Some(&*self.file)
     }
 }
 

@@ -483,15 +483,8 @@ impl Identity for VhdLayer {
 }
 
 impl Locking for VhdLayer {
-    fn lock(
-        &self,
-        mode: crate::image::lock::LockMode,
-    ) -> std::result::Result<(), crate::image::lock::LockError> {
-        crate::image::lock::acquire(&*self.file, mode)
-    }
-
-    fn unlock(&self) {
-        crate::image::lock::release(&*self.file)
+    fn lock_storage(&self) -> Option<&dyn crate::storage::Storage> {
+        Some(&*self.file)
     }
 }
 
