@@ -179,6 +179,20 @@ pub fn repair_after_crash(path: &Path) -> Result<Option<u64>> {
     Ok(None)
 }
 
+/// [`repair_after_crash`] of `path`, as a line for `status` when it
+/// freed something or failed (`interrupted` says by what, for the
+/// message); `None` when there was nothing to repair.
+pub fn repair_and_report(path: &Path, interrupted: &str) -> Option<String> {
+    match repair_after_crash(path) {
+        Ok(Some(n)) if n > 0 => Some(format!(
+            "{}: freed {n} clusters an interrupted {interrupted} had leaked",
+            path.display()
+        )),
+        Ok(_) => None,
+        Err(err) => Some(format!("{}: leak repair: {err}", path.display())),
+    }
+}
+
 /// The format of the file at `path`, by its contents (see `probe`).
 pub fn format_of(path: &Path) -> Result<Format> {
     let file = crate::input::open_input(path, false, crate::input::Accept::RegularOrBlock)?;

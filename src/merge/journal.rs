@@ -352,14 +352,7 @@ fn repair_both(t: &Trusted, problems: &mut Vec<String>) {
         if !img.exists() {
             continue;
         }
-        match formats::repair_after_crash(img) {
-            Ok(Some(n)) if n > 0 => problems.push(format!(
-                "{}: freed {n} clusters an interrupted merge had leaked",
-                img.display()
-            )),
-            Ok(_) => {}
-            Err(err) => problems.push(format!("{}: leak repair: {err}", img.display())),
-        }
+        problems.extend(formats::repair_and_report(img, "merge"));
     }
 }
 

@@ -409,7 +409,7 @@ impl Tree {
             let ours = if name.starts_with('.') {
                 at_open && name.ends_with(IMPORTING)
             } else {
-                name.ends_with(".qcow2")
+                is_delta_name(&name)
             };
             if ours && !keep.contains(&canon(&path)) {
                 match std::fs::remove_file(&path) {
@@ -433,6 +433,37 @@ impl Tree {
             if !wanted.contains(&e.path()) {
                 let _ = std::fs::remove_file(e.path());
             }
+        }
+    }
+}
+
+/// Whether `name`, a file of the memory directory, is a page-delta
+/// checkpoint (an import in progress starts with a dot).
+fn is_delta_name(name: &str) -> bool {
+    !name.starts_with('.') && name.ends_with(".qcow2")
+}
+
+/// Frees the clusters a kill left leaked in the page-delta checkpoints of
+/// the memory directory of the tree in `dir`: a merge copies pages into a
+/// child's delta before its journal exists, and an import writes its
+/// delta with none at all, so no journal names them. The deltas are
+/// snaptree's own files, and the tree lock keeps every other writer out.
+pub(super) fn repair_memory_deltas(dir: &Path, problems: &mut Vec<String>) {
+    let mem_dir = dir.join(MEMORY_DIR);
+    if !crate::confine::is_real_dir(&mem_dir) {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(&mem_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let own_delta = e.file_type().is_ok_and(|t| t.is_file())
+            && e.file_name().to_str().is_some_and(is_delta_name);
+        if own_delta {
+            problems.extend(crate::image::formats::repair_and_report(
+                &e.path(),
+                "merge or import",
+            ));
         }
     }
 }

@@ -186,7 +186,7 @@ fn take_over(
     if !read_only {
         recover_snapshots(dir, problems);
         recovery.recover(dir, problems);
-        repair_memory_deltas(dir, problems);
+        super::memory::repair_memory_deltas(dir, problems);
     }
     Ok(tree_lock)
 }
@@ -321,38 +321,6 @@ fn lock_tree(dir: &Path) -> Result<std::fs::File, OpenError> {
         });
     }
     Ok(f)
-}
-
-/// Frees the clusters a kill left leaked in the page-delta checkpoints of
-/// the memory directory: a merge copies pages into a child's delta before
-/// its journal exists, and an import writes its delta with none at all, so
-/// no journal names them. The deltas are snaptree's own files, and the
-/// tree lock keeps every other writer out.
-fn repair_memory_deltas(dir: &Path, problems: &mut Vec<String>) {
-    let mem_dir = dir.join(super::memory::MEMORY_DIR);
-    if !crate::confine::is_real_dir(&mem_dir) {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(&mem_dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let own_delta = e.file_type().is_ok_and(|t| t.is_file())
-            && e.file_name()
-                .to_str()
-                .is_some_and(|n| n.ends_with(".qcow2") && !n.starts_with('.'));
-        if !own_delta {
-            continue;
-        }
-        match crate::image::formats::repair_after_crash(&e.path()) {
-            Ok(Some(n)) if n > 0 => problems.push(format!(
-                "{}: freed {n} clusters an interrupted merge or import had leaked",
-                e.path().display()
-            )),
-            Ok(_) => {}
-            Err(err) => problems.push(format!("{}: leak repair: {err}", e.path().display())),
-        }
-    }
 }
 
 /// A point name for `status`: quoted, or "no parent".

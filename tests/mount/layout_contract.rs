@@ -49,17 +49,7 @@ fn lookup_getattr_and_readdir_agree_on_every_entry() {
     ws.create_qcow2("base.vdb.qcow2", S, None, "");
     ws.create_qcow2("top.vda.qcow2", S, Some(("base.vda.qcow2", "qcow2")), "");
     ws.create_qcow2("top.vdb.qcow2", S, Some(("base.vdb.qcow2", "qcow2")), "");
-    let entry = |name: &str, disk: &str, parent: Option<&str>| {
-        serde_json::json!({
-            "name": name, "disk": disk, "image": format!("{name}.{disk}.qcow2"),
-            "parent": parent, "created": 1_700_000_000u64,
-        })
-    };
-    let manifest = serde_json::json!({ "version": 1, "points": [
-        entry("base", "vda", None), entry("base", "vdb", None),
-        entry("top", "vda", Some("base")), entry("top", "vdb", Some("base")),
-    ]});
-    std::fs::write(ws.img(".snaptree.json"), manifest.to_string()).expect("manifest");
+    super::multidisk::write_two_disk_manifest(&ws);
     let Some(m) = ws.mount(&[]) else { return };
     let mnt = m.mnt.clone();
 

@@ -25,6 +25,23 @@ fn entries(dir: &Path) -> Vec<String> {
     v
 }
 
+/// The manifest of two disks `vda`, `vdb`, each a chain
+/// `base.<disk>.qcow2` <- `top.<disk>.qcow2`: points `base` and `top`, one
+/// entry per disk.
+pub(crate) fn write_two_disk_manifest(ws: &Workspace) {
+    let entry = |name: &str, disk: &str, parent: Option<&str>| {
+        serde_json::json!({
+            "name": name, "disk": disk, "image": format!("{name}.{disk}.qcow2"),
+            "parent": parent, "created": 1_700_000_000u64,
+        })
+    };
+    let manifest = serde_json::json!({ "version": 1, "points": [
+        entry("base", "vda", None), entry("base", "vdb", None),
+        entry("top", "vda", Some("base")), entry("top", "vdb", Some("base")),
+    ]});
+    std::fs::write(ws.img(".snaptree.json"), manifest.to_string()).expect("manifest");
+}
+
 #[test]
 fn multi_disk_points_show_one_file_per_disk_and_snapshot_together() {
     const S: u64 = 8 * MIB;
@@ -43,17 +60,7 @@ fn multi_disk_points_show_one_file_per_disk_and_snapshot_together() {
         "",
     );
     ws.qemu_io("top.vda.qcow2", "qcow2", &["write -P 0x33 512K 1M"]);
-    let entry = |name: &str, disk: &str, parent: Option<&str>| {
-        serde_json::json!({
-            "name": name, "disk": disk, "image": format!("{name}.{disk}.qcow2"),
-            "parent": parent, "created": 1_700_000_000u64,
-        })
-    };
-    let manifest = serde_json::json!({ "version": 1, "points": [
-        entry("base", "vda", None), entry("base", "vdb", None),
-        entry("top", "vda", Some("base")), entry("top", "vdb", Some("base")),
-    ]});
-    std::fs::write(ws.img(".snaptree.json"), manifest.to_string()).expect("manifest");
+    write_two_disk_manifest(&ws);
     let base_vda = ws.flatten("base.vda.qcow2");
     let base_vdb = ws.flatten("base.vdb.qcow2");
     let mut top_vda = ws.flatten("top.vda.qcow2");
