@@ -15,6 +15,7 @@ pub mod error;
 pub mod fdlimit;
 pub mod fileio;
 pub mod fs;
+pub mod guest;
 pub mod image;
 pub mod input;
 pub mod memory;
