@@ -108,7 +108,7 @@ enum Moment {
 
 /// One image of the tree.
 struct Img {
-    /// Point name (the file stem).
+    /// PointDisk name (the file stem).
     name: &'static str,
     file: String,
     parent: Option<usize>,
@@ -400,7 +400,7 @@ const PAGE: usize = 4096;
 struct Memory {
     /// Points with a memory (their `memory.raw` is recorded).
     has: BTreeSet<&'static str>,
-    /// Point -> its page-delta checkpoint's file in `MEMORY_DIR`.
+    /// PointDisk -> its page-delta checkpoint's file in `MEMORY_DIR`.
     delta: BTreeMap<&'static str, String>,
     /// Delta file -> the delta it backs onto.
     backing: BTreeMap<String, Option<String>>,

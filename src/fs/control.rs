@@ -8,7 +8,7 @@ use super::command::Command;
 use super::inodes::{self, encode, Inode, PointFile};
 use super::layout::MEMORY_FILE;
 use super::{errno, SnapFs};
-use crate::tree::{Point, Tree, TreeError};
+use crate::tree::{PointDisk, Tree, TreeError};
 use fuser::{Errno, INodeNo};
 use std::ffi::OsStr;
 use std::time::Duration;
@@ -46,7 +46,7 @@ impl SnapFs {
     /// A write of `data` to point `p`'s `ctl`: parses the command once,
     /// refuses one that would replace a memory view still open (see
     /// `memory_in_use`), runs the rest.
-    pub(super) fn ctl_write(&self, p: &Point, data: &[u8]) -> Result<(), Errno> {
+    pub(super) fn ctl_write(&self, p: &PointDisk, data: &[u8]) -> Result<(), Errno> {
         let text = String::from_utf8_lossy(data);
         let label = format!("{}/ctl: {}", p.name, text.trim());
         let command = text.parse::<Command>();

@@ -7,7 +7,7 @@ use crate::chain::resolve::Source;
 use crate::chain::Chain;
 use crate::memory::view::MemoryView;
 use crate::merge::Engine;
-use crate::tree::{Point, Tree};
+use crate::tree::{PointDisk, Tree};
 use fuser::Errno;
 use std::path::Path;
 
@@ -15,7 +15,7 @@ fn errno(e: i32) -> Errno {
     Errno::from_i32(e)
 }
 
-fn alive(tree: &Tree, p: &Point) -> Result<(), Errno> {
+fn alive(tree: &Tree, p: &PointDisk) -> Result<(), Errno> {
     // Deleted while open. A hidden point's image may be rewritten by a
     // merge (its child committed into it), so its old handles end too.
     if tree.view(p.id).is_none_or(|v| v.hidden) {
@@ -27,7 +27,7 @@ fn alive(tree: &Tree, p: &Point) -> Result<(), Errno> {
 pub fn read(
     tree: &Tree,
     merge: &Engine,
-    p: &Point,
+    p: &PointDisk,
     offset: u64,
     size: u32,
 ) -> Result<Vec<u8>, Errno> {
@@ -50,7 +50,7 @@ pub fn read(
 pub fn write(
     tree: &Tree,
     merge: &Engine,
-    p: &Point,
+    p: &PointDisk,
     offset: u64,
     data: &[u8],
 ) -> Result<(), Errno> {
@@ -69,7 +69,7 @@ pub fn write(
     })
 }
 
-pub fn fsync(p: &Point) -> Result<(), Errno> {
+pub fn fsync(p: &PointDisk) -> Result<(), Errno> {
     let io = p.io.read();
     if !io.writable {
         return Ok(());
@@ -77,7 +77,13 @@ pub fn fsync(p: &Point) -> Result<(), Errno> {
     io.chain.flush().map_err(|e| errno(e.errno()))
 }
 
-pub fn fallocate(tree: &Tree, p: &Point, offset: u64, len: u64, mode: i32) -> Result<(), Errno> {
+pub fn fallocate(
+    tree: &Tree,
+    p: &PointDisk,
+    offset: u64,
+    len: u64,
+    mode: i32,
+) -> Result<(), Errno> {
     alive(tree, p)?;
     let io = p.io.read();
     if !io.writable {

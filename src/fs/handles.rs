@@ -6,7 +6,7 @@
 use super::inodes::{Inode, PointFile};
 use super::SnapFs;
 use crate::memory::view::MemoryView;
-use crate::tree::Point;
+use crate::tree::PointDisk;
 use fuser::{Errno, FileHandle, FopenFlags};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,13 +14,13 @@ use std::sync::Arc;
 /// What an open file handle refers to (cheap to clone: Arcs).
 #[derive(Clone)]
 pub(super) enum Handle {
-    Disk(Arc<Point>),
+    Disk(Arc<PointDisk>),
     /// A memory view of point `.0` (`memory.raw`, or block `Some(i)` under
     /// `memory/`): read-only, never changes while open.
     Memory(u64, Arc<MemoryView>, Option<usize>),
     /// Text rendered at open.
     Text(Arc<Vec<u8>>),
-    Ctl(Arc<Point>),
+    Ctl(Arc<PointDisk>),
     MergeNow,
 }
 
@@ -32,7 +32,7 @@ impl SnapFs {
     }
 
     /// The point of a `disk.raw` handle.
-    pub(super) fn disk_handle(&self, fh: FileHandle) -> Option<Arc<Point>> {
+    pub(super) fn disk_handle(&self, fh: FileHandle) -> Option<Arc<PointDisk>> {
         match self.handle(fh)? {
             Handle::Disk(p) => Some(p),
             _ => None,

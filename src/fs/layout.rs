@@ -14,7 +14,7 @@ use super::attrs::{attr, epoch};
 use super::inodes::{encode, Inode, PointFile};
 use super::{memory_files, modes, SnapFs};
 use crate::ownership::Ownership;
-use crate::tree::{Point, PointView};
+use crate::tree::{DiskView, PointDisk};
 use fuser::{Errno, FileAttr, FileType};
 
 /// One listed directory entry: inode number, kind, name.
@@ -88,9 +88,9 @@ pub(super) struct PointEntry {
     pub file: PointFile,
     pub kind: FileType,
     /// Owner and mode; `None` if the entry went away meanwhile.
-    pub mode: fn(&SnapFs, &PointView) -> Option<Ownership>,
+    pub mode: fn(&SnapFs, &DiskView) -> Option<Ownership>,
     /// Size in bytes; `None` if the entry went away meanwhile.
-    pub size: fn(&SnapFs, &PointView) -> Option<u64>,
+    pub size: fn(&SnapFs, &DiskView) -> Option<u64>,
     /// Whether visible point `p` has the entry now.
     pub present: fn(&SnapFs, u64) -> bool,
     /// For a directory that is not a point's: its handler.
@@ -98,7 +98,7 @@ pub(super) struct PointEntry {
 }
 
 /// The file name of `disk` in its snapshot point's directory.
-pub fn disk_file(disk: &Point) -> String {
+pub fn disk_file(disk: &PointDisk) -> String {
     format!("{}.raw", disk.disk.as_deref().unwrap_or("disk"))
 }
 
@@ -183,7 +183,7 @@ pub(super) static POINT_ENTRIES: &[PointEntry] = &[
 ];
 
 /// Owner and mode of a disk, writable when its image is and the mount is.
-fn disk_mode(fs: &SnapFs, v: &PointView) -> Ownership {
+fn disk_mode(fs: &SnapFs, v: &DiskView) -> Ownership {
     let io = v.point.io.read();
     modes::disk(fs.owners.of(&io.image), io.writable && !fs.tree.read_only())
 }

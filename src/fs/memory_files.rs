@@ -11,7 +11,7 @@ use super::inodes::{self, encode, Inode};
 use super::layout::Listed;
 use super::{modes, SnapFs};
 use crate::memory::view::MemoryView;
-use crate::tree::Point;
+use crate::tree::PointDisk;
 use fuser::{Errno, FileAttr, FileType};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +41,7 @@ impl SnapFs {
     /// (also one opened before a `snapshot` moved the view away):
     /// the kernel keys its page cache by inode, so the open file and new
     /// ones would share pages of two different sources.
-    pub(super) fn memory_in_use(&self, p: &Point, command: &Command) -> bool {
+    pub(super) fn memory_in_use(&self, p: &PointDisk, command: &Command) -> bool {
         if !command.changes_memory() {
             return false;
         }

@@ -19,12 +19,12 @@
 //! references say what the journal says. Anything else is reported and
 //! left untouched, journal included.
 
-use crate::confine::{shown, Confine};
+use crate::confine::{shown, Confine, Refused};
 use crate::image::formats::{self, repoint_of};
 use crate::image::probe;
 use crate::image::repoint::{unhex, Patch, RepointPlan};
 use crate::tree::discover;
-use crate::tree::manifest::{self, write_atomic};
+use crate::tree::manifest::{self, write_atomic, RecordError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -63,22 +63,35 @@ pub fn clear(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-fn load(dir: &Path) -> Result<Option<Entry>, String> {
-    let path = dir.join(JOURNAL_NAME);
-    let text = match crate::input::read_input(&path, 1 << 20) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    if text.len() > 1 << 20 {
-        return Err(format!("{}: larger than 1 MiB, ignored", path.display()));
-    }
-    serde_json::from_slice(&text).map(Some).map_err(|e| {
-        format!(
-            "{}: not a valid merge journal ({e}); ignored",
-            path.display()
-        )
-    })
+fn load(dir: &Path) -> Result<Option<Entry>, RecordError> {
+    manifest::load_record(&dir.join(JOURNAL_NAME), 1 << 20, "merge journal")
+}
+
+/// Why recovery does not act on a journal entry: it cannot be checked, or
+/// it contradicts the tree (see [`trust`]).
+#[derive(Debug, thiserror::Error)]
+enum Mismatch {
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Name(#[from] Refused),
+    #[error("{}: backing file: {source}", image.display())]
+    Backing {
+        image: PathBuf,
+        #[source]
+        source: Refused,
+    },
+    #[error(transparent)]
+    Image(#[from] crate::error::ImageError),
+    /// The journal says one thing, the manifest or the images another.
+    #[error("{0}")]
+    Contradicts(String),
 }
 
 /// An image in `dir`, other than those in `except`, that names `image` as
@@ -108,7 +121,7 @@ fn referenced(dir: &Path, image: &Path) -> bool {
 
 /// Removes the hidden point's entry from the manifest and hangs its
 /// children under its parent.
-fn drop_from_manifest(dir: &Path, hidden_image: &str) -> Result<(), String> {
+fn drop_from_manifest(dir: &Path, hidden_image: &str) -> Result<(), Mismatch> {
     let Some(mut m) = manifest::load(dir)? else {
         return Ok(());
     };
@@ -126,7 +139,10 @@ fn drop_from_manifest(dir: &Path, hidden_image: &str) -> Result<(), String> {
             p.parent = gone.parent.clone();
         }
     }
-    manifest::store(dir, &m).map_err(|e| format!("{}: {e}", dir.display()))
+    manifest::store(dir, &m).map_err(|source| Mismatch::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Removes the images the manifest marks as garbage, unless something
@@ -196,8 +212,8 @@ struct Trusted {
 /// The canonical path of the image `image`'s backing reference (`None`
 /// for none); `Err` when the image does not open or its reference does
 /// not resolve inside the tree.
-fn backing_of(confine: &Confine, image: &Path) -> Result<Option<PathBuf>, String> {
-    let layer = probe::open_layer(image, None, false).map_err(|e| e.to_string())?;
+fn backing_of(confine: &Confine, image: &Path) -> Result<Option<PathBuf>, Mismatch> {
+    let layer = probe::open_layer(image, None, false)?;
     let Some(b) = layer.backing() else {
         return Ok(None);
     };
@@ -205,28 +221,35 @@ fn backing_of(confine: &Confine, image: &Path) -> Result<Option<PathBuf>, String
     confine
         .reference(base, &b.name)
         .map(Some)
-        .map_err(|e| format!("{}: backing file: {e}", image.display()))
+        .map_err(|source| Mismatch::Backing {
+            image: image.to_path_buf(),
+            source,
+        })
 }
 
 /// Checks the journal entry `e` against the manifest and the images, and
 /// tells whether its merge was committed.
-fn trust(dir: &Path, e: Entry) -> Result<Trusted, String> {
-    let confine = Confine::new(dir, false).map_err(|err| format!("{}: {err}", dir.display()))?;
-    let hidden = confine.record(&e.hidden).map_err(|w| w.to_string())?;
-    let child = confine.record(&e.child).map_err(|w| w.to_string())?;
+fn trust(dir: &Path, e: Entry) -> Result<Trusted, Mismatch> {
+    let confine = Confine::new(dir, false).map_err(|source| Mismatch::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let hidden = confine.record(&e.hidden)?;
+    let child = confine.record(&e.child)?;
+    let contradicts = |why: String| Err(Mismatch::Contradicts(why));
     if hidden == child {
-        return Err("it names one image as both the hidden image and its child".into());
+        return contradicts("it names one image as both the hidden image and its child".into());
     }
     if e.direction != "stream" && e.direction != "commit" {
-        return Err(format!("its direction {:?} is unknown", e.direction));
+        return contradicts(format!("its direction {:?} is unknown", e.direction));
     }
     if !child.exists() {
-        return Err(format!("{} does not exist", e.child));
+        return contradicts(format!("{} does not exist", e.child));
     }
     let m = manifest::load(dir)?.unwrap_or_default();
     let listed: Vec<_> = m.points.iter().filter(|p| p.image == e.hidden).collect();
     if hidden.exists() && !listed.iter().any(|p| p.hidden) || listed.iter().any(|p| !p.hidden) {
-        return Err(format!(
+        return contradicts(format!(
             "the manifest does not mark {} as a hidden point",
             e.hidden
         ));
@@ -239,8 +262,7 @@ fn trust(dir: &Path, e: Entry) -> Result<Trusted, String> {
             let patches = e.patches.as_deref().unwrap_or_default();
             formats::format_of(&child)
                 .and_then(|f| repoint_of(f, &child))
-                .and_then(|r| r.check(&child, patches))
-                .map_err(|err| err.to_string())?;
+                .and_then(|r| r.check(&child, patches))?;
             true
         }
         ("stream", true) => {
@@ -249,7 +271,7 @@ fn trust(dir: &Path, e: Entry) -> Result<Trusted, String> {
                 Some(b) if b == hidden => false,
                 b if b == hidden_backing => true,
                 _ => {
-                    return Err(format!(
+                    return contradicts(format!(
                         "{} backs onto neither {} nor its backing file",
                         e.child, e.hidden
                     ))
@@ -258,10 +280,9 @@ fn trust(dir: &Path, e: Entry) -> Result<Trusted, String> {
         }
         ("stream", false) => {
             let name = probe::open_layer(&child, None, false)
-                .map(|l| l.backing().map(|b| b.name.clone()))
-                .map_err(|err| err.to_string())?;
+                .map(|l| l.backing().map(|b| b.name.clone()))?;
             if name != e.parent {
-                return Err(format!(
+                return contradicts(format!(
                     "{} is gone, and {} does not name its backing file {:?}",
                     e.hidden, e.child, e.parent
                 ));
@@ -270,7 +291,7 @@ fn trust(dir: &Path, e: Entry) -> Result<Trusted, String> {
         }
         ("commit", true) => {
             if child_backing? != Some(hidden.clone()) {
-                return Err(format!("{} does not back onto {}", e.child, e.hidden));
+                return contradicts(format!("{} does not back onto {}", e.child, e.hidden));
             }
             false
         }
@@ -293,7 +314,7 @@ pub fn recover(dir: &Path, problems: &mut Vec<String>) -> bool {
         Ok(Some(e)) => e,
         Ok(None) => return false,
         Err(why) => {
-            problems.push(why);
+            problems.push(why.to_string());
             return false;
         }
     };

@@ -11,7 +11,7 @@ use super::{run::err, Engine, Throttle};
 use crate::chain::{Chain, OpenOptions};
 use crate::image::formats::repoint_of;
 use crate::image::repoint::NewBacking;
-use crate::tree::{Point, TreeError};
+use crate::tree::{PointDisk, TreeError};
 use std::path::{Path, PathBuf};
 
 /// Before `hidden` is coalesced into its only child `child`: if the
@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 /// memory reads the same throughout.
 pub fn detach_memory(
     eng: &Engine,
-    hidden: &Point,
-    child: &Point,
+    hidden: &PointDisk,
+    child: &PointDisk,
     throttle: &Throttle,
 ) -> Result<(), TreeError> {
     let tree = eng.tree();

@@ -18,7 +18,7 @@ use crate::image::formats::repoint_of;
 use crate::image::lock::LockMode;
 use crate::image::repoint::{hex, NewBacking};
 use crate::image::{probe, Format, Layer};
-use crate::tree::{PointIo, Tree, TreeError};
+use crate::tree::{DiskIo, Tree, TreeError};
 use parking_lot::RwLockWriteGuard;
 use std::path::Path;
 use std::sync::Arc;
@@ -276,7 +276,7 @@ pub fn relink(
     tree: &Tree,
     job: &Job,
     c_chain: Arc<Chain>,
-    guard: Option<RwLockWriteGuard<'_, PointIo>>,
+    guard: Option<RwLockWriteGuard<'_, DiskIo>>,
 ) {
     let (hid, cid) = (job.hidden.id, job.child.id);
     // C's chain first, then the structure: the lock order everywhere is

@@ -4,7 +4,7 @@
 //! engine takes no field of the tree; every step here keeps the lock
 //! order of ARCHITECTURE.md ("Locks").
 
-use super::{manifest, Point, Tree};
+use super::{manifest, PointDisk, Tree};
 use crate::image::lock::LockMode;
 use crate::image::Layer;
 use std::path::Path;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 impl Tree {
     /// Every hidden point (one per disk) with its children.
-    pub fn hidden_with_children(&self) -> Vec<(Arc<Point>, Vec<Arc<Point>>)> {
+    pub fn hidden_with_children(&self) -> Vec<(Arc<PointDisk>, Vec<Arc<PointDisk>>)> {
         let nodes = self.nodes.read();
         nodes
             .values()
@@ -56,15 +56,18 @@ impl Tree {
     /// Takes the reader lock on each of `images` (path, layer) that could
     /// not be locked at open (another process held it): it may be free
     /// now. Fails on the first one still held, saying which.
-    pub fn retry_image_locks(&self, images: &[(&Path, &Arc<dyn Layer>)]) -> Result<(), String> {
+    pub fn retry_image_locks(
+        &self,
+        images: &[(&Path, &Arc<dyn Layer>)],
+    ) -> Result<(), StillLocked> {
         let mut unlocked = self.unlocked.lock();
         for (p, layer) in images {
             if unlocked.contains(*p) {
-                if let Err(why) = layer.lock(LockMode::Reader) {
-                    return Err(format!(
-                        "{} is locked by another process (a running VM?): {why}; not merged",
-                        p.display()
-                    ));
+                if let Err(source) = layer.lock(LockMode::Reader) {
+                    return Err(StillLocked {
+                        image: p.to_path_buf(),
+                        source,
+                    });
                 }
                 unlocked.remove(*p);
             }
@@ -92,7 +95,7 @@ impl Tree {
     }
 
     /// The children of point `id` (none if it is gone).
-    pub fn children_of(&self, id: u64) -> Vec<Arc<Point>> {
+    pub fn children_of(&self, id: u64) -> Vec<Arc<PointDisk>> {
         let nodes = self.nodes.read();
         nodes
             .get(&id)
@@ -116,4 +119,14 @@ impl Tree {
     pub fn clear_garbage(&self) {
         self.garbage.lock().clear();
     }
+}
+
+/// An image another process still holds a lock on (see
+/// [`Tree::retry_image_locks`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{} is locked by another process (a running VM?): {source}; not merged", image.display())]
+pub struct StillLocked {
+    pub image: std::path::PathBuf,
+    #[source]
+    pub source: crate::image::lock::LockError,
 }

@@ -54,26 +54,52 @@ pub fn path_in(dir: &Path) -> PathBuf {
     dir.join(MANIFEST_NAME)
 }
 
+/// Why a JSON record of the tree directory (the manifest, the merge
+/// journal) could not be read. Each names the file; the caller ignores the
+/// record and says so.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: larger than {limit} bytes, ignored", path.display())]
+    TooLarge { path: PathBuf, limit: u64 },
+    #[error("{}: not a valid {what} ({source}); ignored", path.display())]
+    Invalid {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// Reads the manifest; `Ok(None)` when there is none.
-pub fn load(dir: &Path) -> Result<Option<Manifest>, String> {
-    let path = path_in(dir);
-    let text = match crate::input::read_input(&path, 64 << 20) {
+pub fn load(dir: &Path) -> Result<Option<Manifest>, RecordError> {
+    load_record(&path_in(dir), 64 << 20, "manifest")
+}
+
+/// Reads the JSON record at `path` (at most `limit` bytes) as a `T`;
+/// `Ok(None)` when the file does not exist.
+pub fn load_record<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    limit: u64,
+    what: &'static str,
+) -> Result<Option<T>, RecordError> {
+    let path = path.to_path_buf();
+    let text = match crate::input::read_input(&path, limit) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(source) => return Err(RecordError::Read { path, source }),
     };
-    if text.len() > 64 << 20 {
-        return Err(format!(
-            "{}: manifest larger than 64 MiB, ignored",
-            path.display()
-        ));
+    if text.len() as u64 > limit {
+        return Err(RecordError::TooLarge { path, limit });
     }
-    serde_json::from_slice(&text).map(Some).map_err(|e| {
-        format!(
-            "{}: not a valid manifest ({e}); ignoring it",
-            path.display()
-        )
-    })
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|source| RecordError::Invalid { path, what, source })
 }
 
 /// Replaces the manifest atomically.

@@ -18,7 +18,7 @@
 //! `memory::index_cache`), and dropped with the last point naming them.
 
 use super::ops::{err, rename_noreplace};
-use super::{manifest, Point, PointMemory, Tree, TreeError};
+use super::{manifest, PointDisk, PointMemory, Tree, TreeError};
 use crate::chain::{Chain, OpenOptions};
 use crate::memory::checkpoint::{self, Base, ImportStats, Throttle};
 use crate::memory::index_cache;
@@ -38,7 +38,7 @@ const INDEX_DIR: &str = "index";
 /// What a `checkpoint` command imports into (see `Tree::checkpoint_target`).
 struct CheckpointTarget {
     /// The visible point that gets the checkpoint.
-    point: Arc<Point>,
+    point: Arc<PointDisk>,
     /// The delta the import goes against: the parent point's, if ours.
     base: Option<Arc<MemoryView>>,
     /// The source as the manifest will name it.
@@ -65,7 +65,7 @@ impl Tree {
     }
 
     /// The snapshot point `id`'s memory view, if it has a readable one.
-    fn memory_view(point: &Point) -> Option<Arc<MemoryView>> {
+    fn memory_view(point: &PointDisk) -> Option<Arc<MemoryView>> {
         point
             .memory
             .read()
@@ -75,7 +75,7 @@ impl Tree {
 
     /// The member of point `id`'s snapshot point that carries its memory
     /// (the first disk, unless a merge moved things).
-    fn memory_holder(&self, id: u64) -> Option<Arc<Point>> {
+    fn memory_holder(&self, id: u64) -> Option<Arc<PointDisk>> {
         let members = self.members(id);
         members
             .iter()
@@ -293,7 +293,7 @@ impl Tree {
     fn attach_delta(
         &self,
         id: u64,
-        point: &Arc<Point>,
+        point: &Arc<PointDisk>,
         parent: Option<u64>,
         base: Option<&Arc<MemoryView>>,
         tmp: &Path,

@@ -17,6 +17,7 @@
 
 mod close;
 mod coalesce;
+pub use coalesce::StillLocked;
 pub mod discover;
 pub mod manifest;
 mod memory;
@@ -73,16 +74,18 @@ impl std::fmt::Display for TreeError {
 
 impl std::error::Error for TreeError {}
 
-/// What a point's disk reads through, and whether it may be written.
-pub struct PointIo {
+/// What one disk of a point reads through, and whether it may be written.
+pub struct DiskIo {
     pub chain: Arc<Chain>,
     /// Canonical path of the point's own image file.
     pub image: PathBuf,
     pub writable: bool,
 }
 
-/// One snapshot point. Its id (and so its inode numbers) never changes.
-pub struct Point {
+/// One disk of a snapshot point: a snapshot point is the group of
+/// `PointDisk`s that share a name (one for single-disk VMs). Its id (and so
+/// its inode numbers) never changes.
+pub struct PointDisk {
     pub id: u64,
     pub name: String,
     /// Which disk of a multi-disk snapshot point this is (`None` when the
@@ -91,7 +94,7 @@ pub struct Point {
     pub disk: Option<String>,
     /// Seconds since the Unix epoch.
     pub created: u64,
-    pub io: RwLock<PointIo>,
+    pub io: RwLock<DiskIo>,
     /// The memory checkpoint saved with this point, if any (on the first
     /// disk of a multi-disk point).
     pub memory: RwLock<Option<PointMemory>>,
@@ -118,22 +121,23 @@ impl PointMemory {
 }
 
 struct Node {
-    pub point: Arc<Point>,
+    pub point: Arc<PointDisk>,
     pub parent: Option<u64>,
     pub children: Vec<u64>,
     pub hidden: bool,
 }
 
-/// A snapshot of one point's place in the tree, for presenting it.
+/// A snapshot of one disk's place in the tree (its point's parent and
+/// children by name), for presenting it.
 #[derive(Clone)]
-pub struct PointView {
-    pub point: Arc<Point>,
+pub struct DiskView {
+    pub point: Arc<PointDisk>,
     pub parent: Option<String>,
     pub children: Vec<String>,
     pub hidden: bool,
 }
 
-impl PointView {
+impl DiskView {
     pub fn is_leaf(&self) -> bool {
         self.children.is_empty()
     }
@@ -211,12 +215,12 @@ impl Tree {
         name: String,
         disk: Option<String>,
         created: u64,
-        io: PointIo,
-    ) -> Arc<Point> {
+        io: DiskIo,
+    ) -> Arc<PointDisk> {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Arc::new(Point {
+        Arc::new(PointDisk {
             id,
             name,
             disk,
@@ -228,9 +232,9 @@ impl Tree {
 
     /// Visible snapshot points, by name: one per name (its first disk,
     /// the one the point's directory, `ctl` and `info.json` belong to).
-    pub fn visible(&self) -> Vec<Arc<Point>> {
+    pub fn visible(&self) -> Vec<Arc<PointDisk>> {
         let nodes = self.nodes.read();
-        let mut v: Vec<Arc<Point>> = nodes
+        let mut v: Vec<Arc<PointDisk>> = nodes
             .values()
             .filter(|n| !n.hidden)
             .map(|n| n.point.clone())
@@ -241,7 +245,7 @@ impl Tree {
     }
 
     /// Every disk of every visible snapshot point.
-    pub fn visible_disks(&self) -> Vec<Arc<Point>> {
+    pub fn visible_disks(&self) -> Vec<Arc<PointDisk>> {
         self.nodes
             .read()
             .values()
@@ -251,7 +255,7 @@ impl Tree {
     }
 
     /// The visible snapshot point called `name` (its first disk).
-    pub fn lookup(&self, name: &str) -> Option<Arc<Point>> {
+    pub fn lookup(&self, name: &str) -> Option<Arc<PointDisk>> {
         self.nodes
             .read()
             .values()
@@ -262,12 +266,12 @@ impl Tree {
 
     /// Every disk of the snapshot point `id` belongs to, ordered by disk
     /// name (`id` itself included).
-    pub fn members(&self, id: u64) -> Vec<Arc<Point>> {
+    pub fn members(&self, id: u64) -> Vec<Arc<PointDisk>> {
         let nodes = self.nodes.read();
         let Some(name) = nodes.get(&id).map(|n| n.point.name.clone()) else {
             return Vec::new();
         };
-        let mut v: Vec<Arc<Point>> = nodes
+        let mut v: Vec<Arc<PointDisk>> = nodes
             .values()
             .filter(|n| n.point.name == name)
             .map(|n| n.point.clone())
@@ -285,11 +289,11 @@ impl Tree {
             .map(|(id, _)| *id)
     }
 
-    pub fn view(&self, id: u64) -> Option<PointView> {
+    pub fn view(&self, id: u64) -> Option<DiskView> {
         let nodes = self.nodes.read();
         let n = nodes.get(&id)?;
         let name_of = |id: &u64| nodes.get(id).map(|c| c.point.name.clone());
-        Some(PointView {
+        Some(DiskView {
             point: n.point.clone(),
             parent: n.parent.as_ref().and_then(name_of),
             children: n.children.iter().filter_map(name_of).collect(),
@@ -323,7 +327,7 @@ impl Tree {
 
     /// Every point, hidden ones too (one per disk), taken out of the
     /// structure lock.
-    pub(crate) fn all_points(&self) -> Vec<Arc<Point>> {
+    pub(crate) fn all_points(&self) -> Vec<Arc<PointDisk>> {
         self.nodes
             .read()
             .values()

@@ -97,7 +97,7 @@ impl Tree {
         let manifest = match manifest::load(&dir) {
             Ok(m) => m.unwrap_or_default(),
             Err(e) => {
-                problems.push(e);
+                problems.push(e.to_string());
                 manifest::Manifest::default()
             }
         };
@@ -265,7 +265,7 @@ pub(super) fn open_point_layer(
     want_write: bool,
     name: &str,
     problems: &mut Vec<String>,
-) -> Result<(Arc<dyn Layer>, bool, bool), String> {
+) -> Result<(Arc<dyn Layer>, bool, bool), crate::error::ImageError> {
     if want_write {
         match probe::open_layer(path, Some(format), true) {
             Ok(l) => match l.lock(LockMode::Writer) {
@@ -275,7 +275,7 @@ pub(super) fn open_point_layer(
             Err(e) => problems.push(format!("{name}: read-only: {e}")),
         }
     }
-    let layer = probe::open_layer(path, Some(format), false).map_err(|e| e.to_string())?;
+    let layer = probe::open_layer(path, Some(format), false)?;
     if let Err(why) = layer.lock(LockMode::Reader) {
         problems.push(format!(
             "{name}: {}: {why}; mounted without a lock, so what it reads may change",

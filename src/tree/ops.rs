@@ -15,7 +15,7 @@
 mod snapshot;
 
 use super::manifest::{self, Manifest, ManifestPoint};
-use super::{Node, Point, PointIo, Tree, TreeError};
+use super::{DiskIo, Node, PointDisk, Tree, TreeError};
 use crate::chain::Chain;
 use crate::image::lock::LockMode;
 use crate::image::{overlay, probe, Format, Layer};
@@ -130,10 +130,10 @@ impl Tree {
     /// atomic, the point's is not).
     fn for_each_disk(
         &self,
-        members: &[Arc<Point>],
+        members: &[Arc<PointDisk>],
         what: &str,
         name: &str,
-        mut op: impl FnMut(&Arc<Point>) -> Result<(), TreeError>,
+        mut op: impl FnMut(&Arc<PointDisk>) -> Result<(), TreeError>,
     ) -> Result<(), TreeError> {
         let mut done = Vec::new();
         for m in members {
@@ -167,7 +167,7 @@ impl Tree {
     /// Clone of one disk (`point`) as NAME: a new overlay on its image,
     /// then the point becomes a read-only inner point (held as a reader),
     /// then the nodes, then the manifest.
-    fn clone_disk(&self, point: &Arc<Point>, name: &str) -> Result<(), TreeError> {
+    fn clone_disk(&self, point: &Arc<PointDisk>, name: &str) -> Result<(), TreeError> {
         let id = point.id;
         // The parent stops being a leaf: drain its writes first.
         let mut io = point.io.write();
@@ -188,7 +188,7 @@ impl Tree {
             name.to_string(),
             point.disk.clone(),
             now(),
-            PointIo {
+            DiskIo {
                 chain: Arc::new(Chain::from_layers(layers)),
                 image,
                 writable: true,
@@ -203,8 +203,8 @@ impl Tree {
     /// path and format.
     fn create_clone_image(
         &self,
-        io: &PointIo,
-        point: &Point,
+        io: &DiskIo,
+        point: &PointDisk,
         name: &str,
     ) -> Result<(PathBuf, Format), TreeError> {
         let parent_layer = io.chain.leaf().clone();
@@ -241,7 +241,7 @@ impl Tree {
     }
 
     /// Adds `child` as a new leaf under point `parent` in the nodes.
-    fn insert_child(&self, parent: u64, child: Arc<Point>) {
+    fn insert_child(&self, parent: u64, child: Arc<PointDisk>) {
         let new_id = child.id;
         let mut nodes = self.nodes.write();
         nodes.insert(
@@ -327,7 +327,7 @@ impl Tree {
 
     /// A point that became a leaf again becomes writable: its own image is
     /// reopened for writing (nothing else stacks on it now).
-    fn make_leaf_writable(&self, point: &Arc<Point>) {
+    fn make_leaf_writable(&self, point: &Arc<PointDisk>) {
         if self.opts.read_only {
             return;
         }

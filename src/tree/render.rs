@@ -1,7 +1,7 @@
 //! Text the mount shows: the `tree` drawing, `status`, and each point's
 //! `info.json`.
 
-use super::{Node, Point, Tree};
+use super::{Node, PointDisk, Tree};
 use crate::units::human_size;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -87,7 +87,7 @@ impl Tree {
     pub fn info_json(
         &self,
         id: u64,
-        disk_file: impl Fn(&Point) -> String,
+        disk_file: impl Fn(&PointDisk) -> String,
         memory_file: &str,
     ) -> Option<String> {
         let v = self.view(id)?;

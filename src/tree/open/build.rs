@@ -11,7 +11,7 @@ use crate::image::Layer;
 use crate::tree::discover::Found;
 use crate::tree::manifest::{Manifest, ManifestPoint};
 use crate::tree::naming::{self, Names};
-use crate::tree::{Node, Point, PointIo, PointMemory, Tree};
+use crate::tree::{DiskIo, Node, PointDisk, PointMemory, Tree};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,7 +38,7 @@ struct Built {
 impl Built {
     /// Adds `point` (the point of image `path`) as a node under `parent`,
     /// when that parent was opened, and records it as `path`'s node.
-    fn link(&mut self, point: Arc<Point>, parent: Option<u64>, hidden: bool, path: &Path) {
+    fn link(&mut self, point: Arc<PointDisk>, parent: Option<u64>, hidden: bool, path: &Path) {
         let id = point.id;
         if let Some(pid) = parent {
             if let Some(n) = self.nodes.get_mut(&pid) {
@@ -206,7 +206,7 @@ impl Tree {
                 (l, w)
             }
             Err(e) => {
-                problems.push(e);
+                problems.push(e.to_string());
                 return None;
             }
         };
@@ -214,7 +214,7 @@ impl Tree {
         layers.extend(parent_layers);
         let created = m.map(|m| m.created).unwrap_or_else(|| mtime(path));
         let disk = plan.disks.get(path).cloned().flatten();
-        let io = PointIo {
+        let io = DiskIo {
             chain: Arc::new(Chain::from_layers(layers)),
             image: path.clone(),
             writable,
@@ -233,7 +233,7 @@ impl Tree {
     /// Why a memory is unusable goes to `problems`.
     fn attach_memory(
         &self,
-        point: &Point,
+        point: &PointDisk,
         source: &str,
         found: &BTreeMap<PathBuf, Found>,
         problems: &mut Vec<String>,

@@ -11,7 +11,7 @@ use crate::image::lock::LockMode;
 use crate::image::{overlay, probe, Format, Layer};
 use crate::tree::manifest;
 use crate::tree::open::TMP_SUFFIX;
-use crate::tree::{Node, Point, PointIo, Tree, TreeError};
+use crate::tree::{DiskIo, Node, PointDisk, Tree, TreeError};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -95,7 +95,7 @@ impl Tree {
             name.to_string(),
             point.disk.clone(),
             now(),
-            PointIo {
+            DiskIo {
                 chain: frozen_chain,
                 image: files.frozen_image,
                 writable: false,
@@ -113,7 +113,7 @@ impl Tree {
 
     /// The point of leaf `id` and its parent's id; refused if `id` is gone
     /// or has children.
-    fn snapshot_leaf(&self, id: u64) -> Result<(Arc<Point>, Option<u64>), TreeError> {
+    fn snapshot_leaf(&self, id: u64) -> Result<(Arc<PointDisk>, Option<u64>), TreeError> {
         let nodes = self.nodes.read();
         let n = nodes
             .get(&id)
@@ -135,8 +135,8 @@ impl Tree {
     /// name, or a raw leaf's new overlay name, is taken.
     fn snapshot_files(
         &self,
-        io: &PointIo,
-        point: &Point,
+        io: &DiskIo,
+        point: &PointDisk,
         name: &str,
         leaf_layer: &dyn Layer,
     ) -> Result<SnapshotFiles, TreeError> {
@@ -185,7 +185,7 @@ impl Tree {
     fn reopen_snapshot(
         &self,
         files: &SnapshotFiles,
-        io: &PointIo,
+        io: &DiskIo,
         name: &str,
         leaf_format: Format,
     ) -> Result<(Arc<Chain>, Arc<Chain>), TreeError> {
@@ -212,7 +212,7 @@ impl Tree {
 
     /// Puts `frozen` (NAME) between leaf `id` and its parent `parent` in
     /// the nodes.
-    fn insert_frozen(&self, id: u64, parent: Option<u64>, frozen: Arc<Point>) {
+    fn insert_frozen(&self, id: u64, parent: Option<u64>, frozen: Arc<PointDisk>) {
         let new_id = frozen.id;
         let mut nodes = self.nodes.write();
         if let Some(pid) = parent {

@@ -189,7 +189,7 @@ pub fn tree_text(mnt: &Path) -> String {
     read_text(&mnt.join("tree"))
 }
 
-/// Point names drawn in `MNT/tree` (first word after the box drawing).
+/// PointDisk names drawn in `MNT/tree` (first word after the box drawing).
 pub fn tree_names(text: &str) -> BTreeSet<String> {
     text.lines()
         .filter_map(|l| {
