@@ -169,7 +169,7 @@ impl Table {
                 _ => runs.push(Run { start: c, len: 1 }),
             }
             if n == want {
-                return Ok(runs);
+                return self.no_repeats(first, runs);
             }
             match self.next(c)? {
                 Next::Cluster(nc) => c = nc,
@@ -182,9 +182,31 @@ impl Table {
                         ),
                     ))
                 }
-                Next::End => return Ok(runs),
+                Next::End => return self.no_repeats(first, runs),
             }
         }
+    }
+}
+
+impl Table {
+    /// `runs` unless a cluster occurs twice: a chain that loops back within
+    /// the clusters a file needs would otherwise repeat its bytes.
+    fn no_repeats(&self, first: u32, runs: Vec<Run>) -> GuestResult<Vec<Run>> {
+        let mut sorted: Vec<(u32, u32)> = runs.iter().map(|r| (r.start, r.len)).collect();
+        sorted.sort_unstable();
+        for w in sorted.windows(2) {
+            if u64::from(w[0].0) + u64::from(w[0].1) > u64::from(w[1].0) {
+                return Err(GuestError::corrupt(
+                    &self.volume,
+                    self.entry_offset(w[1].0),
+                    format!(
+                        "cluster chain from cluster {first} visits cluster {} twice (a loop)",
+                        w[1].0
+                    ),
+                ));
+            }
+        }
+        Ok(runs)
     }
 }
 
