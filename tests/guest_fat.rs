@@ -134,10 +134,57 @@ fn make_volume(mkfs_args: &[&str], kib: u64, many: usize) -> Volume {
     a.push("::/");
     run(&a);
     run(&["mdel", "-i", &img_s, "::/s1", "::/s3", "::/s5"]);
+    rewind_fsinfo_hint(&img);
     let f = dir.path().join("fragmented.bin");
     std::fs::write(&f, noise(7, 40_000)).unwrap();
     run(&["mcopy", "-m", "-i", &img_s, f.to_str().unwrap(), "::/"]);
     Volume { _dir: dir, img }
+}
+
+/// On FAT32, mtools allocates after the FSInfo "next free" hint, past the
+/// gaps just freed; setting the hint to cluster 2 makes it fill them.
+fn rewind_fsinfo_hint(img: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let mut b = [0u8; 512];
+    f.read_exact_at(&mut b, 0).unwrap();
+    if u16::from_le_bytes([b[22], b[23]]) != 0 {
+        return; // FAT12/16: no FSInfo; mtools searches from the start
+    }
+    let bps = u64::from(u16::from_le_bytes([b[11], b[12]]));
+    let fsinfo = u64::from(u16::from_le_bytes([b[48], b[49]])) * bps;
+    let mut sig = [0u8; 4];
+    f.read_exact_at(&mut sig, fsinfo).unwrap();
+    assert_eq!(&sig, b"RRaA", "FSInfo signature");
+    f.write_all_at(&2u32.to_le_bytes(), fsinfo + 492).unwrap();
+}
+
+/// Runs of `fragmented.bin` as sleuthkit's `istat -r` lists them, or `None`
+/// without sleuthkit.
+fn sleuthkit_runs(img: &Path) -> Option<usize> {
+    if !have("fls") || !have("istat") {
+        println!("SKIP: sleuthkit second opinion: fls/istat not installed");
+        return None;
+    }
+    let img_s = img.to_str().unwrap();
+    let list = run(&["fls", "-f", "fat", img_s]);
+    let line = list.lines().find(|l| l.ends_with("\tfragmented.bin"))?;
+    let inum = line
+        .split(':')
+        .next()?
+        .split_whitespace()
+        .last()?
+        .to_string();
+    let stat = run(&["istat", "-r", "-f", "fat", img_s, &inum]);
+    Some(
+        stat.lines()
+            .filter(|l| l.contains("Starting address"))
+            .count(),
+    )
 }
 
 fn open(img: &Path) -> Arc<dyn GuestFs> {
@@ -326,6 +373,12 @@ fn check_volume(mkfs_args: &[&str], kib: u64, many: usize, label: &str, id: &str
     assert!(ours.len() > many + 15, "{} entries", ours.len());
     compare(&ours, &walk_mtools(&v.img), "mtools");
     judge_kernel(&*fs, &v.img, &ours);
+    if let Some(runs) = sleuthkit_runs(&v.img) {
+        assert!(
+            runs > 1,
+            "fragmented.bin is in {runs} run(s); the test needs it fragmented"
+        );
+    }
 
     // Names the way Linux vfat shows them; sizes; the read-only bit.
     for p in [
