@@ -130,3 +130,36 @@ impl Cache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(n: usize) -> Arc<Dir> {
+        let short = super::super::dirent::Short::parse(&[b'A'; 32]);
+        let e = Parsed {
+            name: b"x".to_vec(),
+            offset: 0,
+            short,
+        };
+        Arc::new(Dir {
+            entries: vec![e; n],
+            index: HashMap::new(),
+            bytes: 0,
+            subdirs: 0,
+            label: None,
+        })
+    }
+
+    #[test]
+    fn cache_is_bounded_by_entries() {
+        let mut c = Cache::new(100);
+        c.put(1, dir(60));
+        c.put(2, dir(30));
+        assert!(c.get(1).is_some() && c.get(2).is_some());
+        c.put(3, dir(50)); // evicts the least recently used (1)
+        assert!(c.get(1).is_none() && c.get(2).is_some() && c.get(3).is_some());
+        c.put(4, dir(500)); // alone over the bound: kept, others dropped
+        assert!(c.get(4).is_some() && c.get(2).is_none() && c.get(3).is_none());
+    }
+}

@@ -107,7 +107,7 @@ pub struct FatFs {
     /// (its attributes). Grows only with directories listed, which the
     /// volume's cluster count bounds.
     dir_entries: RwLock<HashMap<u32, u64>>,
-    chains: Mutex<LruCache<u64, Arc<Vec<Run>>>>,
+    chains: Mutex<LruCache<u64, Arc<FileMap>>>,
 }
 
 impl FatFs {
@@ -288,11 +288,13 @@ impl FatFs {
         }
     }
 
-    /// The cluster runs holding file `ino`'s `s.size` bytes.
-    fn runs(&self, ino: u64, s: &Short) -> GuestResult<Arc<Vec<Run>>> {
-        if let Some(r) = self.chains.lock().get(&ino) {
-            return Ok(r.clone());
+    /// File `ino`'s size and the cluster runs holding its bytes, cached so
+    /// reads neither re-read its entry nor re-walk the FAT.
+    fn file_map(&self, ino: u64) -> GuestResult<Arc<FileMap>> {
+        if let Some(m) = self.chains.lock().get(&ino) {
+            return Ok(m.clone());
         }
+        let s = self.file(ino)?;
         let need = u64::from(s.size).div_ceil(u64::from(self.geo.cluster_size));
         let runs = if need == 0 {
             Vec::new()
@@ -306,10 +308,28 @@ impl FatFs {
                     e => e,
                 })?
         };
-        let runs = Arc::new(runs);
-        self.chains.lock().put(ino, runs.clone());
-        Ok(runs)
+        let mut starts = Vec::with_capacity(runs.len());
+        let mut at = 0u64;
+        for r in &runs {
+            starts.push(at);
+            at += u64::from(r.len);
+        }
+        let m = Arc::new(FileMap {
+            size: u64::from(s.size),
+            runs,
+            starts,
+        });
+        self.chains.lock().put(ino, m.clone());
+        Ok(m)
     }
+}
+
+/// Where a file's bytes are: runs of clusters, and the file cluster index
+/// each run starts at (for a binary search).
+struct FileMap {
+    size: u64,
+    runs: Vec<Run>,
+    starts: Vec<u64>,
 }
 
 impl GuestFs for FatFs {
@@ -383,33 +403,27 @@ impl GuestFs for FatFs {
     }
 
     fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> GuestResult<usize> {
-        let s = self.file(ino)?;
-        let size = u64::from(s.size);
-        if offset >= size || buf.is_empty() {
+        let m = self.file_map(ino)?;
+        if offset >= m.size || buf.is_empty() {
             return Ok(0);
         }
-        let len = (size - offset).min(buf.len() as u64) as usize;
-        let runs = self.runs(ino, &s)?;
+        let len = (m.size - offset).min(buf.len() as u64) as usize;
         let cs = u64::from(self.geo.cluster_size);
-        let (mut done, mut run_start) = (0usize, 0u64); // run_start: file byte of the run
-        for r in runs.iter() {
-            let run_bytes = u64::from(r.len) * cs;
+        // The run holding `offset`; `chain` guaranteed runs cover the size.
+        let mut i = m
+            .starts
+            .partition_point(|&st| st <= offset / cs)
+            .saturating_sub(1);
+        let mut done = 0usize;
+        while done < len && i < m.runs.len() {
+            let r = m.runs[i];
             let pos = offset + done as u64;
-            if pos >= run_start + run_bytes {
-                run_start += run_bytes;
-                continue;
-            }
-            let in_run = pos - run_start;
-            let n = ((run_bytes - in_run) as usize).min(len - done);
-            self.read_at(
-                &mut buf[done..done + n],
-                self.geo.cluster_offset(r.start) + in_run,
-            )?;
+            let in_run = pos - m.starts[i] * cs;
+            let n = ((u64::from(r.len) * cs - in_run) as usize).min(len - done);
+            let at = self.geo.cluster_offset(r.start) + in_run;
+            self.read_at(&mut buf[done..done + n], at)?;
             done += n;
-            if done == len {
-                break;
-            }
-            run_start += run_bytes;
+            i += 1;
         }
         Ok(done)
     }
@@ -433,5 +447,27 @@ impl GuestFs for FatFs {
 
     fn next_hole(&self, ino: u64, offset: u64) -> GuestResult<u64> {
         Ok(self.getattr(ino)?.size.max(offset))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_numbers_decode() {
+        assert!(matches!(node(1), Ok(Node::Root)));
+        assert!(matches!(node(2 + 77), Ok(Node::Dir(77))));
+        assert!(matches!(node(FILE_BASE + 5), Ok(Node::Entry(160))));
+        assert!(matches!(node(u64::MAX), Err(GuestError::NotFound)));
+    }
+
+    #[test]
+    fn garbage_is_not_fat() {
+        let v: Vec<u8> = vec![0xEB; 4096];
+        assert!(!probe(&v));
+        assert!(open("g", Arc::new(v)).is_err());
+        let short: Vec<u8> = vec![0; 100];
+        assert!(!probe(&short));
     }
 }
