@@ -35,6 +35,17 @@
 //!   even with fewer than 65,525 clusters (Windows makes 100 MB FAT32 ESPs
 //!   on 4K-sector disks; Windows and Linux read them as FAT32); a FAT12/16
 //!   boot sector is FAT12 or FAT16 by cluster count, as the spec says.
+//! - Damage: a file whose chain loops, leaves the volume, hits a free or
+//!   bad cluster or ends before its size fails as a whole with
+//!   `Corrupt` (no partial reads); a directory whose chain does fails to
+//!   list but its entry still shows (nlink 1, size 0). Entries whose name
+//!   holds `/` or NUL are left out. Directories longer than 65,536 entries
+//!   (the spec's limit) are corrupt. Listing stops at the first 0x00 entry
+//!   (the spec; Linux scans on, which differs only on damaged volumes).
+//!
+//! The Linux behaviour above is taken from fs/fat as of 6.x; the tests
+//! compare against a kernel mount where the kernel has vfat, and against
+//! mtools (names, types, sizes, bytes, mtimes) everywhere.
 
 mod bpb;
 mod dirent;
