@@ -36,7 +36,7 @@ pub fn read(
     let mut primary_fault = None;
     let mut alternates = Vec::new();
     for sector in SIZES {
-        match header(disk, sector, sector) {
+        match header(disk, sector, 1) {
             Ok(h) => match entries(name, disk, index, &h) {
                 Ok((parts, found)) => {
                     problems.extend(found);

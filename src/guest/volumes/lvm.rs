@@ -136,17 +136,18 @@ fn vg_lvs(
         }
         places.insert(key.to_string(), place);
     }
+    let mut lvs: Vec<(&str, &Section)> = vg
+        .section("logical_volumes")
+        .map(|s| s.sections().collect())
+        .unwrap_or_default();
+    // In name order, as `lvs` lists them (the text keeps no useful order).
+    lvs.sort_by_key(|(name, _)| *name);
     let first_disk = places
         .values()
         .find_map(|p| p.found.map(|v| v.disk))
         .unwrap_or(0);
     let mut out = Vec::new();
-    for (lv_name, lv) in vg
-        .section("logical_volumes")
-        .map(|s| s.sections())
-        .into_iter()
-        .flatten()
-    {
+    for (lv_name, lv) in lvs {
         let visible = lv
             .list("status")
             .is_some_and(|s| s.iter().any(|v| *v == Value::Str("VISIBLE".into())));
@@ -178,7 +179,10 @@ fn vg_lvs(
     out
 }
 
-/// The pieces and size of a linear LV; or its declared size and why it
+/// The most pieces an LV may have (striped LVs have one per chunk).
+const MAX_PIECES: usize = 1 << 16;
+
+/// The pieces and size of a linear or striped LV; or its declared size and why it
 /// cannot be read.
 fn layout(
     lv: &Section,
@@ -203,14 +207,6 @@ fn layout(
     let mut pieces: Vec<Piece> = Vec::new();
     let mut next = 0u64;
     for s in segments {
-        let kind = s.str("type").unwrap_or("?");
-        let stripes = s.int("stripe_count").unwrap_or(0);
-        if kind != "striped" {
-            return fail(format!("{kind} LV: not supported"));
-        }
-        if stripes != 1 {
-            return fail(format!("striped LV ({stripes} stripes): not supported"));
-        }
         let start = s.int("start_extent").unwrap_or(-1);
         let len = s.int("extent_count").unwrap_or(0);
         if start < 0 || start as u64 != next || len <= 0 {
@@ -219,37 +215,8 @@ fn layout(
             ));
         }
         next += len as u64;
-        let list = s.list("stripes").unwrap_or(&[]);
-        let (Some(Value::Str(pv)), Some(Value::Int(pe))) = (list.first(), list.get(1)) else {
-            return fail("segment without a stripe".into());
-        };
-        let Some(place) = places.get(pv.as_str()) else {
-            return fail(format!("segment names unknown PV {pv}"));
-        };
-        let Some(volume) = place.found else {
-            return fail(format!("PV {} missing", place.uuid));
-        };
-        if *pe < 0 {
-            return fail(format!("segment starts at negative extent {pe}"));
-        }
-        let (pe, len) = (*pe as u64, len as u64);
-        if pe.saturating_add(len) > place.pe_count {
-            return fail(format!(
-                "segment extents {pe}+{len} past the {} of PV {}",
-                place.pe_count, place.uuid
-            ));
-        }
-        let from = place.pe_start.saturating_add(pe.saturating_mul(extent));
-        let bytes = len.saturating_mul(extent);
-        for piece in translate(volume, from, bytes).ok_or_else(|| {
-            (
-                size,
-                format!(
-                    "extents at offset {from} of PV {} lie past its end",
-                    place.uuid
-                ),
-            )
-        })? {
+        let budget = MAX_PIECES.saturating_sub(pieces.len());
+        for piece in segment(s, len as u64, extent, places, budget).map_err(|why| (size, why))? {
             match pieces.last_mut() {
                 Some(last) if last.disk == piece.disk && last.offset + last.len == piece.offset => {
                     last.len += piece.len
@@ -261,13 +228,99 @@ fn layout(
     Ok((pieces, size))
 }
 
-/// `[from, from+len)` of `volume` as pieces of its disks; `None` if it runs
-/// past the volume.
-fn translate(volume: &Volume, from: u64, len: u64) -> Option<Vec<Piece>> {
+/// The pieces of one segment of `len` extents: one run per stripe for a
+/// linear segment; for a striped one, its chunks in LV order (chunk `c` is
+/// on stripe `c % n`, row `c / n`). At most `budget` pieces.
+fn segment(
+    s: &Section,
+    len: u64,
+    extent: u64,
+    places: &HashMap<String, PvPlace>,
+    budget: usize,
+) -> Result<Vec<Piece>, String> {
+    let kind = s.str("type").unwrap_or("?");
+    if kind != "striped" {
+        return Err(format!("{kind} LV: not supported"));
+    }
+    let n = s.int("stripe_count").unwrap_or(0);
+    let list = s.list("stripes").unwrap_or(&[]);
+    if !(1..=64).contains(&n) || list.len() != 2 * n as usize || len % n as u64 != 0 {
+        return Err(format!(
+            "striped segment with {n} stripes over {len} extents"
+        ));
+    }
+    let per = len / n as u64;
+    let mut runs = Vec::new();
+    for pair in list.chunks_exact(2) {
+        let (Value::Str(pv), Value::Int(pe)) = (&pair[0], &pair[1]) else {
+            return Err("segment with a malformed stripe list".into());
+        };
+        runs.push(stripe_run(pv, *pe, per, extent, places)?);
+    }
+    if n == 1 {
+        return Ok(runs.pop().unwrap());
+    }
+    let chunk = s.int("stripe_size").unwrap_or(0).max(0) as u64 * SECTOR;
+    if chunk == 0 || extent % chunk != 0 {
+        return Err(format!(
+            "striped LV with stripe size {chunk}: not supported"
+        ));
+    }
+    let rows = per * (extent / chunk);
+    if rows.saturating_mul(n as u64) > budget as u64 {
+        return Err(format!(
+            "striped LV of more than {MAX_PIECES} chunks: not supported"
+        ));
+    }
+    let mut out = Vec::new();
+    for row in 0..rows {
+        for run in &runs {
+            let piece =
+                translate(run, row * chunk, chunk).ok_or("stripe shorter than its extents")?;
+            out.extend(piece);
+        }
+    }
+    Ok(out)
+}
+
+/// Disk pieces of `count` extents of `pv` from extent `pe`.
+fn stripe_run(
+    pv: &str,
+    pe: i64,
+    count: u64,
+    extent: u64,
+    places: &HashMap<String, PvPlace>,
+) -> Result<Vec<Piece>, String> {
+    let place = places
+        .get(pv)
+        .ok_or_else(|| format!("segment names unknown PV {pv}"))?;
+    let volume = place
+        .found
+        .ok_or_else(|| format!("PV {} missing", place.uuid))?;
+    if pe < 0 || (pe as u64).saturating_add(count) > place.pe_count {
+        return Err(format!(
+            "segment extents {pe}+{count} past the {} of PV {}",
+            place.pe_count, place.uuid
+        ));
+    }
+    let from = place
+        .pe_start
+        .saturating_add((pe as u64).saturating_mul(extent));
+    translate(&volume.pieces, from, count.saturating_mul(extent)).ok_or_else(|| {
+        format!(
+            "extents at offset {from} of PV {} lie past its end",
+            place.uuid
+        )
+    })
+}
+
+/// `[from, from+len)` of the volume made of `pieces`, as pieces of its
+/// disks; `None` if it runs past the volume.
+fn translate(pieces: &[Piece], from: u64, len: u64) -> Option<Vec<Piece>> {
     let mut out = Vec::new();
     let mut at = 0u64;
     let (mut from, mut left) = (from, len);
-    for p in &volume.pieces {
+    for p in pieces {
         if left == 0 {
             break;
         }
