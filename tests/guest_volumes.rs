@@ -348,3 +348,72 @@ fn several_disks_put_the_disk_name_first() {
     assert_eq!(found.volumes[3].disk, 1);
     assert_eq!(found.volumes[3].pieces[0].disk, 1);
 }
+
+#[test]
+fn probe_matches_blkid_for_btrfs_ntfs_luks_and_iso9660() {
+    if !have(&["blkid"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let iso_dir = d.join("isodir");
+    std::fs::create_dir(&iso_dir).unwrap();
+    std::fs::write(iso_dir.join("a"), "hi").unwrap();
+    let luks = "-q --pbkdf pbkdf2 --pbkdf-force-iterations 1000";
+    let cases = [
+        (
+            "btrfs",
+            "mkfs.btrfs",
+            128,
+            "mkfs.btrfs -q -L btlabel F".to_string(),
+        ),
+        (
+            "ntfs",
+            "mkntfs",
+            16,
+            "mkntfs -q -F -f -L 'nt label' F".to_string(),
+        ),
+        (
+            "luks2",
+            "cryptsetup",
+            32,
+            format!("echo -n pw | cryptsetup luksFormat {luks} --type luks2 --label lk2 F -"),
+        ),
+        (
+            "luks1",
+            "cryptsetup",
+            32,
+            format!("echo -n pw | cryptsetup luksFormat {luks} --type luks1 F -"),
+        ),
+        (
+            "iso",
+            "xorriso",
+            0,
+            format!(
+                "xorriso -as mkisofs -quiet -V ISOLAB -o F {}",
+                iso_dir.display()
+            ),
+        ),
+    ];
+    let mut tried = 0;
+    for (name, tool, mib, script) in cases {
+        if !have(&[tool]) {
+            continue;
+        }
+        let f = if mib > 0 {
+            image(d, name, mib)
+        } else {
+            d.join(name)
+        };
+        run(
+            "sh",
+            &["-c", &script.replace(" F", &format!(" {}", f.display()))],
+        );
+        let one = disk(&f);
+        let found = scan(&[("vda".into(), one.clone())]);
+        assert_eq!(names(&found), ["disk"], "{name}: {:?}", found.problems);
+        assert_probe_like_blkid(&found.volumes[0], &[one], &f);
+        tried += 1;
+    }
+    println!("{tried} filesystems compared with blkid");
+}

@@ -159,15 +159,72 @@ fn lvm2(bytes: &dyn ReadBytes) -> Option<Probe> {
 }
 
 /// NTFS: "NTFS    " at 3; the UUID blkid shows is the 64-bit volume
-/// serial at 0x48 in upper-case hex. The label lives in the $Volume MFT
-/// record, which is not read here.
+/// serial at 0x48 in upper-case hex; the label is the $VOLUME_NAME
+/// attribute of MFT record 3 ($Volume).
 fn ntfs(bytes: &dyn ReadBytes) -> Option<Probe> {
     let b = read(bytes, 0, 512)?;
     if &b[3..11] != b"NTFS    " {
         return None;
     }
     let serial = u64::from_le_bytes(b[0x48..0x50].try_into().ok()?);
-    found("ntfs", None, Some(format!("{serial:016X}")))
+    found(
+        "ntfs",
+        ntfs_label(bytes, &b),
+        Some(format!("{serial:016X}")),
+    )
+}
+
+fn ntfs_label(bytes: &dyn ReadBytes, boot: &[u8]) -> Option<String> {
+    let sector = le16(boot, 0x0b) as u64;
+    let spc = boot[0x0d] as u64;
+    if !matches!(sector, 256..=4096) || !sector.is_power_of_two() || !spc.is_power_of_two() {
+        return None;
+    }
+    let cluster = sector * spc;
+    let per = boot[0x40] as i8;
+    let record = match per {
+        1..=127 => per as u64 * cluster,
+        -31..=-1 => 1u64 << (-per as u32),
+        _ => return None,
+    };
+    if !(sector..=65536).contains(&record) {
+        return None;
+    }
+    let mft = u64::from_le_bytes(boot[0x30..0x38].try_into().ok()?);
+    let at = mft.checked_mul(cluster)?.checked_add(3 * record)?;
+    let mut r = read(bytes, at, record as usize)?;
+    if &r[0..4] != b"FILE" {
+        return None;
+    }
+    // Update sequence: the last two bytes of each sector were swapped out.
+    let (usa, count) = (le16(&r, 4) as usize, le16(&r, 6) as usize);
+    if count == 0 || usa + 2 * count > r.len() || (count - 1) as u64 * sector > record {
+        return None;
+    }
+    for i in 1..count {
+        let end = i * sector as usize;
+        let (a, b) = (r[usa + 2 * i], r[usa + 2 * i + 1]);
+        r[end - 2] = a;
+        r[end - 1] = b;
+    }
+    let mut pos = le16(&r, 0x14) as usize;
+    while pos + 24 <= r.len() {
+        let (kind, len) = (le32(&r, pos), le32(&r, pos + 4) as usize);
+        if kind == 0xffff_ffff || len < 24 || pos + len > r.len() {
+            return None;
+        }
+        if kind == 0x60 && r[pos + 8] == 0 {
+            let (vlen, voff) = (le32(&r, pos + 0x10) as usize, le16(&r, pos + 0x14) as usize);
+            let value = r.get(pos + voff..pos + voff + vlen)?;
+            let units: Vec<u16> = value
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            return Some(String::from_utf16_lossy(&units));
+        }
+        pos += len;
+    }
+    None
 }
 
 /// ISO 9660: "CD001" in the primary volume descriptor at 32 KiB; the label

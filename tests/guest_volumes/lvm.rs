@@ -269,3 +269,33 @@ fn lvm_lvs_on_a_missing_pv_are_listed_unreadable() {
     assert!(lv1.unreadable.is_none());
     assert!(read_volume(lv1, &disks) == want["lv1"]);
 }
+
+#[test]
+fn lvm_duplicate_pvs_use_the_first_copy_and_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(setup) = build(dir.path()) else {
+        return;
+    };
+    let want = fill(&setup);
+    let copy = dir.path().join("b-copy.img");
+    std::fs::copy(&setup.b, &copy).unwrap();
+    let disks = [disk(&setup.a), disk(&setup.b), disk(&copy)];
+    let named: Vec<(String, Arc<dyn ReadBytes>)> = ["vda", "vdb", "vdc"]
+        .iter()
+        .map(|n| n.to_string())
+        .zip(disks.iter().cloned())
+        .collect();
+    let found = scan(&named);
+    assert_eq!(found.problems.len(), 1, "{:?}", found.problems);
+    assert!(
+        found.problems[0].starts_with("vdc-disk: PV ")
+            && found.problems[0].ends_with("using vdb-disk")
+    );
+    let span = found
+        .volumes
+        .iter()
+        .find(|v| v.name == "t--vg-span")
+        .unwrap();
+    assert!(span.pieces.iter().all(|p| p.disk != 2));
+    assert!(read_volume(span, &disks) == want["span"]);
+}

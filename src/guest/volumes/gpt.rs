@@ -127,7 +127,7 @@ fn header(disk: &dyn ReadBytes, sector: u64, lba: u64) -> Result<Header, Fault> 
         entry_size: le32(&b, 84),
         entries_crc: le32(&b, 88),
     };
-    if h.entry_size < 128 || h.entry_size % 8 != 0 || h.entry_size as u64 > sector {
+    if h.entry_size < 128 || !h.entry_size.is_multiple_of(8) || h.entry_size as u64 > sector {
         return Err(bad(format!("entry size {}", h.entry_size)));
     }
     if h.count as u64 * h.entry_size as u64 > MAX_ARRAY {

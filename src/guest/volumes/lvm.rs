@@ -2,9 +2,10 @@
 //! (partitions and whole disks), takes each VG's newest metadata (highest
 //! seqno) from its PVs, matches the VG's PVs by UUID, and turns every
 //! visible LV into pieces on the disks. Linear LVs (striped segments of one
-//! stripe) become readable volumes; everything else (striped over several
-//! stripes, thin, cache, raid, mirror, snapshot ...) is listed with the
-//! reason it cannot be read.
+//! stripe) become readable volumes, and so do striped LVs: one piece per
+//! stripe chunk, up to 65536 chunks. Everything else (thin, cache, raid,
+//! mirror, snapshot ...) is listed with the reason it cannot be read.
+//! Hidden LVs (a thin pool's data and metadata, raid images) are not listed.
 
 use super::lvm_label::{self, Label};
 use super::lvm_text::{self, Section, Value};
@@ -43,6 +44,19 @@ pub fn find(
             }),
             Ok(None) => {}
             Err(e) => problems.push(format!("{}: {e}", v.name)),
+        }
+    }
+    // A cloned disk attached twice: LVM refuses duplicate PVs; the first
+    // copy is used and a problem says so.
+    for (i, pv) in pvs.iter().enumerate() {
+        if let Some(first) = pvs[..i].iter().find(|p| p.label.uuid == pv.label.uuid) {
+            problems.push(format!(
+                "{}: PV {} also on {}; using {}",
+                volumes[pv.volume].name,
+                lvm_label::dashed(&pv.label.uuid),
+                volumes[first.volume].name,
+                volumes[first.volume].name
+            ));
         }
     }
     // Newest metadata per VG id.
@@ -190,8 +204,11 @@ fn layout(
     places: &HashMap<String, PvPlace>,
 ) -> Result<(Vec<Piece>, u64), (u64, String)> {
     let count = lv.int("segment_count").unwrap_or(0);
+    if !(1..=MAX_SEGMENTS).contains(&count) {
+        return Err((0, format!("segment_count {count} out of range")));
+    }
     let mut segments = Vec::new();
-    for n in 1..=count.clamp(0, MAX_SEGMENTS) {
+    for n in 1..=count {
         match lv.section(&format!("segment{n}")) {
             Some(s) => segments.push(s),
             None => return Err((0, format!("segment{n} missing from the metadata"))),
@@ -244,7 +261,7 @@ fn segment(
     }
     let n = s.int("stripe_count").unwrap_or(0);
     let list = s.list("stripes").unwrap_or(&[]);
-    if !(1..=64).contains(&n) || list.len() != 2 * n as usize || len % n as u64 != 0 {
+    if !(1..=64).contains(&n) || list.len() != 2 * n as usize || !len.is_multiple_of(n as u64) {
         return Err(format!(
             "striped segment with {n} stripes over {len} extents"
         ));
@@ -261,7 +278,7 @@ fn segment(
         return Ok(runs.pop().unwrap());
     }
     let chunk = s.int("stripe_size").unwrap_or(0).max(0) as u64 * SECTOR;
-    if chunk == 0 || extent % chunk != 0 {
+    if chunk == 0 || !extent.is_multiple_of(chunk) {
         return Err(format!(
             "striped LV with stripe size {chunk}: not supported"
         ));

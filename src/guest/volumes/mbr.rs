@@ -41,7 +41,7 @@ impl Mbr {
 /// 0x55AA signature and boot flags of 0x00 or 0x80 (a FAT or NTFS boot
 /// sector has the signature too, but boot code where the flags are).
 fn entries(sector: &[u8]) -> Option<[Entry; 4]> {
-    if sector[510] != 0x55 || sector[511] != 0xaa {
+    if sector[510] != 0x55 || sector[511] != 0xaa || is_boot_sector(sector) {
         return None;
     }
     let mut out = [Entry {
@@ -59,8 +59,20 @@ fn entries(sector: &[u8]) -> Option<[Entry; 4]> {
             start: le32(sector, at + 8),
             sectors: le32(sector, at + 12),
         };
+        // A used entry starting at sector 0 would overlap the table itself.
+        if slot.kind != 0 && slot.sectors != 0 && slot.start == 0 {
+            return None;
+        }
     }
     Some(out)
+}
+
+/// A filesystem's boot sector (NTFS, exFAT, FAT): it ends in 0x55AA too,
+/// with boot code where an MBR has its table.
+fn is_boot_sector(sector: &[u8]) -> bool {
+    matches!(&sector[3..11], b"NTFS    " | b"EXFAT   ")
+        || matches!(&sector[54..62], b"FAT12   " | b"FAT16   ")
+        || &sector[82..90] == b"FAT32   "
 }
 
 /// Sector 0 as an MBR, `None` if it is none.
@@ -239,15 +251,18 @@ mod tests {
     fn looping_ebr_chain_ends_with_a_problem() {
         let mut disk = vec![0u8; 64 * 512];
         put(&mut disk[..512], 0, 0x05, 10, 40);
-        // EBR at 10: one logical, next EBR at base+0 again (a loop).
+        // EBR at 10 -> EBR at 30 -> EBR at 30 again (a loop).
         put(&mut disk[10 * 512..11 * 512], 0, 0x83, 1, 4);
-        put(&mut disk[10 * 512..11 * 512], 1, 0x05, 0, 8);
+        put(&mut disk[10 * 512..11 * 512], 1, 0x05, 20, 8);
+        put(&mut disk[30 * 512..31 * 512], 0, 0x83, 2, 4);
+        put(&mut disk[30 * 512..31 * 512], 1, 0x05, 20, 8);
         let mut problems = Vec::new();
         let mbr = read_sector0("d", &disk, &mut problems).unwrap();
         let parts = partitions("d", &disk, 0, &mbr, &mut problems);
-        assert_eq!(parts.len(), 1);
-        assert_eq!(parts[0].name, "p5");
+        let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["p5", "p6"]);
         assert_eq!(parts[0].pieces[0].offset, 11 * 512);
+        assert_eq!(parts[1].pieces[0].offset, 32 * 512);
         assert!(problems.iter().any(|p| p.contains("loops")), "{problems:?}");
     }
 }

@@ -117,7 +117,29 @@ pub fn scan(disks: &[(String, Arc<dyn ReadBytes>)]) -> Scan {
     let all: Vec<Arc<dyn ReadBytes>> = disks.iter().map(|(_, d)| d.clone()).collect();
     let lvs = lvm::find(&scan.volumes, &all, &mut scan.problems);
     scan.volumes.extend(lvs);
+    unique_names(&mut scan);
     scan
+}
+
+/// Two VGs of the same name (a cloned disk attached twice) would give two
+/// volumes one name: later ones get `~2`, `~3` ... and a problem says so.
+fn unique_names(scan: &mut Scan) {
+    let mut seen = std::collections::HashSet::new();
+    for v in &mut scan.volumes {
+        let mut name = v.name.clone();
+        let mut n = 1;
+        while !seen.insert(name.clone()) {
+            n += 1;
+            name = format!("{}~{n}", v.name);
+        }
+        if name != v.name {
+            scan.problems.push(format!(
+                "{}: name taken by another volume; listed as {name}",
+                v.name
+            ));
+            v.name = name;
+        }
+    }
 }
 
 /// The partitions of one disk, `None` if it has no partition table.
