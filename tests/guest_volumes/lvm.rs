@@ -299,3 +299,68 @@ fn lvm_duplicate_pvs_use_the_first_copy_and_say_so() {
     assert!(span.pieces.iter().all(|p| p.disk != 2));
     assert!(read_volume(span, &disks) == want["span"]);
 }
+
+/// (offset, size, area size) of the current text of the metadata area at 4096.
+fn raw_locn(file: &Path) -> (u64, u64, u64) {
+    let b = std::fs::read(file).unwrap();
+    let le = |at: usize| u64::from_le_bytes(b[4096 + at..4096 + at + 8].try_into().unwrap());
+    (le(40), le(48), le(32))
+}
+
+#[test]
+fn lvm_metadata_text_wrapping_round_the_circular_buffer_is_read() {
+    if !have(&["pvcreate", "losetup"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "w.img", 16);
+    let lo = Loop::new(&img, &[]);
+    let lvm = Lvm::new("wrapvg", &[&lo]);
+    // The smallest metadata area LVM makes (32 KiB), so a few updates wrap.
+    lvm.cmd(
+        "pvcreate",
+        &[
+            "-y",
+            "--metadatasize",
+            "32k",
+            "--dataalignment",
+            "64k",
+            &lo.0,
+        ],
+    );
+    lvm.cmd("vgcreate", &["-s", "64k", "wrapvg", &lo.0]);
+    let mut wrapped = false;
+    for i in 0..80 {
+        lvcreate(
+            &lvm,
+            &[
+                "-L",
+                "64k",
+                "-n",
+                &format!("volume_with_a_long_name_{i}"),
+                "wrapvg",
+            ],
+        );
+        let (offset, size, area) = raw_locn(&img);
+        if offset + size > area {
+            wrapped = true;
+            break;
+        }
+    }
+    assert!(
+        wrapped,
+        "the metadata text never straddled the end of its area"
+    );
+    let want: Vec<String> = lvm
+        .report("lvs", "lv_name")
+        .iter()
+        .map(|l| format!("wrapvg-{}", l["lv_name"].as_str().unwrap()))
+        .collect();
+    let found = scan(&[("vda".into(), disk(&img))]);
+    assert!(found.problems.is_empty(), "{:?}", found.problems);
+    let mut got: Vec<String> = found.volumes[1..].iter().map(|v| v.name.clone()).collect();
+    let mut want = want;
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+}
