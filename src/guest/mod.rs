@@ -16,6 +16,8 @@
 pub mod error;
 pub mod fat;
 pub mod fsapi;
+pub mod probe;
+pub mod volumes;
 
 pub use error::{GuestError, GuestResult};
 pub use fsapi::{Attr, DirEntry, FileKind, FsInfo, GuestFs, Timestamp};
