@@ -14,6 +14,7 @@
 //! wrong. No panic, no unbounded allocation, no read outside the volume.
 
 pub mod error;
+pub mod ext;
 pub mod fat;
 pub mod fsapi;
 pub mod probe;

@@ -1,0 +1,437 @@
+//! ext2, ext3 and ext4 read in userspace (our own reader; the ext4-view
+//! crate is path based, `!Send`, and offers no xattrs, inode numbers or
+//! hole maps). Implements [`GuestFs`] over a [`ReadBytes`] volume:
+//! superblock and group descriptors (`sb`), inodes (`inode`), extent trees
+//! and block maps (`map`), linear and htree directories (`dir`, `hash`),
+//! xattrs (`xattr`), and the jbd2 journal replayed in memory (`journal`)
+//! when the filesystem was not cleanly unmounted. Every metadata checksum
+//! (metadata_csum) is verified; a mismatch fails that object with a
+//! Corrupt error naming the volume and byte offset. Nothing is written.
+
+mod crc;
+mod dir;
+mod disk;
+mod hash;
+mod inode;
+mod journal;
+mod map;
+mod sb;
+mod xattr;
+
+use crate::guest::fsapi::Ino;
+use crate::guest::{Attr, DirEntry, FileKind, FsInfo, GuestError, GuestFs, GuestResult, ReadBytes};
+use dir::{DirBlocks, DxResult};
+use disk::Disk;
+use inode::{Inode, FL_CASEFOLD, FL_EA_INODE, FL_ENCRYPT, FL_INDEX, FL_INLINE_DATA};
+use sb::{Group, Superblock, SB_OFFSET, SB_SIZE};
+use std::sync::Arc;
+
+/// The root directory's inode number on every ext filesystem.
+pub const ROOT_INO: u64 = 2;
+
+/// True if `bytes` carries the ext2/3/4 superblock magic.
+pub fn probe(bytes: &dyn ReadBytes) -> bool {
+    let mut m = [0u8; 2];
+    bytes.read_exact_at(&mut m, SB_OFFSET + 0x38).is_ok() && u16::from_le_bytes(m) == sb::MAGIC
+}
+
+/// Opens the ext2/3/4 filesystem on `bytes` (replaying its journal in
+/// memory if needed).
+pub fn open(volume_name: &str, bytes: Arc<dyn ReadBytes>) -> GuestResult<Arc<dyn GuestFs>> {
+    Ok(Arc::new(ExtFs::open(volume_name, bytes)?))
+}
+
+/// An open ext2/3/4 filesystem.
+pub struct ExtFs {
+    disk: Disk,
+    sb: Superblock,
+    groups: Vec<Group>,
+    notes: Vec<String>,
+}
+
+fn load_groups(disk: &Disk, sb: &Superblock) -> GuestResult<Vec<Group>> {
+    let per_block = sb.block_size / sb.desc_size;
+    let mut groups = Vec::with_capacity(sb.group_count as usize);
+    let mut d = vec![0u8; sb.desc_size as usize];
+    for g in 0..sb.group_count {
+        let blk = sb.gdt_block(g / per_block);
+        disk.check_block(blk, 1, SB_OFFSET, "group descriptor table")?;
+        let off = blk * sb.block_size + (g % per_block) * sb.desc_size;
+        disk.read_meta(off, &mut d)?;
+        groups.push(sb::parse_group(&disk.name, sb, g, &d, off)?);
+    }
+    Ok(groups)
+}
+
+impl ExtFs {
+    pub fn open(name: &str, bytes: Arc<dyn ReadBytes>) -> GuestResult<ExtFs> {
+        let mut raw = vec![0u8; SB_SIZE];
+        bytes
+            .read_exact_at(&mut raw, SB_OFFSET)
+            .map_err(|e| GuestError::io(name, SB_OFFSET, SB_SIZE, e))?;
+        let size = bytes.size();
+        let sb = Superblock::parse(name, &raw, size)?;
+        let disk = Disk::new(name, bytes, sb.block_size, sb.blocks_count);
+        let groups = load_groups(&disk, &sb)?;
+        let mut fs = ExtFs { disk, sb, groups, notes: Vec::new() };
+        if fs.sb.has_incompat(sb::INCOMPAT_RECOVER) {
+            fs.recover(size)?;
+        }
+        if fs.sb.has_incompat(sb::INCOMPAT_INLINE_DATA) {
+            fs.notes.push("inline_data: files and directories stored inline are refused".into());
+        }
+        if fs.sb.has_incompat(sb::INCOMPAT_CASEFOLD) {
+            fs.notes.push("casefold: names are matched exactly (byte for byte)".into());
+        }
+        Ok(fs)
+    }
+
+    /// Replays the journal in memory and re-reads what it may have changed.
+    fn recover(&mut self, size: u64) -> GuestResult<()> {
+        let name = self.disk.name.clone();
+        if !self.sb.has_compat(sb::COMPAT_HAS_JOURNAL) || self.sb.journal_inum == 0 {
+            if self.sb.journal_dev != 0 {
+                return Err(GuestError::unsupported(&name, "needs recovery from a journal on an external device"));
+            }
+            return Err(GuestError::corrupt(&name, SB_OFFSET + 0x60, "superblock: needs recovery but has no journal"));
+        }
+        let jinode = self.inode(self.sb.journal_inum as u64)?;
+        let replay = journal::replay(&self.disk, self.sb.csum(), &jinode)?;
+        if replay.transactions == 0 {
+            self.notes.push("journal needed recovery but held no committed transaction".into());
+            return Ok(());
+        }
+        self.disk.set_overlay(replay.overlay);
+        let mut raw = vec![0u8; SB_SIZE];
+        self.disk.read_meta(SB_OFFSET, &mut raw)?;
+        let sb = Superblock::parse(&name, &raw, size)?;
+        if sb.block_size != self.sb.block_size || sb.blocks_count != self.sb.blocks_count {
+            return Err(GuestError::unsupported(&name, "journal changes the filesystem geometry (online resize)"));
+        }
+        self.groups = load_groups(&self.disk, &sb)?;
+        self.sb = sb;
+        self.notes.push(format!("journal replayed in memory ({} transactions)", replay.transactions));
+        if replay.bad_blocks > 0 {
+            self.notes.push(format!("journal: {} block copies skipped (checksum mismatch)", replay.bad_blocks));
+        }
+        Ok(())
+    }
+
+    /// Reads and checks inode `ino`.
+    fn inode(&self, ino: u64) -> GuestResult<Inode> {
+        if ino == 0 || ino > self.sb.inodes_count as u64 {
+            return Err(GuestError::corrupt(&self.disk.name, SB_OFFSET, format!("inode number {ino} out of range")));
+        }
+        let g = (ino - 1) / self.sb.inodes_per_group;
+        let idx = (ino - 1) % self.sb.inodes_per_group;
+        let group = self.groups[g as usize];
+        let bs = self.sb.block_size;
+        let byte = group.inode_table * bs + idx * self.sb.inode_size;
+        let block = self.disk.block(byte / bs)?;
+        let within = (byte % bs) as usize;
+        let raw = &block[within..within + self.sb.inode_size as usize];
+        Inode::parse(&self.disk.name, &self.sb, ino, raw, byte)
+    }
+
+    /// Refuses inodes whose data this reader cannot decode.
+    fn check_readable(&self, inode: &Inode) -> GuestResult<()> {
+        let what = if inode.flags & FL_ENCRYPT != 0 {
+            "encrypted"
+        } else if inode.flags & FL_INLINE_DATA != 0 {
+            "inline_data"
+        } else {
+            return Ok(());
+        };
+        Err(GuestError::unsupported(&self.disk.name, format!("{what} inode {}", inode.ino)))
+    }
+
+    fn csum(&self) -> bool {
+        self.sb.csum()
+    }
+
+    /// Reads file bytes of `inode` (no kind checks).
+    fn read_inode_data(&self, inode: &Inode, offset: u64, buf: &mut [u8]) -> GuestResult<usize> {
+        if offset >= inode.size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(inode.size - offset) as usize;
+        let bs = self.sb.block_size;
+        let mut pos = 0;
+        while pos < n {
+            let at = offset + pos as u64;
+            let run = map::map(&self.disk, self.csum(), inode, at / bs)?;
+            let within = at % bs;
+            let avail = run.len.saturating_mul(bs) - within;
+            let chunk = (avail.min((n - pos) as u64)) as usize;
+            match run.phys {
+                Some(p) => self.disk.read_data(p, within, &mut buf[pos..pos + chunk])?,
+                None => buf[pos..pos + chunk].fill(0),
+            }
+            pos += chunk;
+        }
+        Ok(n)
+    }
+
+    fn dir_inode(&self, ino: Ino) -> GuestResult<Inode> {
+        let inode = self.inode(ino)?;
+        if inode.kind() != Some(FileKind::Dir) {
+            return Err(GuestError::NotDir);
+        }
+        self.check_readable(&inode)?;
+        Ok(inode)
+    }
+
+    /// Validates an entry's inode number (range, and no loop back to the
+    /// directory itself or the root).
+    fn check_entry(&self, dir: &Inode, name: &[u8], ino: u32) -> GuestResult<u64> {
+        let ino = ino as u64;
+        let special = name == b"." || name == b"..";
+        if ino > self.sb.inodes_count as u64 || (!special && (ino == dir.ino || ino == ROOT_INO)) {
+            return Err(GuestError::corrupt(
+                &self.disk.name,
+                dir.offset,
+                format!("directory {}: entry {:?} points to inode {ino} (loop or out of range)", dir.ino, String::from_utf8_lossy(name)),
+            ));
+        }
+        Ok(ino)
+    }
+
+    /// Calls `f` on every entry of `dir` in block order (index blocks
+    /// skipped); stops when `f` returns true.
+    fn scan_dir(&self, dir: &Inode, mut f: impl FnMut(dir::Raw) -> GuestResult<bool>) -> GuestResult<()> {
+        let bs = self.sb.block_size;
+        let nblocks = dir.size.div_ceil(bs);
+        let indexed = dir.flags & FL_INDEX != 0;
+        let mut lblk = 0;
+        let mut err = None;
+        while lblk < nblocks {
+            let run = map::map(&self.disk, self.csum(), dir, lblk)?;
+            let Some(p) = run.phys else {
+                lblk = lblk.saturating_add(run.len);
+                continue;
+            };
+            for k in 0..run.len.min(nblocks - lblk) {
+                let block = self.disk.block(p + k)?;
+                if (indexed && lblk + k == 0) || dir::is_dx_node(&block) {
+                    continue;
+                }
+                let mut stop = false;
+                dir::parse_leaf(&self.disk.name, dir, self.csum(), &block, (p + k) * bs, |e| {
+                    match f(e) {
+                        Ok(s) => stop = s,
+                        Err(e) => {
+                            err = Some(e);
+                            stop = true;
+                        }
+                    }
+                    stop
+                })?;
+                if let Some(e) = err.take() {
+                    return Err(e);
+                }
+                if stop {
+                    return Ok(());
+                }
+            }
+            lblk += run.len;
+        }
+        Ok(())
+    }
+
+    fn xattrs(&self, ino: Ino) -> GuestResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let inode = self.inode(ino)?;
+        let acl = inode.file_acl();
+        let block = if acl != 0 {
+            self.disk.check_block(acl, 1, inode.offset + 0x68, &format!("inode {ino} xattr block"))?;
+            Some(self.disk.block(acl)?)
+        } else {
+            None
+        };
+        let read_ea = |inum: u32, size: u32| -> GuestResult<Vec<u8>> {
+            let ea = self.inode(inum as u64)?;
+            if ea.flags & FL_EA_INODE == 0 || ea.size != size as u64 {
+                return Err(GuestError::corrupt(&self.disk.name, ea.offset, format!("inode {inum}: not the xattr value inode")));
+            }
+            let mut v = vec![0u8; size as usize];
+            self.read_inode_data(&ea, 0, &mut v)?;
+            Ok(v)
+        };
+        let seed = self.csum().then_some(self.sb.csum_seed);
+        xattr::all(&self.disk.name, seed, &inode, block.as_ref().map(|b| (&b[..], acl)), &read_ea)
+    }
+}
+
+impl DirBlocks for ExtFs {
+    fn dir_block(&self, dir: &Inode, lblk: u64) -> GuestResult<Option<(Arc<Vec<u8>>, u64)>> {
+        if lblk.saturating_mul(self.sb.block_size) >= dir.size {
+            return Err(GuestError::corrupt(&self.disk.name, dir.offset, format!("directory {}: index points past its end", dir.ino)));
+        }
+        let run = map::map(&self.disk, self.csum(), dir, lblk)?;
+        match run.phys {
+            Some(p) => Ok(Some((self.disk.block(p)?, p * self.sb.block_size))),
+            None => Ok(None),
+        }
+    }
+}
+
+fn uuid_string(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+impl GuestFs for ExtFs {
+    fn root(&self) -> Ino {
+        ROOT_INO
+    }
+
+    fn info(&self) -> FsInfo {
+        FsInfo {
+            fstype: self.sb.fstype().to_string(),
+            label: (!self.sb.label.is_empty()).then(|| String::from_utf8_lossy(&self.sb.label).into_owned()),
+            uuid: Some(uuid_string(&self.sb.uuid)),
+            notes: self.notes.clone(),
+        }
+    }
+
+    fn getattr(&self, ino: Ino) -> GuestResult<Attr> {
+        Ok(self.inode(ino)?.attr(&self.sb))
+    }
+
+    fn lookup(&self, dir: Ino, name: &[u8]) -> GuestResult<Ino> {
+        let d = self.dir_inode(dir)?;
+        if name == b"." {
+            return Ok(dir);
+        }
+        if d.flags & FL_INDEX != 0 && self.sb.compat & sb::COMPAT_DIR_INDEX != 0 && d.flags & FL_CASEFOLD == 0 && name != b".." {
+            match dir::dx_lookup(&self.disk.name, &self.sb, &d, self, name)? {
+                DxResult::Found(ino) => return self.check_entry(&d, name, ino),
+                DxResult::NotFound => return Err(GuestError::NotFound),
+                DxResult::Linear => {}
+            }
+        }
+        if name == b".." {
+            // In block 0, right after ".", also in an htree root.
+            let Some((b, off)) = self.dir_block(&d, 0)? else {
+                return Err(GuestError::NotFound);
+            };
+            let r0 = sb::le16(&b, 4) as usize;
+            if r0 + 12 > b.len() || b[r0 + 6] != 2 || &b[r0 + 8..r0 + 10] != b".." {
+                return Err(GuestError::corrupt(&self.disk.name, off, format!("directory {dir}: no \"..\" entry")));
+            }
+            return self.check_entry(&d, name, sb::le32(&b, r0));
+        }
+        let mut found = None;
+        self.scan_dir(&d, |e| {
+            if e.name == name {
+                found = Some(e.ino);
+            }
+            Ok(found.is_some())
+        })?;
+        match found {
+            Some(ino) => self.check_entry(&d, name, ino),
+            None => Err(GuestError::NotFound),
+        }
+    }
+
+    fn readdir(&self, dir: Ino) -> GuestResult<Vec<DirEntry>> {
+        let d = self.dir_inode(dir)?;
+        let filetype = self.sb.has_incompat(sb::INCOMPAT_FILETYPE);
+        let mut out = Vec::new();
+        self.scan_dir(&d, |e| {
+            if e.name == b"." || e.name == b".." {
+                return Ok(false);
+            }
+            let ino = self.check_entry(&d, e.name, e.ino)?;
+            let kind = match dir::kind_of_ftype(e.ftype).filter(|_| filetype) {
+                Some(k) => k,
+                None => self.inode(ino)?.kind().unwrap_or(FileKind::File),
+            };
+            out.push(DirEntry { name: e.name.to_vec(), ino, kind });
+            Ok(false)
+        })?;
+        Ok(out)
+    }
+
+    fn read(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> GuestResult<usize> {
+        let inode = self.inode(ino)?;
+        match inode.kind() {
+            Some(FileKind::File) => {}
+            Some(FileKind::Dir) => return Err(GuestError::IsDir),
+            _ => return Err(GuestError::Invalid),
+        }
+        self.check_readable(&inode)?;
+        self.read_inode_data(&inode, offset, buf)
+    }
+
+    fn readlink(&self, ino: Ino) -> GuestResult<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        if inode.kind() != Some(FileKind::Symlink) {
+            return Err(GuestError::Invalid);
+        }
+        self.check_readable(&inode)?;
+        let size = inode.size;
+        if size < 60 {
+            return Ok(inode.i_block()[..size as usize].to_vec());
+        }
+        if size > self.sb.block_size {
+            return Err(GuestError::corrupt(&self.disk.name, inode.offset + 4, format!("symlink {ino}: size {size} too large")));
+        }
+        let mut v = vec![0u8; size as usize];
+        let n = self.read_inode_data(&inode, 0, &mut v)?;
+        v.truncate(n);
+        Ok(v)
+    }
+
+    fn listxattr(&self, ino: Ino) -> GuestResult<Vec<Vec<u8>>> {
+        Ok(self.xattrs(ino)?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    fn getxattr(&self, ino: Ino, name: &[u8]) -> GuestResult<Vec<u8>> {
+        self.xattrs(ino)?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or(GuestError::NotFound)
+    }
+
+    fn next_data(&self, ino: Ino, offset: u64) -> GuestResult<Option<u64>> {
+        let inode = self.file_inode(ino)?;
+        let bs = self.sb.block_size;
+        let mut off = offset;
+        while off < inode.size {
+            let run = map::map(&self.disk, self.csum(), &inode, off / bs)?;
+            if run.phys.is_some() {
+                return Ok(Some(off));
+            }
+            off = (off / bs).saturating_add(run.len).saturating_mul(bs);
+        }
+        Ok(None)
+    }
+
+    fn next_hole(&self, ino: Ino, offset: u64) -> GuestResult<u64> {
+        let inode = self.file_inode(ino)?;
+        let bs = self.sb.block_size;
+        let mut off = offset;
+        while off < inode.size {
+            let run = map::map(&self.disk, self.csum(), &inode, off / bs)?;
+            if run.phys.is_none() {
+                return Ok(off);
+            }
+            off = (off / bs).saturating_add(run.len).saturating_mul(bs);
+        }
+        Ok(inode.size)
+    }
+}
+
+impl ExtFs {
+    fn file_inode(&self, ino: Ino) -> GuestResult<Inode> {
+        let inode = self.inode(ino)?;
+        match inode.kind() {
+            Some(FileKind::File) => {}
+            Some(FileKind::Dir) => return Err(GuestError::IsDir),
+            _ => return Err(GuestError::Invalid),
+        }
+        self.check_readable(&inode)?;
+        Ok(inode)
+    }
+}
