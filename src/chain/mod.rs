@@ -93,6 +93,9 @@ pub struct Chain {
     resolving_ahead: Arc<AtomicBool>,
     /// Writes since the merge engine last asked (see `dirty`).
     pub dirty: dirty::DirtyLog,
+    /// Counts writes to the leaf, so views parsed from the disk (the
+    /// guest's files) can tell that they are out of date.
+    writes: AtomicU64,
 }
 
 /// Regions resolved ahead of a sequential reader. Resolving a cold region
@@ -126,11 +129,18 @@ impl Chain {
             last_end: AtomicU64::new(u64::MAX),
             resolving_ahead: Arc::new(AtomicBool::new(false)),
             dirty: dirty::DirtyLog::default(),
+            writes: AtomicU64::new(0),
         }
     }
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// How many writes the leaf has taken through this chain; changes
+    /// whenever what the chain reads may have.
+    pub fn generation(&self) -> u64 {
+        self.writes.load(Ordering::Acquire)
     }
 
     pub fn layers(&self) -> &[Arc<dyn Layer>] {
@@ -315,6 +325,7 @@ impl Chain {
     /// whole allocation units: copy-on-write remaps the unwritten rest of a
     /// cluster too (a compressed cluster becomes a plain one).
     fn leaf_changed(&self, offset: u64, len: u64) {
+        self.writes.fetch_add(1, Ordering::Release);
         let unit = self.leaf().allocation_unit().max(1);
         let start = offset / unit * unit;
         let end = (offset + len)

@@ -22,6 +22,13 @@ pub(super) enum Handle {
     Text(Arc<Vec<u8>>),
     Ctl(Arc<PointDisk>),
     MergeNow,
+    /// A guest file (`fs/<vol>/...`): the filesystem as it was at open,
+    /// and the guest inode.
+    GuestFile(Arc<dyn crate::guest::GuestFs>, u64),
+    /// A guest directory, listed at opendir.
+    GuestDir(super::guest::GuestListing),
+    /// `volumes/<vol>.raw`.
+    Volume(Arc<dyn crate::guest::ReadBytes>),
 }
 
 impl SnapFs {
@@ -53,7 +60,10 @@ impl SnapFs {
         wants_write: bool,
     ) -> Result<(Handle, FopenFlags), Errno> {
         match i {
-            Inode::Tree | Inode::Status | Inode::Point(_, PointFile::Info) => {
+            Inode::Tree
+            | Inode::Status
+            | Inode::Point(_, PointFile::Info)
+            | Inode::Volume(_, super::guest::INDEX_SLOT) => {
                 if wants_write {
                     return Err(Errno::EACCES);
                 }
@@ -112,6 +122,14 @@ impl SnapFs {
                 // No FOPEN_KEEP_CACHE, as for memory.raw.
                 Ok((Handle::Memory(p, m, Some(i)), FopenFlags::empty()))
             }
+            Inode::Volume(p, i) => {
+                if wants_write {
+                    return Err(Errno::EROFS);
+                }
+                let bytes = self.volume_bytes(p, i).ok_or(Errno::ENOENT)?;
+                Ok((Handle::Volume(bytes), FopenFlags::empty()))
+            }
+            Inode::Guest(s, g) => self.guest_open(s, g, wants_write),
             Inode::Root => Err(Errno::EISDIR),
         }
     }

@@ -12,7 +12,7 @@
 
 use super::attrs::{attr, epoch};
 use super::inodes::{encode, Inode, PointFile};
-use super::{memory_files, modes, SnapFs};
+use super::{guest, memory_files, modes, SnapFs};
 use crate::ownership::Ownership;
 use crate::tree::{DiskView, PointDisk};
 use fuser::{Errno, FileAttr, FileType};
@@ -180,10 +180,43 @@ pub(super) static POINT_ENTRIES: &[PointEntry] = &[
             list: memory_files::list_blocks,
         }),
     },
+    PointEntry {
+        names: Names::Fixed("files"),
+        file: PointFile::Files,
+        kind: FileType::Symlink,
+        mode: |fs, _| Some(modes::link(fs.owners.tree_dir())),
+        size: |fs, v| Some(fs.files_target(v.point.id)?.len() as u64),
+        present: |fs, p| fs.files_target(p).is_some(),
+        contents: None,
+    },
+    PointEntry {
+        names: Names::Fixed("fs"),
+        file: PointFile::FsDir,
+        kind: FileType::Directory,
+        mode: |fs, v| Some(modes::guest_dir(disk_mode(fs, v))),
+        size: |_, _| Some(0),
+        present: |_, _| true,
+        contents: Some(Contents {
+            lookup: guest::lookup_fs,
+            list: guest::list_fs,
+        }),
+    },
+    PointEntry {
+        names: Names::Fixed("volumes"),
+        file: PointFile::VolumesDir,
+        kind: FileType::Directory,
+        mode: |fs, v| Some(modes::guest_dir(disk_mode(fs, v))),
+        size: |_, _| Some(0),
+        present: |_, _| true,
+        contents: Some(Contents {
+            lookup: guest::lookup_volumes,
+            list: guest::list_volumes,
+        }),
+    },
 ];
 
 /// Owner and mode of a disk, writable when its image is and the mount is.
-fn disk_mode(fs: &SnapFs, v: &DiskView) -> Ownership {
+pub(super) fn disk_mode(fs: &SnapFs, v: &DiskView) -> Ownership {
     let io = v.point.io.read();
     modes::disk(fs.owners.of(&io.image), io.writable && !fs.tree.read_only())
 }
@@ -213,6 +246,8 @@ impl SnapFs {
                 t0,
             )),
             Inode::MemoryBlock(p, i) => self.memory_block_attr(p, i),
+            Inode::Volume(p, i) => self.volume_attr(p, i).ok_or(Errno::ENOENT),
+            Inode::Guest(s, g) => self.guest_getattr(s, g).map(|a| a.0),
             Inode::Point(p, f) => {
                 let e = point_entry(f).ok_or(Errno::ENOENT)?;
                 let v = self

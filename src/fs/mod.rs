@@ -14,6 +14,7 @@ mod attrs;
 mod command;
 mod control;
 mod disk;
+mod guest;
 mod handles;
 pub mod inodes;
 mod layout;
@@ -54,6 +55,8 @@ pub struct SnapFs {
     /// Tells the kernel to drop cached entries after `ctl` commands; set
     /// once the session exists.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// The points whose guest views (`fs/`, `volumes/`) are open.
+    guest: guest::GuestViews,
 }
 
 fn errno(e: i32) -> Errno {
@@ -74,6 +77,7 @@ impl SnapFs {
             next_fh: AtomicU64::new(1),
             mounted_at: SystemTime::now(),
             notifier,
+            guest: guest::GuestViews::new(),
         }
     }
 
@@ -82,15 +86,18 @@ impl SnapFs {
         match ino {
             Inode::Tree => Some(self.tree.render_tree().into_bytes()),
             // The tree's lines with the merge engine's composed in.
-            Inode::Status => Some(
-                self.tree
-                    .render_status(&self.merge.render_status())
-                    .into_bytes(),
-            ),
+            Inode::Status => {
+                let between = self.merge.render_status() + &self.guest.status_lines(&self.tree);
+                Some(self.tree.render_status(&between).into_bytes())
+            }
             Inode::Point(p, PointFile::Info) => self
                 .tree
                 .info_json(p, layout::disk_file, layout::MEMORY_FILE)
                 .map(String::into_bytes),
+            Inode::Volume(p, guest::INDEX_SLOT) => self
+                .guest
+                .get(&self.tree, p, false)
+                .map(|o| o.guest.index_json().into_bytes()),
             _ => None,
         }
     }
@@ -132,6 +139,13 @@ impl Filesystem for SnapFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if let Some(Inode::Guest(s, g)) = decode(parent.0) {
+            use std::os::unix::ffi::OsStrExt;
+            return match self.guest_lookup(s, g, name.as_bytes()) {
+                Ok((a, ttl)) => reply.entry(&ttl, &a, Generation(0)),
+                Err(e) => reply.error(e),
+            };
+        }
         let found = decode(parent.0)
             .zip(name.to_str())
             .and_then(|(p, n)| self.lookup_in(p, n));
@@ -150,6 +164,12 @@ impl Filesystem for SnapFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(Inode::Guest(s, g)) = decode(ino.0) {
+            return match self.guest_getattr(s, g) {
+                Ok((a, ttl)) => reply.attr(&ttl, &a),
+                Err(e) => reply.error(e),
+            };
+        }
         match decode(ino.0)
             .ok_or(Errno::ENOENT)
             .and_then(|i| self.getattr_of(i))
@@ -294,6 +314,14 @@ impl Filesystem for SnapFs {
                 Some(name) => reply.data(format!("../{name}").as_bytes()),
                 None => reply.error(Errno::ENOENT),
             },
+            Some(Inode::Point(p, PointFile::Files)) => match self.files_target(p) {
+                Some(t) => reply.data(t.as_bytes()),
+                None => reply.error(Errno::ENOENT),
+            },
+            Some(Inode::Guest(s, g)) => match self.guest_readlink(s, g) {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(e),
+            },
             _ => reply.error(Errno::EINVAL),
         }
     }
@@ -358,7 +386,15 @@ impl Filesystem for SnapFs {
                 let e = (s + size as usize).min(t.len());
                 reply.data(&t[s..e])
             }
-            Handle::Ctl(_) => reply.data(&[]),
+            Handle::Ctl(_) | Handle::GuestDir(_) => reply.data(&[]),
+            Handle::GuestFile(fs, g) => match guest::read_file(&*fs, g, offset, size) {
+                Ok(buf) => reply.data(&buf),
+                Err(e) => reply.error(e),
+            },
+            Handle::Volume(b) => match guest::read_volume(&*b, offset, size) {
+                Ok(buf) => reply.data(&buf),
+                Err(e) => reply.error(e),
+            },
         }
     }
 
@@ -384,7 +420,11 @@ impl Filesystem for SnapFs {
             Handle::MergeNow if let Err(e) = whole("merge-now".into()) => Err(errno(e.errno)),
             Handle::Ctl(p) => self.ctl_write(&p, data),
             Handle::MergeNow => control::run_merge_now(&self.merge).map_err(|e| errno(e.errno)),
-            Handle::Text(_) | Handle::Memory(..) => Err(Errno::EBADF),
+            Handle::Text(_)
+            | Handle::Memory(..)
+            | Handle::GuestFile(..)
+            | Handle::GuestDir(_)
+            | Handle::Volume(_) => Err(Errno::EBADF),
         };
         match r {
             Ok(()) => reply.written(data.len() as u32),
@@ -449,10 +489,13 @@ impl Filesystem for SnapFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        if let Some(Handle::GuestDir(listing)) = self.handle(fh) {
+            return guest_readdir(ino.0, &listing, offset, reply);
+        }
         let listed = decode(ino.0)
             .ok_or(Errno::ENOTDIR)
             .and_then(|d| self.list(d));
@@ -478,6 +521,54 @@ impl Filesystem for SnapFs {
             }
         }
         reply.ok()
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match decode(ino.0) {
+            Some(Inode::Guest(s, g)) => match self.guest_opendir(s, g) {
+                Ok(h) => reply.opened(self.new_handle(h), fuser::FopenFlags::empty()),
+                Err(e) => reply.error(e),
+            },
+            _ => reply.opened(FileHandle(0), fuser::FopenFlags::empty()),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        if fh.0 != 0 {
+            self.handles.lock().remove(&fh.0);
+        }
+        reply.ok()
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        use std::os::unix::ffi::OsStrExt;
+        let value = match decode(ino.0) {
+            Some(Inode::Guest(s, g)) => self.guest_getxattr(s, g, name.as_bytes()),
+            _ => Err(errno(libc::ENODATA)),
+        };
+        reply_xattr(value, size, reply)
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        let names = match decode(ino.0) {
+            Some(Inode::Guest(s, g)) => self.guest_listxattr(s, g),
+            _ => Ok(Vec::new()),
+        };
+        reply_xattr(names, size, reply)
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -518,6 +609,7 @@ impl Filesystem for SnapFs {
         let r = match self.handle(fh) {
             Some(Handle::Disk(p)) => disk::seek(&p.io.read().chain, offset, whence),
             Some(Handle::Memory(_, m, b)) => disk::seek(disk::memory_chain(&m, b), offset, whence),
+            Some(Handle::GuestFile(fs, g)) => guest::seek_file(&*fs, g, offset, whence),
             _ => return reply.error(Errno::EINVAL),
         };
         match r {
@@ -525,4 +617,34 @@ impl Filesystem for SnapFs {
             Err(e) => reply.error(e),
         }
     }
+}
+
+/// An xattr reply: the size when asked for it (`size` 0), the bytes when
+/// they fit, else ERANGE.
+fn reply_xattr(value: Result<Vec<u8>, Errno>, size: u32, reply: fuser::ReplyXattr) {
+    match value {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() <= size as usize => reply.data(&v),
+        Ok(_) => reply.error(errno(libc::ERANGE)),
+        Err(e) => reply.error(e),
+    }
+}
+
+/// A guest directory's page from the listing made at opendir: cookies are
+/// positions in it, so hard links (one inode, several names) and a
+/// directory that changes meanwhile never repeat or skip an entry.
+fn guest_readdir(ino: u64, listing: &guest::GuestListing, offset: u64, mut reply: ReplyDirectory) {
+    let dots = [
+        (ino, FileType::Directory, OsStr::new(".")),
+        (ino, FileType::Directory, OsStr::new("..")),
+    ];
+    let entries = dots
+        .into_iter()
+        .chain(listing.iter().map(|(i, k, n)| (*i, *k, n.as_os_str())));
+    for (i, (e_ino, kind, name)) in entries.enumerate().skip(offset as usize) {
+        if reply.add(INodeNo(e_ino), i as u64 + 1, kind, name) {
+            break;
+        }
+    }
+    reply.ok()
 }

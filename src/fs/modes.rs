@@ -96,6 +96,13 @@ pub fn memory_dir(source: Ownership) -> Ownership {
     searchable(source.masked(0o444))
 }
 
+/// `fs/` and `volumes/` of a point whose disk shows as `disk`: whoever
+/// may read the disk may browse its guest files (inside, the guest's own
+/// owners and modes apply), nobody else.
+pub fn guest_dir(disk: Ownership) -> Ownership {
+    searchable(disk.masked(0o444))
+}
+
 /// The root and point directories, of a tree directory owned `dir`.
 pub fn directory(dir: Ownership) -> Ownership {
     let d = dir.masked(0o555);

@@ -48,6 +48,10 @@ pub fn mount(engine: Arc<Engine>, mountpoint: &Path, c: &MountConfig) -> std::io
         fuser::MountOption::FSName(c.fs_name.clone()),
         fuser::MountOption::Subtype("snaptree".into()),
         fuser::MountOption::DefaultPermissions,
+        // Guest files include device nodes and setuid programs of the
+        // guest: they must never open host devices or gain privileges.
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
     ];
     if c.read_only {
         config.mount_options.push(fuser::MountOption::RO);

@@ -17,6 +17,7 @@ pub mod error;
 pub mod ext;
 pub mod fat;
 pub mod fsapi;
+pub mod point;
 pub mod probe;
 pub mod volumes;
 

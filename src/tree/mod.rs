@@ -26,6 +26,7 @@ mod open;
 pub use open::{OpenError, Recovery};
 mod ops;
 mod render;
+pub use render::one_line;
 
 use crate::chain::Chain;
 use parking_lot::{Mutex, RwLock};

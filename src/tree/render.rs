@@ -134,7 +134,7 @@ impl Tree {
 /// commands, file names and messages quoted in `status` come from users
 /// and directories, and a raw newline in one would forge a line of its
 /// own ("problems: none").
-fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.chars().any(char::is_control) {
         return text.into();
     }

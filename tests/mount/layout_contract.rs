@@ -73,7 +73,18 @@ fn lookup_getattr_and_readdir_agree_on_every_entry() {
         }
     }
     let top: Vec<String> = listed(&mnt.join("top")).into_iter().map(|e| e.0).collect();
-    assert_eq!(top, ["ctl", "info.json", "parent", "vda.raw", "vdb.raw"]);
+    assert_eq!(
+        top,
+        [
+            "ctl",
+            "fs",
+            "info.json",
+            "parent",
+            "vda.raw",
+            "vdb.raw",
+            "volumes"
+        ]
+    );
     // Not listed, so not found either.
     for absent in ["disk.raw", "memory.raw", "memory", "parent"] {
         let path = mnt.join("base").join(absent);

@@ -11,6 +11,7 @@
 //! This file holds what the tests share: the fixtures and the few
 //! per-point helpers. The tests live by subject in the modules below.
 
+mod guest_files;
 mod hostile_fs;
 mod hostile_paths;
 mod layout_contract;

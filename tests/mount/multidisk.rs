@@ -71,7 +71,15 @@ fn multi_disk_points_show_one_file_per_disk_and_snapshot_together() {
     assert_eq!(visible(&mnt), names(&["base", "top"]));
     assert_eq!(
         entries(&mnt.join("top")),
-        ["ctl", "info.json", "parent", "vda.raw", "vdb.raw"]
+        [
+            "ctl",
+            "fs",
+            "info.json",
+            "parent",
+            "vda.raw",
+            "vdb.raw",
+            "volumes"
+        ]
     );
     assert_bytes_eq("base/vda.raw", &read_member(&mnt, "base", "vda"), &base_vda);
     assert_bytes_eq("base/vdb.raw", &read_member(&mnt, "base", "vdb"), &base_vdb);
@@ -99,7 +107,15 @@ fn multi_disk_points_show_one_file_per_disk_and_snapshot_together() {
     assert_eq!(visible(&mnt), names(&["base", "s1", "top"]));
     assert_eq!(
         entries(&mnt.join("s1")),
-        ["ctl", "info.json", "parent", "vda.raw", "vdb.raw"]
+        [
+            "ctl",
+            "fs",
+            "info.json",
+            "parent",
+            "vda.raw",
+            "vdb.raw",
+            "volumes"
+        ]
     );
     for f in [
         "s1.vda.qcow2",
@@ -129,7 +145,15 @@ fn multi_disk_points_show_one_file_per_disk_and_snapshot_together() {
     ctl_ok(&mnt, "s1", "clone c1");
     assert_eq!(
         entries(&mnt.join("c1")),
-        ["ctl", "info.json", "parent", "vda.raw", "vdb.raw"]
+        [
+            "ctl",
+            "fs",
+            "info.json",
+            "parent",
+            "vda.raw",
+            "vdb.raw",
+            "volumes"
+        ]
     );
     assert_bytes_eq("c1/vdb.raw", &read_member(&mnt, "c1", "vdb"), &top_vdb);
     ws.check_all();

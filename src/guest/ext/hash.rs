@@ -68,7 +68,10 @@ fn half_md4(buf: &mut [u32; 4], x: &[u32; 8]) {
     let [mut a, mut b, mut c, mut d] = *buf;
     macro_rules! round {
         ($f:expr, $a:ident, $b:ident, $c:ident, $d:ident, $x:expr, $s:expr) => {
-            $a = $a.wrapping_add($f($b, $c, $d)).wrapping_add($x).rotate_left($s);
+            $a = $a
+                .wrapping_add($f($b, $c, $d))
+                .wrapping_add($x)
+                .rotate_left($s);
         };
     }
     round!(f, a, b, c, d, x[0], 3);
@@ -154,5 +157,9 @@ pub fn dx_hash(name: &[u8], version: u8, seed: [u32; 4]) -> Option<u32> {
         _ => return None,
     };
     let h = h & !1;
-    Some(if h == 0x7fff_ffff << 1 { (0x7fff_ffff - 1) << 1 } else { h })
+    Some(if h == 0x7fff_ffff << 1 {
+        (0x7fff_ffff - 1) << 1
+    } else {
+        h
+    })
 }

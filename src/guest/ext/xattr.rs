@@ -76,7 +76,9 @@ fn parse_entries(
     ea_inode: EaInodeReader,
     out: &mut Vec<(Vec<u8>, Vec<u8>)>,
 ) -> GuestResult<()> {
-    let bad = |at: usize, what: &str| GuestError::corrupt(vol, off + at as u64, format!("inode {ino}: xattr {what}"));
+    let bad = |at: usize, what: &str| {
+        GuestError::corrupt(vol, off + at as u64, format!("inode {ino}: xattr {what}"))
+    };
     let mut pos = start;
     while pos + 4 <= area.len() && le32(area, pos) != 0 {
         if pos + 16 > area.len() {
@@ -133,12 +135,25 @@ pub fn all(
     let s = inode.extra_end;
     if raw.len() >= s + 4 && le32(raw, s) == MAGIC {
         let area = &raw[s..];
-        parse_entries(vol, inode.ino, area, 4, 4, inode.offset + s as u64, ea_inode, &mut out)?;
+        parse_entries(
+            vol,
+            inode.ino,
+            area,
+            4,
+            4,
+            inode.offset + s as u64,
+            ea_inode,
+            &mut out,
+        )?;
     }
     if let Some((b, blk)) = block {
         let off = blk * b.len() as u64;
         if le32(b, 0) != MAGIC || le32(b, 8) != 1 {
-            return Err(GuestError::corrupt(vol, off, format!("inode {}: xattr block has a bad header", inode.ino)));
+            return Err(GuestError::corrupt(
+                vol,
+                off,
+                format!("inode {}: xattr block has a bad header", inode.ino),
+            ));
         }
         if let Some(seed) = csum_seed {
             let mut c = crc32c(seed, &blk.to_le_bytes());
@@ -167,7 +182,13 @@ mod tests {
     fn acl_conversion() {
         // user::rw-, user:1000:r--, group::r--, mask::r--, other::---
         let mut v = 1u32.to_le_bytes().to_vec();
-        for (tag, perm, id) in [(1u16, 6u16, None), (2, 4, Some(1000u32)), (4, 4, None), (0x10, 4, None), (0x20, 0, None)] {
+        for (tag, perm, id) in [
+            (1u16, 6u16, None),
+            (2, 4, Some(1000u32)),
+            (4, 4, None),
+            (0x10, 4, None),
+            (0x20, 0, None),
+        ] {
             v.extend_from_slice(&tag.to_le_bytes());
             v.extend_from_slice(&perm.to_le_bytes());
             if let Some(id) = id {
