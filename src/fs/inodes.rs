@@ -22,6 +22,8 @@ const FIRST_GUEST: u64 = 1 << 62;
 /// Guest inode numbers below 2^40 (ext's are 32-bit; FAT's are directory
 /// entry offsets / 32) and 2^22 slots fill the rest.
 pub const GUEST_BITS: u32 = 40;
+/// Guest-view slots (volumes of points) the numbers have room for.
+pub const MAX_SLOTS: u64 = 1 << 21;
 /// RAM blocks shown per point under `memory/` (QEMU machines have a
 /// dozen or so).
 pub const MAX_BLOCKS: u64 = 1024;

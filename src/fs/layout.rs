@@ -193,7 +193,7 @@ pub(super) static POINT_ENTRIES: &[PointEntry] = &[
         names: Names::Fixed("fs"),
         file: PointFile::FsDir,
         kind: FileType::Directory,
-        mode: |fs, v| Some(modes::guest_dir(disk_mode(fs, v))),
+        mode: |fs, v| Some(modes::guest_dir(fs.disks_mode(v.point.id, None)?)),
         size: |_, _| Some(0),
         present: |_, _| true,
         contents: Some(Contents {
@@ -205,7 +205,7 @@ pub(super) static POINT_ENTRIES: &[PointEntry] = &[
         names: Names::Fixed("volumes"),
         file: PointFile::VolumesDir,
         kind: FileType::Directory,
-        mode: |fs, v| Some(modes::guest_dir(disk_mode(fs, v))),
+        mode: |fs, v| Some(modes::guest_dir(fs.disks_mode(v.point.id, None)?)),
         size: |_, _| Some(0),
         present: |_, _| true,
         contents: Some(Contents {

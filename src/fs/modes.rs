@@ -140,6 +140,22 @@ pub fn control(dir: Ownership, read_only: bool) -> Ownership {
     }
 }
 
+/// What shows bytes of both `a` and `b` (a volume over two disks, the
+/// guest views of a multi-disk point): nobody may do more than both
+/// allow. With one owner and group, the bits both grant; otherwise only
+/// what both grant everyone, for everyone (so neither owner gains access
+/// to the other's image through it).
+pub fn both(a: Ownership, b: Ownership) -> Ownership {
+    if a.uid == b.uid && a.gid == b.gid {
+        return a.masked(b.mode);
+    }
+    let other = a.mode & b.mode & 0o7;
+    Ownership {
+        mode: other * 0o111,
+        ..a
+    }
+}
+
 /// Search (`x`) wherever read (`r`) is granted.
 fn searchable(o: Ownership) -> Ownership {
     Ownership {
@@ -178,5 +194,16 @@ mod tests {
         assert_eq!(disk(o(0o4755), true).mode, 0o644);
         assert_eq!(control(o(0o700), true).mode, 0o400);
         assert_eq!(disk(o(0o600), true).uid, 1234);
+    }
+
+    #[test]
+    fn both_never_grants_what_either_refuses() {
+        assert_eq!(both(o(0o644), o(0o600)).mode, 0o600);
+        let other = Ownership {
+            uid: 1,
+            ..o(0o644)
+        };
+        assert_eq!(both(o(0o644), other).mode, 0o444);
+        assert_eq!(both(o(0o640), other).mode, 0);
     }
 }

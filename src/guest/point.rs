@@ -26,18 +26,25 @@ pub struct PointVolume {
 pub struct PointGuest {
     pub volumes: Vec<PointVolume>,
     /// Damage found while scanning (a GPT header that does not check out,
-    /// an EBR loop ...): shown in `status` and `index.json`.
+    /// an EBR loop ...): shown in `index.json` (and counted in `status`).
     pub problems: Vec<String>,
+    root: OnceLock<Option<usize>>,
 }
 
-/// The filesystems snaptree reads, by the type probing reports.
-fn reader_for(fstype: &str) -> Option<ReaderFn> {
+/// The filesystems snaptree reads, by the type probing reports: how to
+/// open one, and its root directory's inode (known without opening it, so
+/// listing `fs/` opens nothing).
+fn reader_for(fstype: &str) -> Option<(ReaderFn, u64)> {
     match fstype {
-        "ext2" | "ext3" | "ext4" => Some(ext::open),
-        "vfat" => Some(fat::open),
+        "ext2" | "ext3" | "ext4" => Some((ext::open, 2)),
+        "vfat" => Some((fat::open, 1)),
         _ => None,
     }
 }
+
+/// Volumes looked at for the guest's root (`files`), in order: a guest's
+/// root is among its first few volumes, and each one looked at is opened.
+const ROOT_CANDIDATES: usize = 16;
 
 type ReaderFn = fn(&str, Arc<dyn ReadBytes>) -> super::GuestResult<Arc<dyn GuestFs>>;
 
@@ -74,6 +81,7 @@ impl PointGuest {
         PointGuest {
             volumes,
             problems: found.problems,
+            root: OnceLock::new(),
         }
     }
 
@@ -92,32 +100,55 @@ impl PointGuest {
     }
 
     /// The volume holding the guest's root: the first browsable one with
-    /// `etc/os-release` (Linux) or `Windows/System32` (Windows).
+    /// `etc/os-release` (Linux) or `Windows/System32` (Windows), among the
+    /// first [`ROOT_CANDIDATES`] browsable ones. Found once per view.
     pub fn root_volume(&self) -> Option<usize> {
-        (0..self.volumes.len()).find(|&i| {
-            self.volumes[i].not_browsable.is_none()
-                && self.fs(i).is_ok_and(|fs| {
-                    has_path(&*fs, &[b"etc", b"os-release"])
-                        || has_path(&*fs, &[b"Windows", b"System32"])
+        *self.root.get_or_init(|| {
+            (0..self.volumes.len())
+                .filter(|&i| self.volumes[i].not_browsable.is_none())
+                .take(ROOT_CANDIDATES)
+                .find(|&i| {
+                    self.fs(i).is_ok_and(|fs| {
+                        has_path(&*fs, &[b"etc", b"os-release"])
+                            || has_path(&*fs, &[b"Windows", b"System32"])
+                    })
                 })
         })
     }
 
-    /// What `status` says of this view: scan problems, volumes whose
-    /// filesystem did not open, and the readers' notes.
-    pub fn status_lines(&self) -> Vec<String> {
-        let mut out = self.problems.clone();
-        for v in &self.volumes {
-            match v.fs.get() {
-                Some(Err(e)) => out.push(format!("{}: not browsable: {e}", v.volume.name)),
-                Some(Ok(fs)) => {
-                    let notes = fs.info().notes;
-                    out.extend(notes.into_iter().map(|n| format!("{}: {n}", v.volume.name)));
-                }
-                None => {}
-            }
+    /// The root directory's inode of browsable volume `i`.
+    pub fn root_ino(&self, i: usize) -> Option<u64> {
+        let v = self.volumes.get(i)?;
+        if !v.browsable() {
+            return None;
         }
-        out
+        reader_for(v.probe.fstype.as_deref()?).map(|r| r.1)
+    }
+
+    /// What `status` says of this view, as counts only: `status` is open
+    /// to whoever may read the tree directory, the guest's texts (volume
+    /// names, labels, errors) only to whoever may read its disk, in
+    /// `volumes/index.json`. `None` when there is nothing to say.
+    pub fn status_line(&self) -> Option<String> {
+        let failed = self
+            .volumes
+            .iter()
+            .filter(|v| matches!(v.fs.get(), Some(Err(_))))
+            .count();
+        let notes: usize = self
+            .volumes
+            .iter()
+            .filter_map(|v| match v.fs.get() {
+                Some(Ok(fs)) => Some(fs.info().notes.len()),
+                _ => None,
+            })
+            .sum();
+        let problems = self.problems.len();
+        (failed + notes + problems > 0).then(|| {
+            format!(
+                "{problems} scan problems, {failed} volumes that did not open, {notes} notes (see volumes/index.json)"
+            )
+        })
     }
 
     /// `volumes/index.json`: per volume, where it lies and what it holds.
@@ -137,8 +168,27 @@ impl PointVolume {
         }
         let bytes = self.bytes.clone().ok_or(GuestError::NotFound)?;
         let fstype = self.probe.fstype.as_deref().unwrap_or_default();
-        let open = reader_for(fstype).ok_or(GuestError::NotFound)?;
-        open(&self.volume.name, bytes)
+        let (open, root) = reader_for(fstype).ok_or(GuestError::NotFound)?;
+        let fs = open(&self.volume.name, bytes)?;
+        // `fs/` numbered the volume's root before opening it.
+        if fs.root() != root {
+            return Err(GuestError::corrupt(
+                &self.volume.name,
+                0,
+                format!("root inode {} where {root} was expected", fs.root()),
+            ));
+        }
+        Ok(fs)
+    }
+
+    /// The disks (positions in the point's disk order) the volume's bytes
+    /// lie on.
+    pub fn disks(&self) -> Vec<usize> {
+        let mut d: Vec<usize> = self.volume.pieces.iter().map(|p| p.disk).collect();
+        d.push(self.volume.disk);
+        d.sort_unstable();
+        d.dedup();
+        d
     }
 
     /// Whether `fs/` shows the volume: it has a filesystem snaptree reads

@@ -542,3 +542,32 @@ fn a_damaged_volume_fails_with_a_reason_and_the_mount_survives() {
     assert!(index.contains("\"p2\""), "{index}");
     m.unmount();
 }
+
+/// A multi-disk point's guest views are no more open than its most
+/// private disk: `vdb`'s image is 0600, so `fs/` and `volumes/` (and a
+/// volume on `vdb`) are closed to others even though `vda`'s is 0644.
+#[test]
+fn guest_views_of_several_disks_are_as_private_as_the_most_private_disk() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(ws) = workspace() else { return };
+    for (name, backing) in [("base", None), ("top", Some("base"))] {
+        for d in ["vda", "vdb"] {
+            let b = backing.map(|b| format!("{b}.{d}.qcow2"));
+            let img = format!("{name}.{d}.qcow2");
+            ws.create_qcow2(&img, 4 * MIB, b.as_deref().map(|b| (b, "qcow2")), "");
+        }
+    }
+    super::multidisk::write_two_disk_manifest(&ws);
+    for n in ["base.vdb.qcow2", "top.vdb.qcow2"] {
+        std::fs::set_permissions(ws.img(n), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let Some(m) = ws.mount(&[]) else { return };
+    let top = m.mnt.join("top");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&top.join("vda.raw")) & 0o044, 0o044);
+    for p in ["fs", "volumes", "volumes/vdb-disk.raw", "volumes/index.json"] {
+        let path = top.join(p);
+        assert_eq!(mode(&path) & 0o077, 0, "{p} is open to others");
+    }
+    m.unmount();
+}

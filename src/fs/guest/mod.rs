@@ -16,6 +16,7 @@ use super::inodes::{encode, Inode, MAX_VOLUMES};
 use super::layout::Listed;
 use super::SnapFs;
 use crate::guest::{Attr, FileKind, GuestFs};
+use crate::ownership::Ownership;
 use fuser::{FileAttr, FileType, INodeNo};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -115,10 +116,32 @@ impl SnapFs {
         o.guest.volumes.get(i as usize)?.bytes.clone()
     }
 
+    /// Owner and mode of what shows bytes of the point's disks `disks`
+    /// (positions among its members; all of them if `None`): no more open
+    /// than any of those disks.
+    pub(super) fn disks_mode(&self, p: u64, disks: Option<&[usize]>) -> Option<Ownership> {
+        let members = self.tree.members(p);
+        let mut own: Option<Ownership> = None;
+        for (k, m) in members.iter().enumerate() {
+            if disks.is_some_and(|d| !d.contains(&k)) {
+                continue;
+            }
+            let v = self.tree.view(m.id)?;
+            let o = super::layout::disk_mode(self, &v);
+            own = Some(own.map_or(o, |a| super::modes::both(a, o)));
+        }
+        own
+    }
+
     pub(super) fn volume_attr(&self, p: u64, i: u64) -> Option<FileAttr> {
         let size = self.volume_size(p, i)?;
         let v = self.tree.view(p).filter(|v| !v.hidden)?;
-        let own = super::modes::info(super::layout::disk_mode(self, &v));
+        let disks: Option<Vec<usize>> = (i != INDEX_SLOT).then(|| {
+            let o = self.guest.get(&self.tree, p, false);
+            o.and_then(|o| o.guest.volumes.get(i as usize).map(|v| v.disks()))
+                .unwrap_or_default()
+        });
+        let own = super::modes::info(self.disks_mode(p, disks.as_deref())?);
         Some(super::attrs::attr(
             Inode::Volume(p, i),
             FileType::RegularFile,
@@ -132,24 +155,18 @@ impl SnapFs {
 /// `fs/`: the browsable volumes, by name.
 pub(super) fn lookup_fs(fs: &SnapFs, p: u64, name: &str) -> Option<Inode> {
     let o = fs.guest.get(&fs.tree, p, true)?;
-    let (i, v) = o.guest.volume(name)?;
-    if !v.browsable() {
-        return None;
-    }
-    let root = o.guest.fs(i).ok()?.root();
-    Some(Inode::Guest(fs.guest.slot(p, name), root))
+    let (i, _) = o.guest.volume(name)?;
+    let root = o.guest.root_ino(i)?;
+    Some(Inode::Guest(fs.guest.slot(p, name)?, root))
 }
 
 pub(super) fn list_fs(fs: &SnapFs, p: u64) -> Option<Vec<Listed>> {
     let o = fs.guest.get(&fs.tree, p, true)?;
     let mut out = Vec::new();
     for (i, v) in o.guest.volumes.iter().enumerate() {
-        if !v.browsable() {
-            continue;
-        }
-        let Ok(gfs) = o.guest.fs(i) else { continue };
-        let slot = fs.guest.slot(p, &v.volume.name);
-        let ino = encode(Inode::Guest(slot, gfs.root()));
+        let Some(root) = o.guest.root_ino(i) else { continue };
+        let Some(slot) = fs.guest.slot(p, &v.volume.name) else { continue };
+        let ino = encode(Inode::Guest(slot, root));
         out.push((ino, FileType::Directory, v.volume.name.clone()));
     }
     Some(out)

@@ -149,7 +149,8 @@ pub(in crate::fs) fn seek_file(
     offset: i64,
     whence: i32,
 ) -> Result<i64, Errno> {
-    let off = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
+    // As Linux filesystems answer a negative offset.
+    let off = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
     let size = fs.getattr(g).map_err(|e| errno_of(&e))?.size;
     if off >= size && (whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE) {
         return Err(Errno::ENXIO);

@@ -91,7 +91,9 @@ impl GuestViews {
             open.get(&p).cloned()
         };
         if let Some(o) = cached {
-            if !(recheck && o.changes && o.stale(tree, p, now)) {
+            // A leaf's disk may have been written; any point's chain may
+            // have been replaced by a merge (same bytes, other files).
+            if !(recheck && o.stale(tree, p, now)) {
                 *o.used.lock() = now;
                 return Some(o);
             }
@@ -132,22 +134,27 @@ impl GuestViews {
         })
     }
 
-    /// The slot of volume `volume` of point `p`, made if new.
-    pub fn slot(&self, p: u64, volume: &str) -> u64 {
+    /// The slot of volume `volume` of point `p`, made if new; `None` once
+    /// every slot the inode numbers have room for is taken (a guest that
+    /// keeps renaming its volumes could get there in days).
+    pub fn slot(&self, p: u64, volume: &str) -> Option<u64> {
         let mut s = self.slots.lock();
         let key = (p, volume.to_string());
         if let Some(&n) = s.by_key.get(&key) {
-            return n;
+            return Some(n);
         }
         let n = s.keys.len() as u64;
+        if n >= super::super::inodes::MAX_SLOTS {
+            return None;
+        }
         s.keys.push(key.clone());
         s.by_key.insert(key, n);
-        n
+        Some(n)
     }
 
-    /// Lines for `status` about the views open now: damage found on the
-    /// disks, volumes whose filesystem did not open, and what readers
-    /// note (a journal replayed in memory). Guest text is escaped.
+    /// Lines for `status` about the views open now: how much damage, how
+    /// many volumes that did not open, how many reader notes (a journal
+    /// replayed in memory), pointing to each point's `index.json`.
     pub fn status_lines(&self, tree: &Tree) -> String {
         use std::fmt::Write;
         let open: Vec<(u64, Arc<Opened>)> = self
@@ -160,8 +167,8 @@ impl GuestViews {
         for (p, o) in open {
             let Some(v) = tree.view(p) else { continue };
             let name = crate::tree::one_line(&v.point.name).into_owned();
-            for line in o.guest.status_lines() {
-                let _ = writeln!(out, "guest {name}: {}", crate::tree::one_line(&line));
+            if let Some(line) = o.guest.status_line() {
+                let _ = writeln!(out, "guest files of {name}: {line}");
             }
         }
         out
@@ -174,8 +181,8 @@ impl GuestViews {
 }
 
 impl Opened {
-    /// Whether a disk was written or replaced since the view was built;
-    /// looked at no more than once per [`RECHECK`].
+    /// Whether a disk was written or its chain replaced since the view was
+    /// built; looked at no more than once per [`RECHECK`].
     fn stale(&self, tree: &Tree, p: u64, now: Instant) -> bool {
         {
             let mut checked = self.checked.lock();
