@@ -86,7 +86,7 @@ pub fn build_tree(src: &Path, bigdir: usize, sparse: bool) {
     sh("setfattr", &["-n", "user.color", "-v", "blue", src.join("hello.txt").to_str().unwrap()]);
     sh("setfattr", &["-n", "trusted.secret", "-v", "0x00ff10", src.join("hello.txt").to_str().unwrap()]);
     sh("setfattr", &["-n", "security.label", "-v", "lbl", src.join("data-1").to_str().unwrap()]);
-    let big = format!("0x{}", "ab".repeat(2000));
+    let big = format!("0x{}", "ab".repeat(900));
     sh("setfattr", &["-n", "user.big", "-v", &big, src.join("data-1").to_str().unwrap()]);
     for i in 0..12 {
         let n = format!("user.attr{i}");
