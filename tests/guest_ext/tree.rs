@@ -107,17 +107,24 @@ pub fn build_tree(src: &Path, bigdir: usize, sparse: bool) {
     set_times(&src.join("data-4095"), -315_619_200, 5); // 1960
     set_times(&src.join("data-4097"), 4_102_444_800, 999_999_999); // 2100
     if bigdir > 0 {
-        let b = src.join("bigdir");
-        std::fs::create_dir(&b).unwrap();
-        for i in 0..bigdir {
-            let name = format!("entry-{i:06}-{}", "x".repeat(i % 97));
-            std::fs::File::create(b.join(name)).unwrap();
-        }
+        fill_bigdir(&src.join("bigdir"), bigdir);
+    }
+}
+
+/// A directory of `n` empty files with names of many lengths (so the
+/// htree hashes see short, 32+ and 64+ byte names).
+pub fn fill_bigdir(b: &Path, n: usize) {
+    std::fs::create_dir(b).unwrap();
+    for i in 0..n {
+        // Non-ASCII bytes make the signed and unsigned hash variants differ.
+        let tail = if i % 3 == 0 { "é-ü" } else { "" };
+        let name = format!("entry-{i:06}-{}{tail}", "x".repeat(i % 97));
+        std::fs::File::create(b.join(name)).unwrap();
     }
 }
 
 /// Everything compared about one entry.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rec {
     pub kind: char,
     pub ino: u64,

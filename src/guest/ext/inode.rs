@@ -163,6 +163,11 @@ impl Inode {
         if allocated == 0 {
             allocated = blocks.saturating_mul(512);
         }
+        if self.flags & FL_INLINE_DATA != 0 && kind == FileKind::File {
+            // As the kernel reports regular files: at least the sectors the
+            // inline bytes would fill, so tools do not think it is sparse.
+            allocated += self.size.div_ceil(512) * 512;
+        }
         let rdev = match kind {
             FileKind::CharDevice | FileKind::BlockDevice => self.rdev(),
             _ => 0,

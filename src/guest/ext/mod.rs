@@ -78,7 +78,7 @@ impl ExtFs {
             fs.recover(size)?;
         }
         if fs.sb.has_incompat(sb::INCOMPAT_INLINE_DATA) {
-            fs.notes.push("inline_data: files and directories stored inline are refused".into());
+            fs.notes.push("inline_data: small files and directories are read from their inodes".into());
         }
         if fs.sb.has_incompat(sb::INCOMPAT_CASEFOLD) {
             fs.notes.push("casefold: names are matched exactly (byte for byte)".into());
@@ -137,8 +137,6 @@ impl ExtFs {
     fn check_readable(&self, inode: &Inode) -> GuestResult<()> {
         let what = if inode.flags & FL_ENCRYPT != 0 {
             "encrypted"
-        } else if inode.flags & FL_INLINE_DATA != 0 {
-            "inline_data"
         } else {
             return Ok(());
         };
@@ -149,12 +147,32 @@ impl ExtFs {
         self.sb.csum()
     }
 
+    /// The whole content of an inline_data inode: i_block, then the
+    /// system.data xattr.
+    fn inline_content(&self, inode: &Inode) -> GuestResult<Vec<u8>> {
+        let mut v = inode.i_block().to_vec();
+        v.extend_from_slice(&xattr::system_data(&self.disk.name, inode)?);
+        Ok(v)
+    }
+
     /// Reads file bytes of `inode` (no kind checks).
     fn read_inode_data(&self, inode: &Inode, offset: u64, buf: &mut [u8]) -> GuestResult<usize> {
         if offset >= inode.size {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(inode.size - offset) as usize;
+        if inode.flags & FL_INLINE_DATA != 0 {
+            let v = self.inline_content(inode)?;
+            if (v.len() as u64) < inode.size {
+                return Err(GuestError::corrupt(
+                    &self.disk.name,
+                    inode.offset,
+                    format!("inode {}: size {} exceeds its inline data ({} bytes)", inode.ino, inode.size, v.len()),
+                ));
+            }
+            buf[..n].copy_from_slice(&v[offset as usize..offset as usize + n]);
+            return Ok(n);
+        }
         let bs = self.sb.block_size;
         let mut pos = 0;
         while pos < n {
@@ -199,6 +217,9 @@ impl ExtFs {
     /// Calls `f` on every entry of `dir` in block order (index blocks
     /// skipped); stops when `f` returns true.
     fn scan_dir(&self, dir: &Inode, mut f: impl FnMut(dir::Raw) -> GuestResult<bool>) -> GuestResult<()> {
+        if dir.flags & FL_INLINE_DATA != 0 {
+            return self.scan_inline_dir(dir, f);
+        }
         let bs = self.sb.block_size;
         let nblocks = dir.size.div_ceil(bs);
         let indexed = dir.flags & FL_INDEX != 0;
@@ -234,6 +255,37 @@ impl ExtFs {
                 }
             }
             lblk += run.len;
+        }
+        Ok(())
+    }
+
+    /// An inline directory: the parent's inode number in the first 4
+    /// bytes of i_block, entries in the other 56, more in system.data.
+    fn scan_inline_dir(&self, dir: &Inode, mut f: impl FnMut(dir::Raw) -> GuestResult<bool>) -> GuestResult<()> {
+        let extra = xattr::system_data(&self.disk.name, dir)?;
+        let regions: [(&[u8], u64); 2] = [(&dir.i_block()[4..], dir.offset + 0x2C), (&extra, dir.offset)];
+        for (region, off) in regions {
+            if region.is_empty() {
+                continue;
+            }
+            let mut stop = false;
+            let mut err = None;
+            dir::parse_leaf(&self.disk.name, dir, false, region, off, |e| {
+                match f(e) {
+                    Ok(s) => stop = s,
+                    Err(e) => {
+                        err = Some(e);
+                        stop = true;
+                    }
+                }
+                stop
+            })?;
+            if let Some(e) = err {
+                return Err(e);
+            }
+            if stop {
+                break;
+            }
         }
         Ok(())
     }
@@ -309,6 +361,9 @@ impl GuestFs for ExtFs {
                 DxResult::Linear => {}
             }
         }
+        if name == b".." && d.flags & FL_INLINE_DATA != 0 {
+            return self.check_entry(&d, name, sb::le32(d.i_block(), 0));
+        }
         if name == b".." {
             // In block 0, right after ".", also in an htree root.
             let Some((b, off)) = self.dir_block(&d, 0)? else {
@@ -370,7 +425,7 @@ impl GuestFs for ExtFs {
         }
         self.check_readable(&inode)?;
         let size = inode.size;
-        if size < 60 {
+        if size < 60 && inode.flags & FL_INLINE_DATA == 0 {
             return Ok(inode.i_block()[..size as usize].to_vec());
         }
         if size > self.sb.block_size {
@@ -396,6 +451,9 @@ impl GuestFs for ExtFs {
 
     fn next_data(&self, ino: Ino, offset: u64) -> GuestResult<Option<u64>> {
         let inode = self.file_inode(ino)?;
+        if inode.flags & FL_INLINE_DATA != 0 {
+            return Ok((offset < inode.size).then_some(offset));
+        }
         let bs = self.sb.block_size;
         let mut off = offset;
         while off < inode.size {
@@ -410,6 +468,9 @@ impl GuestFs for ExtFs {
 
     fn next_hole(&self, ino: Ino, offset: u64) -> GuestResult<u64> {
         let inode = self.file_inode(ino)?;
+        if inode.flags & FL_INLINE_DATA != 0 {
+            return Ok(inode.size);
+        }
         let bs = self.sb.block_size;
         let mut off = offset;
         while off < inode.size {

@@ -74,7 +74,7 @@ fn parse_entries(
     value_base: usize,
     off: u64,
     ea_inode: EaInodeReader,
-    out: &mut Vec<(Vec<u8>, Vec<u8>)>,
+    out: &mut Vec<(u8, Vec<u8>, Vec<u8>)>,
 ) -> GuestResult<()> {
     let bad = |at: usize, what: &str| GuestError::corrupt(vol, off + at as u64, format!("inode {ino}: xattr {what}"));
     let mut pos = start;
@@ -104,16 +104,7 @@ fn parse_entries(
                 _ => return Err(bad(pos, "value runs past the area")),
             }
         };
-        if let Some(p) = prefix(index) {
-            let mut full = p.to_vec();
-            if index == 2 || index == 3 {
-                let v = acl_to_posix(&value).ok_or_else(|| bad(pos, "ACL value malformed"))?;
-                out.push((full, v));
-            } else {
-                full.extend_from_slice(name);
-                out.push((full, value));
-            }
-        }
+        out.push((index, name.to_vec(), value));
         pos = (name_end + 3) & !3;
     }
     Ok(())
@@ -129,12 +120,7 @@ pub fn all(
     ea_inode: EaInodeReader,
 ) -> GuestResult<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();
-    let raw = &inode.raw;
-    let s = inode.extra_end;
-    if raw.len() >= s + 4 && le32(raw, s) == MAGIC {
-        let area = &raw[s..];
-        parse_entries(vol, inode.ino, area, 4, 4, inode.offset + s as u64, ea_inode, &mut out)?;
-    }
+    in_inode(vol, inode, ea_inode, &mut out)?;
     if let Some((b, blk)) = block {
         let off = blk * b.len() as u64;
         if le32(b, 0) != MAGIC || le32(b, 8) != 1 {
@@ -156,7 +142,41 @@ pub fn all(
         }
         parse_entries(vol, inode.ino, b, 0x20, 0, off, ea_inode, &mut out)?;
     }
-    Ok(out)
+    let mut named = Vec::new();
+    for (index, name, value) in out {
+        let Some(p) = prefix(index) else { continue };
+        let mut full = p.to_vec();
+        if index == 2 || index == 3 {
+            let v = acl_to_posix(&value).ok_or_else(|| {
+                GuestError::corrupt(vol, inode.offset, format!("inode {}: ACL xattr malformed", inode.ino))
+            })?;
+            named.push((full, v));
+        } else {
+            full.extend_from_slice(&name);
+            named.push((full, value));
+        }
+    }
+    Ok(named)
+}
+
+fn in_inode(vol: &str, inode: &Inode, ea_inode: EaInodeReader, out: &mut Vec<(u8, Vec<u8>, Vec<u8>)>) -> GuestResult<()> {
+    let raw = &inode.raw;
+    let s = inode.extra_end;
+    if raw.len() >= s + 4 && le32(raw, s) == MAGIC {
+        parse_entries(vol, inode.ino, &raw[s..], 4, 4, inode.offset + s as u64, ea_inode, out)?;
+    }
+    Ok(())
+}
+
+/// The `system.data` xattr (index 7, name "data"): the part of an inline
+/// file or directory beyond the 60 bytes of i_block. Always in the inode.
+pub fn system_data(vol: &str, inode: &Inode) -> GuestResult<Vec<u8>> {
+    let mut out = Vec::new();
+    let no_ea = |_: u32, _: u32| -> GuestResult<Vec<u8>> {
+        Err(GuestError::corrupt(vol, inode.offset, format!("inode {}: inline data in an xattr inode", inode.ino)))
+    };
+    in_inode(vol, inode, &no_ea, &mut out)?;
+    Ok(out.into_iter().find(|(i, n, _)| *i == 7 && n == b"data").map(|(_, _, v)| v).unwrap_or_default())
 }
 
 #[cfg(test)]
