@@ -21,7 +21,10 @@ use std::process::Command;
 use std::sync::Arc;
 
 fn knob(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn skip(why: &str) {
@@ -33,7 +36,12 @@ fn skip(why: &str) {
 /// Whether this process can loop-mount (root, loop devices); prints SKIP if not.
 fn can_mount() -> bool {
     for tool in ["mkfs.ext4", "setfattr", "mount", "debugfs"] {
-        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map(|o| !o.status.success()).unwrap_or(true) {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
             skip(&format!("{tool} missing"));
             return false;
         }
@@ -55,20 +63,37 @@ struct Mount {
 impl Mount {
     fn new(image: &Path, dir: &Path, opts: &str) -> Result<Mount, String> {
         std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount").args(["-o", opts, "-t", "ext4"]).arg(image).arg(dir).output().unwrap();
+        let out = Command::new("mount")
+            .args(["-o", opts, "-t", "ext4"])
+            .arg(image)
+            .arg(dir)
+            .output()
+            .unwrap();
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
-        Ok(Mount { dir: dir.to_path_buf(), loopdev: None })
+        Ok(Mount {
+            dir: dir.to_path_buf(),
+            loopdev: None,
+        })
     }
 
     /// Mounts read-only from a writable loop device, so the kernel can
     /// replay the journal of this (copied) image as it mounts.
     fn ro_with_replay(image: &Path, dir: &Path) -> Result<Mount, String> {
         std::fs::create_dir_all(dir).unwrap();
-        let dev = sh_out("losetup", &["-f", "--show", image.to_str().unwrap()]).trim().to_string();
-        let mut m = Mount { dir: dir.to_path_buf(), loopdev: Some(dev.clone()) };
-        let out = Command::new("mount").args(["-o", "ro", "-t", "ext4", &dev]).arg(dir).output().unwrap();
+        let dev = sh_out("losetup", &["-f", "--show", image.to_str().unwrap()])
+            .trim()
+            .to_string();
+        let mut m = Mount {
+            dir: dir.to_path_buf(),
+            loopdev: Some(dev.clone()),
+        };
+        let out = Command::new("mount")
+            .args(["-o", "ro", "-t", "ext4", &dev])
+            .arg(dir)
+            .output()
+            .unwrap();
         if !out.status.success() {
             let _ = Command::new("losetup").args(["-d", &dev]).status();
             m.loopdev = None;
@@ -82,7 +107,12 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         for _ in 0..50 {
-            if Command::new("umount").arg(&self.dir).status().map(|s| s.success()).unwrap_or(false) {
+            if Command::new("umount")
+                .arg(&self.dir)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+            {
                 if let Some(dev) = &self.loopdev {
                     let _ = Command::new("losetup").args(["-d", dev]).status();
                 }
@@ -98,8 +128,20 @@ impl Drop for Mount {
 /// afterwards (mkfs has no such option; directories indexed later by the
 /// kernel use it).
 fn mkfs(src: &Path, img: &Path, size: &str, extra: &[&str]) -> Result<(), String> {
-    let mut args: Vec<&str> = vec!["-q", "-F", "-N", "80000", "-L", "guestvol", "-d", src.to_str().unwrap()];
-    let hash = extra.windows(2).find(|w| w[0] == "-E" && w[1].starts_with("hash_alg=")).map(|w| w[1]);
+    let mut args: Vec<&str> = vec![
+        "-q",
+        "-F",
+        "-N",
+        "80000",
+        "-L",
+        "guestvol",
+        "-d",
+        src.to_str().unwrap(),
+    ];
+    let hash = extra
+        .windows(2)
+        .find(|w| w[0] == "-E" && w[1].starts_with("hash_alg="))
+        .map(|w| w[1]);
     let mut skip_next = false;
     for (i, a) in extra.iter().enumerate() {
         if skip_next {
@@ -144,11 +186,17 @@ fn open(img: &Path) -> Arc<dyn GuestFs> {
 fn assert_same(kernel: &Tree, ours: &Tree) {
     for (path, k) in kernel {
         let p = String::from_utf8_lossy(path);
-        let o = ours.get(path).unwrap_or_else(|| panic!("{p}: missing in our walk"));
+        let o = ours
+            .get(path)
+            .unwrap_or_else(|| panic!("{p}: missing in our walk"));
         assert_eq!(k, o, "{p}: kernel (left) and reader (right) differ");
     }
     for path in ours.keys() {
-        assert!(kernel.contains_key(path), "{}: only in our walk", String::from_utf8_lossy(path));
+        assert!(
+            kernel.contains_key(path),
+            "{}: only in our walk",
+            String::from_utf8_lossy(path)
+        );
     }
 }
 
@@ -189,7 +237,10 @@ fn compare_variant(extra: &[&str], bigdir: usize, sparse: bool) -> bool {
     if bigdir > 0 {
         let big = fs.lookup(fs.root(), b"bigdir").unwrap();
         for name in [&b"entry-000001-"[..], b"no-such-entry", b"entry-000003-xxx"] {
-            assert!(matches!(fs.lookup(big, name), Err(GuestError::NotFound)), "{name:?}");
+            assert!(
+                matches!(fs.lookup(big, name), Err(GuestError::NotFound)),
+                "{name:?}"
+            );
         }
     }
     assert_eq!(fs.info().label.as_deref(), Some("guestvol"));
@@ -225,7 +276,13 @@ fn ext4_1k_blocks_matches_kernel() {
 fn normalize(t: &Tree) -> Tree {
     let mut out = Tree::new();
     for (p, r) in t {
-        let mut r = Rec { ino: 0, allocated: 0, atime: (0, 0), ctime: (0, 0), ..r.clone() };
+        let mut r = Rec {
+            ino: 0,
+            allocated: 0,
+            atime: (0, 0),
+            ctime: (0, 0),
+            ..r.clone()
+        };
         if r.kind == 'd' {
             r.size = 0;
         }
@@ -269,7 +326,11 @@ fn ext4_64k_blocks_matches_kernel() {
 
 #[test]
 fn ext4_no_csum_128_byte_inodes_matches_kernel() {
-    compare_variant(&["-t", "ext4", "-O", "^metadata_csum,^64bit", "-I", "128"], 2000, false);
+    compare_variant(
+        &["-t", "ext4", "-O", "^metadata_csum,^64bit", "-I", "128"],
+        2000,
+        false,
+    );
 }
 
 #[test]
@@ -285,7 +346,11 @@ fn ext2_1k_blocks_matches_kernel() {
 #[test]
 fn inline_data_files_and_dirs_match_kernel() {
     // Small files, symlinks and directories live inside their inodes.
-    compare_variant(&["-t", "ext4", "-b", "4096", "-O", "inline_data"], 100, false);
+    compare_variant(
+        &["-t", "ext4", "-b", "4096", "-O", "inline_data"],
+        100,
+        false,
+    );
 }
 
 /// Mounts `img` read-write, changes files and fsyncs them, and copies the
@@ -317,7 +382,16 @@ fn dirty_copy(tmp: &Path) -> Option<PathBuf> {
     std::fs::write(d.join("hello.txt"), b"changed after mkfs\n").unwrap();
     std::fs::remove_file(d.join("data-100000")).unwrap();
     std::fs::rename(d.join("data-4096"), d.join("renamed-4096")).unwrap();
-    sh("setfattr", &["-n", "user.after", "-v", "mount", d.join("hello.txt").to_str().unwrap()]);
+    sh(
+        "setfattr",
+        &[
+            "-n",
+            "user.after",
+            "-v",
+            "mount",
+            d.join("hello.txt").to_str().unwrap(),
+        ],
+    );
     for p in ["new", "hello.txt", "."] {
         std::fs::File::open(d.join(p)).unwrap().sync_all().unwrap();
     }
@@ -333,21 +407,37 @@ fn journal_replayed_in_memory_matches_kernel_replay() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let Some(copy) = dirty_copy(tmp.path()) else { return };
+    let Some(copy) = dirty_copy(tmp.path()) else {
+        return;
+    };
     let dump = sh_out("dumpe2fs", &["-h", copy.to_str().unwrap()]);
-    assert!(dump.contains("needs_recovery"), "copy taken while mounted should need recovery:\n{dump}");
+    assert!(
+        dump.contains("needs_recovery"),
+        "copy taken while mounted should need recovery:\n{dump}"
+    );
     // Without replay (debugfs does not replay) the new files are not there
     // yet, so the comparison below really tests the replay.
     let raw_view = sh_out("debugfs", &["-R", "ls -l /new", copy.to_str().unwrap()]);
-    assert!(!raw_view.contains("file-0199"), "journal was already checkpointed:\n{raw_view}");
+    assert!(
+        !raw_view.contains("file-0199"),
+        "journal was already checkpointed:\n{raw_view}"
+    );
     let before = std::fs::read(&copy).unwrap();
     let fs = open(&copy);
     let notes = fs.info().notes;
-    assert!(notes.iter().any(|n| n.starts_with("journal replayed in memory")), "{notes:?}");
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("journal replayed in memory")),
+        "{notes:?}"
+    );
     let mut errors = Vec::new();
     let ours = reader_walk(&*fs, &mut errors);
     assert!(errors.is_empty(), "{errors:?}");
-    assert!(std::fs::read(&copy).unwrap() == before, "the reader wrote to the volume");
+    assert!(
+        std::fs::read(&copy).unwrap() == before,
+        "the reader wrote to the volume"
+    );
     let kernel = kernel_tree(tmp.path(), &copy).unwrap();
     assert!(kernel.contains_key(b"new/file-0199".as_slice()));
     assert_same(&kernel, &ours);
@@ -356,9 +446,24 @@ fn journal_replayed_in_memory_matches_kernel_replay() {
 
 /// Byte offset of inode `path`'s on-disk inode (from debugfs imap).
 fn inode_offset(img: &Path, path: &str, bs: u64) -> u64 {
-    let out = sh_out("debugfs", &["-R", &format!("imap {path}"), img.to_str().unwrap()]);
-    let line = out.lines().find(|l| l.contains("located at block")).expect("imap output");
-    let blk: u64 = line.split("block ").nth(1).unwrap().split(',').next().unwrap().trim().parse().unwrap();
+    let out = sh_out(
+        "debugfs",
+        &["-R", &format!("imap {path}"), img.to_str().unwrap()],
+    );
+    let line = out
+        .lines()
+        .find(|l| l.contains("located at block"))
+        .expect("imap output");
+    let blk: u64 = line
+        .split("block ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let off = u64::from_str_radix(line.split("0x").nth(1).unwrap().trim(), 16).unwrap();
     blk * bs + off
 }
@@ -374,26 +479,43 @@ fn hostile_extent_outside_volume_and_directory_loop() {
     build_tree(&src, 0, false);
     std::fs::create_dir(src.join("sub")).unwrap();
     let img = tmp.path().join("fs.img");
-    mkfs(&src, &img, "64M", &["-t", "ext4", "-O", "^metadata_csum", "-b", "4096"]).unwrap();
+    mkfs(
+        &src,
+        &img,
+        "64M",
+        &["-t", "ext4", "-O", "^metadata_csum", "-b", "4096"],
+    )
+    .unwrap();
     // Point the first extent of data-4097 far outside the volume.
     let off = inode_offset(&img, "/data-4097", 4096);
     let mut bytes = std::fs::read(&img).unwrap();
-    bytes[(off + 0x28 + 12 + 8) as usize..(off + 0x28 + 12 + 12) as usize].copy_from_slice(&0xFFFF_FF00u32.to_le_bytes());
+    bytes[(off + 0x28 + 12 + 8) as usize..(off + 0x28 + 12 + 12) as usize]
+        .copy_from_slice(&0xFFFF_FF00u32.to_le_bytes());
     std::fs::write(&img, &bytes).unwrap();
-    sh("debugfs", &["-w", "-R", "ln / /sub/loop", img.to_str().unwrap()]);
+    sh(
+        "debugfs",
+        &["-w", "-R", "ln / /sub/loop", img.to_str().unwrap()],
+    );
     let fs = open(&img);
     let root = fs.root();
     let ino = fs.lookup(root, b"data-4097").unwrap();
     let mut buf = vec![0u8; 4097];
     match fs.read(ino, 0, &mut buf) {
-        Err(GuestError::Corrupt { volume, offset, what }) => {
+        Err(GuestError::Corrupt {
+            volume,
+            offset,
+            what,
+        }) => {
             assert_eq!(volume, "testvol");
             assert_eq!(offset, off + 0x28 + 12, "{what}");
             assert!(what.contains("outside"), "{what}");
         }
         other => panic!("expected Corrupt, got {other:?}"),
     }
-    assert!(matches!(fs.next_data(ino, 0), Err(GuestError::Corrupt { .. })));
+    assert!(matches!(
+        fs.next_data(ino, 0),
+        Err(GuestError::Corrupt { .. })
+    ));
     let sub = fs.lookup(root, b"sub").unwrap();
     for r in [fs.readdir(sub).map(|_| 0), fs.lookup(sub, b"loop")] {
         match r {

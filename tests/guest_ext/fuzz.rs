@@ -38,30 +38,59 @@ fn debugfs(img: &Path, req: &str) -> String {
 }
 
 fn numbers(s: &str) -> Vec<u64> {
-    s.split_whitespace().filter_map(|t| t.parse().ok()).collect()
+    s.split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect()
 }
 
 /// Byte ranges of the structures worth flipping in `img`.
 fn regions(img: &Path) -> Vec<(&'static str, u64, u64)> {
     let bs = 4096;
-    let mut r = vec![("superblock", 1024, 2048), ("group descriptors", bs, 2 * bs)];
+    let mut r = vec![
+        ("superblock", 1024, 2048),
+        ("group descriptors", bs, 2 * bs),
+    ];
     let imap = debugfs(img, "imap <2>");
-    let line = imap.lines().find(|l| l.contains("located at block")).unwrap();
-    let blk: u64 = line.split("block ").nth(1).unwrap().split(',').next().unwrap().trim().parse().unwrap();
+    let line = imap
+        .lines()
+        .find(|l| l.contains("located at block"))
+        .unwrap();
+    let blk: u64 = line
+        .split("block ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     r.push(("inode table", blk * bs, blk * bs + 200 * 1024));
     let stat = debugfs(img, "stat /fragmented");
     if let Some(etb) = stat.split("(ETB0):").nth(1) {
-        let b: u64 = etb.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
+        let b: u64 = etb
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         r.push(("extent index block", b * bs, b * bs + bs));
     }
     for b in numbers(&debugfs(img, "blocks /bigdir")).into_iter().take(4) {
         r.push(("htree directory block", b * bs, b * bs + bs));
     }
     let dump = sh_out("dumpe2fs", &["-h", img.to_str().unwrap()]);
-    let start = dump.lines().find_map(|l| l.strip_prefix("Journal start:")).map(|v| v.trim().parse::<usize>().unwrap());
+    let start = dump
+        .lines()
+        .find_map(|l| l.strip_prefix("Journal start:"))
+        .map(|v| v.trim().parse::<usize>().unwrap());
     if let Some(start) = start.filter(|&s| s > 0) {
         let jblocks = numbers(&debugfs(img, "blocks <8>"));
-        for &b in jblocks.iter().take(1).chain(jblocks.iter().skip(start).take(40)) {
+        for &b in jblocks
+            .iter()
+            .take(1)
+            .chain(jblocks.iter().skip(start).take(40))
+        {
             r.push(("journal", b * bs, b * bs + bs));
         }
     }
@@ -70,7 +99,9 @@ fn regions(img: &Path) -> Vec<(&'static str, u64, u64)> {
 
 fn check_err(e: &GuestError) {
     match e {
-        GuestError::Corrupt { volume, .. } | GuestError::Io { volume, .. } | GuestError::Unsupported { volume, .. } => {
+        GuestError::Corrupt { volume, .. }
+        | GuestError::Io { volume, .. }
+        | GuestError::Unsupported { volume, .. } => {
             assert_eq!(volume, "fuzzvol", "{e}")
         }
         _ => {}
@@ -116,7 +147,12 @@ fn walk(bytes: Arc<dyn ReadBytes>) {
                     check_err(&err);
                 }
             }
-            if fs.getattr(e.ino).map(|a| a.kind == snaptree::guest::FileKind::Dir).unwrap_or(false) && depth < 60 {
+            if fs
+                .getattr(e.ino)
+                .map(|a| a.kind == snaptree::guest::FileKind::Dir)
+                .unwrap_or(false)
+                && depth < 60
+            {
                 stack.push((e.ino, depth + 1));
             }
         }
@@ -135,9 +171,14 @@ fn fuzz_base(name: &str, img: &Path, rounds: usize, seed: u64) {
     };
     for round in 0..rounds {
         let (what, lo, hi) = regs[(rnd() % regs.len() as u64) as usize];
-        let flips: Vec<(u64, u8)> = (0..1 + rnd() % 3).map(|_| (lo + rnd() % (hi - lo), (rnd() % 255 + 1) as u8)).collect();
+        let flips: Vec<(u64, u8)> = (0..1 + rnd() % 3)
+            .map(|_| (lo + rnd() % (hi - lo), (rnd() % 255 + 1) as u8))
+            .collect();
         let desc = format!("{name} round {round}: {what} flips {flips:?}");
-        let bytes: Arc<dyn ReadBytes> = Arc::new(Flipped { base: base.clone(), flips });
+        let bytes: Arc<dyn ReadBytes> = Arc::new(Flipped {
+            base: base.clone(),
+            flips,
+        });
         let (tx, rx) = mpsc::channel();
         let d2 = desc.clone();
         std::thread::spawn(move || {
@@ -157,20 +198,32 @@ fn byte_flip_fuzz_never_panics_or_hangs() {
     if !crate::can_mount() {
         return;
     }
-    let rounds = std::env::var("SNAPTREE_EXT_FUZZ").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    let rounds = std::env::var("SNAPTREE_EXT_FUZZ")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
     let tmp = tempfile::tempdir().unwrap();
     // Without checksums, so flips reach the parsers.
     let src = tmp.path().join("plain-src");
     std::fs::create_dir(&src).unwrap();
     build_tree(&src, 2000, false);
     let plain = tmp.path().join("plain.img");
-    crate::mkfs(&src, &plain, "64M", &["-t", "ext4", "-O", "^metadata_csum", "-b", "4096"]).unwrap();
+    crate::mkfs(
+        &src,
+        &plain,
+        "64M",
+        &["-t", "ext4", "-O", "^metadata_csum", "-b", "4096"],
+    )
+    .unwrap();
     fuzz_base("no-csum", &plain, rounds, 0x1234_5678);
     // metadata_csum and a journal to replay.
     let dirty_dir = tmp.path().join("dirty");
     std::fs::create_dir(&dirty_dir).unwrap();
     if let Some(dirty) = crate::dirty_copy(&dirty_dir) {
-        assert!(regions(&dirty).iter().any(|r| r.0 == "journal"), "the dirty image should have a live journal");
+        assert!(
+            regions(&dirty).iter().any(|r| r.0 == "journal"),
+            "the dirty image should have a live journal"
+        );
         fuzz_base("csum+journal", &dirty, rounds, 0x8765_4321);
     }
 }

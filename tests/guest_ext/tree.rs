@@ -15,13 +15,27 @@ use std::process::Command;
 
 /// Runs a command; panics with its output if it fails.
 pub fn sh(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn sh_out(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -40,8 +54,24 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
 
 fn set_times(p: &Path, secs: i64, nsecs: i64) {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-    let ts = [libc::timespec { tv_sec: secs, tv_nsec: nsecs }, libc::timespec { tv_sec: secs, tv_nsec: nsecs }];
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let ts = [
+        libc::timespec {
+            tv_sec: secs,
+            tv_nsec: nsecs,
+        },
+        libc::timespec {
+            tv_sec: secs,
+            tv_nsec: nsecs,
+        },
+    ];
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     assert_eq!(r, 0, "utimensat {p:?}");
 }
 
@@ -53,7 +83,10 @@ pub fn build_tree(src: &Path, bigdir: usize, sparse: bool) {
     let w = |p: &str, data: &[u8]| std::fs::write(src.join(p), data).unwrap();
     w("hello.txt", b"hello, world\n");
     w("empty", b"");
-    for (i, n) in [1usize, 4095, 4096, 4097, 100_000, 3_000_001].iter().enumerate() {
+    for (i, n) in [1usize, 4095, 4096, 4097, 100_000, 3_000_001]
+        .iter()
+        .enumerate()
+    {
         w(&format!("data-{n}"), &noise(i as u64 + 1, *n));
     }
     // Many extents (data, hole, data ...) so the extent tree needs index nodes.
@@ -83,24 +116,84 @@ pub fn build_tree(src: &Path, bigdir: usize, sparse: bool) {
     std::fs::create_dir(src.join("Ελληνικά-目录")).unwrap();
     w("Ελληνικά-目录/üñíçødé-😀.txt", "unicode ✓\n".as_bytes());
     // xattrs: small ones in the inode, a big one in the xattr block.
-    sh("setfattr", &["-n", "user.color", "-v", "blue", src.join("hello.txt").to_str().unwrap()]);
-    sh("setfattr", &["-n", "trusted.secret", "-v", "0x00ff10", src.join("hello.txt").to_str().unwrap()]);
-    sh("setfattr", &["-n", "security.label", "-v", "lbl", src.join("data-1").to_str().unwrap()]);
+    sh(
+        "setfattr",
+        &[
+            "-n",
+            "user.color",
+            "-v",
+            "blue",
+            src.join("hello.txt").to_str().unwrap(),
+        ],
+    );
+    sh(
+        "setfattr",
+        &[
+            "-n",
+            "trusted.secret",
+            "-v",
+            "0x00ff10",
+            src.join("hello.txt").to_str().unwrap(),
+        ],
+    );
+    sh(
+        "setfattr",
+        &[
+            "-n",
+            "security.label",
+            "-v",
+            "lbl",
+            src.join("data-1").to_str().unwrap(),
+        ],
+    );
     let big = format!("0x{}", "ab".repeat(900));
-    sh("setfattr", &["-n", "user.big", "-v", &big, src.join("data-1").to_str().unwrap()]);
+    sh(
+        "setfattr",
+        &[
+            "-n",
+            "user.big",
+            "-v",
+            &big,
+            src.join("data-1").to_str().unwrap(),
+        ],
+    );
     for i in 0..12 {
         let n = format!("user.attr{i}");
-        sh("setfattr", &["-n", &n, "-v", &format!("value-{i}"), src.join("Ελληνικά-目录").to_str().unwrap()]);
+        sh(
+            "setfattr",
+            &[
+                "-n",
+                &n,
+                "-v",
+                &format!("value-{i}"),
+                src.join("Ελληνικά-目录").to_str().unwrap(),
+            ],
+        );
     }
     let dev = src.join("dev");
     std::fs::create_dir(&dev).unwrap();
-    sh("mknod", &[dev.join("null").to_str().unwrap(), "c", "1", "3"]);
-    sh("mknod", &[dev.join("sda1").to_str().unwrap(), "b", "8", "1"]);
-    sh("mknod", &[dev.join("bignum").to_str().unwrap(), "c", "300", "70000"]);
+    sh(
+        "mknod",
+        &[dev.join("null").to_str().unwrap(), "c", "1", "3"],
+    );
+    sh(
+        "mknod",
+        &[dev.join("sda1").to_str().unwrap(), "b", "8", "1"],
+    );
+    sh(
+        "mknod",
+        &[dev.join("bignum").to_str().unwrap(), "c", "300", "70000"],
+    );
     sh("mkfifo", &[dev.join("fifo").to_str().unwrap()]);
     drop(std::os::unix::net::UnixListener::bind(dev.join("socket")).unwrap());
-    sh("chown", &["1000:1000", src.join("hello.txt").to_str().unwrap()]);
-    sh("chown", &["70000:70001", src.join("data-1").to_str().unwrap()]);
+    sh(
+        "chown",
+        &["1000:1000", src.join("hello.txt").to_str().unwrap()],
+    );
+    sh(
+        "chown",
+        &["70000:70001", src.join("data-1").to_str().unwrap()],
+    );
     sh("chmod", &["4755", src.join("data-4096").to_str().unwrap()]);
     sh("chmod", &["1777", dev.to_str().unwrap()]);
     set_times(&src.join("hello.txt"), 981_173_106, 123_456_789);
@@ -161,13 +254,29 @@ fn kind_char(k: FileKind) -> char {
 fn kernel_xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
     let mut names = vec![0u8; 65536];
-    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr() as *mut libc::c_char, names.len()) };
+    let n = unsafe {
+        libc::llistxattr(
+            c.as_ptr(),
+            names.as_mut_ptr() as *mut libc::c_char,
+            names.len(),
+        )
+    };
     assert!(n >= 0, "llistxattr {p:?}");
     let mut out = Vec::new();
-    for name in names[..n as usize].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+    for name in names[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+    {
         let cn = CString::new(name).unwrap();
         let mut v = vec![0u8; 65536];
-        let m = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr() as *mut libc::c_void, v.len()) };
+        let m = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                cn.as_ptr(),
+                v.as_mut_ptr() as *mut libc::c_void,
+                v.len(),
+            )
+        };
         assert!(m >= 0, "lgetxattr {p:?}");
         v.truncate(m as usize);
         out.push((name.to_vec(), v));
@@ -243,7 +352,13 @@ pub fn kernel_walk(root: &Path) -> Tree {
                 mtime: (m.mtime(), m.mtime_nsec() as u32),
                 ctime: (m.ctime(), m.ctime_nsec() as u32),
                 rdev: m.rdev(),
-                target: (kind == 'l').then(|| std::fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()),
+                target: (kind == 'l').then(|| {
+                    std::fs::read_link(&p)
+                        .unwrap()
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec()
+                }),
                 xattrs: kernel_xattrs(&p),
                 data: (kind == 'f').then(|| kernel_data(&p)),
             };
@@ -269,7 +384,12 @@ fn reader_data(fs: &dyn GuestFs, ino: u64) -> Result<(Vec<(u64, u64)>, u64), Gue
 
 /// One entry through the reader (lookup checked against readdir's ino).
 pub fn reader_rec(fs: &dyn GuestFs, dir: u64, name: &[u8], ino: u64) -> Result<Rec, GuestError> {
-    assert_eq!(fs.lookup(dir, name)?, ino, "lookup of {:?}", String::from_utf8_lossy(name));
+    assert_eq!(
+        fs.lookup(dir, name)?,
+        ino,
+        "lookup of {:?}",
+        String::from_utf8_lossy(name)
+    );
     let a = fs.getattr(ino)?;
     let kind = kind_char(a.kind);
     let mut xattrs = Vec::new();
@@ -291,9 +411,17 @@ pub fn reader_rec(fs: &dyn GuestFs, dir: u64, name: &[u8], ino: u64) -> Result<R
         mtime: (a.mtime.secs, a.mtime.nsecs),
         ctime: (a.ctime.secs, a.ctime.nsecs),
         rdev: a.rdev as u64,
-        target: if kind == 'l' { Some(fs.readlink(ino)?) } else { None },
+        target: if kind == 'l' {
+            Some(fs.readlink(ino)?)
+        } else {
+            None
+        },
         xattrs,
-        data: if kind == 'f' { Some(reader_data(fs, ino)?) } else { None },
+        data: if kind == 'f' {
+            Some(reader_data(fs, ino)?)
+        } else {
+            None
+        },
     })
 }
 
@@ -318,7 +446,12 @@ pub fn reader_walk(fs: &dyn GuestFs, errors: &mut Vec<(Vec<u8>, GuestError)>) ->
             r.extend_from_slice(&e.name);
             match reader_rec(fs, dir, &e.name, e.ino) {
                 Ok(rec) => {
-                    assert_eq!(rec.kind, kind_char(e.kind), "readdir kind of {:?}", String::from_utf8_lossy(&r));
+                    assert_eq!(
+                        rec.kind,
+                        kind_char(e.kind),
+                        "readdir kind of {:?}",
+                        String::from_utf8_lossy(&r)
+                    );
                     if rec.kind == 'd' && r != b"lost+found" {
                         stack.push((e.ino, r.clone()));
                     }

@@ -61,8 +61,16 @@ pub fn parse_leaf(
     let mut end = bs;
     if csum {
         let t = bs - 12;
-        if le32(block, t) != 0 || le16(block, t + 4) != 12 || block[t + 6] != 0 || block[t + 7] != 0xDE {
-            return Err(GuestError::corrupt(vol, off, format!("directory {}: block has no checksum tail", dir.ino)));
+        if le32(block, t) != 0
+            || le16(block, t + 4) != 12
+            || block[t + 6] != 0
+            || block[t + 7] != 0xDE
+        {
+            return Err(GuestError::corrupt(
+                vol,
+                off,
+                format!("directory {}: block has no checksum tail", dir.ino),
+            ));
         }
         let want = le32(block, bs - 4);
         let got = crc32c(dir.csum_seed, &block[..t]);
@@ -70,7 +78,10 @@ pub fn parse_leaf(
             return Err(GuestError::corrupt(
                 vol,
                 off,
-                format!("directory {}: block checksum mismatch (stored {want:#x}, computed {got:#x})", dir.ino),
+                format!(
+                    "directory {}: block checksum mismatch (stored {want:#x}, computed {got:#x})",
+                    dir.ino
+                ),
             ));
         }
         end = t;
@@ -78,19 +89,33 @@ pub fn parse_leaf(
     let mut pos = 0;
     while pos < end {
         if pos + 8 > end {
-            return Err(GuestError::corrupt(vol, off + pos as u64, format!("directory {}: truncated entry", dir.ino)));
+            return Err(GuestError::corrupt(
+                vol,
+                off + pos as u64,
+                format!("directory {}: truncated entry", dir.ino),
+            ));
         }
         let ino = le32(block, pos);
         let rl = rec_len(le16(block, pos + 4), bs);
         let name_len = block[pos + 6] as usize;
-        if rl < 8 || rl % 4 != 0 || pos + rl > end || 8 + name_len > rl {
+        if rl < 8 || !rl.is_multiple_of(4) || pos + rl > end || 8 + name_len > rl {
             return Err(GuestError::corrupt(
                 vol,
                 off + pos as u64,
-                format!("directory {}: bad entry (rec_len {rl}, name_len {name_len})", dir.ino),
+                format!(
+                    "directory {}: bad entry (rec_len {rl}, name_len {name_len})",
+                    dir.ino
+                ),
             ));
         }
-        if ino != 0 && name_len > 0 && f(Raw { ino, name: &block[pos + 8..pos + 8 + name_len], ftype: block[pos + 7] }) {
+        if ino != 0
+            && name_len > 0
+            && f(Raw {
+                ino,
+                name: &block[pos + 8..pos + 8 + name_len],
+                ftype: block[pos + 7],
+            })
+        {
             return Ok(());
         }
         pos += rl;
@@ -101,7 +126,11 @@ pub fn parse_leaf(
 /// Reads a directory's logical block (through the caller's mapping).
 pub trait DirBlocks {
     /// The block's bytes and its volume byte offset; `None` for a hole.
-    fn dir_block(&self, dir: &Inode, lblk: u64) -> GuestResult<Option<(std::sync::Arc<Vec<u8>>, u64)>>;
+    fn dir_block(
+        &self,
+        dir: &Inode,
+        lblk: u64,
+    ) -> GuestResult<Option<(std::sync::Arc<Vec<u8>>, u64)>>;
 }
 
 /// One level of the index: where its entries start and how many.
@@ -110,9 +139,22 @@ struct DxNode {
     count: usize,
 }
 
-fn dx_node(vol: &str, dir: &Inode, csum: bool, b: &[u8], off: u64, count_off: usize) -> GuestResult<DxNode> {
+fn dx_node(
+    vol: &str,
+    dir: &Inode,
+    csum: bool,
+    b: &[u8],
+    off: u64,
+    count_off: usize,
+) -> GuestResult<DxNode> {
     let bs = b.len();
-    let bad = |what: &str| GuestError::corrupt(vol, off + count_off as u64, format!("directory {} htree: {what}", dir.ino));
+    let bad = |what: &str| {
+        GuestError::corrupt(
+            vol,
+            off + count_off as u64,
+            format!("directory {} htree: {what}", dir.ino),
+        )
+    };
     let limit = le16(b, count_off) as usize;
     let count = le16(b, count_off + 2) as usize;
     let tail = if csum { 8 } else { 0 };
@@ -130,7 +172,9 @@ fn dx_node(vol: &str, dir: &Inode, csum: bool, b: &[u8], off: u64, count_off: us
         let c = crc32c(c, &[0; 4]);
         let want = le32(b, t + 4);
         if c != want {
-            return Err(bad(&format!("checksum mismatch (stored {want:#x}, computed {c:#x})")));
+            return Err(bad(&format!(
+                "checksum mismatch (stored {want:#x}, computed {c:#x})"
+            )));
         }
     }
     Ok(DxNode { count_off, count })
@@ -159,17 +203,39 @@ pub enum DxResult {
 }
 
 /// Looks `name` up through the htree index of `dir`.
-pub fn dx_lookup(vol: &str, sb: &Superblock, dir: &Inode, blocks: &dyn DirBlocks, name: &[u8]) -> GuestResult<DxResult> {
+pub fn dx_lookup(
+    vol: &str,
+    sb: &Superblock,
+    dir: &Inode,
+    blocks: &dyn DirBlocks,
+    name: &[u8],
+) -> GuestResult<DxResult> {
     let csum = sb.csum();
     let Some((root, root_off)) = blocks.dir_block(dir, 0)? else {
-        return Err(GuestError::corrupt(vol, dir.offset, format!("directory {}: htree root is a hole", dir.ino)));
+        return Err(GuestError::corrupt(
+            vol,
+            dir.offset,
+            format!("directory {}: htree root is a hole", dir.ino),
+        ));
     };
-    let bad = |what: String| GuestError::corrupt(vol, root_off + 0x18, format!("directory {} htree root: {what}", dir.ino));
+    let bad = |what: String| {
+        GuestError::corrupt(
+            vol,
+            root_off + 0x18,
+            format!("directory {} htree root: {what}", dir.ino),
+        )
+    };
     let info_len = root[0x1D] as usize;
     let levels = root[0x1E] as usize;
-    let max_levels = if sb.has_incompat(super::sb::INCOMPAT_LARGEDIR) { 3 } else { 2 };
+    let max_levels = if sb.has_incompat(super::sb::INCOMPAT_LARGEDIR) {
+        3
+    } else {
+        2
+    };
     if le32(&root, 0x18) != 0 || info_len != 8 || levels >= max_levels {
-        return Err(bad(format!("bad root info (info length {info_len}, {levels} levels)")));
+        return Err(bad(format!(
+            "bad root info (info length {info_len}, {levels} levels)"
+        )));
     }
     let mut version = root[0x1C];
     if version <= 2 && sb.flags & FLAG_UNSIGNED_HASH != 0 {
@@ -193,7 +259,11 @@ pub fn dx_lookup(vol: &str, sb: &Superblock, dir: &Inode, blocks: &dyn DirBlocks
                 return Err(bad(format!("index points to hole at block {child}")));
             };
             if !is_dx_node(&b) {
-                return Err(GuestError::corrupt(vol, off, format!("directory {}: htree node expected", dir.ino)));
+                return Err(GuestError::corrupt(
+                    vol,
+                    off,
+                    format!("directory {}: htree node expected", dir.ino),
+                ));
             }
             node_buf = b;
             node_off = off;
@@ -220,7 +290,11 @@ pub fn dx_lookup(vol: &str, sb: &Superblock, dir: &Inode, blocks: &dyn DirBlocks
             }
             if j + 1 >= n.count {
                 // A continuation could sit in the next index node.
-                return Ok(if levels > 0 { DxResult::Linear } else { DxResult::NotFound });
+                return Ok(if levels > 0 {
+                    DxResult::Linear
+                } else {
+                    DxResult::NotFound
+                });
             }
             if dx_hash_at(&node_buf, &n, j + 1) & !1 != hash {
                 return Ok(DxResult::NotFound);

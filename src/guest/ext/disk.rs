@@ -69,7 +69,10 @@ impl Disk {
             _ => Err(GuestError::corrupt(
                 &self.name,
                 at,
-                format!("{what} points to blocks {blk}+{count} outside the filesystem ({} blocks)", self.blocks_count),
+                format!(
+                    "{what} points to blocks {blk}+{count} outside the filesystem ({} blocks)",
+                    self.blocks_count
+                ),
             )),
         }
     }
@@ -115,7 +118,8 @@ impl Disk {
             }
             let mut whole = vec![0u8; bs as usize];
             self.read_copy(copy, &mut whole)?;
-            buf[(lo - skip) as usize..(hi - skip) as usize].copy_from_slice(&whole[(lo - start) as usize..(hi - start) as usize]);
+            buf[(lo - skip) as usize..(hi - skip) as usize]
+                .copy_from_slice(&whole[(lo - start) as usize..(hi - start) as usize]);
         }
         Ok(())
     }

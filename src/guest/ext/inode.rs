@@ -36,12 +36,22 @@ pub struct Inode {
 
 impl Inode {
     /// Parses inode `ino` from `raw` (s_inode_size bytes at `offset`).
-    pub fn parse(vol: &str, sb: &Superblock, ino: u64, raw: &[u8], offset: u64) -> GuestResult<Inode> {
+    pub fn parse(
+        vol: &str,
+        sb: &Superblock,
+        ino: u64,
+        raw: &[u8],
+        offset: u64,
+    ) -> GuestResult<Inode> {
         let isz = raw.len();
         let extra_end = if isz > GOOD_OLD_SIZE {
             let e = GOOD_OLD_SIZE + le16(raw, 0x80) as usize;
-            if e > isz || e % 4 != 0 {
-                return Err(GuestError::corrupt(vol, offset + 0x80, format!("inode {ino}: i_extra_isize too large")));
+            if e > isz || !e.is_multiple_of(4) {
+                return Err(GuestError::corrupt(
+                    vol,
+                    offset + 0x80,
+                    format!("inode {ino}: i_extra_isize too large"),
+                ));
             }
             e
         } else {
@@ -65,7 +75,12 @@ impl Inode {
                     c = crc32c(c, &raw[0x82..]);
                 }
             }
-            let stored = le16(raw, 0x7C) as u32 | if has_hi { (le16(raw, 0x82) as u32) << 16 } else { 0 };
+            let stored = le16(raw, 0x7C) as u32
+                | if has_hi {
+                    (le16(raw, 0x82) as u32) << 16
+                } else {
+                    0
+                };
             let computed = if has_hi { c } else { c & 0xFFFF };
             if stored != computed {
                 return Err(GuestError::corrupt(
@@ -184,7 +199,11 @@ impl Inode {
             atime: self.time(0x8, Some(0x8C)),
             mtime: self.time(0x10, Some(0x88)),
             ctime: self.time(0xC, Some(0x84)),
-            crtime: if self.extra_end >= 0x94 { self.time(0x90, Some(0x94)) } else { Timestamp::default() },
+            crtime: if self.extra_end >= 0x94 {
+                self.time(0x90, Some(0x94))
+            } else {
+                Timestamp::default()
+            },
             rdev,
         }
     }
@@ -200,7 +219,16 @@ mod tests {
         raw[1] = 0x20; // char device
         raw[0x28..0x2C].copy_from_slice(&words[0].to_le_bytes());
         raw[0x2C..0x30].copy_from_slice(&words[1].to_le_bytes());
-        Inode { ino: 12, offset: 0, raw, mode: 0x2000, flags: 0, size: 0, csum_seed: 0, extra_end: 128 }
+        Inode {
+            ino: 12,
+            offset: 0,
+            raw,
+            mode: 0x2000,
+            flags: 0,
+            size: 0,
+            csum_seed: 0,
+            extra_end: 128,
+        }
     }
 
     #[test]

@@ -68,7 +68,11 @@ impl Log<'_> {
     fn phys(&self, lblk: u64) -> GuestResult<u64> {
         let r = map(self.disk, self.csum, self.inode, lblk)?;
         r.phys.ok_or_else(|| {
-            GuestError::corrupt(&self.disk.name, self.inode.offset, format!("journal block {lblk} is a hole"))
+            GuestError::corrupt(
+                &self.disk.name,
+                self.inode.offset,
+                format!("journal block {lblk} is a hole"),
+            )
         })
     }
 
@@ -125,7 +129,16 @@ impl Log<'_> {
 pub fn replay(disk: &Disk, fs_csum: bool, jinode: &Inode) -> GuestResult<Replay> {
     let vol = &disk.name;
     let bs = disk.block_size as usize;
-    let mut log = Log { disk, csum: fs_csum, inode: jinode, bs, first: 0, maxlen: 1, incompat: 0, seed: 0 };
+    let mut log = Log {
+        disk,
+        csum: fs_csum,
+        inode: jinode,
+        bs,
+        first: 0,
+        maxlen: 1,
+        incompat: 0,
+        seed: 0,
+    };
     let (sb, sb_off) = log.read(0)?;
     let bad = |off: u64, what: String| GuestError::corrupt(vol, off, format!("journal: {what}"));
     let btype = be32(&sb, 4);
@@ -133,29 +146,48 @@ pub fn replay(disk: &Disk, fs_csum: bool, jinode: &Inode) -> GuestResult<Replay>
         return Err(bad(sb_off, "bad superblock magic".into()));
     }
     if be32(&sb, 0xC) as usize != bs {
-        return Err(bad(sb_off + 0xC, format!("block size {} differs from the filesystem's", be32(&sb, 0xC))));
+        return Err(bad(
+            sb_off + 0xC,
+            format!(
+                "block size {} differs from the filesystem's",
+                be32(&sb, 0xC)
+            ),
+        ));
     }
     let jblocks = jinode.size / bs as u64;
     let maxlen = be32(&sb, 0x10) as u64;
     let first = be32(&sb, 0x14) as u64;
     if maxlen > jblocks || first == 0 || first >= maxlen {
-        return Err(bad(sb_off + 0x10, format!("length {maxlen} / first {first} invalid for {jblocks} blocks")));
+        return Err(bad(
+            sb_off + 0x10,
+            format!("length {maxlen} / first {first} invalid for {jblocks} blocks"),
+        ));
     }
     log.maxlen = maxlen;
     log.first = first;
     if btype == BT_SB_V2 {
         log.incompat = be32(&sb, 0x28);
     }
-    let known = INCOMPAT_REVOKE | INCOMPAT_64BIT | INCOMPAT_ASYNC_COMMIT | INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3;
+    let known = INCOMPAT_REVOKE
+        | INCOMPAT_64BIT
+        | INCOMPAT_ASYNC_COMMIT
+        | INCOMPAT_CSUM_V2
+        | INCOMPAT_CSUM_V3;
     let start = be32(&sb, 0x1C) as u64;
     if start == 0 {
         return Ok(Replay::default());
     }
     if log.has(INCOMPAT_FAST_COMMIT) {
-        return Err(GuestError::unsupported(vol, "journal with fast_commit blocks to replay"));
+        return Err(GuestError::unsupported(
+            vol,
+            "journal with fast_commit blocks to replay",
+        ));
     }
     if log.incompat & !known != 0 {
-        return Err(GuestError::unsupported(vol, format!("journal feature bits {:#x}", log.incompat & !known)));
+        return Err(GuestError::unsupported(
+            vol,
+            format!("journal feature bits {:#x}", log.incompat & !known),
+        ));
     }
     if log.csum_v23() {
         log.seed = crc32c(!0, &sb[0x30..0x40]);
@@ -167,10 +199,16 @@ pub fn replay(disk: &Disk, fs_csum: bool, jinode: &Inode) -> GuestResult<Replay>
         }
     }
     if start < first || start >= maxlen {
-        return Err(bad(sb_off + 0x1C, format!("log start {start} outside the log")));
+        return Err(bad(
+            sb_off + 0x1C,
+            format!("log start {start} outside the log"),
+        ));
     }
     let (txs, revokes) = scan(&log, start, be32(&sb, 0x18))?;
-    let mut out = Replay { transactions: txs.len(), ..Default::default() };
+    let mut out = Replay {
+        transactions: txs.len(),
+        ..Default::default()
+    };
     for tx in &txs {
         for &(fsblk, jl, escaped) in &tx.writes {
             if revokes.get(&fsblk).is_some_and(|&r| seq_ge(r, tx.seq)) {
@@ -182,7 +220,13 @@ pub fn replay(disk: &Disk, fs_csum: bool, jinode: &Inode) -> GuestResult<Replay>
             }
             let p = log.phys(jl)?;
             disk.check_block(fsblk, 1, p * bs as u64, "journal tag")?;
-            out.overlay.insert(fsblk, JournalCopy { offset: p * bs as u64, escaped });
+            out.overlay.insert(
+                fsblk,
+                JournalCopy {
+                    offset: p * bs as u64,
+                    escaped,
+                },
+            );
         }
     }
     Ok(out)
@@ -198,7 +242,10 @@ fn seq_ge(a: u32, b: u32) -> bool {
 fn scan(log: &Log, start: u64, mut seq: u32) -> GuestResult<(Vec<Tx>, HashMap<u64, u32>)> {
     let mut txs = Vec::new();
     let mut revokes: HashMap<u64, u32> = HashMap::new();
-    let mut pending = Tx { seq, writes: Vec::new() };
+    let mut pending = Tx {
+        seq,
+        writes: Vec::new(),
+    };
     let mut pending_revokes: Vec<u64> = Vec::new();
     let mut pos = start;
     let mut visited = 0u64;
@@ -222,12 +269,31 @@ fn scan(log: &Log, start: u64, mut seq: u32) -> GuestResult<(Vec<Tx>, HashMap<u6
                 let mut t = 12;
                 while t + tb <= bs - tail {
                     let (lo, flags, hi, tcsum) = if log.has(INCOMPAT_CSUM_V3) {
-                        (be32(&b, t), be32(&b, t + 4), be32(&b, t + 8), be32(&b, t + 12))
+                        (
+                            be32(&b, t),
+                            be32(&b, t + 4),
+                            be32(&b, t + 8),
+                            be32(&b, t + 12),
+                        )
                     } else {
-                        let hi = if log.has(INCOMPAT_64BIT) { be32(&b, t + 8) } else { 0 };
-                        (be32(&b, t), be16(&b, t + 6) as u32, hi, be16(&b, t + 4) as u32)
+                        let hi = if log.has(INCOMPAT_64BIT) {
+                            be32(&b, t + 8)
+                        } else {
+                            0
+                        };
+                        (
+                            be32(&b, t),
+                            be16(&b, t + 6) as u32,
+                            hi,
+                            be16(&b, t + 4) as u32,
+                        )
                     };
-                    let fsblk = lo as u64 | if log.has(INCOMPAT_64BIT) { (hi as u64) << 32 } else { 0 };
+                    let fsblk = lo as u64
+                        | if log.has(INCOMPAT_64BIT) {
+                            (hi as u64) << 32
+                        } else {
+                            0
+                        };
                     pos = log.next(pos);
                     visited += 1;
                     let mut jl = pos;
@@ -235,7 +301,11 @@ fn scan(log: &Log, start: u64, mut seq: u32) -> GuestResult<(Vec<Tx>, HashMap<u6
                         let (data, _) = log.read(pos)?;
                         let mut c = crc32c(log.seed, &seq.to_be_bytes());
                         c = crc32c(c, &data);
-                        let ok = if log.has(INCOMPAT_CSUM_V3) { c == tcsum } else { (c & 0xFFFF) == tcsum };
+                        let ok = if log.has(INCOMPAT_CSUM_V3) {
+                            c == tcsum
+                        } else {
+                            (c & 0xFFFF) == tcsum
+                        };
                         if !ok {
                             // Marked: counted and skipped at replay, as the kernel does.
                             jl |= 1 << 63;
@@ -265,7 +335,13 @@ fn scan(log: &Log, start: u64, mut seq: u32) -> GuestResult<(Vec<Tx>, HashMap<u6
                     }
                 }
                 seq = seq.wrapping_add(1);
-                txs.push(std::mem::replace(&mut pending, Tx { seq, writes: Vec::new() }));
+                txs.push(std::mem::replace(
+                    &mut pending,
+                    Tx {
+                        seq,
+                        writes: Vec::new(),
+                    },
+                ));
             }
             BT_REVOKE => {
                 if tail > 0 {

@@ -28,7 +28,10 @@ pub struct Run {
 /// Maps logical block `lblk` of `inode`.
 pub fn map(disk: &Disk, csum: bool, inode: &Inode, lblk: u64) -> GuestResult<Run> {
     if lblk >= LBLK_END {
-        return Ok(Run { phys: None, len: u64::MAX - lblk });
+        return Ok(Run {
+            phys: None,
+            len: u64::MAX - lblk,
+        });
     }
     if inode.flags & FL_EXTENTS != 0 {
         map_extent(disk, csum, inode, lblk)
@@ -45,7 +48,13 @@ fn map_extent(disk: &Disk, csum: bool, inode: &Inode, lblk: u64) -> GuestResult<
     let mut upper = LBLK_END;
     let mut want_depth: Option<u16> = None;
     loop {
-        let bad = |what: String| GuestError::corrupt(vol, node_off, format!("inode {}: extent tree: {what}", inode.ino));
+        let bad = |what: String| {
+            GuestError::corrupt(
+                vol,
+                node_off,
+                format!("inode {}: extent tree: {what}", inode.ino),
+            )
+        };
         if le16(node, 0) != EXT_MAGIC {
             return Err(bad("bad extent header magic".into()));
         }
@@ -53,10 +62,14 @@ fn map_extent(disk: &Disk, csum: bool, inode: &Inode, lblk: u64) -> GuestResult<
         let max = le16(node, 4) as usize;
         let depth = le16(node, 6);
         if entries > max || 12 + 12 * max > node.len() {
-            return Err(bad(format!("{entries} entries / {max} max do not fit the node")));
+            return Err(bad(format!(
+                "{entries} entries / {max} max do not fit the node"
+            )));
         }
         match want_depth {
-            None if depth > MAX_DEPTH => return Err(bad(format!("depth {depth} exceeds {MAX_DEPTH}"))),
+            None if depth > MAX_DEPTH => {
+                return Err(bad(format!("depth {depth} exceeds {MAX_DEPTH}")))
+            }
             Some(d) if d != depth => return Err(bad(format!("node depth {depth}, expected {d}"))),
             _ => {}
         }
@@ -67,23 +80,38 @@ fn map_extent(disk: &Disk, csum: bool, inode: &Inode, lblk: u64) -> GuestResult<
                 let e = entry(i);
                 let start = le32(e, 0) as u64;
                 let raw_len = le16(e, 4) as u64;
-                let (len, uninit) = if raw_len > 32768 { (raw_len - 32768, true) } else { (raw_len, false) };
+                let (len, uninit) = if raw_len > 32768 {
+                    (raw_len - 32768, true)
+                } else {
+                    (raw_len, false)
+                };
                 if start < prev_end || len == 0 {
                     return Err(bad(format!("extent {i} overlaps or is empty")));
                 }
                 prev_end = start + len;
                 if lblk < start {
-                    return Ok(Run { phys: None, len: start - lblk });
+                    return Ok(Run {
+                        phys: None,
+                        len: start - lblk,
+                    });
                 }
                 if lblk < start + len {
                     let pstart = le32(e, 8) as u64 | (le16(e, 6) as u64) << 32;
-                    disk.check_block(pstart, len, node_off + 12 + 12 * i as u64, &format!("inode {} extent", inode.ino))?;
+                    disk.check_block(
+                        pstart,
+                        len,
+                        node_off + 12 + 12 * i as u64,
+                        &format!("inode {} extent", inode.ino),
+                    )?;
                     let run_len = start + len - lblk;
                     let phys = (!uninit).then_some(pstart + (lblk - start));
                     return Ok(Run { phys, len: run_len });
                 }
             }
-            return Ok(Run { phys: None, len: upper.saturating_sub(lblk).max(1) });
+            return Ok(Run {
+                phys: None,
+                len: upper.saturating_sub(lblk).max(1),
+            });
         }
         // Index node: the last entry starting at or before lblk.
         let mut pick = None;
@@ -95,15 +123,27 @@ fn map_extent(disk: &Disk, csum: bool, inode: &Inode, lblk: u64) -> GuestResult<
             }
         }
         let Some(i) = pick else {
-            let first = if entries > 0 { le32(entry(0), 0) as u64 } else { upper };
-            return Ok(Run { phys: None, len: first.saturating_sub(lblk).max(1) });
+            let first = if entries > 0 {
+                le32(entry(0), 0) as u64
+            } else {
+                upper
+            };
+            return Ok(Run {
+                phys: None,
+                len: first.saturating_sub(lblk).max(1),
+            });
         };
         if i + 1 < entries {
             upper = upper.min(le32(entry(i + 1), 0) as u64);
         }
         let e = entry(i);
         let child = le32(e, 4) as u64 | (le16(e, 8) as u64) << 32;
-        disk.check_block(child, 1, node_off + 12 + 12 * i as u64, &format!("inode {} extent index", inode.ino))?;
+        disk.check_block(
+            child,
+            1,
+            node_off + 12 + 12 * i as u64,
+            &format!("inode {} extent index", inode.ino),
+        )?;
         holder = disk.block(child)?;
         node = &holder[..];
         node_off = child * disk.block_size;
@@ -111,7 +151,11 @@ fn map_extent(disk: &Disk, csum: bool, inode: &Inode, lblk: u64) -> GuestResult<
         if csum {
             let tail = 12 + 12 * nmax;
             if tail + 4 > node.len() {
-                return Err(GuestError::corrupt(vol, node_off, format!("inode {}: extent block max {nmax} too large", inode.ino)));
+                return Err(GuestError::corrupt(
+                    vol,
+                    node_off,
+                    format!("inode {}: extent block max {nmax} too large", inode.ino),
+                ));
             }
             let got = crc32c(inode.csum_seed, &node[..tail]);
             let want = le32(node, tail);
@@ -131,7 +175,7 @@ fn map_blockmap(disk: &Disk, inode: &Inode, lblk: u64) -> GuestResult<Run> {
     let p = disk.block_size / 4;
     let ib = inode.i_block();
     if lblk < 12 {
-        return Ok(run_in_table(disk, inode, ib, inode.offset + 0x28, lblk as usize, 12)?);
+        return run_in_table(disk, inode, ib, inode.offset + 0x28, lblk as usize, 12);
     }
     // (root slot, depth, first logical block the root covers)
     let mut first = 12;
@@ -146,17 +190,28 @@ fn map_blockmap(disk: &Disk, inode: &Inode, lblk: u64) -> GuestResult<Run> {
         span = span.saturating_mul(p);
     }
     let Some((slot, depth)) = found else {
-        return Ok(Run { phys: None, len: LBLK_END.saturating_sub(lblk).max(1) });
+        return Ok(Run {
+            phys: None,
+            len: LBLK_END.saturating_sub(lblk).max(1),
+        });
     };
     let mut rel = lblk - first;
     let mut ptr = le32(ib, slot * 4) as u64;
     let mut ptr_at = inode.offset + 0x28 + slot as u64 * 4;
     let mut per = span / p; // blocks per entry of the current table
     if ptr == 0 {
-        return Ok(Run { phys: None, len: span - rel });
+        return Ok(Run {
+            phys: None,
+            len: span - rel,
+        });
     }
     for level in 0..depth {
-        disk.check_block(ptr, 1, ptr_at, &format!("inode {} indirect block", inode.ino))?;
+        disk.check_block(
+            ptr,
+            1,
+            ptr_at,
+            &format!("inode {} indirect block", inode.ino),
+        )?;
         let table = disk.block(ptr)?;
         let table_off = ptr * disk.block_size;
         let idx = (rel / per) as usize;
@@ -167,7 +222,10 @@ fn map_blockmap(disk: &Disk, inode: &Inode, lblk: u64) -> GuestResult<Run> {
         ptr_at = table_off + idx as u64 * 4;
         rel %= per;
         if ptr == 0 {
-            return Ok(Run { phys: None, len: per - rel });
+            return Ok(Run {
+                phys: None,
+                len: per - rel,
+            });
         }
         per /= p;
     }
@@ -176,7 +234,14 @@ fn map_blockmap(disk: &Disk, inode: &Inode, lblk: u64) -> GuestResult<Run> {
 
 /// The run starting at entry `idx` of a table of `n` block pointers:
 /// consecutive physical blocks, or consecutive zero (hole) entries.
-fn run_in_table(disk: &Disk, inode: &Inode, table: &[u8], table_off: u64, idx: usize, n: usize) -> GuestResult<Run> {
+fn run_in_table(
+    disk: &Disk,
+    inode: &Inode,
+    table: &[u8],
+    table_off: u64,
+    idx: usize,
+    n: usize,
+) -> GuestResult<Run> {
     let at = |i: usize| le32(table, i * 4) as u64;
     let first = at(idx);
     let mut len = 1;
@@ -184,11 +249,22 @@ fn run_in_table(disk: &Disk, inode: &Inode, table: &[u8], table_off: u64, idx: u
         while idx + len < n && at(idx + len) == 0 {
             len += 1;
         }
-        return Ok(Run { phys: None, len: len as u64 });
+        return Ok(Run {
+            phys: None,
+            len: len as u64,
+        });
     }
     while idx + len < n && at(idx + len) == first + len as u64 {
         len += 1;
     }
-    disk.check_block(first, len as u64, table_off + idx as u64 * 4, &format!("inode {} block pointer", inode.ino))?;
-    Ok(Run { phys: Some(first), len: len as u64 })
+    disk.check_block(
+        first,
+        len as u64,
+        table_off + idx as u64 * 4,
+        &format!("inode {} block pointer", inode.ino),
+    )?;
+    Ok(Run {
+        phys: Some(first),
+        len: len as u64,
+    })
 }

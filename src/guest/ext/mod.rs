@@ -73,15 +73,22 @@ impl ExtFs {
         let sb = Superblock::parse(name, &raw, size)?;
         let disk = Disk::new(name, bytes, sb.block_size, sb.blocks_count);
         let groups = load_groups(&disk, &sb)?;
-        let mut fs = ExtFs { disk, sb, groups, notes: Vec::new() };
+        let mut fs = ExtFs {
+            disk,
+            sb,
+            groups,
+            notes: Vec::new(),
+        };
         if fs.sb.has_incompat(sb::INCOMPAT_RECOVER) {
             fs.recover(size)?;
         }
         if fs.sb.has_incompat(sb::INCOMPAT_INLINE_DATA) {
-            fs.notes.push("inline_data: small files and directories are read from their inodes".into());
+            fs.notes
+                .push("inline_data: small files and directories are read from their inodes".into());
         }
         if fs.sb.has_incompat(sb::INCOMPAT_CASEFOLD) {
-            fs.notes.push("casefold: names are matched exactly (byte for byte)".into());
+            fs.notes
+                .push("casefold: names are matched exactly (byte for byte)".into());
         }
         Ok(fs)
     }
@@ -91,14 +98,22 @@ impl ExtFs {
         let name = self.disk.name.clone();
         if !self.sb.has_compat(sb::COMPAT_HAS_JOURNAL) || self.sb.journal_inum == 0 {
             if self.sb.journal_dev != 0 {
-                return Err(GuestError::unsupported(&name, "needs recovery from a journal on an external device"));
+                return Err(GuestError::unsupported(
+                    &name,
+                    "needs recovery from a journal on an external device",
+                ));
             }
-            return Err(GuestError::corrupt(&name, SB_OFFSET + 0x60, "superblock: needs recovery but has no journal"));
+            return Err(GuestError::corrupt(
+                &name,
+                SB_OFFSET + 0x60,
+                "superblock: needs recovery but has no journal",
+            ));
         }
         let jinode = self.inode(self.sb.journal_inum as u64)?;
         let replay = journal::replay(&self.disk, self.sb.csum(), &jinode)?;
         if replay.transactions == 0 {
-            self.notes.push("journal needed recovery but held no committed transaction".into());
+            self.notes
+                .push("journal needed recovery but held no committed transaction".into());
             return Ok(());
         }
         self.disk.set_overlay(replay.overlay);
@@ -106,13 +121,22 @@ impl ExtFs {
         self.disk.read_meta(SB_OFFSET, &mut raw)?;
         let sb = Superblock::parse(&name, &raw, size)?;
         if sb.block_size != self.sb.block_size || sb.blocks_count != self.sb.blocks_count {
-            return Err(GuestError::unsupported(&name, "journal changes the filesystem geometry (online resize)"));
+            return Err(GuestError::unsupported(
+                &name,
+                "journal changes the filesystem geometry (online resize)",
+            ));
         }
         self.groups = load_groups(&self.disk, &sb)?;
         self.sb = sb;
-        self.notes.push(format!("journal replayed in memory ({} transactions)", replay.transactions));
+        self.notes.push(format!(
+            "journal replayed in memory ({} transactions)",
+            replay.transactions
+        ));
         if replay.bad_blocks > 0 {
-            self.notes.push(format!("journal: {} block copies skipped (checksum mismatch)", replay.bad_blocks));
+            self.notes.push(format!(
+                "journal: {} block copies skipped (checksum mismatch)",
+                replay.bad_blocks
+            ));
         }
         Ok(())
     }
@@ -120,7 +144,11 @@ impl ExtFs {
     /// Reads and checks inode `ino`.
     fn inode(&self, ino: u64) -> GuestResult<Inode> {
         if ino == 0 || ino > self.sb.inodes_count as u64 {
-            return Err(GuestError::corrupt(&self.disk.name, SB_OFFSET, format!("inode number {ino} out of range")));
+            return Err(GuestError::corrupt(
+                &self.disk.name,
+                SB_OFFSET,
+                format!("inode number {ino} out of range"),
+            ));
         }
         let g = (ino - 1) / self.sb.inodes_per_group;
         let idx = (ino - 1) % self.sb.inodes_per_group;
@@ -140,7 +168,10 @@ impl ExtFs {
         } else {
             return Ok(());
         };
-        Err(GuestError::unsupported(&self.disk.name, format!("{what} inode {}", inode.ino)))
+        Err(GuestError::unsupported(
+            &self.disk.name,
+            format!("{what} inode {}", inode.ino),
+        ))
     }
 
     fn csum(&self) -> bool {
@@ -167,7 +198,12 @@ impl ExtFs {
                 return Err(GuestError::corrupt(
                     &self.disk.name,
                     inode.offset,
-                    format!("inode {}: size {} exceeds its inline data ({} bytes)", inode.ino, inode.size, v.len()),
+                    format!(
+                        "inode {}: size {} exceeds its inline data ({} bytes)",
+                        inode.ino,
+                        inode.size,
+                        v.len()
+                    ),
                 ));
             }
             buf[..n].copy_from_slice(&v[offset as usize..offset as usize + n]);
@@ -208,7 +244,11 @@ impl ExtFs {
             return Err(GuestError::corrupt(
                 &self.disk.name,
                 dir.offset,
-                format!("directory {}: entry {:?} points to inode {ino} (loop or out of range)", dir.ino, String::from_utf8_lossy(name)),
+                format!(
+                    "directory {}: entry {:?} points to inode {ino} (loop or out of range)",
+                    dir.ino,
+                    String::from_utf8_lossy(name)
+                ),
             ));
         }
         Ok(ino)
@@ -216,7 +256,11 @@ impl ExtFs {
 
     /// Calls `f` on every entry of `dir` in block order (index blocks
     /// skipped); stops when `f` returns true.
-    fn scan_dir(&self, dir: &Inode, mut f: impl FnMut(dir::Raw) -> GuestResult<bool>) -> GuestResult<()> {
+    fn scan_dir(
+        &self,
+        dir: &Inode,
+        mut f: impl FnMut(dir::Raw) -> GuestResult<bool>,
+    ) -> GuestResult<()> {
         if dir.flags & FL_INLINE_DATA != 0 {
             return self.scan_inline_dir(dir, f);
         }
@@ -237,16 +281,23 @@ impl ExtFs {
                     continue;
                 }
                 let mut stop = false;
-                dir::parse_leaf(&self.disk.name, dir, self.csum(), &block, (p + k) * bs, |e| {
-                    match f(e) {
-                        Ok(s) => stop = s,
-                        Err(e) => {
-                            err = Some(e);
-                            stop = true;
+                dir::parse_leaf(
+                    &self.disk.name,
+                    dir,
+                    self.csum(),
+                    &block,
+                    (p + k) * bs,
+                    |e| {
+                        match f(e) {
+                            Ok(s) => stop = s,
+                            Err(e) => {
+                                err = Some(e);
+                                stop = true;
+                            }
                         }
-                    }
-                    stop
-                })?;
+                        stop
+                    },
+                )?;
                 if let Some(e) = err.take() {
                     return Err(e);
                 }
@@ -261,9 +312,16 @@ impl ExtFs {
 
     /// An inline directory: the parent's inode number in the first 4
     /// bytes of i_block, entries in the other 56, more in system.data.
-    fn scan_inline_dir(&self, dir: &Inode, mut f: impl FnMut(dir::Raw) -> GuestResult<bool>) -> GuestResult<()> {
+    fn scan_inline_dir(
+        &self,
+        dir: &Inode,
+        mut f: impl FnMut(dir::Raw) -> GuestResult<bool>,
+    ) -> GuestResult<()> {
         let extra = xattr::system_data(&self.disk.name, dir)?;
-        let regions: [(&[u8], u64); 2] = [(&dir.i_block()[4..], dir.offset + 0x2C), (&extra, dir.offset)];
+        let regions: [(&[u8], u64); 2] = [
+            (&dir.i_block()[4..], dir.offset + 0x2C),
+            (&extra, dir.offset),
+        ];
         for (region, off) in regions {
             if region.is_empty() {
                 continue;
@@ -294,7 +352,12 @@ impl ExtFs {
         let inode = self.inode(ino)?;
         let acl = inode.file_acl();
         let block = if acl != 0 {
-            self.disk.check_block(acl, 1, inode.offset + 0x68, &format!("inode {ino} xattr block"))?;
+            self.disk.check_block(
+                acl,
+                1,
+                inode.offset + 0x68,
+                &format!("inode {ino} xattr block"),
+            )?;
             Some(self.disk.block(acl)?)
         } else {
             None
@@ -302,21 +365,35 @@ impl ExtFs {
         let read_ea = |inum: u32, size: u32| -> GuestResult<Vec<u8>> {
             let ea = self.inode(inum as u64)?;
             if ea.flags & FL_EA_INODE == 0 || ea.size != size as u64 {
-                return Err(GuestError::corrupt(&self.disk.name, ea.offset, format!("inode {inum}: not the xattr value inode")));
+                return Err(GuestError::corrupt(
+                    &self.disk.name,
+                    ea.offset,
+                    format!("inode {inum}: not the xattr value inode"),
+                ));
             }
             let mut v = vec![0u8; size as usize];
             self.read_inode_data(&ea, 0, &mut v)?;
             Ok(v)
         };
         let seed = self.csum().then_some(self.sb.csum_seed);
-        xattr::all(&self.disk.name, seed, &inode, block.as_ref().map(|b| (&b[..], acl)), &read_ea)
+        xattr::all(
+            &self.disk.name,
+            seed,
+            &inode,
+            block.as_ref().map(|b| (&b[..], acl)),
+            &read_ea,
+        )
     }
 }
 
 impl DirBlocks for ExtFs {
     fn dir_block(&self, dir: &Inode, lblk: u64) -> GuestResult<Option<(Arc<Vec<u8>>, u64)>> {
         if lblk.saturating_mul(self.sb.block_size) >= dir.size {
-            return Err(GuestError::corrupt(&self.disk.name, dir.offset, format!("directory {}: index points past its end", dir.ino)));
+            return Err(GuestError::corrupt(
+                &self.disk.name,
+                dir.offset,
+                format!("directory {}: index points past its end", dir.ino),
+            ));
         }
         let run = map::map(&self.disk, self.csum(), dir, lblk)?;
         match run.phys {
@@ -328,7 +405,14 @@ impl DirBlocks for ExtFs {
 
 fn uuid_string(u: &[u8; 16]) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 impl GuestFs for ExtFs {
@@ -339,7 +423,8 @@ impl GuestFs for ExtFs {
     fn info(&self) -> FsInfo {
         FsInfo {
             fstype: self.sb.fstype().to_string(),
-            label: (!self.sb.label.is_empty()).then(|| String::from_utf8_lossy(&self.sb.label).into_owned()),
+            label: (!self.sb.label.is_empty())
+                .then(|| String::from_utf8_lossy(&self.sb.label).into_owned()),
             uuid: Some(uuid_string(&self.sb.uuid)),
             notes: self.notes.clone(),
         }
@@ -354,7 +439,11 @@ impl GuestFs for ExtFs {
         if name == b"." {
             return Ok(dir);
         }
-        if d.flags & FL_INDEX != 0 && self.sb.compat & sb::COMPAT_DIR_INDEX != 0 && d.flags & FL_CASEFOLD == 0 && name != b".." {
+        if d.flags & FL_INDEX != 0
+            && self.sb.compat & sb::COMPAT_DIR_INDEX != 0
+            && d.flags & FL_CASEFOLD == 0
+            && name != b".."
+        {
             match dir::dx_lookup(&self.disk.name, &self.sb, &d, self, name)? {
                 DxResult::Found(ino) => return self.check_entry(&d, name, ino),
                 DxResult::NotFound => return Err(GuestError::NotFound),
@@ -371,7 +460,11 @@ impl GuestFs for ExtFs {
             };
             let r0 = sb::le16(&b, 4) as usize;
             if r0 + 12 > b.len() || b[r0 + 6] != 2 || &b[r0 + 8..r0 + 10] != b".." {
-                return Err(GuestError::corrupt(&self.disk.name, off, format!("directory {dir}: no \"..\" entry")));
+                return Err(GuestError::corrupt(
+                    &self.disk.name,
+                    off,
+                    format!("directory {dir}: no \"..\" entry"),
+                ));
             }
             return self.check_entry(&d, name, sb::le32(&b, r0));
         }
@@ -401,7 +494,11 @@ impl GuestFs for ExtFs {
                 Some(k) => k,
                 None => self.inode(ino)?.kind().unwrap_or(FileKind::File),
             };
-            out.push(DirEntry { name: e.name.to_vec(), ino, kind });
+            out.push(DirEntry {
+                name: e.name.to_vec(),
+                ino,
+                kind,
+            });
             Ok(false)
         })?;
         Ok(out)
@@ -429,7 +526,11 @@ impl GuestFs for ExtFs {
             return Ok(inode.i_block()[..size as usize].to_vec());
         }
         if size > self.sb.block_size {
-            return Err(GuestError::corrupt(&self.disk.name, inode.offset + 4, format!("symlink {ino}: size {size} too large")));
+            return Err(GuestError::corrupt(
+                &self.disk.name,
+                inode.offset + 4,
+                format!("symlink {ino}: size {size} too large"),
+            ));
         }
         let mut v = vec![0u8; size as usize];
         let n = self.read_inode_data(&inode, 0, &mut v)?;

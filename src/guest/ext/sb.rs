@@ -90,7 +90,9 @@ impl Superblock {
     /// Parses and validates the 1024 superblock bytes of a volume of
     /// `vol_size` bytes named `vol`.
     pub fn parse(vol: &str, b: &[u8], vol_size: u64) -> GuestResult<Superblock> {
-        let bad = |off: usize, what: &str| GuestError::corrupt(vol, SB_OFFSET + off as u64, format!("superblock: {what}"));
+        let bad = |off: usize, what: &str| {
+            GuestError::corrupt(vol, SB_OFFSET + off as u64, format!("superblock: {what}"))
+        };
         if b.len() < SB_SIZE || le16(b, 0x38) != MAGIC {
             return Err(bad(0x38, "no ext2/3/4 magic"));
         }
@@ -103,21 +105,36 @@ impl Superblock {
             let want = le32(b, 0x3FC);
             let got = crc32c(!0, &b[..0x3FC]);
             if want != got {
-                return Err(bad(0x3FC, &format!("checksum mismatch (stored {want:#010x}, computed {got:#010x})")));
+                return Err(bad(
+                    0x3FC,
+                    &format!("checksum mismatch (stored {want:#010x}, computed {got:#010x})"),
+                ));
             }
         }
         let log_bs = le32(b, 0x18);
         if log_bs > 6 {
-            return Err(bad(0x18, &format!("block size 1024<<{log_bs} out of range")));
+            return Err(bad(
+                0x18,
+                &format!("block size 1024<<{log_bs} out of range"),
+            ));
         }
         let block_size = 1024u64 << log_bs;
         let rev = le32(b, 0x4C);
-        let (inode_size, first_ino) = if rev == 0 { (128, 11) } else { (le16(b, 0x58) as u64, le32(b, 0x54)) };
+        let (inode_size, first_ino) = if rev == 0 {
+            (128, 11)
+        } else {
+            (le16(b, 0x58) as u64, le32(b, 0x54))
+        };
         if inode_size < 128 || inode_size > block_size || !inode_size.is_power_of_two() {
             return Err(bad(0x58, &format!("inode size {inode_size} invalid")));
         }
         let is64 = incompat & INCOMPAT_64BIT != 0;
-        let blocks_count = le32(b, 0x4) as u64 | if is64 { (le32(b, 0x150) as u64) << 32 } else { 0 };
+        let blocks_count = le32(b, 0x4) as u64
+            | if is64 {
+                (le32(b, 0x150) as u64) << 32
+            } else {
+                0
+            };
         let first_data_block = le32(b, 0x14) as u64;
         let bpg = le32(b, 0x20) as u64;
         let ipg = le32(b, 0x28) as u64;
@@ -128,7 +145,12 @@ impl Superblock {
             return Err(bad(0x28, &format!("inodes per group {ipg} invalid")));
         }
         if blocks_count <= first_data_block || first_data_block > 1 {
-            return Err(bad(0x4, &format!("block count {blocks_count} / first data block {first_data_block} invalid")));
+            return Err(bad(
+                0x4,
+                &format!(
+                    "block count {blocks_count} / first data block {first_data_block} invalid"
+                ),
+            ));
         }
         match blocks_count.checked_mul(block_size) {
             Some(n) if n <= vol_size => {}
@@ -141,12 +163,24 @@ impl Superblock {
         }
         let group_count = (blocks_count - first_data_block).div_ceil(bpg);
         let inodes_count = le32(b, 0x0);
-        if inodes_count as u64 > group_count * ipg || (inodes_count as u64) < (first_ino as u64).max(11) {
-            return Err(bad(0x0, &format!("inode count {inodes_count} does not fit the groups")));
+        if inodes_count as u64 > group_count * ipg
+            || (inodes_count as u64) < (first_ino as u64).max(11)
+        {
+            return Err(bad(
+                0x0,
+                &format!("inode count {inodes_count} does not fit the groups"),
+            ));
         }
         let desc_size = if is64 { le16(b, 0xFE) as u64 } else { 32 };
-        if desc_size < 32 || desc_size > block_size || !desc_size.is_power_of_two() || (is64 && desc_size < 64) {
-            return Err(bad(0xFE, &format!("group descriptor size {desc_size} invalid")));
+        if desc_size < 32
+            || desc_size > block_size
+            || !desc_size.is_power_of_two()
+            || (is64 && desc_size < 64)
+        {
+            return Err(bad(
+                0xFE,
+                &format!("group descriptor size {desc_size} invalid"),
+            ));
         }
         let unknown = incompat & !INCOMPAT_KNOWN;
         if unknown != 0 {
@@ -162,7 +196,11 @@ impl Superblock {
             return Err(GuestError::unsupported(vol, what));
         }
         let uuid: [u8; 16] = b[0x68..0x78].try_into().unwrap();
-        let csum_seed = if incompat & INCOMPAT_CSUM_SEED != 0 { le32(b, 0x270) } else { crc32c(!0, &uuid) };
+        let csum_seed = if incompat & INCOMPAT_CSUM_SEED != 0 {
+            le32(b, 0x270)
+        } else {
+            crc32c(!0, &uuid)
+        };
         let label_raw = &b[0x78..0x88];
         let label = label_raw[..label_raw.iter().position(|&c| c == 0).unwrap_or(16)].to_vec();
         Ok(Superblock {
@@ -236,7 +274,9 @@ impl Superblock {
     /// "ext4", "ext3" or "ext2", as blkid would name it.
     pub fn fstype(&self) -> &'static str {
         let ext4_only = INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG | INCOMPAT_INLINE_DATA;
-        if self.incompat & ext4_only != 0 || self.ro_compat & (RO_COMPAT_METADATA_CSUM | RO_COMPAT_HUGE_FILE) != 0 {
+        if self.incompat & ext4_only != 0
+            || self.ro_compat & (RO_COMPAT_METADATA_CSUM | RO_COMPAT_HUGE_FILE) != 0
+        {
             "ext4"
         } else if self.compat & COMPAT_HAS_JOURNAL != 0 {
             "ext3"
@@ -274,7 +314,11 @@ pub fn parse_group(vol: &str, sb: &Superblock, g: u64, d: &[u8], off: u64) -> Gu
         table |= (le32(d, 0x28) as u64) << 32;
     }
     let table_blocks = (sb.inodes_per_group * sb.inode_size).div_ceil(sb.block_size);
-    if table == 0 || table.checked_add(table_blocks).is_none_or(|end| end > sb.blocks_count) {
+    if table == 0
+        || table
+            .checked_add(table_blocks)
+            .is_none_or(|end| end > sb.blocks_count)
+    {
         return Err(GuestError::corrupt(
             vol,
             off + 0x8,

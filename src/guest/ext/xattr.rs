@@ -64,19 +64,20 @@ fn acl_to_posix(v: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Parses the entries in `area[start..]`; values lie at `value_base +
-/// e_value_offs` inside `area`. `off` is the area's volume byte offset.
+/// Parses the entries in `area[start..]`; values lie at e_value_offs
+/// inside `area`. `off` is the area's volume byte offset.
 fn parse_entries(
     vol: &str,
     ino: u64,
     area: &[u8],
     start: usize,
-    value_base: usize,
     off: u64,
     ea_inode: EaInodeReader,
     out: &mut Vec<(u8, Vec<u8>, Vec<u8>)>,
 ) -> GuestResult<()> {
-    let bad = |at: usize, what: &str| GuestError::corrupt(vol, off + at as u64, format!("inode {ino}: xattr {what}"));
+    let bad = |at: usize, what: &str| {
+        GuestError::corrupt(vol, off + at as u64, format!("inode {ino}: xattr {what}"))
+    };
     let mut pos = start;
     while pos + 4 <= area.len() && le32(area, pos) != 0 {
         if pos + 16 > area.len() {
@@ -98,7 +99,7 @@ fn parse_entries(
         let value = if vinum != 0 {
             ea_inode(vinum, vsize)?
         } else {
-            let vstart = value_base + voff;
+            let vstart = voff;
             match vstart.checked_add(vsize as usize) {
                 Some(vend) if vend <= area.len() => area[vstart..vend].to_vec(),
                 _ => return Err(bad(pos, "value runs past the area")),
@@ -124,7 +125,11 @@ pub fn all(
     if let Some((b, blk)) = block {
         let off = blk * b.len() as u64;
         if le32(b, 0) != MAGIC || le32(b, 8) != 1 {
-            return Err(GuestError::corrupt(vol, off, format!("inode {}: xattr block has a bad header", inode.ino)));
+            return Err(GuestError::corrupt(
+                vol,
+                off,
+                format!("inode {}: xattr block has a bad header", inode.ino),
+            ));
         }
         if let Some(seed) = csum_seed {
             let mut c = crc32c(seed, &blk.to_le_bytes());
@@ -140,7 +145,7 @@ pub fn all(
                 ));
             }
         }
-        parse_entries(vol, inode.ino, b, 0x20, 0, off, ea_inode, &mut out)?;
+        parse_entries(vol, inode.ino, b, 0x20, off, ea_inode, &mut out)?;
     }
     let mut named = Vec::new();
     for (index, name, value) in out {
@@ -148,7 +153,11 @@ pub fn all(
         let mut full = p.to_vec();
         if index == 2 || index == 3 {
             let v = acl_to_posix(&value).ok_or_else(|| {
-                GuestError::corrupt(vol, inode.offset, format!("inode {}: ACL xattr malformed", inode.ino))
+                GuestError::corrupt(
+                    vol,
+                    inode.offset,
+                    format!("inode {}: ACL xattr malformed", inode.ino),
+                )
             })?;
             named.push((full, v));
         } else {
@@ -159,11 +168,18 @@ pub fn all(
     Ok(named)
 }
 
-fn in_inode(vol: &str, inode: &Inode, ea_inode: EaInodeReader, out: &mut Vec<(u8, Vec<u8>, Vec<u8>)>) -> GuestResult<()> {
+fn in_inode(
+    vol: &str,
+    inode: &Inode,
+    ea_inode: EaInodeReader,
+    out: &mut Vec<(u8, Vec<u8>, Vec<u8>)>,
+) -> GuestResult<()> {
     let raw = &inode.raw;
     let s = inode.extra_end;
     if raw.len() >= s + 4 && le32(raw, s) == MAGIC {
-        parse_entries(vol, inode.ino, &raw[s..], 4, 4, inode.offset + s as u64, ea_inode, out)?;
+        // Value offsets count from the first entry, right after the magic.
+        let off = inode.offset + s as u64 + 4;
+        parse_entries(vol, inode.ino, &raw[s + 4..], 0, off, ea_inode, out)?;
     }
     Ok(())
 }
@@ -173,10 +189,18 @@ fn in_inode(vol: &str, inode: &Inode, ea_inode: EaInodeReader, out: &mut Vec<(u8
 pub fn system_data(vol: &str, inode: &Inode) -> GuestResult<Vec<u8>> {
     let mut out = Vec::new();
     let no_ea = |_: u32, _: u32| -> GuestResult<Vec<u8>> {
-        Err(GuestError::corrupt(vol, inode.offset, format!("inode {}: inline data in an xattr inode", inode.ino)))
+        Err(GuestError::corrupt(
+            vol,
+            inode.offset,
+            format!("inode {}: inline data in an xattr inode", inode.ino),
+        ))
     };
     in_inode(vol, inode, &no_ea, &mut out)?;
-    Ok(out.into_iter().find(|(i, n, _)| *i == 7 && n == b"data").map(|(_, _, v)| v).unwrap_or_default())
+    Ok(out
+        .into_iter()
+        .find(|(i, n, _)| *i == 7 && n == b"data")
+        .map(|(_, _, v)| v)
+        .unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -187,7 +211,13 @@ mod tests {
     fn acl_conversion() {
         // user::rw-, user:1000:r--, group::r--, mask::r--, other::---
         let mut v = 1u32.to_le_bytes().to_vec();
-        for (tag, perm, id) in [(1u16, 6u16, None), (2, 4, Some(1000u32)), (4, 4, None), (0x10, 4, None), (0x20, 0, None)] {
+        for (tag, perm, id) in [
+            (1u16, 6u16, None),
+            (2, 4, Some(1000u32)),
+            (4, 4, None),
+            (0x10, 4, None),
+            (0x20, 0, None),
+        ] {
             v.extend_from_slice(&tag.to_le_bytes());
             v.extend_from_slice(&perm.to_le_bytes());
             if let Some(id) = id {
