@@ -270,37 +270,58 @@ pub fn dx_lookup(
             count_off = 8;
             continue;
         }
-        // Leaf level: this block, then following ones while the index says
-        // the hash continues there (collisions).
-        let mut j = i;
-        loop {
-            let lblk = dx_block_at(&node_buf, &n, j);
-            let Some((leaf, off)) = blocks.dir_block(dir, lblk)? else {
-                return Err(bad(format!("index points to hole at block {lblk}")));
-            };
-            let mut found = None;
-            parse_leaf(vol, dir, csum, &leaf, off, |e| {
-                if e.name == name {
-                    found = Some(e.ino);
-                }
-                found.is_some()
-            })?;
-            if let Some(ino) = found {
-                return Ok(DxResult::Found(ino));
-            }
-            if j + 1 >= n.count {
-                // A continuation could sit in the next index node.
-                return Ok(if levels > 0 {
-                    DxResult::Linear
-                } else {
-                    DxResult::NotFound
-                });
-            }
-            if dx_hash_at(&node_buf, &n, j + 1) & !1 != hash {
-                return Ok(DxResult::NotFound);
-            }
-            j += 1;
-        }
+        return dx_leaves(vol, csum, dir, blocks, &node_buf, &n, i, hash, levels, name);
     }
     Ok(DxResult::NotFound)
+}
+
+/// Searches the leaf that index entry `i` of node `n` points to, then the
+/// following leaves while the index says the hash continues there
+/// (collisions).
+#[allow(clippy::too_many_arguments)]
+fn dx_leaves(
+    vol: &str,
+    csum: bool,
+    dir: &Inode,
+    blocks: &dyn DirBlocks,
+    node: &[u8],
+    n: &DxNode,
+    i: usize,
+    hash: u32,
+    levels: usize,
+    name: &[u8],
+) -> GuestResult<DxResult> {
+    let mut j = i;
+    loop {
+        let lblk = dx_block_at(node, n, j);
+        let Some((leaf, off)) = blocks.dir_block(dir, lblk)? else {
+            let what = format!(
+                "directory {} htree: index points to hole at block {lblk}",
+                dir.ino
+            );
+            return Err(GuestError::corrupt(vol, dir.offset, what));
+        };
+        let mut found = None;
+        parse_leaf(vol, dir, csum, &leaf, off, |e| {
+            if e.name == name {
+                found = Some(e.ino);
+            }
+            found.is_some()
+        })?;
+        if let Some(ino) = found {
+            return Ok(DxResult::Found(ino));
+        }
+        if j + 1 >= n.count {
+            // A continuation could sit in the next index node.
+            return Ok(if levels > 0 {
+                DxResult::Linear
+            } else {
+                DxResult::NotFound
+            });
+        }
+        if dx_hash_at(node, n, j + 1) & !1 != hash {
+            return Ok(DxResult::NotFound);
+        }
+        j += 1;
+    }
 }
