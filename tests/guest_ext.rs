@@ -275,7 +275,8 @@ fn ext4_1k_blocks_matches_kernel() {
 /// Fields that depend on the block size or the image, not on the tree.
 fn normalize(t: &Tree) -> Tree {
     let mut out = Tree::new();
-    for (p, r) in t {
+    // lost+found is made by mkfs, with its own time.
+    for (p, r) in t.iter().filter(|(p, _)| p.as_slice() != b"lost+found") {
         let mut r = Rec {
             ino: 0,
             allocated: 0,

@@ -52,13 +52,21 @@ pub struct ExtFs {
 fn load_groups(disk: &Disk, sb: &Superblock) -> GuestResult<Vec<Group>> {
     let per_block = sb.block_size / sb.desc_size;
     let mut groups = Vec::with_capacity(sb.group_count as usize);
-    let mut d = vec![0u8; sb.desc_size as usize];
+    let ds = sb.desc_size as usize;
     for g in 0..sb.group_count {
         let blk = sb.gdt_block(g / per_block);
         disk.check_block(blk, 1, SB_OFFSET, "group descriptor table")?;
-        let off = blk * sb.block_size + (g % per_block) * sb.desc_size;
-        disk.read_meta(off, &mut d)?;
-        groups.push(sb::parse_group(&disk.name, sb, g, &d, off)?);
+        // Through the block cache: one read per descriptor block.
+        let block = disk.block(blk)?;
+        let within = ((g % per_block) * sb.desc_size) as usize;
+        let off = blk * sb.block_size + within as u64;
+        groups.push(sb::parse_group(
+            &disk.name,
+            sb,
+            g,
+            &block[within..within + ds],
+            off,
+        )?);
     }
     Ok(groups)
 }

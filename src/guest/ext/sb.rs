@@ -161,7 +161,9 @@ impl Geometry {
             };
         let first_data_block = le32(b, 0x14) as u64;
         let (bpg, ipg) = (le32(b, 0x20) as u64, le32(b, 0x28) as u64);
-        if bpg == 0 || bpg > 8 * block_size {
+        // mke2fs never makes groups under 256 blocks; tiny ones would only
+        // make a hostile superblock cost millions of descriptors.
+        if bpg < 256 || bpg > 8 * block_size {
             return Err(bad(0x20, format!("blocks per group {bpg} invalid")));
         }
         if ipg == 0 || ipg > 8 * block_size {
