@@ -101,6 +101,17 @@ pub fn build_tree(src: &Path, bigdir: usize, sparse: bool) {
         f.write_at(&noise(8, 4096), (5 << 30) + 8192).unwrap();
         f.set_len((5 << 30) + 8192 + 4096 + 100).unwrap();
     }
+    build_links(src);
+    build_xattrs(src);
+    build_specials(src);
+    if bigdir > 0 {
+        fill_bigdir(&src.join("bigdir"), bigdir);
+    }
+}
+
+/// Deep paths, symlinks, hardlinks, unicode names.
+fn build_links(src: &Path) {
+    let w = |p: &str, data: &[u8]| std::fs::write(src.join(p), data).unwrap();
     let mut deep = src.join("deep");
     for i in 0..40 {
         deep = deep.join(format!("level{i:02}"));
@@ -115,7 +126,10 @@ pub fn build_tree(src: &Path, bigdir: usize, sparse: bool) {
     std::fs::hard_link(src.join("data-4097"), src.join("hardlink-b")).unwrap();
     std::fs::create_dir(src.join("Ελληνικά-目录")).unwrap();
     w("Ελληνικά-目录/üñíçødé-😀.txt", "unicode ✓\n".as_bytes());
-    // xattrs: small ones in the inode, a big one in the xattr block.
+}
+
+/// xattrs: small ones in the inode, a big one in the xattr block.
+fn build_xattrs(src: &Path) {
     sh(
         "setfattr",
         &[
@@ -146,7 +160,7 @@ pub fn build_tree(src: &Path, bigdir: usize, sparse: bool) {
             src.join("data-1").to_str().unwrap(),
         ],
     );
-    let big = format!("0x{}", "ab".repeat(2000));
+    let big = format!("0x{}", "ab".repeat(900));
     sh(
         "setfattr",
         &[
@@ -170,6 +184,10 @@ pub fn build_tree(src: &Path, bigdir: usize, sparse: bool) {
             ],
         );
     }
+}
+
+/// Device nodes, a FIFO, a socket; owners, modes and odd times.
+fn build_specials(src: &Path) {
     let dev = src.join("dev");
     std::fs::create_dir(&dev).unwrap();
     sh(
@@ -199,18 +217,22 @@ pub fn build_tree(src: &Path, bigdir: usize, sparse: bool) {
     set_times(&src.join("hello.txt"), 981_173_106, 123_456_789);
     set_times(&src.join("data-4095"), -315_619_200, 5); // 1960
     set_times(&src.join("data-4097"), 4_102_444_800, 999_999_999); // 2100
-    if bigdir > 0 {
-        let b = src.join("bigdir");
-        std::fs::create_dir(&b).unwrap();
-        for i in 0..bigdir {
-            let name = format!("entry-{i:06}-{}", "x".repeat(i % 97));
-            std::fs::File::create(b.join(name)).unwrap();
-        }
+}
+
+/// A directory of `n` empty files with names of many lengths (so the
+/// htree hashes see short, 32+ and 64+ byte names).
+pub fn fill_bigdir(b: &Path, n: usize) {
+    std::fs::create_dir(b).unwrap();
+    for i in 0..n {
+        // Non-ASCII bytes make the signed and unsigned hash variants differ.
+        let tail = if i % 3 == 0 { "é-ü" } else { "" };
+        let name = format!("entry-{i:06}-{}{tail}", "x".repeat(i % 97));
+        std::fs::File::create(b.join(name)).unwrap();
     }
 }
 
 /// Everything compared about one entry.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rec {
     pub kind: char,
     pub ino: u64,

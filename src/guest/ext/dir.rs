@@ -9,6 +9,7 @@ use super::hash::dx_hash;
 use super::inode::Inode;
 use super::sb::{le16, le32, Superblock};
 use crate::guest::{FileKind, GuestError, GuestResult};
+use std::sync::Arc;
 
 /// s_flags bit: the directory hash treats chars as unsigned.
 const FLAG_UNSIGNED_HASH: u32 = 0x2;
@@ -98,7 +99,7 @@ pub fn parse_leaf(
         let ino = le32(block, pos);
         let rl = rec_len(le16(block, pos + 4), bs);
         let name_len = block[pos + 6] as usize;
-        if rl < 8 || rl % 4 != 0 || pos + rl > end || 8 + name_len > rl {
+        if rl < 8 || !rl.is_multiple_of(4) || pos + rl > end || 8 + name_len > rl {
             return Err(GuestError::corrupt(
                 vol,
                 off + pos as u64,
@@ -168,6 +169,8 @@ fn dx_node(
         let t = count_off + limit * 8;
         let c = crc32c(dir.csum_seed, &b[..count_off + count * 8]);
         let c = crc32c(c, &b[t..t + 4]);
+        // The checksum field itself counts as zeros.
+        let c = crc32c(c, &[0; 4]);
         let want = le32(b, t + 4);
         if c != want {
             return Err(bad(&format!(
@@ -195,9 +198,73 @@ fn dx_block_at(b: &[u8], n: &DxNode, i: usize) -> u64 {
 pub enum DxResult {
     Found(u32),
     NotFound,
-    /// The index cannot answer (unknown hash, collision across nodes):
-    /// scan linearly.
+    /// The index cannot answer (a hash this reader does not know): scan
+    /// linearly.
     Linear,
+}
+
+/// One index node on the path from the root: its bytes, entries, and the
+/// entry followed.
+struct Step {
+    buf: Arc<Vec<u8>>,
+    node: DxNode,
+    at: usize,
+}
+
+/// Where lookups start: the hash of `name` under the root's hash version.
+fn root_hash(
+    vol: &str,
+    sb: &Superblock,
+    dir: &Inode,
+    root: &[u8],
+    root_off: u64,
+    name: &[u8],
+) -> GuestResult<Option<(u32, usize)>> {
+    let info_len = root[0x1D] as usize;
+    let levels = root[0x1E] as usize;
+    let max_levels = if sb.has_incompat(super::sb::INCOMPAT_LARGEDIR) {
+        3
+    } else {
+        2
+    };
+    if le32(root, 0x18) != 0 || info_len != 8 || levels >= max_levels {
+        let what = format!(
+            "directory {} htree root: bad info (info length {info_len}, {levels} levels)",
+            dir.ino
+        );
+        return Err(GuestError::corrupt(vol, root_off + 0x18, what));
+    }
+    let mut version = root[0x1C];
+    if version <= 2 && sb.flags & FLAG_UNSIGNED_HASH != 0 {
+        version += 3;
+    }
+    Ok(dx_hash(name, version, sb.hash_seed).map(|h| (h, levels)))
+}
+
+/// Reads index node `lblk` (below the root) and checks it.
+fn read_node(
+    vol: &str,
+    csum: bool,
+    dir: &Inode,
+    blocks: &dyn DirBlocks,
+    lblk: u64,
+) -> GuestResult<(Arc<Vec<u8>>, DxNode)> {
+    let Some((b, off)) = blocks.dir_block(dir, lblk)? else {
+        let what = format!(
+            "directory {} htree: index points to a hole at block {lblk}",
+            dir.ino
+        );
+        return Err(GuestError::corrupt(vol, dir.offset, what));
+    };
+    if !is_dx_node(&b) {
+        return Err(GuestError::corrupt(
+            vol,
+            off,
+            format!("directory {}: htree node expected", dir.ino),
+        ));
+    }
+    let n = dx_node(vol, dir, csum, &b, off, 8)?;
+    Ok((b, n))
 }
 
 /// Looks `name` up through the htree index of `dir`.
@@ -216,89 +283,83 @@ pub fn dx_lookup(
             format!("directory {}: htree root is a hole", dir.ino),
         ));
     };
-    let bad = |what: String| {
-        GuestError::corrupt(
-            vol,
-            root_off + 0x18,
-            format!("directory {} htree root: {what}", dir.ino),
-        )
-    };
-    let info_len = root[0x1D] as usize;
-    let levels = root[0x1E] as usize;
-    let max_levels = if sb.has_incompat(super::sb::INCOMPAT_LARGEDIR) {
-        3
-    } else {
-        2
-    };
-    if le32(&root, 0x18) != 0 || info_len != 8 || levels >= max_levels {
-        return Err(bad(format!(
-            "bad root info (info length {info_len}, {levels} levels)"
-        )));
-    }
-    let mut version = root[0x1C];
-    if version <= 2 && sb.flags & FLAG_UNSIGNED_HASH != 0 {
-        version += 3;
-    }
-    let Some(hash) = dx_hash(name, version, sb.hash_seed) else {
+    let Some((hash, levels)) = root_hash(vol, sb, dir, &root, root_off, name)? else {
         return Ok(DxResult::Linear);
     };
-    let mut node_buf = root;
-    let mut node_off = root_off;
-    let mut count_off = 0x18 + info_len;
+    let n = dx_node(vol, dir, csum, &root, root_off, 0x20)?;
+    let mut path = vec![Step {
+        buf: root,
+        node: n,
+        at: 0,
+    }];
     for level in 0..=levels {
-        let n = dx_node(vol, dir, csum, &node_buf, node_off, count_off)?;
-        let mut i = 0;
-        while i + 1 < n.count && dx_hash_at(&node_buf, &n, i + 1) <= hash {
-            i += 1;
+        let s = &mut path[level];
+        while s.at + 1 < s.node.count && dx_hash_at(&s.buf, &s.node, s.at + 1) <= hash {
+            s.at += 1;
         }
-        let child = dx_block_at(&node_buf, &n, i);
         if level < levels {
-            let Some((b, off)) = blocks.dir_block(dir, child)? else {
-                return Err(bad(format!("index points to hole at block {child}")));
-            };
-            if !is_dx_node(&b) {
-                return Err(GuestError::corrupt(
-                    vol,
-                    off,
-                    format!("directory {}: htree node expected", dir.ino),
-                ));
-            }
-            node_buf = b;
-            node_off = off;
-            count_off = 8;
-            continue;
-        }
-        // Leaf level: this block, then following ones while the index says
-        // the hash continues there (collisions).
-        let mut j = i;
-        loop {
-            let lblk = dx_block_at(&node_buf, &n, j);
-            let Some((leaf, off)) = blocks.dir_block(dir, lblk)? else {
-                return Err(bad(format!("index points to hole at block {lblk}")));
-            };
-            let mut found = None;
-            parse_leaf(vol, dir, csum, &leaf, off, |e| {
-                if e.name == name {
-                    found = Some(e.ino);
-                }
-                found.is_some()
-            })?;
-            if let Some(ino) = found {
-                return Ok(DxResult::Found(ino));
-            }
-            if j + 1 >= n.count {
-                // A continuation could sit in the next index node.
-                return Ok(if levels > 0 {
-                    DxResult::Linear
-                } else {
-                    DxResult::NotFound
-                });
-            }
-            if dx_hash_at(&node_buf, &n, j + 1) & !1 != hash {
-                return Ok(DxResult::NotFound);
-            }
-            j += 1;
+            let (buf, node) =
+                read_node(vol, csum, dir, blocks, dx_block_at(&s.buf, &s.node, s.at))?;
+            path.push(Step { buf, node, at: 0 });
         }
     }
-    Ok(DxResult::NotFound)
+    dx_leaves(vol, csum, dir, blocks, &mut path, hash, name)
+}
+
+/// Searches the leaf the path ends at, then the following leaves while
+/// the index says the hash continues there (collisions), also across
+/// index nodes, as the kernel's htree walk does.
+fn dx_leaves(
+    vol: &str,
+    csum: bool,
+    dir: &Inode,
+    blocks: &dyn DirBlocks,
+    path: &mut [Step],
+    hash: u32,
+    name: &[u8],
+) -> GuestResult<DxResult> {
+    // Each step moves to a later index entry, so this ends; the bound is a
+    // second guard against a corrupt index.
+    for _ in 0..1 << 20 {
+        let last = path.last().expect("the root is on the path");
+        let lblk = dx_block_at(&last.buf, &last.node, last.at);
+        let Some((leaf, off)) = blocks.dir_block(dir, lblk)? else {
+            let what = format!(
+                "directory {} htree: index points to a hole at block {lblk}",
+                dir.ino
+            );
+            return Err(GuestError::corrupt(vol, dir.offset, what));
+        };
+        let mut found = None;
+        parse_leaf(vol, dir, csum, &leaf, off, |e| {
+            if e.name == name {
+                found = Some(e.ino);
+            }
+            found.is_some()
+        })?;
+        if let Some(ino) = found {
+            return Ok(DxResult::Found(ino));
+        }
+        // The next entry at the lowest level that has one.
+        let Some(lvl) = (0..path.len())
+            .rev()
+            .find(|&l| path[l].at + 1 < path[l].node.count)
+        else {
+            return Ok(DxResult::NotFound);
+        };
+        path[lvl].at += 1;
+        if dx_hash_at(&path[lvl].buf, &path[lvl].node, path[lvl].at) & !1 != hash {
+            return Ok(DxResult::NotFound);
+        }
+        for l in lvl + 1..path.len() {
+            let child = dx_block_at(&path[l - 1].buf, &path[l - 1].node, path[l - 1].at);
+            let (buf, node) = read_node(vol, csum, dir, blocks, child)?;
+            path[l] = Step { buf, node, at: 0 };
+        }
+    }
+    Err(GuestError::corrupt(
+        vol,
+        dir.offset,
+        format!("directory {}: htree walk does not end", dir.ino),
+    ))
 }

@@ -163,3 +163,29 @@ pub fn dx_hash(name: &[u8], version: u8, seed: [u32; 4]) -> Option<u32> {
         h
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Expected values from `debugfs -R "dx_hash -h ALG NAME"` (default
+    /// seed), e2fsprogs 1.47.
+    #[test]
+    fn hashes_match_e2fsprogs() {
+        let long: &[u8] = b"a-name-that-is-longer-than-thirty-two-bytes-for-sure";
+        let h = |n: &[u8], v| dx_hash(n, v, [0; 4]).unwrap();
+        assert_eq!(h(b"hello", LEGACY), 0x32252546);
+        assert_eq!(h(long, LEGACY), 0xc6535ffc);
+        assert_eq!(h("héllo".as_bytes(), LEGACY), 0x239928cc);
+        assert_eq!(h(b"hello", HALF_MD4), 0x1746da32);
+        assert_eq!(h(long, HALF_MD4), 0xf2a748d0);
+        assert_eq!(h("héllo".as_bytes(), HALF_MD4), 0x98e030c8);
+        assert_eq!(h(b"hello", TEA), 0x6f5bb1a8);
+        assert_eq!(h(long, TEA), 0x4a721d02);
+        assert_eq!(h("héllo".as_bytes(), TEA), 0x313ecf7e);
+        assert_eq!(h("héllo".as_bytes(), LEGACY_UNSIGNED), 0x7798acd8);
+        assert_eq!(h("héllo".as_bytes(), HALF_MD4_UNSIGNED), 0xa5c67250);
+        assert_eq!(h("héllo".as_bytes(), TEA_UNSIGNED), 0x7472d1be);
+        assert_eq!(dx_hash(b"x", 6, [0; 4]), None);
+    }
+}

@@ -46,7 +46,7 @@ impl Inode {
         let isz = raw.len();
         let extra_end = if isz > GOOD_OLD_SIZE {
             let e = GOOD_OLD_SIZE + le16(raw, 0x80) as usize;
-            if e > isz || e % 4 != 0 {
+            if e > isz || !e.is_multiple_of(4) {
                 return Err(GuestError::corrupt(
                     vol,
                     offset + 0x80,
@@ -177,6 +177,11 @@ impl Inode {
         }
         if allocated == 0 {
             allocated = blocks.saturating_mul(512);
+        }
+        if self.flags & FL_INLINE_DATA != 0 && kind == FileKind::File {
+            // As the kernel reports regular files: at least the sectors the
+            // inline bytes would fill, so tools do not think it is sparse.
+            allocated += self.size.div_ceil(512) * 512;
         }
         let rdev = match kind {
             FileKind::CharDevice | FileKind::BlockDevice => self.rdev(),

@@ -107,6 +107,73 @@ impl Log<'_> {
         (be32(b, at), c)
     }
 
+    /// Records the tags of descriptor block `b` (and steps `pos` over the
+    /// data blocks they describe). False if the block's checksum fails,
+    /// which ends the log.
+    fn descriptor(
+        &self,
+        b: &[u8],
+        seq: u32,
+        pos: &mut u64,
+        visited: &mut u64,
+        writes: &mut Vec<(u64, u64, bool)>,
+    ) -> GuestResult<bool> {
+        let bs = self.bs;
+        let tail = if self.csum_v23() { 4 } else { 0 };
+        if tail > 0 {
+            let (want, got) = self.block_csum(b, bs - 4);
+            if want != got {
+                return Ok(false);
+            }
+        }
+        let tb = self.tag_bytes();
+        let mut t = 12;
+        while t + tb <= bs - tail {
+            let (lo, flags, hi, tcsum) = if self.has(INCOMPAT_CSUM_V3) {
+                (be32(b, t), be32(b, t + 4), be32(b, t + 8), be32(b, t + 12))
+            } else {
+                let hi = if self.has(INCOMPAT_64BIT) {
+                    be32(b, t + 8)
+                } else {
+                    0
+                };
+                (be32(b, t), be16(b, t + 6) as u32, hi, be16(b, t + 4) as u32)
+            };
+            let fsblk = lo as u64
+                | if self.has(INCOMPAT_64BIT) {
+                    (hi as u64) << 32
+                } else {
+                    0
+                };
+            *pos = self.next(*pos);
+            *visited += 1;
+            let mut jl = *pos;
+            if self.csum_v23() {
+                let (data, _) = self.read(*pos)?;
+                let mut c = crc32c(self.seed, &seq.to_be_bytes());
+                c = crc32c(c, &data);
+                let ok = if self.has(INCOMPAT_CSUM_V3) {
+                    c == tcsum
+                } else {
+                    (c & 0xFFFF) == tcsum
+                };
+                if !ok {
+                    // Marked: counted and skipped at replay, as the kernel does.
+                    jl |= 1 << 63;
+                }
+            }
+            writes.push((fsblk, jl, flags & TAG_ESCAPE != 0));
+            t += tb;
+            if flags & TAG_SAME_UUID == 0 {
+                t += 16;
+            }
+            if flags & TAG_LAST != 0 {
+                break;
+            }
+        }
+        Ok(true)
+    }
+
     fn tag_bytes(&self) -> usize {
         if self.has(INCOMPAT_CSUM_V3) {
             return 16;
@@ -127,7 +194,6 @@ impl Log<'_> {
 /// log is not empty. `fs_csum` says whether metadata_csum is on (for the
 /// journal inode's extent blocks).
 pub fn replay(disk: &Disk, fs_csum: bool, jinode: &Inode) -> GuestResult<Replay> {
-    let vol = &disk.name;
     let bs = disk.block_size as usize;
     let mut log = Log {
         disk,
@@ -139,72 +205,10 @@ pub fn replay(disk: &Disk, fs_csum: bool, jinode: &Inode) -> GuestResult<Replay>
         incompat: 0,
         seed: 0,
     };
-    let (sb, sb_off) = log.read(0)?;
-    let bad = |off: u64, what: String| GuestError::corrupt(vol, off, format!("journal: {what}"));
-    let btype = be32(&sb, 4);
-    if be32(&sb, 0) != JBD2_MAGIC || (btype != BT_SB_V1 && btype != BT_SB_V2) {
-        return Err(bad(sb_off, "bad superblock magic".into()));
-    }
-    if be32(&sb, 0xC) as usize != bs {
-        return Err(bad(
-            sb_off + 0xC,
-            format!(
-                "block size {} differs from the filesystem's",
-                be32(&sb, 0xC)
-            ),
-        ));
-    }
-    let jblocks = jinode.size / bs as u64;
-    let maxlen = be32(&sb, 0x10) as u64;
-    let first = be32(&sb, 0x14) as u64;
-    if maxlen > jblocks || first == 0 || first >= maxlen {
-        return Err(bad(
-            sb_off + 0x10,
-            format!("length {maxlen} / first {first} invalid for {jblocks} blocks"),
-        ));
-    }
-    log.maxlen = maxlen;
-    log.first = first;
-    if btype == BT_SB_V2 {
-        log.incompat = be32(&sb, 0x28);
-    }
-    let known = INCOMPAT_REVOKE
-        | INCOMPAT_64BIT
-        | INCOMPAT_ASYNC_COMMIT
-        | INCOMPAT_CSUM_V2
-        | INCOMPAT_CSUM_V3;
-    let start = be32(&sb, 0x1C) as u64;
-    if start == 0 {
+    let Some((start, seq)) = open_log(&mut log)? else {
         return Ok(Replay::default());
-    }
-    if log.has(INCOMPAT_FAST_COMMIT) {
-        return Err(GuestError::unsupported(
-            vol,
-            "journal with fast_commit blocks to replay",
-        ));
-    }
-    if log.incompat & !known != 0 {
-        return Err(GuestError::unsupported(
-            vol,
-            format!("journal feature bits {:#x}", log.incompat & !known),
-        ));
-    }
-    if log.csum_v23() {
-        log.seed = crc32c(!0, &sb[0x30..0x40]);
-        let mut c = crc32c(!0, &sb[..0xFC]);
-        c = crc32c(c, &[0; 4]);
-        c = crc32c(c, &sb[0x100..1024]);
-        if c != be32(&sb, 0xFC) {
-            return Err(bad(sb_off + 0xFC, "superblock checksum mismatch".into()));
-        }
-    }
-    if start < first || start >= maxlen {
-        return Err(bad(
-            sb_off + 0x1C,
-            format!("log start {start} outside the log"),
-        ));
-    }
-    let (txs, revokes) = scan(&log, start, be32(&sb, 0x18))?;
+    };
+    let (txs, revokes) = scan(&log, start, seq)?;
     let mut out = Replay {
         transactions: txs.len(),
         ..Default::default()
@@ -230,6 +234,79 @@ pub fn replay(disk: &Disk, fs_csum: bool, jinode: &Inode) -> GuestResult<Replay>
         }
     }
     Ok(out)
+}
+
+/// Reads and checks the journal superblock into `log`; returns the log
+/// start and its first sequence number, or None if the log is empty.
+fn open_log(log: &mut Log) -> GuestResult<Option<(u64, u32)>> {
+    let vol = &log.disk.name;
+    let bs = log.bs;
+    let (sb, sb_off) = log.read(0)?;
+    let bad = |off: u64, what: String| GuestError::corrupt(vol, off, format!("journal: {what}"));
+    let btype = be32(&sb, 4);
+    if be32(&sb, 0) != JBD2_MAGIC || (btype != BT_SB_V1 && btype != BT_SB_V2) {
+        return Err(bad(sb_off, "bad superblock magic".into()));
+    }
+    if be32(&sb, 0xC) as usize != bs {
+        return Err(bad(
+            sb_off + 0xC,
+            format!(
+                "block size {} differs from the filesystem's",
+                be32(&sb, 0xC)
+            ),
+        ));
+    }
+    let jblocks = log.inode.size / bs as u64;
+    let maxlen = be32(&sb, 0x10) as u64;
+    let first = be32(&sb, 0x14) as u64;
+    if maxlen > jblocks || first == 0 || first >= maxlen {
+        return Err(bad(
+            sb_off + 0x10,
+            format!("length {maxlen} / first {first} invalid for {jblocks} blocks"),
+        ));
+    }
+    log.maxlen = maxlen;
+    log.first = first;
+    if btype == BT_SB_V2 {
+        log.incompat = be32(&sb, 0x28);
+    }
+    let start = be32(&sb, 0x1C) as u64;
+    if start == 0 {
+        return Ok(None);
+    }
+    if log.has(INCOMPAT_FAST_COMMIT) {
+        return Err(GuestError::unsupported(
+            vol,
+            "journal with fast_commit blocks to replay",
+        ));
+    }
+    let known = INCOMPAT_REVOKE
+        | INCOMPAT_64BIT
+        | INCOMPAT_ASYNC_COMMIT
+        | INCOMPAT_CSUM_V2
+        | INCOMPAT_CSUM_V3;
+    if log.incompat & !known != 0 {
+        return Err(GuestError::unsupported(
+            vol,
+            format!("journal feature bits {:#x}", log.incompat & !known),
+        ));
+    }
+    if log.csum_v23() {
+        log.seed = crc32c(!0, &sb[0x30..0x40]);
+        let mut c = crc32c(!0, &sb[..0xFC]);
+        c = crc32c(c, &[0; 4]);
+        c = crc32c(c, &sb[0x100..1024]);
+        if c != be32(&sb, 0xFC) {
+            return Err(bad(sb_off + 0xFC, "superblock checksum mismatch".into()));
+        }
+    }
+    if start < first || start >= maxlen {
+        return Err(bad(
+            sb_off + 0x1C,
+            format!("log start {start} outside the log"),
+        ));
+    }
+    Ok(Some((start, be32(&sb, 0x18))))
 }
 
 /// `a` is the same transaction as or newer than `b` (wrapping ids).
@@ -259,66 +336,8 @@ fn scan(log: &Log, start: u64, mut seq: u32) -> GuestResult<(Vec<Tx>, HashMap<u6
         }
         match be32(&b, 4) {
             BT_DESCRIPTOR => {
-                if tail > 0 {
-                    let (want, got) = log.block_csum(&b, bs - 4);
-                    if want != got {
-                        break;
-                    }
-                }
-                let tb = log.tag_bytes();
-                let mut t = 12;
-                while t + tb <= bs - tail {
-                    let (lo, flags, hi, tcsum) = if log.has(INCOMPAT_CSUM_V3) {
-                        (
-                            be32(&b, t),
-                            be32(&b, t + 4),
-                            be32(&b, t + 8),
-                            be32(&b, t + 12),
-                        )
-                    } else {
-                        let hi = if log.has(INCOMPAT_64BIT) {
-                            be32(&b, t + 8)
-                        } else {
-                            0
-                        };
-                        (
-                            be32(&b, t),
-                            be16(&b, t + 6) as u32,
-                            hi,
-                            be16(&b, t + 4) as u32,
-                        )
-                    };
-                    let fsblk = lo as u64
-                        | if log.has(INCOMPAT_64BIT) {
-                            (hi as u64) << 32
-                        } else {
-                            0
-                        };
-                    pos = log.next(pos);
-                    visited += 1;
-                    let mut jl = pos;
-                    if log.csum_v23() {
-                        let (data, _) = log.read(pos)?;
-                        let mut c = crc32c(log.seed, &seq.to_be_bytes());
-                        c = crc32c(c, &data);
-                        let ok = if log.has(INCOMPAT_CSUM_V3) {
-                            c == tcsum
-                        } else {
-                            (c & 0xFFFF) == tcsum
-                        };
-                        if !ok {
-                            // Marked: counted and skipped at replay, as the kernel does.
-                            jl |= 1 << 63;
-                        }
-                    }
-                    pending.writes.push((fsblk, jl, flags & TAG_ESCAPE != 0));
-                    t += tb;
-                    if flags & TAG_SAME_UUID == 0 {
-                        t += 16;
-                    }
-                    if flags & TAG_LAST != 0 {
-                        break;
-                    }
+                if !log.descriptor(&b, seq, &mut pos, &mut visited, &mut pending.writes)? {
+                    break;
                 }
             }
             BT_COMMIT => {

@@ -41,88 +41,22 @@ pub fn map(disk: &Disk, csum: bool, inode: &Inode, lblk: u64) -> GuestResult<Run
 }
 
 fn map_extent(disk: &Disk, csum: bool, inode: &Inode, lblk: u64) -> GuestResult<Run> {
-    let vol = &disk.name;
     let mut holder;
     let mut node: &[u8] = inode.i_block();
     let mut node_off = inode.offset + 0x28;
     let mut upper = LBLK_END;
     let mut want_depth: Option<u16> = None;
     loop {
-        let bad = |what: String| {
-            GuestError::corrupt(
-                vol,
-                node_off,
-                format!("inode {}: extent tree: {what}", inode.ino),
-            )
-        };
-        if le16(node, 0) != EXT_MAGIC {
-            return Err(bad("bad extent header magic".into()));
-        }
-        let entries = le16(node, 2) as usize;
-        let max = le16(node, 4) as usize;
-        let depth = le16(node, 6);
-        if entries > max || 12 + 12 * max > node.len() {
-            return Err(bad(format!(
-                "{entries} entries / {max} max do not fit the node"
-            )));
-        }
-        match want_depth {
-            None if depth > MAX_DEPTH => {
-                return Err(bad(format!("depth {depth} exceeds {MAX_DEPTH}")))
-            }
-            Some(d) if d != depth => return Err(bad(format!("node depth {depth}, expected {d}"))),
-            _ => {}
+        let (entries, depth) = header(disk, inode, node, node_off, want_depth)?;
+        if depth == 0 {
+            return leaf_run(disk, inode, node, node_off, entries, lblk, upper);
         }
         let entry = |i: usize| &node[12 + 12 * i..24 + 12 * i];
-        if depth == 0 {
-            let mut prev_end = 0u64;
-            for i in 0..entries {
-                let e = entry(i);
-                let start = le32(e, 0) as u64;
-                let raw_len = le16(e, 4) as u64;
-                let (len, uninit) = if raw_len > 32768 {
-                    (raw_len - 32768, true)
-                } else {
-                    (raw_len, false)
-                };
-                if start < prev_end || len == 0 {
-                    return Err(bad(format!("extent {i} overlaps or is empty")));
-                }
-                prev_end = start + len;
-                if lblk < start {
-                    return Ok(Run {
-                        phys: None,
-                        len: start - lblk,
-                    });
-                }
-                if lblk < start + len {
-                    let pstart = le32(e, 8) as u64 | (le16(e, 6) as u64) << 32;
-                    disk.check_block(
-                        pstart,
-                        len,
-                        node_off + 12 + 12 * i as u64,
-                        &format!("inode {} extent", inode.ino),
-                    )?;
-                    let run_len = start + len - lblk;
-                    let phys = (!uninit).then_some(pstart + (lblk - start));
-                    return Ok(Run { phys, len: run_len });
-                }
-            }
-            return Ok(Run {
-                phys: None,
-                len: upper.saturating_sub(lblk).max(1),
-            });
-        }
         // Index node: the last entry starting at or before lblk.
-        let mut pick = None;
-        for i in 0..entries {
-            if (le32(entry(i), 0) as u64) <= lblk {
-                pick = Some(i);
-            } else {
-                break;
-            }
-        }
-        let Some(i) = pick else {
+        let Some(i) = (0..entries)
+            .take_while(|&i| le32(entry(i), 0) as u64 <= lblk)
+            .last()
+        else {
             let first = if entries > 0 {
                 le32(entry(0), 0) as u64
             } else {
@@ -138,51 +72,128 @@ fn map_extent(disk: &Disk, csum: bool, inode: &Inode, lblk: u64) -> GuestResult<
         }
         let e = entry(i);
         let child = le32(e, 4) as u64 | (le16(e, 8) as u64) << 32;
-        disk.check_block(
-            child,
-            1,
-            node_off + 12 + 12 * i as u64,
-            &format!("inode {} extent index", inode.ino),
-        )?;
+        let at = node_off + 12 + 12 * i as u64;
+        disk.check_block(child, 1, at, &format!("inode {} extent index", inode.ino))?;
         holder = disk.block(child)?;
         node = &holder[..];
         node_off = child * disk.block_size;
-        let nmax = le16(node, 4) as usize;
         if csum {
-            let tail = 12 + 12 * nmax;
-            if tail + 4 > node.len() {
-                return Err(GuestError::corrupt(
-                    vol,
-                    node_off,
-                    format!("inode {}: extent block max {nmax} too large", inode.ino),
-                ));
-            }
-            let got = crc32c(inode.csum_seed, &node[..tail]);
-            let want = le32(node, tail);
-            if got != want {
-                return Err(GuestError::corrupt(
-                    vol,
-                    node_off,
-                    format!("inode {}: extent block checksum mismatch (stored {want:#x}, computed {got:#x})", inode.ino),
-                ));
-            }
+            check_block_csum(disk, inode, node, node_off)?;
         }
         want_depth = Some(depth - 1);
     }
+}
+
+/// Validates a node header; returns (entries, depth).
+fn header(
+    disk: &Disk,
+    inode: &Inode,
+    node: &[u8],
+    off: u64,
+    want: Option<u16>,
+) -> GuestResult<(usize, u16)> {
+    let bad = |what: String| {
+        GuestError::corrupt(
+            &disk.name,
+            off,
+            format!("inode {}: extent tree: {what}", inode.ino),
+        )
+    };
+    if le16(node, 0) != EXT_MAGIC {
+        return Err(bad("bad extent header magic".into()));
+    }
+    let entries = le16(node, 2) as usize;
+    let max = le16(node, 4) as usize;
+    let depth = le16(node, 6);
+    if entries > max || 12 + 12 * max > node.len() {
+        return Err(bad(format!(
+            "{entries} entries / {max} max do not fit the node"
+        )));
+    }
+    match want {
+        None if depth > MAX_DEPTH => Err(bad(format!("depth {depth} exceeds {MAX_DEPTH}"))),
+        Some(d) if d != depth => Err(bad(format!("node depth {depth}, expected {d}"))),
+        _ => Ok((entries, depth)),
+    }
+}
+
+/// The run at `lblk` in a leaf node (`upper`: where the node's range ends).
+fn leaf_run(
+    disk: &Disk,
+    inode: &Inode,
+    node: &[u8],
+    off: u64,
+    entries: usize,
+    lblk: u64,
+    upper: u64,
+) -> GuestResult<Run> {
+    let mut prev_end = 0u64;
+    for i in 0..entries {
+        let e = &node[12 + 12 * i..24 + 12 * i];
+        let start = le32(e, 0) as u64;
+        let raw_len = le16(e, 4) as u64;
+        // Lengths above 32768 mark unwritten extents (read as zeros).
+        let (len, uninit) = if raw_len > 32768 {
+            (raw_len - 32768, true)
+        } else {
+            (raw_len, false)
+        };
+        if start < prev_end || len == 0 {
+            let what = format!(
+                "inode {}: extent tree: extent {i} overlaps or is empty",
+                inode.ino
+            );
+            return Err(GuestError::corrupt(&disk.name, off, what));
+        }
+        prev_end = start + len;
+        if lblk < start {
+            return Ok(Run {
+                phys: None,
+                len: start - lblk,
+            });
+        }
+        if lblk < start + len {
+            let pstart = le32(e, 8) as u64 | (le16(e, 6) as u64) << 32;
+            let at = off + 12 + 12 * i as u64;
+            disk.check_block(pstart, len, at, &format!("inode {} extent", inode.ino))?;
+            let phys = (!uninit).then_some(pstart + (lblk - start));
+            return Ok(Run {
+                phys,
+                len: start + len - lblk,
+            });
+        }
+    }
+    Ok(Run {
+        phys: None,
+        len: upper.saturating_sub(lblk).max(1),
+    })
+}
+
+/// metadata_csum of an extent block: the tail after eh_max entries.
+fn check_block_csum(disk: &Disk, inode: &Inode, node: &[u8], off: u64) -> GuestResult<()> {
+    let nmax = le16(node, 4) as usize;
+    let tail = 12 + 12 * nmax;
+    if tail + 4 > node.len() {
+        let what = format!("inode {}: extent block max {nmax} too large", inode.ino);
+        return Err(GuestError::corrupt(&disk.name, off, what));
+    }
+    let got = crc32c(inode.csum_seed, &node[..tail]);
+    let want = le32(node, tail);
+    if got != want {
+        let what = format!(
+            "inode {}: extent block checksum mismatch (stored {want:#x}, computed {got:#x})",
+            inode.ino
+        );
+        return Err(GuestError::corrupt(&disk.name, off, what));
+    }
+    Ok(())
 }
 
 fn map_blockmap(disk: &Disk, inode: &Inode, lblk: u64) -> GuestResult<Run> {
     let p = disk.block_size / 4;
     let ib = inode.i_block();
     if lblk < 12 {
-        return Ok(run_in_table(
-            disk,
-            inode,
-            ib,
-            inode.offset + 0x28,
-            lblk as usize,
-            12,
-        )?);
+        return run_in_table(disk, inode, ib, inode.offset + 0x28, lblk as usize, 12);
     }
     // (root slot, depth, first logical block the root covers)
     let mut first = 12;

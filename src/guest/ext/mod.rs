@@ -10,6 +10,7 @@
 
 mod crc;
 mod dir;
+mod dirscan;
 mod disk;
 mod hash;
 mod inode;
@@ -52,13 +53,21 @@ pub struct ExtFs {
 fn load_groups(disk: &Disk, sb: &Superblock) -> GuestResult<Vec<Group>> {
     let per_block = sb.block_size / sb.desc_size;
     let mut groups = Vec::with_capacity(sb.group_count as usize);
-    let mut d = vec![0u8; sb.desc_size as usize];
+    let ds = sb.desc_size as usize;
     for g in 0..sb.group_count {
         let blk = sb.gdt_block(g / per_block);
         disk.check_block(blk, 1, SB_OFFSET, "group descriptor table")?;
-        let off = blk * sb.block_size + (g % per_block) * sb.desc_size;
-        disk.read_meta(off, &mut d)?;
-        groups.push(sb::parse_group(&disk.name, sb, g, &d, off)?);
+        // Through the block cache: one read per descriptor block.
+        let block = disk.block(blk)?;
+        let within = ((g % per_block) * sb.desc_size) as usize;
+        let off = blk * sb.block_size + within as u64;
+        groups.push(sb::parse_group(
+            &disk.name,
+            sb,
+            g,
+            &block[within..within + ds],
+            off,
+        )?);
     }
     Ok(groups)
 }
@@ -84,7 +93,7 @@ impl ExtFs {
         }
         if fs.sb.has_incompat(sb::INCOMPAT_INLINE_DATA) {
             fs.notes
-                .push("inline_data: files and directories stored inline are refused".into());
+                .push("inline_data: small files and directories are read from their inodes".into());
         }
         if fs.sb.has_incompat(sb::INCOMPAT_CASEFOLD) {
             fs.notes
@@ -165,8 +174,6 @@ impl ExtFs {
     fn check_readable(&self, inode: &Inode) -> GuestResult<()> {
         let what = if inode.flags & FL_ENCRYPT != 0 {
             "encrypted"
-        } else if inode.flags & FL_INLINE_DATA != 0 {
-            "inline_data"
         } else {
             return Ok(());
         };
@@ -180,12 +187,37 @@ impl ExtFs {
         self.sb.csum()
     }
 
+    /// The whole content of an inline_data inode: i_block, then the
+    /// system.data xattr.
+    fn inline_content(&self, inode: &Inode) -> GuestResult<Vec<u8>> {
+        let mut v = inode.i_block().to_vec();
+        v.extend_from_slice(&xattr::system_data(&self.disk.name, inode)?);
+        Ok(v)
+    }
+
     /// Reads file bytes of `inode` (no kind checks).
     fn read_inode_data(&self, inode: &Inode, offset: u64, buf: &mut [u8]) -> GuestResult<usize> {
         if offset >= inode.size {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(inode.size - offset) as usize;
+        if inode.flags & FL_INLINE_DATA != 0 {
+            let v = self.inline_content(inode)?;
+            if (v.len() as u64) < inode.size {
+                return Err(GuestError::corrupt(
+                    &self.disk.name,
+                    inode.offset,
+                    format!(
+                        "inode {}: size {} exceeds its inline data ({} bytes)",
+                        inode.ino,
+                        inode.size,
+                        v.len()
+                    ),
+                ));
+            }
+            buf[..n].copy_from_slice(&v[offset as usize..offset as usize + n]);
+            return Ok(n);
+        }
         let bs = self.sb.block_size;
         let mut pos = 0;
         while pos < n {
@@ -229,59 +261,6 @@ impl ExtFs {
             ));
         }
         Ok(ino)
-    }
-
-    /// Calls `f` on every entry of `dir` in block order (index blocks
-    /// skipped); stops when `f` returns true.
-    fn scan_dir(
-        &self,
-        dir: &Inode,
-        mut f: impl FnMut(dir::Raw) -> GuestResult<bool>,
-    ) -> GuestResult<()> {
-        let bs = self.sb.block_size;
-        let nblocks = dir.size.div_ceil(bs);
-        let indexed = dir.flags & FL_INDEX != 0;
-        let mut lblk = 0;
-        let mut err = None;
-        while lblk < nblocks {
-            let run = map::map(&self.disk, self.csum(), dir, lblk)?;
-            let Some(p) = run.phys else {
-                lblk = lblk.saturating_add(run.len);
-                continue;
-            };
-            for k in 0..run.len.min(nblocks - lblk) {
-                let block = self.disk.block(p + k)?;
-                if (indexed && lblk + k == 0) || dir::is_dx_node(&block) {
-                    continue;
-                }
-                let mut stop = false;
-                dir::parse_leaf(
-                    &self.disk.name,
-                    dir,
-                    self.csum(),
-                    &block,
-                    (p + k) * bs,
-                    |e| {
-                        match f(e) {
-                            Ok(s) => stop = s,
-                            Err(e) => {
-                                err = Some(e);
-                                stop = true;
-                            }
-                        }
-                        stop
-                    },
-                )?;
-                if let Some(e) = err.take() {
-                    return Err(e);
-                }
-                if stop {
-                    return Ok(());
-                }
-            }
-            lblk += run.len;
-        }
-        Ok(())
     }
 
     fn xattrs(&self, ino: Ino) -> GuestResult<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -386,6 +365,9 @@ impl GuestFs for ExtFs {
                 DxResult::Linear => {}
             }
         }
+        if name == b".." && d.flags & FL_INLINE_DATA != 0 {
+            return self.check_entry(&d, name, sb::le32(d.i_block(), 0));
+        }
         if name == b".." {
             // In block 0, right after ".", also in an htree root.
             let Some((b, off)) = self.dir_block(&d, 0)? else {
@@ -455,7 +437,7 @@ impl GuestFs for ExtFs {
         }
         self.check_readable(&inode)?;
         let size = inode.size;
-        if size < 60 {
+        if size < 60 && inode.flags & FL_INLINE_DATA == 0 {
             return Ok(inode.i_block()[..size as usize].to_vec());
         }
         if size > self.sb.block_size {
@@ -485,6 +467,9 @@ impl GuestFs for ExtFs {
 
     fn next_data(&self, ino: Ino, offset: u64) -> GuestResult<Option<u64>> {
         let inode = self.file_inode(ino)?;
+        if inode.flags & FL_INLINE_DATA != 0 {
+            return Ok((offset < inode.size).then_some(offset));
+        }
         let bs = self.sb.block_size;
         let mut off = offset;
         while off < inode.size {
@@ -499,6 +484,9 @@ impl GuestFs for ExtFs {
 
     fn next_hole(&self, ino: Ino, offset: u64) -> GuestResult<u64> {
         let inode = self.file_inode(ino)?;
+        if inode.flags & FL_INLINE_DATA != 0 {
+            return Ok(inode.size);
+        }
         let bs = self.sb.block_size;
         let mut off = offset;
         while off < inode.size {

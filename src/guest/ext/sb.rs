@@ -86,49 +86,73 @@ pub struct Superblock {
     pub csum_seed: u32,
 }
 
-impl Superblock {
-    /// Parses and validates the 1024 superblock bytes of a volume of
-    /// `vol_size` bytes named `vol`.
-    pub fn parse(vol: &str, b: &[u8], vol_size: u64) -> GuestResult<Superblock> {
-        let bad = |off: usize, what: &str| {
-            GuestError::corrupt(vol, SB_OFFSET + off as u64, format!("superblock: {what}"))
-        };
-        if b.len() < SB_SIZE || le16(b, 0x38) != MAGIC {
-            return Err(bad(0x38, "no ext2/3/4 magic"));
-        }
-        let incompat = le32(b, 0x60);
-        let ro_compat = le32(b, 0x64);
-        if ro_compat & RO_COMPAT_METADATA_CSUM != 0 {
-            if b[0x175] != 1 {
-                return Err(bad(0x175, "unknown checksum type"));
-            }
-            let want = le32(b, 0x3FC);
-            let got = crc32c(!0, &b[..0x3FC]);
-            if want != got {
-                return Err(bad(
-                    0x3FC,
-                    &format!("checksum mismatch (stored {want:#010x}, computed {got:#010x})"),
-                ));
-            }
-        }
+fn sb_corrupt(vol: &str, off: usize, what: &str) -> GuestError {
+    GuestError::corrupt(vol, SB_OFFSET + off as u64, format!("superblock: {what}"))
+}
+
+/// metadata_csum of the superblock itself.
+fn check_csum(vol: &str, b: &[u8]) -> GuestResult<()> {
+    if b[0x175] != 1 {
+        return Err(sb_corrupt(vol, 0x175, "unknown checksum type"));
+    }
+    let want = le32(b, 0x3FC);
+    let got = crc32c(!0, &b[..0x3FC]);
+    if want != got {
+        let what = format!("checksum mismatch (stored {want:#010x}, computed {got:#010x})");
+        return Err(sb_corrupt(vol, 0x3FC, &what));
+    }
+    Ok(())
+}
+
+/// Refuses incompat features this reader cannot honour, naming them.
+fn check_features(vol: &str, incompat: u32) -> GuestResult<()> {
+    let unknown = incompat & !INCOMPAT_KNOWN;
+    if unknown == 0 {
+        return Ok(());
+    }
+    let what = if incompat & INCOMPAT_COMPRESSION != 0 {
+        "compression feature".to_string()
+    } else if incompat & INCOMPAT_JOURNAL_DEV != 0 {
+        "this is an external journal device, not a filesystem".to_string()
+    } else if incompat & INCOMPAT_DIRDATA != 0 {
+        "dirdata feature".to_string()
+    } else {
+        format!("incompatible feature bits {unknown:#x}")
+    };
+    Err(GuestError::unsupported(vol, what))
+}
+
+/// The sizes and counts of the superblock, checked against each other and
+/// against the volume.
+struct Geometry {
+    block_size: u64,
+    inode_size: u64,
+    blocks_count: u64,
+    first_data_block: u64,
+    bpg: u64,
+    ipg: u64,
+    group_count: u64,
+    inodes_count: u32,
+    desc_size: u64,
+}
+
+impl Geometry {
+    fn parse(vol: &str, b: &[u8], vol_size: u64) -> GuestResult<Geometry> {
+        let bad = |off: usize, what: String| sb_corrupt(vol, off, &what);
         let log_bs = le32(b, 0x18);
         if log_bs > 6 {
-            return Err(bad(
-                0x18,
-                &format!("block size 1024<<{log_bs} out of range"),
-            ));
+            return Err(bad(0x18, format!("block size 1024<<{log_bs} out of range")));
         }
         let block_size = 1024u64 << log_bs;
-        let rev = le32(b, 0x4C);
-        let (inode_size, first_ino) = if rev == 0 {
+        let (inode_size, first_ino) = if le32(b, 0x4C) == 0 {
             (128, 11)
         } else {
             (le16(b, 0x58) as u64, le32(b, 0x54))
         };
         if inode_size < 128 || inode_size > block_size || !inode_size.is_power_of_two() {
-            return Err(bad(0x58, &format!("inode size {inode_size} invalid")));
+            return Err(bad(0x58, format!("inode size {inode_size} invalid")));
         }
-        let is64 = incompat & INCOMPAT_64BIT != 0;
+        let is64 = le32(b, 0x60) & INCOMPAT_64BIT != 0;
         let blocks_count = le32(b, 0x4) as u64
             | if is64 {
                 (le32(b, 0x150) as u64) << 32
@@ -136,30 +160,29 @@ impl Superblock {
                 0
             };
         let first_data_block = le32(b, 0x14) as u64;
-        let bpg = le32(b, 0x20) as u64;
-        let ipg = le32(b, 0x28) as u64;
-        if bpg == 0 || bpg > 8 * block_size {
-            return Err(bad(0x20, &format!("blocks per group {bpg} invalid")));
+        let (bpg, ipg) = (le32(b, 0x20) as u64, le32(b, 0x28) as u64);
+        // mke2fs never makes groups under 256 blocks; tiny ones would only
+        // make a hostile superblock cost millions of descriptors.
+        if bpg < 256 || bpg > 8 * block_size {
+            return Err(bad(0x20, format!("blocks per group {bpg} invalid")));
         }
         if ipg == 0 || ipg > 8 * block_size {
-            return Err(bad(0x28, &format!("inodes per group {ipg} invalid")));
+            return Err(bad(0x28, format!("inodes per group {ipg} invalid")));
         }
         if blocks_count <= first_data_block || first_data_block > 1 {
             return Err(bad(
                 0x4,
-                &format!(
-                    "block count {blocks_count} / first data block {first_data_block} invalid"
-                ),
+                format!("block count {blocks_count} / first data block {first_data_block} invalid"),
             ));
         }
-        match blocks_count.checked_mul(block_size) {
-            Some(n) if n <= vol_size => {}
-            _ => {
-                return Err(bad(
-                    0x4,
-                    &format!("{blocks_count} blocks of {block_size} bytes exceed the volume ({vol_size} bytes)"),
-                ))
-            }
+        if blocks_count
+            .checked_mul(block_size)
+            .is_none_or(|n| n > vol_size)
+        {
+            let what = format!(
+                "{blocks_count} blocks of {block_size} bytes exceed the volume ({vol_size} bytes)"
+            );
+            return Err(bad(0x4, what));
         }
         let group_count = (blocks_count - first_data_block).div_ceil(bpg);
         let inodes_count = le32(b, 0x0);
@@ -168,7 +191,7 @@ impl Superblock {
         {
             return Err(bad(
                 0x0,
-                &format!("inode count {inodes_count} does not fit the groups"),
+                format!("inode count {inodes_count} does not fit the groups"),
             ));
         }
         let desc_size = if is64 { le16(b, 0xFE) as u64 } else { 32 };
@@ -179,22 +202,37 @@ impl Superblock {
         {
             return Err(bad(
                 0xFE,
-                &format!("group descriptor size {desc_size} invalid"),
+                format!("group descriptor size {desc_size} invalid"),
             ));
         }
-        let unknown = incompat & !INCOMPAT_KNOWN;
-        if unknown != 0 {
-            let what = if incompat & INCOMPAT_COMPRESSION != 0 {
-                "compression feature".to_string()
-            } else if incompat & INCOMPAT_JOURNAL_DEV != 0 {
-                "this is an external journal device, not a filesystem".to_string()
-            } else if incompat & INCOMPAT_DIRDATA != 0 {
-                "dirdata feature".to_string()
-            } else {
-                format!("incompatible feature bits {unknown:#x}")
-            };
-            return Err(GuestError::unsupported(vol, what));
+        Ok(Geometry {
+            block_size,
+            inode_size,
+            blocks_count,
+            first_data_block,
+            bpg,
+            ipg,
+            group_count,
+            inodes_count,
+            desc_size,
+        })
+    }
+}
+
+impl Superblock {
+    /// Parses and validates the 1024 superblock bytes of a volume of
+    /// `vol_size` bytes named `vol`.
+    pub fn parse(vol: &str, b: &[u8], vol_size: u64) -> GuestResult<Superblock> {
+        if b.len() < SB_SIZE || le16(b, 0x38) != MAGIC {
+            return Err(sb_corrupt(vol, 0x38, "no ext2/3/4 magic"));
         }
+        let incompat = le32(b, 0x60);
+        let ro_compat = le32(b, 0x64);
+        if ro_compat & RO_COMPAT_METADATA_CSUM != 0 {
+            check_csum(vol, b)?;
+        }
+        let g = Geometry::parse(vol, b, vol_size)?;
+        check_features(vol, incompat)?;
         let uuid: [u8; 16] = b[0x68..0x78].try_into().unwrap();
         let csum_seed = if incompat & INCOMPAT_CSUM_SEED != 0 {
             le32(b, 0x270)
@@ -204,13 +242,13 @@ impl Superblock {
         let label_raw = &b[0x78..0x88];
         let label = label_raw[..label_raw.iter().position(|&c| c == 0).unwrap_or(16)].to_vec();
         Ok(Superblock {
-            inodes_count,
-            blocks_count,
-            first_data_block,
-            block_size,
-            blocks_per_group: bpg,
-            inodes_per_group: ipg,
-            inode_size,
+            inodes_count: g.inodes_count,
+            blocks_count: g.blocks_count,
+            first_data_block: g.first_data_block,
+            block_size: g.block_size,
+            blocks_per_group: g.bpg,
+            inodes_per_group: g.ipg,
+            inode_size: g.inode_size,
             compat: le32(b, 0x5C),
             incompat,
             ro_compat,
@@ -220,9 +258,9 @@ impl Superblock {
             journal_dev: le32(b, 0xE4),
             hash_seed: [le32(b, 0xEC), le32(b, 0xF0), le32(b, 0xF4), le32(b, 0xF8)],
             flags: le32(b, 0x160),
-            desc_size,
+            desc_size: g.desc_size,
             first_meta_bg: le32(b, 0x104) as u64,
-            group_count,
+            group_count: g.group_count,
             csum_seed,
         })
     }

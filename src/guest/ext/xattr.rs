@@ -64,17 +64,16 @@ fn acl_to_posix(v: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Parses the entries in `area[start..]`; values lie at `value_base +
-/// e_value_offs` inside `area`. `off` is the area's volume byte offset.
+/// Parses the entries in `area[start..]`; values lie at e_value_offs
+/// inside `area`. `off` is the area's volume byte offset.
 fn parse_entries(
     vol: &str,
     ino: u64,
     area: &[u8],
     start: usize,
-    value_base: usize,
     off: u64,
     ea_inode: EaInodeReader,
-    out: &mut Vec<(Vec<u8>, Vec<u8>)>,
+    out: &mut Vec<(u8, Vec<u8>, Vec<u8>)>,
 ) -> GuestResult<()> {
     let bad = |at: usize, what: &str| {
         GuestError::corrupt(vol, off + at as u64, format!("inode {ino}: xattr {what}"))
@@ -100,22 +99,13 @@ fn parse_entries(
         let value = if vinum != 0 {
             ea_inode(vinum, vsize)?
         } else {
-            let vstart = value_base + voff;
+            let vstart = voff;
             match vstart.checked_add(vsize as usize) {
                 Some(vend) if vend <= area.len() => area[vstart..vend].to_vec(),
                 _ => return Err(bad(pos, "value runs past the area")),
             }
         };
-        if let Some(p) = prefix(index) {
-            let mut full = p.to_vec();
-            if index == 2 || index == 3 {
-                let v = acl_to_posix(&value).ok_or_else(|| bad(pos, "ACL value malformed"))?;
-                out.push((full, v));
-            } else {
-                full.extend_from_slice(name);
-                out.push((full, value));
-            }
-        }
+        out.push((index, name.to_vec(), value));
         pos = (name_end + 3) & !3;
     }
     Ok(())
@@ -131,21 +121,7 @@ pub fn all(
     ea_inode: EaInodeReader,
 ) -> GuestResult<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();
-    let raw = &inode.raw;
-    let s = inode.extra_end;
-    if raw.len() >= s + 4 && le32(raw, s) == MAGIC {
-        let area = &raw[s..];
-        parse_entries(
-            vol,
-            inode.ino,
-            area,
-            4,
-            4,
-            inode.offset + s as u64,
-            ea_inode,
-            &mut out,
-        )?;
-    }
+    in_inode(vol, inode, ea_inode, &mut out)?;
     if let Some((b, blk)) = block {
         let off = blk * b.len() as u64;
         if le32(b, 0) != MAGIC || le32(b, 8) != 1 {
@@ -169,9 +145,62 @@ pub fn all(
                 ));
             }
         }
-        parse_entries(vol, inode.ino, b, 0x20, 0, off, ea_inode, &mut out)?;
+        parse_entries(vol, inode.ino, b, 0x20, off, ea_inode, &mut out)?;
     }
-    Ok(out)
+    let mut named = Vec::new();
+    for (index, name, value) in out {
+        let Some(p) = prefix(index) else { continue };
+        let mut full = p.to_vec();
+        if index == 2 || index == 3 {
+            let v = acl_to_posix(&value).ok_or_else(|| {
+                GuestError::corrupt(
+                    vol,
+                    inode.offset,
+                    format!("inode {}: ACL xattr malformed", inode.ino),
+                )
+            })?;
+            named.push((full, v));
+        } else {
+            full.extend_from_slice(&name);
+            named.push((full, value));
+        }
+    }
+    Ok(named)
+}
+
+fn in_inode(
+    vol: &str,
+    inode: &Inode,
+    ea_inode: EaInodeReader,
+    out: &mut Vec<(u8, Vec<u8>, Vec<u8>)>,
+) -> GuestResult<()> {
+    let raw = &inode.raw;
+    let s = inode.extra_end;
+    if raw.len() >= s + 4 && le32(raw, s) == MAGIC {
+        // Value offsets count from the first entry, right after the magic.
+        let off = inode.offset + s as u64 + 4;
+        parse_entries(vol, inode.ino, &raw[s + 4..], 0, off, ea_inode, out)?;
+    }
+    Ok(())
+}
+
+/// The `system.data` xattr (index 7, name "data"): the part of an inline
+/// file or directory beyond the 60 bytes of i_block. Always in the inode.
+pub fn system_data(vol: &str, inode: &Inode) -> GuestResult<Vec<u8>> {
+    let mut out = Vec::new();
+    let no_ea = |_: u32, _: u32| -> GuestResult<Vec<u8>> {
+        Err(GuestError::corrupt(
+            vol,
+            inode.offset,
+            format!("inode {}: inline data in an xattr inode", inode.ino),
+        ))
+    };
+    in_inode(vol, inode, &no_ea, &mut out)?;
+    Ok(out
+        .into_iter()
+        .find(|(i, n, _)| *i == 7 && n == b"data")
+        .map(|(_, _, v)| v)
+        .unwrap_or_default())
 }
 
 #[cfg(test)]
