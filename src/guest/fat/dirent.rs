@@ -149,6 +149,12 @@ fn cp437(c: u8) -> char {
     }
 }
 
+/// False for a name no path can carry: such entries are left out rather
+/// than shown mangled.
+pub fn usable(name: &[u8]) -> bool {
+    !(name.is_empty() || name.contains(&b'/') || name.contains(&0) || name == b"." || name == b"..")
+}
+
 /// One listed entry of a directory.
 #[derive(Clone, Debug)]
 pub struct Parsed {
@@ -213,14 +219,12 @@ impl Parser {
         if &short.raw_name == b".          " || &short.raw_name == b"..         " {
             return;
         }
-        let name = long.unwrap_or_else(|| short.display_name());
-        // A name no path can carry is left out rather than shown mangled.
-        if name.is_empty()
-            || name.contains(&b'/')
-            || name.contains(&0)
-            || name == b"."
-            || name == b".."
-        {
+        // A long name no path component can carry (over 255 bytes) shows
+        // as the short name, so the entry can still be looked up.
+        let name = long
+            .filter(|n| n.len() <= 255)
+            .unwrap_or_else(|| short.display_name());
+        if !usable(&name) {
             return;
         }
         self.entries.push(Parsed {
@@ -345,6 +349,41 @@ mod tests {
         assert_eq!(p.entries[0].offset, 1000 + 64);
         assert_eq!(p.label.as_deref(), Some(&b"MYLABEL"[..]));
         assert!(p.ended);
+    }
+
+    #[test]
+    fn long_names_over_255_bytes_show_the_short_name() {
+        let raw = *b"TOOLON~1TXT";
+        let sum = lfn_checksum(&raw);
+        // 20 slots of 'é' (2 bytes each in UTF-8): 260 units, 520 bytes.
+        let name: Vec<u16> = vec![0xE9; 260];
+        let mut data = Vec::new();
+        for seq in (1..=20u8).rev() {
+            let flag = if seq == 20 { 0x40 } else { 0 };
+            let k = usize::from(seq - 1) * 13;
+            data.extend_from_slice(&lfn(seq | flag, sum, &name[k..k + 13]));
+        }
+        data.extend_from_slice(&short(&raw, 0x20, 0));
+        // 127 units of 'é' plus 'x': 255 bytes, kept.
+        let raw2 = *b"JUSTFI~1TXT";
+        let sum2 = lfn_checksum(&raw2);
+        let mut fits: Vec<u16> = vec![0xE9; 127];
+        fits.push(u16::from(b'x'));
+        for seq in (1..=10u8).rev() {
+            let flag = if seq == 10 { 0x40 } else { 0 };
+            let k = usize::from(seq - 1) * 13;
+            data.extend_from_slice(&lfn(seq | flag, sum2, &fits[k..(k + 13).min(128)]));
+        }
+        data.extend_from_slice(&short(&raw2, 0x20, 0));
+        let mut p = Parser::default();
+        p.feed(&data, 0);
+        assert_eq!(p.entries.len(), 2);
+        assert_eq!(p.entries[0].name, b"TOOLON~1.TXT");
+        assert_eq!(p.entries[1].name.len(), 255);
+        assert_eq!(
+            p.entries[1].name,
+            String::from_utf16(&fits).unwrap().into_bytes()
+        );
     }
 
     #[test]

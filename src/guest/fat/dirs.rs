@@ -82,20 +82,36 @@ pub fn load(
             n * cs
         }
     };
-    let mut index = HashMap::with_capacity(p.entries.len());
-    for (i, e) in p.entries.iter().enumerate() {
-        index.entry(e.name.clone()).or_insert(i);
-    }
+    let (entries, index) = unique(p.entries);
     Ok(Dir {
-        subdirs: p.entries.iter().filter(|e| e.short.is_dir()).count() as u32,
-        entries: p.entries,
+        subdirs: entries.iter().filter(|e| e.short.is_dir()).count() as u32,
+        entries,
         index,
         bytes: total,
         label: p.label,
     })
 }
 
-/// Parsed directories by directory inode, evicted least recently used once
+/// The entries with unique names, and the index of their names: the first
+/// entry of a name keeps it; a later one takes its short name if that is
+/// still free, else it is left out (it could never be looked up).
+fn unique(parsed: Vec<Parsed>) -> (Vec<Parsed>, HashMap<Vec<u8>, usize>) {
+    let mut index = HashMap::with_capacity(parsed.len());
+    let mut entries = Vec::with_capacity(parsed.len());
+    for mut e in parsed {
+        if index.contains_key(&e.name) {
+            e.name = e.short.display_name();
+            if index.contains_key(&e.name) || !super::dirent::usable(&e.name) {
+                continue;
+            }
+        }
+        index.insert(e.name.clone(), entries.len());
+        entries.push(e);
+    }
+    (entries, index)
+}
+
+/// Parsed directories by key (first cluster), evicted least recently used once
 /// they hold more than `max_entries` entries in total.
 pub struct Cache {
     lru: LruCache<u64, Arc<Dir>>,
@@ -112,13 +128,13 @@ impl Cache {
         }
     }
 
-    pub fn get(&mut self, ino: u64) -> Option<Arc<Dir>> {
-        self.lru.get(&ino).cloned()
+    pub fn get(&mut self, key: u64) -> Option<Arc<Dir>> {
+        self.lru.get(&key).cloned()
     }
 
-    pub fn put(&mut self, ino: u64, dir: Arc<Dir>) {
+    pub fn put(&mut self, key: u64, dir: Arc<Dir>) {
         self.held += dir.entries.len() + 1;
-        if let Some(old) = self.lru.put(ino, dir) {
+        if let Some(old) = self.lru.put(key, dir) {
             self.held -= old.entries.len() + 1;
         }
         // The newest stays even if it alone is over the bound.
@@ -149,6 +165,43 @@ mod tests {
             subdirs: 0,
             label: None,
         })
+    }
+
+    #[test]
+    fn duplicate_names_fall_back_to_short_names_or_are_left_out() {
+        let e = |name: &str, raw: &[u8; 11], offset: u64| {
+            let mut b = [0u8; 32];
+            b[..11].copy_from_slice(raw);
+            b[11] = 0x20;
+            Parsed {
+                name: name.as_bytes().to_vec(),
+                offset,
+                short: super::super::dirent::Short::parse(&b),
+            }
+        };
+        let (entries, index) = unique(vec![
+            e("a\u{fffd}.txt", b"A_1     TXT", 0),
+            e("a\u{fffd}.txt", b"A_2     TXT", 32),
+            e("A_2.TXT", b"A_3     TXT", 64),
+            e("a\u{fffd}.txt", b"A_1     TXT", 96),
+            e("A_1.TXT", b"A_1     TXT", 128),
+        ]);
+        let names: Vec<_> = entries
+            .iter()
+            .map(|e| (String::from_utf8(e.name.clone()).unwrap(), e.offset))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("a\u{fffd}.txt".to_string(), 0),
+                ("A_2.TXT".to_string(), 32),
+                ("A_3.TXT".to_string(), 64),
+                ("A_1.TXT".to_string(), 96),
+            ]
+        );
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(index[&e.name], i);
+        }
     }
 
     #[test]

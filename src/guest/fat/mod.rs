@@ -11,12 +11,17 @@
 //! need is small: positioned reads, the BPB, the FAT and directory entries.
 //!
 //! What a user sees, and why:
-//! - Inodes: the root is 1. A directory's inode comes from its first
-//!   cluster (`2 + cluster`), so a hostile directory entry pointing back at
-//!   an ancestor yields the ancestor's inode and the kernel and `find`
-//!   detect the loop instead of descending forever. A file's inode comes
-//!   from the volume byte offset of its short entry (`2^32 + offset/32`):
-//!   stable for the life of the volume and distinct for empty files.
+//! - Inodes: the root is 1 (so is any directory entry pointing at the
+//!   root's cluster). Every other file or directory's inode is the volume
+//!   byte offset of its short entry (`2^32 + offset/32`): distinct for
+//!   empty files, and decodable with no state, so a number one `FatFs`
+//!   handed out resolves in any later one on the same bytes (the mount
+//!   reopens volumes while the kernel still holds their inodes). A hostile
+//!   directory entry pointing back at an ancestor's cluster lists the
+//!   ancestor's entries at the same offsets, so the same inodes: the
+//!   looping directory contains itself or an ancestor, and the kernel
+//!   (`ELOOP`) and `find` stop there; walks by inode terminate because a
+//!   volume has finitely many entry offsets.
 //! - Mode: directories 0755, files 0755 (Linux vfat's default fmask/dmask
 //!   are the umask, 022, and it shows no `showexec` by default); the
 //!   read-only attribute clears the write bits of files, not directories
@@ -42,12 +47,20 @@
 //!   holds `/` or NUL are left out. Directories longer than 65,536 entries
 //!   (the spec's limit) are corrupt. Listing stops at the first 0x00 entry
 //!   (the spec; Linux scans on, which differs only on damaged volumes).
+//! - Names: a long name over 255 bytes of UTF-8 (up to 20 slots can hold
+//!   260 UTF-16 units; no path component can carry it) shows as its short
+//!   name; unpaired surrogates show as U+FFFD. Names are unique within a
+//!   listing so every entry can be looked up: when a decoded name repeats
+//!   (damage, or surrogates mapped alike), the first entry keeps it, a
+//!   later one shows as its short name if that is still free, else it is
+//!   left out.
 //!
 //! The Linux behaviour above is taken from fs/fat as of 6.x; the tests
 //! compare against a kernel mount where the kernel has vfat, and against
 //! mtools (names, types, sizes, bytes, mtimes) everywhere.
 
 mod bpb;
+mod chains;
 mod dirent;
 mod dirs;
 mod table;
@@ -56,42 +69,38 @@ use crate::guest::{
     Attr, DirEntry, FileKind, FsInfo, GuestError, GuestFs, GuestResult, ReadBytes, Timestamp,
 };
 use bpb::{Geometry, RootDir};
+use chains::{ChainCache, FileMap};
 use dirent::{Short, ATTR_LFN, ATTR_RO, ATTR_VOLUME};
 use dirs::{Cache, Dir, Loc};
-use lru::LruCache;
-use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
+use parking_lot::Mutex;
 use std::sync::Arc;
-use table::{Run, Table};
+use table::Table;
 
 const ROOT: u64 = 1;
 /// File inodes are this plus the short entry's offset / 32.
 const FILE_BASE: u64 = 1 << 32;
 /// Parsed directories cached, in total entries.
 const DIR_CACHE_ENTRIES: usize = 256 * 1024;
-/// Files whose cluster runs stay cached.
-const CHAIN_CACHE: usize = 256;
+/// Bytes of file maps (cluster runs) cached per volume.
+const CHAIN_BYTES: usize = 16 << 20;
 
 /// What an inode number stands for.
 enum Node {
     Root,
-    /// A directory by its first cluster.
-    Dir(u32),
-    /// A short entry by its volume offset.
+    /// A short entry (file or directory) by its volume offset.
     Entry(u64),
 }
 
+/// Decodes an inode number; numbers that stand for nothing (0, and those
+/// between the root and `FILE_BASE`) are `NotFound`.
 fn node(ino: u64) -> GuestResult<Node> {
-    match ino {
-        ROOT => Ok(Node::Root),
-        2..FILE_BASE => u32::try_from(ino - 2)
-            .map(Node::Dir)
-            .map_err(|_| GuestError::NotFound),
-        _ => (ino - FILE_BASE)
-            .checked_mul(32)
-            .map(Node::Entry)
-            .ok_or(GuestError::NotFound),
+    if ino == ROOT {
+        return Ok(Node::Root);
     }
+    ino.checked_sub(FILE_BASE)
+        .and_then(|i| i.checked_mul(32))
+        .map(Node::Entry)
+        .ok_or(GuestError::NotFound)
 }
 
 /// True if the first sector looks like a FAT boot sector with a valid BPB.
@@ -113,12 +122,9 @@ pub struct FatFs {
     table: Table,
     label: Option<String>,
     notes: Vec<String>,
+    /// Parsed directories by first cluster (the root: 0).
     dirs: Mutex<Cache>,
-    /// Directory first cluster -> offset of the entry that named it first
-    /// (its attributes). Grows only with directories listed, which the
-    /// volume's cluster count bounds.
-    dir_entries: RwLock<HashMap<u32, u64>>,
-    chains: Mutex<LruCache<u64, Arc<FileMap>>>,
+    chains: Mutex<ChainCache>,
 }
 
 impl FatFs {
@@ -151,8 +157,7 @@ impl FatFs {
             label: None,
             notes,
             dirs: Mutex::new(Cache::new(DIR_CACHE_ENTRIES)),
-            dir_entries: RwLock::new(HashMap::new()),
-            chains: Mutex::new(crate::cache::lazy_lru(CHAIN_CACHE)),
+            chains: Mutex::new(ChainCache::new(CHAIN_BYTES)),
         };
         // The label: the root's label entry, else the BPB's (as blkid).
         let root = fs.dir(ROOT)?;
@@ -172,11 +177,23 @@ impl FatFs {
     }
 
     /// The short entry at volume offset `off`; `NotFound` unless it is a
-    /// live file or directory entry.
+    /// live file or directory entry where directories can be (the fixed
+    /// root region or the data area).
     fn short_at(&self, off: u64) -> GuestResult<Short> {
+        let in_root = match self.geo.root {
+            RootDir::Fixed { offset, entries } => {
+                (offset..offset + u64::from(entries) * 32).contains(&off)
+            }
+            RootDir::Cluster(_) => false,
+        };
+        if !in_root && (off < self.geo.data_offset || off >= self.bytes.size()) {
+            return Err(GuestError::NotFound);
+        }
         let mut e = [0u8; 32];
         self.read_at(&mut e, off)?;
-        if e[0] == 0 || e[0] == 0xE5 || e[11] & 0x3F == ATTR_LFN || e[11] & ATTR_VOLUME != 0 {
+        let dots = e[0] == b'.' && e[1..11].iter().all(|&c| c == b' ' || c == b'.');
+        if e[0] == 0 || e[0] == 0xE5 || e[11] & 0x3F == ATTR_LFN || e[11] & ATTR_VOLUME != 0 || dots
+        {
             return Err(GuestError::NotFound);
         }
         Ok(Short::parse(&e))
@@ -190,8 +207,6 @@ impl FatFs {
     fn entry_ino(&self, offset: u64, s: &Short) -> u64 {
         if s.is_dir() && self.is_root_cluster(s.first_cluster) {
             ROOT
-        } else if s.is_dir() && self.geo.valid_cluster(s.first_cluster) {
-            2 + u64::from(s.first_cluster)
         } else {
             FILE_BASE + offset / 32
         }
@@ -199,25 +214,32 @@ impl FatFs {
 
     /// The parsed directory `ino`, from the cache or the volume.
     fn dir(&self, ino: u64) -> GuestResult<Arc<Dir>> {
-        if let Some(d) = self.dirs.lock().get(ino) {
-            return Ok(d);
-        }
         let loc = match node(ino)? {
             Node::Root => Loc::Root,
-            Node::Dir(c) => Loc::Cluster(c),
             Node::Entry(off) => {
                 let s = self.short_at(off)?;
                 if !s.is_dir() {
                     return Err(GuestError::NotDir);
                 }
-                // Only directories whose cluster is outside the volume get
-                // an entry inode.
-                return Err(self.corrupt(
-                    off,
-                    format!("directory entry points to cluster {}", s.first_cluster),
-                ));
+                if self.is_root_cluster(s.first_cluster) {
+                    Loc::Root
+                } else if self.geo.valid_cluster(s.first_cluster) {
+                    Loc::Cluster(s.first_cluster)
+                } else {
+                    return Err(self.corrupt(
+                        off,
+                        format!("directory entry points to cluster {}", s.first_cluster),
+                    ));
+                }
             }
         };
+        let key = match loc {
+            Loc::Root => 0,
+            Loc::Cluster(c) => u64::from(c),
+        };
+        if let Some(d) = self.dirs.lock().get(key) {
+            return Ok(d);
+        }
         let d = Arc::new(dirs::load(
             &self.volume,
             &*self.bytes,
@@ -225,13 +247,7 @@ impl FatFs {
             &self.table,
             loc,
         )?);
-        {
-            let mut map = self.dir_entries.write();
-            for e in d.entries.iter().filter(|e| e.short.is_dir()) {
-                map.entry(e.short.first_cluster).or_insert(e.offset);
-            }
-        }
-        self.dirs.lock().put(ino, d.clone());
+        self.dirs.lock().put(key, d.clone());
         Ok(d)
     }
 
@@ -299,11 +315,11 @@ impl FatFs {
         }
     }
 
-    /// File `ino`'s size and the cluster runs holding its bytes, cached so
-    /// reads neither re-read its entry nor re-walk the FAT.
+    /// File `ino`'s size and where its clusters are, cached so reads
+    /// neither re-read its entry nor re-walk the FAT.
     fn file_map(&self, ino: u64) -> GuestResult<Arc<FileMap>> {
-        if let Some(m) = self.chains.lock().get(&ino) {
-            return Ok(m.clone());
+        if let Some(m) = self.chains.lock().get(ino) {
+            return Ok(m);
         }
         let s = self.file(ino)?;
         let need = u64::from(s.size).div_ceil(u64::from(self.geo.cluster_size));
@@ -319,28 +335,15 @@ impl FatFs {
                     e => e,
                 })?
         };
-        let mut starts = Vec::with_capacity(runs.len());
-        let mut at = 0u64;
-        for r in &runs {
-            starts.push(at);
-            at += u64::from(r.len);
-        }
-        let m = Arc::new(FileMap {
-            size: u64::from(s.size),
+        let m = Arc::new(FileMap::new(
+            u64::from(s.size),
+            need,
             runs,
-            starts,
-        });
+            chains::MAX_RUNS,
+        ));
         self.chains.lock().put(ino, m.clone());
         Ok(m)
     }
-}
-
-/// Where a file's bytes are: runs of clusters, and the file cluster index
-/// each run starts at (for a binary search).
-struct FileMap {
-    size: u64,
-    runs: Vec<Run>,
-    starts: Vec<u64>,
 }
 
 impl GuestFs for FatFs {
@@ -363,19 +366,6 @@ impl GuestFs for FatFs {
     fn getattr(&self, ino: u64) -> GuestResult<Attr> {
         match node(ino)? {
             Node::Root => self.root_attr(),
-            Node::Dir(c) => {
-                let off = self
-                    .dir_entries
-                    .read()
-                    .get(&c)
-                    .copied()
-                    .ok_or(GuestError::NotFound)?;
-                let s = self.short_at(off)?;
-                if !s.is_dir() || s.first_cluster != c {
-                    return Err(GuestError::NotFound);
-                }
-                self.attr_of(ino, &s)
-            }
             Node::Entry(off) => {
                 let s = self.short_at(off)?;
                 self.attr_of(ino, &s)
@@ -420,21 +410,20 @@ impl GuestFs for FatFs {
         }
         let len = (m.size - offset).min(buf.len() as u64) as usize;
         let cs = u64::from(self.geo.cluster_size);
-        // The run holding `offset`; `chain` guaranteed runs cover the size.
-        let mut i = m
-            .starts
-            .partition_point(|&st| st <= offset / cs)
-            .saturating_sub(1);
+        let from = offset / cs;
+        let count = (offset + len as u64).div_ceil(cs) - from;
         let mut done = 0usize;
-        while done < len && i < m.runs.len() {
-            let r = m.runs[i];
+        for r in m.extents(&self.table, from, count)? {
             let pos = offset + done as u64;
-            let in_run = pos - m.starts[i] * cs;
+            // Only the first run starts inside a cluster.
+            let in_run = pos - (pos / cs) * cs;
             let n = ((u64::from(r.len) * cs - in_run) as usize).min(len - done);
             let at = self.geo.cluster_offset(r.start) + in_run;
             self.read_at(&mut buf[done..done + n], at)?;
             done += n;
-            i += 1;
+            if done == len {
+                break;
+            }
         }
         Ok(done)
     }
@@ -468,7 +457,11 @@ mod tests {
     #[test]
     fn inode_numbers_decode() {
         assert!(matches!(node(1), Ok(Node::Root)));
-        assert!(matches!(node(2 + 77), Ok(Node::Dir(77))));
+        // Numbers no instance hands out: not found, no underflow.
+        for ino in [0, 2, 77, FILE_BASE - 1] {
+            assert!(matches!(node(ino), Err(GuestError::NotFound)), "{ino}");
+        }
+        assert!(matches!(node(FILE_BASE), Ok(Node::Entry(0))));
         assert!(matches!(node(FILE_BASE + 5), Ok(Node::Entry(160))));
         assert!(matches!(node(u64::MAX), Err(GuestError::NotFound)));
     }

@@ -189,6 +189,19 @@ impl Table {
 }
 
 impl Table {
+    /// The cluster after `c` in its chain; the end mark is corruption here
+    /// (callers follow chains already checked to be long enough).
+    pub fn next_cluster(&self, c: u32) -> GuestResult<u32> {
+        match self.next(c)? {
+            Next::Cluster(n) => Ok(n),
+            Next::End => Err(GuestError::corrupt(
+                &self.volume,
+                self.entry_offset(c),
+                format!("cluster chain ends early at cluster {c}"),
+            )),
+        }
+    }
+
     /// `runs` unless a cluster occurs twice: a chain that loops back within
     /// the clusters a file needs would otherwise repeat its bytes.
     fn no_repeats(&self, first: u32, runs: Vec<Run>) -> GuestResult<Vec<Run>> {
@@ -211,11 +224,11 @@ impl Table {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::bpb::RootDir;
     use super::*;
 
-    fn geo(fat_type: FatType, count: u32) -> Geometry {
+    pub fn geo(fat_type: FatType, count: u32) -> Geometry {
         Geometry {
             fat_type,
             bytes_per_sector: 512,
@@ -234,7 +247,7 @@ mod tests {
         }
     }
 
-    fn fat12(entries: &[u32]) -> Vec<u8> {
+    pub fn fat12(entries: &[u32]) -> Vec<u8> {
         let mut v = vec![0u8; 512 * 1024];
         for (i, &e) in entries.iter().enumerate() {
             let pos = i + i / 2;
