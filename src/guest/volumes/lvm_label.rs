@@ -27,7 +27,9 @@ pub struct Label {
 }
 
 /// The label on `pv`, if it has one. `Err` names what is damaged.
-pub fn read(pv: &dyn ReadBytes) -> Result<Option<Label>, String> {
+/// `budget`: bytes of metadata text this scan may still read; each text
+/// read is taken from it, and a text larger than what is left is not read.
+pub fn read(pv: &dyn ReadBytes, budget: &mut u64) -> Result<Option<Label>, String> {
     let Some((sector, at)) = find_label(pv)? else {
         return Ok(None);
     };
@@ -64,7 +66,7 @@ pub fn read(pv: &dyn ReadBytes) -> Result<Option<Label>, String> {
     let mut text = None;
     let mut fault = None;
     for &(offset, size) in &lists[1] {
-        match metadata(pv, offset, size) {
+        match metadata(pv, offset, size, budget) {
             Ok(Some(t)) => {
                 text = Some(t);
                 break;
@@ -111,7 +113,12 @@ fn find_label(pv: &dyn ReadBytes) -> Result<Option<([u8; SECTOR], u64)>, String>
 
 /// The current metadata text of the metadata area at `start` (`size`
 /// bytes), `None` if the area holds none (or is marked ignored).
-fn metadata(pv: &dyn ReadBytes, start: u64, size: u64) -> Result<Option<String>, String> {
+fn metadata(
+    pv: &dyn ReadBytes,
+    start: u64,
+    size: u64,
+    budget: &mut u64,
+) -> Result<Option<String>, String> {
     let mut h = [0u8; SECTOR];
     pv.read_exact_at(&mut h, start)
         .map_err(|e| format!("LVM metadata area header at offset {start} unreadable: {e}"))?;
@@ -150,6 +157,14 @@ fn metadata(pv: &dyn ReadBytes, start: u64, size: u64) -> Result<Option<String>,
             "LVM metadata area at offset {start}: text at {offset} of {len} bytes outside the area"
         ));
     }
+    if len > *budget {
+        return Err(format!(
+            "LVM metadata text at offset {}: {len} bytes, past what is left of the {} MiB read per scan; not read",
+            start + offset,
+            super::lvm::MAX_SCAN_TEXT >> 20
+        ));
+    }
+    *budget -= len;
     let mut text = vec![0u8; len as usize];
     let first = (area - offset).min(len) as usize;
     let read = |buf: &mut [u8], at: u64| {

@@ -158,9 +158,19 @@ pub fn parse(text: &str) -> Result<Section, String> {
                     stack.last_mut().unwrap().1 .0.push((key.clone(), value));
                     i = next;
                 }
-                _ => return Err(format!("expected '=' or '{{' after '{key}'")),
+                _ => {
+                    return Err(format!(
+                        "expected '=' or '{{' after '{}'",
+                        super::shown(key)
+                    ))
+                }
             },
-            t => return Err(format!("unexpected {t:?} at token {i}")),
+            t => {
+                return Err(format!(
+                    "unexpected {} at token {i}",
+                    super::shown(&format!("{t:?}"))
+                ))
+            }
         }
     }
     if stack.len() != 1 {

@@ -49,7 +49,7 @@ impl Source {
 }
 
 /// A byte range `[offset, offset+len)` on disk number `disk`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Piece {
     pub disk: usize,
     pub offset: u64,
@@ -92,6 +92,20 @@ pub struct Scan {
     pub problems: Vec<String>,
 }
 
+/// Volumes listed per scan; past that a problem says how many were left
+/// out. Real guests have a handful; this bounds the work and memory a
+/// hostile table (8192 GPT entries, thousands of LVs) can cause.
+pub const MAX_VOLUMES: usize = 256;
+/// Longest volume name before a `~N` suffix; with one, names stay within
+/// [`MAX_NAME`] bytes.
+const MAX_BASE: usize = 190;
+/// Longest volume name: each is a directory entry name.
+pub const MAX_NAME: usize = 200;
+/// Bytes of a disk name put in front of its volumes' names.
+const MAX_PREFIX: usize = 64;
+/// Problem lines kept per scan; the rest are counted in a last line.
+const MAX_PROBLEMS: usize = 1000;
+
 /// Finds every volume on `disks` (name, bytes). Never fails: what cannot be
 /// read becomes a problem.
 pub fn scan(disks: &[(String, Arc<dyn ReadBytes>)]) -> Scan {
@@ -99,7 +113,7 @@ pub fn scan(disks: &[(String, Arc<dyn ReadBytes>)]) -> Scan {
     let several = disks.len() > 1;
     for (index, (disk_name, disk)) in disks.iter().enumerate() {
         let prefix = if several {
-            format!("{disk_name}-")
+            format!("{}-", safe_name(disk_name, MAX_PREFIX))
         } else {
             String::new()
         };
@@ -114,30 +128,125 @@ pub fn scan(disks: &[(String, Arc<dyn ReadBytes>)]) -> Scan {
             None => scan.volumes.push(whole_disk(&prefix, index, disk.size())),
         }
     }
+    let mut left_out = scan.volumes.len().saturating_sub(MAX_VOLUMES);
+    scan.volumes.truncate(MAX_VOLUMES);
+    unique_names(&mut scan.volumes, &mut scan.problems);
+    // Before LVM looks for PVs, so one PV's bytes are read once.
+    same_bytes(&mut scan.volumes);
     let all: Vec<Arc<dyn ReadBytes>> = disks.iter().map(|(_, d)| d.clone()).collect();
-    let lvs = lvm::find(&scan.volumes, &all, &mut scan.problems);
+    let room = MAX_VOLUMES - scan.volumes.len();
+    let (lvs, more) = lvm::find(&scan.volumes, &all, room, &mut scan.problems);
+    left_out += more;
     scan.volumes.extend(lvs);
-    unique_names(&mut scan);
+    unique_names(&mut scan.volumes, &mut scan.problems);
+    same_bytes(&mut scan.volumes);
+    if left_out > 0 {
+        scan.problems.push(format!(
+            "{left_out} more volumes left out: at most {MAX_VOLUMES} are listed"
+        ));
+    }
+    tidy_problems(&mut scan.problems);
     scan
 }
 
 /// Two VGs of the same name (a cloned disk attached twice) would give two
 /// volumes one name: later ones get `~2`, `~3` ... and a problem says so.
-fn unique_names(scan: &mut Scan) {
-    let mut seen = std::collections::HashSet::new();
-    for v in &mut scan.volumes {
-        let mut name = v.name.clone();
-        let mut n = 1;
-        while !seen.insert(name.clone()) {
-            n += 1;
-            name = format!("{}~{n}", v.name);
+/// A counter per name keeps this linear however many share one. Names are
+/// also made safe as directory entries here (no `/`, NUL or control
+/// characters, at most [`MAX_NAME`] bytes).
+fn unique_names(volumes: &mut [Volume], problems: &mut Vec<String>) {
+    let mut taken = std::collections::HashSet::new();
+    let mut next: std::collections::HashMap<String, u64> = Default::default();
+    for v in volumes {
+        let base = safe_name(&v.name, MAX_BASE);
+        if taken.insert(base.clone()) {
+            v.name = base;
+            continue;
         }
-        if name != v.name {
-            scan.problems.push(format!(
-                "{}: name taken by another volume; listed as {name}",
-                v.name
-            ));
-            v.name = name;
+        let n = next.entry(base.clone()).or_insert(2);
+        let name = loop {
+            let candidate = format!("{base}~{n}");
+            *n += 1;
+            if !taken.contains(&candidate) {
+                break candidate;
+            }
+        };
+        taken.insert(name.clone());
+        problems.push(format!(
+            "{base}: name taken by another volume; listed as {name}"
+        ));
+        v.name = name;
+    }
+}
+
+/// `name` with `/`, NUL and control characters replaced by `_` and cut to
+/// at most `max` bytes (on a character boundary).
+fn safe_name(name: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in name.chars() {
+        let c = if c == '/' || c.is_control() { '_' } else { c };
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Volumes whose pieces are those of an earlier volume (N GPT entries over
+/// one byte range) are listed, but unreadable, naming the first: the same
+/// bytes are then never opened (and cached) twice.
+fn same_bytes(volumes: &mut [Volume]) {
+    let mut first: std::collections::HashMap<Vec<Piece>, String> = Default::default();
+    for v in volumes {
+        if v.unreadable.is_some() || v.pieces.is_empty() {
+            continue;
+        }
+        match first.get(&v.pieces) {
+            Some(name) => {
+                v.unreadable = Some(format!("same bytes as {name}"));
+                v.pieces.clear();
+            }
+            None => {
+                first.insert(v.pieces.clone(), v.name.clone());
+            }
+        }
+    }
+}
+
+/// Guest text as a problem line may show it: control characters escaped,
+/// at most 64 characters.
+pub(crate) fn shown(text: &str) -> String {
+    let mut out = escaped(text.chars().take(64));
+    if text.chars().nth(64).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+fn escaped(chars: impl Iterator<Item = char>) -> String {
+    let mut out = String::new();
+    for c in chars {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Escapes control characters left in any problem line and keeps at most
+/// [`MAX_PROBLEMS`] lines.
+fn tidy_problems(problems: &mut Vec<String>) {
+    if problems.len() > MAX_PROBLEMS {
+        let more = problems.len() - MAX_PROBLEMS;
+        problems.truncate(MAX_PROBLEMS);
+        problems.push(format!("{more} more problems not listed"));
+    }
+    for p in problems {
+        if p.chars().any(char::is_control) {
+            *p = escaped(p.chars());
         }
     }
 }
@@ -319,6 +428,32 @@ mod tests {
             part_name: None,
             unreadable: None,
         }
+    }
+
+    #[test]
+    fn unique_names_number_repeats_past_names_already_taken() {
+        let mut vs: Vec<Volume> = ["a", "a~3", "a", "a", "a", "b/c\0"]
+            .iter()
+            .map(|n| Volume {
+                name: n.to_string(),
+                ..vol(Vec::new())
+            })
+            .collect();
+        vs.extend((0..3000).map(|_| Volume {
+            name: "x".repeat(300),
+            ..vol(Vec::new())
+        }));
+        let mut problems = Vec::new();
+        unique_names(&mut vs, &mut problems);
+        let names: Vec<&str> = vs.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names[..6], ["a", "a~3", "a~2", "a~4", "a~5", "b_c_"]);
+        let base = "x".repeat(MAX_BASE);
+        assert_eq!(names[6], base);
+        assert_eq!(names[3005], format!("{base}~3000"));
+        let all: std::collections::HashSet<&str> = names.iter().copied().collect();
+        assert_eq!(all.len(), names.len());
+        assert!(names.iter().all(|n| n.len() <= MAX_NAME));
+        assert_eq!(problems.len(), 3 + 2999);
     }
 
     #[test]
