@@ -127,7 +127,7 @@ impl SnapFs {
                     return Err(Errno::EROFS);
                 }
                 let bytes = self.volume_bytes(p, i).ok_or(Errno::ENOENT)?;
-                Ok((Handle::Volume(bytes), FopenFlags::empty()))
+                Ok((Handle::Volume(bytes), FopenFlags::FOPEN_NOFLUSH))
             }
             Inode::Guest(s, g) => self.guest_open(s, g, wants_write),
             Inode::Root => Err(Errno::EISDIR),

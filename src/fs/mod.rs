@@ -18,6 +18,7 @@ mod guest;
 mod handles;
 pub mod inodes;
 mod layout;
+mod listing;
 mod memory_files;
 mod modes;
 mod refuse;
@@ -29,9 +30,9 @@ pub use session::{mount, MountConfig, Mounted};
 use crate::tree::Tree;
 use attrs::TTL;
 use fuser::{
-    Errno, FileHandle, FileType, Filesystem, Generation, INodeNo, KernelConfig, OpenAccMode,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request,
+    Errno, FileHandle, Filesystem, Generation, INodeNo, KernelConfig, OpenAccMode, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request,
 };
 use handles::Handle;
 use inodes::{decode, Inode, PointFile};
@@ -40,7 +41,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 pub struct SnapFs {
     tree: Arc<Tree>,
@@ -126,6 +127,12 @@ impl Filesystem for SnapFs {
         if let Err(max) = config.set_max_write(1 << 20) {
             let _ = config.set_max_write(max);
         }
+        // Directory listings with attributes (see `readdirplus`); the
+        // kernel picks plain readdir where it would not use them.
+        let plus = fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO;
+        if let Err(unsupported) = config.add_capabilities(plus) {
+            let _ = config.add_capabilities(plus - unsupported);
+        }
         Ok(())
     }
 
@@ -150,14 +157,7 @@ impl Filesystem for SnapFs {
             .zip(name.to_str())
             .and_then(|(p, n)| self.lookup_in(p, n));
         match found.map(|i| self.getattr_of(i)) {
-            Some(Ok(a)) => {
-                let ttl = if matches!(a.kind, FileType::RegularFile) && a.perm & 0o222 == 0 {
-                    Duration::ZERO
-                } else {
-                    TTL
-                };
-                reply.entry(&ttl, &a, Generation(0))
-            }
+            Some(Ok(a)) => reply.entry(&listing::entry_ttl(&a), &a, Generation(0)),
             Some(Err(e)) => reply.error(e),
             None => reply.error(Errno::ENOENT),
         }
@@ -493,34 +493,33 @@ impl Filesystem for SnapFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if let Some(Handle::GuestDir(listing)) = self.handle(fh) {
-            return guest_readdir(ino.0, &listing, offset, reply);
+        let r = self.each_entry(ino.0, fh, offset, |e_ino, cookie, kind, name| {
+            reply.add(INodeNo(e_ino), cookie, kind, name)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        let listed = decode(ino.0)
-            .ok_or(Errno::ENOTDIR)
-            .and_then(|d| self.list(d));
-        let mut entries: Vec<(u64, FileType, String)> = vec![
-            (ino.0, FileType::Directory, ".".into()),
-            (inodes::ROOT, FileType::Directory, "..".into()),
-        ];
-        match listed {
-            Ok(l) => entries.extend(l),
-            Err(e) => return reply.error(e),
+    }
+
+    /// `readdir` with each entry's attributes, so `ls -l`, `find` and
+    /// `tar` need no lookup per entry (one round trip per page instead).
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let r = self.each_entry(ino.0, fh, offset, |e_ino, cookie, kind, name| {
+            let (attr, ttl) = self.entry_attr(e_ino, kind);
+            reply.add(INodeNo(e_ino), cookie, name, &ttl, &attr, Generation(0))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        entries[2..].sort_by_key(|e| e.0);
-        // Each entry's cookie (the offset the kernel resumes from) is stable
-        // while the tree changes between two readdir calls: 1 and 2 for the
-        // dot entries, then the entry's inode number plus 2, ascending.
-        for (i, (ino, kind, name)) in entries.into_iter().enumerate() {
-            let cookie = if i < 2 { i as u64 + 1 } else { ino + 2 };
-            if cookie <= offset {
-                continue;
-            }
-            if reply.add(INodeNo(ino), cookie, kind, name) {
-                break;
-            }
-        }
-        reply.ok()
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -628,23 +627,4 @@ fn reply_xattr(value: Result<Vec<u8>, Errno>, size: u32, reply: fuser::ReplyXatt
         Ok(_) => reply.error(errno(libc::ERANGE)),
         Err(e) => reply.error(e),
     }
-}
-
-/// A guest directory's page from the listing made at opendir: cookies are
-/// positions in it, so hard links (one inode, several names) and a
-/// directory that changes meanwhile never repeat or skip an entry.
-fn guest_readdir(ino: u64, listing: &guest::GuestListing, offset: u64, mut reply: ReplyDirectory) {
-    let dots = [
-        (ino, FileType::Directory, OsStr::new(".")),
-        (ino, FileType::Directory, OsStr::new("..")),
-    ];
-    let entries = dots
-        .into_iter()
-        .chain(listing.iter().map(|(i, k, n)| (*i, *k, n.as_os_str())));
-    for (i, (e_ino, kind, name)) in entries.enumerate().skip(offset as usize) {
-        if reply.add(INodeNo(e_ino), i as u64 + 1, kind, name) {
-            break;
-        }
-    }
-    reply.ok()
 }

@@ -199,10 +199,7 @@ mod tests {
     #[test]
     fn both_never_grants_what_either_refuses() {
         assert_eq!(both(o(0o644), o(0o600)).mode, 0o600);
-        let other = Ownership {
-            uid: 1,
-            ..o(0o644)
-        };
+        let other = Ownership { uid: 1, ..o(0o644) };
         assert_eq!(both(o(0o644), other).mode, 0o444);
         assert_eq!(both(o(0o640), other).mode, 0);
     }

@@ -565,7 +565,12 @@ fn guest_views_of_several_disks_are_as_private_as_the_most_private_disk() {
     let top = m.mnt.join("top");
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&top.join("vda.raw")) & 0o044, 0o044);
-    for p in ["fs", "volumes", "volumes/vdb-disk.raw", "volumes/index.json"] {
+    for p in [
+        "fs",
+        "volumes",
+        "volumes/vdb-disk.raw",
+        "volumes/index.json",
+    ] {
         let path = top.join(p);
         assert_eq!(mode(&path) & 0o077, 0, "{p} is open to others");
     }

@@ -5,6 +5,7 @@
 //! this module names, numbers and serves what it finds. See
 //! ARCHITECTURE.md ("Guest files").
 
+mod bytes;
 mod serve;
 mod views;
 
@@ -164,8 +165,12 @@ pub(super) fn list_fs(fs: &SnapFs, p: u64) -> Option<Vec<Listed>> {
     let o = fs.guest.get(&fs.tree, p, true)?;
     let mut out = Vec::new();
     for (i, v) in o.guest.volumes.iter().enumerate() {
-        let Some(root) = o.guest.root_ino(i) else { continue };
-        let Some(slot) = fs.guest.slot(p, &v.volume.name) else { continue };
+        let Some(root) = o.guest.root_ino(i) else {
+            continue;
+        };
+        let Some(slot) = fs.guest.slot(p, &v.volume.name) else {
+            continue;
+        };
         let ino = encode(Inode::Guest(slot, root));
         out.push((ino, FileType::Directory, v.volume.name.clone()));
     }

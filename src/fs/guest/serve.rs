@@ -90,10 +90,11 @@ impl SnapFs {
         }
         // What a point that cannot change shows never changes: keep the
         // page cache. A leaf's view may be rebuilt under the same inode.
+        // Nothing to flush on close (read-only): no FLUSH round trip.
         let fl = if changes {
-            FopenFlags::empty()
+            FopenFlags::FOPEN_NOFLUSH
         } else {
-            FopenFlags::FOPEN_KEEP_CACHE
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
         };
         Ok((Handle::GuestFile(fs, g), fl))
     }

@@ -10,6 +10,7 @@
 //! `inodes::guest(s, g)`. The slot table grows by one entry per volume
 //! ever browsed.
 
+use super::bytes::ChainBytes;
 use crate::chain::Chain;
 use crate::guest::point::PointGuest;
 use crate::guest::ReadBytes;
@@ -48,21 +49,6 @@ pub(crate) struct GuestViews {
 struct Slots {
     by_key: HashMap<(u64, String), u64>,
     keys: Vec<(u64, String)>,
-}
-
-/// A chain's bytes as a guest disk.
-struct ChainBytes(Arc<Chain>);
-
-impl ReadBytes for ChainBytes {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0
-            .read_at(buf, offset)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
-    }
 }
 
 impl GuestViews {
@@ -121,7 +107,7 @@ impl GuestViews {
             } else {
                 "disk".into()
             };
-            disks.push((name, Arc::new(ChainBytes(io.chain.clone()))));
+            disks.push((name, Arc::new(ChainBytes::new(io.chain.clone()))));
             built_from.push((io.chain.clone(), io.chain.generation()));
         }
         let now = Instant::now();
