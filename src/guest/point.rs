@@ -128,7 +128,7 @@ impl PointGuest {
     /// What `status` says of this view, as counts only: `status` is open
     /// to whoever may read the tree directory, the guest's texts (volume
     /// names, labels, errors) only to whoever may read its disk, in
-    /// `volumes/index.json`. `None` when there is nothing to say.
+    /// `volumes/index.json`. `None` when nothing went wrong.
     pub fn status_line(&self) -> Option<String> {
         let failed = self
             .volumes
@@ -144,7 +144,9 @@ impl PointGuest {
             })
             .sum();
         let problems = self.problems.len();
-        (failed + notes + problems > 0).then(|| {
+        // Notes alone (a FAT's geometry, a journal replayed) are no reason
+        // to look; they ride along when something else is.
+        (failed + problems > 0).then(|| {
             format!(
                 "{problems} scan problems, {failed} volumes that did not open, {notes} notes (see volumes/index.json)"
             )

@@ -410,6 +410,11 @@ fn each_point_shows_its_own_files_and_a_crash_consistent_snapshot_replays() {
     }
     let Some(m) = ws.mount(&[]) else { return };
     let mnt = m.mnt.clone();
+    // The leaf's view is open before its disk changes.
+    assert_eq!(
+        read_text(&mnt.join("base/files/etc/motd")),
+        "welcome, it is monday\n"
+    );
     ctl_ok(&mnt, "base", "snapshot monday");
     // Change the leaf's files through the kernel, on a loop device over
     // the partition inside the mounted disk.
@@ -422,6 +427,18 @@ fn each_point_shows_its_own_files_and_a_crash_consistent_snapshot_replays() {
         std::fs::write(gmnt.join("etc/motd"), b"welcome, it is tuesday\n").unwrap();
         std::fs::remove_file(gmnt.join("etc/nginx/nginx.conf")).unwrap();
     }
+    // The leaf's view is rebuilt from its written disk: within a second
+    // (the recheck interval and the leaf's entry TTL).
+    let leaf_motd = mnt.join("base/files/etc/motd");
+    let rebuilt = wait_until(std::time::Duration::from_secs(5), || {
+        std::fs::read_to_string(&leaf_motd).is_ok_and(|t| t == "welcome, it is tuesday\n")
+    });
+    assert!(
+        rebuilt,
+        "the leaf still shows {:?}",
+        std::fs::read_to_string(&leaf_motd)
+    );
+    assert!(!mnt.join("base/files/etc/nginx/nginx.conf").exists());
     ctl_ok(&mnt, "base", "snapshot tuesday");
     // Crash-consistent: written and fsynced, snapshotted while mounted.
     {
