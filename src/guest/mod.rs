@@ -13,6 +13,7 @@
 //! [`GuestError::Corrupt`] naming the volume, the byte offset and what is
 //! wrong. No panic, no unbounded allocation, no read outside the volume.
 
+pub mod crc;
 pub mod error;
 pub mod ext;
 pub mod fat;

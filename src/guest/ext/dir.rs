@@ -4,10 +4,10 @@
 //! handful of blocks. Index blocks met during a linear listing are
 //! recognised and skipped.
 
-use super::crc::crc32c;
 use super::hash::dx_hash;
 use super::inode::Inode;
 use super::sb::{le16, le32, Superblock};
+use crate::guest::crc::crc32c;
 use crate::guest::{FileKind, GuestError, GuestResult};
 use std::sync::Arc;
 

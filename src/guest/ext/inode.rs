@@ -3,8 +3,8 @@
 //! the high halves, 64-bit sizes, nanosecond times with epoch bits, both
 //! device number encodings).
 
-use super::crc::crc32c;
 use super::sb::{le16, le32, Superblock, RO_COMPAT_HUGE_FILE};
+use crate::guest::crc::crc32c;
 use crate::guest::{Attr, FileKind, GuestError, GuestResult, Timestamp};
 
 pub const FL_ENCRYPT: u32 = 0x800;

@@ -6,10 +6,10 @@
 //! and returns a map fs block -> newest journal copy. The volume is never
 //! written: every later read goes through that map instead.
 
-use super::crc::crc32c;
 use super::disk::{Disk, JournalCopy, JBD2_MAGIC};
 use super::inode::Inode;
 use super::map::map;
+use crate::guest::crc::crc32c;
 use crate::guest::{GuestError, GuestResult};
 use std::collections::{BTreeMap, HashMap};
 

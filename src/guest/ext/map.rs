@@ -5,10 +5,10 @@
 //! through [`map`], so holes and unwritten extents read as zeros and
 //! every pointer is checked against the filesystem before use.
 
-use super::crc::crc32c;
 use super::disk::Disk;
 use super::inode::{Inode, FL_EXTENTS};
 use super::sb::{le16, le32};
+use crate::guest::crc::crc32c;
 use crate::guest::{GuestError, GuestResult};
 
 /// The kernel's limit on extent tree depth; deeper trees are corrupt.

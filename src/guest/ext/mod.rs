@@ -8,7 +8,6 @@
 //! (metadata_csum) is verified; a mismatch fails that object with a
 //! Corrupt error naming the volume and byte offset. Nothing is written.
 
-mod crc;
 mod dir;
 mod dirscan;
 mod disk;
@@ -420,13 +419,7 @@ impl GuestFs for ExtFs {
     }
 
     fn read(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> GuestResult<usize> {
-        let inode = self.inode(ino)?;
-        match inode.kind() {
-            Some(FileKind::File) => {}
-            Some(FileKind::Dir) => return Err(GuestError::IsDir),
-            _ => return Err(GuestError::Invalid),
-        }
-        self.check_readable(&inode)?;
+        let inode = self.file_inode(ino)?;
         self.read_inode_data(&inode, offset, buf)
     }
 

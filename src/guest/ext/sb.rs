@@ -4,7 +4,7 @@
 //! about the volume's shape is validated here, once, against the volume
 //! size, so later code can index with the checked values.
 
-use super::crc::crc32c;
+use crate::guest::crc::crc32c;
 use crate::guest::{GuestError, GuestResult};
 
 /// Byte offset of the primary superblock.

@@ -4,9 +4,9 @@
 //! xattr format `getfattr` sees from the kernel; `system.data` (the
 //! inline-data area) is hidden, as the kernel hides it.
 
-use super::crc::crc32c;
 use super::inode::Inode;
 use super::sb::{le16, le32};
+use crate::guest::crc::crc32c;
 use crate::guest::{GuestError, GuestResult};
 
 const MAGIC: u32 = 0xEA02_0000;

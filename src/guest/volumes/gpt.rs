@@ -4,7 +4,8 @@
 //! header is looked for at 512 and at 4096 bytes. A damaged primary falls
 //! back to the backup, and a problem says so.
 
-use super::{crc, le32, le64, partition, Source, Volume};
+use super::{le32, le64, partition, Source, Volume};
+use crate::guest::crc;
 use crate::guest::ReadBytes;
 
 const SIZES: [u64; 2] = [512, 4096];

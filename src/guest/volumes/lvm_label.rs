@@ -4,7 +4,8 @@
 //! metadata text its first raw_locn points to, in a circular buffer. Every
 //! structure carries LVM2's CRC (seed 0xf597a6cf); each is checked.
 
-use super::{crc, le32, le64};
+use super::{le32, le64};
+use crate::guest::crc;
 use crate::guest::ReadBytes;
 
 const SECTOR: usize = 512;

@@ -16,7 +16,6 @@
 //! whole-disk names get the disk name in front (`vda-p1`); LVs do not, as a
 //! VG may span disks.
 
-mod crc;
 mod gpt;
 mod lvm;
 mod lvm_label;
