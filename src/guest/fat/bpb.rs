@@ -75,9 +75,20 @@ fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 
-/// Parses and validates the first 512 bytes of a volume. `volume` names it
-/// in errors.
-pub fn parse(volume: &str, b: &[u8; 512]) -> GuestResult<Geometry> {
+/// The raw BPB fields the layout is computed from, each checked on its own.
+struct Fields {
+    bps: u32,
+    spc: u32,
+    reserved: u64,
+    nfats: u64,
+    root_entries: u32,
+    total_sectors: u64,
+    fat_sectors: u64,
+    /// A FAT32-layout BPB: a zero 16-bit FAT size (and the 32-bit fields).
+    fat32_layout: bool,
+}
+
+fn fields(volume: &str, b: &[u8; 512]) -> GuestResult<Fields> {
     let bad = |off: u64, what: String| Err(GuestError::corrupt(volume, off, what));
     // Jump instruction: EB xx 90 or E9 xx xx (Microsoft FAT spec, BS_jmpBoot).
     if !(b[0] == 0xEB && b[2] == 0x90 || b[0] == 0xE9) {
@@ -102,29 +113,53 @@ pub fn parse(volume: &str, b: &[u8; 512]) -> GuestResult<Geometry> {
     if nfats == 0 {
         return bad(16, "boot sector: no FATs".into());
     }
-    let root_entries = u32::from(u16_at(b, 17));
     let tot16 = u64::from(u16_at(b, 19));
-    let fat16_len = u64::from(u16_at(b, 22));
-    let tot32 = u64::from(u32_at(b, 32));
-    let fat32_len = u64::from(u32_at(b, 36));
-    let total_sectors = if tot16 != 0 { tot16 } else { tot32 };
+    let total_sectors = if tot16 != 0 {
+        tot16
+    } else {
+        u64::from(u32_at(b, 32))
+    };
     if total_sectors == 0 {
         return bad(19, "boot sector: zero total sectors".into());
     }
-    // A FAT32-layout BPB has a zero 16-bit FAT size (and the 32-bit fields).
+    let fat16_len = u64::from(u16_at(b, 22));
     let fat32_layout = fat16_len == 0;
-    let fat_sectors = if fat32_layout { fat32_len } else { fat16_len };
+    let fat_sectors = if fat32_layout {
+        u64::from(u32_at(b, 36))
+    } else {
+        fat16_len
+    };
     if fat_sectors == 0 {
         return bad(36, "boot sector: zero sectors per FAT".into());
     }
-    let bps64 = u64::from(bps);
-    let root_sectors = (u64::from(root_entries) * 32).div_ceil(bps64);
-    let meta = reserved + nfats * fat_sectors + root_sectors;
-    let Some(data_sectors) = total_sectors.checked_sub(meta).filter(|&d| d > 0) else {
-        return bad(19, format!("boot sector: {total_sectors} sectors leave no data area after {meta} metadata sectors"));
+    Ok(Fields {
+        bps,
+        spc,
+        reserved,
+        nfats,
+        root_entries: u32::from(u16_at(b, 17)),
+        total_sectors,
+        fat_sectors,
+        fat32_layout,
+    })
+}
+
+/// The FAT type and cluster count, as the Microsoft spec derives them
+/// (a FAT32-layout BPB is FAT32 whatever its count, as Linux reads it).
+fn clusters(volume: &str, f: &Fields, root_sectors: u64) -> GuestResult<(FatType, u32)> {
+    let bad = |off: u64, what: String| Err(GuestError::corrupt(volume, off, what));
+    let meta = f.reserved + f.nfats * f.fat_sectors + root_sectors;
+    let Some(data_sectors) = f.total_sectors.checked_sub(meta).filter(|&d| d > 0) else {
+        return bad(
+            19,
+            format!(
+                "boot sector: {} sectors leave no data area after {meta} metadata sectors",
+                f.total_sectors
+            ),
+        );
     };
-    let count = data_sectors / u64::from(spc);
-    let fat_type = if fat32_layout {
+    let count = data_sectors / u64::from(f.spc);
+    let fat_type = if f.fat32_layout {
         FatType::Fat32
     } else if count < 4085 {
         FatType::Fat12
@@ -139,52 +174,75 @@ pub fn parse(volume: &str, b: &[u8; 512]) -> GuestResult<Geometry> {
             format!("boot sector: {count} clusters is more than FAT32 can address"),
         );
     }
-    let count = count as u32;
-    let fat_len = fat_sectors * bps64;
-    let needed_bits = (u64::from(count) + 2)
-        * match fat_type {
-            FatType::Fat12 => 12,
-            FatType::Fat16 => 16,
-            FatType::Fat32 => 32,
-        };
-    if needed_bits.div_ceil(8) > fat_len {
+    let fat_len = f.fat_sectors * u64::from(f.bps);
+    let bits = match fat_type {
+        FatType::Fat12 => 12,
+        FatType::Fat16 => 16,
+        FatType::Fat32 => 32,
+    };
+    if ((count + 2) * bits).div_ceil(8) > fat_len {
         return bad(
             22,
             format!("boot sector: a FAT of {fat_len} bytes is too small for {count} clusters"),
         );
     }
-    let fat_offset = reserved * bps64;
-    let root_offset = fat_offset + nfats * fat_len;
-    let root = if fat_type == FatType::Fat32 {
-        if root_entries != 0 {
-            return bad(
-                17,
-                format!("boot sector: FAT32 with {root_entries} fixed root entries"),
-            );
-        }
-        let rc = u32_at(b, 44);
-        if rc < 2 || u64::from(rc) >= u64::from(count) + 2 {
-            return bad(
-                44,
-                format!(
-                    "boot sector: root cluster {rc} outside 2..{}",
-                    u64::from(count) + 2
-                ),
-            );
-        }
-        RootDir::Cluster(rc)
-    } else {
+    Ok((fat_type, count as u32))
+}
+
+/// Where the root directory is: FAT32's root cluster, or FAT12/16's
+/// fixed region at `root_offset`.
+fn root_dir(
+    volume: &str,
+    b: &[u8; 512],
+    f: &Fields,
+    fat_type: FatType,
+    count: u32,
+    root_offset: u64,
+) -> GuestResult<RootDir> {
+    let bad = |off: u64, what: String| Err(GuestError::corrupt(volume, off, what));
+    let root_entries = f.root_entries;
+    if fat_type != FatType::Fat32 {
         if root_entries == 0 {
             return bad(
                 17,
                 "boot sector: FAT12/16 with no root directory entries".into(),
             );
         }
-        RootDir::Fixed {
+        return Ok(RootDir::Fixed {
             offset: root_offset,
             entries: root_entries,
-        }
-    };
+        });
+    }
+    if root_entries != 0 {
+        return bad(
+            17,
+            format!("boot sector: FAT32 with {root_entries} fixed root entries"),
+        );
+    }
+    let rc = u32_at(b, 44);
+    if rc < 2 || u64::from(rc) >= u64::from(count) + 2 {
+        return bad(
+            44,
+            format!(
+                "boot sector: root cluster {rc} outside 2..{}",
+                u64::from(count) + 2
+            ),
+        );
+    }
+    Ok(RootDir::Cluster(rc))
+}
+
+/// Parses and validates the first 512 bytes of a volume. `volume` names it
+/// in errors.
+pub fn parse(volume: &str, b: &[u8; 512]) -> GuestResult<Geometry> {
+    let f = fields(volume, b)?;
+    let bps64 = u64::from(f.bps);
+    let root_sectors = (u64::from(f.root_entries) * 32).div_ceil(bps64);
+    let (fat_type, count) = clusters(volume, &f, root_sectors)?;
+    let fat_len = f.fat_sectors * bps64;
+    let fat_offset = f.reserved * bps64;
+    let root_offset = fat_offset + f.nfats * fat_len;
+    let root = root_dir(volume, b, &f, fat_type, count, root_offset)?;
     // The extended boot record sits after the FAT32 fields on FAT32.
     let ext = if fat_type == FatType::Fat32 { 64 } else { 36 };
     let (volume_id, bpb_label) = if b[ext + 2] == 0x29 || b[ext + 2] == 0x28 {
@@ -200,14 +258,14 @@ pub fn parse(volume: &str, b: &[u8; 512]) -> GuestResult<Geometry> {
     };
     Ok(Geometry {
         fat_type,
-        bytes_per_sector: bps,
-        cluster_size: bps * spc,
+        bytes_per_sector: f.bps,
+        cluster_size: f.bps * f.spc,
         fat_offset,
         fat_len,
         root,
         data_offset: root_offset + root_sectors * bps64,
         cluster_count: count,
-        volume_bytes: total_sectors * bps64,
+        volume_bytes: f.total_sectors * bps64,
         volume_id,
         bpb_label,
     })
