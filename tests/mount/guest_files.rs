@@ -21,7 +21,7 @@ const P1_LEN: u64 = 32 * MIB;
 const P2_OFF: u64 = 33 * MIB;
 const DISK: u64 = 128 * MIB;
 
-fn have(tool: &str) -> bool {
+pub(crate) fn have(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
@@ -42,7 +42,7 @@ fn guest_tools() -> bool {
 }
 
 /// Root and a kernel that loop-mounts ext4: the judge of ext volumes.
-fn kernel_judge() -> bool {
+pub(crate) fn kernel_judge() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         skip("not root: the kernel (a loop mount) is the judge of ext4");
@@ -51,7 +51,7 @@ fn kernel_judge() -> bool {
     true
 }
 
-fn sh(what: &str, script: &str) {
+pub(crate) fn sh(what: &str, script: &str) {
     let o = run_unchecked(Command::new("sh").args(["-ec", script]));
     assert!(
         o.status.success(),
@@ -162,7 +162,7 @@ fn guest_workspace() -> Option<(Workspace, PathBuf)> {
 
 /// Everything `stat`, `readlink`, `getxattr` and `read` show of a tree,
 /// by relative path.
-fn snapshot_tree(root: &Path) -> BTreeMap<PathBuf, String> {
+pub(crate) fn snapshot_tree(root: &Path) -> BTreeMap<PathBuf, String> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     // Hard links: every name of one inode says which inode (by its first
@@ -253,7 +253,7 @@ fn user_xattrs(p: &Path) -> Vec<String> {
 
 /// Loop-mounts a copy of `volume` read-only (the kernel replays its
 /// journal in the copy) and returns the tree it shows.
-fn kernel_view(ws: &Workspace, volume: &Path, tag: &str) -> BTreeMap<PathBuf, String> {
+pub(crate) fn kernel_view(ws: &Workspace, volume: &Path, tag: &str) -> BTreeMap<PathBuf, String> {
     let copy = ws.scratch(&format!("judge-{tag}.img"));
     let mnt = ws.scratch(&format!("judge-{tag}"));
     std::fs::copy(volume, &copy).unwrap();
@@ -290,10 +290,10 @@ impl Drop for LoopMount {
 
 /// A loop device over a range of a file (the partition inside a mounted
 /// `disk.raw`), detached on drop.
-struct LoopDev(String);
+pub(crate) struct LoopDev(pub(crate) String);
 
 impl LoopDev {
-    fn new(file: &Path, offset: u64, size: u64) -> LoopDev {
+    pub(crate) fn new(file: &Path, offset: u64, size: u64) -> LoopDev {
         let o = run(Command::new("losetup").args([
             "-f",
             "--show",
@@ -318,7 +318,11 @@ impl Drop for LoopDev {
     }
 }
 
-fn assert_trees_eq(what: &str, got: &BTreeMap<PathBuf, String>, want: &BTreeMap<PathBuf, String>) {
+pub(crate) fn assert_trees_eq(
+    what: &str,
+    got: &BTreeMap<PathBuf, String>,
+    want: &BTreeMap<PathBuf, String>,
+) {
     for (p, w) in want {
         match got.get(p) {
             Some(g) => assert_eq!(g, w, "{what}: {} differs", p.display()),

@@ -12,6 +12,7 @@
 //! per-point helpers. The tests live by subject in the modules below.
 
 mod guest_files;
+mod guest_lvm;
 mod hostile_fs;
 mod hostile_paths;
 mod layout_contract;
