@@ -129,7 +129,7 @@ impl Filesystem for SnapFs {
         }
         // Directory listings with attributes (see `readdirplus`); the
         // kernel picks plain readdir where it would not use them.
-        let plus = fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO;
+        let plus = fuser::InitFlags::FUSE_DO_READDIRPLUS;
         if let Err(unsupported) = config.add_capabilities(plus) {
             let _ = config.add_capabilities(plus - unsupported);
         }

@@ -15,6 +15,7 @@ mod hash;
 mod inode;
 mod journal;
 mod map;
+mod names;
 mod sb;
 mod xattr;
 
@@ -47,6 +48,8 @@ pub struct ExtFs {
     sb: Superblock,
     groups: Vec<Group>,
     notes: Vec<String>,
+    /// Name indexes of linear directories (see `names`).
+    names: names::Names,
 }
 
 fn load_groups(disk: &Disk, sb: &Superblock) -> GuestResult<Vec<Group>> {
@@ -86,6 +89,7 @@ impl ExtFs {
             sb,
             groups,
             notes: Vec::new(),
+            names: names::Names::default(),
         };
         if fs.sb.has_incompat(sb::INCOMPAT_RECOVER) {
             fs.recover(size)?;
@@ -382,15 +386,21 @@ impl GuestFs for ExtFs {
             }
             return self.check_entry(&d, name, sb::le32(&b, r0));
         }
-        let mut found = None;
-        self.scan_dir(&d, |e| {
-            if e.name == name {
-                found = Some(e.ino);
+        let index = match self.names.get(dir) {
+            Some(index) => index,
+            None => {
+                let mut index = names::Index::new();
+                self.scan_dir(&d, |e| {
+                    names::add(&mut index, &e);
+                    Ok(false)
+                })?;
+                let index = Arc::new(index);
+                self.names.put(dir, index.clone());
+                index
             }
-            Ok(found.is_some())
-        })?;
-        match found {
-            Some(ino) => self.check_entry(&d, name, ino),
+        };
+        match index.get(name) {
+            Some(&ino) => self.check_entry(&d, name, ino),
             None => Err(GuestError::NotFound),
         }
     }
