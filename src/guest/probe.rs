@@ -55,15 +55,8 @@ fn uuid(b: &[u8]) -> Option<String> {
     if b.iter().all(|&c| c == 0) {
         return None;
     }
-    let h: Vec<String> = b.iter().map(|c| format!("{c:02x}")).collect();
-    Some(format!(
-        "{}-{}-{}-{}-{}",
-        h[0..4].concat(),
-        h[4..6].concat(),
-        h[6..8].concat(),
-        h[8..10].concat(),
-        h[10..16].concat()
-    ))
+    let id: &[u8; 16] = b.get(..16)?.try_into().ok()?;
+    Some(crate::units::uuid_text(id))
 }
 
 /// ext2/3/4: the superblock at 1024, magic 0xEF53 at 56. The type follows

@@ -151,15 +151,7 @@ pub fn checksum(bytes: &[u8], skip: Option<usize>) -> u32 {
 /// The 16 bytes of a VHD unique id as text (bytes in file order, as
 /// `vhdiinfo` prints them).
 pub fn format_uuid(id: &[u8; 16]) -> String {
-    let h: Vec<String> = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        h[0..4].concat(),
-        h[4..6].concat(),
-        h[6..8].concat(),
-        h[8..10].concat(),
-        h[10..16].concat()
-    )
+    crate::units::uuid_text(id)
 }
 
 fn disk_type_name(t: u32) -> &'static str {
