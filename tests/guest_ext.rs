@@ -11,6 +11,7 @@
 
 mod guest_ext {
     pub mod fuzz;
+    pub mod hostile;
     pub mod tree;
 }
 

@@ -267,6 +267,17 @@ fn read_node(
     Ok((b, n))
 }
 
+/// Whether `b` (block 0 of `dir`, at volume byte `off`) is a sound htree
+/// root: "." and a ".." spanning the rest of the block, valid root info and
+/// entry limits (and their checksum with metadata_csum).
+pub fn is_dx_root(vol: &str, sb: &Superblock, dir: &Inode, b: &[u8], off: u64) -> bool {
+    let bs = b.len();
+    rec_len(le16(b, 4), bs) == 12
+        && rec_len(le16(b, 16), bs) == bs - 12
+        && root_hash(vol, sb, dir, b, off, b"").is_ok()
+        && dx_node(vol, dir, sb.csum(), b, off, 0x20).is_ok()
+}
+
 /// Looks `name` up through the htree index of `dir`.
 pub fn dx_lookup(
     vol: &str,

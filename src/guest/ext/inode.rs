@@ -92,6 +92,14 @@ impl Inode {
         }
         let mode = le16(raw, 0);
         let size = le32(raw, 0x4) as u64 | (le32(raw, 0x6C) as u64) << 32;
+        if size > i64::MAX as u64 {
+            // As ext4_iget ("bad i_size value"): sizes are loff_t.
+            return Err(GuestError::corrupt(
+                vol,
+                offset + 0x4,
+                format!("inode {ino}: size {size:#x} out of range"),
+            ));
+        }
         Ok(Inode {
             ino,
             offset,
@@ -164,24 +172,28 @@ impl Inode {
         (minor & 0xFF) | (major << 8) | ((minor & !0xFF) << 12)
     }
 
-    pub fn attr(&self, sb: &Superblock) -> Attr {
+    /// Bytes allocated to the inode (i_blocks, in 512-byte units or, for
+    /// huge_file inodes, filesystem blocks), saturating.
+    pub fn allocated_bytes(&self, sb: &Superblock) -> u64 {
         let r = &self.raw;
-        let kind = self.kind().unwrap_or(FileKind::File);
         let mut blocks = le32(r, 0x1C) as u64;
-        let mut allocated = 0;
         if sb.has_ro_compat(RO_COMPAT_HUGE_FILE) {
             blocks |= (le16(r, 0x74) as u64) << 32;
             if self.flags & FL_HUGE_FILE != 0 {
-                allocated = blocks.saturating_mul(sb.block_size);
+                return blocks.saturating_mul(sb.block_size);
             }
         }
-        if allocated == 0 {
-            allocated = blocks.saturating_mul(512);
-        }
+        blocks.saturating_mul(512)
+    }
+
+    pub fn attr(&self, sb: &Superblock) -> Attr {
+        let r = &self.raw;
+        let kind = self.kind().unwrap_or(FileKind::File);
+        let mut allocated = self.allocated_bytes(sb);
         if self.flags & FL_INLINE_DATA != 0 && kind == FileKind::File {
             // As the kernel reports regular files: at least the sectors the
             // inline bytes would fill, so tools do not think it is sparse.
-            allocated += self.size.div_ceil(512) * 512;
+            allocated = allocated.saturating_add(self.size.div_ceil(512).saturating_mul(512));
         }
         let rdev = match kind {
             FileKind::CharDevice | FileKind::BlockDevice => self.rdev(),

@@ -11,7 +11,7 @@ use super::inode::Inode;
 use super::map::map;
 use crate::guest::crc::crc32c;
 use crate::guest::{GuestError, GuestResult};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 const BT_DESCRIPTOR: u32 = 1;
 const BT_COMMIT: u32 = 2;
@@ -47,10 +47,39 @@ pub struct Replay {
     pub bad_blocks: usize,
 }
 
-struct Tx {
-    seq: u32,
-    /// (fs block, journal logical block, escaped)
-    writes: Vec<(u64, u64, bool)>,
+/// Log records (block tags plus revoke records) one replay may handle. A
+/// full 1 GiB journal of 4 KiB blocks holds 262,144 tags; revoke records
+/// are fewer in practice. The bound keeps a hostile log's maps small.
+const MAX_RECORDS: u64 = 1 << 22;
+
+/// Extents / block-map runs of the journal inode checked for overlap.
+const MAX_RUNS: usize = 1 << 20;
+
+/// One block tag: (fs block, journal logical block with bit 63 set if its
+/// checksum failed, escaped).
+type Tag = (u64, u64, bool);
+
+/// The committed copies of one filesystem block that matter for replay.
+#[derive(Default)]
+struct Copies {
+    /// The newest copy whose checksum holds: (transaction, journal block,
+    /// escaped).
+    good: Option<(u32, u64, bool)>,
+    /// Transactions of copies whose checksum failed (each is counted
+    /// unless revoked).
+    bad: Vec<u32>,
+}
+
+/// What the scan of the log found: the copies of every block written by a
+/// committed transaction, the newest revoking transaction of every revoked
+/// block, and how many transactions committed.
+#[derive(Default)]
+struct Scan {
+    writes: HashMap<u64, Copies>,
+    revokes: HashMap<u64, u32>,
+    transactions: usize,
+    /// Tags and revoke records seen (bounded by MAX_RECORDS).
+    records: u64,
 }
 
 struct Log<'a> {
@@ -62,6 +91,8 @@ struct Log<'a> {
     maxlen: u64,
     incompat: u32,
     seed: u32,
+    /// Bytes i_blocks says the journal inode owns.
+    allocated: u64,
 }
 
 impl Log<'_> {
@@ -116,7 +147,7 @@ impl Log<'_> {
         seq: u32,
         pos: &mut u64,
         visited: &mut u64,
-        writes: &mut Vec<(u64, u64, bool)>,
+        writes: &mut Vec<Tag>,
     ) -> GuestResult<bool> {
         let bs = self.bs;
         let tail = if self.csum_v23() { 4 } else { 0 };
@@ -190,10 +221,11 @@ impl Log<'_> {
     }
 }
 
-/// Replays the journal held by inode `jinode` if its superblock says the
-/// log is not empty. `fs_csum` says whether metadata_csum is on (for the
-/// journal inode's extent blocks).
-pub fn replay(disk: &Disk, fs_csum: bool, jinode: &Inode) -> GuestResult<Replay> {
+/// Replays the journal held by inode `jinode` (owning `allocated` bytes by
+/// its i_blocks) if its superblock says the log is not empty. `fs_csum`
+/// says whether metadata_csum is on (for the journal inode's extent
+/// blocks).
+pub fn replay(disk: &Disk, fs_csum: bool, jinode: &Inode, allocated: u64) -> GuestResult<Replay> {
     let bs = disk.block_size as usize;
     let mut log = Log {
         disk,
@@ -204,34 +236,34 @@ pub fn replay(disk: &Disk, fs_csum: bool, jinode: &Inode) -> GuestResult<Replay>
         maxlen: 1,
         incompat: 0,
         seed: 0,
+        allocated,
     };
     let Some((start, seq)) = open_log(&mut log)? else {
         return Ok(Replay::default());
     };
-    let (txs, revokes) = scan(&log, start, seq)?;
+    let found = scan(&log, start, seq)?;
     let mut out = Replay {
-        transactions: txs.len(),
+        transactions: found.transactions,
         ..Default::default()
     };
-    for tx in &txs {
-        for &(fsblk, jl, escaped) in &tx.writes {
-            if revokes.get(&fsblk).is_some_and(|&r| seq_ge(r, tx.seq)) {
-                continue;
-            }
-            if log.csum_v23() && jl & (1 << 63) != 0 {
-                out.bad_blocks += 1;
-                continue;
-            }
-            let p = log.phys(jl)?;
-            disk.check_block(fsblk, 1, p * bs as u64, "journal tag")?;
-            out.overlay.insert(
-                fsblk,
-                JournalCopy {
-                    offset: p * bs as u64,
-                    escaped,
-                },
-            );
+    for (&fsblk, copies) in &found.writes {
+        // A revoke applies to copies of its transaction and older ones.
+        let revoked = |seq: u32| found.revokes.get(&fsblk).is_some_and(|&r| seq_ge(r, seq));
+        out.bad_blocks += copies.bad.iter().filter(|&&s| !revoked(s)).count();
+        let Some((seq, jl, escaped)) = copies.good else {
+            continue;
+        };
+        if revoked(seq) {
+            continue;
         }
+        let p = log.phys(jl)?;
+        out.overlay.insert(
+            fsblk,
+            JournalCopy {
+                offset: p * bs as u64,
+                escaped,
+            },
+        );
     }
     Ok(out)
 }
@@ -256,7 +288,11 @@ fn open_log(log: &mut Log) -> GuestResult<Option<(u64, u32)>> {
             ),
         ));
     }
-    let jblocks = log.inode.size / bs as u64;
+    // The blocks the inode really owns (i_blocks) bound the log too, not
+    // only i_size: a block map can send every logical block to one block.
+    let jblocks = (log.inode.size / bs as u64)
+        .min(log.allocated / bs as u64)
+        .min(log.disk.blocks_count);
     let maxlen = be32(&sb, 0x10) as u64;
     let first = be32(&sb, 0x14) as u64;
     if maxlen > jblocks || first == 0 || first >= maxlen {
@@ -267,6 +303,7 @@ fn open_log(log: &mut Log) -> GuestResult<Option<(u64, u32)>> {
     }
     log.maxlen = maxlen;
     log.first = first;
+    check_distinct(log)?;
     if btype == BT_SB_V2 {
         log.incompat = be32(&sb, 0x28);
     }
@@ -314,31 +351,86 @@ fn seq_ge(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) >= 0
 }
 
-/// Walks the log from `start`; returns committed transactions in order and
-/// the newest revoking transaction of each revoked block.
-fn scan(log: &Log, start: u64, mut seq: u32) -> GuestResult<(Vec<Tx>, HashMap<u64, u32>)> {
-    let mut txs = Vec::new();
-    let mut revokes: HashMap<u64, u32> = HashMap::new();
-    let mut pending = Tx {
-        seq,
-        writes: Vec::new(),
-    };
-    let mut pending_revokes: Vec<u64> = Vec::new();
+/// Fails unless the journal's blocks 0..maxlen map to distinct physical
+/// blocks (a hostile map could otherwise replay one block many times).
+fn check_distinct(log: &Log) -> GuestResult<()> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut lblk = 0;
+    while lblk < log.maxlen {
+        let r = map(log.disk, log.csum, log.inode, lblk)?;
+        let len = r.len.min(log.maxlen - lblk);
+        if let Some(p) = r.phys {
+            if runs.len() >= MAX_RUNS {
+                let what = format!("journal: more than {MAX_RUNS} fragments");
+                return Err(GuestError::corrupt(&log.disk.name, log.inode.offset, what));
+            }
+            runs.push((p, len));
+        }
+        lblk += len;
+    }
+    runs.sort_unstable();
+    for w in runs.windows(2) {
+        if w[0].0 + w[0].1 > w[1].0 {
+            let what = format!("journal: block {} mapped twice", w[1].0);
+            return Err(GuestError::corrupt(&log.disk.name, log.inode.offset, what));
+        }
+    }
+    Ok(())
+}
+
+impl Scan {
+    /// Counts `n` more records of the block at volume byte `off`.
+    fn count(&mut self, vol: &str, n: u64, off: u64) -> GuestResult<()> {
+        self.records += n;
+        if self.records > MAX_RECORDS {
+            let what = format!("journal: more than {MAX_RECORDS} tags and revoke records");
+            return Err(GuestError::corrupt(vol, off, what));
+        }
+        Ok(())
+    }
+
+    /// Merges the tags of committed transaction `seq`.
+    fn commit(&mut self, log: &Log, seq: u32, tags: &mut Vec<Tag>, off: u64) -> GuestResult<()> {
+        for (fsblk, jl, escaped) in tags.drain(..) {
+            log.disk.check_block(fsblk, 1, off, "journal tag")?;
+            let c = self.writes.entry(fsblk).or_default();
+            if log.csum_v23() && jl & (1 << 63) != 0 {
+                // Marked: counted and skipped at replay, as the kernel does.
+                c.bad.push(seq);
+            } else {
+                c.good = Some((seq, jl, escaped));
+            }
+        }
+        self.transactions += 1;
+        Ok(())
+    }
+}
+
+/// Walks the log from `start`; returns what its committed transactions
+/// write and revoke.
+fn scan(log: &Log, start: u64, mut seq: u32) -> GuestResult<Scan> {
+    let vol = &log.disk.name;
+    let mut out = Scan::default();
+    let mut tags: Vec<Tag> = Vec::new();
+    // Revokes of the open transaction, deduplicated.
+    let mut pending_revokes: HashSet<u64> = HashSet::new();
     let mut pos = start;
     let mut visited = 0u64;
     let bs = log.bs;
     let tail = if log.csum_v23() { 4 } else { 0 };
     while visited < log.maxlen {
-        let (b, _) = log.read(pos)?;
+        let (b, off) = log.read(pos)?;
         visited += 1;
         if be32(&b, 0) != JBD2_MAGIC || be32(&b, 8) != seq {
             break;
         }
         match be32(&b, 4) {
             BT_DESCRIPTOR => {
-                if !log.descriptor(&b, seq, &mut pos, &mut visited, &mut pending.writes)? {
+                let before = tags.len();
+                if !log.descriptor(&b, seq, &mut pos, &mut visited, &mut tags)? {
                     break;
                 }
+                out.count(vol, (tags.len() - before) as u64, off)?;
             }
             BT_COMMIT => {
                 if tail > 0 {
@@ -347,20 +439,14 @@ fn scan(log: &Log, start: u64, mut seq: u32) -> GuestResult<(Vec<Tx>, HashMap<u6
                         break;
                     }
                 }
-                for blk in pending_revokes.drain(..) {
-                    let e = revokes.entry(blk).or_insert(seq);
+                for blk in pending_revokes.drain() {
+                    let e = out.revokes.entry(blk).or_insert(seq);
                     if seq_ge(seq, *e) {
                         *e = seq;
                     }
                 }
+                out.commit(log, seq, &mut tags, off)?;
                 seq = seq.wrapping_add(1);
-                txs.push(std::mem::replace(
-                    &mut pending,
-                    Tx {
-                        seq,
-                        writes: Vec::new(),
-                    },
-                ));
             }
             BT_REVOKE => {
                 if tail > 0 {
@@ -371,6 +457,7 @@ fn scan(log: &Log, start: u64, mut seq: u32) -> GuestResult<(Vec<Tx>, HashMap<u6
                 }
                 let count = (be32(&b, 12) as usize).min(bs - tail);
                 let rec = if log.has(INCOMPAT_64BIT) { 8 } else { 4 };
+                out.count(vol, (count.saturating_sub(16) / rec) as u64, off)?;
                 let mut r = 16;
                 while r + rec <= count {
                     let blk = if rec == 8 {
@@ -378,7 +465,10 @@ fn scan(log: &Log, start: u64, mut seq: u32) -> GuestResult<(Vec<Tx>, HashMap<u6
                     } else {
                         be32(&b, r) as u64
                     };
-                    pending_revokes.push(blk);
+                    // A block outside the filesystem has nothing to revoke.
+                    if blk < log.disk.blocks_count {
+                        pending_revokes.insert(blk);
+                    }
                     r += rec;
                 }
             }
@@ -386,5 +476,5 @@ fn scan(log: &Log, start: u64, mut seq: u32) -> GuestResult<(Vec<Tx>, HashMap<u6
         }
         pos = log.next(pos);
     }
-    Ok((txs, revokes))
+    Ok(out)
 }

@@ -44,12 +44,15 @@ fn map_extent(disk: &Disk, csum: bool, inode: &Inode, lblk: u64) -> GuestResult<
     let mut holder;
     let mut node: &[u8] = inode.i_block();
     let mut node_off = inode.offset + 0x28;
+    // The logical range [lower, upper) the current node may cover (its
+    // parent index entry up to the next one).
+    let mut lower = 0;
     let mut upper = LBLK_END;
     let mut want_depth: Option<u16> = None;
     loop {
         let (entries, depth) = header(disk, inode, node, node_off, want_depth)?;
         if depth == 0 {
-            return leaf_run(disk, inode, node, node_off, entries, lblk, upper);
+            return leaf_run(disk, inode, node, node_off, entries, lblk, (lower, upper));
         }
         let entry = |i: usize| &node[12 + 12 * i..24 + 12 * i];
         // Index node: the last entry starting at or before lblk.
@@ -67,10 +70,21 @@ fn map_extent(disk: &Disk, csum: bool, inode: &Inode, lblk: u64) -> GuestResult<
                 len: first.saturating_sub(lblk).max(1),
             });
         };
-        if i + 1 < entries {
-            upper = upper.min(le32(entry(i + 1), 0) as u64);
-        }
         let e = entry(i);
+        let start = le32(e, 0) as u64;
+        let next = if i + 1 < entries {
+            le32(entry(i + 1), 0) as u64
+        } else {
+            upper
+        };
+        if start < lower || next > upper || next <= start {
+            let what = format!(
+                "inode {}: extent index entry {i} outside its node's blocks {lower}..{upper}",
+                inode.ino
+            );
+            return Err(GuestError::corrupt(&disk.name, node_off, what));
+        }
+        (lower, upper) = (start, next);
         let child = le32(e, 4) as u64 | (le16(e, 8) as u64) << 32;
         let at = node_off + 12 + 12 * i as u64;
         disk.check_block(child, 1, at, &format!("inode {} extent index", inode.ino))?;
@@ -117,7 +131,10 @@ fn header(
     }
 }
 
-/// The run at `lblk` in a leaf node (`upper`: where the node's range ends).
+/// The run at `lblk` in a leaf node covering logical blocks
+/// [`lower`, `upper`) (from its parent index entry and the next one). An
+/// extent reaching outside that range is corrupt: the next leaf owns those
+/// blocks.
 fn leaf_run(
     disk: &Disk,
     inode: &Inode,
@@ -125,9 +142,9 @@ fn leaf_run(
     off: u64,
     entries: usize,
     lblk: u64,
-    upper: u64,
+    (lower, upper): (u64, u64),
 ) -> GuestResult<Run> {
-    let mut prev_end = 0u64;
+    let mut prev_end = lower;
     for i in 0..entries {
         let e = &node[12 + 12 * i..24 + 12 * i];
         let start = le32(e, 0) as u64;
@@ -138,9 +155,10 @@ fn leaf_run(
         } else {
             (raw_len, false)
         };
-        if start < prev_end || len == 0 {
+        if start < prev_end || len == 0 || start + len > upper {
             let what = format!(
-                "inode {}: extent tree: extent {i} overlaps or is empty",
+                "inode {}: extent tree: extent {i} overlaps, is empty or lies outside \
+                 its node's blocks {lower}..{upper}",
                 inode.ino
             );
             return Err(GuestError::corrupt(&disk.name, off, what));

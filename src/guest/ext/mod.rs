@@ -46,32 +46,35 @@ pub fn open(volume_name: &str, bytes: Arc<dyn ReadBytes>) -> GuestResult<Arc<dyn
 pub struct ExtFs {
     disk: Disk,
     sb: Superblock,
-    groups: Vec<Group>,
     notes: Vec<String>,
     /// Name indexes of linear directories (see `names`).
     names: names::Names,
 }
 
-fn load_groups(disk: &Disk, sb: &Superblock) -> GuestResult<Vec<Group>> {
-    let per_block = sb.block_size / sb.desc_size;
-    let mut groups = Vec::with_capacity(sb.group_count as usize);
-    let ds = sb.desc_size as usize;
-    for g in 0..sb.group_count {
+impl ExtFs {
+    /// Reads and checks group descriptor `g` (through the block cache).
+    /// Descriptors are read when needed, not all at open: their count comes
+    /// from the superblock, and a hostile one may claim billions.
+    fn group(&self, g: u64) -> GuestResult<Group> {
+        let sb = &self.sb;
+        let per_block = sb.block_size / sb.desc_size;
         let blk = sb.gdt_block(g / per_block);
-        disk.check_block(blk, 1, SB_OFFSET, "group descriptor table")?;
-        // Through the block cache: one read per descriptor block.
-        let block = disk.block(blk)?;
+        self.disk
+            .check_block(blk, 1, SB_OFFSET, "group descriptor table")?;
+        let block = self.disk.block(blk)?;
         let within = ((g % per_block) * sb.desc_size) as usize;
         let off = blk * sb.block_size + within as u64;
-        groups.push(sb::parse_group(
-            &disk.name,
-            sb,
-            g,
-            &block[within..within + ds],
-            off,
-        )?);
+        let d = &block[within..within + sb.desc_size as usize];
+        sb::parse_group(&self.disk.name, sb, g, d, off)
     }
-    Ok(groups)
+
+    /// Checks the first and last group descriptors, so a volume whose
+    /// table is plainly broken fails at open.
+    fn check_groups(&self) -> GuestResult<()> {
+        self.group(0)?;
+        self.group(self.sb.group_count - 1)?;
+        Ok(())
+    }
 }
 
 impl ExtFs {
@@ -83,14 +86,13 @@ impl ExtFs {
         let size = bytes.size();
         let sb = Superblock::parse(name, &raw, size)?;
         let disk = Disk::new(name, bytes, sb.block_size, sb.blocks_count);
-        let groups = load_groups(&disk, &sb)?;
         let mut fs = ExtFs {
             disk,
             sb,
-            groups,
             notes: Vec::new(),
             names: names::Names::default(),
         };
+        fs.check_groups()?;
         if fs.sb.has_incompat(sb::INCOMPAT_RECOVER) {
             fs.recover(size)?;
         }
@@ -122,7 +124,8 @@ impl ExtFs {
             ));
         }
         let jinode = self.inode(self.sb.journal_inum as u64)?;
-        let replay = journal::replay(&self.disk, self.sb.csum(), &jinode)?;
+        let alloc = jinode.allocated_bytes(&self.sb);
+        let replay = journal::replay(&self.disk, self.sb.csum(), &jinode, alloc)?;
         if replay.transactions == 0 {
             self.notes
                 .push("journal needed recovery but held no committed transaction".into());
@@ -138,8 +141,8 @@ impl ExtFs {
                 "journal changes the filesystem geometry (online resize)",
             ));
         }
-        self.groups = load_groups(&self.disk, &sb)?;
         self.sb = sb;
+        self.check_groups()?;
         self.notes.push(format!(
             "journal replayed in memory ({} transactions)",
             replay.transactions
@@ -164,7 +167,7 @@ impl ExtFs {
         }
         let g = (ino - 1) / self.sb.inodes_per_group;
         let idx = (ino - 1) % self.sb.inodes_per_group;
-        let group = self.groups[g as usize];
+        let group = self.group(g)?;
         let bs = self.sb.block_size;
         let byte = group.inode_table * bs + idx * self.sb.inode_size;
         let block = self.disk.block(byte / bs)?;
@@ -362,10 +365,14 @@ impl GuestFs for ExtFs {
             && d.flags & FL_CASEFOLD == 0
             && name != b".."
         {
-            match dir::dx_lookup(&self.disk.name, &self.sb, &d, self, name)? {
-                DxResult::Found(ino) => return self.check_entry(&d, name, ino),
-                DxResult::NotFound => return Err(GuestError::NotFound),
-                DxResult::Linear => {}
+            match dir::dx_lookup(&self.disk.name, &self.sb, &d, self, name) {
+                Ok(DxResult::Found(ino)) => return self.check_entry(&d, name, ino),
+                Ok(DxResult::NotFound) => return Err(GuestError::NotFound),
+                Ok(DxResult::Linear) => {}
+                // A bad index without checksums: the kernel falls back to a
+                // linear search (ERR_BAD_DX_DIR), and so does scan_dir.
+                Err(GuestError::Corrupt { .. }) if !self.csum() => {}
+                Err(e) => return Err(e),
             }
         }
         if name == b".." && d.flags & FL_INLINE_DATA != 0 {
@@ -440,7 +447,22 @@ impl GuestFs for ExtFs {
         }
         self.check_readable(&inode)?;
         let size = inode.size;
-        if size < 60 && inode.flags & FL_INLINE_DATA == 0 {
+        // As ext4_inode_is_fast_symlink: the target is in i_block when the
+        // inode owns no data blocks (i_blocks minus its xattr block), not
+        // by its length.
+        let ea = if inode.file_acl() != 0 {
+            self.sb.block_size
+        } else {
+            0
+        };
+        if inode.flags & FL_INLINE_DATA == 0 && inode.allocated_bytes(&self.sb) == ea {
+            if size >= 60 {
+                return Err(GuestError::corrupt(
+                    &self.disk.name,
+                    inode.offset + 4,
+                    format!("fast symlink {ino}: size {size} exceeds i_block"),
+                ));
+            }
             return Ok(inode.i_block()[..size as usize].to_vec());
         }
         if size > self.sb.block_size {

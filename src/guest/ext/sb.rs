@@ -185,14 +185,23 @@ impl Geometry {
             return Err(bad(0x4, what));
         }
         let group_count = (blocks_count - first_data_block).div_ceil(bpg);
+        if group_count >= 1 << 32 {
+            return Err(bad(0x4, format!("{group_count} groups (too many)")));
+        }
+        // As ext4_check_geometry: the inode count is exactly the groups'
+        // (so a hostile count of groups also needs as many inodes, < 2^32),
+        // and a group holds at least one inode table block.
         let inodes_count = le32(b, 0x0);
-        if inodes_count as u64 > group_count * ipg
+        if inodes_count as u64 != group_count * ipg
             || (inodes_count as u64) < (first_ino as u64).max(11)
         {
             return Err(bad(
                 0x0,
-                format!("inode count {inodes_count} does not fit the groups"),
+                format!("inode count {inodes_count} is not {group_count} groups of {ipg} inodes"),
             ));
+        }
+        if ipg < block_size / inode_size {
+            return Err(bad(0x28, format!("inodes per group {ipg} invalid")));
         }
         let desc_size = if is64 { le16(b, 0xFE) as u64 } else { 32 };
         if desc_size < 32
@@ -204,6 +213,18 @@ impl Geometry {
                 0xFE,
                 format!("group descriptor size {desc_size} invalid"),
             ));
+        }
+        let per_block = block_size / desc_size;
+        let gdt_blocks = group_count.div_ceil(per_block);
+        let meta_bg = le32(b, 0x60) & INCOMPAT_META_BG != 0;
+        let first_meta_bg = le32(b, 0x104) as u64;
+        // Descriptor blocks before the first meta group follow the
+        // superblock; they must lie inside the volume.
+        let in_first = if meta_bg { first_meta_bg } else { gdt_blocks };
+        if (meta_bg && first_meta_bg > gdt_blocks) || first_data_block + 1 + in_first > blocks_count
+        {
+            let what = format!("{gdt_blocks} group descriptor blocks do not fit the volume");
+            return Err(bad(0x104, what));
         }
         Ok(Geometry {
             block_size,
