@@ -15,6 +15,7 @@
 //! reader holding a host offset that a concurrent write just replaced still
 //! reads the old, intact bytes.
 
+mod at_snapshot;
 pub mod compress;
 pub mod create;
 pub mod driver;
@@ -34,7 +35,7 @@ use crate::error::{ImageError, Result};
 use crate::fileio::{self, read_exact_at};
 use crate::image::storage::Storage;
 use crate::image::{
-    check_range, push_extent, BackingRead, BackingRef, Extent, Format, InternalSnapshot, LayerInfo,
+    check_range, push_extent, BackingRead, BackingRef, Extent, Format, LayerInfo,
     Mapping,
 };
 use crate::image::{Identity, Locking, ReadMap, Writable};
@@ -76,10 +77,17 @@ pub(crate) struct Meta {
 
 pub struct Qcow2Layer {
     path: PathBuf,
-    file: Box<dyn Storage>,
+    /// Shared with the layers of its internal snapshots (`at_snapshot`).
+    file: Arc<dyn Storage>,
     header: Header,
     geom: Geometry,
-    snapshots: Vec<InternalSnapshot>,
+    snapshots: Vec<snapshot::SnapshotEntry>,
+    /// Guest offsets `map` answers for: the virtual size, or at an
+    /// internal snapshot also its vmstate past the disk's end.
+    map_limit: u64,
+    /// Opened at an internal snapshot: read-only, and the image's locks
+    /// belong to the layer of its current state (which shares `file`).
+    at_snapshot: bool,
     backing: Option<BackingRef>,
     writable: bool,
     meta: Mutex<Meta>,
@@ -102,6 +110,7 @@ impl Qcow2Layer {
     /// Opens the image held by `file` (any storage: memory in unit tests);
     /// `path` names it in errors.
     pub fn open_storage(path: &Path, file: Box<dyn Storage>, writable: bool) -> Result<Qcow2Layer> {
+        let file: Arc<dyn Storage> = Arc::from(file);
         let header = Header::read(&*file, path)?;
         let geom = Geometry::new(&header);
         let len = fileio::file_len(&*file, path)?;
@@ -143,9 +152,11 @@ impl Qcow2Layer {
         Ok(Qcow2Layer {
             path: path.to_path_buf(),
             file,
+            map_limit: header.size,
             header,
             geom,
             snapshots,
+            at_snapshot: false,
             backing,
             writable,
             meta: Mutex::new(meta),
@@ -365,7 +376,7 @@ impl ReadMap for Qcow2Layer {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(&self.path, self.header.size, offset, len)?;
+        check_range(&self.path, self.map_limit, offset, len)?;
         let g = self.geom;
         let end = offset + len;
         let mut out = Vec::new();
@@ -441,8 +452,12 @@ impl ReadMap for Qcow2Layer {
             file_size: fileio::file_len(&*self.file, &self.path)?,
             backing: self.backing.clone(),
             features: self.header.feature_list(),
-            snapshots: self.snapshots.clone(),
+            snapshots: self.snapshots.iter().map(|s| s.info.clone()).collect(),
         })
+    }
+
+    fn open_internal(&self, index: usize) -> Result<crate::image::InternalLayer> {
+        at_snapshot::open(self, index)
     }
 }
 
@@ -473,7 +488,9 @@ impl Identity for Qcow2Layer {}
 
 impl Locking for Qcow2Layer {
     fn lock_storage(&self) -> Option<&dyn crate::storage::Storage> {
-        Some(&*self.file)
+        // A snapshot's layer shares the image's descriptor: unlocking it
+        // would drop the image's own locks.
+        (!self.at_snapshot).then_some(&*self.file as &dyn Storage)
     }
 }
 
