@@ -117,7 +117,13 @@ fn placed_view(
         path: path.clone(),
         source,
     })?;
-    let layer = MemoryLayer::over(file.clone(), &path, &src.kind, placed.size, placed.runs.clone());
+    let layer = MemoryLayer::over(
+        file.clone(),
+        &path,
+        &src.kind,
+        placed.size,
+        placed.runs.clone(),
+    );
     let files = block_files(placed.others.iter().map(|b| b.name.as_str()));
     let mut blocks = Vec::new();
     for (b, name) in placed.others.iter().zip(files) {

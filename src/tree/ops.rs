@@ -135,7 +135,10 @@ impl Tree {
             ));
         }
         if what == "delete" {
-            let images: Vec<PathBuf> = members.iter().map(|m| m.point.io.read().image.clone()).collect();
+            let images: Vec<PathBuf> = members
+                .iter()
+                .map(|m| m.point.io.read().image.clone())
+                .collect();
             let holds = nodes
                 .values()
                 .any(|o| o.point.internal.is_some() && images.contains(&o.point.io.read().image));

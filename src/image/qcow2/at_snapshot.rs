@@ -37,9 +37,10 @@ pub(super) fn vm_state_offset(l2_span: u64, disk_size: u64) -> u64 {
 /// Opens snapshot `index` of `image` (see the module docs).
 pub(super) fn open(image: &Qcow2Layer, index: usize) -> Result<InternalLayer> {
     let path = &image.path;
-    let sn = image.snapshots.get(index).ok_or_else(|| {
-        ImageError::invalid(path, format!("no internal snapshot number {index}"))
-    })?;
+    let sn = image
+        .snapshots
+        .get(index)
+        .ok_or_else(|| ImageError::invalid(path, format!("no internal snapshot number {index}")))?;
     check_unique(image, index)?;
     let file_len = fileio::file_len(&*image.file, path)?;
     let g = image.geom;
@@ -91,7 +92,10 @@ fn bad_in(image: &Qcow2Layer, sn: &SnapshotEntry, field: u64, what: String) -> I
     ImageError::corrupt(
         &image.path,
         sn.entry_at + field,
-        format!("internal snapshot {:?} (id {:?}): {what}", sn.info.name, sn.info.id),
+        format!(
+            "internal snapshot {:?} (id {:?}): {what}",
+            sn.info.name, sn.info.id
+        ),
     )
 }
 
@@ -121,7 +125,12 @@ fn check_l1_place(image: &Qcow2Layer, index: usize, file_len: u64) -> Result<()>
     let bytes = sn.l1_size as u64 * 8;
     let (off, end) = (sn.l1_offset, sn.l1_offset.saturating_add(bytes));
     if bytes > MAX_L1_BYTES {
-        return Err(bad_in(image, sn, 8, format!("L1 table of {bytes} bytes exceeds QEMU's limit of {MAX_L1_BYTES}")));
+        return Err(bad_in(
+            image,
+            sn,
+            8,
+            format!("L1 table of {bytes} bytes exceeds QEMU's limit of {MAX_L1_BYTES}"),
+        ));
     }
     if !off.is_multiple_of(cs) || off < cs || end > file_len {
         let why = if !off.is_multiple_of(cs) {
@@ -131,21 +140,52 @@ fn check_l1_place(image: &Qcow2Layer, index: usize, file_len: u64) -> Result<()>
         } else {
             format!("runs past the end of the file ({file_len} bytes)")
         };
-        return Err(bad_in(image, sn, 0, format!("L1 table at offset {off} ({bytes} bytes) {why}")));
+        return Err(bad_in(
+            image,
+            sn,
+            0,
+            format!("L1 table at offset {off} ({bytes} bytes) {why}"),
+        ));
     }
     let table_start = image.snapshots.first().map_or(0, |s| s.entry_at);
-    let table_end = image.snapshots.last().map_or(0, |s| s.entry_at + s.entry_len);
+    let table_end = image
+        .snapshots
+        .last()
+        .map_or(0, |s| s.entry_at + s.entry_len);
     let mut others = vec![
-        ("the active L1 table".to_string(), h.l1_table_offset, h.l1_size as u64 * 8),
-        ("the refcount table".to_string(), h.refcount_table_offset, h.refcount_table_clusters as u64 * cs),
-        ("the snapshot table".to_string(), table_start, table_end - table_start),
+        (
+            "the active L1 table".to_string(),
+            h.l1_table_offset,
+            h.l1_size as u64 * 8,
+        ),
+        (
+            "the refcount table".to_string(),
+            h.refcount_table_offset,
+            h.refcount_table_clusters as u64 * cs,
+        ),
+        (
+            "the snapshot table".to_string(),
+            table_start,
+            table_end - table_start,
+        ),
     ];
     for (i, o) in image.snapshots[..index].iter().enumerate() {
-        others.push((format!("the L1 table of snapshot entry {i}"), o.l1_offset, o.l1_size as u64 * 8));
+        others.push((
+            format!("the L1 table of snapshot entry {i}"),
+            o.l1_offset,
+            o.l1_size as u64 * 8,
+        ));
     }
     for (what, o_off, o_len) in others {
         if bytes > 0 && o_len > 0 && off < o_off.saturating_add(o_len) && o_off < end {
-            return Err(bad_in(image, sn, 0, format!("L1 table at offset {off} ({bytes} bytes) overlaps {what} at offset {o_off}")));
+            return Err(bad_in(
+                image,
+                sn,
+                0,
+                format!(
+                    "L1 table at offset {off} ({bytes} bytes) overlaps {what} at offset {o_off}"
+                ),
+            ));
         }
     }
     Ok(())
@@ -161,7 +201,13 @@ fn read_l1(
 ) -> Result<Vec<u64>> {
     let cs = image.geom.cluster_size;
     let mut bytes = vec![0u8; sn.l1_size as usize * 8];
-    read_exact_at(&*image.file, &image.path, &mut bytes, sn.l1_offset, "snapshot L1 table")?;
+    read_exact_at(
+        &*image.file,
+        &image.path,
+        &mut bytes,
+        sn.l1_offset,
+        "snapshot L1 table",
+    )?;
     let mut l1 = header::decode_u64s(&bytes);
     for (i, e) in l1.iter().enumerate() {
         let l2 = e & l2::L1E_OFFSET_MASK;

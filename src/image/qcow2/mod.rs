@@ -35,8 +35,7 @@ use crate::error::{ImageError, Result};
 use crate::fileio::{self, read_exact_at};
 use crate::image::storage::Storage;
 use crate::image::{
-    check_range, push_extent, BackingRead, BackingRef, Extent, Format, LayerInfo,
-    Mapping,
+    check_range, push_extent, BackingRead, BackingRef, Extent, Format, LayerInfo, Mapping,
 };
 use crate::image::{Identity, Locking, ReadMap, Writable};
 use header::Header;

@@ -113,7 +113,9 @@ impl Tree {
         };
         let mut built = Built::default();
         built.taken.extend(plan.names.values().cloned());
-        built.taken.extend(self.foreign.iter().map(|m| m.name.clone()));
+        built
+            .taken
+            .extend(self.foreign.iter().map(|m| m.name.clone()));
         built.taken.extend(self.opts.reserved_names.iter().cloned());
         while let Some(path) = queue.pop() {
             if let Some(kids) = self.build_node(&path, &plan, &mut built, problems) {
