@@ -86,8 +86,7 @@ pub fn open_view(
     }
     let canon = path.canonicalize().unwrap_or(path.clone());
     let src = index_cache::load_or_index(cache, &canon, detect::index_any)?;
-    let file = crate::input::open_input(&path, false, crate::input::Accept::Regular)
-        .map_err(crate::error::ImageError::from)?;
+    let file = crate::input::open_input(&path, false, crate::input::Accept::Regular)?;
     placed_view(source, path, Arc::new(file), &src)
 }
 

@@ -326,3 +326,7 @@ impl Storage for VmState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "at_snapshot_tests.rs"]
+mod tests;
