@@ -252,6 +252,7 @@ impl Tree {
     pub(crate) fn new_internal_point(
         &self,
         name: String,
+        disk: Option<String>,
         io: DiskIo,
         internal: InternalPoint,
     ) -> Arc<PointDisk> {
@@ -261,7 +262,7 @@ impl Tree {
         Arc::new(PointDisk {
             id,
             name,
-            disk: None,
+            disk,
             created: internal.date_sec as u64,
             io: RwLock::new(io),
             memory: RwLock::new(None),

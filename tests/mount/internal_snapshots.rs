@@ -284,32 +284,33 @@ fn internal_snapshot_tables_that_lie_leave_out_one_snapshot() {
     }
 }
 
-/// `savevm` of a paused VM over a qcow2 disk, twice with different RAM:
-/// each internal point's `memory.raw` is the RAM it saved.
-#[test]
-fn internal_snapshot_vmstate_is_memory_raw() {
+const VM_RAM: u64 = 32 * MIB;
+
+/// A paused VM with `disks` (images of the tree, attached in this order)
+/// does `savevm s1`, its RAM changes, `savevm s2`; returns the two RAMs,
+/// or `None` (printed SKIP) without qemu-system-x86_64.
+fn savevm_twice(ws: &Workspace, disks: &[&str]) -> Option<(Vec<u8>, Vec<u8>)> {
     use super::qemu_vm::{Vm, VmError};
-    const RAM: u64 = 32 * MIB;
-    let Some(ws) = workspace() else {
-        return;
-    };
-    ws.create_qcow2("vm.qcow2", SIZE, None, "");
-    ws.qemu_io("vm.qcow2", "qcow2", &["write -P 0x21 1M 64k"]);
     let dir = ws.scratch("vm");
     std::fs::create_dir_all(&dir).unwrap();
     let ram_file = dir.join("ram.bin");
-    let ram1 = pattern(71, RAM as usize);
+    let ram1 = pattern(71, VM_RAM as usize);
     std::fs::write(&ram_file, &ram1).unwrap();
-    let mut vm = match Vm::start(&dir, &ram_file, RAM, false) {
+    let mut vm = match Vm::start(&dir, &ram_file, VM_RAM, false) {
         Ok(vm) => vm,
-        Err(VmError::Missing(why)) | Err(VmError::NoStart(why)) => return skip(&why),
+        Err(VmError::Missing(why)) | Err(VmError::NoStart(why)) => {
+            skip(&why);
+            return None;
+        }
     };
-    let file = ws.img("vm.qcow2").to_string_lossy().into_owned();
-    vm.must(
-        "blockdev-add",
-        json!({ "driver": "qcow2", "node-name": "disk0",
-                "file": { "driver": "file", "filename": file } }),
-    );
+    for (k, d) in disks.iter().enumerate() {
+        let file = ws.img(d).to_string_lossy().into_owned();
+        vm.must(
+            "blockdev-add",
+            json!({ "driver": "qcow2", "node-name": format!("disk{k}"),
+                    "file": { "driver": "file", "filename": file } }),
+        );
+    }
     let hmp = |vm: &mut Vm, line: &str| {
         let out = vm.must("human-monitor-command", json!({ "command-line": line }));
         assert!(
@@ -328,6 +329,21 @@ fn internal_snapshot_vmstate_is_memory_raw() {
     drop(f);
     hmp(&mut vm, "savevm s2");
     vm.quit();
+    Some((ram1, ram2))
+}
+
+/// `savevm` of a paused VM over a qcow2 disk, twice with different RAM:
+/// each internal point's `memory.raw` is the RAM it saved.
+#[test]
+fn internal_snapshot_vmstate_is_memory_raw() {
+    let Some(ws) = workspace() else {
+        return;
+    };
+    ws.create_qcow2("vm.qcow2", SIZE, None, "");
+    ws.qemu_io("vm.qcow2", "qcow2", &["write -P 0x21 1M 64k"]);
+    let Some((ram1, ram2)) = savevm_twice(&ws, &["vm.qcow2"]) else {
+        return;
+    };
     let before = std::fs::read(ws.img("vm.qcow2")).unwrap();
     let Some(m) = ws.mount(&["-o", "gc_idle=off"]) else {
         return;
@@ -345,6 +361,7 @@ fn internal_snapshot_vmstate_is_memory_raw() {
         assert_bytes_eq(&format!("{point}/memory.raw"), &mem, ram);
         assert_disk(&mnt, point, &convert_snapshot(&ws, "vm.qcow2", point));
     }
+    assert!(!mnt.join("vm/memory.raw").exists());
     unmount_ok(m);
     assert_eq!(
         std::fs::read(ws.img("vm.qcow2")).unwrap(),
@@ -352,4 +369,111 @@ fn internal_snapshot_vmstate_is_memory_raw() {
         "vm.qcow2 changed"
     );
     ws.check("vm.qcow2");
+}
+
+/// `savevm` of a VM with two disks: one point per tag with both disks,
+/// its memory from whichever disk QEMU put the vmstate in.
+#[test]
+fn internal_snapshot_vmstate_of_a_two_disk_vm() {
+    let Some(ws) = workspace() else {
+        return;
+    };
+    two_disks(&ws);
+    // vdb first: QEMU saves the vmstate in the first disk it finds.
+    let Some((ram1, ram2)) = savevm_twice(&ws, &["vdb.qcow2", "vda.qcow2"]) else {
+        return;
+    };
+
+    let Some(m) = ws.mount(&["-o", "gc_idle=off"]) else {
+        return;
+    };
+    let mnt = m.mnt.clone();
+    assert_eq!(
+        visible(&mnt),
+        names(&["s1", "s2", "vm"]),
+        "{}",
+        status_text(&mnt)
+    );
+    for (point, ram) in [("s1", &ram1), ("s2", &ram2)] {
+        let mem = read_disk(&mnt.join(point).join("memory.raw"));
+        assert_bytes_eq(&format!("{point}/memory.raw"), &mem, ram);
+        for d in ["vda", "vdb"] {
+            let want = convert_snapshot(&ws, &format!("{d}.qcow2"), point);
+            assert_bytes_eq(&format!("{point}/{d}.raw"), &member(&mnt, point, d), &want);
+        }
+    }
+    unmount_ok(m);
+    ws.check("vda.qcow2");
+    ws.check("vdb.qcow2");
+}
+
+/// Two disks `vda.qcow2`, `vdb.qcow2` of one point `vm` (by the manifest).
+fn two_disks(ws: &Workspace) {
+    ws.create_qcow2("vda.qcow2", SIZE, None, "");
+    ws.create_qcow2("vdb.qcow2", SIZE / 2, None, "cluster_size=4096");
+    ws.qemu_io("vda.qcow2", "qcow2", &["write -P 0x0a 0 1M"]);
+    ws.qemu_io("vdb.qcow2", "qcow2", &["write -P 0x0b 64k 300000"]);
+    let entry = |disk: &str| {
+        json!({ "name": "vm", "disk": disk, "image": format!("{disk}.qcow2"),
+                "parent": null, "created": 1_700_000_000u64 })
+    };
+    let manifest = json!({ "version": 1, "points": [entry("vda"), entry("vdb")] });
+    std::fs::write(ws.img(".snaptree.json"), manifest.to_string()).unwrap();
+}
+
+/// `MNT/<point>/<disk>.raw`, whole.
+fn member(mnt: &Path, point: &str, disk: &str) -> Vec<u8> {
+    read_disk(&mnt.join(point).join(format!("{disk}.raw")))
+}
+
+#[test]
+fn internal_snapshots_of_every_disk_make_one_point() {
+    let Some(ws) = workspace() else {
+        return;
+    };
+    two_disks(&ws);
+    for d in ["vda.qcow2", "vdb.qcow2"] {
+        snapshot_create(&ws, d, "s1");
+    }
+    ws.qemu_io("vda.qcow2", "qcow2", &["write -P 0x1a 512k 1M"]);
+    ws.qemu_io("vdb.qcow2", "qcow2", &["write -P 0x1b 0 4k"]);
+    for d in ["vda.qcow2", "vdb.qcow2"] {
+        snapshot_create(&ws, d, "s2");
+    }
+    ws.qemu_io("vdb.qcow2", "qcow2", &["write -P 0x2b 1M 64k"]);
+    // A tag only one disk has: a point with that one disk.
+    snapshot_create(&ws, "vda.qcow2", "only-a");
+    let Some(m) = ws.mount(&["-o", "gc_idle=off"]) else {
+        return;
+    };
+    let mnt = m.mnt.clone();
+    assert_eq!(
+        visible(&mnt),
+        names(&["s1", "s2", "only-a", "vm"]),
+        "{}",
+        status_text(&mnt)
+    );
+    for tag in ["s1", "s2"] {
+        for d in ["vda", "vdb"] {
+            let want = convert_snapshot(&ws, &format!("{d}.qcow2"), tag);
+            assert_bytes_eq(&format!("{tag}/{d}.raw"), &member(&mnt, tag, d), &want);
+        }
+        let i = info(&mnt, tag);
+        assert_eq!(i["kind"], "internal", "{i}");
+        assert!(
+            i["disks"]["vda"].is_object() && i["disks"]["vdb"].is_object(),
+            "{i}"
+        );
+    }
+    assert_eq!(parent_link(&mnt, "s2"), Some("../s1".into()));
+    assert_eq!(parent_link(&mnt, "vm"), Some("../only-a".into()));
+    assert_bytes_eq(
+        "vm/vdb.raw",
+        &member(&mnt, "vm", "vdb"),
+        &ws.flatten("vdb.qcow2"),
+    );
+    assert_errno("delete s1", ctl(&mnt, "s1", "delete"), libc::EROFS);
+    unmount_ok(m);
+    ws.check("vda.qcow2");
+    ws.check("vdb.qcow2");
 }

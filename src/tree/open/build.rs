@@ -36,6 +36,9 @@ pub(super) struct Built {
     /// Every point name in use or reserved (internal snapshots are named
     /// after the images' points, avoiding these).
     pub(super) taken: HashSet<String>,
+    /// Names given to internal snapshots of multi-disk points, by the
+    /// point's name and the tag: the same tag on every disk is one point.
+    pub(super) groups: HashMap<(String, String), String>,
 }
 
 impl Built {
@@ -122,6 +125,7 @@ impl Tree {
                 queue.extend(kids);
             }
         }
+        super::internal::gather_memory(&built.nodes);
         check_groups(&built.nodes, problems);
         *self.nodes.write() = built.nodes;
     }
@@ -226,13 +230,13 @@ impl Tree {
         };
         let mut layers = vec![layer];
         layers.extend(parent_layers);
+        let disk = plan.disks.get(path).cloned().flatten();
         // The image's internal snapshots hang between its backing point
         // and its current state (see `internal`).
         let parent_id = self
-            .build_internal(path, &layers, parent_id, built, problems)
+            .build_internal(path, &layers, (&name, &disk), parent_id, built, problems)
             .or(parent_id);
         let created = m.map(|m| m.created).unwrap_or_else(|| mtime(path));
-        let disk = plan.disks.get(path).cloned().flatten();
         let io = DiskIo {
             chain: Arc::new(Chain::from_layers(layers)),
             image: path.clone(),

@@ -9,7 +9,9 @@
 //! under the newest. Each snapshot's disk reads its own tables and then
 //! the image's backing chain, as `qemu-img convert -l TAG` does.
 //!
-//! Names: the tag; on a clash with another point `<image stem>@<tag>`; a
+//! Names: the tag; on a clash with another point `<image stem>@<tag>`; the
+//! same tag on every disk of a multi-disk point (libvirt snapshots all
+//! disks under one name) is one point with one disk file per disk; a
 //! tag that fails the one name check (`naming`) gets a made-safe fallback
 //! and a `status` line. A snapshot whose entry fails the format's checks
 //! is left out, its error (image, offset, what) in `status`. Internal
@@ -19,7 +21,8 @@ use super::build::Built;
 use crate::chain::Chain;
 use crate::image::{InternalSnapshot, Layer};
 use crate::tree::naming::{name_from_stem, name_problem};
-use crate::tree::{DiskIo, InternalPoint, PointMemory, Tree};
+use crate::tree::{DiskIo, InternalPoint, Node, PointDisk, PointMemory, Tree};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -30,13 +33,15 @@ fn creation_key(s: &InternalSnapshot) -> (u32, u32, Option<u64>, String) {
 
 impl Tree {
     /// Adds the internal snapshots of the image at `path` (whose point's
-    /// layers are `layers`, its own first) as points under `parent`, in
-    /// creation order. Returns the newest one's node id: the parent of the
-    /// image's current state. `None` when it has none that open.
+    /// layers are `layers`, its own first, and whose point is `image_point`:
+    /// name and disk) as points under `parent`, in creation order. Returns
+    /// the newest one's node id: the parent of the image's current state.
+    /// `None` when it has none that open.
     pub(super) fn build_internal(
         &self,
         path: &Path,
         layers: &[Arc<dyn Layer>],
+        image_point: (&str, &Option<String>),
         parent: Option<u64>,
         built: &mut Built,
         problems: &mut Vec<String>,
@@ -59,7 +64,20 @@ impl Tree {
                     continue;
                 }
             };
-            let name = self.internal_name(&stem, sn, built, problems);
+            let name = match image_point.1 {
+                Some(_) => {
+                    let key = (image_point.0.to_string(), sn.name.clone());
+                    match built.groups.get(&key) {
+                        Some(n) => n.clone(),
+                        None => {
+                            let n = self.internal_name(&stem, sn, built, problems);
+                            built.groups.insert(key, n.clone());
+                            n
+                        }
+                    }
+                }
+                None => self.internal_name(&stem, sn, built, problems),
+            };
             let mut chain = vec![opened.disk];
             chain.extend(layers[1..].iter().cloned());
             let io = DiskIo {
@@ -67,7 +85,8 @@ impl Tree {
                 image: path.to_path_buf(),
                 writable: false,
             };
-            let point = self.new_internal_point(name, io, internal_point(sn));
+            let disk = image_point.1.clone();
+            let point = self.new_internal_point(name, disk, io, internal_point(sn));
             if let Some(bytes) = opened.vmstate {
                 let source = format!("{}@{} (vmstate)", stem, sn.name);
                 let view = crate::memory::view::open_vmstate(&source, path, bytes)
@@ -127,6 +146,31 @@ impl Tree {
         };
         built.taken.insert(name.clone());
         name
+    }
+}
+
+/// QEMU saves the vmstate in one disk of a multi-disk VM; the point's
+/// memory belongs on its first disk (by name), which the mount serves it
+/// from: moved there when another disk holds it.
+pub(super) fn gather_memory(nodes: &BTreeMap<u64, Node>) {
+    let mut groups: BTreeMap<&str, Vec<&PointDisk>> = BTreeMap::new();
+    for n in nodes.values().filter(|n| n.point.internal.is_some()) {
+        groups
+            .entry(n.point.name.as_str())
+            .or_default()
+            .push(&n.point);
+    }
+    for members in groups.values().filter(|m| m.len() > 1) {
+        let Some(first) = members.iter().min_by(|a, b| a.disk.cmp(&b.disk)) else {
+            continue;
+        };
+        if first.memory.read().is_some() {
+            continue;
+        }
+        if let Some(holder) = members.iter().find(|m| m.memory.read().is_some()) {
+            let mem = holder.memory.write().take();
+            *first.memory.write() = mem;
+        }
     }
 }
 
