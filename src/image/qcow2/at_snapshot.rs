@@ -25,6 +25,7 @@ use crate::fileio::{self, read_exact_at};
 use crate::image::storage::Storage;
 use crate::image::{InternalLayer, Mapping, ReadMap};
 use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 
@@ -41,7 +42,6 @@ pub(super) fn open(image: &Qcow2Layer, index: usize) -> Result<InternalLayer> {
         .snapshots
         .get(index)
         .ok_or_else(|| ImageError::invalid(path, format!("no internal snapshot number {index}")))?;
-    check_unique(image, index)?;
     let file_len = fileio::file_len(&*image.file, path)?;
     let g = image.geom;
     let disk_size = sn.info.disk_size.unwrap_or(image.header.size);
@@ -62,17 +62,20 @@ pub(super) fn open(image: &Qcow2Layer, index: usize) -> Result<InternalLayer> {
         }
     }
     check_l1_place(image, index, file_len)?;
-    let l1 = read_l1(image, sn, file_len, disk_size)?;
+    if let Some((field, what)) = table_checks(image, file_len)[index].clone() {
+        return Err(bad_in(image, sn, field, what));
+    }
+    check_l1_entries(image, sn, file_len)?;
     let mut h = image.header.clone();
     h.l1_table_offset = sn.l1_offset;
-    h.l1_size = l1.len() as u32;
+    h.l1_size = sn.l1_size;
     h.size = disk_size;
     let map_limit = if sn.info.vm_state_size > 0 {
         vm_end.unwrap_or(disk_size).max(disk_size)
     } else {
         disk_size
     };
-    let layer = Arc::new(snapshot_layer(image, h, l1, map_limit, file_len));
+    let layer = Arc::new(snapshot_layer(image, h, map_limit, file_len));
     let vmstate = (sn.info.vm_state_size > 0).then(|| {
         Arc::new(VmState {
             layer: layer.clone(),
@@ -99,83 +102,78 @@ fn bad_in(image: &Qcow2Layer, sn: &SnapshotEntry, field: u64, what: String) -> I
     )
 }
 
-/// Refuses a snapshot whose id or name an earlier entry has already.
-fn check_unique(image: &Qcow2Layer, index: usize) -> Result<()> {
-    let sn = &image.snapshots[index];
-    for (i, o) in image.snapshots[..index].iter().enumerate() {
-        let what = if o.info.id == sn.info.id {
-            format!("its id is also the id of snapshot entry {i}")
-        } else if o.info.name == sn.info.name {
-            format!("its name is also the name of snapshot entry {i}")
-        } else {
-            continue;
-        };
-        return Err(bad_in(image, sn, 12, what));
-    }
-    Ok(())
+/// What comparing the entries with each other finds, per entry: an id
+/// or name an earlier entry has already, or an L1 table overlapping one
+/// kept before it (by offset; of two overlapping tables the one further
+/// into the file is left out). O(n log n) for QEMU's 65536 entries, and
+/// the kept L1 tables are disjoint, so together they fit in the file.
+fn table_checks(image: &Qcow2Layer, file_len: u64) -> &[Option<(u64, String)>] {
+    image.snapshot_checks.get_or_init(|| {
+        let sns = &image.snapshots;
+        let mut out: Vec<Option<(u64, String)>> = vec![None; sns.len()];
+        let (mut ids, mut names) = (HashMap::new(), HashMap::new());
+        for (i, sn) in sns.iter().enumerate() {
+            if let Some(j) = ids.get(&sn.info.id) {
+                out[i] = Some((12, format!("its id is also the id of snapshot entry {j}")));
+            } else if let Some(j) = names.get(&sn.info.name) {
+                out[i] = Some((12, format!("its name is also the name of snapshot entry {j}")));
+            }
+            ids.entry(sn.info.id.clone()).or_insert(i);
+            names.entry(sn.info.name.clone()).or_insert(i);
+        }
+        // Only tables that are fine on their own (`place_problem`) can
+        // overlap: a wild one must not push a good one out.
+        let mut by_offset: Vec<usize> = (0..sns.len())
+            .filter(|&i| sns[i].l1_size > 0 && place_problem(image, &sns[i], file_len).is_none())
+            .collect();
+        by_offset.sort_by_key(|&i| (sns[i].l1_offset, i));
+        let mut reach: Option<(u64, usize)> = None; // furthest end kept, by whom
+        for i in by_offset {
+            let (off, len) = (sns[i].l1_offset, sns[i].l1_size as u64 * 8);
+            match reach {
+                Some((end, j)) if off < end => {
+                    out[i].get_or_insert((0, format!(
+                        "L1 table at offset {off} ({len} bytes) overlaps the L1 table of snapshot entry {j} at offset {}",
+                        sns[j].l1_offset
+                    )));
+                }
+                _ => reach = Some((off.saturating_add(len), i)),
+            }
+        }
+        out
+    })
 }
 
 /// The L1 table must be cluster aligned, inside the file, and overlap no
 /// other metadata (header cluster, active L1, refcount table, snapshot
-/// table, an earlier snapshot's L1).
+/// table; other snapshots' L1 tables are `table_checks`).
 fn check_l1_place(image: &Qcow2Layer, index: usize, file_len: u64) -> Result<()> {
     let sn = &image.snapshots[index];
     let h = &image.header;
     let cs = image.geom.cluster_size;
     let bytes = sn.l1_size as u64 * 8;
     let (off, end) = (sn.l1_offset, sn.l1_offset.saturating_add(bytes));
-    if bytes > MAX_L1_BYTES {
-        return Err(bad_in(
-            image,
-            sn,
-            8,
-            format!("L1 table of {bytes} bytes exceeds QEMU's limit of {MAX_L1_BYTES}"),
-        ));
-    }
-    if !off.is_multiple_of(cs) || off < cs || end > file_len {
-        let why = if !off.is_multiple_of(cs) {
-            "is not cluster aligned".to_string()
-        } else if off < cs {
-            "is inside the header cluster".to_string()
-        } else {
-            format!("runs past the end of the file ({file_len} bytes)")
-        };
-        return Err(bad_in(
-            image,
-            sn,
-            0,
-            format!("L1 table at offset {off} ({bytes} bytes) {why}"),
-        ));
+    if let Some((field, why)) = place_problem(image, sn, file_len) {
+        return Err(bad_in(image, sn, field, why));
     }
     let table_start = image.snapshots.first().map_or(0, |s| s.entry_at);
     let table_end = image
         .snapshots
         .last()
         .map_or(0, |s| s.entry_at + s.entry_len);
-    let mut others = vec![
+    let others = [
         (
-            "the active L1 table".to_string(),
+            "the active L1 table",
             h.l1_table_offset,
             h.l1_size as u64 * 8,
         ),
         (
-            "the refcount table".to_string(),
+            "the refcount table",
             h.refcount_table_offset,
             h.refcount_table_clusters as u64 * cs,
         ),
-        (
-            "the snapshot table".to_string(),
-            table_start,
-            table_end - table_start,
-        ),
+        ("the snapshot table", table_start, table_end - table_start),
     ];
-    for (i, o) in image.snapshots[..index].iter().enumerate() {
-        others.push((
-            format!("the L1 table of snapshot entry {i}"),
-            o.l1_offset,
-            o.l1_size as u64 * 8,
-        ));
-    }
     for (what, o_off, o_len) in others {
         if bytes > 0 && o_len > 0 && off < o_off.saturating_add(o_len) && o_off < end {
             return Err(bad_in(
@@ -191,50 +189,89 @@ fn check_l1_place(image: &Qcow2Layer, index: usize, file_len: u64) -> Result<()>
     Ok(())
 }
 
-/// Reads the snapshot's L1 table, checks every L2 offset in it, and pads
-/// it with unallocated entries to cover a disk of `disk_size` bytes.
-fn read_l1(
-    image: &Qcow2Layer,
-    sn: &SnapshotEntry,
-    file_len: u64,
-    disk_size: u64,
-) -> Result<Vec<u64>> {
+/// Checks every L2 offset in the snapshot's L1 table (read in pieces,
+/// not kept: the layer reads the table again on first use).
+fn check_l1_entries(image: &Qcow2Layer, sn: &SnapshotEntry, file_len: u64) -> Result<()> {
     let cs = image.geom.cluster_size;
-    let mut bytes = vec![0u8; sn.l1_size as usize * 8];
+    const PIECE: u64 = 64 << 10;
+    let total = sn.l1_size as u64 * 8;
+    let mut done = 0;
+    while done < total {
+        let n = PIECE.min(total - done);
+        let mut bytes = vec![0u8; n as usize];
+        let at = sn.l1_offset + done;
+        read_exact_at(
+            &*image.file,
+            &image.path,
+            &mut bytes,
+            at,
+            "snapshot L1 table",
+        )?;
+        for (k, e) in header::decode_u64s(&bytes).into_iter().enumerate() {
+            let l2 = e & l2::L1E_OFFSET_MASK;
+            if l2 != 0 && (!l2.is_multiple_of(cs) || l2 < cs || l2.saturating_add(cs) > file_len) {
+                let i = (done / 8) as usize + k;
+                return Err(ImageError::corrupt(
+                    &image.path,
+                    at + k as u64 * 8,
+                    format!(
+                        "internal snapshot {:?}: L1 entry {i} points to an L2 table at offset {l2}, which is misaligned, in the header cluster or past the end of the file ({file_len} bytes)",
+                        sn.info.name
+                    ),
+                ));
+            }
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Why snapshot `sn`'s L1 table cannot be where its entry says on its
+/// own (too large, misaligned, in the header cluster, past the end), with
+/// the entry's field that says so.
+fn place_problem(image: &Qcow2Layer, sn: &SnapshotEntry, file_len: u64) -> Option<(u64, String)> {
+    let cs = image.geom.cluster_size;
+    let bytes = sn.l1_size as u64 * 8;
+    let off = sn.l1_offset;
+    if bytes > MAX_L1_BYTES {
+        return Some((
+            8,
+            format!("L1 table of {bytes} bytes exceeds QEMU's limit of {MAX_L1_BYTES}"),
+        ));
+    }
+    let why = if !off.is_multiple_of(cs) {
+        "is not cluster aligned".to_string()
+    } else if off < cs {
+        "is inside the header cluster".to_string()
+    } else if off.saturating_add(bytes) > file_len {
+        format!("runs past the end of the file ({file_len} bytes)")
+    } else {
+        return None;
+    };
+    Some((0, format!("L1 table at offset {off} ({bytes} bytes) {why}")))
+}
+
+/// Reads a snapshot layer's L1 table (checked at open) on first use.
+pub(super) fn load_l1(layer: &Qcow2Layer, meta: &mut super::Meta) -> Result<()> {
+    let h = &layer.header;
+    let mut bytes = vec![0u8; h.l1_size as usize * 8];
     read_exact_at(
-        &*image.file,
-        &image.path,
+        &*layer.file,
+        &layer.path,
         &mut bytes,
-        sn.l1_offset,
+        h.l1_table_offset,
         "snapshot L1 table",
     )?;
-    let mut l1 = header::decode_u64s(&bytes);
-    for (i, e) in l1.iter().enumerate() {
-        let l2 = e & l2::L1E_OFFSET_MASK;
-        if l2 != 0 && (!l2.is_multiple_of(cs) || l2 < cs || l2.saturating_add(cs) > file_len) {
-            return Err(ImageError::corrupt(
-                &image.path,
-                sn.l1_offset + i as u64 * 8,
-                format!(
-                    "internal snapshot {:?}: L1 entry {i} points to an L2 table at offset {l2}, which is misaligned, in the header cluster or past the end of the file ({file_len} bytes)",
-                    sn.info.name
-                ),
-            ));
-        }
-    }
-    let needed = disk_size.div_ceil(image.geom.l2_span()) as usize;
-    if l1.len() < needed {
-        l1.resize(needed, 0);
-    }
-    Ok(l1)
+    meta.l1 = header::decode_u64s(&bytes);
+    meta.l1_unloaded = false;
+    Ok(())
 }
 
 /// A read-only layer over `image`'s storage with header `h` (the
-/// snapshot's L1 and size) and L1 table `l1`.
+/// snapshot's L1 and size), its L1 table read on first use.
 fn snapshot_layer(
     image: &Qcow2Layer,
     h: header::Header,
-    l1: Vec<u64>,
     map_limit: u64,
     file_len: u64,
 ) -> Qcow2Layer {
@@ -248,10 +285,11 @@ fn snapshot_layer(
         snapshots: image.snapshots.clone(),
         map_limit,
         at_snapshot: true,
+        snapshot_checks: std::sync::OnceLock::new(),
         backing: image.backing.clone(),
         writable: false,
         meta: Mutex::new(super::Meta {
-            l1,
+            l1: Vec::new(),
             l1_dirty: Default::default(),
             l2_clean: crate::cache::lazy_lru(cache_tables),
             l2_dirty: Default::default(),
@@ -259,6 +297,7 @@ fn snapshot_layer(
             refs: None,
             pending_free: Vec::new(),
             data_written: false,
+            l1_unloaded: true,
         }),
         write_lock: Mutex::new(()),
         compressed_cache: Mutex::new(crate::cache::lazy_lru(super::COMPRESSED_CACHE)),

@@ -174,3 +174,24 @@ fn an_l1_entry_past_the_end_is_refused() {
     assert_eq!(offset, SN_L1 + 8, "{what}");
     assert!(what.contains("L1 entry 1"), "{what}");
 }
+
+#[test]
+fn a_disk_larger_than_its_l1_reads_unallocated_past_it() {
+    let l = open(with_snapshots(&[entry(
+        SN_L1,
+        1,
+        "1",
+        "big",
+        0,
+        3 * L2_SPAN,
+    )]));
+    let o = l.open_internal(0).unwrap();
+    assert_eq!(o.disk.virtual_size(), 3 * L2_SPAN);
+    let m = o.disk.map(L2_SPAN, 2 * L2_SPAN).unwrap();
+    assert!(
+        m.iter()
+            .all(|e| e.mapping == crate::image::Mapping::Unallocated),
+        "{m:?}"
+    );
+    assert_eq!(read_guest(&*o.disk, 0, CS).unwrap(), data_cluster());
+}

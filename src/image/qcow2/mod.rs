@@ -72,6 +72,9 @@ pub(crate) struct Meta {
     /// their refcounts fall only after the new tables are on disk.
     pub pending_free: Vec<(u64, u64)>,
     pub data_written: bool,
+    /// At an internal snapshot: `l1` is read on first use (see
+    /// `at_snapshot`), so snapshots nobody reads cost no memory.
+    pub l1_unloaded: bool,
 }
 
 pub struct Qcow2Layer {
@@ -87,6 +90,9 @@ pub struct Qcow2Layer {
     /// Opened at an internal snapshot: read-only, and the image's locks
     /// belong to the layer of its current state (which shares `file`).
     at_snapshot: bool,
+    /// Problems of each snapshot table entry found by comparing it with
+    /// the others (duplicates, overlapping L1 tables), computed once.
+    snapshot_checks: std::sync::OnceLock<Vec<Option<(u64, String)>>>,
     backing: Option<BackingRef>,
     writable: bool,
     meta: Mutex<Meta>,
@@ -138,6 +144,7 @@ impl Qcow2Layer {
             refs: None,
             pending_free: Vec::new(),
             data_written: false,
+            l1_unloaded: false,
         };
         if writable {
             write::check_writable(path, &header)?;
@@ -156,6 +163,7 @@ impl Qcow2Layer {
             geom,
             snapshots,
             at_snapshot: false,
+            snapshot_checks: std::sync::OnceLock::new(),
             backing,
             writable,
             meta: Mutex::new(meta),
@@ -184,6 +192,14 @@ impl Qcow2Layer {
     /// `None` when the L1 entry is unallocated.
     fn l2_table(&self, meta: &mut Meta, i: usize) -> Result<Option<(u64, Arc<Vec<u64>>)>> {
         let l1_at = self.header.l1_table_offset + i as u64 * 8;
+        if meta.l1_unloaded {
+            at_snapshot::load_l1(self, meta)?;
+        }
+        if self.at_snapshot && i >= meta.l1.len() {
+            // A snapshot's L1 may be shorter than its disk: the rest is
+            // unallocated (QEMU pads it with zeros when it loads it).
+            return Ok(None);
+        }
         let entry = *meta.l1.get(i).ok_or_else(|| {
             ImageError::corrupt(
                 &self.path,
