@@ -143,7 +143,16 @@ fn internal_snapshots_read_as_qemu_img_converts_them() {
     assert_eq!(parent_link(&mnt, "vm"), up(&fallback));
     assert_eq!(info(&mnt, "vm")["parent_from"], "creation order");
     refusals(&mnt);
+    // The backing point deleted: hidden for its children, and never merged
+    // into an image with internal snapshots.
+    let base_before = std::fs::read(ws.img("base.qcow2")).unwrap();
+    ctl_ok(&mnt, "base", "delete");
+    let _ = std::fs::write(mnt.join("merge-now"), "now");
+    assert!(!visible(&mnt).contains("base"));
+    assert_disk(&mnt, "s1", &want_applied[0]);
+    assert_disk(&mnt, "vm", &ws.flatten("vm.qcow2"));
     unmount_ok(m);
+    assert_eq!(std::fs::read(ws.img("base.qcow2")).unwrap(), base_before);
     assert_eq!(
         std::fs::read(ws.img("vm.qcow2")).unwrap(),
         before,
