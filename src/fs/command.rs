@@ -23,6 +23,18 @@ pub enum Command {
 }
 
 impl Command {
+    /// The command's first word.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Command::Snapshot(_) => "snapshot",
+            Command::Clone(_) => "clone",
+            Command::Delete => "delete",
+            Command::Merge => "merge",
+            Command::Checkpoint(_) => "checkpoint",
+            Command::Memory(_) => "memory",
+        }
+    }
+
     /// Whether the command can put another memory view behind the
     /// point's memory files.
     pub fn changes_memory(&self) -> bool {

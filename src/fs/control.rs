@@ -105,7 +105,11 @@ pub fn run_ctl(
     command: Result<Command, TreeError>,
 ) -> Result<(), TreeError> {
     let tree = merge.tree();
-    let result = command.and_then(|c| match c {
+    let result = command.and_then(|c| {
+        tree.refuse_internal(id, c.verb())?;
+        Ok(c)
+    });
+    let result = result.and_then(|c| match c {
         Command::Snapshot(name) => tree.snapshot(id, &name),
         Command::Clone(name) => tree.clone_point(id, &name),
         Command::Delete => tree.delete(id),

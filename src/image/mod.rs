@@ -139,6 +139,21 @@ pub struct InternalSnapshot {
     pub vm_clock_nsec: u64,
     pub vm_state_size: u64,
     pub disk_size: Option<u64>,
+    /// Nanoseconds part of the creation date.
+    pub date_nsec: u32,
+    /// Instructions counted at the snapshot (record/replay), if recorded.
+    pub icount: Option<u64>,
+}
+
+/// An internal snapshot opened read-only (see [`ReadMap::open_internal`]):
+/// its disk as a layer of its own (mapping through the snapshot's tables;
+/// what it does not hold falls through to the image's backing chain), and
+/// its saved VM state, if any, as bytes read in place.
+pub struct InternalLayer {
+    pub disk: std::sync::Arc<dyn Layer>,
+    /// The vmstate (a QEMU migration stream) as read-only storage whose
+    /// offset 0 is the stream's first byte; `None` when the snapshot has none.
+    pub vmstate: Option<std::sync::Arc<dyn storage::Storage>>,
 }
 
 /// Static facts about one layer, for `info`.
@@ -215,6 +230,17 @@ pub trait ReadMap: Send + Sync {
     }
 
     fn info(&self) -> Result<LayerInfo>;
+
+    /// Opens internal snapshot `index` (of `info().snapshots`) read-only,
+    /// after checking its tables against the file and the other snapshots;
+    /// the error names the image, the offset and what is wrong. Formats
+    /// without internal snapshots keep the default, which refuses.
+    fn open_internal(&self, index: usize) -> Result<InternalLayer> {
+        Err(ImageError::unsupported(
+            self.path(),
+            format!("internal snapshot {index}: this format has none"),
+        ))
+    }
 
     /// Guest bytes this layer itself holds (data, compressed or zero-marked).
     fn allocated_bytes(&self) -> Result<u64> {

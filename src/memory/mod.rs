@@ -29,8 +29,9 @@ use crate::image::{
     check_range, BackingRef, Extent, Format, Identity, LayerInfo, Locking, Mapping, ReadMap,
     Writable,
 };
-use std::fs::File;
+use crate::storage::Storage;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Where some bytes of a RAM block are in the source file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,7 +79,9 @@ pub struct MemorySource {
 /// made of runs that point into `file`.
 pub struct MemoryLayer {
     path: PathBuf,
-    file: File,
+    /// The source's bytes: its file, or the vmstate of an internal
+    /// snapshot read in place.
+    file: Arc<dyn Storage>,
     size: u64,
     /// Sorted, non-overlapping, guest-physical.
     runs: Vec<Run>,
@@ -89,13 +92,24 @@ impl MemoryLayer {
     /// A layer over `runs` of the source file at `path`.
     pub fn new(path: &Path, kind: &str, size: u64, runs: Vec<Run>) -> Result<MemoryLayer> {
         let file = crate::input::open_input(path, false, crate::input::Accept::Regular)?;
-        Ok(MemoryLayer {
+        Ok(MemoryLayer::over(Arc::new(file), path, kind, size, runs))
+    }
+
+    /// A layer over `runs` of the source bytes `file` (named `path`).
+    pub fn over(
+        file: Arc<dyn Storage>,
+        path: &Path,
+        kind: &str,
+        size: u64,
+        runs: Vec<Run>,
+    ) -> MemoryLayer {
+        MemoryLayer {
             path: path.to_path_buf(),
             file,
             size,
             runs,
             kind: kind.to_string(),
-        })
+        }
     }
 
     /// What kind of source this reads.
@@ -173,7 +187,7 @@ impl ReadMap for MemoryLayer {
     }
 
     fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
-        fileio::read_exact_at(&self.file, &self.path, buf, host, "memory source data")
+        fileio::read_exact_at(&*self.file, &self.path, buf, host, "memory source data")
     }
 
     fn info(&self) -> Result<LayerInfo> {
@@ -183,7 +197,7 @@ impl ReadMap for MemoryLayer {
             version: None,
             virtual_size: self.size,
             cluster_size: None,
-            file_size: fileio::file_len(&self.file, &self.path)?,
+            file_size: fileio::file_len(&*self.file, &self.path)?,
             backing: None,
             features: vec![self.kind.clone()],
             snapshots: Vec::new(),

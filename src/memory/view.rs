@@ -86,17 +86,49 @@ pub fn open_view(
     }
     let canon = path.canonicalize().unwrap_or(path.clone());
     let src = index_cache::load_or_index(cache, &canon, detect::index_any)?;
-    let placed = layout::place(&src).map_err(|source| MemoryError::Placement {
+    let file = crate::input::open_input(&path, false, crate::input::Accept::Regular)?;
+    placed_view(source, path, Arc::new(file), &src)
+}
+
+/// The vmstate of an internal snapshot (a QEMU migration stream in the
+/// image's own storage, `bytes`), indexed and read in place; `source`
+/// names it for `info.json`, `path` (the image) in errors.
+pub fn open_vmstate(
+    source: &str,
+    path: &Path,
+    bytes: Arc<dyn crate::storage::Storage>,
+) -> Result<MemoryView, MemoryError> {
+    let (src, _) = crate::memory::migstream::index_storage(&*bytes, path)?;
+    let mut view = placed_view(source, path.to_path_buf(), bytes, &src)?;
+    view.info["kind"] = json!(format!("{} (internal snapshot vmstate)", src.kind));
+    Ok(view)
+}
+
+/// The view of indexed source `src` whose bytes are `file`: its blocks
+/// placed at guest-physical addresses, one chain each.
+fn placed_view(
+    source: &str,
+    path: PathBuf,
+    file: Arc<dyn crate::storage::Storage>,
+    src: &super::MemorySource,
+) -> Result<MemoryView, MemoryError> {
+    let placed = layout::place(src).map_err(|source| MemoryError::Placement {
         path: path.clone(),
         source,
     })?;
-    let layer = MemoryLayer::new(&path, &src.kind, placed.size, placed.runs.clone())?;
+    let layer = MemoryLayer::over(
+        file.clone(),
+        &path,
+        &src.kind,
+        placed.size,
+        placed.runs.clone(),
+    );
     let files = block_files(placed.others.iter().map(|b| b.name.as_str()));
     let mut blocks = Vec::new();
-    for (b, file) in placed.others.iter().zip(files) {
-        let l = MemoryLayer::new(&path, &src.kind, b.size, b.runs.clone())?;
+    for (b, name) in placed.others.iter().zip(files) {
+        let l = MemoryLayer::over(file.clone(), &path, &src.kind, b.size, b.runs.clone());
         blocks.push(Block {
-            file,
+            file: name,
             chain: Arc::new(Chain::from_layers(vec![Arc::new(l)])),
         });
     }

@@ -99,6 +99,22 @@ pub struct PointDisk {
     /// The memory checkpoint saved with this point, if any (on the first
     /// disk of a multi-disk point).
     pub memory: RwLock<Option<PointMemory>>,
+    /// Set on a point that is an internal snapshot of its image (read-only;
+    /// not in the manifest: the image's snapshot table records it).
+    pub internal: Option<InternalPoint>,
+}
+
+/// What an image's snapshot table says about an internal-snapshot point,
+/// for `info.json`.
+#[derive(Clone, Debug)]
+pub struct InternalPoint {
+    pub tag: String,
+    pub id: String,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    pub icount: Option<u64>,
+    pub vm_state_size: u64,
 }
 
 /// A point's memory: the source file the manifest names, and its view, or
@@ -228,6 +244,29 @@ impl Tree {
             created,
             io: RwLock::new(io),
             memory: RwLock::new(None),
+            internal: None,
+        })
+    }
+
+    /// A new internal-snapshot point (see [`InternalPoint`]), read-only.
+    pub(crate) fn new_internal_point(
+        &self,
+        name: String,
+        disk: Option<String>,
+        io: DiskIo,
+        internal: InternalPoint,
+    ) -> Arc<PointDisk> {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Arc::new(PointDisk {
+            id,
+            name,
+            disk,
+            created: internal.date_sec as u64,
+            io: RwLock::new(io),
+            memory: RwLock::new(None),
+            internal: Some(internal),
         })
     }
 

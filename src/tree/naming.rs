@@ -59,7 +59,7 @@ fn is_bidi_control(c: char) -> bool {
 
 /// A valid name made from a file stem: characters a name may not hold
 /// become `_`, a leading dot goes, long stems are cut.
-fn name_from_stem(stem: &str, reserved: &[String]) -> String {
+pub(crate) fn name_from_stem(stem: &str, reserved: &[String]) -> String {
     let mut name: String = stem
         .trim_start_matches('.')
         .chars()

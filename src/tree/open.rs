@@ -4,6 +4,7 @@
 //! and open a chain per point that shares layer objects with its parent.
 
 mod build;
+mod internal;
 
 use super::discover::{self, Found};
 use super::manifest::{self, Manifest};

@@ -118,6 +118,40 @@ impl Tree {
         Ok(())
     }
 
+    /// Refuses `what` (a command's name) on point `id` when it is an
+    /// internal snapshot, or (`delete` only) the current state of an
+    /// image that holds internal snapshots: these are read-only for now.
+    pub fn refuse_internal(&self, id: u64, what: &str) -> Result<(), TreeError> {
+        let nodes = self.nodes.read();
+        let Some(n) = nodes.get(&id) else {
+            return Ok(());
+        };
+        let name = n.point.name.clone();
+        let members: Vec<&Node> = nodes.values().filter(|m| m.point.name == name).collect();
+        if members.iter().any(|m| m.point.internal.is_some()) {
+            return Err(err(
+                libc::EROFS,
+                format!("{name:?} is an internal snapshot of its image, which snaptree shows read-only: `{what}` is not supported on it"),
+            ));
+        }
+        if what == "delete" {
+            let images: Vec<PathBuf> = members
+                .iter()
+                .map(|m| m.point.io.read().image.clone())
+                .collect();
+            let holds = nodes
+                .values()
+                .any(|o| o.point.internal.is_some() && images.contains(&o.point.io.read().image));
+            if holds {
+                return Err(err(
+                    libc::EROFS,
+                    format!("the image of {name:?} holds internal snapshots, which deleting it would delete too; snaptree does not delete them"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn writable_check(&self) -> Result<(), TreeError> {
         if self.opts.read_only {
             return Err(err(libc::EROFS, "mounted read-only (-o ro)"));
@@ -155,6 +189,7 @@ impl Tree {
     /// with one overlay per disk.
     pub fn clone_point(&self, id: u64, name: &str) -> Result<(), TreeError> {
         self.writable_check()?;
+        self.refuse_internal(id, "clone")?;
         let _ops = self.lock_ops();
         self.check_new_name(&self.nodes.read(), name)?;
         let members = self.members(id);
@@ -261,6 +296,7 @@ impl Tree {
     /// `delete` (or `rmdir`) of point `id`, all its disks.
     pub fn delete(&self, id: u64) -> Result<(), TreeError> {
         self.writable_check()?;
+        self.refuse_internal(id, "delete")?;
         let _ops = self.lock_ops();
         let members = self.members(id);
         if members.is_empty() {
@@ -371,6 +407,8 @@ impl Tree {
         let nodes = self.nodes.read();
         let mut points: Vec<ManifestPoint> = nodes
             .values()
+            // Internal snapshots are recorded by their image's own table.
+            .filter(|n| n.point.internal.is_none())
             .map(|n| ManifestPoint {
                 name: n.point.name.clone(),
                 image: n

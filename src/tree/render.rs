@@ -109,12 +109,17 @@ impl Tree {
                 }),
             );
         }
-        let j = json!({
+        let kind = match (&v.point.internal, v.children.is_empty()) {
+            (Some(_), _) => "internal",
+            (None, true) => "leaf",
+            (None, false) => "snapshot",
+        };
+        let mut j = json!({
             "name": v.point.name,
             "parent": v.parent,
             "children": v.children,
             "created": v.point.created,
-            "kind": if v.children.is_empty() { "leaf" } else { "snapshot" },
+            "kind": kind,
             "hidden": v.hidden,
             "disks": disks,
             "memory": v.point.memory.read().as_ref().map(|m| match &m.view {
@@ -126,6 +131,26 @@ impl Tree {
                 Err(why) => json!({ "source": m.source, "error": why }),
             }),
         });
+        if let Some(i) = &v.point.internal {
+            j["internal"] = json!({
+                "tag": i.tag,
+                "id": i.id,
+                "date": i.date_sec,
+                "date_nsec": i.date_nsec,
+                "vm_clock": i.vm_clock_nsec,
+                "icount": i.icount,
+                "vm_state_size": i.vm_state_size,
+            });
+            j["parent_from"] = json!("creation order");
+        } else if v
+            .parent
+            .as_deref()
+            .and_then(|p| self.lookup(p))
+            .is_some_and(|p| p.internal.is_some())
+        {
+            // The current state of an image with internal snapshots.
+            j["parent_from"] = json!("creation order");
+        }
         Some(serde_json::to_string_pretty(&j).unwrap_or_default() + "\n")
     }
 }

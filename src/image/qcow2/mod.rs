@@ -15,6 +15,7 @@
 //! reader holding a host offset that a concurrent write just replaced still
 //! reads the old, intact bytes.
 
+mod at_snapshot;
 pub mod compress;
 pub mod create;
 pub mod driver;
@@ -34,8 +35,7 @@ use crate::error::{ImageError, Result};
 use crate::fileio::{self, read_exact_at};
 use crate::image::storage::Storage;
 use crate::image::{
-    check_range, push_extent, BackingRead, BackingRef, Extent, Format, InternalSnapshot, LayerInfo,
-    Mapping,
+    check_range, push_extent, BackingRead, BackingRef, Extent, Format, LayerInfo, Mapping,
 };
 use crate::image::{Identity, Locking, ReadMap, Writable};
 use header::Header;
@@ -72,14 +72,27 @@ pub(crate) struct Meta {
     /// their refcounts fall only after the new tables are on disk.
     pub pending_free: Vec<(u64, u64)>,
     pub data_written: bool,
+    /// At an internal snapshot: `l1` is read on first use (see
+    /// `at_snapshot`), so snapshots nobody reads cost no memory.
+    pub l1_unloaded: bool,
 }
 
 pub struct Qcow2Layer {
     path: PathBuf,
-    file: Box<dyn Storage>,
+    /// Shared with the layers of its internal snapshots (`at_snapshot`).
+    file: Arc<dyn Storage>,
     header: Header,
     geom: Geometry,
-    snapshots: Vec<InternalSnapshot>,
+    snapshots: Vec<snapshot::SnapshotEntry>,
+    /// Guest offsets `map` answers for: the virtual size, or at an
+    /// internal snapshot also its vmstate past the disk's end.
+    map_limit: u64,
+    /// Opened at an internal snapshot: read-only, and the image's locks
+    /// belong to the layer of its current state (which shares `file`).
+    at_snapshot: bool,
+    /// Problems of each snapshot table entry found by comparing it with
+    /// the others (duplicates, overlapping L1 tables), computed once.
+    snapshot_checks: std::sync::OnceLock<Vec<Option<(u64, String)>>>,
     backing: Option<BackingRef>,
     writable: bool,
     meta: Mutex<Meta>,
@@ -102,6 +115,7 @@ impl Qcow2Layer {
     /// Opens the image held by `file` (any storage: memory in unit tests);
     /// `path` names it in errors.
     pub fn open_storage(path: &Path, file: Box<dyn Storage>, writable: bool) -> Result<Qcow2Layer> {
+        let file: Arc<dyn Storage> = Arc::from(file);
         let header = Header::read(&*file, path)?;
         let geom = Geometry::new(&header);
         let len = fileio::file_len(&*file, path)?;
@@ -130,6 +144,7 @@ impl Qcow2Layer {
             refs: None,
             pending_free: Vec::new(),
             data_written: false,
+            l1_unloaded: false,
         };
         if writable {
             write::check_writable(path, &header)?;
@@ -143,9 +158,12 @@ impl Qcow2Layer {
         Ok(Qcow2Layer {
             path: path.to_path_buf(),
             file,
+            map_limit: header.size,
             header,
             geom,
             snapshots,
+            at_snapshot: false,
+            snapshot_checks: std::sync::OnceLock::new(),
             backing,
             writable,
             meta: Mutex::new(meta),
@@ -174,6 +192,14 @@ impl Qcow2Layer {
     /// `None` when the L1 entry is unallocated.
     fn l2_table(&self, meta: &mut Meta, i: usize) -> Result<Option<(u64, Arc<Vec<u64>>)>> {
         let l1_at = self.header.l1_table_offset + i as u64 * 8;
+        if meta.l1_unloaded {
+            at_snapshot::load_l1(self, meta)?;
+        }
+        if self.at_snapshot && i >= meta.l1.len() {
+            // A snapshot's L1 may be shorter than its disk: the rest is
+            // unallocated (QEMU pads it with zeros when it loads it).
+            return Ok(None);
+        }
         let entry = *meta.l1.get(i).ok_or_else(|| {
             ImageError::corrupt(
                 &self.path,
@@ -365,7 +391,7 @@ impl ReadMap for Qcow2Layer {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(&self.path, self.header.size, offset, len)?;
+        check_range(&self.path, self.map_limit, offset, len)?;
         let g = self.geom;
         let end = offset + len;
         let mut out = Vec::new();
@@ -441,8 +467,12 @@ impl ReadMap for Qcow2Layer {
             file_size: fileio::file_len(&*self.file, &self.path)?,
             backing: self.backing.clone(),
             features: self.header.feature_list(),
-            snapshots: self.snapshots.clone(),
+            snapshots: self.snapshots.iter().map(|s| s.info.clone()).collect(),
         })
+    }
+
+    fn open_internal(&self, index: usize) -> Result<crate::image::InternalLayer> {
+        at_snapshot::open(self, index)
     }
 }
 
@@ -473,7 +503,9 @@ impl Identity for Qcow2Layer {}
 
 impl Locking for Qcow2Layer {
     fn lock_storage(&self) -> Option<&dyn crate::storage::Storage> {
-        Some(&*self.file)
+        // A snapshot's layer shares the image's descriptor: unlocking it
+        // would drop the image's own locks.
+        (!self.at_snapshot).then_some(&*self.file as &dyn Storage)
     }
 }
 

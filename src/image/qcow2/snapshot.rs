@@ -1,5 +1,6 @@
-//! The internal snapshot table: parsed so `info` can list it (and so a
-//! writer can refuse images whose clusters are shared with snapshots).
+//! The internal snapshot table: parsed so `info` can list it, a writer
+//! can refuse images whose clusters are shared with snapshots, and
+//! `at_snapshot` can open each snapshot read-only through its own L1 table.
 
 use super::header::Header;
 use crate::error::{ImageError, Result};
@@ -13,12 +14,25 @@ const ENTRY_FIXED: u64 = 40;
 /// Reading more than this for the table means it is corrupt.
 const MAX_TABLE_BYTES: u64 = 64 << 20;
 
+/// One entry of the snapshot table: what `info` lists, and where the
+/// snapshot's L1 table and the entry itself are (checked only when the
+/// snapshot is opened, see `at_snapshot`).
+#[derive(Clone, Debug)]
+pub struct SnapshotEntry {
+    pub info: InternalSnapshot,
+    pub l1_offset: u64,
+    pub l1_size: u32,
+    /// Where the entry is in the file, and its length with padding.
+    pub entry_at: u64,
+    pub entry_len: u64,
+}
+
 pub fn read_snapshots(
     file: &dyn Storage,
     path: &Path,
     h: &Header,
     file_len: u64,
-) -> Result<Vec<InternalSnapshot>> {
+) -> Result<Vec<SnapshotEntry>> {
     let mut out = Vec::new();
     let mut at = h.snapshots_offset;
     let limit = h
@@ -64,15 +78,28 @@ pub fn read_snapshots(
         let id = String::from_utf8_lossy(&var[extra_len as usize..(extra_len + id_len) as usize])
             .into_owned();
         let name = String::from_utf8_lossy(&var[(extra_len + id_len) as usize..]).into_owned();
-        out.push(InternalSnapshot {
-            id,
-            name,
-            date_sec: be_u32(&fixed, 16),
-            vm_clock_nsec: be_u64(&fixed, 24),
-            vm_state_size,
-            disk_size,
+        // QEMU writes -1 when no icount was recorded.
+        let icount = (extra.len() >= 24)
+            .then(|| be_u64(extra, 16))
+            .filter(|&i| i != u64::MAX);
+        let entry_len = (ENTRY_FIXED + var_len).div_ceil(8) * 8;
+        out.push(SnapshotEntry {
+            info: InternalSnapshot {
+                id,
+                name,
+                date_sec: be_u32(&fixed, 16),
+                vm_clock_nsec: be_u64(&fixed, 24),
+                vm_state_size,
+                disk_size,
+                date_nsec: be_u32(&fixed, 20),
+                icount,
+            },
+            l1_offset: be_u64(&fixed, 0),
+            l1_size: be_u32(&fixed, 8),
+            entry_at: at,
+            entry_len,
         });
-        at += (ENTRY_FIXED + var_len).div_ceil(8) * 8;
+        at += entry_len;
     }
     Ok(out)
 }

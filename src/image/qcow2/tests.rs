@@ -15,8 +15,8 @@ use crate::image::testutil::{mem_path, pattern, read_guest, PatternBelow};
 use crate::image::{Extent, Format, Mapping, NoBacking, ReadMap, Writable};
 use std::io::Write;
 
-const CS: u64 = 64 << 10;
-const SIZE: u64 = 1 << 20;
+pub(super) const CS: u64 = 64 << 10;
+pub(super) const SIZE: u64 = 1 << 20;
 
 fn put32(b: &mut [u8], at: u64, v: u32) {
     b[at as usize..at as usize + 4].copy_from_slice(&v.to_be_bytes());
@@ -27,7 +27,7 @@ fn put64(b: &mut [u8], at: u64, v: u64) {
 }
 
 /// The bytes guest cluster 0 of the hand-built image holds.
-fn data_cluster() -> Vec<u8> {
+pub(super) fn data_cluster() -> Vec<u8> {
     pattern(0x11, 0, CS as usize)
 }
 
@@ -41,7 +41,7 @@ fn compressed_cluster() -> Vec<u8> {
 /// (cluster numbers). Guest cluster 0 is data at host cluster 5, 1 is
 /// unallocated, 2 is a zero cluster, 3 is deflated at host cluster 6; the
 /// rest is unallocated.
-fn hand_image() -> Vec<u8> {
+pub(super) fn hand_image() -> Vec<u8> {
     let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
     enc.write_all(&compressed_cluster()).unwrap();
     let deflated = enc.finish().unwrap();

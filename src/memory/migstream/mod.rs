@@ -90,8 +90,17 @@ pub fn index(path: &Path) -> Result<MemorySource> {
 /// [`index`], also saying what the page records held.
 pub fn index_with_stats(path: &Path) -> Result<(MemorySource, StreamStats)> {
     let file = crate::input::open_input(path, false, crate::input::Accept::Regular)?;
-    let len = fileio::file_len(&file, path)?;
-    let mut r = Reader::new(&file, path, len);
+    index_storage(&file, path)
+}
+
+/// [`index_with_stats`] of a stream held by any storage (a file, or the
+/// vmstate of an internal snapshot read in place); `path` names it.
+pub fn index_storage(
+    file: &dyn crate::storage::Storage,
+    path: &Path,
+) -> Result<(MemorySource, StreamStats)> {
+    let len = fileio::file_len(file, path)?;
+    let mut r = Reader::new(file, path, len);
     let libvirt = libvirt::present(&mut r)?;
     r.pos = if libvirt { libvirt::header(&mut r)? } else { 0 };
     let mut p = Parser::new(r);

@@ -7,7 +7,7 @@
 
 use crate::error::{ImageError, Result};
 use crate::fileio;
-use std::fs::File;
+use crate::storage::Storage;
 use std::path::Path;
 
 /// Read window: a few dozen page records per `pread`.
@@ -15,7 +15,7 @@ pub(super) const WINDOW: usize = 256 << 10;
 
 /// Sequential big-endian reads through a window of the file.
 pub(super) struct Reader<'a> {
-    pub(super) file: &'a File,
+    pub(super) file: &'a dyn Storage,
     pub(super) path: &'a Path,
     pub(super) len: u64,
     pub(super) pos: u64,
@@ -24,7 +24,7 @@ pub(super) struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    pub(super) fn new(file: &'a File, path: &'a Path, len: u64) -> Self {
+    pub(super) fn new(file: &'a dyn Storage, path: &'a Path, len: u64) -> Self {
         let (pos, buf, buf_at) = (0, Vec::new(), 0);
         Reader {
             file,

@@ -30,15 +30,28 @@ struct Plan<'a> {
 /// The nodes built so far, and the node id of each image opened (a child
 /// finds its parent's node, and so its parent's layers, through it).
 #[derive(Default)]
-struct Built {
+pub(super) struct Built {
     nodes: BTreeMap<u64, Node>,
     ids: HashMap<PathBuf, u64>,
+    /// Every point name in use or reserved (internal snapshots are named
+    /// after the images' points, avoiding these).
+    pub(super) taken: HashSet<String>,
+    /// Names given to internal snapshots of multi-disk points, by the
+    /// point's name and the tag: the same tag on every disk is one point.
+    pub(super) groups: HashMap<(String, String), String>,
 }
 
 impl Built {
     /// Adds `point` (the point of image `path`) as a node under `parent`,
     /// when that parent was opened, and records it as `path`'s node.
     fn link(&mut self, point: Arc<PointDisk>, parent: Option<u64>, hidden: bool, path: &Path) {
+        let id = point.id;
+        self.link_node(point, parent, hidden);
+        self.ids.insert(path.to_path_buf(), id);
+    }
+
+    /// Adds `point` as a node under `parent` (when that was opened).
+    pub(super) fn link_node(&mut self, point: Arc<PointDisk>, parent: Option<u64>, hidden: bool) {
         let id = point.id;
         if let Some(pid) = parent {
             if let Some(n) = self.nodes.get_mut(&pid) {
@@ -55,7 +68,6 @@ impl Built {
                 hidden,
             },
         );
-        self.ids.insert(path.to_path_buf(), id);
     }
 }
 
@@ -103,11 +115,17 @@ impl Tree {
             children,
         };
         let mut built = Built::default();
+        built.taken.extend(plan.names.values().cloned());
+        built
+            .taken
+            .extend(self.foreign.iter().map(|m| m.name.clone()));
+        built.taken.extend(self.opts.reserved_names.iter().cloned());
         while let Some(path) = queue.pop() {
             if let Some(kids) = self.build_node(&path, &plan, &mut built, problems) {
                 queue.extend(kids);
             }
         }
+        super::internal::gather_memory(&built.nodes);
         check_groups(&built.nodes, problems);
         *self.nodes.write() = built.nodes;
     }
@@ -212,8 +230,13 @@ impl Tree {
         };
         let mut layers = vec![layer];
         layers.extend(parent_layers);
-        let created = m.map(|m| m.created).unwrap_or_else(|| mtime(path));
         let disk = plan.disks.get(path).cloned().flatten();
+        // The image's internal snapshots hang between its backing point
+        // and its current state (see `internal`).
+        let parent_id = self
+            .build_internal(path, &layers, (&name, &disk), parent_id, built, problems)
+            .or(parent_id);
+        let created = m.map(|m| m.created).unwrap_or_else(|| mtime(path));
         let io = DiskIo {
             chain: Arc::new(Chain::from_layers(layers)),
             image: path.clone(),
