@@ -204,6 +204,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_depth: 1024,
         import: snaptree::memory::checkpoint::Throttle::DEFAULT,
         reserved_names: snaptree::fs::reserved_names(),
+        records: None,
     };
     let engine = Arc::new(Engine::open(d, opts, Default::default())?);
     let config = MountConfig {

@@ -18,6 +18,7 @@ pub mod fs;
 pub mod guest;
 pub mod image;
 pub mod input;
+pub mod libvirt;
 pub mod memory;
 pub mod merge;
 pub mod ownership;

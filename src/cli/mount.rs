@@ -22,12 +22,22 @@ use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct MountArgs {
-    /// A directory holding a VM's images (every qcow2 image in it, and the
-    /// raw files they use as backing, make the tree), or one leaf image
-    /// (its backing chain is the tree).
-    source: PathBuf,
-    /// Where to mount.
-    mountpoint: PathBuf,
+    /// SOURCE and MOUNTPOINT. SOURCE is a directory holding a VM's images
+    /// (every qcow2 image in it, and the raw files they use as backing,
+    /// make the tree), or one leaf image (its backing chain is the tree).
+    /// With a domain (`--domain`, `-o domain=`), SOURCE may be left out;
+    /// given (fstab's first field), it is only a label.
+    #[arg(value_name = "[SOURCE] MOUNTPOINT", num_args = 1..=2, required = true)]
+    paths: Vec<PathBuf>,
+    /// Mount libvirt domain NAME: its disks' directory, named and shaped
+    /// by libvirt's snapshot records (read, never written; no libvirt
+    /// daemon needed).
+    #[arg(long, value_name = "NAME")]
+    domain: Option<String>,
+    /// Where libvirt's directories (`etc/libvirt`, `run/libvirt`,
+    /// `var/lib/libvirt`) are found, instead of `/`.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    libvirt_root: PathBuf,
     /// Comma-separated mount options: `ro` (everything read-only), `rw`,
     /// `allow_other`, `allow_root`; the background merge of hidden points:
     /// `gc_idle=SECONDS` (start after this long without disk I/O; `off`
@@ -62,6 +72,7 @@ struct Options {
     allow_root: bool,
     background_merge: crate::merge::BackgroundMergeSettings,
     import: crate::memory::checkpoint::Throttle,
+    domain: Option<String>,
 }
 
 impl Default for Options {
@@ -72,6 +83,7 @@ impl Default for Options {
             allow_root: false,
             background_merge: Default::default(),
             import: crate::memory::checkpoint::Throttle::DEFAULT,
+            domain: None,
         }
     }
 }
@@ -138,10 +150,11 @@ fn parse_options(raw: &[String]) -> CliResult<Options> {
                 let (k, v) = g.split_once('=').unwrap_or((g, ""));
                 parse_tuning(&mut o, k, v)?;
             }
+            d if d.starts_with("domain=") => o.domain = Some(d["domain=".len()..].to_string()),
             o if o.starts_with("x-") || o.starts_with("comment=") => {}
             other => {
                 return Err(format!(
-                    "unknown mount option {other:?} (known: ro, rw, allow_other, allow_root, gc_idle=, gc_step=, gc_pause=, ckpt_pages=, ckpt_wait=)"
+                    "unknown mount option {other:?} (known: ro, rw, allow_other, allow_root, domain=, gc_idle=, gc_step=, gc_pause=, ckpt_pages=, ckpt_wait=)"
                 )
                 .into())
             }
@@ -150,20 +163,60 @@ fn parse_options(raw: &[String]) -> CliResult<Options> {
     Ok(o)
 }
 
+/// What to mount where: the tree's directory or image, and a libvirt
+/// domain's records when mounting a domain.
+struct Target {
+    source: PathBuf,
+    mountpoint: PathBuf,
+    records: Option<Arc<crate::tree::records::Records>>,
+    fs_name: String,
+}
+
+/// Resolves the positional paths and the domain (`--domain` or
+/// `-o domain=`) into a [`Target`], reading libvirt's records.
+fn target(a: &MountArgs, o: &Options) -> CliResult<Target> {
+    let mountpoint = a.paths.last().cloned().ok_or("no mount point given")?;
+    let Some(domain) = a.domain.clone().or_else(|| o.domain.clone()) else {
+        if a.paths.len() != 2 {
+            return Err("give SOURCE and MOUNTPOINT (or --domain NAME MOUNTPOINT)".into());
+        }
+        let source = a.paths[0].clone();
+        let fs_name = source.canonicalize().unwrap_or(source.clone());
+        let fs_name = fs_name.display().to_string();
+        return Ok(Target {
+            source,
+            mountpoint,
+            records: None,
+            fs_name,
+        });
+    };
+    let loaded = crate::libvirt::load(&a.libvirt_root, &domain, &crate::fs::reserved_names())?;
+    Ok(Target {
+        source: loaded.dir,
+        mountpoint,
+        records: Some(Arc::new(loaded.records)),
+        fs_name: format!("libvirt:{domain}"),
+    })
+}
+
 pub fn run(a: MountArgs) -> CliResult {
     let opts = parse_options(&a.options)?;
-    if !a.mountpoint.is_dir() {
-        return Err(format!("{}: mount point is not a directory", a.mountpoint.display()).into());
+    let mountpoint = a.paths.last().cloned().unwrap_or_default();
+    if !mountpoint.is_dir() {
+        return Err(format!("{}: mount point is not a directory", mountpoint.display()).into());
     }
     if a.foreground {
-        return run_foreground(&a, &opts);
+        let t = target(&a, &opts)?;
+        return run_foreground(&a, &opts, t);
     }
-    daemonize(&a)
+    // Refuse bad records before going to the background.
+    target(&a, &opts)?;
+    daemonize(&mountpoint)
 }
 
 /// Starts `snaptree mount ... -f --notify-ready` as a new session and
 /// waits until it is mounted or has failed.
-fn daemonize(a: &MountArgs) -> CliResult {
+fn daemonize(mountpoint: &std::path::Path) -> CliResult {
     let exe = std::env::current_exe()?;
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     args.push("-f".into());
@@ -196,40 +249,36 @@ fn daemonize(a: &MountArgs) -> CliResult {
     let err = err.trim().trim_start_matches("snaptree: error: ");
     Err(format!(
         "mounting {} failed ({status}): {err}",
-        a.mountpoint.display()
+        mountpoint.display()
     )
     .into())
 }
 
-fn run_foreground(a: &MountArgs, o: &Options) -> CliResult {
+fn run_foreground(a: &MountArgs, o: &Options, t: Target) -> CliResult {
     let engine = Engine::open(
-        &a.source,
+        &t.source,
         TreeOptions {
             read_only: o.read_only,
             allow_external_backing: a.chain.allow_external_backing,
             max_depth: a.chain.max_depth,
             import: o.import,
             reserved_names: crate::fs::reserved_names(),
+            records: t.records.clone(),
         },
         o.background_merge.clone(),
     )?;
     let engine = Arc::new(engine);
     let config = MountConfig {
-        fs_name: a
-            .source
-            .canonicalize()
-            .unwrap_or(a.source.clone())
-            .display()
-            .to_string(),
+        fs_name: t.fs_name.clone(),
         read_only: o.read_only,
         allow_other: o.allow_other,
         allow_root: o.allow_root,
         threads: a.threads,
     };
-    let bg = mount(engine, &a.mountpoint, &config).map_err(|e| {
+    let bg = mount(engine, &t.mountpoint, &config).map_err(|e| {
         format!(
             "{}: cannot mount: {e}{}",
-            a.mountpoint.display(),
+            t.mountpoint.display(),
             crate::fdlimit::hint(&e)
         )
     })?;
@@ -244,11 +293,11 @@ fn run_foreground(a: &MountArgs, o: &Options) -> CliResult {
     }
     tracing::info!(
         "mounted {} on {}",
-        a.source.display(),
-        a.mountpoint.display()
+        t.source.display(),
+        t.mountpoint.display()
     );
     bg.wait(&stop)
-        .map_err(|e| format!("{}: {e}", a.mountpoint.display()))?;
+        .map_err(|e| format!("{}: {e}", t.mountpoint.display()))?;
     Ok(())
 }
 

@@ -64,6 +64,37 @@ impl Tree {
         PointMemory::open(&self.dir, source, self.index_cache().as_deref())
     }
 
+    /// Gives `point` the memory file its VM manager's record names (see
+    /// `records`), on the point's first recorded disk. The record is the
+    /// host's own configuration, so the file may lie outside the tree
+    /// directory; it must still be a regular file (a FIFO or a device
+    /// would block or leak whatever it is), which is checked here again.
+    pub(super) fn attach_recorded_memory(&self, point: &PointDisk, problems: &mut Vec<String>) {
+        let Some(r) = self.opts.records.as_ref().and_then(|r| r.point(&point.name)) else {
+            return;
+        };
+        let Some(path) = &r.memory else {
+            return;
+        };
+        let first = r.overlays.iter().map(|(d, _)| d).min().cloned().flatten();
+        if point.internal.is_none() && point.disk != first {
+            return;
+        }
+        let mem = if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+            let source = path.to_string_lossy();
+            PointMemory::open(&self.dir, &source, self.index_cache().as_deref())
+        } else {
+            PointMemory {
+                source: path.to_string_lossy().into_owned(),
+                view: Err("not opened: not a regular file".into()),
+            }
+        };
+        if let Err(why) = &mem.view {
+            problems.push(format!("{:?}: memory {}: {why}", point.name, path.display()));
+        }
+        *point.memory.write() = Some(mem);
+    }
+
     /// The snapshot point `id`'s memory view, if it has a readable one.
     fn memory_view(point: &PointDisk) -> Option<Arc<MemoryView>> {
         point

@@ -22,6 +22,7 @@ pub mod discover;
 pub mod manifest;
 mod memory;
 pub mod naming;
+pub mod records;
 mod open;
 pub use open::{OpenError, Recovery};
 mod ops;
@@ -48,6 +49,9 @@ pub struct TreeOptions {
     /// The mount's layout owns them (`fs::reserved_names`); the tree
     /// only refuses them, also in the manifest at open.
     pub reserved_names: Vec<String>,
+    /// A VM manager's snapshot records (libvirt's), laid over the
+    /// manifest at open (see `records`); `None` for a plain directory.
+    pub records: Option<std::sync::Arc<records::Records>>,
 }
 
 /// A failed tree operation: the errno for the file system call and the

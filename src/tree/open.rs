@@ -102,6 +102,10 @@ impl Tree {
                 manifest::Manifest::default()
             }
         };
+        let mut manifest = manifest;
+        if let Some(records) = opts.records.clone() {
+            super::records::apply(&records, &mut manifest, &found, &dir, &mut problems);
+        }
         drop_memory_files(&mut found, &manifest, &dir);
         apply_manifest_formats(&mut found, &manifest, &dir, &confine);
         // Every image stays open (its descriptor holds its lock): refuse a

@@ -151,6 +151,12 @@ impl Tree {
             // The current state of an image with internal snapshots.
             j["parent_from"] = json!("creation order");
         }
+        if let Some(r) = self.opts.records.as_ref() {
+            if let Some(p) = r.point(&v.point.name) {
+                j["parent_from"] = json!(r.keeper);
+                j["description"] = json!(p.description);
+            }
+        }
         Some(serde_json::to_string_pretty(&j).unwrap_or_default() + "\n")
     }
 }

@@ -125,6 +125,9 @@ impl Tree {
                 queue.extend(kids);
             }
         }
+        if let Some(r) = &self.opts.records {
+            crate::tree::records::relink_internal(&mut built.nodes, r, problems);
+        }
         super::internal::gather_memory(&built.nodes);
         check_groups(&built.nodes, problems);
         *self.nodes.write() = built.nodes;
@@ -246,6 +249,7 @@ impl Tree {
         if let Some(source) = m.and_then(|m| m.memory.as_deref()) {
             self.attach_memory(&point, source, plan.found, problems);
         }
+        self.attach_recorded_memory(&point, problems);
         built.link(point, parent_id, hidden, path);
         Some(kids)
     }

@@ -1,0 +1,204 @@
+//! Snapshot records kept outside the tree directory by a VM manager
+//! (today libvirt's, built by the `libvirt` module above the tree): point
+//! names, parents, creation times, descriptions and memory files. The tree
+//! applies them at open over the manifest: where both name an image, the
+//! records win for the name and the parent, and every disagreement goes
+//! to `status`. The records are only read; nothing here writes them.
+
+use super::discover::Found;
+use super::manifest::{Manifest, ManifestPoint};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Every point the records name, in no particular order.
+#[derive(Clone, Debug, Default)]
+pub struct Records {
+    /// Who keeps them ("libvirt"), for `status` and `info.json`.
+    pub keeper: String,
+    pub points: Vec<RecordPoint>,
+    /// What the keeper refused or noticed while reading them, for
+    /// `status`.
+    pub notes: Vec<String>,
+}
+
+/// One recorded snapshot point.
+#[derive(Clone, Debug, Default)]
+pub struct RecordPoint {
+    pub name: String,
+    pub parent: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    pub description: Option<String>,
+    /// Its disks that are external snapshots: `(disk, overlay)`, the
+    /// overlay (canonical) created when the snapshot was taken. As in
+    /// libvirt, the point's own state is the image the overlay backs onto
+    /// (which `apply` looks up in the images found). `disk` is `None` on a
+    /// one-disk VM.
+    pub overlays: Vec<(Option<String>, PathBuf)>,
+    /// The RAM saved with it (canonical, checked by the keeper), if any.
+    pub memory: Option<PathBuf>,
+}
+
+impl Records {
+    /// The record of point `name`.
+    pub fn point(&self, name: &str) -> Option<&RecordPoint> {
+        self.points.iter().find(|p| p.name == name)
+    }
+}
+
+/// Lays `records` over `manifest`: each recorded image gets the record's
+/// name, parent, time and disk; a manifest entry that says otherwise is
+/// replaced, and the disagreement goes to `problems`. Images the tree did
+/// not find are reported and skipped.
+pub(super) fn apply(
+    records: &Records,
+    manifest: &mut Manifest,
+    found: &BTreeMap<PathBuf, Found>,
+    dir: &Path,
+    problems: &mut Vec<String>,
+) {
+    let keeper = &records.keeper;
+    problems.extend(records.notes.iter().cloned());
+    let mut at: HashMap<String, usize> = HashMap::new();
+    for (i, m) in manifest.points.iter().enumerate().filter(|(_, m)| !m.garbage) {
+        at.insert(m.image.clone(), i);
+    }
+    for r in &records.points {
+        for (disk, overlay) in &r.overlays {
+            let image = found.get(overlay).and_then(|f| f.backing.as_ref());
+            let rel = match image.map(|i| (i, i.strip_prefix(dir))) {
+                Some((i, Ok(rel))) if found.contains_key(i) => rel.to_string_lossy().into_owned(),
+                _ => {
+                    problems.push(format!(
+                        "{keeper} snapshot {:?}: its overlay {} is no image of the tree backing onto one; the snapshot is not shown by that name",
+                        r.name,
+                        overlay.display()
+                    ));
+                    continue;
+                }
+            };
+            let entry = ManifestPoint {
+                name: r.name.clone(),
+                image: rel.clone(),
+                parent: r.parent.clone(),
+                created: r.created,
+                hidden: false,
+                format: None,
+                disk: disk.clone(),
+                garbage: false,
+                memory: None,
+            };
+            match at.get(&rel) {
+                Some(&i) => {
+                    let old = &mut manifest.points[i];
+                    report_disagreement(keeper, old, &entry, problems);
+                    old.name = entry.name;
+                    old.parent = entry.parent;
+                    old.created = entry.created;
+                    old.disk = entry.disk;
+                }
+                None => {
+                    at.insert(rel, manifest.points.len());
+                    manifest.points.push(entry);
+                }
+            }
+        }
+    }
+}
+
+/// A `status` line for each way the manifest entry `old` disagrees with
+/// the record `new` of the same image.
+fn report_disagreement(
+    keeper: &str,
+    old: &ManifestPoint,
+    new: &ManifestPoint,
+    problems: &mut Vec<String>,
+) {
+    let image = crate::confine::shown(&new.image);
+    if old.name != new.name {
+        problems.push(format!(
+            "disagreement: .snaptree.json names image {image} {:?}, {keeper}'s records {:?}; {keeper}'s name is used",
+            old.name, new.name
+        ));
+    }
+    if old.parent != new.parent {
+        problems.push(format!(
+            "disagreement: .snaptree.json says the parent of {:?} (image {image}) is {:?}, {keeper}'s records {:?}; {keeper}'s parent is used",
+            new.name, old.parent, new.parent
+        ));
+    }
+}
+
+/// Hangs each internal-snapshot point under the parent its record names
+/// (the image's table only gives creation order), or makes it a root when
+/// the record names none. A parent that is not a point, or that would make
+/// a loop, is reported and the creation-order parent kept.
+pub(super) fn relink_internal(
+    nodes: &mut BTreeMap<u64, super::Node>,
+    records: &Records,
+    problems: &mut Vec<String>,
+) {
+    let ids: Vec<u64> = nodes
+        .iter()
+        .filter(|(_, n)| n.point.internal.is_some())
+        .map(|(id, _)| *id)
+        .collect();
+    for id in ids {
+        let (name, disk) = (nodes[&id].point.name.clone(), nodes[&id].point.disk.clone());
+        let Some(r) = records.point(&name) else {
+            continue;
+        };
+        let target = match &r.parent {
+            None => None,
+            Some(p) => {
+                let by_name = |n: &&super::Node| &n.point.name == p;
+                let pick = nodes
+                    .values()
+                    .filter(by_name)
+                    .find(|n| n.point.disk == disk)
+                    .or_else(|| nodes.values().find(by_name));
+                match pick {
+                    Some(n) if !is_below(nodes, n.point.id, id) => Some(n.point.id),
+                    _ => {
+                        problems.push(format!(
+                            "{} snapshot {name:?}: parent {p:?} is no point it can hang under; creation order is used",
+                            records.keeper
+                        ));
+                        continue;
+                    }
+                }
+            }
+        };
+        move_node(nodes, id, target);
+    }
+}
+
+/// Whether `node` is `top` or below it.
+fn is_below(nodes: &BTreeMap<u64, super::Node>, node: u64, top: u64) -> bool {
+    let mut cur = Some(node);
+    let mut steps = 0;
+    while let Some(c) = cur {
+        if c == top || steps > nodes.len() {
+            return true;
+        }
+        steps += 1;
+        cur = nodes.get(&c).and_then(|n| n.parent);
+    }
+    false
+}
+
+fn move_node(nodes: &mut BTreeMap<u64, super::Node>, id: u64, parent: Option<u64>) {
+    let old = nodes[&id].parent;
+    if old == parent {
+        return;
+    }
+    if let Some(o) = old.and_then(|o| nodes.get_mut(&o)) {
+        o.children.retain(|c| *c != id);
+    }
+    if let Some(p) = parent.and_then(|p| nodes.get_mut(&p)) {
+        p.children.push(id);
+    }
+    if let Some(n) = nodes.get_mut(&id) {
+        n.parent = parent;
+    }
+}
