@@ -86,7 +86,7 @@ impl ChainArgs {
                 max_depth: self.max_depth,
                 import: crate::memory::checkpoint::Throttle::DEFAULT,
                 reserved_names: crate::fs::reserved_names(),
-            records: None,
+                records: None,
             },
             crate::merge::BackgroundMergeSettings {
                 idle: None,

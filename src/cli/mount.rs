@@ -247,11 +247,7 @@ fn daemonize(mountpoint: &std::path::Path) -> CliResult {
     }
     let status = child.wait()?;
     let err = err.trim().trim_start_matches("snaptree: error: ");
-    Err(format!(
-        "mounting {} failed ({status}): {err}",
-        mountpoint.display()
-    )
-    .into())
+    Err(format!("mounting {} failed ({status}): {err}", mountpoint.display()).into())
 }
 
 fn run_foreground(a: &MountArgs, o: &Options, t: Target) -> CliResult {

@@ -43,7 +43,8 @@ pub fn load(root: &Path, name: &str) -> Result<Domain, LibvirtError> {
     let doc = xml::parse(&path, &text)?;
     let mut top = doc.root_element();
     if top.has_tag_name("domstatus") {
-        top = child(top, "domain").ok_or_else(|| malformed(&path, "<domstatus> without <domain>"))?;
+        top =
+            child(top, "domain").ok_or_else(|| malformed(&path, "<domstatus> without <domain>"))?;
     }
     if !top.has_tag_name("domain") {
         return Err(malformed(&path, "the root element is not <domain>"));

@@ -116,7 +116,10 @@ pub fn load(root: &Path, name: &str, reserved: &[String]) -> Result<Loaded, Libv
     }
     for n in in_cycles(&snaps) {
         snaps.remove(&n);
-        problems.push(format!("libvirt: {}", LibvirtError::ParentCycle { name: n }));
+        problems.push(format!(
+            "libvirt: {}",
+            LibvirtError::ParentCycle { name: n }
+        ));
     }
     if dom.running {
         problems.push(format!(

@@ -63,5 +63,7 @@ pub fn child<'a, 'i>(node: roxmltree::Node<'a, 'i>, tag: &str) -> Option<roxmltr
 
 /// The text of `node`'s child element `tag`, trimmed.
 pub fn child_text(node: roxmltree::Node, tag: &str) -> Option<String> {
-    child(node, tag).and_then(|c| c.text()).map(|t| t.trim().to_string())
+    child(node, tag)
+        .and_then(|c| c.text())
+        .map(|t| t.trim().to_string())
 }

@@ -70,7 +70,12 @@ impl Tree {
     /// directory; it must still be a regular file (a FIFO or a device
     /// would block or leak whatever it is), which is checked here again.
     pub(super) fn attach_recorded_memory(&self, point: &PointDisk, problems: &mut Vec<String>) {
-        let Some(r) = self.opts.records.as_ref().and_then(|r| r.point(&point.name)) else {
+        let Some(r) = self
+            .opts
+            .records
+            .as_ref()
+            .and_then(|r| r.point(&point.name))
+        else {
             return;
         };
         let Some(path) = &r.memory else {
@@ -90,7 +95,11 @@ impl Tree {
             }
         };
         if let Err(why) = &mem.view {
-            problems.push(format!("{:?}: memory {}: {why}", point.name, path.display()));
+            problems.push(format!(
+                "{:?}: memory {}: {why}",
+                point.name,
+                path.display()
+            ));
         }
         *point.memory.write() = Some(mem);
     }

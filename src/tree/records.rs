@@ -60,7 +60,12 @@ pub(super) fn apply(
     let keeper = &records.keeper;
     problems.extend(records.notes.iter().cloned());
     let mut at: HashMap<String, usize> = HashMap::new();
-    for (i, m) in manifest.points.iter().enumerate().filter(|(_, m)| !m.garbage) {
+    for (i, m) in manifest
+        .points
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| !m.garbage)
+    {
         at.insert(m.image.clone(), i);
     }
     for r in &records.points {

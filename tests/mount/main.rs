@@ -17,6 +17,7 @@ mod hostile_fs;
 mod hostile_paths;
 mod internal_snapshots;
 mod layout_contract;
+mod libvirt;
 mod lifecycle;
 mod many_images;
 mod memory;
