@@ -215,3 +215,6 @@ fn point(s: &Snapshot, multi: bool) -> RecordPoint {
         memory: s.memory_file.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests;
