@@ -209,8 +209,9 @@ fn libvirt_hostile_records_are_refused_by_name() {
     }
     let slash = record("a/b", None, "", INTERNAL_DISK, NO_MEMORY);
     std::fs::write(snap.join("slash.xml"), slash).unwrap();
-    let args = domain_args(&root);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // As fstab mounts it: `vm1 MNT snaptree domain=vm1,ro`.
+    let r = root.to_string_lossy().into_owned();
+    let args = ["--libvirt-root", &r, "-o", "domain=vm1,ro,gc_idle=off"];
     let Some(m) = ws.mount_source(Path::new("vm1"), &args) else {
         return;
     };
