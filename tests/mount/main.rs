@@ -16,6 +16,7 @@ mod guest_lvm;
 mod hostile_fs;
 mod hostile_paths;
 mod internal_snapshots;
+mod internal_writes;
 mod layout_contract;
 mod lifecycle;
 mod many_images;

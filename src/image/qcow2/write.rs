@@ -41,15 +41,9 @@ pub(super) fn check_writable(path: &Path, h: &Header) -> Result<()> {
             "image is marked dirty (lazy refcounts not written back after a crash); it can be read, but run `qemu-img check -r all` before writing",
         ));
     }
-    if h.nb_snapshots > 0 {
-        return Err(ImageError::unsupported(
-            path,
-            format!(
-                "image has {} internal snapshots whose clusters are shared; snaptree reads such images but writes only images without internal snapshots",
-                h.nb_snapshots
-            ),
-        ));
-    }
+    // Internal snapshots share clusters and L2 tables with the current
+    // state; those lack the COPIED flag and are copied on write (`plan`,
+    // `l2_for_write`), so the snapshots keep their bytes.
     Ok(())
 }
 
@@ -442,9 +436,24 @@ impl Qcow2Layer {
     }
 
     /// The L2 table for L1 index `i`, allocating an empty one if needed.
+    /// A table shared with an internal snapshot (L1 entry without COPIED)
+    /// is first copied to a new cluster that the L1 entry then points at
+    /// with COPIED set; the old table's refcount drops at the next flush,
+    /// after the L1 entry no longer points at it (see the module docs).
+    /// The data clusters keep their refcounts: the copy references them
+    /// in place of the old table.
     fn l2_for_write(&self, meta: &mut Meta, i: usize) -> Result<(u64, Arc<Vec<u64>>)> {
-        if let Some(t) = self.l2_table(meta, i)? {
-            return Ok(t);
+        if let Some((off, table)) = self.l2_table(meta, i)? {
+            if meta.l1[i] & OFLAG_COPIED != 0 {
+                return Ok((off, table));
+            }
+            let new = self.alloc(meta, 1)?;
+            let copy = Arc::new(table.to_vec());
+            meta.l2_dirty.insert(new, copy.clone());
+            meta.l1[i] = new | OFLAG_COPIED;
+            meta.l1_dirty.insert(i);
+            meta.pending_free.push((off, self.geom.cluster_size));
+            return Ok((new, copy));
         }
         let off = self.alloc(meta, 1)?;
         let table = Arc::new(vec![0u64; (self.geom.cluster_size / 8) as usize]);
