@@ -17,6 +17,8 @@
 
 mod at_snapshot;
 pub mod compress;
+#[cfg(test)]
+mod cow_tests;
 pub mod create;
 pub mod driver;
 pub mod header;
