@@ -14,7 +14,8 @@
 //! then refcount increments, then L2 tables and the L1 table, and only then
 //! are the refcounts of clusters dropped from the tables decremented. A
 //! crash at any point leaves at worst leaked clusters, never an entry that
-//! points at unwritten data or a cluster in use with refcount 0.
+//! points at unwritten data or a cluster in use with refcount 0. Clusters
+//! and L2 tables shared with internal snapshots (no COPIED) are copied.
 
 use super::header::{self, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::hostwrite::HostWriter;
@@ -41,9 +42,7 @@ pub(super) fn check_writable(path: &Path, h: &Header) -> Result<()> {
             "image is marked dirty (lazy refcounts not written back after a crash); it can be read, but run `qemu-img check -r all` before writing",
         ));
     }
-    // Internal snapshots share clusters and L2 tables with the current
-    // state; those lack the COPIED flag and are copied on write (`plan`,
-    // `l2_for_write`), so the snapshots keep their bytes.
+    // Clusters shared with internal snapshots are copied on write.
     Ok(())
 }
 
@@ -436,12 +435,9 @@ impl Qcow2Layer {
     }
 
     /// The L2 table for L1 index `i`, allocating an empty one if needed.
-    /// A table shared with an internal snapshot (L1 entry without COPIED)
-    /// is first copied to a new cluster that the L1 entry then points at
-    /// with COPIED set; the old table's refcount drops at the next flush,
-    /// after the L1 entry no longer points at it (see the module docs).
-    /// The data clusters keep their refcounts: the copy references them
-    /// in place of the old table.
+    /// One shared with an internal snapshot (no COPIED in L1) is copied to
+    /// a new cluster first; the old one's refcount drops at the next flush
+    /// (module docs). Its data clusters keep their refcounts.
     fn l2_for_write(&self, meta: &mut Meta, i: usize) -> Result<(u64, Arc<Vec<u64>>)> {
         if let Some((off, table)) = self.l2_table(meta, i)? {
             if meta.l1[i] & OFLAG_COPIED != 0 {
