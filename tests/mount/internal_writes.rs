@@ -13,12 +13,12 @@ use rand::{Rng, SeedableRng};
 use super::*;
 
 const SIZE: u64 = 16 * MIB;
-const TAGS: [&str; 3] = ["s1", "s2", "s3"];
+pub(super) const TAGS: [&str; 3] = ["s1", "s2", "s3"];
 
 /// base.qcow2 under vm.qcow2, whose first data was written compressed
 /// (`convert -c`), then three snapshots over writes, zero writes and
 /// discards. `opts` are vm.qcow2's creation options.
-fn build(ws: &Workspace, opts: &str) {
+pub(super) fn build(ws: &Workspace, opts: &str) {
     ws.create_qcow2("base.qcow2", SIZE, None, "");
     ws.qemu_io(
         "base.qcow2",
@@ -69,7 +69,7 @@ fn build(ws: &Workspace, opts: &str) {
 }
 
 /// `qemu-img convert -l snapshot.name=TAG -O raw vm.qcow2`.
-fn convert_snapshot(ws: &Workspace, tag: &str) -> Vec<u8> {
+pub(super) fn convert_snapshot(ws: &Workspace, tag: &str) -> Vec<u8> {
     let out = ws.scratch(&format!("snap-{tag}.raw"));
     let o = out.to_string_lossy().into_owned();
     let l = format!("snapshot.name={tag}");
@@ -85,7 +85,13 @@ fn snapshots(ws: &Workspace) -> Vec<Vec<u8>> {
 
 /// One random write, zero write, hole punch or zero range on `f` and
 /// `model`, at or after `lo`; returns what it did.
-fn random_op(f: &File, model: &mut [u8], rng: &mut SmallRng, seed: u64, lo: u64) -> String {
+pub(super) fn random_op(
+    f: &File,
+    model: &mut [u8],
+    rng: &mut SmallRng,
+    seed: u64,
+    lo: u64,
+) -> String {
     let len = match rng.gen_range(0..3) {
         0 => rng.gen_range(1..5000),
         1 => rng.gen_range(1..200_000),

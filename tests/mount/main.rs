@@ -15,6 +15,7 @@ mod guest_files;
 mod guest_lvm;
 mod hostile_fs;
 mod hostile_paths;
+mod internal_deletes;
 mod internal_snapshots;
 mod internal_writes;
 mod layout_contract;

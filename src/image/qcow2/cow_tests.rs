@@ -3,7 +3,8 @@
 //! that shares its L2 table, data cluster and compressed cluster (with the
 //! refcounts and COPIED flags QEMU would leave): writes go to new
 //! clusters, the snapshot reads as before, and the refcounts match the
-//! references (the leak repair, which counts them, finds nothing).
+//! references (the leak repair, which counts them, finds nothing); and
+//! deleting the snapshot gives the current state its clusters back.
 
 use super::l2::OFLAG_COPIED;
 use super::repair::repair_leaks_in;
@@ -97,4 +98,25 @@ fn shared_clusters_and_l2_tables_are_copied_on_write() {
     );
     let again = open_rw(&mem);
     assert_eq!(read_guest(&again, 0, SIZE).unwrap(), want);
+}
+
+#[test]
+fn deleting_the_snapshot_frees_its_share_and_restores_copied() {
+    let mem = MemStorage::from_bytes(shared_image());
+    let l = open_rw(&mem);
+    let before = read_guest(&l, 0, SIZE).unwrap();
+    assert!(l.delete_internal("2").is_err(), "no snapshot with ID 2");
+    l.delete_internal("1").unwrap();
+    assert_eq!(read_guest(&l, 0, SIZE).unwrap(), before);
+    // No snapshot left: the header says so, and the current state owns
+    // its L2 table and data cluster alone again (COPIED set).
+    assert_eq!(word(&mem, 56) & 0xffff_ffff, 0, "nb_snapshots");
+    assert_eq!(word(&mem, 3 * CS), (4 * CS) | OFLAG_COPIED);
+    assert_eq!(word(&mem, 4 * CS), (5 * CS) | OFLAG_COPIED);
+    drop(l);
+    assert_eq!(
+        repair_leaks_in(&mem, mem_path("hand.qcow2")).unwrap(),
+        Some(0),
+        "refcounts and COPIED flags match the references"
+    );
 }

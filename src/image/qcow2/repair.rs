@@ -3,7 +3,8 @@
 //! references), as `qemu-img check -r leaks` does. References are counted
 //! as QEMU counts them: once per L1 table (the current state's and each
 //! internal snapshot's) through which an L2 table or data cluster is
-//! reached.
+//! reached. Then the current state's COPIED flags are set exactly where
+//! the refcount is 1, which a killed snapshot deletion can leave wrong.
 //!
 //! Our writer flushes refcount increments before the L2 tables that use the
 //! new clusters, and refcount decrements last (see `write`), so a process
@@ -16,24 +17,25 @@
 //! not repaired).
 
 use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use super::l2::{Geometry, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
+use super::l2::{Geometry, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use super::refcount::Refcounts;
 use crate::error::{ImageError, Result};
-use crate::fileio::{file_len, read_exact_at, sync_data};
+use crate::fileio::{file_len, read_exact_at, sync_data, write_all_at};
 use crate::image::storage::Storage;
 use std::path::Path;
 
 /// Refuse to scan images with more clusters than this (the reference
 /// count per cluster would exceed 64 MiB).
-const MAX_CLUSTERS: u64 = 1 << 26;
+const MAX_CLUSTERS: u64 = 1 << 25;
 
 /// An L1 table longer than this (QEMU's own limit) is corrupt.
 const MAX_L1_BYTES: u64 = 32 << 20;
 
 /// How many references metadata makes to each cluster, saturating at
-/// `u8::MAX` (a saturated count is never acted on).
+/// `u16::MAX` (a saturated count is never acted on; compressed clusters
+/// make hundreds of references to one host cluster).
 struct Used {
-    counts: Vec<u8>,
+    counts: Vec<u16>,
     clusters: u64,
     cluster_size: u64,
 }
@@ -63,7 +65,7 @@ impl Used {
     fn count(&self, c: u64) -> Option<u64> {
         match self.counts.get(c as usize) {
             None => Some(0),
-            Some(&u8::MAX) => None,
+            Some(&u16::MAX) => None,
             Some(&n) => Some(n as u64),
         }
     }
@@ -122,7 +124,71 @@ pub fn repair_leaks_in(file: &dyn Storage, path: &Path) -> Result<Option<u64>> {
         refs.write_out(file, path)?;
         sync_data(file, path)?;
     }
+    freed += fix_copied(file, path, &h, &g, &mut refs, &mut file_end)?;
     Ok(Some(freed))
+}
+
+/// Sets COPIED on the current state's L1 and L2 entries exactly where the
+/// cluster's refcount is 1 (a snapshot deletion killed between dropping
+/// refcounts and restoring COPIED leaves it clear); returns how many
+/// entries changed. Compressed entries never carry COPIED.
+fn fix_copied(
+    file: &dyn Storage,
+    path: &Path,
+    h: &Header,
+    g: &Geometry,
+    refs: &mut Refcounts,
+    file_end: &mut u64,
+) -> Result<u64> {
+    let cs = g.cluster_size;
+    let mut fixed = 0;
+    let mut l1 = vec![0u8; h.l1_size as usize * 8];
+    read_exact_at(file, path, &mut l1, h.l1_table_offset, "L1 table")?;
+    let mut l2 = vec![0u8; cs as usize];
+    for (i, e) in super::header::decode_u64s(&l1).into_iter().enumerate() {
+        let off = e & L1E_OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        let want = refs.get(file, path, off / cs, *file_end)? == 1;
+        if want != (e & OFLAG_COPIED != 0) {
+            let w = if want {
+                e | OFLAG_COPIED
+            } else {
+                e & !OFLAG_COPIED
+            };
+            let at = h.l1_table_offset + i as u64 * 8;
+            write_all_at(file, path, &w.to_be_bytes(), at)?;
+            fixed += 1;
+        }
+        read_exact_at(file, path, &mut l2, off, "L2 table")?;
+        let mut changed = false;
+        for j in (0..cs as usize / 8).step_by(g.words_per_entry as usize) {
+            let w = u64::from_be_bytes(l2[j * 8..j * 8 + 8].try_into().expect("8 bytes"));
+            let host = w & L2E_OFFSET_MASK;
+            if w & OFLAG_COMPRESSED != 0 || host == 0 {
+                continue;
+            }
+            let want = refs.get(file, path, host / cs, *file_end)? == 1;
+            if want != (w & OFLAG_COPIED != 0) {
+                let w = if want {
+                    w | OFLAG_COPIED
+                } else {
+                    w & !OFLAG_COPIED
+                };
+                l2[j * 8..j * 8 + 8].copy_from_slice(&w.to_be_bytes());
+                changed = true;
+                fixed += 1;
+            }
+        }
+        if changed {
+            write_all_at(file, path, &l2, off)?;
+        }
+    }
+    if fixed > 0 {
+        sync_data(file, path)?;
+    }
+    Ok(fixed)
 }
 
 /// Marks the header, L1, L2 tables, data clusters, refcount table and

@@ -394,7 +394,7 @@ impl Qcow2Layer {
     }
 
     /// Allocates `n` contiguous clusters at the end of the file.
-    fn alloc(&self, meta: &mut Meta, n: u64) -> Result<u64> {
+    pub(super) fn alloc(&self, meta: &mut Meta, n: u64) -> Result<u64> {
         let cs = self.geom.cluster_size;
         let Meta { refs, file_end, .. } = meta;
         let refs = self.refs_mut(refs, *file_end)?;
@@ -415,7 +415,7 @@ impl Qcow2Layer {
     }
 
     /// The refcounts, loaded from the image on first use (see `open`).
-    fn refs_mut<'m>(
+    pub(super) fn refs_mut<'m>(
         &self,
         refs: &'m mut Option<super::refcount::Refcounts>,
         file_end: u64,
