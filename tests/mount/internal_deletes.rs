@@ -129,3 +129,51 @@ fn internal_deletes_survive_sigkill() {
         ws.compare("vm.qcow2", &current);
     }
 }
+
+/// While another process (here `qemu-io`) has the image open for writing,
+/// the current state is mounted read-only and deleting one of its
+/// internal points is refused; nothing changes.
+#[test]
+fn internal_delete_is_refused_while_another_writer_holds_the_image() {
+    let Some(ws) = workspace() else { return };
+    build(&ws, "");
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2", "vm.qcow2"])
+        .current_dir(ws.img(""))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn qemu-io");
+    // Held once qemu-img (without -U) cannot get its shared lock.
+    let held = wait_until(std::time::Duration::from_secs(20), || {
+        !ws.qemu_img_unchecked(&["info", "vm.qcow2"])
+            .status
+            .success()
+    });
+    let before = std::fs::read(ws.img("vm.qcow2")).unwrap();
+    let result = held
+        .then(|| ws.mount(&["-o", "gc_idle=off"]))
+        .flatten()
+        .map(|m| {
+            let r = ctl(&m.mnt, "s1", "delete");
+            let status = status_text(&m.mnt);
+            let names = visible(&m.mnt);
+            unmount_ok(m);
+            (r, status, names)
+        });
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(held, "qemu-io did not take its lock");
+    let Some((r, status, names)) = result else {
+        return;
+    };
+    assert_errno("delete s1 while qemu-io writes", r, libc::EROFS);
+    assert!(status.contains("read-only"), "{status}");
+    assert!(names.contains("s1"), "{names:?}");
+    assert!(
+        std::fs::read(ws.img("vm.qcow2")).unwrap() == before,
+        "image changed"
+    );
+    assert_eq!(tags(&ws).len(), 3);
+}
