@@ -285,6 +285,16 @@ pub trait Writable: ReadMap {
     fn flush(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Deletes the internal snapshot with this ID (`InternalSnapshot::id`)
+    /// from the image, freeing what only it used; formats without internal
+    /// snapshots keep the default, which refuses.
+    fn delete_internal(&self, id: &str) -> Result<()> {
+        Err(ImageError::invalid(
+            self.path(),
+            format!("internal snapshot {id:?}: this image cannot delete internal snapshots"),
+        ))
+    }
 }
 
 /// Identity a format records for its children to check (a VHD's unique

@@ -17,6 +17,7 @@
 
 mod close;
 mod coalesce;
+mod internal_delete;
 pub use coalesce::StillLocked;
 pub mod discover;
 pub mod manifest;

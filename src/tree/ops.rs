@@ -119,8 +119,9 @@ impl Tree {
     }
 
     /// Refuses `what` (a command's name) on point `id` when it is an
-    /// internal snapshot, or (`delete` only) the current state of an
-    /// image that holds internal snapshots: these are read-only for now.
+    /// internal snapshot (except `delete`, which deletes it from its image),
+    /// or (`delete` only) the current state of an image that holds
+    /// internal snapshots.
     pub fn refuse_internal(&self, id: u64, what: &str) -> Result<(), TreeError> {
         let nodes = self.nodes.read();
         let Some(n) = nodes.get(&id) else {
@@ -128,13 +129,17 @@ impl Tree {
         };
         let name = n.point.name.clone();
         let members: Vec<&Node> = nodes.values().filter(|m| m.point.name == name).collect();
-        if members.iter().any(|m| m.point.internal.is_some()) {
+        let internal = members
+            .iter()
+            .filter(|m| m.point.internal.is_some())
+            .count();
+        if internal > 0 && (what != "delete" || internal < members.len()) {
             return Err(err(
                 libc::EROFS,
                 format!("{name:?} is an internal snapshot of its image, which snaptree shows read-only: `{what}` is not supported on it"),
             ));
         }
-        if what == "delete" {
+        if what == "delete" && members.iter().all(|m| m.point.internal.is_none()) {
             let images: Vec<PathBuf> = members
                 .iter()
                 .map(|m| m.point.io.read().image.clone())
@@ -162,7 +167,7 @@ impl Tree {
     /// Runs `op` on each disk of a point, stopping at the first failure,
     /// whose message then says which disks were done (each disk's step is
     /// atomic, the point's is not).
-    fn for_each_disk(
+    pub(super) fn for_each_disk(
         &self,
         members: &[Arc<PointDisk>],
         what: &str,
@@ -303,6 +308,9 @@ impl Tree {
             return Err(err(libc::ENOENT, "no such snapshot point"));
         }
         let name = members[0].name.clone();
+        if members.iter().all(|m| m.internal.is_some()) {
+            return self.delete_internal_point(&members, &name);
+        }
         self.for_each_disk(&members, "delete", &name, |m| self.delete_disk(m.id))
     }
 

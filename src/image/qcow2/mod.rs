@@ -17,6 +17,8 @@
 
 mod at_snapshot;
 pub mod compress;
+#[cfg(test)]
+mod cow_tests;
 pub mod create;
 pub mod driver;
 pub mod header;
@@ -26,6 +28,7 @@ pub mod rebase;
 mod refcount;
 pub mod repair;
 pub mod snapshot;
+mod snapshot_delete;
 #[cfg(test)]
 mod tests;
 mod write;
@@ -487,6 +490,10 @@ impl Writable for Qcow2Layer {
 
     fn write_zeroes(&self, offset: u64, len: u64, below: &dyn BackingRead) -> Result<()> {
         self.zero_range(offset, len, below)
+    }
+
+    fn delete_internal(&self, id: &str) -> Result<()> {
+        self.delete_snapshot(id)
     }
 
     fn flush(&self) -> Result<()> {

@@ -1,5 +1,10 @@
-//! Leak repair: frees clusters whose refcount is above zero but that no
-//! metadata references, as `qemu-img check -r leaks` does.
+//! Leak repair: lowers the refcount of clusters to the number of
+//! references metadata makes to them (freeing the ones nothing
+//! references), as `qemu-img check -r leaks` does. References are counted
+//! as QEMU counts them: once per L1 table (the current state's and each
+//! internal snapshot's) through which an L2 table or data cluster is
+//! reached. Then the current state's COPIED flags are set exactly where
+//! the refcount is 1, which a killed snapshot deletion can leave wrong.
 //!
 //! Our writer flushes refcount increments before the L2 tables that use the
 //! new clusters, and refcount decrements last (see `write`), so a process
@@ -7,32 +12,38 @@
 //! with refcount zero. Leaks lose no data but make `qemu-img check` report
 //! them; the merge engine repairs the images a crash interrupted it on.
 //!
-//! Only images this code fully understands are touched: no internal
-//! snapshots, no persistent bitmaps, no dirty or corrupt bit. Others are
-//! left alone (reported as not repaired).
+//! Only images this code fully understands are touched: no persistent
+//! bitmaps, no dirty or corrupt bit. Others are left alone (reported as
+//! not repaired).
 
 use super::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use super::l2::{Geometry, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED};
+use super::l2::{Geometry, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use super::refcount::Refcounts;
 use crate::error::{ImageError, Result};
-use crate::fileio::{file_len, read_exact_at, sync_data};
+use crate::fileio::{file_len, read_exact_at, sync_data, write_all_at};
 use crate::image::storage::Storage;
 use std::path::Path;
 
-/// Refuse to scan images with more clusters than this (the bitset of
-/// referenced clusters would exceed 64 MiB).
-const MAX_CLUSTERS: u64 = 1 << 29;
+/// Refuse to scan images with more clusters than this (the reference
+/// count per cluster would exceed 64 MiB).
+const MAX_CLUSTERS: u64 = 1 << 25;
 
-/// The clusters some metadata references.
+/// An L1 table longer than this (QEMU's own limit) is corrupt.
+const MAX_L1_BYTES: u64 = 32 << 20;
+
+/// How many references metadata makes to each cluster, saturating at
+/// `u16::MAX` (a saturated count is never acted on; compressed clusters
+/// make hundreds of references to one host cluster).
 struct Used {
-    bits: Vec<u64>,
+    counts: Vec<u16>,
     clusters: u64,
     cluster_size: u64,
 }
 
 impl Used {
-    /// Marks every cluster `[off, off+len)` touches; `at` names the
-    /// metadata that points there, for the error if it is outside the file.
+    /// Counts a reference to every cluster `[off, off+len)` touches; `at`
+    /// names the metadata that points there, for the error if it is
+    /// outside the file.
     fn mark(&mut self, path: &Path, at: u64, off: u64, len: u64) -> Result<()> {
         let end = off.saturating_add(len.max(1));
         let (first, last) = (off / self.cluster_size, (end - 1) / self.cluster_size);
@@ -44,13 +55,19 @@ impl Used {
             ));
         }
         for c in first..=last {
-            self.bits[(c / 64) as usize] |= 1 << (c % 64);
+            let n = &mut self.counts[c as usize];
+            *n = n.saturating_add(1);
         }
         Ok(())
     }
 
-    fn is_used(&self, c: u64) -> bool {
-        c < self.clusters && self.bits[(c / 64) as usize] & (1 << (c % 64)) != 0
+    /// The references to cluster `c`, or `None` when too many to count.
+    fn count(&self, c: u64) -> Option<u64> {
+        match self.counts.get(c as usize) {
+            None => Some(0),
+            Some(&u16::MAX) => None,
+            Some(&n) => Some(n as u64),
+        }
     }
 }
 
@@ -70,10 +87,7 @@ pub fn repair_leaks_in(file: &dyn Storage, path: &Path) -> Result<Option<u64>> {
         return Ok(None); // not qcow2
     }
     let h = Header::read(file, path)?;
-    if h.nb_snapshots > 0
-        || h.has_bitmaps
-        || h.incompatible_features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0
-    {
+    if h.has_bitmaps || h.incompatible_features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0 {
         return Ok(None);
     }
     let g = Geometry::new(&h);
@@ -84,7 +98,7 @@ pub fn repair_leaks_in(file: &dyn Storage, path: &Path) -> Result<Option<u64>> {
         return Ok(None);
     }
     let mut used = Used {
-        bits: vec![0; clusters.div_ceil(64) as usize],
+        counts: vec![0; clusters as usize],
         clusters,
         cluster_size: cs,
     };
@@ -99,8 +113,9 @@ pub fn repair_leaks_in(file: &dyn Storage, path: &Path) -> Result<Option<u64>> {
             continue;
         }
         for c in i * per_block..(i + 1) * per_block {
-            if !used.is_used(c) && refs.get(file, path, c, file_end)? > 0 {
-                refs.set(file, path, c, 0, &mut file_end)?;
+            let Some(want) = used.count(c) else { continue };
+            if refs.get(file, path, c, file_end)? > want {
+                refs.set(file, path, c, want, &mut file_end)?;
                 freed += 1;
             }
         }
@@ -109,7 +124,71 @@ pub fn repair_leaks_in(file: &dyn Storage, path: &Path) -> Result<Option<u64>> {
         refs.write_out(file, path)?;
         sync_data(file, path)?;
     }
+    freed += fix_copied(file, path, &h, &g, &mut refs, &mut file_end)?;
     Ok(Some(freed))
+}
+
+/// Sets COPIED on the current state's L1 and L2 entries exactly where the
+/// cluster's refcount is 1 (a snapshot deletion killed between dropping
+/// refcounts and restoring COPIED leaves it clear); returns how many
+/// entries changed. Compressed entries never carry COPIED.
+fn fix_copied(
+    file: &dyn Storage,
+    path: &Path,
+    h: &Header,
+    g: &Geometry,
+    refs: &mut Refcounts,
+    file_end: &mut u64,
+) -> Result<u64> {
+    let cs = g.cluster_size;
+    let mut fixed = 0;
+    let mut l1 = vec![0u8; h.l1_size as usize * 8];
+    read_exact_at(file, path, &mut l1, h.l1_table_offset, "L1 table")?;
+    let mut l2 = vec![0u8; cs as usize];
+    for (i, e) in super::header::decode_u64s(&l1).into_iter().enumerate() {
+        let off = e & L1E_OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        let want = refs.get(file, path, off / cs, *file_end)? == 1;
+        if want != (e & OFLAG_COPIED != 0) {
+            let w = if want {
+                e | OFLAG_COPIED
+            } else {
+                e & !OFLAG_COPIED
+            };
+            let at = h.l1_table_offset + i as u64 * 8;
+            write_all_at(file, path, &w.to_be_bytes(), at)?;
+            fixed += 1;
+        }
+        read_exact_at(file, path, &mut l2, off, "L2 table")?;
+        let mut changed = false;
+        for j in (0..cs as usize / 8).step_by(g.words_per_entry as usize) {
+            let w = u64::from_be_bytes(l2[j * 8..j * 8 + 8].try_into().expect("8 bytes"));
+            let host = w & L2E_OFFSET_MASK;
+            if w & OFLAG_COMPRESSED != 0 || host == 0 {
+                continue;
+            }
+            let want = refs.get(file, path, host / cs, *file_end)? == 1;
+            if want != (w & OFLAG_COPIED != 0) {
+                let w = if want {
+                    w | OFLAG_COPIED
+                } else {
+                    w & !OFLAG_COPIED
+                };
+                l2[j * 8..j * 8 + 8].copy_from_slice(&w.to_be_bytes());
+                changed = true;
+                fixed += 1;
+            }
+        }
+        if changed {
+            write_all_at(file, path, &l2, off)?;
+        }
+    }
+    if fixed > 0 {
+        sync_data(file, path)?;
+    }
+    Ok(fixed)
 }
 
 /// Marks the header, L1, L2 tables, data clusters, refcount table and
@@ -123,7 +202,6 @@ fn mark_references(
 ) -> Result<()> {
     let cs = g.cluster_size;
     used.mark(path, 0, 0, cs)?;
-    used.mark(path, 0, h.l1_table_offset, h.l1_size as u64 * 8)?;
     used.mark(
         path,
         48,
@@ -144,12 +222,51 @@ fn mark_references(
             used.mark(path, h.refcount_table_offset + i as u64 * 8, off, cs)?;
         }
     }
-    let mut l1 = vec![0u8; h.l1_size as usize * 8];
-    read_exact_at(file, path, &mut l1, h.l1_table_offset, "L1 table")?;
+    used.mark(path, 0, h.l1_table_offset, h.l1_size as u64 * 8)?;
+    mark_l1(file, path, g, used, h.l1_table_offset, h.l1_size as u64)?;
+    if h.nb_snapshots > 0 {
+        let len = used.clusters * cs;
+        let snaps = super::snapshot::read_snapshots(file, path, h, len)?;
+        if let Some(last) = snaps.last() {
+            let table_len = last.entry_at + last.entry_len - h.snapshots_offset;
+            used.mark(path, 64, h.snapshots_offset, table_len)?;
+        }
+        for sn in &snaps {
+            let bytes = sn.l1_size as u64 * 8;
+            if bytes > MAX_L1_BYTES {
+                return Err(ImageError::corrupt(
+                    path,
+                    sn.entry_at,
+                    format!("snapshot L1 table of {} entries", sn.l1_size),
+                ));
+            }
+            used.mark(path, sn.entry_at, sn.l1_offset, bytes)?;
+            mark_l1(file, path, g, used, sn.l1_offset, sn.l1_size as u64)?;
+        }
+    }
+    Ok(())
+}
+
+/// Counts the references of the L1 table at `l1_offset` (`l1_size`
+/// entries): its L2 tables and, through them, the data clusters.
+fn mark_l1(
+    file: &dyn Storage,
+    path: &Path,
+    g: &Geometry,
+    used: &mut Used,
+    l1_offset: u64,
+    l1_size: u64,
+) -> Result<()> {
+    let cs = g.cluster_size;
+    if l1_size * 8 > MAX_L1_BYTES {
+        return Err(ImageError::corrupt(path, l1_offset, "L1 table too large"));
+    }
+    let mut l1 = vec![0u8; l1_size as usize * 8];
+    read_exact_at(file, path, &mut l1, l1_offset, "L1 table")?;
     let mut l2 = vec![0u8; cs as usize];
     let xbits = g.compressed_offset_bits();
     for (i, e) in super::header::decode_u64s(&l1).into_iter().enumerate() {
-        let l1_at = h.l1_table_offset + i as u64 * 8;
+        let l1_at = l1_offset + i as u64 * 8;
         let off = e & L1E_OFFSET_MASK;
         if off == 0 {
             continue;

@@ -1,5 +1,5 @@
 //! The internal snapshot table: parsed so `info` can list it, a writer
-//! can refuse images whose clusters are shared with snapshots, and
+//! the leak repair can count the references of their L1 tables, and
 //! `at_snapshot` can open each snapshot read-only through its own L1 table.
 
 use super::header::Header;

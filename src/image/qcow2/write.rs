@@ -14,7 +14,8 @@
 //! then refcount increments, then L2 tables and the L1 table, and only then
 //! are the refcounts of clusters dropped from the tables decremented. A
 //! crash at any point leaves at worst leaked clusters, never an entry that
-//! points at unwritten data or a cluster in use with refcount 0.
+//! points at unwritten data or a cluster in use with refcount 0. Clusters
+//! and L2 tables shared with internal snapshots (no COPIED) are copied.
 
 use super::header::{self, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::hostwrite::HostWriter;
@@ -41,15 +42,7 @@ pub(super) fn check_writable(path: &Path, h: &Header) -> Result<()> {
             "image is marked dirty (lazy refcounts not written back after a crash); it can be read, but run `qemu-img check -r all` before writing",
         ));
     }
-    if h.nb_snapshots > 0 {
-        return Err(ImageError::unsupported(
-            path,
-            format!(
-                "image has {} internal snapshots whose clusters are shared; snaptree reads such images but writes only images without internal snapshots",
-                h.nb_snapshots
-            ),
-        ));
-    }
+    // Clusters shared with internal snapshots are copied on write.
     Ok(())
 }
 
@@ -401,7 +394,7 @@ impl Qcow2Layer {
     }
 
     /// Allocates `n` contiguous clusters at the end of the file.
-    fn alloc(&self, meta: &mut Meta, n: u64) -> Result<u64> {
+    pub(super) fn alloc(&self, meta: &mut Meta, n: u64) -> Result<u64> {
         let cs = self.geom.cluster_size;
         let Meta { refs, file_end, .. } = meta;
         let refs = self.refs_mut(refs, *file_end)?;
@@ -422,7 +415,7 @@ impl Qcow2Layer {
     }
 
     /// The refcounts, loaded from the image on first use (see `open`).
-    fn refs_mut<'m>(
+    pub(super) fn refs_mut<'m>(
         &self,
         refs: &'m mut Option<super::refcount::Refcounts>,
         file_end: u64,
@@ -442,9 +435,21 @@ impl Qcow2Layer {
     }
 
     /// The L2 table for L1 index `i`, allocating an empty one if needed.
+    /// One shared with an internal snapshot (no COPIED in L1) is copied to
+    /// a new cluster first; the old one's refcount drops at the next flush
+    /// (module docs). Its data clusters keep their refcounts.
     fn l2_for_write(&self, meta: &mut Meta, i: usize) -> Result<(u64, Arc<Vec<u64>>)> {
-        if let Some(t) = self.l2_table(meta, i)? {
-            return Ok(t);
+        if let Some((off, table)) = self.l2_table(meta, i)? {
+            if meta.l1[i] & OFLAG_COPIED != 0 {
+                return Ok((off, table));
+            }
+            let new = self.alloc(meta, 1)?;
+            let copy = Arc::new(table.to_vec());
+            meta.l2_dirty.insert(new, copy.clone());
+            meta.l1[i] = new | OFLAG_COPIED;
+            meta.l1_dirty.insert(i);
+            meta.pending_free.push((off, self.geom.cluster_size));
+            return Ok((new, copy));
         }
         let off = self.alloc(meta, 1)?;
         let table = Arc::new(vec![0u64; (self.geom.cluster_size / 8) as usize]);
