@@ -23,6 +23,7 @@ mod memory_files;
 mod modes;
 mod refuse;
 mod session;
+mod texts;
 
 pub use layout::reserved_names;
 pub use session::{mount, MountConfig, Mounted};
@@ -79,41 +80,6 @@ impl SnapFs {
             mounted_at: SystemTime::now(),
             notifier,
             guest: guest::GuestViews::new(),
-        }
-    }
-
-    /// The text of a dynamic file, rendered now.
-    fn text(&self, ino: Inode) -> Option<Vec<u8>> {
-        match ino {
-            Inode::Tree => Some(self.tree.render_tree().into_bytes()),
-            // The tree's lines with the merge engine's composed in.
-            Inode::Status => {
-                let between = self.merge.render_status() + &self.guest.status_lines(&self.tree);
-                Some(self.tree.render_status(&between).into_bytes())
-            }
-            Inode::Point(p, PointFile::Info) => self
-                .tree
-                .info_json(p, layout::disk_file, layout::MEMORY_FILE)
-                .map(String::into_bytes),
-            Inode::Volume(p, guest::INDEX_SLOT) => self
-                .guest
-                .get(&self.tree, p, false)
-                .map(|o| o.guest.index_json().into_bytes()),
-            _ => None,
-        }
-    }
-
-    /// Nearest visible ancestor of point `p`, for the `parent` symlink.
-    fn visible_parent(&self, p: u64) -> Option<String> {
-        let mut v = self.tree.view(p)?;
-        loop {
-            let name = v.parent.clone()?;
-            let next = self.tree.nodes_by_name(&name)?;
-            let nv = self.tree.view(next)?;
-            if !nv.hidden {
-                return Some(name);
-            }
-            v = nv;
         }
     }
 }

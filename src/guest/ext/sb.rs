@@ -203,29 +203,7 @@ impl Geometry {
         if ipg < block_size / inode_size {
             return Err(bad(0x28, format!("inodes per group {ipg} invalid")));
         }
-        let desc_size = if is64 { le16(b, 0xFE) as u64 } else { 32 };
-        if desc_size < 32
-            || desc_size > block_size
-            || !desc_size.is_power_of_two()
-            || (is64 && desc_size < 64)
-        {
-            return Err(bad(
-                0xFE,
-                format!("group descriptor size {desc_size} invalid"),
-            ));
-        }
-        let per_block = block_size / desc_size;
-        let gdt_blocks = group_count.div_ceil(per_block);
-        let meta_bg = le32(b, 0x60) & INCOMPAT_META_BG != 0;
-        let first_meta_bg = le32(b, 0x104) as u64;
-        // Descriptor blocks before the first meta group follow the
-        // superblock; they must lie inside the volume.
-        let in_first = if meta_bg { first_meta_bg } else { gdt_blocks };
-        if (meta_bg && first_meta_bg > gdt_blocks) || first_data_block + 1 + in_first > blocks_count
-        {
-            let what = format!("{gdt_blocks} group descriptor blocks do not fit the volume");
-            return Err(bad(0x104, what));
-        }
+        let desc_size = descriptors(vol, b, is64, block_size, group_count, blocks_count)?;
         Ok(Geometry {
             block_size,
             inode_size,
@@ -238,6 +216,44 @@ impl Geometry {
             desc_size,
         })
     }
+}
+
+/// The group descriptor size, checked, and that the descriptor blocks
+/// before the first meta group (following the superblock) lie inside the
+/// volume.
+fn descriptors(
+    vol: &str,
+    b: &[u8],
+    is64: bool,
+    block_size: u64,
+    group_count: u64,
+    blocks_count: u64,
+) -> GuestResult<u64> {
+    let bad = |off: usize, what: String| sb_corrupt(vol, off, &what);
+    let first_data_block = le32(b, 0x14) as u64;
+    let desc_size = if is64 { le16(b, 0xFE) as u64 } else { 32 };
+    if desc_size < 32
+        || desc_size > block_size
+        || !desc_size.is_power_of_two()
+        || (is64 && desc_size < 64)
+    {
+        return Err(bad(
+            0xFE,
+            format!("group descriptor size {desc_size} invalid"),
+        ));
+    }
+    let per_block = block_size / desc_size;
+    let gdt_blocks = group_count.div_ceil(per_block);
+    let meta_bg = le32(b, 0x60) & INCOMPAT_META_BG != 0;
+    let first_meta_bg = le32(b, 0x104) as u64;
+    // Descriptor blocks before the first meta group follow the
+    // superblock; they must lie inside the volume.
+    let in_first = if meta_bg { first_meta_bg } else { gdt_blocks };
+    if (meta_bg && first_meta_bg > gdt_blocks) || first_data_block + 1 + in_first > blocks_count {
+        let what = format!("{gdt_blocks} group descriptor blocks do not fit the volume");
+        return Err(bad(0x104, what));
+    }
+    Ok(desc_size)
 }
 
 impl Superblock {
