@@ -137,16 +137,20 @@ fn internal_deletes_survive_sigkill() {
 fn internal_delete_is_refused_while_another_writer_holds_the_image() {
     let Some(ws) = workspace() else { return };
     build(&ws, "");
+    // `sleep` keeps the image open (and locked) for as long as the test
+    // may need, without depending on a stdin pipe; its stderr is kept to
+    // say why if it does not take the lock.
+    let log = ws.scratch("qemu-io.log");
     let mut holder = Command::new("qemu-io")
-        .args(["-f", "qcow2", "vm.qcow2"])
+        .args(["-f", "qcow2", "-c", "sleep 120000", "vm.qcow2"])
         .current_dir(ws.img(""))
-        .stdin(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("qemu-io log"))
         .spawn()
         .expect("spawn qemu-io");
     // Held once qemu-img (without -U) cannot get its shared lock.
-    let held = wait_until(std::time::Duration::from_secs(20), || {
+    let held = wait_until(std::time::Duration::from_secs(60), || {
         !ws.qemu_img_unchecked(&["info", "vm.qcow2"])
             .status
             .success()
@@ -162,9 +166,14 @@ fn internal_delete_is_refused_while_another_writer_holds_the_image() {
             unmount_ok(m);
             (r, status, names)
         });
+    let exited = holder.try_wait().ok().flatten();
     let _ = holder.kill();
     let _ = holder.wait();
-    assert!(held, "qemu-io did not take its lock");
+    assert!(
+        held,
+        "qemu-io did not take its lock (exited: {exited:?}; stderr: {})",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     let Some((r, status, names)) = result else {
         return;
     };
