@@ -239,18 +239,7 @@ impl Tree {
         created: u64,
         io: DiskIo,
     ) -> Arc<PointDisk> {
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Arc::new(PointDisk {
-            id,
-            name,
-            disk,
-            created,
-            io: RwLock::new(io),
-            memory: RwLock::new(None),
-            internal: None,
-        })
+        self.point_with(name, disk, created, io, None)
     }
 
     /// A new internal-snapshot point (see [`InternalPoint`]), read-only.
@@ -261,6 +250,18 @@ impl Tree {
         io: DiskIo,
         internal: InternalPoint,
     ) -> Arc<PointDisk> {
+        let created = internal.date_sec as u64;
+        self.point_with(name, disk, created, io, Some(internal))
+    }
+
+    fn point_with(
+        &self,
+        name: String,
+        disk: Option<String>,
+        created: u64,
+        io: DiskIo,
+        internal: Option<InternalPoint>,
+    ) -> Arc<PointDisk> {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -268,10 +269,10 @@ impl Tree {
             id,
             name,
             disk,
-            created: internal.date_sec as u64,
+            created,
             io: RwLock::new(io),
             memory: RwLock::new(None),
-            internal: Some(internal),
+            internal,
         })
     }
 

@@ -82,9 +82,11 @@ pub(super) fn guest_attr(slot: u64, a: &Attr) -> FileAttr {
 
 impl SnapFs {
     /// The filesystem behind slot `slot`, and whether it can change.
-    pub(super) fn guest_fs(&self, slot: u64) -> Option<(Arc<dyn GuestFs>, bool)> {
+    /// `recheck`: first look whether a leaf's disk changed (lookup,
+    /// opendir; see `views`).
+    pub(super) fn guest_fs(&self, slot: u64, recheck: bool) -> Option<(Arc<dyn GuestFs>, bool)> {
         let (p, vol) = self.guest.slot_key(slot)?;
-        let o = self.guest.get(&self.tree, p, false)?;
+        let o = self.guest.get(&self.tree, p, recheck)?;
         let (i, _) = o.guest.volume(&vol)?;
         Some((o.guest.fs(i).ok()?, o.changes))
     }
@@ -94,21 +96,6 @@ impl SnapFs {
         let o = self.guest.get(&self.tree, p, false)?;
         let i = o.guest.root_volume()?;
         Some(format!("fs/{}", o.guest.volumes[i].volume.name))
-    }
-
-    /// The volume file `volumes/<vol>.raw` (or `index.json`) of point `p`:
-    /// its size.
-    pub(super) fn volume_size(&self, p: u64, i: u64) -> Option<u64> {
-        let o = self.guest.get(&self.tree, p, false)?;
-        if i == INDEX_SLOT {
-            return Some(o.guest.index_json().len() as u64);
-        }
-        o.guest
-            .volumes
-            .get(i as usize)?
-            .bytes
-            .as_ref()
-            .map(|b| b.size())
     }
 
     /// The bytes of volume `i` of point `p`, as the view has them now.
@@ -134,14 +121,17 @@ impl SnapFs {
         own
     }
 
+    /// `volumes/<vol>.raw` (volume `i`) or `volumes/index.json` of point
+    /// `p`: its size from the view, its mode from the disks it shows.
     pub(super) fn volume_attr(&self, p: u64, i: u64) -> Option<FileAttr> {
-        let size = self.volume_size(p, i)?;
+        let o = self.guest.get(&self.tree, p, false)?;
+        let (size, disks) = if i == INDEX_SLOT {
+            (o.guest.index_json().len() as u64, None)
+        } else {
+            let vol = o.guest.volumes.get(i as usize)?;
+            (vol.bytes.as_ref()?.size(), Some(vol.disks()))
+        };
         let v = self.tree.view(p).filter(|v| !v.hidden)?;
-        let disks: Option<Vec<usize>> = (i != INDEX_SLOT).then(|| {
-            let o = self.guest.get(&self.tree, p, false);
-            o.and_then(|o| o.guest.volumes.get(i as usize).map(|v| v.disks()))
-                .unwrap_or_default()
-        });
         let own = super::modes::info(self.disks_mode(p, disks.as_deref())?);
         Some(super::attrs::attr(
             Inode::Volume(p, i),

@@ -27,7 +27,7 @@ pub(in crate::fs) fn errno_of(e: &GuestError) -> Errno {
 
 impl SnapFs {
     fn slot_fs(&self, slot: u64) -> Result<(Arc<dyn GuestFs>, bool), Errno> {
-        self.guest_fs(slot).ok_or(Errno::ENOENT)
+        self.guest_fs(slot, false).ok_or(Errno::ENOENT)
     }
 
     pub(in crate::fs) fn guest_getattr(
@@ -47,20 +47,14 @@ impl SnapFs {
         name: &[u8],
     ) -> Result<(FileAttr, Duration), Errno> {
         // A leaf's view is rebuilt here when its disk was written.
-        if let Some((p, _)) = self.guest.slot_key(slot) {
-            self.guest.get(&self.tree, p, true);
-        }
-        let (fs, changes) = self.slot_fs(slot)?;
+        let (fs, changes) = self.guest_fs(slot, true).ok_or(Errno::ENOENT)?;
         let g = fs.lookup(dir, name).map_err(|e| errno_of(&e))?;
         let a = fs.getattr(g).map_err(|e| errno_of(&e))?;
         Ok((guest_attr(slot, &a), ttl(changes)))
     }
 
     pub(in crate::fs) fn guest_opendir(&self, slot: u64, g: u64) -> Result<Handle, Errno> {
-        if let Some((p, _)) = self.guest.slot_key(slot) {
-            self.guest.get(&self.tree, p, true);
-        }
-        let (fs, _) = self.slot_fs(slot)?;
+        let (fs, _) = self.guest_fs(slot, true).ok_or(Errno::ENOENT)?;
         let entries = fs.readdir(g).map_err(|e| errno_of(&e))?;
         let listing = entries
             .into_iter()

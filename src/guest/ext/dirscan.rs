@@ -60,7 +60,6 @@ impl ExtFs {
         let bs = self.sb.block_size;
         let nblocks = dir.size.div_ceil(bs);
         let mut lblk = 0;
-        let mut err = None;
         let (mut entries, mut names) = (0u64, 0u64);
         let vol = &self.disk.name;
         let mut f = |e: dir::Raw| -> GuestResult<bool> {
@@ -90,28 +89,7 @@ impl ExtFs {
                 {
                     continue;
                 }
-                let mut stop = false;
-                dir::parse_leaf(
-                    &self.disk.name,
-                    dir,
-                    self.csum(),
-                    &block,
-                    (p + k) * bs,
-                    |e| {
-                        match f(e) {
-                            Ok(s) => stop = s,
-                            Err(e) => {
-                                err = Some(e);
-                                stop = true;
-                            }
-                        }
-                        stop
-                    },
-                )?;
-                if let Some(e) = err.take() {
-                    return Err(e);
-                }
-                if stop {
+                if leaf_entries(vol, dir, self.csum(), &block, at, &mut f)? {
                     return Ok(());
                 }
             }
@@ -136,25 +114,36 @@ impl ExtFs {
             if region.is_empty() {
                 continue;
             }
-            let mut stop = false;
-            let mut err = None;
-            dir::parse_leaf(&self.disk.name, dir, false, region, off, |e| {
-                match f(e) {
-                    Ok(s) => stop = s,
-                    Err(e) => {
-                        err = Some(e);
-                        stop = true;
-                    }
-                }
-                stop
-            })?;
-            if let Some(e) = err {
-                return Err(e);
-            }
-            if stop {
+            if leaf_entries(&self.disk.name, dir, false, region, off, &mut f)? {
                 break;
             }
         }
         Ok(())
     }
+}
+
+/// `dir::parse_leaf` with a callback that may fail: the callback's first
+/// error ends the parse and is returned; `Ok(true)` when the callback
+/// asked to stop.
+fn leaf_entries(
+    vol: &str,
+    dir: &Inode,
+    csum: bool,
+    block: &[u8],
+    off: u64,
+    f: &mut impl FnMut(dir::Raw) -> GuestResult<bool>,
+) -> GuestResult<bool> {
+    let mut err = None;
+    let mut stop = false;
+    dir::parse_leaf(vol, dir, csum, block, off, |e| {
+        match f(e) {
+            Ok(s) => stop = s,
+            Err(e) => {
+                err = Some(e);
+                stop = true;
+            }
+        }
+        stop
+    })?;
+    err.map_or(Ok(stop), Err)
 }
