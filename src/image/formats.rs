@@ -65,6 +65,11 @@ pub trait Repair: Sync {
     /// How many units were freed; `None` when the file is not of this
     /// format or not in a state this repairs.
     fn repair(&self, path: &Path) -> Result<Option<u64>>;
+
+    /// Repairs an image a crash left marked dirty (its metadata says it
+    /// may be inconsistent) before anything writes it; the caller holds
+    /// its write lock. How many units changed; `None` when not dirty.
+    fn repair_dirty(&self, file: &dyn crate::storage::Storage, path: &Path) -> Result<Option<u64>>;
 }
 
 /// One format: how it is recognised and opened, and what it can do.

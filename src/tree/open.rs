@@ -272,7 +272,11 @@ pub(super) fn open_point_layer(
     problems: &mut Vec<String>,
 ) -> Result<(Arc<dyn Layer>, bool, bool), crate::error::ImageError> {
     if want_write {
-        match probe::open_layer(path, Some(format), true) {
+        let mut opened = probe::open_layer(path, Some(format), true);
+        if opened.is_err() && recover_dirty(path, format, name, problems) {
+            opened = probe::open_layer(path, Some(format), true);
+        }
+        match opened {
             Ok(l) => match l.lock(LockMode::Writer) {
                 Ok(()) => return Ok((l, true, true)),
                 Err(why) => problems.push(format!("{name}: read-only: {}: {why}", path.display())),
@@ -289,6 +293,40 @@ pub(super) fn open_point_layer(
         return Ok((layer, false, false));
     }
     Ok((layer, false, true))
+}
+
+/// Repairs an image a crash left marked dirty (refcounts in flux, as a
+/// killed snapshot deletion leaves them), holding its write lock, the way
+/// QEMU repairs one it opens for writing. True when it repaired, so the
+/// read-write open is worth another try; what happened is a `status` line.
+fn recover_dirty(path: &Path, format: Format, name: &str, problems: &mut Vec<String>) -> bool {
+    let Some(repair) = format.driver().repair() else {
+        return false;
+    };
+    let accept = crate::input::Accept::RegularOrBlock;
+    let Ok(file) = crate::input::open_input(path, true, accept) else {
+        return false;
+    };
+    // Another writer's lock: the read-only open that follows says so.
+    if crate::image::lock::acquire(&file, LockMode::Writer).is_err() {
+        return false;
+    }
+    let done = match repair.repair_dirty(&file, path) {
+        Ok(Some(n)) => {
+            problems.push(format!(
+                "{name}: {}: was marked dirty by an interrupted write; repaired ({n} refcounts and flags corrected)",
+                path.display()
+            ));
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            problems.push(format!("{name}: repair of the dirty image: {e}"));
+            false
+        }
+    };
+    crate::image::lock::release(&file);
+    done
 }
 
 /// Name of the lock file a read-write opener holds in the tree directory.

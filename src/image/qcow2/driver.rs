@@ -116,4 +116,8 @@ impl Repair for Qcow2Driver {
     fn repair(&self, path: &Path) -> Result<Option<u64>> {
         repair::repair_leaks(path)
     }
+
+    fn repair_dirty(&self, file: &dyn crate::storage::Storage, path: &Path) -> Result<Option<u64>> {
+        repair::repair_dirty_in(file, path)
+    }
 }

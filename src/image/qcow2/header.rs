@@ -35,6 +35,8 @@ pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 /// Byte offsets of the fields we rewrite in place.
 pub const OFF_REFCOUNT_TABLE_OFFSET: u64 = 48;
 pub const OFF_AUTOCLEAR: u64 = 88;
+/// Where the incompatible feature bits lie (v3).
+pub const OFF_INCOMPATIBLE: u64 = 72;
 /// nb_snapshots (4 bytes) then snapshots_offset (8): one 12-byte write.
 pub const OFF_NB_SNAPSHOTS: u64 = 60;
 

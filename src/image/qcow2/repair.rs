@@ -105,8 +105,112 @@ pub fn repair_leaks_in(file: &dyn Storage, path: &Path) -> Result<Option<u64>> {
     mark_references(file, path, &h, &g, &mut used)?;
 
     let mut refs = Refcounts::load(file, path, &h, len)?;
-    let mut freed = 0;
     let mut file_end = clusters * cs;
+    let mut freed = lower_refcounts(file, path, &used, &mut refs, &mut file_end)?;
+    if freed > 0 {
+        refs.write_out(file, path)?;
+        sync_data(file, path)?;
+    }
+    freed += fix_copied(file, path, &h, &g, &mut refs, &mut file_end)?;
+    Ok(Some(freed))
+}
+
+/// Repairs an image whose dirty bit (incompatible bit 0) is set, as QEMU
+/// does when it opens one for writing: every refcount becomes the number
+/// of references metadata makes (raised where too low, lowered where too
+/// high), COPIED is set exactly where the refcount is 1, and then the bit
+/// is cleared. Returns how many refcounts and flags changed, or `None`
+/// when the image is no qcow2 or not dirty. Our snapshot deletion sets the
+/// bit for the span where refcounts and COPIED flags are in flux.
+pub fn repair_dirty_in(file: &dyn Storage, path: &Path) -> Result<Option<u64>> {
+    let mut magic = [0u8; 4];
+    if read_exact_at(file, path, &mut magic, 0, "magic").is_err() || &magic != super::header::MAGIC
+    {
+        return Ok(None);
+    }
+    let h = Header::read(file, path)?;
+    if h.incompatible_features & INCOMPAT_DIRTY == 0 {
+        return Ok(None);
+    }
+    if h.has_bitmaps || h.incompatible_features & INCOMPAT_CORRUPT != 0 {
+        return Err(ImageError::unsupported(
+            path,
+            "image is marked dirty and holds persistent bitmaps or is marked corrupt; repair it with `qemu-img check -r all`",
+        ));
+    }
+    let g = Geometry::new(&h);
+    let cs = g.cluster_size;
+    let len = file_len(file, path)?;
+    let clusters = len.div_ceil(cs);
+    if clusters > MAX_CLUSTERS {
+        return Err(ImageError::unsupported(
+            path,
+            format!("image is marked dirty and has {clusters} clusters, more than snaptree repairs; use `qemu-img check -r all`"),
+        ));
+    }
+    let mut used = Used {
+        counts: vec![0; clusters as usize],
+        clusters,
+        cluster_size: cs,
+    };
+    mark_references(file, path, &h, &g, &mut used)?;
+    let mut refs = Refcounts::load(file, path, &h, len)?;
+    let mut file_end = clusters * cs;
+    let mut changed = lower_refcounts(file, path, &used, &mut refs, &mut file_end)?;
+    for c in 0..clusters {
+        let Some(want) = used.count(c) else { continue };
+        if want > refs.get(file, path, c, file_end)? {
+            refs.set(file, path, c, want, &mut file_end)?;
+            changed += 1;
+        }
+    }
+    if refs.table_moved {
+        // A grown table would need the header re-pointed and the old one
+        // freed; that is `qemu-img check -r all`'s work, not ours.
+        return Err(ImageError::unsupported(
+            path,
+            "repairing the dirty image would move its refcount table; use `qemu-img check -r all`",
+        ));
+    }
+    refs.write_out(file, path)?;
+    sync_data(file, path)?;
+    changed += fix_copied(file, path, &h, &g, &mut refs, &mut file_end)?;
+    set_dirty(file, path, &h, false)?;
+    Ok(Some(changed))
+}
+
+/// Sets or clears the dirty bit (v3 images; v2 have no feature fields)
+/// and syncs.
+pub(super) fn set_dirty(file: &dyn Storage, path: &Path, h: &Header, dirty: bool) -> Result<()> {
+    if h.version < 3 {
+        return Ok(());
+    }
+    let features = if dirty {
+        h.incompatible_features | INCOMPAT_DIRTY
+    } else {
+        h.incompatible_features & !INCOMPAT_DIRTY
+    };
+    write_all_at(
+        file,
+        path,
+        &features.to_be_bytes(),
+        super::header::OFF_INCOMPATIBLE,
+    )?;
+    sync_data(file, path)
+}
+
+/// Lowers every refcount above the references metadata makes (a refcount
+/// block may cover clusters past the end of the file: those references
+/// are zero); returns how many changed. Changes stay in `refs` until
+/// written out.
+fn lower_refcounts(
+    file: &dyn Storage,
+    path: &Path,
+    used: &Used,
+    refs: &mut Refcounts,
+    file_end: &mut u64,
+) -> Result<u64> {
+    let mut freed = 0;
     let per_block = refs.per_block();
     for i in 0..refs.table.len() as u64 {
         if refs.table[i as usize] == 0 {
@@ -114,18 +218,13 @@ pub fn repair_leaks_in(file: &dyn Storage, path: &Path) -> Result<Option<u64>> {
         }
         for c in i * per_block..(i + 1) * per_block {
             let Some(want) = used.count(c) else { continue };
-            if refs.get(file, path, c, file_end)? > want {
-                refs.set(file, path, c, want, &mut file_end)?;
+            if refs.get(file, path, c, *file_end)? > want {
+                refs.set(file, path, c, want, file_end)?;
                 freed += 1;
             }
         }
     }
-    if freed > 0 {
-        refs.write_out(file, path)?;
-        sync_data(file, path)?;
-    }
-    freed += fix_copied(file, path, &h, &g, &mut refs, &mut file_end)?;
-    Ok(Some(freed))
+    Ok(freed)
 }
 
 /// Sets COPIED on the current state's L1 and L2 entries exactly where the

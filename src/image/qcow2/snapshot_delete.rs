@@ -11,7 +11,15 @@
 //!    L2 table and data cluster it reaches drop by one, after the commit
 //!    (a crash before leaves them one too high: leaks);
 //! 4. entries of the current state whose cluster is now referenced only by
-//!    it get COPIED back, as QEMU does.
+//!    it get COPIED back, as QEMU does;
+//! 5. the clusters nothing references any more are punched out of the
+//!    file.
+//!
+//! Steps 1 to 4 run with the image's dirty bit set (v3 images): a crash
+//! among them leaves leaks, refcounts one too high or COPIED flags clear,
+//! and the bit makes the next writer repair all that before it writes
+//! (QEMU does on open; we do in `tree::open::open_point_layer`), so
+//! `qemu-img check` is clean after that recovery at every crash point.
 
 use super::header::{self, Header};
 use super::l2::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
@@ -38,6 +46,11 @@ impl Qcow2Layer {
             ImageError::invalid(path, format!("no internal snapshot with ID {id:?}"))
         })?;
         let frees = self.snapshot_clusters(&snaps[victim])?;
+        // From here until COPIED is right again the image says it is
+        // dirty, so that whoever opens it for writing after a crash (QEMU,
+        // or our `open_point_layer`) repairs it first: leaks from step 1
+        // or 3, COPIED flags from step 4.
+        super::repair::set_dirty(file, path, &h, true)?;
         // 1. The new table, in new clusters, durable with its refcounts.
         // The last entry's padding may lie past the end of the file.
         let len = fileio::file_len(file, path)?;
@@ -65,15 +78,54 @@ impl Qcow2Layer {
         write_all_at(file, path, &hb, header::OFF_NB_SNAPSHOTS)?;
         sync_data(file, path)?;
         // 3. Refcounts drop, after the commit.
+        let mut freed = frees;
         if let Some(last) = snaps.last() {
             let old_len = last.entry_at + last.entry_len - h.snapshots_offset;
-            meta.pending_free.push((h.snapshots_offset, old_len));
+            freed.push((h.snapshots_offset, old_len));
         }
-        meta.pending_free.extend(frees);
+        meta.pending_free.extend(freed.iter().copied());
         self.flush_locked(&mut meta)?;
         // 4. COPIED where the current state is now alone.
         self.restore_copied(&mut meta)?;
-        self.flush_locked(&mut meta)
+        self.flush_locked(&mut meta)?;
+        super::repair::set_dirty(file, path, &h, false)?;
+        // 5. The space nothing references any more goes back to the host
+        // filesystem, as QEMU's `pass-discard-snapshot` does.
+        self.discard_unreferenced(&mut meta, &freed)
+    }
+
+    /// Punches out the clusters of `ranges` whose refcount is 0 now. Best
+    /// effort: a filesystem that cannot punch holes keeps them allocated
+    /// (they are free in the image either way, and our allocator never
+    /// writes below the end of the file).
+    fn discard_unreferenced(&self, meta: &mut Meta, ranges: &[(u64, u64)]) -> Result<()> {
+        let cs = self.geom.cluster_size;
+        let mut clusters: Vec<u64> = ranges
+            .iter()
+            .filter(|(_, len)| *len > 0)
+            .flat_map(|&(off, len)| off / cs..=(off + len - 1) / cs)
+            .collect();
+        clusters.sort_unstable();
+        clusters.dedup();
+        let mut run: Option<(u64, u64)> = None;
+        for c in clusters {
+            if self.refcount(meta, c * cs)? != 0 {
+                continue;
+            }
+            run = match run {
+                Some((first, n)) if first + n == c => Some((first, n + 1)),
+                other => {
+                    if let Some((first, n)) = other {
+                        let _ = self.file.punch_hole(first * cs, n * cs);
+                    }
+                    Some((c, 1))
+                }
+            };
+        }
+        if let Some((first, n)) = run {
+            let _ = self.file.punch_hole(first * cs, n * cs);
+        }
+        Ok(())
     }
 
     /// The host ranges the snapshot references through its L1 table: the
