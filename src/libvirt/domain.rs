@@ -49,7 +49,7 @@ pub fn load(root: &Path, name: &str) -> Result<Domain, LibvirtError> {
     if !top.has_tag_name("domain") {
         return Err(malformed(&path, "the root element is not <domain>"));
     }
-    let disks = file_disks(&path, top)?;
+    let disks = file_disks(&path, top, Sources::Required)?;
     if disks.is_empty() {
         return Err(LibvirtError::NoDisks { path });
     }
@@ -60,9 +60,23 @@ pub fn load(root: &Path, name: &str) -> Result<Domain, LibvirtError> {
     })
 }
 
+/// How [`file_disks`] treats a source that is no regular file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Sources {
+    /// Refuse it: the domain's own disks must exist.
+    Required,
+    /// Leave the disk out: the `<domain>` a snapshot record embeds names
+    /// the files as they were, and some may be gone since (merged away).
+    MayBeGone,
+}
+
 /// The file disks of `domain` (a `<domain>` element of the file `path`).
 /// Also used for the `<domain>` a snapshot record embeds.
-pub fn file_disks(path: &Path, domain: roxmltree::Node) -> Result<Vec<Disk>, LibvirtError> {
+pub fn file_disks(
+    path: &Path,
+    domain: roxmltree::Node,
+    sources: Sources,
+) -> Result<Vec<Disk>, LibvirtError> {
     let Some(devices) = child(domain, "devices") else {
         return Ok(Vec::new());
     };
@@ -78,9 +92,14 @@ pub fn file_disks(path: &Path, domain: roxmltree::Node) -> Result<Vec<Disk>, Lib
         let target = child(d, "target")
             .and_then(|t| t.attribute("dev"))
             .ok_or_else(|| malformed(path, "a <disk> without <target dev=…>"))?;
+        let source = match regular_file(path, file) {
+            Ok(f) => f,
+            Err(_) if sources == Sources::MayBeGone => continue,
+            Err(e) => return Err(e),
+        };
         disks.push(Disk {
             target: target.to_string(),
-            source: regular_file(path, file)?,
+            source,
         });
     }
     Ok(disks)

@@ -127,7 +127,10 @@ pub fn load(root: &Path, name: &str, reserved: &[String]) -> Result<Loaded, Libv
         ));
     }
     let multi = dom.disks.len() > 1;
-    let points = snaps.values().map(|s| point(s, multi)).collect();
+    let mut points: Vec<RecordPoint> = snaps.values().map(|s| point(s, multi)).collect();
+    if multi {
+        points.push(current(&dom, &snaps));
+    }
     Ok(Loaded {
         dir,
         running: dom.running,
@@ -206,6 +209,11 @@ fn point(s: &Snapshot, multi: bool) -> RecordPoint {
         .filter(|d| d.mode == Mode::External)
         .filter_map(|d| Some((multi.then(|| d.name.clone()), d.overlay.clone()?)))
         .collect();
+    let states = s
+        .domain_disks
+        .iter()
+        .map(|d| (multi.then(|| d.target.clone()), d.source.clone()))
+        .collect();
     RecordPoint {
         name: s.name.clone(),
         parent: s.parent.clone(),
@@ -213,6 +221,29 @@ fn point(s: &Snapshot, multi: bool) -> RecordPoint {
         description: s.description.clone(),
         overlays,
         memory: s.memory_file.clone(),
+        images: Vec::new(),
+        states,
+    }
+}
+
+/// The current state of a multi-disk domain: its disks' leaves as one
+/// point, named after the domain (`<domain>@current` if a snapshot has
+/// that name), with one `<target>.raw` per disk.
+fn current(dom: &domain::Domain, snaps: &BTreeMap<String, Snapshot>) -> RecordPoint {
+    let name = if snaps.contains_key(&dom.name) {
+        format!("{}@current", dom.name)
+    } else {
+        dom.name.clone()
+    };
+    RecordPoint {
+        name,
+        description: Some("the domain's current state".into()),
+        images: dom
+            .disks
+            .iter()
+            .map(|d| (Some(d.target.clone()), d.source.clone()))
+            .collect(),
+        ..RecordPoint::default()
     }
 }
 

@@ -56,7 +56,8 @@ pub struct Snapshot {
     pub disks: Vec<SnapDisk>,
     /// The file disks of the embedded `<domain>` (the disks as they were
     /// when the snapshot was taken: for an external snapshot, the images
-    /// holding the snapshot's own state).
+    /// holding the snapshot's own state); those whose file is gone are
+    /// left out.
     pub domain_disks: Vec<Disk>,
 }
 
@@ -83,7 +84,7 @@ pub fn load(path: &Path) -> Result<Snapshot, LibvirtError> {
         _ => None,
     };
     let domain_disks = match child(top, "domain") {
-        Some(d) => domain::file_disks(path, d)?,
+        Some(d) => domain::file_disks(path, d, domain::Sources::MayBeGone)?,
         None => Vec::new(),
     };
     Ok(Snapshot {

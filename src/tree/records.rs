@@ -37,6 +37,14 @@ pub struct RecordPoint {
     pub overlays: Vec<(Option<String>, PathBuf)>,
     /// The RAM saved with it (canonical, checked by the keeper), if any.
     pub memory: Option<PathBuf>,
+    /// Images that are this point's own state, per disk (canonical): the
+    /// current state of a multi-disk VM, whose disks' leaves make one
+    /// point. Its parent is the point its images back onto.
+    pub images: Vec<(Option<String>, PathBuf)>,
+    /// What the keeper says each disk's state was when the snapshot was
+    /// taken (libvirt's embedded `<domain>`), per disk: checked against
+    /// the overlay's backing file, and a difference goes to `status`.
+    pub states: Vec<(Option<String>, PathBuf)>,
 }
 
 impl Records {
@@ -71,6 +79,7 @@ pub(super) fn apply(
     for r in &records.points {
         for (disk, overlay) in &r.overlays {
             let image = found.get(overlay).and_then(|f| f.backing.as_ref());
+            check_state(keeper, r, disk, overlay, image, problems);
             let rel = match image.map(|i| (i, i.strip_prefix(dir))) {
                 Some((i, Ok(rel))) if found.contains_key(i) => rel.to_string_lossy().into_owned(),
                 _ => {
@@ -107,6 +116,82 @@ pub(super) fn apply(
                     manifest.points.push(entry);
                 }
             }
+        }
+    }
+    // Own images last: their parent is whatever point, by now named, they
+    // back onto.
+    for r in &records.points {
+        for (disk, image) in &r.images {
+            let Some(rel) = image
+                .strip_prefix(dir)
+                .ok()
+                .filter(|_| found.contains_key(image))
+                .map(|r| r.to_string_lossy().into_owned())
+            else {
+                problems.push(format!(
+                    "{keeper} point {:?}: {} is no image of the tree; not shown by that name",
+                    r.name,
+                    image.display()
+                ));
+                continue;
+            };
+            let parent = found
+                .get(image)
+                .and_then(|f| f.backing.as_ref())
+                .and_then(|b| b.strip_prefix(dir).ok())
+                .and_then(|b| at.get(&*b.to_string_lossy()))
+                .map(|&i| manifest.points[i].name.clone());
+            match at.get(&rel) {
+                Some(&i) => {
+                    let old = &mut manifest.points[i];
+                    old.name = r.name.clone();
+                    old.parent = parent;
+                    old.disk = disk.clone();
+                }
+                None => {
+                    at.insert(rel.clone(), manifest.points.len());
+                    manifest.points.push(ManifestPoint {
+                        name: r.name.clone(),
+                        image: rel,
+                        parent,
+                        created: r.created,
+                        hidden: false,
+                        format: None,
+                        disk: disk.clone(),
+                        garbage: false,
+                        memory: None,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Reports an external snapshot whose overlay backs onto another file
+/// than the one the keeper's record says held the disk then (libvirt's
+/// embedded `<domain>`); the image is followed, as everywhere.
+fn check_state(
+    keeper: &str,
+    r: &RecordPoint,
+    disk: &Option<String>,
+    overlay: &Path,
+    image: Option<&PathBuf>,
+    problems: &mut Vec<String>,
+) {
+    let said = match disk {
+        Some(d) => r.states.iter().find(|(s, _)| s.as_deref() == Some(d)),
+        None if r.states.len() == 1 => r.states.first(),
+        None => None,
+    };
+    if let (Some((_, said)), Some(image)) = (said, image) {
+        if said != image {
+            problems.push(format!(
+                "disagreement: {keeper} snapshot {:?}: its overlay {} backs onto {}, but the record's <domain> names {}; following the image",
+                r.name,
+                overlay.display(),
+                image.display(),
+                said.display()
+            ));
         }
     }
 }

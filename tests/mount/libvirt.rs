@@ -259,3 +259,137 @@ fn libvirt_hostile_domain_xml_fails_the_mount_by_name() {
         assert!(err.contains(want), "{want:?} not in {err}");
     }
 }
+
+/// A process holding an image open for writing, as the running domain's
+/// QEMU does; killed (by pid) when dropped.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn hold(ws: &Workspace, image: &str) -> Holder {
+        Holder(
+            Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", "sleep 120000", image])
+                .current_dir(ws.img(""))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn qemu-io"),
+        )
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `<disk>` of a domain XML.
+fn domain_disk(source: &Path, dev: &str) -> String {
+    format!(
+        "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      <source file='{}'/>\n      <target dev='{dev}' bus='virtio'/>\n    </disk>\n",
+        source.display()
+    )
+}
+
+/// A `<domain>` named vm2 with these disks.
+fn domain_vm2(disks: &[(&Path, &str)]) -> String {
+    let disks: String = disks.iter().map(|(s, d)| domain_disk(s, d)).collect();
+    format!("<domain type='kvm' id='1'>\n  <name>vm2</name>\n  <memory unit='KiB'>4096</memory>\n  <devices>\n{disks}  </devices>\n</domain>\n")
+}
+
+/// A running two-disk domain (`/run/libvirt/qemu/vm2.xml`, a `<domstatus>`)
+/// with an external disk-and-memory snapshot of both disks: the snapshot
+/// is one point with `vda.raw` and `vdb.raw`, so is the current state
+/// (named after the domain), the leaves QEMU holds are mounted read-only,
+/// and a record whose embedded `<domain>` names another file than the
+/// overlay backs onto is reported.
+#[test]
+fn libvirt_running_two_disk_domain() {
+    let Some(ws) = workspace() else {
+        return;
+    };
+    let root = ws.scratch("root");
+    let run = root.join("run/libvirt/qemu");
+    let snap = root.join("var/lib/libvirt/qemu/snapshot/vm2");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    let mut want = BTreeMap::new();
+    for (dev, base, top) in [("vda", 0x11u8, 0x22u8), ("vdb", 0x55, 0x66)] {
+        let b = format!("vm2-{dev}.qcow2");
+        ws.create_qcow2(&b, SIZE, None, "");
+        ws.qemu_io(&b, "qcow2", &[&format!("write -P {base} 0 1M")]);
+        let o = format!("vm2-{dev}.s1");
+        let bp = ws.img(&b);
+        ws.create_qcow2(&o, SIZE, Some((bp.to_str().unwrap(), "qcow2")), "");
+        ws.qemu_io(&o, "qcow2", &[&format!("write -P {top} 1M 1M")]);
+        let mut then = vec![0u8; SIZE as usize];
+        then[..MIB as usize].fill(base);
+        let mut now = then.clone();
+        now[MIB as usize..2 * MIB as usize].fill(top);
+        want.insert(dev, (then, now));
+    }
+    let (vda, vdb) = (ws.img("vm2-vda.s1"), ws.img("vm2-vdb.s1"));
+    let live = domain_vm2(&[(&vda, "vda"), (&vdb, "vdb")]);
+    let status_xml = format!("<domstatus state='running' reason='booted' pid='4242'>\n  <monitor path='/var/lib/libvirt/qemu/domain-1-vm2/monitor.sock' type='unix'/>\n{live}</domstatus>\n");
+    std::fs::write(run.join("vm2.xml"), status_xml).unwrap();
+    let mem = root.join("s1.mem");
+    let ram = pattern(9, MIB as usize);
+    std::fs::write(&mem, &ram).unwrap();
+    // The embedded <domain> names vda's base for vdb too: a record that
+    // disagrees with the images.
+    let then = domain_vm2(&[
+        (&ws.img("vm2-vda.qcow2"), "vda"),
+        (&ws.img("vm2-vda.qcow2"), "vdb"),
+    ]);
+    let disks = format!(
+        "{}\n    {}",
+        external_disk(&vda),
+        external_disk(&vdb).replace("name='vda'", "name='vdb'")
+    );
+    let mem_xml = format!("<memory snapshot='external' file='{}'/>", mem.display());
+    let s1 = record("s1", None, "both disks", &disks, &mem_xml)
+        .replace("</domainsnapshot>", &format!("{then}</domainsnapshot>"));
+    std::fs::write(snap.join("s1.xml"), s1).unwrap();
+    let _holders = [
+        Holder::hold(&ws, "vm2-vda.s1"),
+        Holder::hold(&ws, "vm2-vdb.s1"),
+    ];
+    let held = wait_until(std::time::Duration::from_secs(60), || {
+        ["vm2-vda.s1", "vm2-vdb.s1"]
+            .iter()
+            .all(|i| !ws.qemu_img_unchecked(&["info", i]).status.success())
+    });
+    assert!(held, "qemu-io did not take the image locks");
+    let r = root.to_string_lossy().into_owned();
+    let args = ["--domain", "vm2", "--libvirt-root", &r, "-o", "gc_idle=off"];
+    let Some(m) = ws.mount_source(Path::new("vm2"), &args) else {
+        return;
+    };
+    let mnt = m.mnt.clone();
+    assert_eq!(visible(&mnt), super::names(&["s1", "vm2"]));
+    assert_eq!(parent_link(&mnt, "vm2").as_deref(), Some("../s1"));
+    for (dev, (then, now)) in &want {
+        assert_bytes_eq(dev, &read_disk(&mnt.join(format!("s1/{dev}.raw"))), then);
+        assert_bytes_eq(dev, &read_disk(&mnt.join(format!("vm2/{dev}.raw"))), now);
+        let w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mnt.join(format!("vm2/{dev}.raw")));
+        assert!(w.is_err(), "{dev}: QEMU's leaf opened for writing");
+    }
+    assert_bytes_eq(
+        "s1/memory.raw",
+        &read_disk(&mnt.join("s1/memory.raw")),
+        &ram,
+    );
+    let status = status_text(&mnt);
+    for line in [
+        "domain \"vm2\" is running",
+        "disagreement: libvirt snapshot \"s1\": its overlay",
+    ] {
+        assert!(status.contains(line), "status lacks {line:?}:\n{status}");
+    }
+    unmount_ok(m);
+}
