@@ -350,7 +350,7 @@ fn several_disks_put_the_disk_name_first() {
 }
 
 #[test]
-fn probe_matches_blkid_for_btrfs_ntfs_luks_and_iso9660() {
+fn probe_matches_blkid_for_btrfs_ntfs_luks_exfat_and_iso9660() {
     if !have(&["blkid"]) {
         return;
     }
@@ -384,6 +384,12 @@ fn probe_matches_blkid_for_btrfs_ntfs_luks_and_iso9660() {
             "cryptsetup",
             32,
             format!("echo -n pw | cryptsetup luksFormat {luks} --type luks1 F -"),
+        ),
+        (
+            "exfat",
+            "mkfs.exfat",
+            16,
+            "mkfs.exfat F >/dev/null".to_string(),
         ),
         (
             "iso",

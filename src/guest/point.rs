@@ -18,6 +18,9 @@ pub struct PointVolume {
     pub probe: Probe,
     /// Why the volume cannot be browsed (`None`: it can, or may).
     pub not_browsable: Option<String>,
+    /// Its root directory's inode, found when probing (`None`: not
+    /// browsable, or a superblock that names none).
+    root: Option<u64>,
     fs: OnceLock<Result<Arc<dyn GuestFs>, Arc<GuestError>>>,
 }
 
@@ -32,15 +35,18 @@ pub struct PointGuest {
 }
 
 /// The filesystems snaptree reads, by the type probing reports: how to
-/// open one, and its root directory's inode (known without opening it, so
-/// listing `fs/` opens nothing).
-fn reader_for(fstype: &str) -> Option<(ReaderFn, u64)> {
+/// open one, and how to find its root directory's inode without opening
+/// it (a constant but for XFS, whose superblock names it), so listing
+/// `fs/` opens nothing.
+fn reader_for(fstype: &str) -> Option<(ReaderFn, RootFn)> {
     match fstype {
-        "ext2" | "ext3" | "ext4" => Some((ext::open, 2)),
-        "vfat" => Some((fat::open, 1)),
+        "ext2" | "ext3" | "ext4" => Some((ext::open, |_| Some(2))),
+        "vfat" => Some((fat::open, |_| Some(1))),
         _ => None,
     }
 }
+
+type RootFn = fn(&dyn ReadBytes) -> Option<u64>;
 
 /// Volumes looked at for the guest's root (`files`), in order: a guest's
 /// root is among its first few volumes, and each one looked at is opened.
@@ -68,12 +74,17 @@ impl PointGuest {
                     .then(|| Arc::new(VolumeBytes::new(&volume, &all)) as Arc<dyn ReadBytes>);
                 let probe = bytes.as_deref().map(probe).unwrap_or_default();
                 let not_browsable = why_not_browsable(&volume, &probe);
+                let root = match (&bytes, probe.fstype.as_deref().and_then(reader_for)) {
+                    (Some(b), Some((_, root))) => root(&**b),
+                    _ => None,
+                };
                 PointVolume {
                     volume,
                     disk_name,
                     bytes,
                     probe,
                     not_browsable,
+                    root,
                     fs: OnceLock::new(),
                 }
             })
@@ -122,7 +133,7 @@ impl PointGuest {
         if !v.browsable() {
             return None;
         }
-        reader_for(v.probe.fstype.as_deref()?).map(|r| r.1)
+        v.root
     }
 
     /// What `status` says of this view, as counts only: `status` is open
@@ -144,11 +155,17 @@ impl PointGuest {
             })
             .sum();
         let problems = self.problems.len();
+        let unclean = self
+            .volumes
+            .iter()
+            .filter(|v| matches!(v.fs.get(), Some(Ok(fs)) if unclean(&fs.info().notes)))
+            .count();
         // Notes alone (a FAT's geometry, a journal replayed) are no reason
-        // to look; they ride along when something else is.
-        (failed + problems > 0).then(|| {
+        // to look; they ride along when something else is. A volume served
+        // without its log replayed is: its files are what a crash left.
+        (failed + problems + unclean > 0).then(|| {
             format!(
-                "{problems} scan problems, {failed} volumes that did not open, {notes} notes (see volumes/index.json)"
+                "{problems} scan problems, {failed} volumes that did not open, {unclean} volumes served unclean (log not replayed), {notes} notes (see volumes/index.json)"
             )
         })
     }
@@ -170,7 +187,8 @@ impl PointVolume {
         }
         let bytes = self.bytes.clone().ok_or(GuestError::NotFound)?;
         let fstype = self.probe.fstype.as_deref().unwrap_or_default();
-        let (open, root) = reader_for(fstype).ok_or(GuestError::NotFound)?;
+        let (open, _) = reader_for(fstype).ok_or(GuestError::NotFound)?;
+        let root = self.root.ok_or(GuestError::NotFound)?;
         let fs = open(&self.volume.name, bytes)?;
         // `fs/` numbered the volume's root before opening it.
         if fs.root() != root {
@@ -225,9 +243,22 @@ impl PointVolume {
             "uuid": self.probe.uuid,
             "browsable": why.is_none(),
             "why_not": why,
+            // Known once the filesystem was opened (`null` before).
+            "clean": self.fs.get().and_then(|f| f.as_ref().ok()).map(|_| !unclean(&notes)),
             "notes": notes,
         })
     }
+}
+
+/// Whether a filesystem's notes say it is served as a crash left it: an
+/// XFS log or NTFS `$LogFile` not replayed, an NTFS volume marked dirty.
+/// The readers start those notes with these words.
+fn unclean(notes: &[String]) -> bool {
+    notes.iter().any(|n| {
+        n.starts_with("dirty log")
+            || n.starts_with("log not replayed")
+            || n.starts_with("volume dirty")
+    })
 }
 
 fn why_not_browsable(v: &Volume, p: &Probe) -> Option<String> {
@@ -238,9 +269,12 @@ fn why_not_browsable(v: &Volume, p: &Probe) -> Option<String> {
         None => Some("no filesystem recognised".into()),
         Some(t) if reader_for(t).is_some() => None,
         Some("crypto_LUKS") => Some("LUKS-encrypted: snaptree does not decrypt".into()),
+        Some("BitLocker") => Some("BitLocker-encrypted: snaptree does not decrypt".into()),
         Some("swap") => Some("swap space holds no files".into()),
         Some("LVM2_member") => Some("LVM physical volume: see its logical volumes".into()),
-        Some(t) => Some(format!("snaptree does not read {t} filesystems yet")),
+        Some(t) => Some(format!(
+            "snaptree does not read {t} volumes (it reads ext2/3/4, FAT, NTFS and XFS)"
+        )),
     }
 }
 

@@ -9,7 +9,8 @@ use super::ReadBytes;
 /// The result of [`probe`]; all `None` when nothing is recognised.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Probe {
-    /// `ext4`, `vfat`, `xfs`, `swap`, `crypto_LUKS`, `LVM2_member` ...
+    /// `ext4`, `vfat`, `xfs`, `ntfs`, `swap`, `crypto_LUKS`, `BitLocker`,
+    /// `LVM2_member`, `btrfs`, `exfat`, `ReFS`, `zfs_member` ...
     pub fstype: Option<String>,
     pub label: Option<String>,
     pub uuid: Option<String>,
@@ -17,8 +18,9 @@ pub struct Probe {
 
 /// Recognises the filesystem (or container) at the start of `bytes`.
 pub fn probe(bytes: &dyn ReadBytes) -> Probe {
-    let probes: [fn(&dyn ReadBytes) -> Option<Probe>; 9] =
-        [luks, lvm2, xfs, ext, btrfs, swap, ntfs, vfat, iso9660];
+    let probes: [fn(&dyn ReadBytes) -> Option<Probe>; 13] = [
+        luks, bitlocker, lvm2, xfs, ext, btrfs, swap, ntfs, exfat, refs, vfat, iso9660, zfs,
+    ];
     probes.iter().find_map(|p| p(bytes)).unwrap_or_default()
 }
 
@@ -218,6 +220,54 @@ fn ntfs_label(bytes: &dyn ReadBytes, boot: &[u8]) -> Option<String> {
         pos += len;
     }
     None
+}
+
+/// BitLocker (Vista and later): the boot sector's OEM name is
+/// "-FVE-FS-" instead of "NTFS    "; the volume inside is encrypted.
+fn bitlocker(bytes: &dyn ReadBytes) -> Option<Probe> {
+    let b = read(bytes, 0, 512)?;
+    (&b[3..11] == b"-FVE-FS-")
+        .then(|| found("BitLocker", None, None))
+        .flatten()
+}
+
+/// exFAT: "EXFAT   " at 3, the volume serial at 100 (shown XXXX-XXXX as
+/// blkid does). The label lives in the root directory; not read here.
+fn exfat(bytes: &dyn ReadBytes) -> Option<Probe> {
+    let b = read(bytes, 0, 512)?;
+    if &b[3..11] != b"EXFAT   " {
+        return None;
+    }
+    let id = le32(&b, 100);
+    found(
+        "exfat",
+        None,
+        Some(format!("{:04X}-{:04X}", id >> 16, id & 0xffff)),
+    )
+}
+
+/// ReFS: "ReFS" and four NULs at 3, "FSRS" at 16.
+fn refs(bytes: &dyn ReadBytes) -> Option<Probe> {
+    let b = read(bytes, 0, 512)?;
+    (&b[3..11] == b"ReFS\0\0\0\0" && &b[16..20] == b"FSRS")
+        .then(|| found("ReFS", None, None))
+        .flatten()
+}
+
+/// A ZFS pool member: the uberblock magic 0x00bab10c (either byte order)
+/// at the start of one of the first uberblocks of label 0, whose
+/// uberblock ring starts 128 KiB into the label, 1 KiB per slot at the
+/// smallest ashift.
+fn zfs(bytes: &dyn ReadBytes) -> Option<Probe> {
+    let ring = read(bytes, 128 << 10, 32 << 10)?;
+    let magic = 0x00ba_b10cu64;
+    ring.chunks_exact(1024)
+        .any(|u| {
+            let m: [u8; 8] = u[..8].try_into().expect("8 bytes");
+            u64::from_le_bytes(m) == magic || u64::from_be_bytes(m) == magic
+        })
+        .then(|| found("zfs_member", None, None))
+        .flatten()
 }
 
 /// ISO 9660: "CD001" in the primary volume descriptor at 32 KiB; the label

@@ -254,19 +254,30 @@ fn user_xattrs(p: &Path) -> Vec<String> {
 /// Loop-mounts a copy of `volume` read-only (the kernel replays its
 /// journal in the copy) and returns the tree it shows.
 pub(crate) fn kernel_view(ws: &Workspace, volume: &Path, tag: &str) -> BTreeMap<PathBuf, String> {
+    kernel_view_with(ws, volume, tag, "loop")
+}
+
+/// [`kernel_view`] with other mount options (`loop,ro,norecovery`: what
+/// a crash-consistent XFS shows without log replay).
+pub(crate) fn kernel_view_with(
+    ws: &Workspace,
+    volume: &Path,
+    tag: &str,
+    opts: &str,
+) -> BTreeMap<PathBuf, String> {
     let copy = ws.scratch(&format!("judge-{tag}.img"));
     let mnt = ws.scratch(&format!("judge-{tag}"));
     std::fs::copy(volume, &copy).unwrap();
     std::fs::create_dir_all(&mnt).unwrap();
-    let _guard = LoopMount::new(&copy, &mnt, "loop");
+    let _guard = LoopMount::new(&copy, &mnt, opts);
     snapshot_tree(&mnt)
 }
 
 /// A kernel mount that is undone on drop, also when the test fails.
-struct LoopMount(PathBuf);
+pub(crate) struct LoopMount(PathBuf);
 
 impl LoopMount {
-    fn new(image: &Path, mnt: &Path, opts: &str) -> LoopMount {
+    pub(crate) fn new(image: &Path, mnt: &Path, opts: &str) -> LoopMount {
         sh(
             "loop mount",
             &format!("mount -o {opts} '{}' '{}'", image.display(), mnt.display()),
