@@ -17,6 +17,7 @@ pub mod crc;
 pub mod error;
 pub mod ext;
 pub mod fat;
+pub mod ntfs;
 pub mod fsapi;
 pub mod point;
 pub mod probe;
