@@ -22,7 +22,10 @@ impl ReadBytes for Flipped {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        if offset.checked_add(buf.len() as u64).is_none_or(|e| e > self.size()) {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.size())
+        {
             self.outside.store(true, Ordering::SeqCst);
         }
         self.base.read_exact_at(buf, offset)?;
@@ -79,7 +82,9 @@ fn walk(fs: &dyn GuestFs) {
 
 fn named(e: &GuestError) -> bool {
     match e {
-        GuestError::Corrupt { volume, .. } | GuestError::Io { volume, .. } | GuestError::Unsupported { volume, .. } => volume == "fuzz",
+        GuestError::Corrupt { volume, .. }
+        | GuestError::Io { volume, .. }
+        | GuestError::Unsupported { volume, .. } => volume == "fuzz",
         _ => true,
     }
 }
@@ -96,9 +101,15 @@ pub fn run(img: &Path, iters: usize) {
     };
     for i in 0..iters {
         let (a, b) = regions[(rnd() % regions.len() as u64) as usize];
-        let flips: Vec<(u64, u8)> = (0..1 + rnd() % 4).map(|_| (a + rnd() % (b - a), (rnd() % 255 + 1) as u8)).collect();
+        let flips: Vec<(u64, u8)> = (0..1 + rnd() % 4)
+            .map(|_| (a + rnd() % (b - a), (rnd() % 255 + 1) as u8))
+            .collect();
         let outside = Arc::new(AtomicBool::new(false));
-        let bytes = Arc::new(Flipped { base: base.clone(), flips: flips.clone(), outside: outside.clone() });
+        let bytes = Arc::new(Flipped {
+            base: base.clone(),
+            flips: flips.clone(),
+            outside: outside.clone(),
+        });
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             match ntfs::open("fuzz", bytes) {
@@ -110,8 +121,13 @@ pub fn run(img: &Path, iters: usize) {
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(()) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => panic!("round {i} hangs with flips {flips:?}"),
-            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("round {i} panicked with flips {flips:?}"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("round {i} panicked with flips {flips:?}")
+            }
         }
-        assert!(!outside.load(Ordering::SeqCst), "round {i} read outside the volume with flips {flips:?}");
+        assert!(
+            !outside.load(Ordering::SeqCst),
+            "round {i} read outside the volume with flips {flips:?}"
+        );
     }
 }

@@ -17,9 +17,15 @@ pub fn skip(why: &str) {
 
 /// Runs a command; Err with its output if it fails.
 pub fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
     if !out.status.success() {
-        return Err(format!("{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -27,7 +33,12 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
 /// The tools the NTFS tests need, or why not.
 pub fn tools() -> Result<(), String> {
     for t in ["mkntfs", "ntfs-3g", "setfattr", "fusermount"] {
-        if Command::new("sh").args(["-c", &format!("command -v {t}")]).output().map(|o| !o.status.success()).unwrap_or(true) {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
             return Err(format!("{t} not installed"));
         }
     }
@@ -50,7 +61,9 @@ impl Mount {
             args.extend(["-o", "ro"]);
         }
         run("ntfs-3g", &args)?;
-        Ok(Mount { dir: dir.to_path_buf() })
+        Ok(Mount {
+            dir: dir.to_path_buf(),
+        })
     }
 }
 
@@ -86,13 +99,27 @@ fn hash(b: &[u8]) -> u64 {
 
 fn user_xattrs(p: &Path) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    let Ok(list) = run("getfattr", &["--absolute-names", "-h", "-d", "-e", "hex", "-m", "^user\\.", p.to_str().unwrap()]) else {
+    let Ok(list) = run(
+        "getfattr",
+        &[
+            "--absolute-names",
+            "-h",
+            "-d",
+            "-e",
+            "hex",
+            "-m",
+            "^user\\.",
+            p.to_str().unwrap(),
+        ],
+    ) else {
         return out;
     };
     for l in list.lines().filter(|l| l.starts_with("user.")) {
         let (k, v) = l.split_once('=').unwrap();
         let v = v.trim_start_matches("0x");
-        let bytes: Vec<u8> = (0..v.len() / 2).map(|i| u8::from_str_radix(&v[2 * i..2 * i + 2], 16).unwrap()).collect();
+        let bytes: Vec<u8> = (0..v.len() / 2)
+            .map(|i| u8::from_str_radix(&v[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
         out.insert(k.to_string(), hash(&bytes));
     }
     out
@@ -111,7 +138,15 @@ pub fn walk_mount(root: &Path) -> Tree {
             let path = format!("{rel}/{name}");
             let m = std::fs::symlink_metadata(&p).unwrap();
             let ft = m.file_type();
-            let kind = if ft.is_dir() { "dir" } else if ft.is_symlink() { "symlink" } else if ft.is_file() { "file" } else { "special" };
+            let kind = if ft.is_dir() {
+                "dir"
+            } else if ft.is_symlink() {
+                "symlink"
+            } else if ft.is_file() {
+                "file"
+            } else {
+                "special"
+            };
             let target = ft.is_symlink().then(|| {
                 let t = std::fs::read_link(&p).unwrap();
                 let t = t.to_str().unwrap().to_string();
@@ -137,7 +172,11 @@ pub fn walk_mount(root: &Path) -> Tree {
                     mtime: (m.mtime(), m.mtime_nsec() as u32),
                     target,
                     content,
-                    xattrs: if ft.is_symlink() { BTreeMap::new() } else { user_xattrs(&p) },
+                    xattrs: if ft.is_symlink() {
+                        BTreeMap::new()
+                    } else {
+                        user_xattrs(&p)
+                    },
                 },
             );
             if ft.is_dir() {
@@ -165,12 +204,19 @@ pub fn walk_ours(fs: &dyn GuestFs) -> Tree {
                 FileKind::File => "file",
                 _ => "special",
             };
-            let target = (a.kind == FileKind::Symlink).then(|| String::from_utf8(fs.readlink(e.ino).unwrap()).unwrap());
+            let target = (a.kind == FileKind::Symlink)
+                .then(|| String::from_utf8(fs.readlink(e.ino).unwrap()).unwrap());
             let content = (a.kind == FileKind::File).then(|| {
                 let mut b = vec![0u8; a.size as usize];
                 let mut done = 0;
                 while done < b.len() {
-                    let n = fs.read(e.ino, done as u64, &mut b[done..(done + 131072).min(a.size as usize)]).unwrap();
+                    let n = fs
+                        .read(
+                            e.ino,
+                            done as u64,
+                            &mut b[done..(done + 131072).min(a.size as usize)],
+                        )
+                        .unwrap();
                     assert!(n > 0, "short read of {path}");
                     done += n;
                 }
@@ -178,14 +224,27 @@ pub fn walk_ours(fs: &dyn GuestFs) -> Tree {
             });
             let mut xattrs = BTreeMap::new();
             if a.kind != FileKind::Symlink {
-                for x in fs.listxattr(e.ino).unwrap().into_iter().filter(|x| x.starts_with(b"user.")) {
+                for x in fs
+                    .listxattr(e.ino)
+                    .unwrap()
+                    .into_iter()
+                    .filter(|x| x.starts_with(b"user."))
+                {
                     let v = fs.getxattr(e.ino, &x).unwrap();
                     xattrs.insert(String::from_utf8(x).unwrap(), hash(&v));
                 }
             }
             t.insert(
                 path.clone(),
-                Rec { ino: e.ino, kind, size: if a.kind == FileKind::Dir { 0 } else { a.size }, mtime: (a.mtime.secs, a.mtime.nsecs), target, content, xattrs },
+                Rec {
+                    ino: e.ino,
+                    kind,
+                    size: if a.kind == FileKind::Dir { 0 } else { a.size },
+                    mtime: (a.mtime.secs, a.mtime.nsecs),
+                    target,
+                    content,
+                    xattrs,
+                },
             );
             if a.kind == FileKind::Dir {
                 todo.push((e.ino, path));

@@ -17,8 +17,6 @@ pub struct Boot {
     pub mft_lcn: u64,
     /// Bytes per MFT record (a power of two, 256 B .. 64 KiB).
     pub record_size: u32,
-    /// Bytes per index (INDX) block (a power of two, 256 B .. 64 KiB).
-    pub index_size: u32,
     /// The 64-bit volume serial number.
     pub serial: u64,
 }
@@ -37,7 +35,8 @@ fn per_record(v: u8, cluster: u64) -> Option<u64> {
 
 /// Parses the 512-byte boot sector of a volume of `size` bytes.
 pub fn parse(volume: &str, b: &[u8], size: u64) -> GuestResult<Boot> {
-    let bad = |off: u64, what: String| GuestError::corrupt(volume, off, format!("boot sector: {what}"));
+    let bad =
+        |off: u64, what: String| GuestError::corrupt(volume, off, format!("boot sector: {what}"));
     if b.len() < 512 || &b[3..11] != b"NTFS    " {
         return Err(bad(3, "no NTFS signature".into()));
     }
@@ -67,7 +66,10 @@ pub fn parse(volume: &str, b: &[u8], size: u64) -> GuestResult<Boot> {
     let clusters = (total_sectors / spc).min(size / cluster);
     let mft_lcn = u64::from_le_bytes(b[0x30..0x38].try_into().unwrap());
     if mft_lcn == 0 || mft_lcn >= clusters {
-        return Err(bad(0x30, format!("$MFT cluster {mft_lcn} outside the volume ({clusters} clusters)")));
+        return Err(bad(
+            0x30,
+            format!("$MFT cluster {mft_lcn} outside the volume ({clusters} clusters)"),
+        ));
     }
     let sizes = |at: usize, what: &str| -> GuestResult<u32> {
         match per_record(b[at], cluster) {
@@ -76,13 +78,14 @@ pub fn parse(volume: &str, b: &[u8], size: u64) -> GuestResult<Boot> {
         }
     };
     let record_size = sizes(0x40, "MFT record")?;
-    let index_size = sizes(0x44, "index block")?;
+    // Each directory's index root names its own block size; this one is
+    // only checked.
+    sizes(0x44, "index block")?;
     Ok(Boot {
         cluster,
         clusters,
         mft_lcn,
         record_size,
-        index_size,
         serial: u64::from_le_bytes(b[0x48..0x50].try_into().unwrap()),
     })
 }
@@ -106,7 +109,7 @@ mod tests {
     #[test]
     fn geometry() {
         let g = parse("v", &sector(), 1 << 29).unwrap();
-        assert_eq!((g.cluster, g.record_size, g.index_size), (4096, 1024, 4096));
+        assert_eq!((g.cluster, g.record_size), (4096, 1024));
         assert_eq!(g.clusters, (1 << 20) / 8);
     }
 

@@ -29,7 +29,13 @@ pub fn read(vol: &Vol, s: &Stream, offset: u64, buf: &mut [u8]) -> GuestResult<u
     let buf = &mut buf[..len];
     match &s.data {
         Data::Resident(v) => buf.copy_from_slice(&v[offset as usize..offset as usize + len]),
-        Data::NonResident { map, initialized, cu, at, .. } => {
+        Data::NonResident {
+            map,
+            initialized,
+            cu,
+            at,
+            ..
+        } => {
             // Past the initialized size the value reads as zeros.
             let init = (*initialized).clamp(offset, offset + len as u64);
             let n = (init - offset) as usize;
@@ -51,7 +57,12 @@ fn plain(vol: &Vol, map: &Map, at: u64, offset: u64, buf: &mut [u8]) -> GuestRes
     while done < buf.len() {
         let pos = offset + done as u64;
         let vcn = pos / cs;
-        let run = map.find(vcn).ok_or_else(|| vol.corrupt(at, format!("attribute: no run maps VCN {vcn} below its size")))?;
+        let run = map.find(vcn).ok_or_else(|| {
+            vol.corrupt(
+                at,
+                format!("attribute: no run maps VCN {vcn} below its size"),
+            )
+        })?;
         let run_end = (run.vcn + run.len) * cs;
         let n = ((run_end - pos) as usize).min(buf.len() - done);
         let dst = &mut buf[done..done + n];
@@ -65,9 +76,18 @@ fn plain(vol: &Vol, map: &Map, at: u64, offset: u64, buf: &mut [u8]) -> GuestRes
 }
 
 /// Compressed runs, one compression unit at a time.
-fn compressed(vol: &Vol, map: &Map, at: u64, cu: u8, offset: u64, buf: &mut [u8]) -> GuestResult<()> {
+fn compressed(
+    vol: &Vol,
+    map: &Map,
+    at: u64,
+    cu: u8,
+    offset: u64,
+    buf: &mut [u8],
+) -> GuestResult<()> {
     let cs = vol.boot.cluster;
-    let unit = cs.checked_shl(u32::from(cu)).filter(|u| *u <= MAX_UNIT && cu <= 16);
+    let unit = cs
+        .checked_shl(u32::from(cu))
+        .filter(|u| *u <= MAX_UNIT && cu <= 16);
     let Some(unit) = unit else {
         return Err(vol.corrupt(at, format!("compression unit of 2^{cu} clusters")));
     };
@@ -90,7 +110,14 @@ fn compressed(vol: &Vol, map: &Map, at: u64, cu: u8, offset: u64, buf: &mut [u8]
 }
 
 /// Unit `u`'s bytes (`None`: all zeros), decoded into `scratch`.
-fn decode_unit<'a>(vol: &Vol, map: &Map, at: u64, u: u64, unit: u64, scratch: &'a mut Vec<u8>) -> GuestResult<Option<&'a [u8]>> {
+fn decode_unit<'a>(
+    vol: &Vol,
+    map: &Map,
+    at: u64,
+    u: u64,
+    unit: u64,
+    scratch: &'a mut Vec<u8>,
+) -> GuestResult<Option<&'a [u8]>> {
     let cs = vol.boot.cluster;
     let per = unit / cs;
     let first = u * per;
@@ -110,7 +137,10 @@ fn decode_unit<'a>(vol: &Vol, map: &Map, at: u64, u: u64, unit: u64, scratch: &'
             None => sparse = true,
             Some(lcn) => {
                 if sparse {
-                    return Err(vol.corrupt(at, format!("compression unit at VCN {first}: data after its sparse tail")));
+                    return Err(vol.corrupt(
+                        at,
+                        format!("compression unit at VCN {first}: data after its sparse tail"),
+                    ));
                 }
                 extents.push(((lcn + vcn - run.vcn) * cs, n * cs));
                 allocated += n;
@@ -141,7 +171,10 @@ fn decode_unit<'a>(vol: &Vol, map: &Map, at: u64, u: u64, unit: u64, scratch: &'
             Some(r)
         });
         let off = off.flatten().next().unwrap_or(extents[0].0);
-        vol.corrupt(off, format!("LZNT1 data of compression unit at VCN {first}: {what}"))
+        vol.corrupt(
+            off,
+            format!("LZNT1 data of compression unit at VCN {first}: {what}"),
+        )
     })?;
     Ok(Some(&scratch[..]))
 }

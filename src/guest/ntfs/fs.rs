@@ -52,14 +52,25 @@ impl Blocks for NtfsFs {
 impl NtfsFs {
     pub fn open(name: &str, bytes: Arc<dyn ReadBytes>) -> GuestResult<NtfsFs> {
         let mut b = [0u8; 512];
-        bytes.read_exact_at(&mut b, 0).map_err(|e| GuestError::io(name, 0, 512, e))?;
+        bytes
+            .read_exact_at(&mut b, 0)
+            .map_err(|e| GuestError::io(name, 0, 512, e))?;
         let boot = boot::parse(name, &b, bytes.size())?;
         let serial = boot.serial;
         let mut vol = Vol::new(name, bytes, boot);
         volume::locate_mft(&mut vol)?;
         let up = volume::upcase(&vol)?;
         let (label, notes) = volume::state(&vol)?;
-        let fs = NtfsFs { vol, up, label, notes, serial, nodes: lru(NODES), dirs: lru(DIRS), blocks: lru(BLOCKS) };
+        let fs = NtfsFs {
+            vol,
+            up,
+            label,
+            notes,
+            serial,
+            nodes: lru(NODES),
+            dirs: lru(DIRS),
+            blocks: lru(BLOCKS),
+        };
         fs.dir(ROOT)?;
         Ok(fs)
     }
@@ -108,7 +119,11 @@ impl NtfsFs {
             let n = self.node(mref_no(e.mref))?;
             return Ok(self.shape(&n)?.kind);
         }
-        Ok(if e.file_attrs & meta::FILE_ATTR_I30_INDEX_PRESENT != 0 { FileKind::Dir } else { FileKind::File })
+        Ok(if e.file_attrs & meta::FILE_ATTR_I30_INDEX_PRESENT != 0 {
+            FileKind::Dir
+        } else {
+            FileKind::File
+        })
     }
 
     /// Number of directories between the root and `n` (via the first
@@ -130,7 +145,9 @@ impl NtfsFs {
                 None => break,
             }
         }
-        Err(self.vol.corrupt(0, format!("record {}: no path to the root", n.no)))
+        Err(self
+            .vol
+            .corrupt(0, format!("record {}: no path to the root", n.no)))
     }
 
     /// An absolute Windows path as the names stored on this volume, if
@@ -176,9 +193,18 @@ impl NtfsFs {
     /// Bytes allocated to a stream on the volume.
     fn allocated(&self, n: &Node) -> u64 {
         let cs = self.vol.boot.cluster;
-        let s = if n.is_dir { n.stream(AT_INDEX_ALLOCATION, &i30()) } else { n.data() };
+        let s = if n.is_dir {
+            n.stream(AT_INDEX_ALLOCATION, &i30())
+        } else {
+            n.data()
+        };
         match s.map(|s| &s.data) {
-            Some(Data::NonResident { map, .. }) => map.runs.iter().filter(|r| r.lcn.is_some()).map(|r| r.len * cs).sum(),
+            Some(Data::NonResident { map, .. }) => map
+                .runs
+                .iter()
+                .filter(|r| r.lcn.is_some())
+                .map(|r| r.len * cs)
+                .sum(),
             Some(Data::Resident(v)) => (v.len() as u64).next_multiple_of(8),
             None => 0,
         }
@@ -197,7 +223,10 @@ impl NtfsFs {
         let mut out: Vec<(u64, u64)> = Vec::new();
         for r in map.runs.iter().filter(|r| r.lcn.is_some()) {
             let (a, b) = (r.vcn / unit * unit, (r.vcn + r.len).div_ceil(unit) * unit);
-            let (a, b) = (a.saturating_mul(cs).min(size), b.saturating_mul(cs).min(size));
+            let (a, b) = (
+                a.saturating_mul(cs).min(size),
+                b.saturating_mul(cs).min(size),
+            );
             match out.last_mut() {
                 Some(l) if l.1 >= a => l.1 = l.1.max(b),
                 _ if a < b => out.push((a, b)),
@@ -244,7 +273,11 @@ impl GuestFs for NtfsFs {
             uid: 0,
             gid: 0,
             size,
-            nlink: if sh.kind == FileKind::Dir { 1 } else { u32::from(n.link_count.max(1)) },
+            nlink: if sh.kind == FileKind::Dir {
+                1
+            } else {
+                u32::from(n.link_count.max(1))
+            },
             allocated: self.allocated(&n),
             atime: n.si.atime,
             mtime: n.si.mtime,
@@ -276,11 +309,17 @@ impl GuestFs for NtfsFs {
             if !index::shown(&e) {
                 continue;
             }
-            let Ok(name) = String::from_utf16(&e.name) else { continue };
+            let Ok(name) = String::from_utf16(&e.name) else {
+                continue;
+            };
             if name.contains(['/', '\0']) {
                 continue;
             }
-            out.push(DirEntry { name: name.into_bytes(), ino: mref_no(e.mref), kind: self.entry_kind(&e)? });
+            out.push(DirEntry {
+                name: name.into_bytes(),
+                ino: mref_no(e.mref),
+                kind: self.entry_kind(&e)?,
+            });
         }
         Ok(out)
     }
@@ -308,7 +347,10 @@ impl GuestFs for NtfsFs {
 
     fn listxattr(&self, ino: u64) -> GuestResult<Vec<Vec<u8>>> {
         let n = self.node(ino)?;
-        let mut out: Vec<Vec<u8>> = meta::stream_names(&n).into_iter().map(|(s, _)| [b"user.".as_slice(), &s].concat()).collect();
+        let mut out: Vec<Vec<u8>> = meta::stream_names(&n)
+            .into_iter()
+            .map(|(s, _)| [b"user.".as_slice(), &s].concat())
+            .collect();
         out.push(b"system.ntfs_attrib_be".to_vec());
         if meta::reparse(&n).is_some() {
             out.push(b"system.ntfs_reparse_data".to_vec());
@@ -322,13 +364,21 @@ impl GuestFs for NtfsFs {
             return Ok(meta::dos_attrs(&n).to_be_bytes().to_vec());
         }
         if name == b"system.ntfs_reparse_data" {
-            return meta::reparse(&n).map(|r| r.to_vec()).ok_or(GuestError::NotFound);
+            return meta::reparse(&n)
+                .map(|r| r.to_vec())
+                .ok_or(GuestError::NotFound);
         }
         let stream = name.strip_prefix(b"user.").ok_or(GuestError::NotFound)?;
-        let (_, i) = meta::stream_names(&n).into_iter().find(|(s, _)| s == stream).ok_or(GuestError::NotFound)?;
+        let (_, i) = meta::stream_names(&n)
+            .into_iter()
+            .find(|(s, _)| s == stream)
+            .ok_or(GuestError::NotFound)?;
         let s = &n.streams[i];
         if s.size() > 64 << 20 {
-            return Err(GuestError::unsupported(&self.vol.name, format!("stream of {} bytes as an xattr", s.size())));
+            return Err(GuestError::unsupported(
+                &self.vol.name,
+                format!("stream of {} bytes as an xattr", s.size()),
+            ));
         }
         let mut v = vec![0u8; s.size() as usize];
         let got = super::data::read(&self.vol, s, 0, &mut v)?;
@@ -338,7 +388,11 @@ impl GuestFs for NtfsFs {
 
     fn next_data(&self, ino: u64, offset: u64) -> GuestResult<Option<u64>> {
         let n = self.node(ino)?;
-        Ok(self.data_extents(&n).iter().find(|e| e.1 > offset).map(|e| e.0.max(offset)))
+        Ok(self
+            .data_extents(&n)
+            .iter()
+            .find(|e| e.1 > offset)
+            .map(|e| e.0.max(offset)))
     }
 
     fn next_hole(&self, ino: u64, offset: u64) -> GuestResult<u64> {
@@ -355,4 +409,3 @@ impl GuestFs for NtfsFs {
         Ok(offset.max(size).min(offset.max(size)))
     }
 }
-

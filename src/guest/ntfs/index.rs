@@ -45,7 +45,10 @@ pub fn entries(vol: &Vol, b: &[u8], hdr: usize, off: u64) -> GuestResult<Vec<Ent
     let first = hdr + le32(b, hdr) as usize;
     let end = hdr + le32(b, hdr + 4) as usize;
     if end > b.len() || first > end {
-        return Err(bad(hdr, format!("entries {first}..{end} outside {} bytes", b.len())));
+        return Err(bad(
+            hdr,
+            format!("entries {first}..{end} outside {} bytes", b.len()),
+        ));
     }
     let mut out = Vec::new();
     let mut at = first;
@@ -76,9 +79,20 @@ pub fn entries(vol: &Vol, b: &[u8], hdr: usize, off: u64) -> GuestResult<Vec<Ent
                 return Err(bad(at + 16, format!("file name key of {} bytes", k.len())));
             }
             let n = usize::from(k[0x40]);
-            ((0..n).map(|i| le16(k, 0x42 + 2 * i)).collect(), k[0x41], le32(k, 0x38))
+            (
+                (0..n).map(|i| le16(k, 0x42 + 2 * i)).collect(),
+                k[0x41],
+                le32(k, 0x38),
+            )
         };
-        out.push(Entry { mref: le64(b, at), name, namespace, file_attrs, child, last });
+        out.push(Entry {
+            mref: le64(b, at),
+            name,
+            namespace,
+            file_attrs,
+            child,
+            last,
+        });
         if last {
             return Ok(out);
         }
@@ -111,13 +125,23 @@ impl Dir {
             return Err(vol.corrupt(0, format!("record {}: non-resident $INDEX_ROOT", node.no)));
         };
         if r.len() < 0x20 || le32(r, 0) != AT_FILE_NAME {
-            return Err(vol.corrupt(0, format!("record {}: $INDEX_ROOT does not index file names", node.no)));
+            return Err(vol.corrupt(
+                0,
+                format!("record {}: $INDEX_ROOT does not index file names", node.no),
+            ));
         }
         let block_size = le32(r, 8);
         if !(256..=65536).contains(&block_size) || !block_size.is_power_of_two() {
-            return Err(vol.corrupt(0, format!("record {}: index block size {block_size}", node.no)));
+            return Err(vol.corrupt(
+                0,
+                format!("record {}: index block size {block_size}", node.no),
+            ));
         }
-        let vcn_shift = if u64::from(block_size) >= vol.boot.cluster { vol.boot.cluster.trailing_zeros() } else { 9 };
+        let vcn_shift = if u64::from(block_size) >= vol.boot.cluster {
+            vol.boot.cluster.trailing_zeros()
+        } else {
+            9
+        };
         Ok(Dir {
             no: node.no,
             root: entries(vol, r, 0x10, 0)?,
@@ -133,16 +157,27 @@ impl Dir {
             return Ok(e);
         }
         let bad = |what: String| vol.corrupt(0, format!("directory {}: {what}", self.no));
-        let alloc = self.alloc.as_ref().ok_or_else(|| bad(format!("child block {vcn} but no $INDEX_ALLOCATION")))?;
-        let pos = vcn.checked_shl(self.vcn_shift).filter(|p| p >> self.vcn_shift == vcn);
-        let pos = pos.filter(|p| p.checked_add(u64::from(self.block_size)).is_some_and(|e| e <= alloc.size()));
+        let alloc = self
+            .alloc
+            .as_ref()
+            .ok_or_else(|| bad(format!("child block {vcn} but no $INDEX_ALLOCATION")))?;
+        let pos = vcn
+            .checked_shl(self.vcn_shift)
+            .filter(|p| p >> self.vcn_shift == vcn);
+        let pos = pos.filter(|p| {
+            p.checked_add(u64::from(self.block_size))
+                .is_some_and(|e| e <= alloc.size())
+        });
         let pos = pos.ok_or_else(|| bad(format!("index block VCN {vcn} past the allocation")))?;
         let mut b = vec![0u8; self.block_size as usize];
         data::read(vol, alloc, pos, &mut b)?;
         let off = volume_offset(vol, alloc, pos);
         fixup(&vol.name, &mut b, off, b"INDX")?;
         if le64(&b, 0x10) != vcn {
-            return Err(vol.corrupt(off + 0x10, format!("index block at VCN {vcn} says VCN {}", le64(&b, 0x10))));
+            return Err(vol.corrupt(
+                off + 0x10,
+                format!("index block at VCN {vcn} says VCN {}", le64(&b, 0x10)),
+            ));
         }
         let e = Arc::new(entries(vol, &b, 0x18, off)?);
         cache.put(self.no, vcn, e.clone());
@@ -151,7 +186,13 @@ impl Dir {
 
     /// Every entry whose name equals `name` ignoring case (by `$UpCase`),
     /// found by descending the tree.
-    pub fn find(&self, vol: &Vol, cache: &dyn Blocks, up: &Upcase, name: &[u16]) -> GuestResult<Vec<Entry>> {
+    pub fn find(
+        &self,
+        vol: &Vol,
+        cache: &dyn Blocks,
+        up: &Upcase,
+        name: &[u16],
+    ) -> GuestResult<Vec<Entry>> {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
         self.find_in(vol, cache, up, name, &self.root, 0, &mut seen, &mut out)?;
@@ -159,9 +200,23 @@ impl Dir {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn find_in(&self, vol: &Vol, cache: &dyn Blocks, up: &Upcase, name: &[u16], node: &[Entry], depth: usize, seen: &mut HashSet<u64>, out: &mut Vec<Entry>) -> GuestResult<()> {
+    fn find_in(
+        &self,
+        vol: &Vol,
+        cache: &dyn Blocks,
+        up: &Upcase,
+        name: &[u16],
+        node: &[Entry],
+        depth: usize,
+        seen: &mut HashSet<u64>,
+        out: &mut Vec<Entry>,
+    ) -> GuestResult<()> {
         for e in node {
-            let ord = if e.last { Ordering::Less } else { up.cmp(name, &e.name) };
+            let ord = if e.last {
+                Ordering::Less
+            } else {
+                up.cmp(name, &e.name)
+            };
             if ord != Ordering::Greater {
                 if let Some(vcn) = e.child {
                     let b = self.descend(vol, cache, vcn, depth, seen)?;
@@ -178,9 +233,22 @@ impl Dir {
     }
 
     /// The block below an entry, checked against loops and depth.
-    fn descend(&self, vol: &Vol, cache: &dyn Blocks, vcn: u64, depth: usize, seen: &mut HashSet<u64>) -> GuestResult<Arc<Vec<Entry>>> {
+    fn descend(
+        &self,
+        vol: &Vol,
+        cache: &dyn Blocks,
+        vcn: u64,
+        depth: usize,
+        seen: &mut HashSet<u64>,
+    ) -> GuestResult<Arc<Vec<Entry>>> {
         if depth >= MAX_DEPTH || !seen.insert(vcn) {
-            return Err(vol.corrupt(0, format!("directory {}: index block {vcn} reached twice or too deep", self.no)));
+            return Err(vol.corrupt(
+                0,
+                format!(
+                    "directory {}: index block {vcn} reached twice or too deep",
+                    self.no
+                ),
+            ));
         }
         self.block(vol, cache, vcn)
     }
@@ -193,7 +261,15 @@ impl Dir {
         Ok(out)
     }
 
-    fn list_in(&self, vol: &Vol, cache: &dyn Blocks, node: &[Entry], depth: usize, seen: &mut HashSet<u64>, out: &mut Vec<Entry>) -> GuestResult<()> {
+    fn list_in(
+        &self,
+        vol: &Vol,
+        cache: &dyn Blocks,
+        node: &[Entry],
+        depth: usize,
+        seen: &mut HashSet<u64>,
+        out: &mut Vec<Entry>,
+    ) -> GuestResult<()> {
         for e in node {
             if let Some(vcn) = e.child {
                 let b = self.descend(vol, cache, vcn, depth, seen)?;
@@ -212,7 +288,9 @@ fn volume_offset(vol: &Vol, s: &Stream, pos: u64) -> u64 {
     match &s.data {
         super::node::Data::NonResident { map, .. } => {
             let cs = vol.boot.cluster;
-            map.find(pos / cs).and_then(|r| r.lcn.map(|l| (l + pos / cs - r.vcn) * cs + pos % cs)).unwrap_or(0)
+            map.find(pos / cs)
+                .and_then(|r| r.lcn.map(|l| (l + pos / cs - r.vcn) * cs + pos % cs))
+                .unwrap_or(0)
         }
         _ => 0,
     }

@@ -80,7 +80,10 @@ fn chunk(src: &[u8], dst: &mut [u8]) -> Result<usize, (usize, String)> {
             let back = (t >> len_bits) + 1;
             let len = (t & ((1 << len_bits) - 1)) + 3;
             if back > o || o + len > dst.len() {
-                return Err((i, format!("back reference {back} bytes back, {len} long, at output {o}")));
+                return Err((
+                    i,
+                    format!("back reference {back} bytes back, {len} long, at output {o}"),
+                ));
             }
             // Byte by byte: a reference may overlap what it writes.
             for k in 0..len {

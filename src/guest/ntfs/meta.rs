@@ -42,16 +42,23 @@ pub enum Target {
     Literal(Vec<u8>),
     /// A Windows absolute path (`C:\dir\file` or `\dir\file`), resolved
     /// on this volume when it exists there (see the module docs of ntfs).
-    Absolute { drive: Option<char>, path: Vec<String> },
+    Absolute {
+        drive: Option<char>,
+        path: Vec<String>,
+    },
 }
 
 /// The reparse tag and target, if `node` is a reparse point.
 pub fn reparse(node: &Node) -> Option<&[u8]> {
-    node.stream(AT_REPARSE_POINT, &[]).and_then(|s| s.resident())
+    node.stream(AT_REPARSE_POINT, &[])
+        .and_then(|s| s.resident())
 }
 
 fn utf16(b: &[u8]) -> String {
-    let u: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+    let u: Vec<u16> = b
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
     String::from_utf16_lossy(&u)
 }
 
@@ -63,7 +70,10 @@ pub fn reparse_target(r: &[u8]) -> Option<Target> {
     }
     let tag = u32::from_le_bytes(r[0..4].try_into().unwrap());
     let body = &r[8..];
-    let field = |i: usize| body.get(i..i + 2).map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])));
+    let field = |i: usize| {
+        body.get(i..i + 2)
+            .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])))
+    };
     let (buf_at, relative) = match tag {
         TAG_MOUNT_POINT => (8, false),
         TAG_SYMLINK => (12, body.get(8..12).map(|f| f[0] & 1 == 1)?),
@@ -92,20 +102,39 @@ pub fn reparse_target(r: &[u8]) -> Option<Target> {
         return Some(Target::Literal(name.replace('\\', "/").into_bytes()));
     };
     let (drive, path) = match rest.as_bytes() {
-        [d, b':', b'\\', ..] if d.is_ascii_alphabetic() => (Some(d.to_ascii_uppercase() as char), &rest[3..]),
+        [d, b':', b'\\', ..] if d.is_ascii_alphabetic() => {
+            (Some(d.to_ascii_uppercase() as char), &rest[3..])
+        }
         [b'\\', ..] if !full && tag == TAG_SYMLINK => (None, &rest[1..]),
         _ => return None,
     };
-    Some(Target::Absolute { drive, path: path.split('\\').filter(|c| !c.is_empty()).map(String::from).collect() })
+    Some(Target::Absolute {
+        drive,
+        path: path
+            .split('\\')
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .collect(),
+    })
 }
 
 /// The kind of `node` (see the module docs).
 pub fn shape(vol: &Vol, node: &Node) -> GuestResult<Shape> {
-    let plain = |kind| Ok(Shape { kind, target: None, rdev: 0 });
+    let plain = |kind| {
+        Ok(Shape {
+            kind,
+            target: None,
+            rdev: 0,
+        })
+    };
     let attrs = node.si.attrs;
     if attrs & FILE_ATTR_REPARSE_POINT != 0 {
         if let Some(t) = reparse(node).and_then(reparse_target) {
-            return Ok(Shape { kind: FileKind::Symlink, target: Some(t), rdev: 0 });
+            return Ok(Shape {
+                kind: FileKind::Symlink,
+                target: Some(t),
+                rdev: 0,
+            });
         }
     }
     if node.is_dir {
@@ -119,7 +148,11 @@ pub fn shape(vol: &Vol, node: &Node) -> GuestResult<Shape> {
     };
     let size = s.size();
     if attrs & FILE_ATTR_HIDDEN == 0 && size <= 1 {
-        return plain(if size == 0 { FileKind::Fifo } else { FileKind::Socket });
+        return plain(if size == 0 {
+            FileKind::Fifo
+        } else {
+            FileKind::Socket
+        });
     }
     if size <= 8 || size > INTX_MAX {
         return plain(FileKind::File);
@@ -130,10 +163,18 @@ pub fn shape(vol: &Vol, node: &Node) -> GuestResult<Shape> {
         let major = u64::from_le_bytes(b[8..16].try_into().unwrap());
         let minor = u64::from_le_bytes(b[16..24].try_into().unwrap());
         let rdev = ((major & 0xFFF) << 8) | (minor & 0xFF) | ((minor & !0xFF) << 12);
-        Ok(Shape { kind, target: None, rdev: rdev as u32 })
+        Ok(Shape {
+            kind,
+            target: None,
+            rdev: rdev as u32,
+        })
     };
     match &b[0..8] {
-        b"IntxLNK\x01" => Ok(Shape { kind: FileKind::Symlink, target: Some(Target::Literal(utf16(&b[8..]).into_bytes())), rdev: 0 }),
+        b"IntxLNK\x01" => Ok(Shape {
+            kind: FileKind::Symlink,
+            target: Some(Target::Literal(utf16(&b[8..]).into_bytes())),
+            rdev: 0,
+        }),
         b"IntxBLK\0" if size == 24 => dev(FileKind::BlockDevice),
         b"IntxCHR\0" if size == 24 => dev(FileKind::CharDevice),
         _ => plain(FileKind::File),
@@ -188,7 +229,13 @@ mod tests {
     #[test]
     fn junction_targets_parse() {
         let t = reparse_target(&mount_point("\\??\\c:\\Windows\\System32")).unwrap();
-        assert_eq!(t, Target::Absolute { drive: Some('C'), path: vec!["Windows".into(), "System32".into()] });
+        assert_eq!(
+            t,
+            Target::Absolute {
+                drive: Some('C'),
+                path: vec!["Windows".into(), "System32".into()]
+            }
+        );
         assert!(reparse_target(&mount_point("Windows")).is_none());
         let mut short = mount_point("\\??\\C:\\x");
         short.truncate(14);

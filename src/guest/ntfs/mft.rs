@@ -70,12 +70,18 @@ impl Vol {
         let vcn = byte / cs;
         let run = self.mft.find(vcn).ok_or(GuestError::NotFound)?;
         let Some(lcn) = run.lcn else {
-            return Err(self.corrupt(self.boot.mft_lcn * cs, format!("$MFT: record {no} lies in a sparse run")));
+            return Err(self.corrupt(
+                self.boot.mft_lcn * cs,
+                format!("$MFT: record {no} lies in a sparse run"),
+            ));
         };
         // A record spanning clusters must have them all in this run.
         let last_vcn = (byte + rs - 1) / cs;
         if last_vcn >= run.vcn + run.len {
-            return Err(GuestError::unsupported(&self.name, format!("MFT record {no} spans two $MFT runs")));
+            return Err(GuestError::unsupported(
+                &self.name,
+                format!("MFT record {no} spans two $MFT runs"),
+            ));
         }
         Ok((lcn + vcn - run.vcn) * cs + byte % cs)
     }

@@ -62,6 +62,7 @@
 
 mod boot;
 mod data;
+mod fs;
 mod index;
 mod lznt1;
 mod meta;
@@ -70,7 +71,6 @@ mod node;
 mod record;
 mod runlist;
 mod upcase;
-mod fs;
 mod volume;
 
 use crate::guest::{GuestFs, GuestResult, ReadBytes};
@@ -91,4 +91,3 @@ pub fn probe(bytes: &dyn ReadBytes) -> bool {
 pub fn open(volume: &str, bytes: Arc<dyn ReadBytes>) -> GuestResult<Arc<dyn GuestFs>> {
     Ok(Arc::new(NtfsFs::open(volume, bytes)?))
 }
-

@@ -118,17 +118,33 @@ pub fn load(vol: &Vol, no: u64) -> GuestResult<Node> {
                 continue;
             }
             if seen.len() >= MAX_EXTENSIONS {
-                return Err(vol.corrupt(list.offset, format!("attribute list of record {no} names over {MAX_EXTENSIONS} records")));
+                return Err(vol.corrupt(
+                    list.offset,
+                    format!("attribute list of record {no} names over {MAX_EXTENSIONS} records"),
+                ));
             }
             seen.push(rno);
             let ext = vol.record(rno).map_err(|e| match e {
-                GuestError::NotFound => vol.corrupt(list.offset, format!("attribute list names record {rno} past $MFT")),
+                GuestError::NotFound => vol.corrupt(
+                    list.offset,
+                    format!("attribute list names record {rno} past $MFT"),
+                ),
                 e => e,
             })?;
             if mref_no(ext.base) != no {
-                return Err(vol.corrupt(ext.offset + 0x20, format!("record {rno} in the attribute list of {no} belongs to {}", mref_no(ext.base))));
+                return Err(vol.corrupt(
+                    ext.offset + 0x20,
+                    format!(
+                        "record {rno} in the attribute list of {no} belongs to {}",
+                        mref_no(ext.base)
+                    ),
+                ));
             }
-            attrs.extend(ext.attributes(&vol.name)?.into_iter().filter(|a| a.ty != AT_ATTRIBUTE_LIST));
+            attrs.extend(
+                ext.attributes(&vol.name)?
+                    .into_iter()
+                    .filter(|a| a.ty != AT_ATTRIBUTE_LIST),
+            );
         }
     }
     let streams = join(vol, attrs)?;
@@ -144,7 +160,12 @@ pub fn load(vol: &Vol, no: u64) -> GuestResult<Node> {
             atime: ntfs_time(le64(v, 0x18)),
             attrs: le32(v, 0x20),
         })
-        .ok_or_else(|| vol.corrupt(base.offset, format!("MFT record {no}: no $STANDARD_INFORMATION")))?;
+        .ok_or_else(|| {
+            vol.corrupt(
+                base.offset,
+                format!("MFT record {no}: no $STANDARD_INFORMATION"),
+            )
+        })?;
     Ok(Node {
         no,
         seq: base.seq,
@@ -163,7 +184,8 @@ fn list_value(vol: &Vol, a: &Attribute) -> GuestResult<Vec<u8>> {
             if nr.size > MAX_ATTR_LIST || nr.lowest_vcn != 0 {
                 return Err(vol.corrupt(a.offset, format!("attribute list of {} bytes", nr.size)));
             }
-            let runs = runlist::decode(&vol.name, &nr.pairs, nr.pairs_offset, 0, vol.boot.clusters)?;
+            let runs =
+                runlist::decode(&vol.name, &nr.pairs, nr.pairs_offset, 0, vol.boot.clusters)?;
             let s = Stream {
                 ty: a.ty,
                 name: Vec::new(),
@@ -199,15 +221,26 @@ fn list_refs(vol: &Vol, raw: &[u8], at: u64) -> GuestResult<Vec<u64>> {
     Ok(out)
 }
 
+/// One non-resident extent: its header, attribute flags, volume offset.
+type Extent = (NonRes, u16, u64);
+
 /// Joins attributes into streams: resident ones as they are, non-resident
 /// extents of one (type, name) by lowest VCN.
 fn join(vol: &Vol, attrs: Vec<Attribute>) -> GuestResult<Vec<Stream>> {
     let mut out = Vec::new();
-    let mut extents: BTreeMap<(u32, Vec<u16>), Vec<(NonRes, u16, u64)>> = BTreeMap::new();
+    let mut extents: BTreeMap<(u32, Vec<u16>), Vec<Extent>> = BTreeMap::new();
     for a in attrs {
         match a.body {
-            Body::Resident(v) => out.push(Stream { ty: a.ty, name: a.name, flags: a.flags, data: Data::Resident(v) }),
-            Body::NonResident(nr) => extents.entry((a.ty, a.name)).or_default().push((nr, a.flags, a.offset)),
+            Body::Resident(v) => out.push(Stream {
+                ty: a.ty,
+                name: a.name,
+                flags: a.flags,
+                data: Data::Resident(v),
+            }),
+            Body::NonResident(nr) => extents
+                .entry((a.ty, a.name))
+                .or_default()
+                .push((nr, a.flags, a.offset)),
         }
     }
     for ((ty, name), mut ex) in extents {
@@ -216,19 +249,48 @@ fn join(vol: &Vol, attrs: Vec<Attribute>) -> GuestResult<Vec<Stream>> {
         if first.lowest_vcn != 0 {
             return Err(vol.corrupt(at, "non-resident attribute has no extent at VCN 0"));
         }
-        let (size, initialized, cu) = (first.size, first.initialized.min(first.size), first.compression_unit);
+        let (size, initialized, cu) = (
+            first.size,
+            first.initialized.min(first.size),
+            first.compression_unit,
+        );
         let mut pieces = Vec::new();
         for (nr, _, at) in &ex {
-            let runs = runlist::decode(&vol.name, &nr.pairs, nr.pairs_offset, nr.lowest_vcn, vol.boot.clusters)?;
+            let runs = runlist::decode(
+                &vol.name,
+                &nr.pairs,
+                nr.pairs_offset,
+                nr.lowest_vcn,
+                vol.boot.clusters,
+            )?;
             let end = runs.last().map_or(nr.lowest_vcn, |r| r.vcn + r.len);
-            if end != nr.highest_vcn.wrapping_add(1) && !(runs.is_empty() && nr.highest_vcn == u64::MAX) {
-                return Err(vol.corrupt(*at, format!("runlist ends at VCN {end}, header says {}", nr.highest_vcn.wrapping_add(1))));
+            if end != nr.highest_vcn.wrapping_add(1)
+                && !(runs.is_empty() && nr.highest_vcn == u64::MAX)
+            {
+                return Err(vol.corrupt(
+                    *at,
+                    format!(
+                        "runlist ends at VCN {end}, header says {}",
+                        nr.highest_vcn.wrapping_add(1)
+                    ),
+                ));
             }
             pieces.push(runs);
         }
         let map = Map::join(&vol.name, at, pieces)?;
         let cu = if flags & ATTR_COMPRESSED != 0 { cu } else { 0 };
-        out.push(Stream { ty, name, flags, data: Data::NonResident { map, size, initialized, cu, at } });
+        out.push(Stream {
+            ty,
+            name,
+            flags,
+            data: Data::NonResident {
+                map,
+                size,
+                initialized,
+                cu,
+                at,
+            },
+        });
     }
     Ok(out)
 }
@@ -239,8 +301,17 @@ mod tests {
 
     #[test]
     fn times_convert_from_1601() {
-        assert_eq!(ntfs_time(116_444_736_000_000_000), Timestamp { secs: 0, nsecs: 0 });
-        assert_eq!(ntfs_time(116_444_736_000_000_001), Timestamp { secs: 0, nsecs: 100 });
+        assert_eq!(
+            ntfs_time(116_444_736_000_000_000),
+            Timestamp { secs: 0, nsecs: 0 }
+        );
+        assert_eq!(
+            ntfs_time(116_444_736_000_000_001),
+            Timestamp {
+                secs: 0,
+                nsecs: 100
+            }
+        );
         assert_eq!(ntfs_time(0).secs, -11_644_473_600);
     }
 }

@@ -42,7 +42,9 @@ pub fn le64(b: &[u8], at: usize) -> u64 {
 /// not carry the sequence number) is corrupt.
 pub fn fixup(volume: &str, buf: &mut [u8], off: u64, magic: &[u8; 4]) -> GuestResult<()> {
     let name = String::from_utf8_lossy(magic).into_owned();
-    let bad = |at: usize, what: String| GuestError::corrupt(volume, off + at as u64, format!("{name} record: {what}"));
+    let bad = |at: usize, what: String| {
+        GuestError::corrupt(volume, off + at as u64, format!("{name} record: {what}"))
+    };
     if &buf[0..4] != magic {
         return Err(bad(0, format!("magic {:02x?}", &buf[0..4])));
     }
@@ -50,13 +52,22 @@ pub fn fixup(volume: &str, buf: &mut [u8], off: u64, magic: &[u8; 4]) -> GuestRe
     let count = usize::from(le16(buf, 6));
     let strides = buf.len() / 512;
     if count != strides + 1 || usa < 8 || usa % 2 != 0 || usa + 2 * count > 512 {
-        return Err(bad(4, format!("update sequence at {usa} with {count} entries for {} bytes", buf.len())));
+        return Err(bad(
+            4,
+            format!(
+                "update sequence at {usa} with {count} entries for {} bytes",
+                buf.len()
+            ),
+        ));
     }
     let usn = [buf[usa], buf[usa + 1]];
     for i in 0..strides {
         let end = (i + 1) * 512 - 2;
         if buf[end..end + 2] != usn {
-            return Err(bad(end, format!("torn write: stride {i} lacks the update sequence number")));
+            return Err(bad(
+                end,
+                format!("torn write: stride {i} lacks the update sequence number"),
+            ));
         }
         let src = usa + 2 + 2 * i;
         buf[end] = buf[src];
@@ -95,7 +106,6 @@ pub struct NonRes {
     pub pairs_offset: u64,
     /// log2 of the compression unit in clusters (0: none).
     pub compression_unit: u8,
-    pub allocated: u64,
     pub size: u64,
     pub initialized: u64,
 }
@@ -106,7 +116,6 @@ pub struct Attribute {
     pub ty: u32,
     pub name: Vec<u16>,
     pub flags: u16,
-    pub instance: u16,
     pub body: Body,
     /// Volume offset of the attribute header.
     pub offset: u64,
@@ -116,7 +125,9 @@ impl Record {
     /// Parses the record `no` read (raw) at volume offset `off`.
     pub fn parse(volume: &str, no: u64, mut data: Vec<u8>, off: u64) -> GuestResult<Record> {
         fixup(volume, &mut data, off, b"FILE")?;
-        let bad = |at: usize, what: String| GuestError::corrupt(volume, off + at as u64, format!("MFT record {no}: {what}"));
+        let bad = |at: usize, what: String| {
+            GuestError::corrupt(volume, off + at as u64, format!("MFT record {no}: {what}"))
+        };
         let used = le32(&data, 0x18) as usize;
         if used > data.len() || used < 0x30 {
             return Err(bad(0x18, format!("bytes in use {used}")));
@@ -137,7 +148,11 @@ impl Record {
     }
 
     fn bad(&self, volume: &str, at: usize, what: impl Into<String>) -> GuestError {
-        GuestError::corrupt(volume, self.offset + at as u64, format!("MFT record {}: {}", self.no, what.into()))
+        GuestError::corrupt(
+            volume,
+            self.offset + at as u64,
+            format!("MFT record {}: {}", self.no, what.into()),
+        )
     }
 
     /// The attributes, in record order.
@@ -148,7 +163,11 @@ impl Record {
         let mut out = Vec::new();
         loop {
             if at % 8 != 0 || at + 4 > used {
-                return Err(self.bad(volume, at, format!("attribute at {at} past the used size {used}")));
+                return Err(self.bad(
+                    volume,
+                    at,
+                    format!("attribute at {at} past the used size {used}"),
+                ));
             }
             let ty = le32(d, at);
             if ty == AT_END {
@@ -158,7 +177,7 @@ impl Record {
                 return Err(self.bad(volume, at, "attribute header past the used size"));
             }
             let len = le32(d, at + 4) as usize;
-            if len < 0x18 || len % 8 != 0 || at + len > used {
+            if len < 0x18 || !len.is_multiple_of(8) || at + len > used {
                 return Err(self.bad(volume, at + 4, format!("attribute length {len}")));
             }
             out.push(self.attribute(volume, &d[at..at + len], at)?);
@@ -178,7 +197,11 @@ impl Record {
             let vlen = le32(a, 0x10) as usize;
             let voff = usize::from(le16(a, 0x14));
             if voff.checked_add(vlen).is_none_or(|e| e > a.len()) {
-                return Err(self.bad(volume, at + 0x10, format!("resident value {voff}+{vlen} outside the attribute")));
+                return Err(self.bad(
+                    volume,
+                    at + 0x10,
+                    format!("resident value {voff}+{vlen} outside the attribute"),
+                ));
             }
             Body::Resident(a[voff..voff + vlen].to_vec())
         } else {
@@ -187,7 +210,11 @@ impl Record {
             }
             let pairs_at = usize::from(le16(a, 0x20));
             if pairs_at < 0x40 || pairs_at > a.len() {
-                return Err(self.bad(volume, at + 0x20, format!("mapping pairs offset {pairs_at}")));
+                return Err(self.bad(
+                    volume,
+                    at + 0x20,
+                    format!("mapping pairs offset {pairs_at}"),
+                ));
             }
             let nr = NonRes {
                 lowest_vcn: le64(a, 0x10),
@@ -195,14 +222,17 @@ impl Record {
                 pairs: a[pairs_at..].to_vec(),
                 pairs_offset: self.offset + (at + pairs_at) as u64,
                 compression_unit: a[0x22],
-                allocated: le64(a, 0x28),
                 size: le64(a, 0x30),
                 initialized: le64(a, 0x38),
             };
             // An empty attribute has highest VCN -1.
             let empty = nr.highest_vcn == u64::MAX && nr.lowest_vcn == 0;
             if !empty && (nr.highest_vcn >= 1 << 62 || nr.highest_vcn + 1 < nr.lowest_vcn) {
-                return Err(self.bad(volume, at + 0x10, format!("vcn range {}..={}", nr.lowest_vcn, nr.highest_vcn)));
+                return Err(self.bad(
+                    volume,
+                    at + 0x10,
+                    format!("vcn range {}..={}", nr.lowest_vcn, nr.highest_vcn),
+                ));
             }
             Body::NonResident(nr)
         };
@@ -210,7 +240,6 @@ impl Record {
             ty: le32(a, 0),
             name,
             flags: le16(a, 0x0c),
-            instance: le16(a, 0x0e),
             body,
             offset: self.offset + at as u64,
         })
@@ -234,7 +263,10 @@ mod tests {
         b[1022..1024].copy_from_slice(&[7, 7]);
         let mut ok = b.clone();
         fixup("v", &mut ok, 0, b"FILE").unwrap();
-        assert_eq!((&ok[510..512], &ok[1022..1024]), (&[1u8, 2][..], &[3u8, 4][..]));
+        assert_eq!(
+            (&ok[510..512], &ok[1022..1024]),
+            (&[1u8, 2][..], &[3u8, 4][..])
+        );
         b[1023] = 9;
         assert!(fixup("v", &mut b, 0, b"FILE").is_err());
     }

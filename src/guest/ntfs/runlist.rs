@@ -18,8 +18,16 @@ pub struct Run {
 
 /// Decodes the mapping pairs `p` of an extent starting at `lowest_vcn`,
 /// located at volume offset `at`; LCNs must lie below `clusters`.
-pub fn decode(volume: &str, p: &[u8], at: u64, lowest_vcn: u64, clusters: u64) -> GuestResult<Vec<Run>> {
-    let bad = |i: usize, what: String| GuestError::corrupt(volume, at + i as u64, format!("runlist: {what}"));
+pub fn decode(
+    volume: &str,
+    p: &[u8],
+    at: u64,
+    lowest_vcn: u64,
+    clusters: u64,
+) -> GuestResult<Vec<Run>> {
+    let bad = |i: usize, what: String| {
+        GuestError::corrupt(volume, at + i as u64, format!("runlist: {what}"))
+    };
     let mut runs = Vec::new();
     let mut i = 0;
     let mut vcn = lowest_vcn;
@@ -51,15 +59,26 @@ pub fn decode(volume: &str, p: &[u8], at: u64, lowest_vcn: u64, clusters: u64) -
                 _ => return Err(bad(i, format!("run of {len} clusters at LCN {lcn} outside the volume ({clusters} clusters)"))),
             }
         };
-        runs.push(Run { vcn, len, lcn: run_lcn });
-        vcn = vcn.checked_add(len).filter(|v| *v < 1 << 62).ok_or_else(|| bad(i, "VCN overflows".into()))?;
+        runs.push(Run {
+            vcn,
+            len,
+            lcn: run_lcn,
+        });
+        vcn = vcn
+            .checked_add(len)
+            .filter(|v| *v < 1 << 62)
+            .ok_or_else(|| bad(i, "VCN overflows".into()))?;
         i += 1 + nl + no;
     }
 }
 
 /// A little-endian two's complement integer of 1..=8 bytes.
 fn signed(b: &[u8]) -> i64 {
-    let mut v: i64 = if b.last().is_some_and(|&x| x & 0x80 != 0) { -1 } else { 0 };
+    let mut v: i64 = if b.last().is_some_and(|&x| x & 0x80 != 0) {
+        -1
+    } else {
+        0
+    };
     for &x in b.iter().rev() {
         v = (v << 8) | i64::from(x);
     }
@@ -81,7 +100,11 @@ impl Map {
             for r in piece {
                 let next = runs.last().map_or(0, |l| l.vcn + l.len);
                 if r.vcn != next {
-                    return Err(GuestError::corrupt(volume, at, format!("runlist: VCN {} follows VCN {next}", r.vcn)));
+                    return Err(GuestError::corrupt(
+                        volume,
+                        at,
+                        format!("runlist: VCN {} follows VCN {next}", r.vcn),
+                    ));
                 }
                 runs.push(r);
             }
@@ -113,9 +136,21 @@ mod tests {
         assert_eq!(
             r,
             vec![
-                Run { vcn: 0, len: 16, lcn: Some(256) },
-                Run { vcn: 16, len: 8, lcn: None },
-                Run { vcn: 24, len: 4, lcn: Some(240) },
+                Run {
+                    vcn: 0,
+                    len: 16,
+                    lcn: Some(256)
+                },
+                Run {
+                    vcn: 16,
+                    len: 8,
+                    lcn: None
+                },
+                Run {
+                    vcn: 24,
+                    len: 4,
+                    lcn: Some(240)
+                },
             ]
         );
         let m = Map::join("v", 0, vec![r]).unwrap();

@@ -14,7 +14,11 @@ impl Upcase {
     /// maps the units it lacks to themselves).
     pub fn new(raw: &[u8]) -> Upcase {
         Upcase {
-            table: raw.chunks_exact(2).take(65536).map(|c| u16::from_le_bytes([c[0], c[1]])).collect(),
+            table: raw
+                .chunks_exact(2)
+                .take(65536)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect(),
         }
     }
 
@@ -44,7 +48,11 @@ mod tests {
     fn collates_ignoring_case_then_length() {
         let mut raw = Vec::new();
         for c in 0..=0xFFFFu32 {
-            let u = if (0x61..=0x7A).contains(&c) { c - 32 } else { c };
+            let u = if (0x61..=0x7A).contains(&c) {
+                c - 32
+            } else {
+                c
+            };
             raw.extend_from_slice(&(u as u16).to_le_bytes());
         }
         let up = Upcase::new(&raw);

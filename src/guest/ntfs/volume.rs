@@ -45,7 +45,9 @@ pub fn locate_mft(vol: &mut Vol) -> GuestResult<()> {
 /// `$UpCase` (record 10).
 pub fn upcase(vol: &Vol) -> GuestResult<Upcase> {
     let n = node::load(vol, 10)?;
-    let s = n.data().ok_or_else(|| vol.corrupt(0, "$UpCase has no data"))?;
+    let s = n
+        .data()
+        .ok_or_else(|| vol.corrupt(0, "$UpCase has no data"))?;
     if s.size() != 131_072 {
         return Err(vol.corrupt(0, format!("$UpCase holds {} bytes, not 131072", s.size())));
     }
@@ -57,12 +59,21 @@ pub fn upcase(vol: &Vol) -> GuestResult<Upcase> {
 /// Label and notes from `$Volume` (record 3) and `$LogFile` (record 2).
 pub fn state(vol: &Vol) -> GuestResult<(Option<String>, Vec<String>)> {
     let n = node::load(vol, 3)?;
-    let label = n.stream(AT_VOLUME_NAME, &[]).and_then(|s| s.resident()).map(|v| {
-        let u: Vec<u16> = v.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-        String::from_utf16_lossy(&u)
-    });
+    let label = n
+        .stream(AT_VOLUME_NAME, &[])
+        .and_then(|s| s.resident())
+        .map(|v| {
+            let u: Vec<u16> = v
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            String::from_utf16_lossy(&u)
+        });
     let mut notes = Vec::new();
-    if let Some(v) = n.stream(AT_VOLUME_INFORMATION, &[]).and_then(|s| s.resident()) {
+    if let Some(v) = n
+        .stream(AT_VOLUME_INFORMATION, &[])
+        .and_then(|s| s.resident())
+    {
         if v.len() >= 12 {
             let flags = le16(v, 10);
             notes.push(format!("NTFS {}.{}", v[8], v[9]));
@@ -83,7 +94,9 @@ pub fn state(vol: &Vol) -> GuestResult<(Option<String>, Vec<String>)> {
 /// the log was reset, all 0xFF, as ntfsfix and mkntfs leave it).
 fn log_clean(vol: &Vol) -> GuestResult<bool> {
     let n = node::load(vol, 2)?;
-    let s = n.data().ok_or_else(|| vol.corrupt(0, "$LogFile has no data"))?;
+    let s = n
+        .data()
+        .ok_or_else(|| vol.corrupt(0, "$LogFile has no data"))?;
     let mut newest: Option<(u64, bool)> = None;
     let mut page = 4096u64;
     let mut at = 0u64;
