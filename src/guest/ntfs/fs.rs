@@ -147,7 +147,7 @@ impl NtfsFs {
         }
         Err(self
             .vol
-            .corrupt(0, format!("record {}: no path to the root", n.no)))
+            .corrupt(n.offset, format!("record {}: no path to the root", n.no)))
     }
 
     /// An absolute Windows path as the names stored on this volume, if
@@ -297,7 +297,7 @@ impl GuestFs for NtfsFs {
         let seq = (e.mref >> 48) as u16;
         let n = self.node(no)?;
         if seq != 0 && n.seq != seq {
-            return Err(self.vol.corrupt(0, format!("directory {dir}: entry {s:?} names record {no} sequence {seq}, the record has {}", n.seq)));
+            return Err(self.vol.corrupt(n.offset, format!("directory {dir}: entry {s:?} names record {no} sequence {seq}, the record has {}", n.seq)));
         }
         Ok(no)
     }

@@ -103,6 +103,8 @@ pub fn entries(vol: &Vol, b: &[u8], hdr: usize, off: u64) -> GuestResult<Vec<Ent
 /// A directory's index, ready to read.
 pub struct Dir {
     pub no: u64,
+    /// Volume offset of the `$INDEX_ROOT` header, for errors.
+    at: u64,
     root: Vec<Entry>,
     alloc: Option<Stream>,
     block_size: u32,
@@ -122,18 +124,21 @@ impl Dir {
         let i30: Vec<u16> = "$I30".encode_utf16().collect();
         let root = node.stream(AT_INDEX_ROOT, &i30).ok_or(GuestError::NotDir)?;
         let Some(r) = root.resident() else {
-            return Err(vol.corrupt(0, format!("record {}: non-resident $INDEX_ROOT", node.no)));
+            return Err(vol.corrupt(
+                root.at,
+                format!("record {}: non-resident $INDEX_ROOT", node.no),
+            ));
         };
         if r.len() < 0x20 || le32(r, 0) != AT_FILE_NAME {
             return Err(vol.corrupt(
-                0,
+                root.at,
                 format!("record {}: $INDEX_ROOT does not index file names", node.no),
             ));
         }
         let block_size = le32(r, 8);
         if !(256..=65536).contains(&block_size) || !block_size.is_power_of_two() {
             return Err(vol.corrupt(
-                0,
+                root.at,
                 format!("record {}: index block size {block_size}", node.no),
             ));
         }
@@ -144,7 +149,8 @@ impl Dir {
         };
         Ok(Dir {
             no: node.no,
-            root: entries(vol, r, 0x10, 0)?,
+            at: root.at,
+            root: entries(vol, r, 0x10, root.at)?,
             alloc: node.stream(AT_INDEX_ALLOCATION, &i30).cloned(),
             block_size,
             vcn_shift,
@@ -156,7 +162,7 @@ impl Dir {
         if let Some(e) = cache.get(self.no, vcn) {
             return Ok(e);
         }
-        let bad = |what: String| vol.corrupt(0, format!("directory {}: {what}", self.no));
+        let bad = |what: String| vol.corrupt(self.at, format!("directory {}: {what}", self.no));
         let alloc = self
             .alloc
             .as_ref()
@@ -243,7 +249,7 @@ impl Dir {
     ) -> GuestResult<Arc<Vec<Entry>>> {
         if depth >= MAX_DEPTH || !seen.insert(vcn) {
             return Err(vol.corrupt(
-                0,
+                self.at,
                 format!(
                     "directory {}: index block {vcn} reached twice or too deep",
                     self.no

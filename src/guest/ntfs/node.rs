@@ -40,6 +40,8 @@ pub enum Data {
 /// One attribute (type, name) with all its extents joined.
 #[derive(Clone, Debug)]
 pub struct Stream {
+    /// Volume offset of the (first) attribute header, for errors.
+    pub at: u64,
     pub ty: u32,
     pub name: Vec<u16>,
     pub flags: u16,
@@ -84,6 +86,8 @@ pub fn ntfs_time(t: u64) -> Timestamp {
 
 pub struct Node {
     pub no: u64,
+    /// Volume offset of the base record, for errors.
+    pub offset: u64,
     pub seq: u16,
     pub link_count: u16,
     pub is_dir: bool,
@@ -168,6 +172,7 @@ pub fn load(vol: &Vol, no: u64) -> GuestResult<Node> {
         })?;
     Ok(Node {
         no,
+        offset: base.offset,
         seq: base.seq,
         link_count: base.link_count,
         is_dir: base.flags & REC_DIRECTORY != 0,
@@ -187,6 +192,7 @@ fn list_value(vol: &Vol, a: &Attribute) -> GuestResult<Vec<u8>> {
             let runs =
                 runlist::decode(&vol.name, &nr.pairs, nr.pairs_offset, 0, vol.boot.clusters)?;
             let s = Stream {
+                at: a.offset,
                 ty: a.ty,
                 name: Vec::new(),
                 flags: 0,
@@ -232,6 +238,7 @@ fn join(vol: &Vol, attrs: Vec<Attribute>) -> GuestResult<Vec<Stream>> {
     for a in attrs {
         match a.body {
             Body::Resident(v) => out.push(Stream {
+                at: a.offset,
                 ty: a.ty,
                 name: a.name,
                 flags: a.flags,
@@ -280,6 +287,7 @@ fn join(vol: &Vol, attrs: Vec<Attribute>) -> GuestResult<Vec<Stream>> {
         let map = Map::join(&vol.name, at, pieces)?;
         let cu = if flags & ATTR_COMPRESSED != 0 { cu } else { 0 };
         out.push(Stream {
+            at,
             ty,
             name,
             flags,

@@ -47,9 +47,12 @@ pub fn upcase(vol: &Vol) -> GuestResult<Upcase> {
     let n = node::load(vol, 10)?;
     let s = n
         .data()
-        .ok_or_else(|| vol.corrupt(0, "$UpCase has no data"))?;
+        .ok_or_else(|| vol.corrupt(n.offset, "$UpCase has no data"))?;
     if s.size() != 131_072 {
-        return Err(vol.corrupt(0, format!("$UpCase holds {} bytes, not 131072", s.size())));
+        return Err(vol.corrupt(
+            s.at,
+            format!("$UpCase holds {} bytes, not 131072", s.size()),
+        ));
     }
     let mut raw = vec![0u8; 131_072];
     super::data::read(vol, s, 0, &mut raw)?;
@@ -96,7 +99,7 @@ fn log_clean(vol: &Vol) -> GuestResult<bool> {
     let n = node::load(vol, 2)?;
     let s = n
         .data()
-        .ok_or_else(|| vol.corrupt(0, "$LogFile has no data"))?;
+        .ok_or_else(|| vol.corrupt(n.offset, "$LogFile has no data"))?;
     let mut newest: Option<(u64, bool)> = None;
     let mut page = 4096u64;
     let mut at = 0u64;
@@ -114,7 +117,10 @@ fn log_clean(vol: &Vol) -> GuestResult<bool> {
         }
         let sys = u64::from(le32(&b, 0x10));
         if &b[0..4] != b"RSTR" || !(512..=65536).contains(&sys) || !sys.is_power_of_two() {
-            return Err(vol.corrupt(0, "$LogFile: no restart page"));
+            return Err(vol.corrupt(
+                s.at,
+                format!("$LogFile: no restart page at byte {at} of the log"),
+            ));
         }
         if sys != page {
             page = sys;
@@ -124,7 +130,7 @@ fn log_clean(vol: &Vol) -> GuestResult<bool> {
         fixup(&vol.name, &mut b, 0, b"RSTR")?;
         let ra = usize::from(le16(&b, 0x18));
         if ra + 0x10 > b.len() {
-            return Err(vol.corrupt(0, "$LogFile: restart area outside its page"));
+            return Err(vol.corrupt(s.at, "$LogFile: restart area outside its page"));
         }
         let lsn = le64(&b, ra);
         let in_use = le16(&b, ra + 0x0C);
