@@ -18,6 +18,7 @@ pub mod error;
 pub mod ext;
 pub mod fat;
 pub mod fsapi;
+pub mod ntfs;
 pub mod point;
 pub mod probe;
 pub mod volumes;
