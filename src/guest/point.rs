@@ -5,7 +5,7 @@
 
 use super::probe::{probe, Probe};
 use super::volumes::{scan, Volume, VolumeBytes};
-use super::{ext, fat, GuestError, GuestFs, ReadBytes};
+use super::{ext, fat, ntfs, GuestError, GuestFs, ReadBytes};
 use std::sync::{Arc, OnceLock};
 
 /// One volume of a point, with what probing found and, once asked for,
@@ -42,6 +42,8 @@ fn reader_for(fstype: &str) -> Option<(ReaderFn, RootFn)> {
     match fstype {
         "ext2" | "ext3" | "ext4" => Some((ext::open, |_| Some(2))),
         "vfat" => Some((fat::open, |_| Some(1))),
+        // MFT record 5 is the root directory.
+        "ntfs" => Some((ntfs::open, |_| Some(5))),
         _ => None,
     }
 }

@@ -13,6 +13,7 @@
 
 mod guest_files;
 mod guest_lvm;
+mod guest_ntfs_xfs;
 mod hostile_fs;
 mod hostile_paths;
 mod internal_deletes;
