@@ -21,6 +21,7 @@ pub mod fsapi;
 pub mod point;
 pub mod probe;
 pub mod volumes;
+pub mod xfs;
 
 pub use error::{GuestError, GuestResult};
 pub use fsapi::{Attr, DirEntry, FileKind, FsInfo, GuestFs, Timestamp};
