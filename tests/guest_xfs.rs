@@ -28,7 +28,10 @@ use std::process::Command;
 use std::sync::Arc;
 
 pub fn knob(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 pub fn skip(why: &str) {
@@ -69,9 +72,19 @@ pub struct Mount {
 impl Mount {
     pub fn new(image: &Path, dir: &Path, opts: &str) -> Result<Mount, String> {
         std::fs::create_dir_all(dir).unwrap();
-        let dev = sh_out("losetup", &["-f", "--show", image.to_str().unwrap()]).trim().to_string();
-        let mut m = Mount { dir: dir.to_path_buf(), dev, mounted: false };
-        let out = Command::new("mount").args(["-t", "xfs", "-o", opts, &m.dev]).arg(dir).output().unwrap();
+        let dev = sh_out("losetup", &["-f", "--show", image.to_str().unwrap()])
+            .trim()
+            .to_string();
+        let mut m = Mount {
+            dir: dir.to_path_buf(),
+            dev,
+            mounted: false,
+        };
+        let out = Command::new("mount")
+            .args(["-t", "xfs", "-o", opts, &m.dev])
+            .arg(dir)
+            .output()
+            .unwrap();
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
@@ -84,7 +97,11 @@ impl Drop for Mount {
     fn drop(&mut self) {
         if self.mounted {
             for _ in 0..50 {
-                if Command::new("umount").arg(&self.dir).status().is_ok_and(|s| s.success()) {
+                if Command::new("umount")
+                    .arg(&self.dir)
+                    .status()
+                    .is_ok_and(|s| s.success())
+                {
                     self.mounted = false;
                     break;
                 }
@@ -101,7 +118,12 @@ impl Drop for Mount {
 /// A sparse image file with mkfs.xfs `opts`.
 pub fn mkfs(img: &Path, size: &str, opts: &[&str]) -> Result<(), String> {
     sh_out("truncate", &["-s", size, img.to_str().unwrap()]);
-    let out = Command::new("mkfs.xfs").args(["-q", "-f", "-L", "guestvol"]).args(opts).arg(img).output().unwrap();
+    let out = Command::new("mkfs.xfs")
+        .args(["-q", "-f", "-L", "guestvol"])
+        .args(opts)
+        .arg(img)
+        .output()
+        .unwrap();
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
@@ -109,7 +131,14 @@ pub fn mkfs(img: &Path, size: &str, opts: &[&str]) -> Result<(), String> {
 }
 
 pub fn copy(from: &Path, to: &Path) {
-    sh_out("cp", &["--sparse=always", from.to_str().unwrap(), to.to_str().unwrap()]);
+    sh_out(
+        "cp",
+        &[
+            "--sparse=always",
+            from.to_str().unwrap(),
+            to.to_str().unwrap(),
+        ],
+    );
 }
 
 /// The kernel's view of a copy of `img`, mounted with `opts`.
@@ -132,7 +161,9 @@ pub fn open(img: &Path) -> Arc<dyn GuestFs> {
 fn assert_same(kernel: &Tree, ours: &Tree) {
     for (path, k) in kernel {
         let p = String::from_utf8_lossy(path);
-        let o = ours.get(path).unwrap_or_else(|| panic!("{p}: missing in our walk"));
+        let o = ours
+            .get(path)
+            .unwrap_or_else(|| panic!("{p}: missing in our walk"));
         match (k, o) {
             (Ok(k), Ok(o)) => assert_eq!(k, o, "{p}: kernel (left) and reader (right) differ"),
             (Err(_), Err(_)) => {}
@@ -140,7 +171,11 @@ fn assert_same(kernel: &Tree, ours: &Tree) {
         }
     }
     for path in ours.keys() {
-        assert!(kernel.contains_key(path), "{}: only in our walk", String::from_utf8_lossy(path));
+        assert!(
+            kernel.contains_key(path),
+            "{}: only in our walk",
+            String::from_utf8_lossy(path)
+        );
     }
 }
 
@@ -164,30 +199,58 @@ fn assert_formats(img: &Path, fs: &dyn GuestFs, big: bool) {
     let frag = xfs_db_inode(img, ino("fragmented"), &["core.format"]);
     assert!(frag.contains("(btree)"), "fragmented: {frag}");
     let leafdir = xfs_db_inode(img, ino("leafdir"), &["core.format", "core.aformat"]);
-    assert!(leafdir.contains("core.aformat = 3") || leafdir.contains("core.aformat = 2"), "leafdir: {leafdir}");
+    assert!(
+        leafdir.contains("core.aformat = 3") || leafdir.contains("core.aformat = 2"),
+        "leafdir: {leafdir}"
+    );
     let blockdir = xfs_db_inode(img, ino("blockdir"), &["core.size"]);
-    assert!(blockdir.contains("core.size = 4096") || blockdir.contains("core.size = 8192"), "blockdir: {blockdir}");
+    assert!(
+        blockdir.contains("core.size = 4096") || blockdir.contains("core.size = 8192"),
+        "blockdir: {blockdir}"
+    );
     if big {
         let a = xfs_db_inode(img, ino("bigA"), &["core.format"]);
-        assert!(a.contains("(btree)"), "bigA should be a btree directory: {a}");
+        assert!(
+            a.contains("(btree)"),
+            "bigA should be a btree directory: {a}"
+        );
     }
 }
 
 fn check_misc(fs: &dyn GuestFs, big: bool) {
     let root = fs.root();
-    assert!(matches!(fs.lookup(root, b"no-such-name"), Err(GuestError::NotFound)));
+    assert!(matches!(
+        fs.lookup(root, b"no-such-name"),
+        Err(GuestError::NotFound)
+    ));
     assert_eq!(fs.lookup(root, b".").unwrap(), root);
     let dev = fs.lookup(root, b"dev").unwrap();
     assert_eq!(fs.lookup(dev, b"..").unwrap(), root);
     let leaf = fs.lookup(root, b"leafdir").unwrap();
     assert_eq!(fs.lookup(leaf, b"..").unwrap(), root);
-    assert!(matches!(fs.lookup(leaf, b"file-0001-"), Err(GuestError::NotFound)));
-    assert!(matches!(fs.read(leaf, 0, &mut [0; 4]), Err(GuestError::IsDir)));
-    assert!(matches!(fs.readdir(fs.lookup(root, b"hello.txt").unwrap()), Err(GuestError::NotDir)));
+    assert!(matches!(
+        fs.lookup(leaf, b"file-0001-"),
+        Err(GuestError::NotFound)
+    ));
+    assert!(matches!(
+        fs.read(leaf, 0, &mut [0; 4]),
+        Err(GuestError::IsDir)
+    ));
+    assert!(matches!(
+        fs.readdir(fs.lookup(root, b"hello.txt").unwrap()),
+        Err(GuestError::NotDir)
+    ));
     if big {
         let a = fs.lookup(root, b"bigA").unwrap();
-        for name in [&b"bigA-entry-000001-"[..], b"bigA-entry-999999-long-name-part-", b""] {
-            assert!(matches!(fs.lookup(a, name), Err(GuestError::NotFound)), "{name:?}");
+        for name in [
+            &b"bigA-entry-000001-"[..],
+            b"bigA-entry-999999-long-name-part-",
+            b"",
+        ] {
+            assert!(
+                matches!(fs.lookup(a, name), Err(GuestError::NotFound)),
+                "{name:?}"
+            );
         }
     }
     assert_eq!(fs.info().label.as_deref(), Some("guestvol"));
@@ -214,7 +277,11 @@ fn compare_variant(opts: &[&str], big: usize) -> bool {
     }
     let kernel = kernel_tree(tmp.path(), &img, "ro").unwrap();
     let fs = open(&img);
-    assert!(fs.info().notes.iter().all(|n| !n.starts_with("dirty log")), "{:?}", fs.info().notes);
+    assert!(
+        fs.info().notes.iter().all(|n| !n.starts_with("dirty log")),
+        "{:?}",
+        fs.info().notes
+    );
     let bytes = FileBytes::open(&img).unwrap();
     assert_eq!(xfs::root_ino(&bytes), Some(fs.root()));
     let ours = reader_walk(&*fs);
@@ -236,12 +303,32 @@ fn xfs_v5_default_matches_kernel() {
 
 #[test]
 fn xfs_v5_old_times_nrext64_8k_dirs_matches_kernel() {
-    compare_variant(&["-m", "bigtime=0", "-i", "sparse=0,nrext64=1", "-n", "size=8192"], 3000);
+    compare_variant(
+        &[
+            "-m",
+            "bigtime=0",
+            "-i",
+            "sparse=0,nrext64=1",
+            "-n",
+            "size=8192",
+        ],
+        3000,
+    );
 }
 
 #[test]
 fn xfs_v5_small_blocks_matches_kernel() {
-    compare_variant(&["-b", "size=1024", "-m", "reflink=0,rmapbt=0", "-i", "size=512"], 3000);
+    compare_variant(
+        &[
+            "-b",
+            "size=1024",
+            "-m",
+            "reflink=0,rmapbt=0",
+            "-i",
+            "size=512",
+        ],
+        3000,
+    );
 }
 
 /// A crash-consistent image: copied while mounted read-write after files
@@ -266,34 +353,62 @@ fn xfs_dirty_log_served_as_norecovery() {
         std::fs::create_dir(m.dir.join("live")).unwrap();
         for i in 0..50u64 {
             let p = m.dir.join(format!("live/file-{i}"));
-            std::fs::write(&p, guest_xfs::tree::noise(1000 + i, 3000 + i as usize * 100)).unwrap();
+            std::fs::write(
+                &p,
+                guest_xfs::tree::noise(1000 + i, 3000 + i as usize * 100),
+            )
+            .unwrap();
             std::fs::File::open(&p).unwrap().sync_all().unwrap();
         }
         std::fs::remove_file(m.dir.join("data-4095")).unwrap();
         // Overwrites in place (the bytes reach the disk, the inode change
         // only the log) and an append (the new size only in the log).
-        let f = std::fs::OpenOptions::new().write(true).open(m.dir.join("data-100000")).unwrap();
-        f.write_at(&guest_xfs::tree::noise(77, 50_000), 10_000).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.dir.join("data-100000"))
+            .unwrap();
+        f.write_at(&guest_xfs::tree::noise(77, 50_000), 10_000)
+            .unwrap();
         f.sync_all().unwrap();
-        let f = std::fs::OpenOptions::new().append(true).open(m.dir.join("data-4096")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(m.dir.join("data-4096"))
+            .unwrap();
         f.write_at(&guest_xfs::tree::noise(78, 9000), 4096).unwrap();
         f.sync_all().unwrap();
-        std::fs::File::open(m.dir.join("live")).unwrap().sync_all().unwrap();
+        std::fs::File::open(m.dir.join("live"))
+            .unwrap()
+            .sync_all()
+            .unwrap();
         copy(&img, &crash);
     }
     let fs = open(&crash);
     let notes = fs.info().notes;
-    assert!(notes.iter().any(|n| n.starts_with("dirty log")), "notes: {notes:?}");
+    assert!(
+        notes.iter().any(|n| n.starts_with("dirty log")),
+        "notes: {notes:?}"
+    );
     let kernel = kernel_tree(tmp.path(), &crash, "ro,norecovery").unwrap();
     let ours = reader_walk(&*fs);
     assert_same(&kernel, &ours);
     let failed = kernel.values().filter(|r| r.is_err()).count();
     let live = kernel.keys().filter(|k| k.starts_with(b"live/")).count();
-    eprintln!("dirty log: {} entries compared, {failed} failing in both, {live} live files visible", kernel.len());
+    eprintln!(
+        "dirty log: {} entries compared, {failed} failing in both, {live} live files visible",
+        kernel.len()
+    );
     assert!(kernel.len() > 20, "too little visible: {}", kernel.len());
     // The cleanly unmounted original has a clean log.
     let clean = open(&img);
-    assert!(clean.info().notes.iter().all(|n| !n.starts_with("dirty log")), "{:?}", clean.info().notes);
+    assert!(
+        clean
+            .info()
+            .notes
+            .iter()
+            .all(|n| !n.starts_with("dirty log")),
+        "{:?}",
+        clean.info().notes
+    );
 }
 
 #[test]
@@ -301,7 +416,10 @@ fn xfs_not_xfs_and_truncated() {
     let junk: Arc<dyn ReadBytes> = Arc::new(vec![0u8; 1 << 20]);
     assert!(!xfs::probe(&*junk));
     assert_eq!(xfs::root_ino(&*junk), None);
-    assert!(matches!(xfs::open("junk", junk), Err(GuestError::Corrupt { .. })));
+    assert!(matches!(
+        xfs::open("junk", junk),
+        Err(GuestError::Corrupt { .. })
+    ));
     if !have("mkfs.xfs") {
         skip("mkfs.xfs missing");
         return;
@@ -310,13 +428,44 @@ fn xfs_not_xfs_and_truncated() {
     let img = tmp.path().join("fs.img");
     mkfs(&img, "400M", &[]).unwrap();
     let mut head = vec![0u8; 64 << 20];
-    FileBytes::open(&img).unwrap().read_exact_at(&mut head, 0).unwrap();
+    FileBytes::open(&img)
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
     let cut: Arc<dyn ReadBytes> = Arc::new(head);
-    let e = xfs::open("cut", cut).err().expect("a truncated volume must fail");
+    let e = xfs::open("cut", cut)
+        .err()
+        .expect("a truncated volume must fail");
     assert!(e.to_string().starts_with("cut: "), "{e}");
 }
 
 #[test]
 fn xfs_v4_protofile_matches_source_and_xfs_db() {
     guest_xfs::v4::run(knob("SNAPTREE_XFS_BIGDIR", 12000));
+}
+
+#[test]
+fn xfs_byte_flip_fuzz() {
+    if !can_mount() || !have("mknod") {
+        return;
+    }
+    let rounds = knob("SNAPTREE_FUZZ_ITERS", 24);
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("fuzz.img");
+    mkfs(&img, "320M", &[]).unwrap();
+    {
+        let m = Mount::new(&img, &tmp.path().join("fill"), "rw").unwrap();
+        populate(&m.dir, 2500);
+    }
+    let regions = guest_xfs::fuzz::regions(&img, true);
+    assert!(
+        regions.iter().any(|r| r.0.contains("dabtree")),
+        "{regions:?}"
+    );
+    assert!(regions.iter().any(|r| r.0 == "bmbt block"), "{regions:?}");
+    guest_xfs::fuzz::fuzz(&img, &regions, rounds.div_ceil(2), 1);
+    if let Some((v4, _, _)) = guest_xfs::v4::image(tmp.path(), 2500) {
+        let regions = guest_xfs::fuzz::regions(&v4, false);
+        guest_xfs::fuzz::fuzz(&v4, &regions, rounds / 2, 2);
+    }
 }

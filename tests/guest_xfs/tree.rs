@@ -44,15 +44,38 @@ fn cpath(p: &Path) -> CString {
 }
 
 fn set_times(p: &Path, secs: i64, nsecs: i64) {
-    let ts = [libc::timespec { tv_sec: secs, tv_nsec: nsecs }; 2];
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, cpath(p).as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let ts = [libc::timespec {
+        tv_sec: secs,
+        tv_nsec: nsecs,
+    }; 2];
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            cpath(p).as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     assert_eq!(r, 0, "utimensat {p:?}");
 }
 
 pub fn setxattr(p: &Path, name: &str, value: &[u8]) {
     let n = CString::new(name).unwrap();
-    let r = unsafe { libc::lsetxattr(cpath(p).as_ptr(), n.as_ptr(), value.as_ptr() as *const libc::c_void, value.len(), 0) };
-    assert_eq!(r, 0, "setxattr {name} on {p:?}: {}", std::io::Error::last_os_error());
+    let r = unsafe {
+        libc::lsetxattr(
+            cpath(p).as_ptr(),
+            n.as_ptr(),
+            value.as_ptr() as *const libc::c_void,
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {name} on {p:?}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// A file of `blocks` 4 KiB blocks with every other block punched out
@@ -63,7 +86,14 @@ fn fragmented(p: &Path, blocks: u64) {
     f.write_at(&noise(99, (blocks * 4096) as usize), 0).unwrap();
     f.sync_all().unwrap();
     for b in (1..blocks).step_by(2) {
-        let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, (b * 4096) as i64, 4096) };
+        let r = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (b * 4096) as i64,
+                4096,
+            )
+        };
         assert_eq!(r, 0, "punch");
     }
     f.sync_all().unwrap();
@@ -88,7 +118,10 @@ pub fn populate(root: &Path, big: usize) {
     let w = |p: &str, data: &[u8]| std::fs::write(root.join(p), data).unwrap();
     w("hello.txt", b"hello, world\n");
     w("empty", b"");
-    for (i, n) in [1usize, 4095, 4096, 4097, 100_000, 3_000_001].iter().enumerate() {
+    for (i, n) in [1usize, 4095, 4096, 4097, 100_000, 3_000_001]
+        .iter()
+        .enumerate()
+    {
         w(&format!("data-{n}"), &noise(i as u64 + 1, *n));
     }
     fragmented(&root.join("fragmented"), 2400);
@@ -121,17 +154,36 @@ pub fn populate(root: &Path, big: usize) {
     setxattr(&root.join("data-1"), "user.remote", &noise(5, 6000));
     setxattr(&root.join("data-1"), "user.remote2", &noise(6, 70));
     for i in 0..400 {
-        setxattr(&root.join("leafdir"), &format!("user.attr-{i:04}"), format!("value-{i}-{}", "v".repeat(i % 50)).as_bytes());
+        setxattr(
+            &root.join("leafdir"),
+            &format!("user.attr-{i:04}"),
+            format!("value-{i}-{}", "v".repeat(i % 50)).as_bytes(),
+        );
     }
     let dev = root.join("dev");
     std::fs::create_dir(&dev).unwrap();
-    sh_out("mknod", &[dev.join("null").to_str().unwrap(), "c", "1", "3"]);
-    sh_out("mknod", &[dev.join("sda1").to_str().unwrap(), "b", "8", "1"]);
-    sh_out("mknod", &[dev.join("bignum").to_str().unwrap(), "c", "300", "70000"]);
+    sh_out(
+        "mknod",
+        &[dev.join("null").to_str().unwrap(), "c", "1", "3"],
+    );
+    sh_out(
+        "mknod",
+        &[dev.join("sda1").to_str().unwrap(), "b", "8", "1"],
+    );
+    sh_out(
+        "mknod",
+        &[dev.join("bignum").to_str().unwrap(), "c", "300", "70000"],
+    );
     sh_out("mkfifo", &[dev.join("fifo").to_str().unwrap()]);
     drop(std::os::unix::net::UnixListener::bind(dev.join("socket")).unwrap());
-    sh_out("chown", &["1000:1000", root.join("hello.txt").to_str().unwrap()]);
-    sh_out("chown", &["70000:70001", root.join("data-1").to_str().unwrap()]);
+    sh_out(
+        "chown",
+        &["1000:1000", root.join("hello.txt").to_str().unwrap()],
+    );
+    sh_out(
+        "chown",
+        &["70000:70001", root.join("data-1").to_str().unwrap()],
+    );
     sh_out("chmod", &["4755", root.join("data-4096").to_str().unwrap()]);
     sh_out("chmod", &["1777", dev.to_str().unwrap()]);
     set_times(&root.join("hello.txt"), 981_173_106, 123_456_789);
@@ -189,15 +241,31 @@ fn sha(chunks: &[Vec<u8>]) -> String {
 fn kernel_xattrs(p: &Path) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let c = cpath(p);
     let mut names = vec![0u8; 65536];
-    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr() as *mut libc::c_char, names.len()) };
+    let n = unsafe {
+        libc::llistxattr(
+            c.as_ptr(),
+            names.as_mut_ptr() as *mut libc::c_char,
+            names.len(),
+        )
+    };
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
     let mut out = Vec::new();
-    for name in names[..n as usize].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+    for name in names[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+    {
         let cn = CString::new(name).unwrap();
         let mut v = vec![0u8; 65536];
-        let m = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr() as *mut libc::c_void, v.len()) };
+        let m = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                cn.as_ptr(),
+                v.as_mut_ptr() as *mut libc::c_void,
+                v.len(),
+            )
+        };
         if m < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -258,9 +326,17 @@ fn kernel_rec(p: &Path) -> std::io::Result<Rec> {
         mtime: (m.mtime(), m.mtime_nsec() as u32),
         ctime: (m.ctime(), m.ctime_nsec() as u32),
         rdev: m.rdev(),
-        target: if kind == 'l' { Some(std::fs::read_link(p)?.as_os_str().as_bytes().to_vec()) } else { None },
+        target: if kind == 'l' {
+            Some(std::fs::read_link(p)?.as_os_str().as_bytes().to_vec())
+        } else {
+            None
+        },
         xattrs: kernel_xattrs(p)?,
-        data: if kind == 'f' { Some(kernel_data(p)?) } else { None },
+        data: if kind == 'f' {
+            Some(kernel_data(p)?)
+        } else {
+            None
+        },
     })
 }
 
@@ -310,7 +386,12 @@ fn reader_data(fs: &dyn GuestFs, ino: u64) -> Result<(Vec<(u64, u64)>, String), 
 
 /// One entry through the reader (lookup checked against readdir's ino).
 pub fn reader_rec(fs: &dyn GuestFs, dir: u64, name: &[u8], ino: u64) -> Result<Rec, GuestError> {
-    assert_eq!(fs.lookup(dir, name)?, ino, "lookup of {:?}", String::from_utf8_lossy(name));
+    assert_eq!(
+        fs.lookup(dir, name)?,
+        ino,
+        "lookup of {:?}",
+        String::from_utf8_lossy(name)
+    );
     let a = fs.getattr(ino)?;
     let kind = kind_char(a.kind);
     let mut xattrs = Vec::new();
@@ -332,9 +413,17 @@ pub fn reader_rec(fs: &dyn GuestFs, dir: u64, name: &[u8], ino: u64) -> Result<R
         mtime: (a.mtime.secs, a.mtime.nsecs),
         ctime: (a.ctime.secs, a.ctime.nsecs),
         rdev: a.rdev as u64,
-        target: if kind == 'l' { Some(fs.readlink(ino)?) } else { None },
+        target: if kind == 'l' {
+            Some(fs.readlink(ino)?)
+        } else {
+            None
+        },
         xattrs,
-        data: if kind == 'f' { Some(reader_data(fs, ino)?) } else { None },
+        data: if kind == 'f' {
+            Some(reader_data(fs, ino)?)
+        } else {
+            None
+        },
     })
 }
 
@@ -358,7 +447,12 @@ pub fn reader_walk(fs: &dyn GuestFs) -> Tree {
             r.extend_from_slice(&e.name);
             let rec = reader_rec(fs, dir, &e.name, e.ino).map_err(|e| e.to_string());
             if let Ok(x) = &rec {
-                assert_eq!(x.kind, kind_char(e.kind), "readdir kind of {:?}", String::from_utf8_lossy(&r));
+                assert_eq!(
+                    x.kind,
+                    kind_char(e.kind),
+                    "readdir kind of {:?}",
+                    String::from_utf8_lossy(&r)
+                );
                 if x.kind == 'd' {
                     stack.push((e.ino, r.clone()));
                 }

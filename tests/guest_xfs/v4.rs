@@ -17,29 +17,60 @@ use std::process::Command;
 use std::sync::Arc;
 
 /// What the protofile makes: name -> (kind char, mode, uid, gid, data or target).
-type Want = BTreeMap<String, (char, u16, u32, u32, Vec<u8>)>;
+pub type Want = BTreeMap<String, (char, u16, u32, u32, Vec<u8>)>;
 
 /// Writes the source files and the protofile; returns what to expect.
 fn build(src: &Path, proto: &Path, big: usize) -> Want {
     let mut want = Want::new();
     let mut p = String::from("/dummy\n0 0\nd--755 0 0\n");
-    let file = |want: &mut Want, p: &mut String, name: &str, mode: &str, uid: u32, data: Vec<u8>| {
-        let path = src.join(name.replace('/', "_"));
-        std::fs::write(&path, &data).unwrap();
-        let leaf = name.rsplit('/').next().unwrap();
-        writeln!(p, "{leaf} {mode} {uid} {uid} {}", path.display()).unwrap();
-        let perm = u16::from_str_radix(&mode[3..], 8).unwrap() | if &mode[1..2] == "u" { 0o4000 } else { 0 };
-        want.insert(name.to_string(), ('f', perm, uid, uid, data));
-    };
-    file(&mut want, &mut p, "hello", "---644", 1000, b"hello, v4\n".to_vec());
+    let file =
+        |want: &mut Want, p: &mut String, name: &str, mode: &str, uid: u32, data: Vec<u8>| {
+            let path = src.join(name.replace('/', "_"));
+            std::fs::write(&path, &data).unwrap();
+            let leaf = name.rsplit('/').next().unwrap();
+            writeln!(p, "{leaf} {mode} {uid} {uid} {}", path.display()).unwrap();
+            let perm = u16::from_str_radix(&mode[3..], 8).unwrap()
+                | if &mode[1..2] == "u" { 0o4000 } else { 0 };
+            want.insert(name.to_string(), ('f', perm, uid, uid, data));
+        };
+    file(
+        &mut want,
+        &mut p,
+        "hello",
+        "---644",
+        1000,
+        b"hello, v4\n".to_vec(),
+    );
     file(&mut want, &mut p, "empty", "---600", 0, Vec::new());
-    file(&mut want, &mut p, "data-4097", "-u-755", 70000, noise(1, 4097));
-    file(&mut want, &mut p, "data-3000001", "---644", 0, noise(2, 3_000_001));
+    file(
+        &mut want,
+        &mut p,
+        "data-4097",
+        "-u-755",
+        70000,
+        noise(1, 4097),
+    );
+    file(
+        &mut want,
+        &mut p,
+        "data-3000001",
+        "---644",
+        0,
+        noise(2, 3_000_001),
+    );
     let long = format!("/{}/end", "component".repeat(100));
-    writeln!(p, "short-link l--777 0 0 hello\nlong-link l--777 0 0 {long}").unwrap();
+    writeln!(
+        p,
+        "short-link l--777 0 0 hello\nlong-link l--777 0 0 {long}"
+    )
+    .unwrap();
     want.insert("short-link".into(), ('l', 0o777, 0, 0, b"hello".to_vec()));
     want.insert("long-link".into(), ('l', 0o777, 0, 0, long.into_bytes()));
-    writeln!(p, "null c--666 0 0 1 3\nsda b--660 0 6 8 1\nfifo p--644 0 0").unwrap();
+    writeln!(
+        p,
+        "null c--666 0 0 1 3\nsda b--660 0 6 8 1\nfifo p--644 0 0"
+    )
+    .unwrap();
     want.insert("null".into(), ('c', 0o666, 0, 0, Vec::new()));
     want.insert("sda".into(), ('b', 0o660, 0, 6, Vec::new()));
     want.insert("fifo".into(), ('p', 0o644, 0, 0, Vec::new()));
@@ -48,7 +79,14 @@ fn build(src: &Path, proto: &Path, big: usize) -> Want {
         want.insert(d.into(), ('d', 0o755, 0, 0, Vec::new()));
         for i in 0..n {
             let name = format!("{d}/entry-{i:06}-{}", "long-name-part-".repeat(1 + i % 9));
-            file(&mut want, &mut p, &name, "---644", 0, format!("{i}").into_bytes());
+            file(
+                &mut want,
+                &mut p,
+                &name,
+                "---644",
+                0,
+                format!("{i}").into_bytes(),
+            );
         }
         p.push_str("$\n");
     }
@@ -85,10 +123,16 @@ fn check_entries(fs: &dyn GuestFs, want: &Want) {
     for (path, (kind, perm, uid, gid, data)) in want {
         let mut ino = fs.root();
         for part in path.split('/') {
-            ino = fs.lookup(ino, part.as_bytes()).unwrap_or_else(|e| panic!("{path}: {e}"));
+            ino = fs
+                .lookup(ino, part.as_bytes())
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
         }
         let a = fs.getattr(ino).unwrap();
-        assert_eq!((kind_char(a.kind), a.perm, a.uid, a.gid), (*kind, *perm, *uid, *gid), "{path}");
+        assert_eq!(
+            (kind_char(a.kind), a.perm, a.uid, a.gid),
+            (*kind, *perm, *uid, *gid),
+            "{path}"
+        );
         match kind {
             'f' => {
                 assert_eq!(a.size, data.len() as u64, "{path}");
@@ -112,11 +156,17 @@ fn check_ls(img: &Path, fs: &dyn GuestFs, dir: &str) {
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 6 && f[5] != "." && f[5] != "..").then(|| (f[5].as_bytes().to_vec(), f[1].parse().unwrap()))
+            (f.len() >= 6 && f[5] != "." && f[5] != "..")
+                .then(|| (f[5].as_bytes().to_vec(), f[1].parse().unwrap()))
         })
         .collect();
     let d = fs.lookup(fs.root(), dir.as_bytes()).unwrap();
-    let mut ours: Vec<(Vec<u8>, u64)> = fs.readdir(d).unwrap().into_iter().map(|e| (e.name, e.ino)).collect();
+    let mut ours: Vec<(Vec<u8>, u64)> = fs
+        .readdir(d)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.ino))
+        .collect();
     theirs.sort();
     ours.sort();
     assert_eq!(ours.len(), theirs.len(), "{dir}: entry count");
@@ -126,15 +176,32 @@ fn check_ls(img: &Path, fs: &dyn GuestFs, dir: &str) {
 /// Adds xattrs with xfs_db; returns the (inode path, names) set.
 fn add_xattrs(img: &Path) -> Vec<(&'static str, Vec<(String, usize)>)> {
     let sets: Vec<(&str, Vec<(String, usize)>)> = vec![
-        ("hello", vec![("-u small".into(), 5), ("-r rootattr".into(), 9), ("-s secattr".into(), 3)]),
+        (
+            "hello",
+            vec![
+                ("-u small".into(), 5),
+                ("-r rootattr".into(), 9),
+                ("-s secattr".into(), 3),
+            ],
+        ),
         // A leaf-form fork with a large local value (xfs_db 6.1 crashes
         // making remote values on v4).
-        ("empty", vec![("-u first".into(), 10), ("-u big".into(), 3000)]),
-        ("leafdir", (0..200).map(|i| (format!("-u attr-{i:03}"), 40)).collect()),
+        (
+            "empty",
+            vec![("-u first".into(), 10), ("-u big".into(), 3000)],
+        ),
+        (
+            "leafdir",
+            (0..200).map(|i| (format!("-u attr-{i:03}"), 40)).collect(),
+        ),
     ];
     for (path, attrs) in &sets {
         let mut cmds = vec![format!("path /{path}")];
-        cmds.extend(attrs.iter().map(|(n, len)| format!("attr_set -v {len} {n}")));
+        cmds.extend(
+            attrs
+                .iter()
+                .map(|(n, len)| format!("attr_set -v {len} {n}")),
+        );
         xfs_db(img, true, &cmds);
     }
     sets
@@ -173,18 +240,28 @@ fn check_xattrs(fs: &dyn GuestFs, sets: &[(&str, Vec<(String, usize)>)]) {
     }
 }
 
-pub fn run(big: usize) {
+/// Builds the v4 image in `dir`: its path, what it holds and its xattrs;
+/// None (after SKIP) if the tools are missing or refuse v4.
+#[allow(clippy::type_complexity)]
+pub fn image(
+    dir: &Path,
+    big: usize,
+) -> Option<(
+    std::path::PathBuf,
+    Want,
+    Vec<(&'static str, Vec<(String, usize)>)>,
+)> {
     for tool in ["mkfs.xfs", "xfs_db"] {
         if !have(tool) {
-            return skip(&format!("{tool} missing"));
+            skip(&format!("{tool} missing"));
+            return None;
         }
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
+    let src = dir.join("src");
     std::fs::create_dir(&src).unwrap();
-    let proto = tmp.path().join("proto");
+    let proto = dir.join("proto");
     let want = build(&src, &proto, big);
-    let img = tmp.path().join("v4.img");
+    let img = dir.join("v4.img");
     sh_out("truncate", &["-s", "500M", img.to_str().unwrap()]);
     let out = Command::new("mkfs.xfs")
         .args(["-q", "-f", "-m", "crc=0", "-L", "v4vol", "-p"])
@@ -193,18 +270,45 @@ pub fn run(big: usize) {
         .output()
         .unwrap();
     if !out.status.success() {
-        return skip(&format!("mkfs.xfs -m crc=0: {}", String::from_utf8_lossy(&out.stderr)));
+        skip(&format!(
+            "mkfs.xfs -m crc=0: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+        return None;
     }
     let sets = add_xattrs(&img);
+    Some((img, want, sets))
+}
+
+pub fn run(big: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((img, want, sets)) = image(tmp.path(), big) else {
+        return;
+    };
     let bytes: Arc<dyn ReadBytes> = Arc::new(FileBytes::open(&img).unwrap());
     let fs = xfs::open("v4vol", bytes).unwrap();
-    assert!(fs.info().notes.iter().all(|n| !n.starts_with("dirty log")), "{:?}", fs.info().notes);
+    assert!(
+        fs.info().notes.iter().all(|n| !n.starts_with("dirty log")),
+        "{:?}",
+        fs.info().notes
+    );
     check_entries(&*fs, &want);
     for d in ["blockdir", "leafdir", "bigdir"] {
         check_ls(&img, &*fs, d);
     }
     check_xattrs(&*fs, &sets);
     let bigdir = fs.lookup(fs.root(), b"bigdir").unwrap();
-    let fmt = xfs_db(&img, false, &[format!("inode {bigdir}"), "print core.version core.size".into()]);
-    eprintln!("v4: {} entries checked; bigdir {}", want.len(), fmt.replace('\n', " "));
+    let fmt = xfs_db(
+        &img,
+        false,
+        &[
+            format!("inode {bigdir}"),
+            "print core.version core.size".into(),
+        ],
+    );
+    eprintln!(
+        "v4: {} entries checked; bigdir {}",
+        want.len(),
+        fmt.replace('\n', " ")
+    );
 }

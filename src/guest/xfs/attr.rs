@@ -68,7 +68,11 @@ fn acl_to_posix(v: &[u8]) -> Option<Vec<u8>> {
     for i in 0..n {
         let e = &v[4 + i * 12..];
         let tag = be32(e, 0);
-        let id = if tag == 0x02 || tag == 0x08 { be32(e, 4) } else { u32::MAX };
+        let id = if tag == 0x02 || tag == 0x08 {
+            be32(e, 4)
+        } else {
+            u32::MAX
+        };
         out.extend_from_slice(&(tag as u16).to_le_bytes());
         out.extend_from_slice(&be16(e, 8).to_le_bytes());
         out.extend_from_slice(&id.to_le_bytes());
@@ -97,7 +101,11 @@ impl XfsFs {
             };
             let value = if acl {
                 acl_to_posix(&value).ok_or_else(|| {
-                    GuestError::corrupt(&self.disk.name, d.offset, format!("inode {}: bad ACL", d.ino))
+                    GuestError::corrupt(
+                        &self.disk.name,
+                        d.offset,
+                        format!("inode {}: bad ACL", d.ino),
+                    )
                 })?
             } else {
                 value
@@ -111,7 +119,13 @@ impl XfsFs {
         let b = d.fork(Fork::Attr);
         let at = d.fork_offset(Fork::Attr);
         let total = be16(b, 0) as usize;
-        let bad = |p: usize| GuestError::corrupt(&self.disk.name, at + p as u64, format!("inode {}: shortform attr entry past its end", d.ino));
+        let bad = |p: usize| {
+            GuestError::corrupt(
+                &self.disk.name,
+                at + p as u64,
+                format!("inode {}: shortform attr entry past its end", d.ino),
+            )
+        };
         if total < 4 || total > b.len() {
             return Err(bad(0));
         }
@@ -126,7 +140,11 @@ impl XfsFs {
             if end > b.len() {
                 return Err(bad(p));
             }
-            out.push((flags, b[p + 3..p + 3 + nl].to_vec(), b[p + 3 + nl..end].to_vec()));
+            out.push((
+                flags,
+                b[p + 3..p + 3 + nl].to_vec(),
+                b[p + 3 + nl..end].to_vec(),
+            ));
             p = end;
         }
         Ok(())
@@ -150,12 +168,22 @@ impl XfsFs {
                 return Ok(());
             }
             let (b, at) = self.da_block(d, Fork::Attr, forw, leaf.at)?;
-            leaf = super::dabtree::Leaf { magic: be16(&b, 8), b, at };
+            leaf = super::dabtree::Leaf {
+                magic: be16(&b, 8),
+                b,
+                at,
+            };
         }
         Err(self.da_bad(d, leaf.at, "attr leaf chain too long (loop?)"))
     }
 
-    fn leaf_entries(&self, d: &Inode, b: &[u8], at: u64, out: &mut Vec<(u8, Vec<u8>, Vec<u8>)>) -> GuestResult<()> {
+    fn leaf_entries(
+        &self,
+        d: &Inode,
+        b: &[u8],
+        at: u64,
+        out: &mut Vec<(u8, Vec<u8>, Vec<u8>)>,
+    ) -> GuestResult<()> {
         let hdr = if self.sb.v5 { 80 } else { 32 };
         let count = be16(b, if self.sb.v5 { 56 } else { 12 }) as usize;
         if hdr + count * 8 > b.len() {
@@ -173,7 +201,11 @@ impl XfsFs {
                 if idx < hdr || end > b.len() {
                     return Err(bad());
                 }
-                out.push((flags, b[idx + 3..idx + 3 + nl].to_vec(), b[idx + 3 + nl..end].to_vec()));
+                out.push((
+                    flags,
+                    b[idx + 3..idx + 3 + nl].to_vec(),
+                    b[idx + 3 + nl..end].to_vec(),
+                ));
             } else {
                 let nl = *b.get(idx + 8).ok_or_else(bad)? as usize;
                 if idx < hdr || idx + 9 + nl > b.len() {
@@ -183,7 +215,12 @@ impl XfsFs {
                 if flags & (F_INCOMPLETE | F_PARENT) != 0 {
                     continue;
                 }
-                let value = self.remote_value(d, be32(b, idx) as u64, be32(b, idx + 4) as u64, at + idx as u64)?;
+                let value = self.remote_value(
+                    d,
+                    be32(b, idx) as u64,
+                    be32(b, idx + 4) as u64,
+                    at + idx as u64,
+                )?;
                 out.push((flags, name, value));
             }
         }
@@ -231,12 +268,18 @@ mod tests {
     #[test]
     fn names_and_acls() {
         assert_eq!(shown_name(0, b"x"), Some((b"user.x".to_vec(), false)));
-        assert_eq!(shown_name(F_SECURE, b"selinux").unwrap().0, b"security.selinux");
-        assert_eq!(shown_name(F_ROOT, b"SGI_ACL_FILE").unwrap().1, true);
+        assert_eq!(
+            shown_name(F_SECURE, b"selinux").unwrap().0,
+            b"security.selinux"
+        );
+        assert!(shown_name(F_ROOT, b"SGI_ACL_FILE").unwrap().1);
         assert_eq!(shown_name(F_INCOMPLETE, b"x"), None);
         let mut acl = 1u32.to_be_bytes().to_vec();
         acl.extend_from_slice(&[0, 0, 0, 2, 0, 0, 3, 0xe8, 0, 6, 0, 0]);
-        assert_eq!(acl_to_posix(&acl).unwrap(), [2, 0, 0, 0, 2, 0, 6, 0, 0xe8, 3, 0, 0]);
+        assert_eq!(
+            acl_to_posix(&acl).unwrap(),
+            [2, 0, 0, 0, 2, 0, 6, 0, 0xe8, 3, 0, 0]
+        );
         assert_eq!(acl_to_posix(&[0, 0, 0, 9]), None);
     }
 }

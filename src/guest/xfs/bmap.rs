@@ -38,7 +38,13 @@ pub struct Run {
 
 /// Parses packed extent records, checking each and their order. `at` is
 /// the volume offset of `recs` (error messages).
-pub fn parse_extents(vol: &str, sb: &Superblock, recs: &[u8], at: u64, owner: &str) -> GuestResult<Vec<Extent>> {
+pub fn parse_extents(
+    vol: &str,
+    sb: &Superblock,
+    recs: &[u8],
+    at: u64,
+    owner: &str,
+) -> GuestResult<Vec<Extent>> {
     let mut out = Vec::with_capacity(recs.len() / 16);
     let mut next_off = 0u64;
     for (i, r) in recs.chunks_exact(16).enumerate() {
@@ -47,7 +53,11 @@ pub fn parse_extents(vol: &str, sb: &Superblock, recs: &[u8], at: u64, owner: &s
         let fsb = ((l0 & 0x1ff) << 43) | (l1 >> 21);
         let len = l1 & 0x1f_ffff;
         let bad = |what: &str| {
-            GuestError::corrupt(vol, at + i as u64 * 16, format!("{owner}: extent {i} {what}"))
+            GuestError::corrupt(
+                vol,
+                at + i as u64 * 16,
+                format!("{owner}: extent {i} {what}"),
+            )
         };
         if len == 0 {
             return Err(bad("has length 0"));
@@ -58,7 +68,11 @@ pub fn parse_extents(vol: &str, sb: &Superblock, recs: &[u8], at: u64, owner: &s
         let agbno = fsb & ((1u64 << sb.agblklog) - 1);
         let block = match sb.fsb_to_block(fsb) {
             Some(b) if agbno + len <= sb.agblocks && b + len <= sb.dblocks => b,
-            _ => return Err(bad(&format!("at block {fsb}+{len} lies outside the filesystem"))),
+            _ => {
+                return Err(bad(&format!(
+                    "at block {fsb}+{len} lies outside the filesystem"
+                )))
+            }
         };
         next_off = off + len;
         out.push(Extent {
@@ -112,13 +126,19 @@ impl Walk<'_> {
             return Err(GuestError::corrupt(
                 vol,
                 at,
-                format!("inode {}: bmbt root level {level} with {numrecs} records", self.ino),
+                format!(
+                    "inode {}: bmbt root level {level} with {numrecs} records",
+                    self.ino
+                ),
             ));
         }
         if self.nextents > MAX_EXTENTS {
             return Err(GuestError::unsupported(
                 vol,
-                format!("inode {}: {} extents (more than {MAX_EXTENTS})", self.ino, self.nextents),
+                format!(
+                    "inode {}: {} extents (more than {MAX_EXTENTS})",
+                    self.ino, self.nextents
+                ),
             ));
         }
         for i in 0..numrecs {
@@ -132,11 +152,20 @@ impl Walk<'_> {
         let vol = self.disk.name.clone();
         let bs = self.sb.block_size as usize;
         let Some(blk) = self.sb.fsb_to_block(fsb) else {
-            return Err(GuestError::corrupt(&vol, from, format!("inode {}: bmbt pointer {fsb} outside the filesystem", self.ino)));
+            return Err(GuestError::corrupt(
+                &vol,
+                from,
+                format!(
+                    "inode {}: bmbt pointer {fsb} outside the filesystem",
+                    self.ino
+                ),
+            ));
         };
         let b = self.disk.block(blk)?;
         let at = blk * bs as u64;
-        let bad = |what: String| GuestError::corrupt(&vol, at, format!("inode {} bmbt block: {what}", self.ino));
+        let bad = |what: String| {
+            GuestError::corrupt(&vol, at, format!("inode {} bmbt block: {what}", self.ino))
+        };
         let hdr = if self.sb.v5 { 72 } else { 24 };
         let magic = if self.sb.v5 { BMA3_MAGIC } else { BMAP_MAGIC };
         if super::disk::be32(&b, 0) != magic {
@@ -146,18 +175,27 @@ impl Walk<'_> {
             if !verify_crc(&b, LBLOCK_CRC_OFF) {
                 return Err(bad("CRC mismatch".into()));
             }
-            if be64(&b, 24) != at / 512 || be64(&b, 56) != self.ino || b[40..56] != self.sb.meta_uuid()[..] {
+            if be64(&b, 24) != at / 512
+                || be64(&b, 56) != self.ino
+                || b[40..56] != self.sb.meta_uuid()[..]
+            {
                 return Err(bad("header names another block, owner or filesystem".into()));
             }
         }
         let numrecs = be16(&b, 6) as usize;
         let maxrecs = (bs - hdr) / 16;
         if be16(&b, 4) != level || numrecs == 0 || numrecs > maxrecs {
-            return Err(bad(format!("level {} (expected {level}) with {numrecs} records", be16(&b, 4))));
+            return Err(bad(format!(
+                "level {} (expected {level}) with {numrecs} records",
+                be16(&b, 4)
+            )));
         }
         if level == 0 {
             if self.out.len() as u64 + numrecs as u64 > self.nextents {
-                return Err(bad(format!("more records than the inode's {} extents", self.nextents)));
+                return Err(bad(format!(
+                    "more records than the inode's {} extents",
+                    self.nextents
+                )));
             }
             let recs = &b[hdr..hdr + numrecs * 16];
             let owner = format!("inode {} bmbt", self.ino);
@@ -185,11 +223,27 @@ mod tests {
     #[test]
     fn lookup_runs() {
         let e = [
-            Extent { off: 2, block: 100, len: 3, unwritten: false },
-            Extent { off: 10, block: 200, len: 1, unwritten: true },
+            Extent {
+                off: 2,
+                block: 100,
+                len: 3,
+                unwritten: false,
+            },
+            Extent {
+                off: 10,
+                block: 200,
+                len: 1,
+                unwritten: true,
+            },
         ];
         assert_eq!(lookup(&e, 0), Run { phys: None, len: 2 });
-        assert_eq!(lookup(&e, 3), Run { phys: Some(101), len: 2 });
+        assert_eq!(
+            lookup(&e, 3),
+            Run {
+                phys: Some(101),
+                len: 2
+            }
+        );
         assert_eq!(lookup(&e, 5), Run { phys: None, len: 5 });
         assert_eq!(lookup(&e, 10), Run { phys: None, len: 1 });
         assert_eq!(lookup(&e, 11).phys, None);

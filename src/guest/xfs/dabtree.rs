@@ -35,7 +35,11 @@ pub fn hash(name: &[u8]) -> u32 {
     let mut h: u32 = 0;
     let mut chunks = name.chunks_exact(4);
     for c in &mut chunks {
-        h = (c[0] as u32) << 21 ^ (c[1] as u32) << 14 ^ (c[2] as u32) << 7 ^ c[3] as u32 ^ h.rotate_left(28);
+        h = (c[0] as u32) << 21
+            ^ (c[1] as u32) << 14
+            ^ (c[2] as u32) << 7
+            ^ c[3] as u32
+            ^ h.rotate_left(28);
     }
     match *chunks.remainder() {
         [a, b, c] => (a as u32) << 14 ^ (b as u32) << 7 ^ c as u32 ^ h.rotate_left(21),
@@ -62,16 +66,32 @@ impl XfsFs {
     }
 
     /// The dabtree block at fork block `fblk` (a hole is corruption).
-    pub(super) fn da_block(&self, d: &Inode, fork: Fork, fblk: u64, from: u64) -> GuestResult<(Arc<Vec<u8>>, u64)> {
+    pub(super) fn da_block(
+        &self,
+        d: &Inode,
+        fork: Fork,
+        fblk: u64,
+        from: u64,
+    ) -> GuestResult<(Arc<Vec<u8>>, u64)> {
         match self.fork_block(d, fork, fblk, self.da_fsbs(fork))? {
             Some(x) => Ok(x),
-            None => Err(GuestError::corrupt(&self.disk.name, from, format!("inode {}: dabtree points to unmapped block {fblk}", d.ino))),
+            None => Err(GuestError::corrupt(
+                &self.disk.name,
+                from,
+                format!("inode {}: dabtree points to unmapped block {fblk}", d.ino),
+            )),
         }
     }
 
     /// Descends from the root at fork block `root` to the leftmost leaf
     /// that may hold `hash` (hash 0: the leftmost leaf).
-    pub(super) fn da_descend(&self, d: &Inode, fork: Fork, root: u64, hash: u32) -> GuestResult<Leaf> {
+    pub(super) fn da_descend(
+        &self,
+        d: &Inode,
+        fork: Fork,
+        root: u64,
+        hash: u32,
+    ) -> GuestResult<Leaf> {
         let mut fblk = root;
         let mut from = d.offset;
         let mut want_level = None;
@@ -93,11 +113,18 @@ impl XfsFs {
             let hdr = if v5 { 64 } else { 16 };
             let count = be16(&b, hdr - if v5 { 8 } else { 4 }) as usize;
             let level = be16(&b, hdr - if v5 { 6 } else { 2 }) as u32;
-            if count == 0 || hdr + count * 8 > b.len() || level == 0 || want_level.is_some_and(|l| l != level) {
+            if count == 0
+                || hdr + count * 8 > b.len()
+                || level == 0
+                || want_level.is_some_and(|l| l != level)
+            {
                 return Err(self.da_bad(d, at, "node count or level"));
             }
             let hashes = |i: usize| be32(&b, hdr + i * 8);
-            let i = (0..count).collect::<Vec<_>>().partition_point(|&i| hashes(i) < hash).min(count - 1);
+            let i = (0..count)
+                .collect::<Vec<_>>()
+                .partition_point(|&i| hashes(i) < hash)
+                .min(count - 1);
             fblk = be32(&b, hdr + i * 8 + 4) as u64;
             from = at;
             want_level = Some(level - 1);
@@ -106,7 +133,11 @@ impl XfsFs {
     }
 
     pub(super) fn da_bad(&self, d: &Inode, at: u64, what: &str) -> GuestError {
-        GuestError::corrupt(&self.disk.name, at, format!("inode {} dabtree block: {what}", d.ino))
+        GuestError::corrupt(
+            &self.disk.name,
+            at,
+            format!("inode {} dabtree block: {what}", d.ino),
+        )
     }
 
     /// Looks `name` up in a non-shortform directory through its hash
@@ -121,7 +152,9 @@ impl XfsFs {
             self.data_block_bounds(d, &b, at, true)?;
             let count = be32(&b, b.len() - 8) as usize;
             let start = b.len() - 8 - count * 8;
-            let ents: Vec<(u32, u32)> = (0..count).map(|i| (be32(&b, start + i * 8), be32(&b, start + i * 8 + 4))).collect();
+            let ents: Vec<(u32, u32)> = (0..count)
+                .map(|i| (be32(&b, start + i * 8), be32(&b, start + i * 8 + 4)))
+                .collect();
             let (found, _) = self.match_leaf_ents(d, &ents, h, name)?;
             return Ok(found);
         }
@@ -129,7 +162,11 @@ impl XfsFs {
         let mut leaf = self.da_descend(d, Fork::Data, root, h)?;
         for _ in 0..MAX_HOPS {
             let v5 = self.sb.v5;
-            let ok = if v5 { [LEAF1_3_MAGIC, LEAFN_3_MAGIC] } else { [LEAF1_MAGIC, LEAFN_MAGIC] };
+            let ok = if v5 {
+                [LEAF1_3_MAGIC, LEAFN_3_MAGIC]
+            } else {
+                [LEAF1_MAGIC, LEAFN_MAGIC]
+            };
             if !ok.contains(&leaf.magic) {
                 return Err(self.da_bad(d, leaf.at, "bad directory leaf magic"));
             }
@@ -144,14 +181,20 @@ impl XfsFs {
             if hdr + count * 8 > b.len() {
                 return Err(self.da_bad(d, leaf.at, "leaf count"));
             }
-            let ents: Vec<(u32, u32)> = (0..count).map(|i| (be32(b, hdr + i * 8), be32(b, hdr + i * 8 + 4))).collect();
+            let ents: Vec<(u32, u32)> = (0..count)
+                .map(|i| (be32(b, hdr + i * 8), be32(b, hdr + i * 8 + 4)))
+                .collect();
             let (found, more) = self.match_leaf_ents(d, &ents, h, name)?;
             let forw = be32(b, 0) as u64;
             if found.is_some() || !more || forw == 0 {
                 return Ok(found);
             }
             let (nb, at) = self.da_block(d, Fork::Data, forw, leaf.at)?;
-            leaf = Leaf { magic: be16(&nb, 8), b: nb, at };
+            leaf = Leaf {
+                magic: be16(&nb, 8),
+                b: nb,
+                at,
+            };
         }
         Err(self.da_bad(d, leaf.at, "too many leaves with one hash"))
     }
@@ -159,7 +202,13 @@ impl XfsFs {
     /// Checks the entries hashed `h` among sorted leaf entries (hash,
     /// address); returns the inode if one is `name`, and whether entries
     /// with this hash may continue in the next leaf.
-    fn match_leaf_ents(&self, d: &Inode, ents: &[(u32, u32)], h: u32, name: &[u8]) -> GuestResult<(Option<u64>, bool)> {
+    fn match_leaf_ents(
+        &self,
+        d: &Inode,
+        ents: &[(u32, u32)],
+        h: u32,
+        name: &[u8],
+    ) -> GuestResult<(Option<u64>, bool)> {
         let mut i = ents.partition_point(|e| e.0 < h);
         while i < ents.len() && ents[i].0 == h {
             let addr = ents[i].1;

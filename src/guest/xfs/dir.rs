@@ -51,7 +51,11 @@ impl XfsFs {
         let b = d.fork(Fork::Data);
         let at = d.fork_offset(Fork::Data);
         let bad = |off: usize, what: &str| {
-            GuestError::corrupt(&self.disk.name, at + off as u64, format!("directory {}: shortform {what}", d.ino))
+            GuestError::corrupt(
+                &self.disk.name,
+                at + off as u64,
+                format!("directory {}: shortform {what}", d.ino),
+            )
         };
         if b.len() < 6 || d.size > b.len() as u64 {
             return Err(bad(0, "size exceeds the inode"));
@@ -64,7 +68,11 @@ impl XfsFs {
         if b.len() < 2 + isz {
             return Err(bad(0, "header truncated"));
         }
-        if f(Ent { name: b"..", ino: rd(2), ftype: 2 }) {
+        if f(Ent {
+            name: b"..",
+            ino: rd(2),
+            ftype: 2,
+        }) {
             return Ok(());
         }
         let extra = self.sb.ftype as usize;
@@ -77,7 +85,11 @@ impl XfsFs {
             }
             let name = &b[p + 3..p + 3 + len];
             let ftype = if extra == 1 { b[p + 3 + len] } else { 0 };
-            if f(Ent { name, ino: rd(p + 3 + len + extra), ftype }) {
+            if f(Ent {
+                name,
+                ino: rd(p + 3 + len + extra),
+                ftype,
+            }) {
                 return Ok(());
             }
             p = end;
@@ -87,7 +99,13 @@ impl XfsFs {
 
     /// Checks a directory data block's header; returns where entries start
     /// and end (a block directory's leaf and tail at the end are excluded).
-    pub(super) fn data_block_bounds(&self, d: &Inode, b: &[u8], at: u64, block_form: bool) -> GuestResult<(usize, usize)> {
+    pub(super) fn data_block_bounds(
+        &self,
+        d: &Inode,
+        b: &[u8],
+        at: u64,
+        block_form: bool,
+    ) -> GuestResult<(usize, usize)> {
         let v5 = self.sb.v5;
         let want = match (v5, block_form) {
             (false, true) => XD2B,
@@ -95,7 +113,13 @@ impl XfsFs {
             (true, true) => XDB3,
             (true, false) => XDD3,
         };
-        let bad = |what: String| GuestError::corrupt(&self.disk.name, at, format!("directory {} data block: {what}", d.ino));
+        let bad = |what: String| {
+            GuestError::corrupt(
+                &self.disk.name,
+                at,
+                format!("directory {} data block: {what}", d.ino),
+            )
+        };
         if be32(b, 0) != want {
             return Err(bad("bad magic".into()));
         }
@@ -129,13 +153,23 @@ impl XfsFs {
         let (mut p, end) = self.data_block_bounds(d, b, at, block_form)?;
         let extra = self.sb.ftype as usize;
         while p < end {
-            let bad = |what: &str| GuestError::corrupt(&self.disk.name, at + p as u64, format!("directory {}: {what}", d.ino));
+            let bad = |what: &str| {
+                GuestError::corrupt(
+                    &self.disk.name,
+                    at + p as u64,
+                    format!("directory {}: {what}", d.ino),
+                )
+            };
             if p + 8 > end {
                 return Err(bad("entry past the block's end"));
             }
             if be16(b, p) == 0xffff {
                 let len = be16(b, p + 2) as usize;
-                if len < 8 || len % 8 != 0 || p + len > end || be16(b, p + len - 2) as usize != p {
+                if len < 8
+                    || !len.is_multiple_of(8)
+                    || p + len > end
+                    || be16(b, p + len - 2) as usize != p
+                {
                     return Err(bad("bad free region"));
                 }
                 p += len;
@@ -174,7 +208,11 @@ impl XfsFs {
         let fsbs = 1u64 << self.sb.dirblklog;
         let leaf_fblk = LEAF_OFFSET >> self.sb.blocklog;
         if d.size > LEAF_OFFSET {
-            return Err(GuestError::corrupt(&self.disk.name, d.offset + 0x38, format!("directory {}: size {} beyond the data space", d.ino, d.size)));
+            return Err(GuestError::corrupt(
+                &self.disk.name,
+                d.offset + 0x38,
+                format!("directory {}: size {} beyond the data space", d.ino, d.size),
+            ));
         }
         let block_form = self.is_block_dir(d);
         let extents = self.extents(d, Fork::Data)?;

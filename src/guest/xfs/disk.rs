@@ -15,7 +15,8 @@ const CACHE_BYTES: u64 = 32 << 20;
 /// Big-endian u16 at `off`; 0 past the end (callers check lengths first;
 /// this only keeps a missed check from becoming a panic).
 pub fn be16(b: &[u8], off: usize) -> u16 {
-    b.get(off..off + 2).map_or(0, |s| u16::from_be_bytes([s[0], s[1]]))
+    b.get(off..off + 2)
+        .map_or(0, |s| u16::from_be_bytes([s[0], s[1]]))
 }
 
 pub fn be32(b: &[u8], off: usize) -> u32 {
@@ -69,13 +70,15 @@ impl V5Hdr {
     }
 }
 
+type BlockCache = LruCache<(u64, u64), Arc<Vec<u8>>>;
+
 pub struct Disk {
     pub name: String,
     bytes: Arc<dyn ReadBytes>,
     pub block_size: u64,
     pub blocks: u64,
     /// (first block, block count) -> bytes.
-    cache: Mutex<LruCache<(u64, u64), Arc<Vec<u8>>>>,
+    cache: Mutex<BlockCache>,
 }
 
 impl Disk {

@@ -37,12 +37,10 @@ pub struct Inode {
     pub ino: Ino,
     /// Byte offset of the inode on the volume (for error messages).
     pub offset: u64,
-    pub mode: u16,
     pub kind: FileKind,
     pub format: u8,
     pub aformat: u8,
     pub size: u64,
-    pub nblocks: u64,
     pub flags: u16,
     pub nextents: u64,
     pub anextents: u64,
@@ -95,7 +93,13 @@ fn rdev(d: u32) -> u32 {
 
 impl Inode {
     /// Parses inode `ino` from its `raw` bytes (inode size) at `offset`.
-    pub fn parse(vol: &str, sb: &Superblock, ino: Ino, raw: &[u8], offset: u64) -> GuestResult<Inode> {
+    pub fn parse(
+        vol: &str,
+        sb: &Superblock,
+        ino: Ino,
+        raw: &[u8],
+        offset: u64,
+    ) -> GuestResult<Inode> {
         let bad = |at: usize, what: String| {
             GuestError::corrupt(vol, offset + at as u64, format!("inode {ino}: {what}"))
         };
@@ -103,7 +107,11 @@ impl Inode {
             return Err(bad(0, "bad magic".into()));
         }
         let version = raw[4];
-        let ok_version = if sb.v5 { version == 3 } else { version == 1 || version == 2 };
+        let ok_version = if sb.v5 {
+            version == 3
+        } else {
+            version == 1 || version == 2
+        };
         if !ok_version {
             return Err(bad(4, format!("version {version}")));
         }
@@ -112,7 +120,10 @@ impl Inode {
                 return Err(bad(CRC_OFF, "CRC mismatch".into()));
             }
             if be64(raw, 0x98) != ino {
-                return Err(bad(0x98, format!("carries inode number {}", be64(raw, 0x98))));
+                return Err(bad(
+                    0x98,
+                    format!("carries inode number {}", be64(raw, 0x98)),
+                ));
             }
             if raw[0xa0..0xb0] != sb.meta_uuid()[..] {
                 return Err(bad(0xa0, "UUID is not this filesystem's".into()));
@@ -126,7 +137,10 @@ impl Inode {
         let lit = raw.len() - core;
         let forkoff = raw[0x52] as usize * 8;
         if forkoff >= lit {
-            return Err(bad(0x52, format!("attr fork offset {forkoff} beyond the inode")));
+            return Err(bad(
+                0x52,
+                format!("attr fork offset {forkoff} beyond the inode"),
+            ));
         }
         let flags2 = if version == 3 { be64(raw, 0x78) } else { 0 };
         let (nextents, anextents) = if flags2 & DIFLAG2_NREXT64 != 0 {
@@ -154,7 +168,11 @@ impl Inode {
             return Err(bad(0x53, format!("attr fork format {aformat}")));
         }
         let bigtime = flags2 & DIFLAG2_BIGTIME != 0;
-        let nlink = if version == 1 { be16(raw, 6) as u32 } else { be32(raw, 0x10) };
+        let nlink = if version == 1 {
+            be16(raw, 6) as u32
+        } else {
+            be32(raw, 0x10)
+        };
         let nblocks = be64(raw, 0x40);
         let attr = Attr {
             ino,
@@ -168,7 +186,11 @@ impl Inode {
             atime: time(raw, 0x20, bigtime),
             mtime: time(raw, 0x28, bigtime),
             ctime: time(raw, 0x30, bigtime),
-            crtime: if version == 3 { time(raw, 0x90, bigtime) } else { Timestamp::default() },
+            crtime: if version == 3 {
+                time(raw, 0x90, bigtime)
+            } else {
+                Timestamp::default()
+            },
             rdev: match kind {
                 FileKind::CharDevice | FileKind::BlockDevice => rdev(be32(raw, core)),
                 _ => 0,
@@ -177,12 +199,10 @@ impl Inode {
         let mut inode = Inode {
             ino,
             offset,
-            mode,
             kind,
             format,
             aformat: if forkoff != 0 { aformat } else { FMT_LOCAL },
             size,
-            nblocks,
             flags: be16(raw, 0x5a),
             nextents,
             anextents,
@@ -202,17 +222,32 @@ impl Inode {
         Ok(inode)
     }
 
-    fn fork_extents(&self, vol: &str, sb: &Superblock, fork: Fork, n: u64) -> GuestResult<Vec<Extent>> {
+    fn fork_extents(
+        &self,
+        vol: &str,
+        sb: &Superblock,
+        fork: Fork,
+        n: u64,
+    ) -> GuestResult<Vec<Extent>> {
         let (start, bytes) = self.fork_range(fork);
         if n.saturating_mul(16) > bytes.len() as u64 {
             return Err(GuestError::corrupt(
                 vol,
                 self.offset + start as u64,
-                format!("inode {}: {n} {fork:?} extents do not fit the fork", self.ino),
+                format!(
+                    "inode {}: {n} {fork:?} extents do not fit the fork",
+                    self.ino
+                ),
             ));
         }
         let at = self.offset + start as u64;
-        parse_extents(vol, sb, &bytes[..n as usize * 16], at, &format!("inode {}", self.ino))
+        parse_extents(
+            vol,
+            sb,
+            &bytes[..n as usize * 16],
+            at,
+            &format!("inode {}", self.ino),
+        )
     }
 
     /// Where a fork lies in the inode, and its bytes.
@@ -268,6 +303,9 @@ mod tests {
         // major 8, minor 1 -> Linux 0x801; major 300, minor 70000.
         assert_eq!(rdev((8 << 18) | 1), 0x801);
         let (ma, mi) = (300u32, 70000u32);
-        assert_eq!(rdev((ma << 18) | mi), (mi & 0xff) | (ma << 8) | ((mi & !0xff) << 12));
+        assert_eq!(
+            rdev((ma << 18) | mi),
+            (mi & 0xff) | (ma << 8) | ((mi & !0xff) << 12)
+        );
     }
 }

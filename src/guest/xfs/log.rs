@@ -83,8 +83,17 @@ impl Log<'_> {
             }
             let mut h = vec![0u8; BB as usize];
             self.disk.read_raw(&mut h, self.start + bb * BB)?;
-            let (version, len, ops, size) = (be32(&h, 8), be32(&h, 12) as u64, be32(&h, 40), be32(&h, 320) as u64);
-            let hblks = if version & 2 != 0 && size > 32768 { size.div_ceil(32768) } else { 1 };
+            let (version, len, ops, size) = (
+                be32(&h, 8),
+                be32(&h, 12) as u64,
+                be32(&h, 40),
+                be32(&h, 320) as u64,
+            );
+            let hblks = if version & 2 != 0 && size > 32768 {
+                size.div_ceil(32768)
+            } else {
+                1
+            };
             let data = (bb + hblks) % self.bbs;
             let end = (bb + hblks + len.div_ceil(BB)) % self.bbs;
             let mut op = [0u8; 12];
@@ -92,9 +101,13 @@ impl Log<'_> {
             if ops == 1 && op[9] & UNMOUNT_TRANS != 0 && end == head {
                 return Ok(LogState::Clean);
             }
-            return Ok(LogState::Dirty("the last log record is not an unmount record".into()));
+            return Ok(LogState::Dirty(
+                "the last log record is not an unmount record".into(),
+            ));
         }
-        Ok(LogState::Dirty("no log record found before the head".into()))
+        Ok(LogState::Dirty(
+            "no log record found before the head".into(),
+        ))
     }
 }
 
@@ -108,5 +121,6 @@ pub fn state(disk: &Disk, start: u64, bytes: u64) -> LogState {
     if log.bbs < 2 {
         return LogState::Dirty("log too small to hold a record".into());
     }
-    log.state().unwrap_or_else(|e| LogState::Dirty(format!("log unreadable ({e})")))
+    log.state()
+        .unwrap_or_else(|e| LogState::Dirty(format!("log unreadable ({e})")))
 }

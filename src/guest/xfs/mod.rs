@@ -56,7 +56,9 @@ pub fn probe(bytes: &dyn ReadBytes) -> bool {
 pub fn root_ino(bytes: &dyn ReadBytes) -> Option<u64> {
     let mut raw = vec![0u8; SB_READ.max(1 << 15).min(bytes.size() as usize)];
     bytes.read_exact_at(&mut raw, 0).ok()?;
-    Superblock::parse("", &raw, bytes.size()).ok().map(|s| s.rootino)
+    Superblock::parse("", &raw, bytes.size())
+        .ok()
+        .map(|s| s.rootino)
 }
 
 /// Opens the XFS filesystem on `bytes` (read-only; a dirty log is noted,
@@ -64,6 +66,8 @@ pub fn root_ino(bytes: &dyn ReadBytes) -> Option<u64> {
 pub fn open(volume: &str, bytes: Arc<dyn ReadBytes>) -> GuestResult<Arc<dyn GuestFs>> {
     Ok(Arc::new(XfsFs::open(volume, bytes)?))
 }
+
+type MapCache = LruCache<(u64, bool), Arc<Vec<Extent>>>;
 
 /// An open XFS filesystem.
 pub struct XfsFs {
@@ -73,7 +77,7 @@ pub struct XfsFs {
     inodes: Mutex<LruCache<u64, Arc<Inode>>>,
     /// Extents of bmbt-format forks: (inode, attr fork?) -> extents, and
     /// the total number held.
-    maps: Mutex<(LruCache<(u64, bool), Arc<Vec<Extent>>>, usize)>,
+    maps: Mutex<(MapCache, usize)>,
 }
 
 impl XfsFs {
@@ -85,7 +89,11 @@ impl XfsFs {
             .read_exact_at(&mut raw, 0)
             .map_err(|e| GuestError::io(name, 0, raw.len(), e))?;
         if raw.len() < SB_READ {
-            return Err(GuestError::corrupt(name, 0, "volume too small for an XFS superblock"));
+            return Err(GuestError::corrupt(
+                name,
+                0,
+                "volume too small for an XFS superblock",
+            ));
         }
         let sb = Superblock::parse(name, &raw, size)?;
         let disk = Disk::new(name, bytes, sb.block_size, sb.dblocks);
@@ -97,23 +105,38 @@ impl XfsFs {
             maps: Mutex::new((LruCache::unbounded(), 0)),
         };
         fs.check_log();
+        if fs.sb.incompat & sb::INCOMPAT_NEEDSREPAIR != 0 {
+            fs.notes.push(
+                "needs repair: xfs_repair did not finish; the kernel refuses to mount this volume"
+                    .into(),
+            );
+        }
         let root = fs.inode(fs.sb.rootino)?;
         if root.kind != FileKind::Dir {
-            return Err(GuestError::corrupt(name, root.offset, "root inode is not a directory"));
+            return Err(GuestError::corrupt(
+                name,
+                root.offset,
+                "root inode is not a directory",
+            ));
         }
         Ok(fs)
     }
 
     fn check_log(&mut self) {
         if self.sb.logstart == 0 {
-            self.notes.push("external log: not checked (the log device is not part of this volume)".into());
+            self.notes.push(
+                "external log: not checked (the log device is not part of this volume)".into(),
+            );
             return;
         }
         // Checked in Superblock::parse.
         let blk = self.sb.fsb_to_block(self.sb.logstart).unwrap_or(0);
         let bs = self.sb.block_size;
-        if let log::LogState::Dirty(why) = log::state(&self.disk, blk * bs, self.sb.logblocks * bs) {
-            self.notes.push(format!("dirty log: not replayed, served as mount -o ro,norecovery would ({why})"));
+        if let log::LogState::Dirty(why) = log::state(&self.disk, blk * bs, self.sb.logblocks * bs)
+        {
+            self.notes.push(format!(
+                "dirty log: not replayed, served as mount -o ro,norecovery would ({why})"
+            ));
         }
     }
 
@@ -123,7 +146,11 @@ impl XfsFs {
             return Ok(i.clone());
         }
         let Some((byte, _, _)) = self.sb.ino_location(ino) else {
-            return Err(GuestError::corrupt(&self.disk.name, 0x38, format!("inode number {ino} out of range")));
+            return Err(GuestError::corrupt(
+                &self.disk.name,
+                0x38,
+                format!("inode number {ino} out of range"),
+            ));
         };
         let bs = self.sb.block_size;
         let block = self.disk.block(byte / bs)?;
@@ -144,7 +171,11 @@ impl XfsFs {
             return Ok(Arc::new(e.clone()));
         }
         if fmt != FMT_BTREE {
-            return Err(GuestError::corrupt(&self.disk.name, d.offset, format!("inode {}: {fork:?} fork has no block map", d.ino)));
+            return Err(GuestError::corrupt(
+                &self.disk.name,
+                d.offset,
+                format!("inode {}: {fork:?} fork has no block map", d.ino),
+            ));
         }
         let key = (d.ino, fork == Fork::Attr);
         if let Some(e) = self.maps.lock().0.get(&key) {
@@ -175,7 +206,13 @@ impl XfsFs {
 
     /// `n` fork blocks from fork block `fblk` as one buffer with its volume
     /// byte offset; None if the first is a hole.
-    fn fork_block(&self, d: &Inode, fork: Fork, fblk: u64, n: u64) -> GuestResult<Option<(Arc<Vec<u8>>, u64)>> {
+    fn fork_block(
+        &self,
+        d: &Inode,
+        fork: Fork,
+        fblk: u64,
+        n: u64,
+    ) -> GuestResult<Option<(Arc<Vec<u8>>, u64)>> {
         let ext = self.extents(d, fork)?;
         let run = bmap::lookup(&ext, fblk);
         let Some(p) = run.phys else {
@@ -189,7 +226,11 @@ impl XfsFs {
         let mut v = Vec::with_capacity((n * self.sb.block_size) as usize);
         for i in 0..n {
             let Run { phys: Some(q), .. } = bmap::lookup(&ext, fblk + i) else {
-                return Err(GuestError::corrupt(&self.disk.name, at, format!("inode {}: block {fblk} is partly unmapped", d.ino)));
+                return Err(GuestError::corrupt(
+                    &self.disk.name,
+                    at,
+                    format!("inode {}: block {fblk} is partly unmapped", d.ino),
+                ));
             };
             v.extend_from_slice(&self.disk.block(q)?);
         }
@@ -217,7 +258,10 @@ impl XfsFs {
             _ => return Err(GuestError::Invalid),
         }
         if f.realtime() {
-            return Err(GuestError::unsupported(&self.disk.name, format!("inode {ino}: data on the realtime device")));
+            return Err(GuestError::unsupported(
+                &self.disk.name,
+                format!("inode {ino}: data on the realtime device"),
+            ));
         }
         Ok(f)
     }
@@ -225,11 +269,17 @@ impl XfsFs {
     /// Validates an entry's inode number.
     fn check_entry(&self, d: &Inode, name: &[u8], ino: u64) -> GuestResult<u64> {
         let special = name == b"." || name == b"..";
-        if self.sb.ino_location(ino).is_none() || (!special && (ino == d.ino || ino == self.sb.rootino)) {
+        if self.sb.ino_location(ino).is_none()
+            || (!special && (ino == d.ino || ino == self.sb.rootino))
+        {
             return Err(GuestError::corrupt(
                 &self.disk.name,
                 d.offset,
-                format!("directory {}: entry {:?} points to inode {ino} (loop or out of range)", d.ino, String::from_utf8_lossy(name)),
+                format!(
+                    "directory {}: entry {:?} points to inode {ino} (loop or out of range)",
+                    d.ino,
+                    String::from_utf8_lossy(name)
+                ),
             ));
         }
         Ok(ino)
@@ -254,7 +304,14 @@ impl XfsFs {
 
 fn uuid_string(u: &[u8; 16]) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 impl GuestFs for XfsFs {
@@ -265,7 +322,8 @@ impl GuestFs for XfsFs {
     fn info(&self) -> FsInfo {
         FsInfo {
             fstype: self.sb.fstype().to_string(),
-            label: (!self.sb.label.is_empty()).then(|| String::from_utf8_lossy(&self.sb.label).into_owned()),
+            label: (!self.sb.label.is_empty())
+                .then(|| String::from_utf8_lossy(&self.sb.label).into_owned()),
             uuid: Some(uuid_string(&self.sb.uuid)),
             notes: self.notes.clone(),
         }
@@ -348,13 +406,18 @@ impl GuestFs for XfsFs {
         if l.kind != FileKind::Symlink {
             return Err(GuestError::Invalid);
         }
-        let bad = |what: &str| GuestError::corrupt(&self.disk.name, l.offset, format!("symlink {ino}: {what}"));
+        let bad = |what: &str| {
+            GuestError::corrupt(&self.disk.name, l.offset, format!("symlink {ino}: {what}"))
+        };
         if l.size == 0 || l.size > MAX_LINK {
             return Err(bad("bad length"));
         }
         if l.format == FMT_LOCAL {
             let f = l.fork(Fork::Data);
-            return f.get(..l.size as usize).map(|s| s.to_vec()).ok_or_else(|| bad("target exceeds the inode"));
+            return f
+                .get(..l.size as usize)
+                .map(|s| s.to_vec())
+                .ok_or_else(|| bad("target exceeds the inode"));
         }
         let mut out = Vec::with_capacity(l.size as usize);
         let mut fblk = 0;
@@ -365,11 +428,22 @@ impl GuestFs for XfsFs {
             let left = l.size as usize - out.len();
             if self.sb.v5 {
                 let chunk = left.min(b.len() - SYMLINK_HDR);
-                if be32(&b, 0) != SYMLINK_MAGIC || be32(&b, 4) as usize != out.len() || be32(&b, 8) as usize != chunk {
-                    return Err(GuestError::corrupt(&self.disk.name, at, format!("symlink {ino}: bad block header")));
+                if be32(&b, 0) != SYMLINK_MAGIC
+                    || be32(&b, 4) as usize != out.len()
+                    || be32(&b, 8) as usize != chunk
+                {
+                    return Err(GuestError::corrupt(
+                        &self.disk.name,
+                        at,
+                        format!("symlink {ino}: bad block header"),
+                    ));
                 }
                 if let Some(w) = SYMLINK_V5.check(&b, at, self.sb.meta_uuid(), ino) {
-                    return Err(GuestError::corrupt(&self.disk.name, at, format!("symlink {ino} block: {w}")));
+                    return Err(GuestError::corrupt(
+                        &self.disk.name,
+                        at,
+                        format!("symlink {ino} block: {w}"),
+                    ));
                 }
                 out.extend_from_slice(&b[SYMLINK_HDR..SYMLINK_HDR + chunk]);
             } else {
@@ -381,7 +455,11 @@ impl GuestFs for XfsFs {
     }
 
     fn listxattr(&self, ino: Ino) -> GuestResult<Vec<Vec<u8>>> {
-        Ok(self.xattrs(&*self.inode(ino)?)?.into_iter().map(|(n, _)| n).collect())
+        Ok(self
+            .xattrs(&*self.inode(ino)?)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect())
     }
 
     fn getxattr(&self, ino: Ino, name: &[u8]) -> GuestResult<Vec<u8>> {
@@ -398,6 +476,9 @@ impl GuestFs for XfsFs {
 
     fn next_hole(&self, ino: Ino, offset: u64) -> GuestResult<u64> {
         let size = self.file_inode(ino)?.size;
-        Ok(self.seek(ino, offset, false)?.unwrap_or(size).max(offset.min(size)))
+        Ok(self
+            .seek(ino, offset, false)?
+            .unwrap_or(size)
+            .max(offset.min(size)))
     }
 }

@@ -54,12 +54,9 @@ pub struct Superblock {
     pub agblocks: u64,
     pub agcount: u64,
     pub logblocks: u64,
-    pub sect_size: u64,
     pub inode_size: u64,
-    pub inopblock: u64,
     pub label: Vec<u8>,
     pub blocklog: u32,
-    pub inodelog: u32,
     pub inopblog: u32,
     pub agblklog: u32,
     pub dirblklog: u32,
@@ -68,29 +65,37 @@ pub struct Superblock {
     /// Directory entries carry a file type byte.
     pub ftype: bool,
     pub incompat: u32,
-    pub ro_compat: u32,
-    pub inoalign: u64,
-    pub spino_align: u64,
 }
 
 impl Superblock {
     /// Parses and checks the superblock (`raw` holds at least one sector:
     /// the v5 CRC covers `sb_sectsize` bytes).
     pub fn parse(vol: &str, raw: &[u8], vol_size: u64) -> GuestResult<Superblock> {
-        let bad = |off: usize, what: String| GuestError::corrupt(vol, off as u64, format!("superblock: {what}"));
+        let bad = |off: usize, what: String| {
+            GuestError::corrupt(vol, off as u64, format!("superblock: {what}"))
+        };
         if be32(raw, 0) != MAGIC {
             return Err(bad(0, "bad magic (not XFS)".into()));
         }
         let version = be16(raw, 0x64);
         let vnum = version & VERSION_NUMBITS;
         if vnum != 4 && vnum != 5 {
-            return Err(GuestError::unsupported(vol, format!("XFS superblock version {vnum}")));
+            return Err(GuestError::unsupported(
+                vol,
+                format!("XFS superblock version {vnum}"),
+            ));
         }
         let v5 = vnum == 5;
         let sect_size = be16(raw, 0x66) as u64;
         let sectlog = raw[0x79] as u32;
-        if !(9..=15).contains(&sectlog) || sect_size != 1 << sectlog || sect_size as usize > raw.len() {
-            return Err(bad(0x66, format!("sector size {sect_size} (log {sectlog})")));
+        if !(9..=15).contains(&sectlog)
+            || sect_size != 1 << sectlog
+            || sect_size as usize > raw.len()
+        {
+            return Err(bad(
+                0x66,
+                format!("sector size {sect_size} (log {sectlog})"),
+            ));
         }
         if v5 && !verify_crc(&raw[..sect_size as usize], SB_CRC_OFF) {
             return Err(bad(SB_CRC_OFF, "CRC mismatch".into()));
@@ -111,20 +116,32 @@ impl Superblock {
             || inopblog != blocklog - inodelog
             || inopblock != 1 << inopblog
         {
-            return Err(bad(0x68, format!("inode size {inode_size} / {inopblock} per block")));
+            return Err(bad(
+                0x68,
+                format!("inode size {inode_size} / {inopblock} per block"),
+            ));
         }
         let agblocks = be32(raw, 0x54) as u64;
         let agcount = be32(raw, 0x58) as u64;
         let agblklog = raw[0x7c] as u32;
-        if agblocks < 16 || agblocks > 1 << 31 || agblklog != 64 - (agblocks - 1).leading_zeros() {
-            return Err(bad(0x54, format!("AG size {agblocks} blocks (log {agblklog})")));
+        if !(16..=1 << 31).contains(&agblocks) || agblklog != 64 - (agblocks - 1).leading_zeros() {
+            return Err(bad(
+                0x54,
+                format!("AG size {agblocks} blocks (log {agblklog})"),
+            ));
         }
         let dblocks = be64(raw, 0x08);
         let vol_blocks = vol_size / block_size;
-        if agcount == 0 || dblocks > vol_blocks || dblocks > agcount * agblocks || dblocks <= (agcount - 1) * agblocks {
+        if agcount == 0
+            || dblocks > vol_blocks
+            || dblocks > agcount * agblocks
+            || dblocks <= (agcount - 1) * agblocks
+        {
             return Err(bad(
                 0x08,
-                format!("{dblocks} blocks in {agcount} AGs of {agblocks} (volume holds {vol_blocks})"),
+                format!(
+                    "{dblocks} blocks in {agcount} AGs of {agblocks} (volume holds {vol_blocks})"
+                ),
             ));
         }
         let rblocks = be64(raw, 0x10);
@@ -134,18 +151,28 @@ impl Superblock {
                 format!("XFS realtime section ({rblocks} blocks on a separate device, which a snapshot volume does not include)"),
             ));
         }
-        let features2 = if version & VERSION_MOREBITSBIT != 0 { be32(raw, 0xc8) } else { 0 };
+        let features2 = if version & VERSION_MOREBITSBIT != 0 {
+            be32(raw, 0xc8)
+        } else {
+            0
+        };
         if !v5 && version & VERSION_DIRV2BIT == 0 {
             return Err(GuestError::unsupported(vol, "XFS v1 directories"));
         }
         if version & VERSION_BORGBIT != 0 {
-            return Err(GuestError::unsupported(vol, "XFS ASCII case-insensitive directories"));
+            return Err(GuestError::unsupported(
+                vol,
+                "XFS ASCII case-insensitive directories",
+            ));
         }
         let incompat = if v5 { be32(raw, 0xd8) } else { 0 };
         if incompat & !INCOMPAT_KNOWN != 0 {
             return Err(GuestError::unsupported(
                 vol,
-                format!("XFS incompatible features {:#x}", incompat & !INCOMPAT_KNOWN),
+                format!(
+                    "XFS incompatible features {:#x}",
+                    incompat & !INCOMPAT_KNOWN
+                ),
             ));
         }
         let dirblklog = raw[0xc0] as u32;
@@ -163,7 +190,11 @@ impl Superblock {
         if incompat & INCOMPAT_META_UUID != 0 {
             meta_uuid.copy_from_slice(&raw[0xf8..0x108]);
         }
-        let label: Vec<u8> = raw[0x6c..0x78].iter().copied().take_while(|&b| b != 0).collect();
+        let label: Vec<u8> = raw[0x6c..0x78]
+            .iter()
+            .copied()
+            .take_while(|&b| b != 0)
+            .collect();
         let sb = Superblock {
             block_size,
             dblocks,
@@ -174,24 +205,30 @@ impl Superblock {
             agblocks,
             agcount,
             logblocks,
-            sect_size,
             inode_size,
-            inopblock,
             label,
             blocklog,
-            inodelog,
             inopblog,
             agblklog,
             dirblklog,
             v5,
-            ftype: if v5 { incompat & INCOMPAT_FTYPE != 0 } else { features2 & F2_FTYPE != 0 },
+            ftype: if v5 {
+                incompat & INCOMPAT_FTYPE != 0
+            } else {
+                features2 & F2_FTYPE != 0
+            },
             incompat,
-            ro_compat: if v5 { be32(raw, 0xd4) } else { 0 },
-            inoalign: be32(raw, 0xb4) as u64,
-            spino_align: if v5 { be32(raw, 0xe4) as u64 } else { 0 },
         };
-        if logstart != 0 && sb.fsb_to_block(logstart).and_then(|b| b.checked_add(logblocks)).is_none_or(|e| e > dblocks) {
-            return Err(bad(0x30, format!("internal log at {logstart}+{logblocks} outside the filesystem")));
+        if logstart != 0
+            && sb
+                .fsb_to_block(logstart)
+                .and_then(|b| b.checked_add(logblocks))
+                .is_none_or(|e| e > dblocks)
+        {
+            return Err(bad(
+                0x30,
+                format!("internal log at {logstart}+{logblocks} outside the filesystem"),
+            ));
         }
         if sb.ino_location(sb.rootino).is_none() {
             return Err(bad(0x38, format!("root inode {} out of range", sb.rootino)));
@@ -261,21 +298,15 @@ mod tests {
             agblocks: 1000,
             agcount: 4,
             logblocks: 0,
-            sect_size: 512,
             inode_size: 512,
-            inopblock: 8,
             label: vec![],
             blocklog: 12,
-            inodelog: 9,
             inopblog: 3,
             agblklog: 10,
             dirblklog: 0,
             v5: true,
             ftype: true,
             incompat: 0,
-            ro_compat: 0,
-            inoalign: 0,
-            spino_align: 0,
         }
     }
 
@@ -286,7 +317,10 @@ mod tests {
         assert_eq!(sb.fsb_to_block((2 << 10) | 1000), None);
         assert_eq!(sb.fsb_to_block(4 << 10), None);
         let ino = (1 << 13) | (7 << 3) | 2;
-        assert_eq!(sb.ino_location(ino), Some((1007 * 4096 + 2 * 512, 1, (7 << 3) | 2)));
+        assert_eq!(
+            sb.ino_location(ino),
+            Some((1007 * 4096 + 2 * 512, 1, (7 << 3) | 2))
+        );
         assert_eq!(sb.ino_location(0), None);
     }
 }
