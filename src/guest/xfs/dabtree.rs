@@ -120,11 +120,18 @@ impl XfsFs {
             {
                 return Err(self.da_bad(d, at, "node count or level"));
             }
-            let hashes = |i: usize| be32(&b, hdr + i * 8);
-            let i = (0..count)
-                .collect::<Vec<_>>()
-                .partition_point(|&i| hashes(i) < hash)
-                .min(count - 1);
+            // The first entry whose hash (the largest below it) is >= the
+            // one sought; past the last, the last (nothing there matches).
+            let (mut lo, mut hi) = (0, count);
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if be32(&b, hdr + mid * 8) < hash {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            let i = lo.min(count - 1);
             fblk = be32(&b, hdr + i * 8 + 4) as u64;
             from = at;
             want_level = Some(level - 1);
