@@ -22,6 +22,7 @@ pub mod ntfs;
 pub mod point;
 pub mod probe;
 pub mod volumes;
+pub mod xfs;
 
 pub use error::{GuestError, GuestResult};
 pub use fsapi::{Attr, DirEntry, FileKind, FsInfo, GuestFs, Timestamp};
