@@ -5,7 +5,7 @@
 
 use super::probe::{probe, Probe};
 use super::volumes::{scan, Volume, VolumeBytes};
-use super::{ext, fat, ntfs, GuestError, GuestFs, ReadBytes};
+use super::{ext, fat, ntfs, xfs, GuestError, GuestFs, ReadBytes};
 use std::sync::{Arc, OnceLock};
 
 /// One volume of a point, with what probing found and, once asked for,
@@ -44,6 +44,7 @@ fn reader_for(fstype: &str) -> Option<(ReaderFn, RootFn)> {
         "vfat" => Some((fat::open, |_| Some(1))),
         // MFT record 5 is the root directory.
         "ntfs" => Some((ntfs::open, |_| Some(5))),
+        "xfs" => Some((xfs::open, xfs::root_ino)),
         _ => None,
     }
 }

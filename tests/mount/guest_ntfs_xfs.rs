@@ -44,7 +44,10 @@ fn xfs_base(ws: &Workspace) {
     std::fs::create_dir_all(&gm).unwrap();
     sh(
         "mkfs.xfs",
-        &format!("truncate -s 320M {r}; mkfs.xfs -q -L rhelroot {r}", r = raw.display()),
+        &format!(
+            "truncate -s 320M {r}; mkfs.xfs -q -L rhelroot {r}",
+            r = raw.display()
+        ),
     );
     {
         let _m = LoopMount::new(&raw, &gm, "loop");
@@ -63,7 +66,13 @@ fn xfs_base(ws: &Workspace) {
             ),
         );
     }
-    ws.qemu_img(&["convert", "-O", "qcow2", raw.to_str().unwrap(), "base.qcow2"]);
+    ws.qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        "base.qcow2",
+    ]);
 }
 
 /// XFS on the leaf, mounted read-write by the kernel through a loop device
@@ -95,7 +104,11 @@ fn a_crash_consistent_xfs_snapshot_reads_like_norecovery() {
         f.sync_all().unwrap();
         std::fs::create_dir(gm.join("home/alice/new-dir")).unwrap();
         std::fs::write(gm.join("home/alice/new-dir/note"), b"fsynced\n").unwrap();
-        for d in ["home/alice/new-dir/note", "home/alice/new-dir", "home/alice"] {
+        for d in [
+            "home/alice/new-dir/note",
+            "home/alice/new-dir",
+            "home/alice",
+        ] {
             std::fs::File::open(gm.join(d)).unwrap().sync_all().unwrap();
         }
         ctl_ok(&mnt, "base", "snapshot crash");
@@ -118,7 +131,10 @@ fn a_crash_consistent_xfs_snapshot_reads_like_norecovery() {
         "no dirty-log note: {v}"
     );
     let status = read_text(&mnt.join("status"));
-    assert!(status.contains("unclean"), "status does not flag it:\n{status}");
+    assert!(
+        status.contains("unclean"),
+        "status does not flag it:\n{status}"
+    );
     assert_eq!(
         read_link_text(&crash.join("files")),
         "fs/disk",
@@ -137,8 +153,11 @@ fn a_crash_consistent_xfs_snapshot_reads_like_norecovery() {
 #[test]
 fn ntfs_files_point_at_windows_and_read_like_ntfs_3g() {
     let Some(ws) = workspace() else { return };
-    if !tools(&[("mkntfs", "ntfs-3g"), ("ntfs-3g", "ntfs-3g"), ("sgdisk", "gdisk")])
-        || !kernel_judge()
+    if !tools(&[
+        ("mkntfs", "ntfs-3g"),
+        ("ntfs-3g", "ntfs-3g"),
+        ("sgdisk", "gdisk"),
+    ]) || !kernel_judge()
     {
         return;
     }
@@ -183,7 +202,13 @@ fn ntfs_files_point_at_windows_and_read_like_ntfs_3g() {
             v = vol.display()
         ),
     );
-    ws.qemu_img(&["convert", "-O", "qcow2", disk.to_str().unwrap(), "base.qcow2"]);
+    ws.qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        disk.to_str().unwrap(),
+        "base.qcow2",
+    ]);
     let Some(m) = ws.mount(&["-o", "ro"]) else {
         return;
     };
@@ -235,7 +260,13 @@ fn volumes_snaptree_does_not_browse_are_listed_with_the_reason() {
             p3 = part(3).display(),
         ),
     );
-    ws.qemu_img(&["convert", "-O", "qcow2", disk.to_str().unwrap(), "base.qcow2"]);
+    ws.qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        disk.to_str().unwrap(),
+        "base.qcow2",
+    ]);
     let Some(m) = ws.mount(&["-o", "ro"]) else {
         return;
     };
