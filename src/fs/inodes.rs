@@ -19,11 +19,19 @@ const FIRST_VOLUME: u64 = 1 << 56;
 /// Volumes shown per point in `volumes/`.
 pub const MAX_VOLUMES: u64 = 4096;
 const FIRST_GUEST: u64 = 1 << 62;
-/// Guest inode numbers below 2^40 (ext's are 32-bit; FAT's are directory
-/// entry offsets / 32) and 2^22 slots fill the rest.
-pub const GUEST_BITS: u32 = 40;
+/// Guest inode numbers below 2^44 (ext's are 32-bit; FAT's are directory
+/// entry offsets / 32; NTFS's are MFT record numbers; XFS's are
+/// `agno << agino_log | agino`, 44 bits for 4096 AGs of 2^32 inodes) and
+/// 2^17 slots fill the rest. A guest inode past it is refused with
+/// `EOVERFLOW` (see [`guest_fits`]), never folded into another slot.
+pub const GUEST_BITS: u32 = 44;
 /// Guest-view slots (volumes of points) the numbers have room for.
-pub const MAX_SLOTS: u64 = 1 << 21;
+pub const MAX_SLOTS: u64 = 1 << 17;
+
+/// Whether guest inode `g` has a number in the mount.
+pub fn guest_fits(g: u64) -> bool {
+    g < 1 << GUEST_BITS
+}
 /// RAM blocks shown per point under `memory/` (QEMU machines have a
 /// dozen or so).
 pub const MAX_BLOCKS: u64 = 1024;
@@ -140,7 +148,7 @@ mod tests {
             all.push(Inode::MemoryBlock(p, MAX_BLOCKS - 1));
             all.push(Inode::Volume(p, MAX_VOLUMES - 1));
         }
-        for s in [0, 1, (1 << 21) - 1] {
+        for s in [0, 1, MAX_SLOTS - 1] {
             all.push(Inode::Guest(s, 2));
             all.push(Inode::Guest(s, (1 << GUEST_BITS) - 1));
         }

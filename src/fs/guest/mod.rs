@@ -147,7 +147,10 @@ impl SnapFs {
 pub(super) fn lookup_fs(fs: &SnapFs, p: u64, name: &str) -> Option<Inode> {
     let o = fs.guest.get(&fs.tree, p, true)?;
     let (i, _) = o.guest.volume(name)?;
-    let root = o.guest.root_ino(i)?;
+    let root = o
+        .guest
+        .root_ino(i)
+        .filter(|r| super::inodes::guest_fits(*r))?;
     Some(Inode::Guest(fs.guest.slot(p, name)?, root))
 }
 
@@ -155,7 +158,11 @@ pub(super) fn list_fs(fs: &SnapFs, p: u64) -> Option<Vec<Listed>> {
     let o = fs.guest.get(&fs.tree, p, true)?;
     let mut out = Vec::new();
     for (i, v) in o.guest.volumes.iter().enumerate() {
-        let Some(root) = o.guest.root_ino(i) else {
+        let Some(root) = o
+            .guest
+            .root_ino(i)
+            .filter(|r| super::inodes::guest_fits(*r))
+        else {
             continue;
         };
         let Some(slot) = fs.guest.slot(p, &v.volume.name) else {

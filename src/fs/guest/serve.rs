@@ -49,6 +49,9 @@ impl SnapFs {
         // A leaf's view is rebuilt here when its disk was written.
         let (fs, changes) = self.guest_fs(slot, true).ok_or(Errno::ENOENT)?;
         let g = fs.lookup(dir, name).map_err(|e| errno_of(&e))?;
+        if !super::super::inodes::guest_fits(g) {
+            return Err(Errno::EOVERFLOW);
+        }
         let a = fs.getattr(g).map_err(|e| errno_of(&e))?;
         Ok((guest_attr(slot, &a), ttl(changes)))
     }
@@ -56,8 +59,11 @@ impl SnapFs {
     pub(in crate::fs) fn guest_opendir(&self, slot: u64, g: u64) -> Result<Handle, Errno> {
         let (fs, _) = self.guest_fs(slot, true).ok_or(Errno::ENOENT)?;
         let entries = fs.readdir(g).map_err(|e| errno_of(&e))?;
+        // An entry whose inode has no number here is left out (its lookup
+        // says EOVERFLOW): listing it would give it another file's number.
         let listing = entries
             .into_iter()
+            .filter(|e| super::super::inodes::guest_fits(e.ino))
             .map(|e| {
                 let ino = super::encode(super::Inode::Guest(slot, e.ino));
                 (ino, kind(e.kind), OsString::from_vec(e.name))
