@@ -209,3 +209,5 @@ fn chain_bytes(img: &Path) -> Result<Vec<u8>, String> {
 
 #[path = "vhdx/diff.rs"]
 mod diff;
+#[path = "vhdx/log.rs"]
+mod log;
