@@ -209,5 +209,7 @@ fn chain_bytes(img: &Path) -> Result<Vec<u8>, String> {
 
 #[path = "vhdx/diff.rs"]
 mod diff;
+#[path = "vhdx/hostile.rs"]
+mod hostile;
 #[path = "vhdx/log.rs"]
 mod log;

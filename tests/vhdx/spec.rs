@@ -162,6 +162,34 @@ impl Vhdx {
         panic!("no region");
     }
 
+    /// Moves region `id` in both region tables, re-checksummed.
+    pub fn set_region(&mut self, id: &[u8; 16], off: u64, len: u32) {
+        for t in [196_608usize, 262_144] {
+            for i in 0..u32_at(&self.b, t + 8) as usize {
+                let e = t + 16 + i * 32;
+                if &self.b[e..e + 16] == id {
+                    self.b[e + 16..e + 24].copy_from_slice(&off.to_le_bytes());
+                    self.b[e + 24..e + 28].copy_from_slice(&len.to_le_bytes());
+                }
+            }
+            set_crc(&mut self.b[t..t + 65536]);
+        }
+    }
+
+    /// Adds a region entry to both tables, re-checksummed.
+    pub fn add_region(&mut self, id: &[u8; 16], off: u64, len: u32, required: bool) {
+        for t in [196_608usize, 262_144] {
+            let n = u32_at(&self.b, t + 8) as usize;
+            let e = t + 16 + n * 32;
+            self.b[e..e + 16].copy_from_slice(id);
+            self.b[e + 16..e + 24].copy_from_slice(&off.to_le_bytes());
+            self.b[e + 24..e + 28].copy_from_slice(&len.to_le_bytes());
+            self.b[e + 28..e + 32].copy_from_slice(&(required as u32).to_le_bytes());
+            self.b[t + 8..t + 12].copy_from_slice(&(n as u32 + 1).to_le_bytes());
+            set_crc(&mut self.b[t..t + 65536]);
+        }
+    }
+
     /// (absolute offset, length) of metadata item `id`.
     pub fn item(&self, id: &[u8; 16]) -> Option<(usize, usize)> {
         let base = self.region(&METADATA).0 as usize;

@@ -182,7 +182,7 @@ fn check_entry(
         return Ok(());
     }
     let start = offset(e);
-    let end = start + len;
+    let end = start.saturating_add(len);
     if start < MIB || end > file_len {
         return Err(ImageError::corrupt(
             path,

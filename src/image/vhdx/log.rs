@@ -193,14 +193,11 @@ pub fn find(
     if header.log_guid == [0; 16] || len == 0 {
         return Ok(None);
     }
-    if off + len > file_len {
+    if off.checked_add(len).is_none_or(|end| end > file_len) {
         return Err(ImageError::corrupt(
             path,
             hat + 68,
-            format!(
-                "log [{off}, {}) ends past the end of the file ({file_len})",
-                off + len
-            ),
+            format!("log at {off}, length {len} ends past the end of the file ({file_len})"),
         ));
     }
     if len > MAX_LOG {
@@ -287,6 +284,13 @@ fn build(path: &Path, log_at: u64, file_len: u64, seq: Vec<Entry>) -> Result<Rep
             r.new_len = e.last.div_ceil(MIB) * MIB;
         }
         for (at, data) in e.writes {
+            if at > super::metadata::MAX_DISK_SIZE * 2 {
+                return Err(ImageError::corrupt(
+                    path,
+                    log_at,
+                    format!("log entry {} writes at {at}, past any VHDX", e.sequence),
+                ));
+            }
             if at < HEADER_AT[1] + 64 * 1024 {
                 return Err(ImageError::corrupt(
                     path,

@@ -126,7 +126,7 @@ impl VhdxLayer {
         if header.log_length != 0 {
             let (s, e) = (
                 header.log_offset,
-                header.log_offset + header.log_length as u64,
+                header.log_offset.saturating_add(header.log_length as u64),
             );
             if let Some((a, b, what)) = forbidden.iter().find(|(a, b, _)| s < *b && *a < e) {
                 return Err(ImageError::corrupt(
