@@ -38,6 +38,7 @@ pub use crate::storage;
 #[cfg(test)]
 pub mod testutil;
 pub mod vhd;
+pub mod vhdx;
 
 use crate::error::{ImageError, Result};
 use serde::Serialize;
@@ -103,6 +104,8 @@ pub enum Format {
     /// VHD, by QEMU's name for it.
     #[serde(rename = "vpc")]
     Vhd,
+    /// VHDX and AVHDX (Hyper-V).
+    Vhdx,
 }
 
 impl Format {

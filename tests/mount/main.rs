@@ -36,6 +36,7 @@ mod tree;
 #[path = "../common/vhd_peers.rs"]
 mod vhd_peers;
 mod vhd_tree;
+mod vhdx_tree;
 mod writes;
 
 use std::fs::{File, OpenOptions};

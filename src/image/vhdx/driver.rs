@@ -1,0 +1,100 @@
+//! VHDX in the format registry (see `image::formats`): recognised by its
+//! `vhdxfile` identifier (AVHDX files are VHDX), opened read-only. Its one
+//! repair is the log replay a read-write open needs: written into the file
+//! while the caller holds the write lock (`repair_dirty`), never on a
+//! read-only open (those replay in memory, see `log`).
+
+use super::{header, log, VhdxLayer};
+use crate::error::{ImageError, Result};
+use crate::image::formats::{Driver, MergeCaps, Repair};
+use crate::image::{Format, Layer};
+use crate::storage::Storage;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+pub struct VhdxDriver;
+
+pub static DRIVER: VhdxDriver = VhdxDriver;
+
+impl Driver for VhdxDriver {
+    fn format(&self) -> Format {
+        Format::Vhdx
+    }
+
+    fn names(&self) -> &'static [&'static str] {
+        &["vhdx"]
+    }
+
+    fn extension(&self) -> &'static str {
+        "vhdx"
+    }
+
+    fn sniff(&self, _file: &File, _path: &Path, magic: &[u8]) -> bool {
+        header::is_vhdx(magic)
+    }
+
+    /// Read-only opens replay a log in memory. A read-write open of a file
+    /// with a log to replay is refused with the reason, so the tree runs
+    /// `repair_dirty` (the replay into the file, under its write lock)
+    /// and tries again; writing itself is not implemented.
+    fn open(&self, path: &Path, file: File, writable: bool) -> Result<Arc<dyn Layer>> {
+        if writable {
+            let h = header::read_current(&file, path)?;
+            let len = crate::fileio::file_len(&file, path)?;
+            if log::find(&file, path, &h, len)?.is_some() {
+                return Err(ImageError::invalid(
+                    path,
+                    "the VHDX log holds entries to replay before it can be written",
+                ));
+            }
+            return Err(ImageError::unsupported(path, "writing VHDX images"));
+        }
+        Ok(Arc::new(VhdxLayer::open(path, Box::new(file))?))
+    }
+
+    /// Read-only for now: no re-pointing, no commits into a VHDX.
+    fn merge_caps(&self) -> MergeCaps {
+        MergeCaps {
+            can_repoint: false,
+            repoint_needs_parent: true,
+            parent_same_format: true,
+            can_commit_into: false,
+            children_check_id: true,
+        }
+    }
+
+    fn repair(&self) -> Option<&dyn Repair> {
+        Some(self)
+    }
+}
+
+impl Repair for VhdxDriver {
+    /// VHDX leaks nothing snaptree could free.
+    fn repair(&self, _path: &Path) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// Replays the log into the file (the caller holds the write lock):
+    /// how many log entries were applied; `None` when there was no log or
+    /// the file is not a VHDX.
+    fn repair_dirty(&self, file: &dyn Storage, path: &Path) -> Result<Option<u64>> {
+        let mut magic = [0u8; 8];
+        if file.read_exact_at(&mut magic, 0).is_err() || !header::is_vhdx(&magic) {
+            return Ok(None);
+        }
+        replay_into_file(file, path).map(|n| n.map(|n| n as u64))
+    }
+}
+
+/// Writes a pending log into the file; the number of entries, `None` when
+/// there was none. The caller holds the write lock.
+pub fn replay_into_file(file: &dyn Storage, path: &Path) -> Result<Option<usize>> {
+    let h = header::read_current(file, path)?;
+    let len = crate::fileio::file_len(file, path)?;
+    let Some(r) = log::find(file, path, &h, len)? else {
+        return Ok(None);
+    };
+    log::apply_to_file(file, path, &h, &r)?;
+    Ok(Some(r.entries))
+}

@@ -1,0 +1,388 @@
+//! VHDX (MS-VHDX, Hyper-V's format since Windows Server 2012; QEMU's
+//! `vhdx`) as a [`Layer`](crate::image::Layer): fixed, dynamic and
+//! differencing disks (`.avhdx` files are VHDX), read-only.
+//!
+//! Layout of this module: `header` the file identifier, the two headers
+//! and the region table; `metadata` the metadata region and its items;
+//! `bat` the block allocation table and its geometry; `log` the metadata
+//! log and its replay; `locator` a differencing disk's parent; `guid` the
+//! GUIDs; `driver` the registry entry. This file holds the open image and
+//! turns guest ranges into mappings.
+//!
+//! What a range maps to, by its payload block's state:
+//! - fully present: data at the block's file offset;
+//! - partially present (differencing only): per sector, by the sector
+//!   bitmap block of its chunk: set bits are data, clear ones fall through
+//!   to the parent (`Unallocated`);
+//! - not present: `Unallocated` in a differencing disk, else `Zero`;
+//! - zero, unmapped, undefined: `Zero` (QEMU reads them as zeros).
+//!
+//! Opening replays the log first when the header names one (see `log`):
+//! in memory on a read-only open; a read-write open is refused until the
+//! replay was written into the file under the write lock (the driver's
+//! `repair_dirty`, run by the tree's read-write open).
+//!
+//! Concurrency: the BAT is immutable after open; sector bitmaps sit in a
+//! small LRU behind a mutex held only for the lookup or insert; data is
+//! read with `pread` and no lock.
+
+pub mod bat;
+pub mod driver;
+pub mod guid;
+pub mod header;
+pub mod locator;
+pub mod log;
+pub mod metadata;
+#[cfg(test)]
+mod tests;
+
+use crate::error::{ImageError, Result};
+use crate::fileio::{self, read_exact_at};
+use crate::image::storage::Storage;
+use crate::image::{check_range, push_extent, BackingRef, Extent, Format, LayerInfo, Mapping};
+use crate::image::{Identity, Locking, ReadMap, Writable};
+use bat::Geometry;
+use guid::Guid;
+use header::Header;
+use locator::ParentRef;
+use lru::LruCache;
+use metadata::Metadata;
+use parking_lot::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const MIB: u64 = 1 << 20;
+/// Sector bitmap pieces (one payload block's bits each) kept cached.
+const BITMAP_CACHE: usize = 256;
+
+pub fn le_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+pub fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+pub fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// CRC-32C as VHDX stores it (standard initial value and final inversion).
+pub fn crc32c_of(b: &[u8]) -> u32 {
+    !crate::guest::crc::crc32c(!0, b)
+}
+
+pub struct VhdxLayer {
+    path: PathBuf,
+    /// The file, or the file with its log replayed over it in memory.
+    file: Box<dyn Storage>,
+    header: Header,
+    meta: Metadata,
+    geo: Geometry,
+    bat: Vec<u64>,
+    backing: Option<BackingRef>,
+    parent: Option<ParentRef>,
+    /// The parent linkage the parent's data write GUID matched at open.
+    matched_linkage: Option<Guid>,
+    /// Log entries replayed in memory at open.
+    replayed: usize,
+    bitmaps: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+}
+
+impl VhdxLayer {
+    /// Opens a VHDX read-only (replaying its log in memory).
+    pub fn open(path: &Path, file: Box<dyn Storage>) -> Result<VhdxLayer> {
+        let header = header::read_current(&*file, path)?;
+        let file_len = fileio::file_len(&*file, path)?;
+        let (file, replayed): (Box<dyn Storage>, usize) =
+            match log::find(&*file, path, &header, file_len)? {
+                Some(replay) => {
+                    let n = replay.entries;
+                    (
+                        Box::new(log::Replayed {
+                            inner: file,
+                            replay,
+                        }),
+                        n,
+                    )
+                }
+                None => (file, 0),
+            };
+        let file_len = fileio::file_len(&*file, path)?;
+        let regions = header::read_regions(&*file, path, file_len)?;
+        let meta = metadata::read(&*file, path, regions.metadata)?;
+        let geo = Geometry::new(path, &meta, regions.metadata.0)?;
+        let mut forbidden: Vec<(u64, u64, &str)> = vec![
+            (0, MIB, "headers and region tables"),
+            (regions.bat.0, regions.bat.0 + regions.bat.1, "BAT region"),
+            (
+                regions.metadata.0,
+                regions.metadata.0 + regions.metadata.1,
+                "metadata region",
+            ),
+        ];
+        if header.log_length != 0 {
+            let (s, e) = (
+                header.log_offset,
+                header.log_offset.saturating_add(header.log_length as u64),
+            );
+            if let Some((a, b, what)) = forbidden.iter().find(|(a, b, _)| s < *b && *a < e) {
+                return Err(ImageError::corrupt(
+                    path,
+                    header::HEADER_AT[header.slot] + 68,
+                    format!("the log [{s}, {e}) overlaps the {what} [{a}, {b})"),
+                ));
+            }
+            forbidden.push((s, e, "log"));
+        }
+        let bat = bat::read(&*file, path, &geo, &meta, regions.bat, file_len, &forbidden)?;
+        let mut layer = VhdxLayer {
+            path: path.to_path_buf(),
+            file,
+            header,
+            meta,
+            geo,
+            bat,
+            backing: None,
+            parent: None,
+            matched_linkage: None,
+            replayed,
+            bitmaps: Mutex::new(crate::cache::lazy_lru(BITMAP_CACHE)),
+        };
+        layer.find_parent()?;
+        Ok(layer)
+    }
+
+    /// A differencing disk: its parent's name, checked by linkage when the
+    /// parent is there to read (a missing one is the chain's error).
+    fn find_parent(&mut self) -> Result<()> {
+        let Some((pairs, at)) = &self.meta.locator else {
+            return Ok(());
+        };
+        let p = locator::parent_ref(&self.path, pairs, *at)?;
+        let parent_path = self.path.parent().unwrap_or(Path::new(".")).join(&p.name);
+        let accept = crate::input::Accept::RegularOrBlock;
+        if let Ok(f) = crate::input::open_input(&parent_path, false, accept) {
+            if let Ok(h) = header::read_current(&f, &parent_path) {
+                let found = h.data_write_guid;
+                self.matched_linkage = Some(locator::check_linkage(
+                    &self.path,
+                    &p,
+                    &parent_path,
+                    &found,
+                )?);
+            }
+        }
+        self.backing = Some(BackingRef {
+            name: p.name.clone(),
+            offset: *at,
+            format: Some("vhdx".into()),
+        });
+        self.parent = Some(p);
+        Ok(())
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        &self.meta
+    }
+
+    pub fn current_header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Log entries replayed in memory at open.
+    pub fn replayed_entries(&self) -> usize {
+        self.replayed
+    }
+
+    /// Payload block `block`'s bits of its chunk's sector bitmap.
+    fn bitmap(&self, block: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some(b) = self.bitmaps.lock().get(&block) {
+            return Ok(b.clone());
+        }
+        let idx = self.geo.bitmap_index(block);
+        let e = self.bat[idx as usize];
+        if bat::state(e) != bat::BITMAP_PRESENT {
+            return Err(ImageError::corrupt(
+                &self.path,
+                idx * 8,
+                format!(
+                    "payload block {block} is partially present but its sector bitmap block is not"
+                ),
+            ));
+        }
+        let bytes = self.geo.block_sectors() / 8;
+        let at = bat::offset(e) + (block % self.geo.chunk_ratio) * bytes;
+        let mut buf = vec![0u8; bytes as usize];
+        read_exact_at(&*self.file, &self.path, &mut buf, at, "VHDX sector bitmap")?;
+        let b = Arc::new(buf);
+        self.bitmaps.lock().put(block, b.clone());
+        Ok(b)
+    }
+
+    fn map_block(&self, block: u64, at: u64, end: u64, out: &mut Vec<Extent>) -> Result<()> {
+        let bs = self.geo.block_size;
+        let bstart = block * bs;
+        let e = self.bat[self.geo.payload_index(block) as usize];
+        let absent = if self.meta.has_parent {
+            Mapping::Unallocated
+        } else {
+            Mapping::Zero
+        };
+        let data = |g: u64| Mapping::Data {
+            host: bat::offset(e) + (g - bstart),
+        };
+        let mut push = |start: u64, end: u64, mapping| {
+            push_extent(
+                out,
+                Extent {
+                    start,
+                    len: end - start,
+                    mapping,
+                },
+            )
+        };
+        match bat::state(e) {
+            bat::NOT_PRESENT => push(at, end, absent),
+            bat::FULLY_PRESENT => push(at, end, data(at)),
+            bat::PARTIALLY_PRESENT => {
+                let bits = self.bitmap(block)?;
+                let sec = self.geo.sector;
+                let first = (at - bstart) / sec;
+                let last = (end - bstart).div_ceil(sec);
+                for (s, t, set) in bat::runs(&bits, first, last) {
+                    let gs = (bstart + s * sec).max(at);
+                    let ge = (bstart + t * sec).min(end);
+                    push(gs, ge, if set { data(gs) } else { absent });
+                }
+            }
+            _ => push(at, end, Mapping::Zero),
+        }
+        Ok(())
+    }
+
+    fn features(&self) -> Vec<String> {
+        let m = &self.meta;
+        let h = &self.header;
+        let mut out = vec![
+            format!("block size {}", m.block_size),
+            format!(
+                "logical sector {}, physical sector {}",
+                m.logical_sector, m.physical_sector
+            ),
+            format!("header {} sequence {}", h.slot + 1, h.sequence),
+            format!("data write guid {{{}}}", guid::text(&h.data_write_guid)),
+            format!("page 83 {{{}}}", guid::text(&m.page83)),
+        ];
+        if m.has_parent {
+            out.push("differencing disk".into());
+        }
+        if m.leave_blocks_allocated {
+            out.push("leave blocks allocated (fixed)".into());
+        }
+        if self.replayed > 0 {
+            out.push(format!(
+                "log replayed in memory ({} entries)",
+                self.replayed
+            ));
+        }
+        if let Some(p) = &self.parent {
+            out.push(format!("parent linkage {{{}}}", guid::text(&p.linkage)));
+        }
+        out
+    }
+}
+
+impl ReadMap for VhdxLayer {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn format(&self) -> Format {
+        Format::Vhdx
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.meta.virtual_size
+    }
+
+    fn backing(&self) -> Option<&BackingRef> {
+        self.backing.as_ref()
+    }
+
+    fn allocation_unit(&self) -> u64 {
+        self.geo.block_size
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(&self.path, self.meta.virtual_size, offset, len)?;
+        let mut out = Vec::new();
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let block = at / self.geo.block_size;
+            let bend = ((block + 1) * self.geo.block_size).min(end);
+            self.map_block(block, at, bend, &mut out)?;
+            at = bend;
+        }
+        Ok(out)
+    }
+
+    fn read_host(&self, host: u64, buf: &mut [u8]) -> Result<()> {
+        fileio::read_at_zero_fill(&*self.file, &self.path, buf, host)
+    }
+
+    fn info(&self) -> Result<LayerInfo> {
+        Ok(LayerInfo {
+            file: self.path.clone(),
+            format: Format::Vhdx,
+            version: Some(self.header.version as u32),
+            virtual_size: self.meta.virtual_size,
+            cluster_size: Some(self.geo.block_size),
+            file_size: fileio::file_len(&*self.file, &self.path)?,
+            backing: self.backing.clone(),
+            features: self.features(),
+            snapshots: Vec::new(),
+        })
+    }
+
+    /// Only what this file holds as data: zero blocks take no space.
+    fn allocated_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        let size = self.meta.virtual_size;
+        let mut at = 0;
+        while at < size {
+            let len = (1u64 << 30).min(size - at);
+            for e in self.map(at, len)? {
+                if matches!(e.mapping, Mapping::Data { .. }) {
+                    total += e.len;
+                }
+            }
+            at += len;
+        }
+        Ok(total)
+    }
+}
+
+/// Read-only: writing VHDX is not implemented.
+impl Writable for VhdxLayer {}
+
+impl Identity for VhdxLayer {
+    /// What children's `parent_linkage` names.
+    fn unique_id(&self) -> Option<[u8; 16]> {
+        Some(self.header.data_write_guid)
+    }
+
+    fn expected_parent_id(&self) -> Option<[u8; 16]> {
+        let p = self.parent.as_ref()?;
+        Some(self.matched_linkage.unwrap_or(p.linkage))
+    }
+}
+
+impl Locking for VhdxLayer {
+    fn lock_storage(&self) -> Option<&dyn Storage> {
+        Some(&*self.file)
+    }
+}
