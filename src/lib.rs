@@ -11,6 +11,7 @@ pub mod cache;
 pub mod chain;
 pub mod cli;
 pub mod confine;
+pub mod crc;
 pub mod error;
 pub mod fdlimit;
 pub mod fileio;

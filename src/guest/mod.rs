@@ -13,7 +13,6 @@
 //! [`GuestError::Corrupt`] naming the volume, the byte offset and what is
 //! wrong. No panic, no unbounded allocation, no read outside the volume.
 
-pub mod crc;
 pub mod error;
 pub mod ext;
 pub mod fat;
@@ -24,6 +23,7 @@ pub mod probe;
 pub mod volumes;
 pub mod xfs;
 
+pub use crate::crc;
 pub use error::{GuestError, GuestResult};
 pub use fsapi::{Attr, DirEntry, FileKind, FsInfo, GuestFs, Timestamp};
 

@@ -71,7 +71,7 @@ pub fn le_u64(b: &[u8], at: usize) -> u64 {
 
 /// CRC-32C as VHDX stores it (standard initial value and final inversion).
 pub fn crc32c_of(b: &[u8]) -> u32 {
-    !crate::guest::crc::crc32c(!0, b)
+    !crate::crc::crc32c(!0, b)
 }
 
 pub struct VhdxLayer {

@@ -1,7 +1,8 @@
-//! The two reflected CRC-32s guest structures carry, over one table
+//! The two reflected CRC-32s on-disk structures carry, over one table
 //! builder: CRC-32 (IEEE 802.3, polynomial 0xedb88320) for GPT headers and
 //! entry arrays and LVM2 labels and metadata, and CRC-32C (Castagnoli,
-//! 0x82f63b78) for ext4's metadata_csum and jbd2. Table driven: only
+//! 0x82f63b78) for ext4's metadata_csum, jbd2, XFS v5 and VHDX (headers,
+//! region table, log). Top-level because both `guest` and `image` use it. Table driven: only
 //! metadata is checked, so a few hundred MB/s is plenty.
 //!
 //! The update functions neither invert the start nor the result: each
