@@ -17,6 +17,7 @@
 
 mod close;
 mod coalesce;
+mod hyperv;
 mod internal_delete;
 pub use coalesce::StillLocked;
 pub mod discover;

@@ -95,14 +95,16 @@ fn file_name(p: &Path) -> String {
 
 /// Names `images` (sorted): the manifest entry's name (`by_image`) when it
 /// is valid and no other image took that name and disk, else the file
-/// stem, made valid and unique. `foreign` are manifest entries of images
-/// this tree does not hold; their names stay taken. `reserved` as for
-/// [`name_problem`]. Every name the manifest gives that is not used is
-/// reported in `problems`.
+/// stem (or the short name `stems` gives a file, as Hyper-V's GUID-named
+/// checkpoints get), made valid and unique. `foreign` are manifest entries
+/// of images this tree does not hold; their names stay taken. `reserved`
+/// as for [`name_problem`]. Every name the manifest gives that is not used
+/// is reported in `problems`.
 pub(super) fn assign(
     images: &[&PathBuf],
     by_image: &HashMap<String, &ManifestPoint>,
     foreign: &[ManifestPoint],
+    stems: &HashMap<PathBuf, String>,
     reserved: &[String],
     problems: &mut Vec<String>,
 ) -> Names {
@@ -152,12 +154,15 @@ pub(super) fn assign(
         if out.names.contains_key(*p) {
             continue;
         }
-        let stem = name_from_stem(
-            &p.file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            reserved,
-        );
+        let stem = match stems.get(*p) {
+            Some(s) => name_from_stem(s, reserved),
+            None => name_from_stem(
+                &p.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                reserved,
+            ),
+        };
         let mut name = stem.clone();
         let mut n = 1;
         while !taken.insert(name.clone()) {
@@ -260,7 +265,14 @@ mod tests {
         .collect();
         let refs: Vec<&PathBuf> = paths.iter().collect();
         let mut problems = Vec::new();
-        let n = assign(&refs, &by_image, &[], &reserved(), &mut problems);
+        let n = assign(
+            &refs,
+            &by_image,
+            &[],
+            &HashMap::new(),
+            &reserved(),
+            &mut problems,
+        );
         let got: Vec<&str> = paths.iter().map(|p| n.names[p].as_str()).collect();
         assert_eq!(got, ["base", "b", "c", "d", "image-tree"]);
         assert_eq!(problems.len(), 3, "{problems:?}");

@@ -107,6 +107,7 @@ impl Tree {
             super::records::apply(&records, &mut manifest, &found, &dir, &mut problems);
         }
         drop_memory_files(&mut found, &manifest, &dir);
+        problems.extend(super::hyperv::memory_notes(&dir, &found));
         apply_manifest_formats(&mut found, &manifest, &dir, &confine);
         // Every image stays open (its descriptor holds its lock): refuse a
         // tree the open-file limit cannot hold before opening any of it,

@@ -88,10 +88,12 @@ impl Tree {
         // of one name with different `disk`s are the disks of one point.
         let mut ordered: Vec<&PathBuf> = usable.iter().collect();
         ordered.sort();
+        let stems = crate::tree::hyperv::checkpoint_names(&found);
         let Names { names, disks } = naming::assign(
             &ordered,
             &by_image,
             &self.foreign,
+            &stems,
             &self.opts.reserved_names,
             problems,
         );
