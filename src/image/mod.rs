@@ -38,6 +38,7 @@ pub use crate::storage;
 #[cfg(test)]
 pub mod testutil;
 pub mod vhd;
+pub mod vmdk;
 
 use crate::error::{ImageError, Result};
 use serde::Serialize;
@@ -103,6 +104,8 @@ pub enum Format {
     /// VHD, by QEMU's name for it.
     #[serde(rename = "vpc")]
     Vhd,
+    /// VMware's VMDK (every kind QEMU reads), read-only.
+    Vmdk,
 }
 
 impl Format {
