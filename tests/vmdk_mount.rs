@@ -9,7 +9,6 @@
 //! A binary of its own (the mount tests' `support` is shared by path) so
 //! that it adds no line to `tests/mount/main.rs`.
 
-#[allow(dead_code)]
 #[path = "mount/support/mod.rs"]
 mod support;
 
