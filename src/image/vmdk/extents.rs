@@ -237,7 +237,8 @@ fn open_one(
             e.kind = ExtentKind::Flat { offset };
             e.label = format!("{} {:?} at {offset}", line.kind.name(), line.file);
         }
-        ExtentType::Sparse => {
+        ExtentType::Sparse | ExtentType::VmfsSparse => {
+            // Both kinds of line take either header, as in QEMU.
             let mut magic = [0u8; 4];
             fileio::read_exact_at(&*f, &p, &mut magic, 0, "VMDK extent magic")?;
             if &magic == cowd::MAGIC {
@@ -251,7 +252,6 @@ fn open_one(
                 e.label = sparse_label(&h, &format!("{:?}", line.file));
             }
         }
-        ExtentType::VmfsSparse => open_cowd(desc_path, line, &p, &*f, file_len, &mut e)?,
         ExtentType::SeSparse => {
             let (capacity, t) = sesparse::open(&*f, &p, file_len)?;
             check_capacity(desc_path, line, capacity)?;
