@@ -2,9 +2,10 @@
 //! monolithicSparse base, a sparse delta, a twoGbMaxExtentSparse delta on
 //! it, a monolithicFlat disk and a streamOptimized one) shows one point
 //! per disk, never one per extent file, and every point reads like
-//! `qemu-img convert`. VMDKs are read-only to snaptree, so a snapshot of
-//! the VMDK leaf is a qcow2 overlay on it (judged by `qemu-img check` and
-//! `convert`), and the VMDK files are left byte for byte as they were.
+//! `qemu-img convert`. The VMDK leaf (a twoGbMaxExtentSparse delta) is
+//! written through the mount and snapshotted, which makes a
+//! monolithicSparse delta; both are judged by `qemu-img convert` and
+//! `check` and libvmdk, and every other VMDK file keeps its bytes.
 //!
 //! A binary of its own (the mount tests' `support` is shared by path) so
 //! that it adds no line to `tests/mount/main.rs`.
@@ -133,52 +134,91 @@ fn vmdk_directory_mounts_with_one_point_per_disk() {
     assert_eq!(info(&mnt, "vm-000002")["disks"]["disk"]["chain_depth"], 3);
     assert_eq!(info(&mnt, "vm-000002")["disks"]["disk"]["format"], "vmdk");
 
-    // A snapshot of the VMDK leaf: a qcow2 overlay takes the writes.
-    ctl_ok(&mnt, "vm-000002", "snapshot s1");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(disk(&mnt, "vm-000002"))
-        .expect("open leaf");
+    // Writes into the twoGbMaxExtentSparse leaf (grains allocated, a new
+    // CID), then a snapshot: the leaf is frozen as s1 and a monolithicSparse
+    // delta takes its name and the next writes.
     let mut leaf = want[2].1.clone();
-    write_model(&f, &mut leaf, 20 * MIB - 100, &[0x77; 300]);
+    let f = open_rw(&mnt, "vm-000002");
+    write_model(&f, &mut leaf, 3 * MIB + 1000, &[0x61; 70000]);
+    write_model(&f, &mut leaf, SIZE - 512, &[0x62; 512]);
     drop(f);
-    assert_disk(&mnt, "s1", &want[2].1);
+    let frozen = leaf.clone();
+    ctl_ok(&mnt, "vm-000002", "snapshot s1");
+    let f = open_rw(&mnt, "vm-000002");
+    write_model(&f, &mut leaf, 20 * MIB - 100, &[0x77; 300]);
+    write_model(&f, &mut leaf, 3 * MIB + 4096, &[0x78; 4096]);
+    drop(f);
+    assert_disk(&mnt, "s1", &frozen);
     assert_disk(&mnt, "vm-000002", &leaf);
+    assert_eq!(info(&mnt, "vm-000002")["disks"]["disk"]["chain_depth"], 4);
     unmount_ok(m);
 
-    // The frozen leaf keeps its bytes under the snapshot's name (the
-    // tree renames the leaf; its extent files keep theirs); every other
-    // VMDK file is untouched.
-    let mut after = files(&ws);
-    let mut before = before;
-    for (name, _) in after.iter_mut() {
-        if name == "s1.vmdk" {
-            *name = "vm-000002.vmdk".into();
+    // Untouched VMDKs keep every byte; the written ones read as written,
+    // pass `qemu-img check` and libvmdk, and the delta names s1 by its
+    // new CID.
+    let after = files(&ws);
+    for (name, bytes) in &before {
+        if name.starts_with("vm-000002") {
+            continue;
         }
+        let now = after.iter().find(|(n, _)| n == name).map(|(_, b)| b);
+        assert!(now == Some(bytes), "{name} changed");
     }
-    after.sort();
-    before.sort();
-    let changed: Vec<&String> = after
-        .iter()
-        .zip(&before)
-        .filter(|(a, b)| a != b)
-        .map(|(a, _)| &a.0)
-        .collect();
-    assert!(
-        changed.is_empty() && after.len() == before.len(),
-        "VMDK files changed: {changed:?} ({} files before, {} after)",
-        before.len(),
-        after.len()
-    );
-    let overlays = ws.qcow2_images();
-    assert_eq!(overlays.len(), 1, "one qcow2 overlay: {overlays:?}");
-    ws.check(&overlays[0]);
+    assert_bytes_eq("qemu-img convert s1.vmdk", &ws.flatten("s1.vmdk"), &frozen);
     assert_bytes_eq(
-        "qemu-img convert of the overlay",
-        &ws.flatten(&overlays[0]),
+        "qemu-img convert vm-000002.vmdk",
+        &ws.flatten("vm-000002.vmdk"),
         &leaf,
     );
+    for name in ["s1.vmdk", "vm-000002.vmdk"] {
+        ws.check(name);
+        let out = std::process::Command::new("vmdkinfo")
+            .arg(ws.img(name))
+            .output();
+        if let Ok(out) = out {
+            assert!(out.status.success(), "vmdkinfo {name}: {out:?}");
+        }
+    }
+    let old_cid = descriptor_value(&before_leaf_descriptor(&before), "CID");
+    let s1_cid = descriptor_value(&std::fs::read(ws.img("s1.vmdk")).unwrap(), "CID");
+    assert_ne!(old_cid, s1_cid, "writing the leaf did not change its CID");
+    let delta = std::fs::read(ws.img("vm-000002.vmdk")).unwrap();
+    assert_eq!(
+        u32::from_str_radix(&descriptor_value(&delta, "parentCID"), 16).unwrap(),
+        u32::from_str_radix(&s1_cid, 16).unwrap()
+    );
+    assert_eq!(
+        descriptor_value(&delta, "parentFileNameHint"),
+        "\"s1.vmdk\""
+    );
+    assert!(ws.qcow2_images().is_empty(), "no qcow2 overlay on a VMDK");
+}
+
+fn before_leaf_descriptor(before: &[(String, Vec<u8>)]) -> Vec<u8> {
+    before
+        .iter()
+        .find(|(n, _)| n == "vm-000002.vmdk")
+        .map(|(_, b)| b.clone())
+        .expect("leaf descriptor")
+}
+
+/// `KEY=value` of a descriptor (embedded or not).
+fn descriptor_value(bytes: &[u8], key: &str) -> String {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{key}="))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no {key}"))
+}
+
+fn open_rw(mnt: &Path, point: &str) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk(mnt, point))
+        .unwrap_or_else(|e| panic!("open {point}: {e}"))
 }
 
 fn write_model(f: &File, model: &mut [u8], off: u64, data: &[u8]) {

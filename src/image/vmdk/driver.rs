@@ -1,8 +1,10 @@
 //! VMDK in the format registry (see `image::formats`): recognised by a
 //! hosted sparse header that embeds a descriptor (`KDMV`) or by a
-//! descriptor file's first line (`# Disk DescriptorFile`); opened
-//! read-only, after checking a child's `parentCID` against its parent's
-//! `CID`. Merges are refused: snaptree does not write VMDKs.
+//! descriptor file's first line (`# Disk DescriptorFile`); opened after
+//! checking a child's `parentCID` against its parent's `CID`; children
+//! are monolithicSparse deltas (`create`). Merges are refused for every
+//! VMDK kind (`merge_caps`): re-pointing a VMDK child (its descriptor's
+//! parent name and CID) is not implemented, nor is committing into one.
 //!
 //! Extent files on their own (a twoGbMaxExtent disk's `-s001.vmdk`,
 //! a `-flat.vmdk`, ESXi's `-delta.vmdk` and `-sesparse.vmdk`) are not
@@ -16,7 +18,7 @@ use super::{sparse, VmdkLayer};
 use crate::confine::Confine;
 use crate::error::{ImageError, Result};
 use crate::fileio;
-use crate::image::formats::{Driver, MergeCaps};
+use crate::image::formats::{ChildRequest, Driver, MergeCaps};
 use crate::image::{Format, Layer};
 use crate::storage::Storage;
 use std::fs::File;
@@ -53,17 +55,15 @@ impl Driver for VmdkDriver {
     }
 
     fn open(&self, path: &Path, file: File, writable: bool) -> Result<Arc<dyn Layer>> {
-        if writable {
-            tracing::debug!("{}: VMDK opened read-only", path.display());
-        }
-        let files = DirFiles::for_descriptor(path)?;
-        let layer = VmdkLayer::open_storage(path, Arc::new(file), &files)?;
+        let files = DirFiles::for_descriptor(path, writable)?;
+        let layer = VmdkLayer::open_storage(path, Arc::new(file), &files, writable)?;
         check_parent_cid(&layer)?;
         Ok(Arc::new(layer))
     }
 
-    /// Nothing is written to a VMDK: no stream into one (it cannot be
-    /// re-pointed), no commit into one.
+    /// No stream into a VMDK child (re-pointing its descriptor is not
+    /// implemented), no commit into a VMDK: the merge planner then finds
+    /// no direction and leaves VMDK points as they are.
     fn merge_caps(&self) -> MergeCaps {
         MergeCaps {
             can_repoint: false,
@@ -72,6 +72,16 @@ impl Driver for VmdkDriver {
             can_commit_into: false,
             children_check_id: true,
         }
+    }
+
+    /// A snapshot or clone of a VMDK gets a VMDK delta, as in VMware: a
+    /// VMware or libvmdk reader of the tree sees a VMDK chain.
+    fn children_own_format(&self) -> bool {
+        true
+    }
+
+    fn create_child(&self, req: &ChildRequest<'_>) -> Result<()> {
+        super::create::create_child(req.path, req.parent_path, req.name, req.size, &req.like)
     }
 
     fn backing_name_unchecked(&self, file: &File) -> Option<String> {
@@ -91,7 +101,7 @@ fn embeds_descriptor(file: &File) -> bool {
 }
 
 /// The descriptor text of a VMDK file (embedded or the whole file).
-fn descriptor_text(file: &dyn Storage, path: &Path, len: u64) -> Result<Vec<u8>> {
+pub(super) fn descriptor_text(file: &dyn Storage, path: &Path, len: u64) -> Result<Vec<u8>> {
     let mut magic = [0u8; 4];
     fileio::read_exact_at(file, path, &mut magic, 0, "VMDK magic")?;
     if &magic == sparse::MAGIC {

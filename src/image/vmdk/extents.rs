@@ -27,6 +27,14 @@ pub enum ExtentKind {
     Sparse(GrainTables),
 }
 
+/// What a writer needs of a hosted sparse extent beyond its grain map.
+pub struct Hosted {
+    pub header: sparse::Header,
+    /// File offsets of the redundant directory's grain tables (empty
+    /// without one); entries are written to both copies.
+    pub redundant: Vec<u64>,
+}
+
 /// One open extent: guest bytes `[start, start+len)`.
 pub struct OpenExtent {
     pub start: u64,
@@ -43,6 +51,10 @@ pub struct OpenExtent {
     pub label: String,
     /// The extent is the image file itself (monolithic).
     pub same_as_image: bool,
+    /// The line says RW (not RDONLY).
+    pub read_write: bool,
+    /// A hosted sparse (`KDMV`) extent.
+    pub hosted: Option<Hosted>,
 }
 
 impl OpenExtent {
@@ -69,14 +81,16 @@ pub trait ExtentFiles {
     fn open(&self, name: &str, at: u64) -> Result<(PathBuf, Arc<dyn Storage>)>;
 }
 
-/// Extent files inside the descriptor's directory.
+/// Extent files inside the descriptor's directory, opened for writing
+/// when `writable`.
 pub struct DirFiles {
     pub descriptor: PathBuf,
     pub confine: Confine,
+    pub writable: bool,
 }
 
 impl DirFiles {
-    pub fn for_descriptor(path: &Path) -> Result<DirFiles> {
+    pub fn for_descriptor(path: &Path, writable: bool) -> Result<DirFiles> {
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -86,6 +100,7 @@ impl DirFiles {
         Ok(DirFiles {
             descriptor: path.to_path_buf(),
             confine,
+            writable,
         })
     }
 }
@@ -96,7 +111,7 @@ impl ExtentFiles for DirFiles {
         let p = self.confine.reference(&dir, name).map_err(|why| {
             ImageError::corrupt(&self.descriptor, at, format!("extent file refused: {why}"))
         })?;
-        let f = crate::input::open_input(&p, false, crate::input::Accept::RegularOrBlock)?;
+        let f = crate::input::open_input(&p, self.writable, crate::input::Accept::RegularOrBlock)?;
         Ok((p, Arc::new(f)))
     }
 }
@@ -108,7 +123,7 @@ pub fn open_monolithic(
     path: &Path,
     file: &Arc<dyn Storage>,
     file_len: u64,
-) -> Result<(Descriptor, u64, Vec<OpenExtent>)> {
+) -> Result<(Descriptor, u64, u64, Vec<OpenExtent>)> {
     let h = sparse::read_header(&**file, path, file_len)?;
     if !h.has_descriptor() {
         return Err(ImageError::unsupported(
@@ -124,7 +139,7 @@ pub fn open_monolithic(
         ));
     }
     let desc = descriptor::parse(path, at, &text)?;
-    let tables = sparse::open_tables(&**file, path, &h, file_len)?;
+    let (tables, redundant) = sparse::open_tables(&**file, path, &h, file_len)?;
     let e = OpenExtent {
         start: 0,
         len: h.capacity * 512,
@@ -135,8 +150,13 @@ pub fn open_monolithic(
         markers: h.markers(),
         label: sparse_label(&h, "(this file)"),
         same_as_image: true,
+        read_write: true,
+        hosted: Some(Hosted {
+            header: h,
+            redundant,
+        }),
     };
-    Ok((desc, at, vec![e]))
+    Ok((desc, at, text.len() as u64, vec![e]))
 }
 
 fn sparse_label(h: &sparse::Header, name: &str) -> String {
@@ -188,6 +208,8 @@ pub fn open_listed(
                 markers: false,
                 label: "ZERO".into(),
                 same_as_image: false,
+                read_write: false,
+                hosted: None,
             }
         } else {
             let (p, f) = files.open(&line.file, line.at)?;
@@ -220,6 +242,8 @@ fn open_one(
         markers: false,
         label: String::new(),
         same_as_image: false,
+        read_write: line.access == Access::ReadWrite,
+        hosted: None,
     };
     match line.kind {
         ExtentType::Flat | ExtentType::Vmfs => {
@@ -246,10 +270,15 @@ fn open_one(
             } else {
                 let h = sparse::read_header(&*f, &p, file_len)?;
                 check_capacity(desc_path, line, h.capacity)?;
-                e.kind = ExtentKind::Sparse(sparse::open_tables(&*f, &p, &h, file_len)?);
+                let (tables, redundant) = sparse::open_tables(&*f, &p, &h, file_len)?;
+                e.kind = ExtentKind::Sparse(tables);
                 e.compressed = h.compressed();
                 e.markers = h.markers();
                 e.label = sparse_label(&h, &format!("{:?}", line.file));
+                e.hosted = Some(Hosted {
+                    header: h,
+                    redundant,
+                });
             }
         }
         ExtentType::SeSparse => {

@@ -1,7 +1,8 @@
 //! VMDK (VMware's virtual disk, QEMU's `vmdk`) as a [`Layer`](crate::image::Layer):
 //! monolithicSparse, twoGbMaxExtentSparse, monolithicFlat,
-//! twoGbMaxExtentFlat, vmfs, streamOptimized, vmfsSparse and seSparse,
-//! read-only.
+//! twoGbMaxExtentFlat, vmfs, streamOptimized, vmfsSparse and seSparse
+//! read; hosted sparse and flat extents written (`write`); monolithicSparse
+//! children created (`create`).
 //!
 //! Layout of this module: `descriptor` parses the descriptor text;
 //! `sparse` the hosted sparse header (`KDMV`), its grain directories and
@@ -29,12 +30,14 @@
 
 pub mod compressed;
 pub mod cowd;
+pub mod create;
 pub mod descriptor;
 pub mod driver;
 pub mod extents;
 pub mod sesparse;
 pub mod sparse;
 pub mod tables;
+mod write;
 
 #[cfg(test)]
 mod tests;
@@ -42,11 +45,15 @@ mod tests;
 use crate::error::{ImageError, Result};
 use crate::fileio;
 use crate::image::storage::Storage;
-use crate::image::{check_range, push_extent, BackingRef, Extent, Format, LayerInfo, Mapping};
+use crate::image::{
+    check_range, push_extent, BackingRead, BackingRef, Extent, Format, LayerInfo, Mapping,
+};
 use crate::image::{Identity, Locking, ReadMap, Writable};
 use descriptor::Descriptor;
 use extents::{ExtentFiles, ExtentKind, OpenExtent};
+use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tables::Grain;
 
@@ -67,29 +74,36 @@ pub struct VmdkLayer {
     /// monolithicSparse/streamOptimized file holding it. Locks go here.
     file: Arc<dyn Storage>,
     desc: Descriptor,
-    /// Where the descriptor is in `file`.
+    /// Where the descriptor is in `file`, and its length.
     desc_at: u64,
+    desc_len: u64,
+    /// The disk's CID now (a first write changes it).
+    cid: AtomicU32,
     extents: Vec<OpenExtent>,
     size: u64,
     backing: Option<BackingRef>,
     compressed: compressed::GrainCache,
+    /// The writer's state, for a disk opened for writing (see `write`).
+    writer: Option<Mutex<write::Writer>>,
 }
 
 impl VmdkLayer {
     /// Opens the VMDK held by `file` (its descriptor, or a sparse extent
     /// embedding one); extent files are opened through `files`. `path`
-    /// names it in errors.
+    /// names it in errors. `writable`: refused unless every extent can be
+    /// written (see `write`); `file` and `files` must then be writable.
     pub fn open_storage(
         path: &Path,
         file: Arc<dyn Storage>,
         files: &dyn ExtentFiles,
+        writable: bool,
     ) -> Result<VmdkLayer> {
         let file_len = fileio::file_len(&*file, path)?;
         let mut magic = [0u8; 4];
         if file_len >= 4 {
             fileio::read_exact_at(&*file, path, &mut magic, 0, "VMDK magic")?;
         }
-        let (desc, desc_at, extents) = if &magic == sparse::MAGIC {
+        let (desc, desc_at, desc_len, extents) = if &magic == sparse::MAGIC {
             extents::open_monolithic(path, &file, file_len)?
         } else if &magic == cowd::MAGIC || magic == sesparse::MAGIC_BYTES[..4] {
             return Err(ImageError::unsupported(
@@ -100,7 +114,7 @@ impl VmdkLayer {
             let text = read_descriptor_file(&*file, path, file_len)?;
             let desc = descriptor::parse(path, 0, &text)?;
             let extents = extents::open_listed(path, &desc, files)?;
-            (desc, 0, extents)
+            (desc, 0, file_len, extents)
         };
         let size = extents.last().map_or(0, |e| e.start + e.len);
         if size == 0 {
@@ -115,15 +129,26 @@ impl VmdkLayer {
             offset: desc_at + desc.parent_hint_at,
             format: Some("vmdk".to_string()),
         });
+        let writer = if writable {
+            if let Some(why) = extents.iter().find_map(write::refuse_reason) {
+                return Err(ImageError::unsupported(path, format!("read-only: {why}")));
+            }
+            Some(Mutex::new(write::Writer::new(&extents)?))
+        } else {
+            None
+        };
         Ok(VmdkLayer {
             path: path.to_path_buf(),
             file,
+            cid: AtomicU32::new(desc.cid),
             desc,
             desc_at,
+            desc_len,
             extents,
             size,
             backing,
             compressed: compressed::GrainCache::new(),
+            writer,
         })
     }
 
@@ -201,7 +226,7 @@ impl VmdkLayer {
         let d = &self.desc;
         let mut out = vec![
             format!("createType {}", d.create_type),
-            format!("CID {:08x}", d.cid),
+            format!("CID {:08x}", self.cid.load(Ordering::Relaxed)),
         ];
         if d.has_parent() {
             out.push(format!("parentCID {:08x}", d.parent_cid));
@@ -339,12 +364,35 @@ impl ReadMap for VmdkLayer {
     }
 }
 
-/// Read-only for now: the defaults refuse writes.
-impl Writable for VmdkLayer {}
+impl Writable for VmdkLayer {
+    fn is_writable(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    fn write(&self, offset: u64, data: &[u8], below: &dyn BackingRead) -> Result<()> {
+        self.write_guest(offset, data, below)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, below: &dyn BackingRead) -> Result<()> {
+        self.zero_guest(offset, len, below)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flush_writes()
+    }
+}
+
+impl Drop for VmdkLayer {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush_writes() {
+            tracing::error!("flushing {} on close: {e}", self.path.display());
+        }
+    }
+}
 
 impl Identity for VmdkLayer {
     fn unique_id(&self) -> Option<[u8; 16]> {
-        Some(cid_id(self.desc.cid))
+        Some(cid_id(self.cid.load(Ordering::Relaxed)))
     }
 
     fn expected_parent_id(&self) -> Option<[u8; 16]> {

@@ -298,13 +298,14 @@ fn read_gd(
 }
 
 /// The grain map of a hosted sparse extent, its directory and the
-/// redundant one checked against the file.
+/// redundant one checked against the file; also the redundant directory's
+/// table offsets (empty without one), which a writer keeps in step.
 pub fn open_tables(
     file: &dyn Storage,
     path: &Path,
     h: &Header,
     file_len: u64,
-) -> Result<GrainTables> {
+) -> Result<(GrainTables, Vec<u64>)> {
     let field = if h.from_footer { file_len - 1024 } else { 0 };
     let gd = read_gd(file, path, h, h.gd_offset, field + 56, file_len)?;
     let table_bytes = h.gt_entries as u64 * 4;
@@ -321,11 +322,13 @@ pub fn open_tables(
         let s = h.desc_offset * 512;
         forbidden.push((s, s + h.desc_size * 512, "embedded descriptor"));
     }
+    let mut redundant = Vec::new();
     if h.has_rgd() && !h.compressed() {
         let rgd = read_gd(file, path, h, h.rgd_offset, field + 48, file_len)?;
         let s = h.rgd_offset * 512;
         forbidden.push((s, s + gd_bytes, "redundant grain directory"));
         check_directory(path, &rgd, s, 4, table_bytes, file_len, &forbidden)?;
+        redundant = rgd;
     }
     check_directory(
         path,
@@ -336,7 +339,7 @@ pub fn open_tables(
         file_len,
         &forbidden,
     )?;
-    Ok(GrainTables::new(
+    let tables = GrainTables::new(
         h.grain_sectors * 512,
         h.gt_entries as u64,
         gd,
@@ -345,5 +348,6 @@ pub fn open_tables(
         },
         512,
         file_len,
-    ))
+    );
+    Ok((tables, redundant))
 }

@@ -14,8 +14,9 @@ use crate::error::{ImageError, Result};
 use crate::fileio::read_exact_at;
 use crate::storage::Storage;
 use lru::LruCache;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Where one grain is, decoded.
@@ -54,20 +55,30 @@ impl EntryCodec {
 /// 4096 entries for COWD and seSparse).
 const CACHED_TABLES: usize = 64;
 
+/// Decoded grain tables by number, and a generation bumped by every
+/// change, so that a table read from the file while a writer changed it
+/// is not cached stale.
+struct Cache {
+    tables: LruCache<u64, Arc<Vec<Grain>>>,
+    generation: u64,
+}
+
 /// The grain map of one sparse extent.
 pub struct GrainTables {
     /// Bytes per grain.
     pub grain: u64,
     /// Entries per grain table.
     pub gt_entries: u64,
-    /// File offset of each grain table; 0: none.
-    pub gd: Vec<u64>,
+    /// File offset of each grain table; 0: none. Grows only by the
+    /// writer, under its lock, after the table is in the file.
+    gd: RwLock<Vec<u64>>,
     pub codec: EntryCodec,
     /// Grains may not start before this file offset (the metadata).
     pub data_from: u64,
-    /// Length of the extent file.
-    pub file_len: u64,
-    cache: Mutex<LruCache<u64, Arc<Vec<Grain>>>>,
+    /// Length of the extent file when it was opened (grains past it are
+    /// refused; the writer raises it as it appends).
+    file_len: AtomicU64,
+    cache: Mutex<Cache>,
 }
 
 impl GrainTables {
@@ -82,12 +93,44 @@ impl GrainTables {
         GrainTables {
             grain,
             gt_entries,
-            gd,
+            gd: RwLock::new(gd),
             codec,
             data_from,
-            file_len,
-            cache: Mutex::new(crate::cache::lazy_lru(CACHED_TABLES)),
+            file_len: AtomicU64::new(file_len),
+            cache: Mutex::new(Cache {
+                tables: crate::cache::lazy_lru(CACHED_TABLES),
+                generation: 0,
+            }),
         }
+    }
+
+    /// File offset of grain table `gt` (0: none).
+    pub fn gt_offset(&self, gt: u64) -> Option<u64> {
+        self.gd.read().get(gt as usize).copied()
+    }
+
+    /// Records grain table `gt` at `at` (the writer, once it is in the
+    /// file).
+    pub fn set_gt_offset(&self, gt: u64, at: u64) {
+        if let Some(e) = self.gd.write().get_mut(gt as usize) {
+            *e = at;
+        }
+    }
+
+    /// Records that grain `index` is now `grain` (the writer, once the
+    /// table entry is in the file).
+    pub fn set_grain(&self, index: u64, grain: Grain) {
+        let mut c = self.cache.lock();
+        c.generation += 1;
+        let gt = index / self.gt_entries;
+        if let Some(t) = c.tables.get_mut(&gt) {
+            Arc::make_mut(t)[(index % self.gt_entries) as usize] = grain;
+        }
+    }
+
+    /// Raises the file length grains may reach (the writer appended).
+    pub fn grow_file(&self, len: u64) {
+        self.file_len.fetch_max(len, Ordering::Relaxed);
     }
 
     /// Bytes of one grain table in the file.
@@ -98,7 +141,7 @@ impl GrainTables {
     /// Where grain `index` (of the extent) is.
     pub fn lookup(&self, file: &dyn Storage, path: &Path, index: u64) -> Result<Grain> {
         let gt = index / self.gt_entries;
-        let Some(&at) = self.gd.get(gt as usize) else {
+        let Some(at) = self.gt_offset(gt) else {
             return Err(ImageError::invalid(
                 path,
                 format!("grain {index} is past the grain directory"),
@@ -112,9 +155,13 @@ impl GrainTables {
     }
 
     fn table(&self, file: &dyn Storage, path: &Path, gt: u64, at: u64) -> Result<Arc<Vec<Grain>>> {
-        if let Some(t) = self.cache.lock().get(&gt) {
-            return Ok(t.clone());
-        }
+        let generation = {
+            let mut c = self.cache.lock();
+            if let Some(t) = c.tables.get(&gt) {
+                return Ok(t.clone());
+            }
+            c.generation
+        };
         let mut raw = vec![0u8; self.table_bytes() as usize];
         read_exact_at(file, path, &mut raw, at, "VMDK grain table")?;
         let size = self.codec.entry_size() as usize;
@@ -124,7 +171,10 @@ impl GrainTables {
             out.push(self.decode(path, entry_at, e)?);
         }
         let t = Arc::new(out);
-        self.cache.lock().put(gt, t.clone());
+        let mut c = self.cache.lock();
+        if c.generation == generation {
+            c.tables.put(gt, t.clone());
+        }
         Ok(t)
     }
 
@@ -162,13 +212,14 @@ impl GrainTables {
                 }
             }
         };
-        if offset < self.data_from || offset >= self.file_len {
+        let file_len = self.file_len.load(Ordering::Relaxed);
+        if offset < self.data_from || offset >= file_len {
             return Err(ImageError::corrupt(
                 path,
                 entry_at,
                 format!(
-                    "grain at file offset {offset} is outside the grain area [{}, {}) of the file",
-                    self.data_from, self.file_len
+                    "grain at file offset {offset} is outside the grain area [{}, {file_len}) of the file",
+                    self.data_from
                 ),
             ));
         }

@@ -115,7 +115,7 @@ fn several_files_read_through_their_own_host_windows() {
         ("b-f002.vmdk".to_string(), mem(b.clone())),
     ]));
     let desc = mem(DESC.as_bytes().to_vec());
-    let l = VmdkLayer::open_storage(mem_path("d.vmdk"), desc, &files).unwrap();
+    let l = VmdkLayer::open_storage(mem_path("d.vmdk"), desc, &files, false).unwrap();
     assert_eq!(l.virtual_size(), 40 * 512);
     let got = read_guest(&l, 0, 40 * 512).unwrap();
     let mut want = a.clone();
@@ -136,7 +136,7 @@ fn several_files_read_through_their_own_host_windows() {
     // A missing extent file is an error naming the line.
     let files = MemFiles(HashMap::new());
     let desc = mem(DESC.as_bytes().to_vec());
-    assert!(VmdkLayer::open_storage(mem_path("d.vmdk"), desc, &files).is_err());
+    assert!(VmdkLayer::open_storage(mem_path("d.vmdk"), desc, &files, false).is_err());
 }
 
 /// A monolithicSparse image by hand: 4 MiB, 64 KiB grains, 16 entries per
@@ -202,7 +202,12 @@ fn hand_sparse(compressed: bool) -> Vec<u8> {
 }
 
 fn open_mem(bytes: Vec<u8>) -> Result<VmdkLayer> {
-    VmdkLayer::open_storage(mem_path("s.vmdk"), mem(bytes), &MemFiles(HashMap::new()))
+    VmdkLayer::open_storage(
+        mem_path("s.vmdk"),
+        mem(bytes),
+        &MemFiles(HashMap::new()),
+        false,
+    )
 }
 
 #[test]
