@@ -301,3 +301,86 @@ fn compressed_grain_damage_is_an_error() {
         assert!(err.contains(want), "want {want:?} in {err}");
     }
 }
+
+/// Writes into the hand-made sparse image: into an allocated grain, a
+/// partial grain over the parent (completed from below), a whole zero
+/// grain, and a grain whose table does not exist yet (tables 2 and 3 are
+/// absent), which makes both table copies and names them in both
+/// directories. Reopened, everything reads back; the CID changed.
+#[test]
+fn writes_allocate_grains_and_tables() {
+    use crate::image::testutil::{pattern_byte, PatternBelow};
+    use crate::image::Writable;
+    let mem_file = mem(hand_sparse(false));
+    let open = |writable| {
+        VmdkLayer::open_storage(
+            mem_path("s.vmdk"),
+            mem_file.clone(),
+            &MemFiles(HashMap::new()),
+            writable,
+        )
+        .unwrap()
+    };
+    let l = open(true);
+    let below = PatternBelow(5);
+    let mut want = read_guest(&l, 0, 4 << 20).unwrap();
+    // Unallocated grains read the parent in a chain; model them so.
+    for e in l.map(0, 4 << 20).unwrap() {
+        if e.mapping == Mapping::Unallocated {
+            for o in e.start..e.end() {
+                want[o as usize] = pattern_byte(5, o);
+            }
+        }
+    }
+    let mut put = |off: u64, data: &[u8]| {
+        l.write(off, data, &below).unwrap();
+        want[off as usize..off as usize + data.len()].copy_from_slice(data);
+    };
+    put(100, &[1; 300]); // allocated grain 0
+    put(2 * 65536 + 7, &[2; 5000]); // unallocated grain 2, over the parent
+    put(65536 + 10, &[3; 10]); // zero grain 1: the rest stays zeros
+    put(40 * 65536 + 65000, &[4; 1000]); // grains 40-41: table 2 is new
+    let zeros_at = 50 * 65536;
+    l.write_zeroes(zeros_at, 65536, &below).unwrap(); // a whole grain
+    want[zeros_at as usize..zeros_at as usize + 65536].fill(0);
+    l.flush().unwrap();
+    let new_cid = l.unique_id();
+    assert_ne!(new_cid, Some(super::cid_id(0x11112222)));
+    drop(l);
+    let l = open(false);
+    assert_eq!(l.unique_id(), new_cid);
+    let mut got = read_guest(&l, 0, 4 << 20).unwrap();
+    for e in l.map(0, 4 << 20).unwrap() {
+        if e.mapping == Mapping::Unallocated {
+            for o in e.start..e.end() {
+                got[o as usize] = pattern_byte(5, o);
+            }
+        }
+    }
+    assert!(
+        got == want,
+        "reads after reopen differ from what was written"
+    );
+    // Both directories name the new table 2, and the redundant copy has
+    // the entry too.
+    let b = mem_file.to_vec();
+    let le = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+    let (p, r) = (le(4 * 512 + 8) * 512, le(3 * 512 + 8) * 512);
+    assert!(p != 0 && r != 0 && p != r, "tables {p} {r}");
+    assert_eq!(le(p + 8 * 4), le(r + 8 * 4), "grain 40 in both copies");
+    assert_ne!(le(p + 8 * 4), 0);
+    // The zeroed whole grain is a zero grain (the image has them).
+    assert_eq!(l.map(zeros_at, 65536).unwrap()[0].mapping, Mapping::Zero);
+}
+
+#[test]
+fn cid_digits_are_replaced_in_place() {
+    let text = b"# Disk DescriptorFile\nversion=1\nCID=3c7a33a\nparentCID=ffffffff\n";
+    let (at, n) = super::write::cid_digits(text).unwrap();
+    assert_eq!((&text[at..at + n], n), (&b"3c7a33a"[..], 7));
+    for _ in 0..100 {
+        let c = super::write::new_cid(7, 0x3c7a33a);
+        assert!(c < 1 << 28 && c != 0x3c7a33a);
+    }
+    assert!(super::write::cid_digits(b"parentCID=1\n").is_none());
+}
