@@ -192,6 +192,32 @@ fn vmdk_directory_mounts_with_one_point_per_disk() {
         "\"s1.vmdk\""
     );
     assert!(ws.qcow2_images().is_empty(), "no qcow2 overlay on a VMDK");
+
+    // Merges of VMDK points are refused with the reason in `status`; the
+    // hidden point's data stays where it is and every point reads the same.
+    let m = ws.remount(&["-o", "gc_idle=off"]);
+    let mnt = m.mnt.clone();
+    ctl_ok(&mnt, "s1", "delete");
+    let before = files(&ws);
+    let _ = OpenOptions::new()
+        .write(true)
+        .open(mnt.join("merge-now"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"1\n"));
+    let status = status_text(&mnt);
+    assert!(
+        status.contains("\"s1\"")
+            && status.contains("vmdk")
+            && status.contains("cannot take a new parent"),
+        "status should say why s1 stays:\n{status}"
+    );
+    assert_eq!(
+        visible(&mnt),
+        names(&["vm", "vm-000001", "vm-000002", "flat", "ova"])
+    );
+    assert_disk(&mnt, "vm-000002", &leaf);
+    assert_disk(&mnt, "vm-000001", &want[1].1);
+    unmount_ok(m);
+    assert!(files(&ws) == before, "a refused merge changed VMDK files");
 }
 
 fn before_leaf_descriptor(before: &[(String, Vec<u8>)]) -> Vec<u8> {
@@ -231,4 +257,74 @@ fn write_model(f: &File, model: &mut [u8], off: u64, data: &[u8]) {
 fn unmount_ok(m: Mount) {
     let st = m.unmount();
     assert!(st.is_some_and(|s| s.success()), "daemon exit: {st:?}");
+}
+
+/// SIGKILL while writes allocate grains in a VMDK delta: `qemu-img check`
+/// is clean, libvmdk reads it, what was fsynced reads back (lower half),
+/// and a new mount reads what QEMU reads.
+#[test]
+fn vmdk_writes_survive_sigkill() {
+    if !prerequisites_or_skip() {
+        return;
+    }
+    let ws = Workspace::new();
+    create(&ws, "base.vmdk", "", None);
+    ws.qemu_io("base.vmdk", "vmdk", &["write -P 0x11 0 24M"]);
+    create(&ws, "leaf.vmdk", "", Some("base.vmdk"));
+    let mut model = ws.flatten("leaf.vmdk");
+    let Some(mut m) = ws.mount(&["-o", "gc_idle=off"]) else {
+        return;
+    };
+    let mnt = m.mnt.clone();
+    let f = open_rw(&mnt, "leaf");
+    let half = SIZE / 2;
+    // Lower half: written and fsynced, must survive.
+    for i in 0..40u64 {
+        let off = (i * 7919 * 4099) % (half - 70000);
+        write_model(
+            &f,
+            &mut model,
+            off,
+            &vec![(i as u8) | 0x80; 1 + (i as usize * 1777) % 70000],
+        );
+    }
+    // Upper half: written without fsync by a thread the kill interrupts.
+    let writer = {
+        let f = f.try_clone().expect("dup");
+        std::thread::spawn(move || {
+            for i in 0..100_000u64 {
+                let off = half + (i * 104_729) % (half - 65536);
+                if f.write_all_at(&[i as u8; 5000], off).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    kill(m.pid(), libc::SIGKILL);
+    let status = m.wait_for_kill();
+    assert!(!status.success(), "killed daemon exited {status:?}");
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&mnt)
+        .status();
+    let _ = writer.join();
+    drop(f);
+    drop(m);
+    ws.check("leaf.vmdk");
+    if let Ok(out) = std::process::Command::new("vmdkinfo")
+        .arg(ws.img("leaf.vmdk"))
+        .output()
+    {
+        assert!(out.status.success(), "vmdkinfo after SIGKILL: {out:?}");
+    }
+    let got = ws.flatten("leaf.vmdk");
+    assert_bytes_eq(
+        "fsynced lower half after SIGKILL",
+        &got[..half as usize],
+        &model[..half as usize],
+    );
+    let m = ws.remount(&["-o", "gc_idle=off"]);
+    assert_disk(&m.mnt, "leaf", &got);
+    unmount_ok(m);
 }
