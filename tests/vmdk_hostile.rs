@@ -314,3 +314,38 @@ fn extent_files_are_not_detected_as_disks() {
     assert_eq!(probe::sniff_image(&dir.join("t-s001.vmdk")), None);
     assert_eq!(probe::sniff_image(&dir.join("f-flat.vmdk")), None);
 }
+
+/// Extents sharing a file (or naming the descriptor itself) could make a
+/// write to one change another: such a disk opens for reading, not for
+/// writing, and nothing changes.
+#[test]
+fn shared_extent_files_are_not_writable() {
+    let d = tempdir();
+    let dir = d.path();
+    fs::write(dir.join("x-flat.vmdk"), vec![7; 8192]).unwrap();
+    fs::write(
+        dir.join("twice.vmdk"),
+        flat_descriptor("RW 8 FLAT \"x-flat.vmdk\" 0\nRW 8 FLAT \"x-flat.vmdk\" 4"),
+    )
+    .unwrap();
+    fs::write(
+        dir.join("self.vmdk"),
+        flat_descriptor("RW 1 FLAT \"self.vmdk\" 0"),
+    )
+    .unwrap();
+    for name in ["twice.vmdk", "self.vmdk"] {
+        let before = snapshot_dir(dir);
+        let img = dir.join(name);
+        Chain::open(&img, &OpenOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let opts = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        let err = Chain::open(&img, &opts).err().expect("refused").to_string();
+        assert!(
+            err.contains("used twice") && err.contains("not writable"),
+            "{name}: {err}"
+        );
+        assert_eq!(snapshot_dir(dir), before, "{name}: files changed");
+    }
+}

@@ -133,6 +133,7 @@ impl VmdkLayer {
             if let Some(why) = extents.iter().find_map(write::refuse_reason) {
                 return Err(ImageError::unsupported(path, format!("read-only: {why}")));
             }
+            write::check_distinct_files(path, &*file, &extents)?;
             Some(Mutex::new(write::Writer::new(&extents)?))
         } else {
             None

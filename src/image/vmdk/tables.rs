@@ -104,6 +104,11 @@ impl GrainTables {
         }
     }
 
+    /// File offsets of every grain table (0: none).
+    pub fn gt_offsets(&self) -> Vec<u64> {
+        self.gd.read().clone()
+    }
+
     /// File offset of grain table `gt` (0: none).
     pub fn gt_offset(&self, gt: u64) -> Option<u64> {
         self.gd.read().get(gt as usize).copied()

@@ -14,7 +14,8 @@
 //!    the file and synced before the grain directory entries (primary,
 //!    then redundant) name it.
 //!
-//! The first write after open gives the disk a new `CID` (as QEMU does),
+//! The first write after open gives the disk a new `CID` (as QEMU does;
+//! just before the first byte changes, so a refused write changes nothing),
 //! so a child made before the write no longer matches it ("parent CID
 //! mismatch"). The CID's digits are replaced in place, same length, so
 //! the descriptor never tears.
@@ -38,6 +39,10 @@ pub struct Writer {
     next: Vec<u64>,
     /// Per extent: file offsets of the redundant grain tables.
     redundant: Vec<Vec<u64>>,
+    /// Per extent: the metadata ranges of its file (header, descriptor,
+    /// directories, tables), sorted; no grain write may touch them, so a
+    /// crafted grain entry cannot make a write overwrite a table.
+    meta: Vec<Vec<(u64, u64)>>,
 }
 
 /// What a grain write puts in: data, or zeros.
@@ -88,7 +93,20 @@ impl Writer {
     pub fn new(extents: &[OpenExtent]) -> Result<Writer> {
         let mut next = Vec::new();
         let mut redundant = Vec::new();
+        let mut meta = Vec::new();
         for e in extents {
+            let m = metadata_ranges(e);
+            if let Some(w) = m.windows(2).find(|w| w[1].0 < w[0].1) {
+                return Err(ImageError::corrupt(
+                    &e.path,
+                    w[1].0,
+                    format!(
+                        "metadata at [{}, {}) overlaps metadata at [{}, {}) (tables shared by both directories?); not writable",
+                        w[1].0, w[1].1, w[0].0, w[0].1
+                    ),
+                ));
+            }
+            meta.push(m);
             let (n, r) = match (&e.kind, &e.file) {
                 (ExtentKind::Sparse(t), Some(f)) => {
                     let len = fileio::file_len(&**f, &e.path)?;
@@ -108,6 +126,7 @@ impl Writer {
             cid_updated: false,
             next,
             redundant,
+            meta,
         })
     }
 }
@@ -132,7 +151,6 @@ impl VmdkLayer {
             return Err(ImageError::invalid(&self.path, "image is open read-only"));
         };
         let mut w = w.lock();
-        self.touch_cid(&mut w)?;
         let end = offset + fill.len();
         let mut at = offset;
         let mut i = self.extent_at(offset);
@@ -159,6 +177,7 @@ impl VmdkLayer {
         let file = e.file.as_deref().expect("writable extents have a file");
         match &e.kind {
             ExtentKind::Flat { offset } => {
+                self.touch_cid(w)?;
                 write_plain(file, &e.path, offset + (at - e.start), fill)
             }
             ExtentKind::Zero => Err(ImageError::invalid(
@@ -197,6 +216,8 @@ impl VmdkLayer {
         let file = e.file.as_deref().expect("sparse extents have a file");
         let grain = t.lookup(file, &e.path, index)?;
         if let Grain::At(off) = grain {
+            check_not_metadata(&w.meta[i], &e.path, off, t.grain)?;
+            self.touch_cid(w)?;
             return write_plain(file, &e.path, off + within, fill);
         }
         let gstart = e.start + index * t.grain;
@@ -208,6 +229,7 @@ impl VmdkLayer {
                 return Ok(());
             }
             if whole && zero_grains(e) {
+                self.touch_cid(w)?;
                 return self.set_entry(w, i, index, 1, Grain::Zero);
             }
         }
@@ -227,6 +249,7 @@ impl VmdkLayer {
                 "sparse extent file is full (2 TiB)",
             ));
         }
+        self.touch_cid(w)?;
         fileio::write_all_at(file, &e.path, &buf, at)?;
         fileio::sync_data(file, &e.path)?;
         w.next[i] = at + t.grain;
@@ -291,8 +314,10 @@ impl VmdkLayer {
             ));
         }
         fileio::write_all_at(file, &e.path, &table, primary)?;
+        add_range(&mut w.meta[i], primary, primary + bytes);
         if let Some(r) = redundant {
             fileio::write_all_at(file, &e.path, &table, r)?;
+            add_range(&mut w.meta[i], r, r + bytes);
         }
         fileio::sync_data(file, &e.path)?;
         w.next[i] = end.div_ceil(t.grain) * t.grain;
@@ -354,6 +379,94 @@ impl VmdkLayer {
             }
         }
         fileio::sync_data(&*self.file, &self.path)
+    }
+}
+
+/// A disk whose extents share a file (or use the descriptor file) would
+/// let writes to one extent change another, or the descriptor: refused
+/// for writing. Storage that is no file (memory) has nothing to compare.
+pub fn check_distinct_files(
+    path: &std::path::Path,
+    image: &dyn crate::storage::Storage,
+    extents: &[OpenExtent],
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |s: &dyn crate::storage::Storage| {
+        s.as_file()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| (m.dev(), m.ino()))
+    };
+    let mut seen = Vec::new();
+    if let Some(i) = id(image) {
+        seen.push(i);
+    }
+    for e in extents.iter().filter(|e| !e.same_as_image) {
+        if let Some(i) = e.file.as_deref().and_then(id) {
+            if seen.contains(&i) {
+                return Err(ImageError::corrupt(
+                    path,
+                    0,
+                    format!("{} is used twice (by two extents, or as descriptor and extent); not writable", e.path.display()),
+                ));
+            }
+            seen.push(i);
+        }
+    }
+    Ok(())
+}
+
+/// The metadata ranges of a sparse extent's file, sorted.
+fn metadata_ranges(e: &OpenExtent) -> Vec<(u64, u64)> {
+    let (ExtentKind::Sparse(t), Some(hosted)) = (&e.kind, &e.hosted) else {
+        return Vec::new();
+    };
+    let h = &hosted.header;
+    let dir = h.gd_entries() * 4;
+    let mut v = vec![(0, 512), (h.gd_offset * 512, h.gd_offset * 512 + dir)];
+    if h.has_descriptor() {
+        v.push((h.desc_offset * 512, (h.desc_offset + h.desc_size) * 512));
+    }
+    if h.has_rgd() {
+        v.push((h.rgd_offset * 512, h.rgd_offset * 512 + dir));
+    }
+    let tb = t.table_bytes();
+    for at in t
+        .gt_offsets()
+        .into_iter()
+        .chain(hosted.redundant.iter().copied())
+    {
+        if at != 0 {
+            v.push((at, at + tb));
+        }
+    }
+    v.sort_unstable();
+    v
+}
+
+fn add_range(v: &mut Vec<(u64, u64)>, s: u64, e: u64) {
+    let i = v.partition_point(|r| r.0 < s);
+    v.insert(i, (s, e));
+}
+
+/// Refuses a write into the grain at `at` if it overlaps metadata.
+fn check_not_metadata(
+    meta: &[(u64, u64)],
+    path: &std::path::Path,
+    at: u64,
+    grain: u64,
+) -> Result<()> {
+    let end = at + grain;
+    // The ranges do not overlap each other, so sorted by start they are
+    // sorted by end too: the first that ends after `at` is the only
+    // candidate.
+    let i = meta.partition_point(|r| r.1 <= at);
+    match meta.get(i) {
+        Some(&(s, e)) if s < end => Err(ImageError::corrupt(
+            path,
+            at,
+            format!("grain at offset {at} overlaps metadata at [{s}, {e}); refusing to write it"),
+        )),
+        _ => Ok(()),
     }
 }
 
