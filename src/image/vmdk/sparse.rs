@@ -29,6 +29,8 @@ const CHECK_BYTES: &[u8; 4] = b"\n \r\n";
 
 /// The largest grain accepted: 1 MiB (VMware and QEMU use 64 KiB).
 pub const MAX_GRAIN_SECTORS: u64 = 2048;
+/// Largest grain directory read (QEMU's bound, too).
+const MAX_GD_ENTRIES: u64 = 32 << 20;
 /// Largest capacity of one hosted sparse extent: 2^32 sectors (2 TiB).
 const MAX_CAPACITY_SECTORS: u64 = 1 << 32;
 
@@ -195,6 +197,15 @@ fn check_header(h: &Header, b: &[u8], path: &Path, file_len: u64) -> Result<()> 
         return bad(
             44,
             format!("{} entries per grain table (1-512)", h.gt_entries),
+        );
+    }
+    if h.gd_entries() > MAX_GD_ENTRIES {
+        return bad(
+            44,
+            format!(
+                "{} grain directory entries (at most {MAX_GD_ENTRIES}): grains or tables too small for the capacity",
+                h.gd_entries()
+            ),
         );
     }
     if h.overhead.saturating_mul(512) > file_len {

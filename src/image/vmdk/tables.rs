@@ -51,9 +51,9 @@ impl EntryCodec {
     }
 }
 
-/// Grain tables cached per extent (each at most 512 * 8 bytes... up to
-/// 4096 entries for COWD and seSparse).
-const CACHED_TABLES: usize = 64;
+/// Bytes of decoded grain tables cached per extent (at least 4 tables): a
+/// disk may have 1024 extents, each with its own cache.
+const CACHE_BYTES: u64 = 128 << 10;
 
 /// Decoded grain tables by number, and a generation bumped by every
 /// change, so that a table read from the file while a writer changed it
@@ -98,7 +98,10 @@ impl GrainTables {
             data_from,
             file_len: AtomicU64::new(file_len),
             cache: Mutex::new(Cache {
-                tables: crate::cache::lazy_lru(CACHED_TABLES),
+                tables: crate::cache::lazy_lru(
+                    (CACHE_BYTES / (gt_entries.max(1) * std::mem::size_of::<Grain>() as u64)).max(4)
+                        as usize,
+                ),
                 generation: 0,
             }),
         }

@@ -257,6 +257,14 @@ fn hand_made_sparse_refusals() {
             "overlaps the embedded descriptor",
         ),
         (Box::new(|f| f[512 + 10] = 0xff), "UTF-8"),
+        (
+            Box::new(|f| {
+                f[12..20].copy_from_slice(&(1u64 << 32).to_le_bytes());
+                f[20] = 1;
+                f[44..48].copy_from_slice(&1u32.to_le_bytes());
+            }),
+            "grain directory entries (at most",
+        ),
     ];
     for (damage, want) in cases {
         let mut f = good.clone();
