@@ -104,7 +104,7 @@ pub enum Format {
     /// VHD, by QEMU's name for it.
     #[serde(rename = "vpc")]
     Vhd,
-    /// VMware's VMDK (every kind QEMU reads), read-only.
+    /// VMware's VMDK (every kind QEMU reads; hosted sparse and flat written).
     Vmdk,
 }
 
