@@ -29,10 +29,11 @@ use std::sync::Arc;
 
 /// Every format snaptree opens. Magic detection asks them in this order;
 /// a file no driver recognises is raw.
-pub static FORMATS: [&dyn Driver; 4] = [
+pub static FORMATS: [&dyn Driver; 5] = [
     &super::qcow2::driver::DRIVER,
     &super::vhd::driver::DRIVER,
     &super::vhdx::driver::DRIVER,
+    &super::vmdk::driver::DRIVER,
     &super::raw::DRIVER,
 ];
 
@@ -239,7 +240,7 @@ mod tests {
 
     #[test]
     fn every_format_has_one_driver_and_its_names() {
-        for f in [Format::Qcow2, Format::Raw, Format::Vhd, Format::Vhdx] {
+        for f in [Format::Qcow2, Format::Raw, Format::Vhd, Format::Vhdx, Format::Vmdk] {
             assert_eq!(FORMATS.iter().filter(|d| d.format() == f).count(), 1);
             assert_eq!(f.driver().format(), f);
             for n in f.driver().names() {
@@ -252,14 +253,14 @@ mod tests {
     /// capability query, for every pair of formats.
     #[test]
     fn merge_caps_keep_the_decisions_by_format() {
-        let all = [Format::Qcow2, Format::Raw, Format::Vhd];
+        let all = [Format::Qcow2, Format::Raw, Format::Vhd, Format::Vhdx, Format::Vmdk];
         for c in all {
             for h in all {
                 for has_parent in [false, true] {
                     let old = match c {
                         Format::Qcow2 => true,
                         Format::Vhd => has_parent && h == Format::Vhd,
-                        Format::Raw | Format::Vhdx => false,
+                        Format::Raw | Format::Vhdx | Format::Vmdk => false,
                     };
                     assert_eq!(c.can_stream_into(h, has_parent), old);
                 }

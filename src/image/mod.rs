@@ -39,6 +39,7 @@ pub use crate::storage;
 pub mod testutil;
 pub mod vhd;
 pub mod vhdx;
+pub mod vmdk;
 
 use crate::error::{ImageError, Result};
 use serde::Serialize;
@@ -106,6 +107,8 @@ pub enum Format {
     Vhd,
     /// VHDX and AVHDX (Hyper-V).
     Vhdx,
+    /// VMware's VMDK (every kind QEMU reads; hosted sparse and flat written).
+    Vmdk,
 }
 
 impl Format {
