@@ -146,11 +146,11 @@ pub(super) fn apply(
                 .map(|&i| manifest.points[i].name.clone());
             if r.parent.is_some() && r.parent != parent {
                 problems.push(format!(
-                    "disagreement: {keeper}'s records say the parent of {:?} is {:?}, but its image {} backs onto {:?}; following the image",
+                    "disagreement: {keeper}'s records say the parent of {:?} is {}, but its image {} backs onto {}; following the image",
                     r.name,
-                    r.parent,
+                    quoted_or_none(r.parent.as_deref()),
                     crate::confine::shown(&rel),
-                    parent
+                    quoted_or_none(parent.as_deref())
                 ));
             }
             match at.get(&rel) {
@@ -188,6 +188,11 @@ pub(super) fn apply(
             }
         }
     }
+}
+
+/// `"name"`, or `none`.
+fn quoted_or_none(name: Option<&str>) -> String {
+    name.map_or_else(|| "none".into(), |n| format!("{n:?}"))
 }
 
 /// Reports an external snapshot whose overlay backs onto another file
