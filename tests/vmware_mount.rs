@@ -339,3 +339,81 @@ fn unmount_ok(m: Mount) {
     let st = m.unmount();
     assert!(st.is_some_and(|s| s.success()), "daemon exit: {st:?}");
 }
+
+/// A suspended two-disk VM: one snapshot of both disks, the running
+/// deltas in the `.vmx` (per node), the suspend state in a `.vmss` with
+/// its RAM in a `.vmem` beside it. Each point has one `<node>.raw` per
+/// disk; "You are here" gets the suspended RAM as `memory.raw`. With
+/// `-o novmsd` the list is not read.
+#[test]
+fn vmsd_of_a_suspended_two_disk_vm() {
+    if !prerequisites_or_skip() {
+        return;
+    }
+    let ws = Workspace::new();
+    let mut want = BTreeMap::new();
+    for (node, stem, a, b) in [
+        ("scsi0:0", "vm", 0x11u8, 0x12u8),
+        ("scsi0:1", "data", 0x21, 0x22),
+    ] {
+        let base = format!("{stem}.vmdk");
+        let delta = format!("{stem}-000001.vmdk");
+        create(&ws, &base, None);
+        ws.qemu_io(&base, "vmdk", &[&format!("write -P {a} 0 1M")]);
+        create(&ws, &delta, Some(&base));
+        ws.qemu_io(&delta, "vmdk", &[&format!("write -P {b} 1M 1M")]);
+        want.insert(node, (ws.flatten(&base), ws.flatten(&delta)));
+    }
+    let (hi, lo) = vmware_time(1_704_164_645);
+    let list = format!(
+        ".encoding = \"UTF-8\"\nsnapshot.lastUID = \"1\"\nsnapshot.current = \"1\"\nsnapshot0.uid = \"1\"\nsnapshot0.filename = \"vm-Snapshot1.vmsn\"\nsnapshot0.displayName = \"Both disks\"\nsnapshot0.createTimeHigh = \"{hi}\"\nsnapshot0.createTimeLow = \"{lo}\"\nsnapshot0.numDisks = \"2\"\nsnapshot0.disk0.fileName = \"vm.vmdk\"\nsnapshot0.disk0.node = \"scsi0:0\"\nsnapshot0.disk1.fileName = \"data.vmdk\"\nsnapshot0.disk1.node = \"scsi0:1\"\nsnapshot.numSnapshots = \"1\"\n"
+    );
+    std::fs::write(ws.img("vm.vmsd"), list).unwrap();
+    let vmx = VMX.replace(
+        "scsi0:0.fileName = \"vm-000004.vmdk\"\n",
+        "scsi0:0.fileName = \"vm-000001.vmdk\"\nscsi0:1.present = \"TRUE\"\nscsi0:1.fileName = \"data-000001.vmdk\"\ncheckpoint.vmState = \"vm-7c1e.vmss\"\n",
+    );
+    std::fs::write(ws.img("vm.vmx"), vmx).unwrap();
+    std::fs::write(ws.img("vm-Snapshot1.vmsn"), vmsn_stand_in()).unwrap();
+    std::fs::write(ws.img("vm-7c1e.vmss"), vmsn_stand_in()).unwrap();
+    let ram = pattern(5, MIB as usize);
+    std::fs::write(ws.img("vm-7c1e.vmem"), &ram).unwrap();
+    let Some(m) = ws.mount(&["-o", "ro,gc_idle=off"]) else {
+        return;
+    };
+    let mnt = m.mnt.clone();
+    let status = status_text(&mnt);
+    assert_eq!(
+        visible(&mnt),
+        names(&["Both disks", "You are here"]),
+        "{status}"
+    );
+    assert_eq!(
+        parent_link(&mnt, "You are here").as_deref(),
+        Some("../Both disks")
+    );
+    for (node, (then, now)) in &want {
+        let f = format!("{node}.raw");
+        assert_bytes_eq(node, &read_disk(&mnt.join("Both disks").join(&f)), then);
+        assert_bytes_eq(node, &read_disk(&mnt.join("You are here").join(&f)), now);
+    }
+    assert_bytes_eq(
+        "memory.raw",
+        &read_disk(&mnt.join("You are here/memory.raw")),
+        &ram,
+    );
+    let i = info(&mnt, "Both disks");
+    assert!(
+        i["memory_unreadable"]["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("/vm-Snapshot1.vmsn")),
+        "{i}"
+    );
+    unmount_ok(m);
+    let Some(m) = ws.mount(&["-o", "ro,novmsd,gc_idle=off"]) else {
+        return;
+    };
+    let seen = visible(&m.mnt);
+    assert!(!seen.contains("Both disks"), "novmsd: {seen:?}");
+    unmount_ok(m);
+}
