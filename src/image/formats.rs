@@ -240,13 +240,7 @@ mod tests {
 
     #[test]
     fn every_format_has_one_driver_and_its_names() {
-        for f in [
-            Format::Qcow2,
-            Format::Raw,
-            Format::Vhd,
-            Format::Vhdx,
-            Format::Vmdk,
-        ] {
+        for f in [Format::Qcow2, Format::Raw, Format::Vhd, Format::Vhdx, Format::Vmdk] {
             assert_eq!(FORMATS.iter().filter(|d| d.format() == f).count(), 1);
             assert_eq!(f.driver().format(), f);
             for n in f.driver().names() {
@@ -259,13 +253,7 @@ mod tests {
     /// capability query, for every pair of formats.
     #[test]
     fn merge_caps_keep_the_decisions_by_format() {
-        let all = [
-            Format::Qcow2,
-            Format::Raw,
-            Format::Vhd,
-            Format::Vhdx,
-            Format::Vmdk,
-        ];
+        let all = [Format::Qcow2, Format::Raw, Format::Vhd, Format::Vhdx, Format::Vmdk];
         for c in all {
             for h in all {
                 for has_parent in [false, true] {
