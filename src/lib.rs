@@ -26,3 +26,4 @@ pub mod ownership;
 pub mod storage;
 pub mod tree;
 pub mod units;
+pub mod vmware;

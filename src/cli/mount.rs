@@ -39,7 +39,9 @@ pub struct MountArgs {
     #[arg(long, value_name = "DIR", default_value = "/")]
     libvirt_root: PathBuf,
     /// Comma-separated mount options: `ro` (everything read-only), `rw`,
-    /// `allow_other`, `allow_root`; the background merge of hidden points:
+    /// `allow_other`, `allow_root`, `novmsd` (ignore a VMware `.vmsd` in
+    /// SOURCE: by default its snapshot list names and shapes the tree);
+    /// the background merge of hidden points:
     /// `gc_idle=SECONDS` (start after this long without disk I/O; `off`
     /// never; default 10), `gc_step=BYTES` (copied per step, suffixes K M
     /// G; default 16M), `gc_pause=MS` (pause after each step; default 5);
@@ -73,6 +75,8 @@ struct Options {
     background_merge: crate::merge::BackgroundMergeSettings,
     import: crate::memory::checkpoint::Throttle,
     domain: Option<String>,
+    /// `novmsd`: ignore a VMware `.vmsd` in the source directory.
+    no_vmsd: bool,
 }
 
 impl Default for Options {
@@ -84,6 +88,7 @@ impl Default for Options {
             background_merge: Default::default(),
             import: crate::memory::checkpoint::Throttle::DEFAULT,
             domain: None,
+            no_vmsd: false,
         }
     }
 }
@@ -143,6 +148,7 @@ fn parse_options(raw: &[String]) -> CliResult<Options> {
             "rw" => o.read_only = false,
             "allow_other" => o.allow_other = true,
             "allow_root" => o.allow_root = true,
+            "novmsd" => o.no_vmsd = true,
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "nofail" | "_netdev" | "dev"
             | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "async" | "atime" | "noatime"
             | "relatime" => {}
@@ -154,7 +160,7 @@ fn parse_options(raw: &[String]) -> CliResult<Options> {
             o if o.starts_with("x-") || o.starts_with("comment=") => {}
             other => {
                 return Err(format!(
-                    "unknown mount option {other:?} (known: ro, rw, allow_other, allow_root, domain=, gc_idle=, gc_step=, gc_pause=, ckpt_pages=, ckpt_wait=)"
+                    "unknown mount option {other:?} (known: ro, rw, allow_other, allow_root, novmsd, domain=, gc_idle=, gc_step=, gc_pause=, ckpt_pages=, ckpt_wait=)"
                 )
                 .into())
             }
@@ -183,10 +189,11 @@ fn target(a: &MountArgs, o: &Options) -> CliResult<Target> {
         let source = a.paths[0].clone();
         let fs_name = source.canonicalize().unwrap_or(source.clone());
         let fs_name = fs_name.display().to_string();
+        let records = (!o.no_vmsd).then(|| vmware_records(&source)).flatten();
         return Ok(Target {
             source,
             mountpoint,
-            records: None,
+            records,
             fs_name,
         });
     };
@@ -197,6 +204,18 @@ fn target(a: &MountArgs, o: &Options) -> CliResult<Target> {
         records: Some(Arc::new(loaded.records)),
         fs_name: format!("libvirt:{domain}"),
     })
+}
+
+/// The snapshot list of a VMware VM directory `source` (one holding a
+/// `.vmsd`), if it is one.
+fn vmware_records(source: &std::path::Path) -> Option<Arc<crate::tree::records::Records>> {
+    let dir = source.canonicalize().ok().filter(|d| d.is_dir())?;
+    let records = match crate::vmware::find_vmsd(&dir) {
+        Ok(Some(vmsd)) => crate::vmware::load(&dir, &vmsd, &crate::fs::reserved_names()),
+        Ok(None) => return None,
+        Err(e) => crate::vmware::refused(&e),
+    };
+    Some(Arc::new(records))
 }
 
 pub fn run(a: MountArgs) -> CliResult {

@@ -221,6 +221,7 @@ fn point(s: &Snapshot, multi: bool) -> RecordPoint {
         description: s.description.clone(),
         overlays,
         memory: s.memory_file.clone(),
+        unreadable_memory: None,
         images: Vec::new(),
         states,
     }

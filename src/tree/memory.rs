@@ -81,7 +81,14 @@ impl Tree {
         let Some(path) = &r.memory else {
             return;
         };
-        let first = r.overlays.iter().map(|(d, _)| d).min().cloned().flatten();
+        let first = r
+            .overlays
+            .iter()
+            .chain(&r.images)
+            .map(|(d, _)| d)
+            .min()
+            .cloned()
+            .flatten();
         if point.internal.is_none() && point.disk != first {
             return;
         }

@@ -37,6 +37,9 @@ pub struct RecordPoint {
     pub overlays: Vec<(Option<String>, PathBuf)>,
     /// The RAM saved with it (canonical, checked by the keeper), if any.
     pub memory: Option<PathBuf>,
+    /// A file that holds (or may hold) its RAM in a layout snaptree does
+    /// not read (a VMware `.vmsn` or `.vmss`), and why: `info.json` says so.
+    pub unreadable_memory: Option<(PathBuf, String)>,
     /// Images that are this point's own state, per disk (canonical): the
     /// current state of a multi-disk VM, whose disks' leaves make one
     /// point. Its parent is the point its images back onto.
@@ -141,12 +144,32 @@ pub(super) fn apply(
                 .and_then(|b| b.strip_prefix(dir).ok())
                 .and_then(|b| at.get(&*b.to_string_lossy()))
                 .map(|&i| manifest.points[i].name.clone());
+            if r.parent.is_some() && r.parent != parent {
+                problems.push(format!(
+                    "disagreement: {keeper}'s records say the parent of {:?} is {}, but its image {} backs onto {}; following the image",
+                    r.name,
+                    quoted_or_none(r.parent.as_deref()),
+                    crate::confine::shown(&rel),
+                    quoted_or_none(parent.as_deref())
+                ));
+            }
             match at.get(&rel) {
                 Some(&i) => {
                     let old = &mut manifest.points[i];
+                    if old.name != r.name {
+                        problems.push(format!(
+                            "disagreement: .snaptree.json names image {} {:?}, {keeper}'s records {:?}; {keeper}'s name is used",
+                            crate::confine::shown(&rel),
+                            old.name,
+                            r.name
+                        ));
+                    }
                     old.name = r.name.clone();
                     old.parent = parent;
                     old.disk = disk.clone();
+                    if r.created != 0 {
+                        old.created = r.created;
+                    }
                 }
                 None => {
                     at.insert(rel.clone(), manifest.points.len());
@@ -165,6 +188,11 @@ pub(super) fn apply(
             }
         }
     }
+}
+
+/// `"name"`, or `none`.
+fn quoted_or_none(name: Option<&str>) -> String {
+    name.map_or_else(|| "none".into(), |n| format!("{n:?}"))
 }
 
 /// Reports an external snapshot whose overlay backs onto another file

@@ -155,6 +155,9 @@ impl Tree {
             if let Some(p) = r.point(&v.point.name) {
                 j["parent_from"] = json!(r.keeper);
                 j["description"] = json!(p.description);
+                if let Some((file, why)) = &p.unreadable_memory {
+                    j["memory_unreadable"] = json!({ "file": file, "why": why });
+                }
             }
         }
         Some(serde_json::to_string_pretty(&j).unwrap_or_default() + "\n")

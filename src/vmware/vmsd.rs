@@ -1,0 +1,226 @@
+//! The `.vmsd` snapshot list: what VMware's snapshot manager shows.
+//!
+//! Keys, as VMware Workstation and ESXi write them (a real file is quoted
+//! in "VMware Snapshot Forensics", stuffphilwrites.com, 2013; VMware KB
+//! 1015180 "Understanding virtual machine snapshots" describes the file):
+//! `snapshot.numSnapshots`, `snapshot.lastUID`, `snapshot.current` (the uid
+//! the running state descends from) and per snapshot `snapshotN.uid`,
+//! `.parent` (a uid; absent on a root), `.displayName`, `.description`,
+//! `.createTimeHigh`/`.createTimeLow`, `.filename` (its `.vmsn`),
+//! `.numDisks`, `.diskM.fileName`, `.diskM.node` (`scsi0:0`). Other keys
+//! (`snapshot.mru*`, `snapshotN.type`, `.encoding` ...) are not needed and
+//! are ignored.
+//!
+//! The creation time is microseconds since the Unix epoch split in two
+//! 32-bit halves, each written as a signed decimal: `high * 2^32 + (low as
+//! u32)` (the forensics write-up above; its sample `300237` /
+//! `-1952402371` is 2010-11-11 21:20:38 UTC).
+//!
+//! Everything that is not a well-formed number where one is due, a count
+//! that does not match the entries, or an entry beyond its count refuses
+//! the whole file: such a file was not written by VMware.
+
+use super::dict::Dict;
+use super::VmwareError;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// At most this many snapshots (VMware allows a few hundred).
+pub const MAX_SNAPSHOTS: u32 = 4096;
+/// At most this many disks per snapshot (ESXi allows 4 x 64 SCSI disks
+/// plus SATA and NVMe: a few hundred at most).
+pub const MAX_DISKS: u32 = 512;
+
+/// One disk of a snapshot: the file holding the disk's state as it was
+/// when the snapshot was taken, and the device it is attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapDisk {
+    pub file: String,
+    pub node: String,
+}
+
+/// One `snapshotN.*` entry.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// `N`, for messages.
+    pub index: u32,
+    pub uid: u32,
+    pub parent: Option<u32>,
+    pub name: String,
+    pub description: Option<String>,
+    /// Microseconds since the epoch (0 when not recorded).
+    pub created_us: u64,
+    /// The `.vmsn` file, as written.
+    pub state_file: Option<String>,
+    pub disks: Vec<SnapDisk>,
+}
+
+/// What a `.vmsd` says.
+#[derive(Clone, Debug, Default)]
+pub struct Vmsd {
+    pub current: Option<u32>,
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// Reads the snapshot list out of the parsed `.vmsd` at `path`.
+pub fn from_dict(path: &Path, d: &Dict) -> Result<Vmsd, VmwareError> {
+    let bad = |key: &str, why: String| VmwareError::BadValue {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        why,
+    };
+    let count = match d.get("snapshot.numSnapshots") {
+        Some(v) => {
+            number(v, 0, MAX_SNAPSHOTS as i64).map_err(|w| bad("snapshot.numSnapshots", w))? as u32
+        }
+        None => 0,
+    };
+    // Every snapshotN.* key must belong to an N below the count.
+    for (k, _) in d.iter() {
+        if let Some(n) = index_of(k, "snapshot") {
+            if n.is_none_or(|n| n >= count) {
+                return Err(bad(
+                    k,
+                    format!("beyond snapshot.numSnapshots = {count} (or a malformed index)"),
+                ));
+            }
+        }
+    }
+    let current = match d.get("snapshot.current") {
+        Some(v) => {
+            Some(number(v, 0, u32::MAX as i64).map_err(|w| bad("snapshot.current", w))? as u32)
+        }
+        None => None,
+    };
+    let last = match d.get("snapshot.lastUID") {
+        Some(v) => {
+            Some(number(v, 0, u32::MAX as i64).map_err(|w| bad("snapshot.lastUID", w))? as u32)
+        }
+        None => None,
+    };
+    let mut snapshots = Vec::new();
+    for n in 0..count {
+        let s = snapshot(path, d, n)?;
+        if let Some(last) = last.filter(|l| s.uid > *l) {
+            return Err(bad(
+                &format!("snapshot{n}.uid"),
+                format!("{} is above snapshot.lastUID = {last}", s.uid),
+            ));
+        }
+        snapshots.push(s);
+    }
+    Ok(Vmsd { current, snapshots })
+}
+
+/// `Some(Some(n))` for `<prefix>N.<rest>`, `Some(None)` for a malformed
+/// `N`, `None` for other keys (`key` lower-cased).
+fn index_of(key: &str, prefix: &str) -> Option<Option<u32>> {
+    let rest = key.strip_prefix(prefix)?;
+    let digits = rest.find('.').map(|e| &rest[..e])?;
+    if digits.is_empty() {
+        return None; // `snapshot.current`
+    }
+    let ok = digits.len() <= 9
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    Some(ok.then(|| digits.parse().ok()).flatten())
+}
+
+/// Snapshot entry `n`.
+fn snapshot(path: &Path, d: &Dict, n: u32) -> Result<Snapshot, VmwareError> {
+    let key = |k: &str| format!("snapshot{n}.{k}");
+    let bad = |k: &str, why: String| VmwareError::BadValue {
+        path: path.to_path_buf(),
+        key: key(k),
+        why,
+    };
+    let num = |k: &str, lo: i64, hi: i64| -> Result<Option<i64>, VmwareError> {
+        d.get(&key(k))
+            .map(|v| number(v, lo, hi).map_err(|w| bad(k, w)))
+            .transpose()
+    };
+    let uid = num("uid", 0, u32::MAX as i64)?.ok_or_else(|| bad("uid", "missing".into()))? as u32;
+    let parent = num("parent", 0, u32::MAX as i64)?.map(|p| p as u32);
+    let name = d
+        .get(&key("displayName"))
+        .ok_or_else(|| bad("displayName", "missing".into()))?
+        .to_string();
+    let high = num("createTimeHigh", 0, i32::MAX as i64)?;
+    let low = num("createTimeLow", i32::MIN as i64, u32::MAX as i64)?;
+    let created_us = match (high, low) {
+        (Some(h), Some(l)) => ((h as u64) << 32) | (l as u32 as u64),
+        (None, None) => 0,
+        _ => {
+            return Err(bad(
+                "createTimeHigh",
+                "only one half of the time is set".into(),
+            ))
+        }
+    };
+    let num_disks = num("numDisks", 0, MAX_DISKS as i64)?.unwrap_or(0) as u32;
+    for (k, _) in d.iter() {
+        if let Some(m) = k
+            .strip_prefix(&format!("snapshot{n}."))
+            .and_then(|r| index_of(r, "disk"))
+        {
+            if m.is_none_or(|m| m >= num_disks) {
+                return Err(bad(
+                    "numDisks",
+                    format!("{k} is beyond numDisks = {num_disks} (or a malformed index)"),
+                ));
+            }
+        }
+    }
+    let mut disks = Vec::new();
+    for m in 0..num_disks {
+        let get = |f: &str| {
+            d.get(&key(&format!("disk{m}.{f}")))
+                .map(str::to_string)
+                .ok_or_else(|| bad(&format!("disk{m}.{f}"), "missing".into()))
+        };
+        disks.push(SnapDisk {
+            file: get("fileName")?,
+            node: get("node")?,
+        });
+    }
+    let mut nodes = BTreeMap::new();
+    for (i, dk) in disks.iter().enumerate() {
+        if let Some(j) = nodes.insert(dk.node.to_ascii_lowercase(), i) {
+            return Err(bad(
+                &format!("disk{i}.node"),
+                format!("{:?} is also disk{j}'s", dk.node),
+            ));
+        }
+    }
+    Ok(Snapshot {
+        index: n,
+        uid,
+        parent,
+        name,
+        description: d
+            .get(&key("description"))
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
+        created_us,
+        state_file: d
+            .get(&key("filename"))
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
+        disks,
+    })
+}
+
+/// A decimal integer in `lo..=hi` (an optional `-`, digits only).
+fn number(v: &str, lo: i64, hi: i64) -> Result<i64, String> {
+    let digits = v.strip_prefix('-').unwrap_or(v);
+    if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{v:?} is not a decimal number"));
+    }
+    let n: i64 = v
+        .parse()
+        .map_err(|_| format!("{v:?} is not a decimal number"))?;
+    if !(lo..=hi).contains(&n) {
+        return Err(format!("{n} is outside {lo}..={hi}"));
+    }
+    Ok(n)
+}
