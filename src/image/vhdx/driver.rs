@@ -1,11 +1,11 @@
 //! VHDX in the format registry (see `image::formats`): recognised by its
-//! `vhdxfile` identifier (AVHDX files are VHDX), opened read-only. Its one
+//! `vhdxfile` identifier (AVHDX files are VHDX), read and written. Its one
 //! repair is the log replay a read-write open needs: written into the file
 //! while the caller holds the write lock (`repair_dirty`), never on a
 //! read-only open (those replay in memory, see `log`).
 
 use super::{header, log, VhdxLayer};
-use crate::error::{ImageError, Result};
+use crate::error::Result;
 use crate::image::formats::{Driver, MergeCaps, Repair};
 use crate::image::{Format, Layer};
 use crate::storage::Storage;
@@ -37,23 +37,16 @@ impl Driver for VhdxDriver {
     /// Read-only opens replay a log in memory. A read-write open of a file
     /// with a log to replay is refused with the reason, so the tree runs
     /// `repair_dirty` (the replay into the file, under its write lock)
-    /// and tries again; writing itself is not implemented.
+    /// and tries again.
     fn open(&self, path: &Path, file: File, writable: bool) -> Result<Arc<dyn Layer>> {
-        if writable {
-            let h = header::read_current(&file, path)?;
-            let len = crate::fileio::file_len(&file, path)?;
-            if log::find(&file, path, &h, len)?.is_some() {
-                return Err(ImageError::invalid(
-                    path,
-                    "the VHDX log holds entries to replay before it can be written",
-                ));
-            }
-            return Err(ImageError::unsupported(path, "writing VHDX images"));
-        }
-        Ok(Arc::new(VhdxLayer::open(path, Box::new(file))?))
+        Ok(Arc::new(VhdxLayer::open_with(
+            path,
+            Box::new(file),
+            writable,
+        )?))
     }
 
-    /// Read-only for now: no re-pointing, no commits into a VHDX.
+    /// No re-pointing and no commits into a VHDX yet.
     fn merge_caps(&self) -> MergeCaps {
         MergeCaps {
             can_repoint: false,
