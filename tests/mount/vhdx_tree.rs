@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use super::vhd_peers::{libvhdi_tool, vhdiinfo, VhdiMount};
 use super::*;
 use spec::Vhdx;
 
@@ -154,4 +155,130 @@ fn vhdx_log_is_replayed_in_memory_read_only_and_into_the_file_read_write() {
         &ws.flatten("base.vhdx"),
         &want,
     );
+}
+
+/// The VHDX images in the tree directory, by name.
+fn vhdx_images(ws: &Workspace) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(&ws.images)
+        .expect("list images")
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let mut magic = [0u8; 8];
+            std::fs::File::open(e.path())
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                .is_ok()
+                && &magic == b"vhdxfile"
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A qemu-img VHDX snapshotted `depth` times through the mount (`ctl
+/// snapshot`), written at every level: each level is a differencing
+/// `.vhdx` snaptree made; snaptree reads the model at every point;
+/// `vhdiinfo` accepts every file, `vhdimount` of the leaf reads the model,
+/// and qemu-img (which opens no differencing VHDX) reads the root as the
+/// first snapshot.
+fn vhdx_chain_through_snapshots(depth: usize) {
+    let Some(ws) = workspace() else {
+        return;
+    };
+    ws.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        "disk.vhdx",
+        &SIZE.to_string(),
+    ]);
+    ws.qemu_io("disk.vhdx", "vhdx", &["write -P 0x21 0 5M"]);
+    let mut model = ws.flatten("disk.vhdx");
+    let Some(m) = ws.mount(&["-o", "gc_idle=off"]) else {
+        return;
+    };
+    let mnt = m.mnt.clone();
+    let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 1..=depth as u64 {
+        let name = format!("s{i}");
+        ctl_ok(&mnt, "disk", &format!("snapshot {name}"));
+        snaps.push((name, model.clone()));
+        let f = open_rw(&mnt, "disk").expect("open the leaf");
+        for j in 0..3u64 {
+            let len = 1 + (i * 7919 + j * 104_729) % 90_000;
+            let off = (i * 1_000_003 + j * 5_242_877) % (SIZE - len);
+            write_both(&f, &mut model, off, &pattern(i * 10 + j, len as usize));
+        }
+        f.sync_all().expect("fsync");
+    }
+    // A clone of the first snapshot: an `.avhdx` child of its own,
+    // writable, which leaves the snapshot as it was.
+    ctl_ok(&mnt, "s1", "clone c1");
+    let mut clone = snaps[0].1.clone();
+    let f = open_rw(&mnt, "c1").expect("open the clone");
+    write_both(&f, &mut clone, 4 * MIB + 77, &pattern(999, 70_000));
+    f.sync_all().expect("fsync");
+    drop(f);
+    assert_disk(&mnt, "c1", &clone);
+    assert_disk(&mnt, "disk", &model);
+    for k in [0, depth / 2, depth - 1] {
+        let (name, want) = &snaps[k];
+        assert_disk(&mnt, name, want);
+    }
+    assert_eq!(
+        info(&mnt, "disk")["disks"]["disk"]["chain_depth"],
+        depth as u64 + 1
+    );
+    unmount_ok(m);
+    let images = vhdx_images(&ws);
+    assert_eq!(images.len(), depth + 2, "{images:?}");
+    assert!(
+        images
+            .iter()
+            .any(|n| n.starts_with("c1") && n.ends_with(".avhdx")),
+        "the clone is no .avhdx: {images:?}"
+    );
+    if libvhdi_tool("vhdiinfo") {
+        for name in &images {
+            if let Err(e) = vhdiinfo(&ws.img(name)) {
+                panic!("libvhdi refuses {name}: {e}");
+            }
+        }
+    }
+    assert_bytes_eq(
+        "qemu-img convert s1.vhdx",
+        &ws.flatten("s1.vhdx"),
+        &snaps[0].1,
+    );
+    assert_bytes_eq("snaptree export disk.vhdx", &ws.export("disk.vhdx"), &model);
+    if !libvhdi_tool("vhdimount") {
+        return skip("vhdimount is not installed (apt-get install libvhdi-utils)");
+    }
+    let v =
+        VhdiMount::new(&ws.img("disk.vhdx"), &ws.scratch("vhdi")).unwrap_or_else(|e| panic!("{e}"));
+    let got = std::fs::read(v.last_view()).expect("read vhdimount's view");
+    assert_bytes_eq("vhdimount disk.vhdx (the leaf)", &got, &model);
+    drop(v);
+    let c1 = images.iter().find(|n| n.starts_with("c1")).unwrap();
+    let v = VhdiMount::new(&ws.img(c1), &ws.scratch("vhdi-c1")).unwrap_or_else(|e| panic!("{e}"));
+    let got = std::fs::read(v.last_view()).expect("read vhdimount's view");
+    assert_bytes_eq("vhdimount of the clone", &got, &clone);
+}
+
+#[test]
+fn vhdx_snapshots_make_avhdx_chains_depth_1() {
+    vhdx_chain_through_snapshots(1);
+}
+
+#[test]
+fn vhdx_snapshots_make_avhdx_chains_depth_8() {
+    vhdx_chain_through_snapshots(8);
+}
+
+#[test]
+fn vhdx_snapshots_make_avhdx_chains_depth_40() {
+    vhdx_chain_through_snapshots(40);
 }

@@ -1,12 +1,13 @@
 //! VHDX in the format registry (see `image::formats`): recognised by its
-//! `vhdxfile` identifier (AVHDX files are VHDX), read and written. Its one
+//! `vhdxfile` identifier (AVHDX files are VHDX), read and written; its
+//! children are differencing VHDXs (`create`). Its one
 //! repair is the log replay a read-write open needs: written into the file
 //! while the caller holds the write lock (`repair_dirty`), never on a
 //! read-only open (those replay in memory, see `log`).
 
-use super::{header, log, VhdxLayer};
+use super::{create, header, log, VhdxLayer};
 use crate::error::Result;
-use crate::image::formats::{Driver, MergeCaps, Repair};
+use crate::image::formats::{ChildRequest, Driver, MergeCaps, Repair};
 use crate::image::{Format, Layer};
 use crate::storage::Storage;
 use std::fs::File;
@@ -26,8 +27,10 @@ impl Driver for VhdxDriver {
         &["vhdx"]
     }
 
+    /// New VHDX images snaptree makes are differencing children, which
+    /// Hyper-V names `.avhdx`.
     fn extension(&self) -> &'static str {
-        "vhdx"
+        "avhdx"
     }
 
     fn sniff(&self, _file: &File, _path: &Path, magic: &[u8]) -> bool {
@@ -55,6 +58,16 @@ impl Driver for VhdxDriver {
             can_commit_into: false,
             children_check_id: true,
         }
+    }
+
+    /// Hyper-V reads VHDX chains only: a VHDX point's children are
+    /// differencing VHDXs (`create`).
+    fn children_own_format(&self) -> bool {
+        true
+    }
+
+    fn create_child(&self, req: &ChildRequest<'_>) -> Result<()> {
+        create::create_child(req)
     }
 
     fn repair(&self) -> Option<&dyn Repair> {

@@ -30,6 +30,7 @@
 //! only for the lookup or insert; data is read with `pread` and no lock.
 
 pub mod bat;
+pub mod create;
 pub mod driver;
 pub mod guid;
 pub mod header;
