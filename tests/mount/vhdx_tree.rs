@@ -282,3 +282,121 @@ fn vhdx_snapshots_make_avhdx_chains_depth_8() {
 fn vhdx_snapshots_make_avhdx_chains_depth_40() {
     vhdx_chain_through_snapshots(40);
 }
+
+/// Writes `data` at `off` of point `p` through the mount and the model.
+fn put(mnt: &Path, p: &str, model: &mut [u8], off: u64, data: &[u8]) {
+    let f = open_rw(mnt, p).unwrap_or_else(|e| panic!("open {p}: {e}"));
+    write_both(&f, model, off, data);
+    f.sync_all().expect("fsync");
+}
+
+/// What libvhdi's `vhdimount` reads from `image`, or `None` without it.
+fn vhdimount_read(image: &Path, dir: &Path) -> Option<Vec<u8>> {
+    if !libvhdi_tool("vhdimount") {
+        skip("vhdimount is not installed (apt-get install libvhdi-utils)");
+        return None;
+    }
+    let m = VhdiMount::new(image, dir).unwrap_or_else(|e| panic!("{e}"));
+    Some(std::fs::read(m.last_view()).expect("read vhdimount's view"))
+}
+
+fn vhdiinfo_all(ws: &Workspace) {
+    if !libvhdi_tool("vhdiinfo") {
+        return;
+    }
+    for name in vhdx_images(ws) {
+        if let Err(e) = vhdiinfo(&ws.img(&name)) {
+            panic!("libvhdi refuses {name}: {e}");
+        }
+    }
+}
+
+/// Merges on a VHDX tree in both directions, as on VHD: a stream (the
+/// hidden snapshot's data into its child, which is re-pointed at the
+/// grandparent through the journal) and a commit (the child's data into
+/// the hidden root, whose file takes the child's name and data write
+/// GUID, which the leaf's `parent_linkage` names). Judged by snaptree,
+/// libvhdi (`vhdiinfo`, `vhdimount` of the leaf) and qemu-img (the root).
+#[test]
+fn vhdx_tree_merges_stream_and_commit() {
+    use super::merge::merge_now_ok;
+    let Some(ws) = workspace() else {
+        return;
+    };
+    ws.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        "disk.vhdx",
+        &SIZE.to_string(),
+    ]);
+    ws.qemu_io(
+        "disk.vhdx",
+        "vhdx",
+        &["write -P 0x11 0 3M", "write -P 0x12 9M 512K"],
+    );
+    let mut model = ws.flatten("disk.vhdx");
+    let Some(m) = ws.mount(&["-o", "gc_idle=off"]) else {
+        return;
+    };
+    let mnt = m.mnt.clone();
+    put(&mnt, "disk", &mut model, 1_000_001, &pattern(1, 70_000));
+    let s1 = model.clone();
+    ctl_ok(&mnt, "disk", "snapshot s1");
+    put(&mnt, "disk", &mut model, 2 * MIB - 100, &pattern(3, 300));
+    put(&mnt, "disk", &mut model, 7, &pattern(4, 5));
+    let s2 = model.clone();
+    ctl_ok(&mnt, "disk", "snapshot s2");
+    // The leaf holds more than s2, so merging s2 streams it.
+    put(&mnt, "disk", &mut model, 0, &pattern(6, 6 * MIB as usize));
+    assert_disk(&mnt, "s1", &s1);
+    assert_disk(&mnt, "s2", &s2);
+    unmount_ok(m);
+    vhdiinfo_all(&ws);
+
+    let m = ws.remount(&["-o", "gc_idle=off"]);
+    let mnt = m.mnt.clone();
+    ctl_ok(&mnt, "s2", "delete");
+    merge_now_ok(&mnt);
+    let said = read_text(&mnt.join("merge-now"));
+    assert!(
+        said.contains("\"s2\" into \"disk\"") && !said.contains("committing"),
+        "expected a stream of s2 into disk: {said}"
+    );
+    assert_eq!(info(&mnt, "disk")["disks"]["disk"]["chain_depth"], 2);
+    assert_disk(&mnt, "disk", &model);
+    assert_disk(&mnt, "s1", &s1);
+    assert!(!ws.img("s2.vhdx").exists(), "s2.vhdx left after the merge");
+
+    // s1 is the root: s3 is committed into it (s1's file takes s3's name
+    // and data write GUID, which disk.vhdx names).
+    let s3 = model.clone();
+    ctl_ok(&mnt, "disk", "snapshot s3");
+    put(&mnt, "disk", &mut model, 3 * MIB, &pattern(7, 4096));
+    ctl_ok(&mnt, "s1", "delete");
+    merge_now_ok(&mnt);
+    let said = read_text(&mnt.join("merge-now"));
+    assert!(
+        said.contains("\"s1\" into \"s3\"") && said.contains("committing"),
+        "expected s3 committed into s1: {said}"
+    );
+    assert_eq!(visible(&mnt), names(&["s3", "disk"]));
+    assert_disk(&mnt, "s3", &s3);
+    assert_disk(&mnt, "disk", &model);
+    unmount_ok(m);
+    assert_eq!(vhdx_images(&ws), vec!["disk.vhdx", "s3.vhdx"]);
+    vhdiinfo_all(&ws);
+    ws.check("s3.vhdx");
+    assert_bytes_eq("qemu-img convert s3.vhdx", &ws.flatten("s3.vhdx"), &s3);
+    if let Some(v) = vhdimount_read(&ws.img("disk.vhdx"), &ws.scratch("vhdi")) {
+        assert_bytes_eq("vhdimount disk.vhdx after the merges", &v, &model);
+    }
+    assert_bytes_eq("snaptree export disk.vhdx", &ws.export("disk.vhdx"), &model);
+    let m = ws.remount(&["-o", "gc_idle=off"]);
+    assert_disk(&m.mnt, "disk", &model);
+    assert_disk(&m.mnt, "s3", &s3);
+    unmount_ok(m);
+}

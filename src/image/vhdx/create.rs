@@ -66,7 +66,11 @@ pub fn create_child(req: &ChildRequest<'_>) -> Result<()> {
 /// The locator's keys and values for a parent named `name` (relative to
 /// the child's directory, or absolute). The parent's file may be about to
 /// take that name (a snapshot renames it), so paths are made from `name`.
-fn locator_pairs(child: &Path, name: &str, linkage: &Guid) -> Result<Vec<(&'static str, String)>> {
+pub(super) fn locator_pairs(
+    child: &Path,
+    name: &str,
+    linkage: &Guid,
+) -> Result<Vec<(&'static str, String)>> {
     let abs = if name.starts_with('/') {
         std::path::PathBuf::from(name)
     } else {
@@ -245,7 +249,7 @@ fn metadata_region(path: &Path, m: &Metadata, pairs: &[(&str, String)]) -> Resul
 
 /// A parent locator item (MS-VHDX 2.6.2.6): type, key/value entries, then
 /// the UTF-16LE keys and values.
-fn locator(pairs: &[(&str, String)]) -> Vec<u8> {
+pub(super) fn locator(pairs: &[(&str, String)]) -> Vec<u8> {
     let mut b = vec![0u8; 20 + pairs.len() * 12];
     b[0..16].copy_from_slice(&guid::VHDX_PARENT_TYPE);
     b[18..20].copy_from_slice(&(pairs.len() as u16).to_le_bytes());

@@ -5,9 +5,11 @@
 //! while the caller holds the write lock (`repair_dirty`), never on a
 //! read-only open (those replay in memory, see `log`).
 
-use super::{create, header, log, VhdxLayer};
+use super::{create, header, log, reparent, VhdxLayer};
+use crate::error::ImageError;
 use crate::error::Result;
-use crate::image::formats::{ChildRequest, Driver, MergeCaps, Repair};
+use crate::image::formats::{AdoptId, ChildRequest, Driver, MergeCaps, Repair};
+use crate::image::repoint::{NewBacking, Patch, Repoint, RepointPlan};
 use crate::image::{Format, Layer};
 use crate::storage::Storage;
 use std::fs::File;
@@ -49,15 +51,24 @@ impl Driver for VhdxDriver {
         )?))
     }
 
-    /// No re-pointing and no commits into a VHDX yet.
+    /// As a VHD: a differencing VHDX names only a VHDX parent and keeps
+    /// one; its children check its data write GUID.
     fn merge_caps(&self) -> MergeCaps {
         MergeCaps {
-            can_repoint: false,
+            can_repoint: true,
             repoint_needs_parent: true,
             parent_same_format: true,
-            can_commit_into: false,
+            can_commit_into: true,
             children_check_id: true,
         }
+    }
+
+    fn repoint(&self) -> Option<&dyn Repoint> {
+        Some(self)
+    }
+
+    fn adopt_id(&self) -> Option<&dyn AdoptId> {
+        Some(self)
     }
 
     /// Hyper-V reads VHDX chains only: a VHDX point's children are
@@ -103,4 +114,38 @@ pub fn replay_into_file(file: &dyn Storage, path: &Path) -> Result<Option<usize>
     };
     log::apply_to_file(file, path, &h, &r)?;
     Ok(Some(r.entries))
+}
+
+/// The locator writes, journaled (see `reparent`).
+impl Repoint for VhdxDriver {
+    fn plan(&self, child: &Path, to: Option<NewBacking<'_>>) -> Result<RepointPlan> {
+        let Some((b, parent)) = to.and_then(|b| Some((b, b.path?))) else {
+            return Err(ImageError::invalid(
+                child,
+                "a differencing VHDX cannot lose its parent",
+            ));
+        };
+        reparent::parent_patches(child, parent, b.name).map(RepointPlan::Journaled)
+    }
+
+    fn apply(&self, child: &Path, plan: &RepointPlan) -> Result<()> {
+        match plan {
+            RepointPlan::Journaled(p) => reparent::apply(child, p),
+            RepointPlan::OneWrite(_) => Err(ImageError::invalid(
+                child,
+                "a differencing VHDX is re-pointed by journaled writes, not one",
+            )),
+        }
+    }
+
+    fn check(&self, child: &Path, patches: &[Patch]) -> Result<()> {
+        reparent::check_patches(child, patches)
+    }
+}
+
+/// A VHDX's identity is its data write GUID (what `parent_linkage` names).
+impl AdoptId for VhdxDriver {
+    fn set_id(&self, path: &Path, id: [u8; 16]) -> Result<()> {
+        reparent::set_data_write_guid(path, id)
+    }
 }

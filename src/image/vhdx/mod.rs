@@ -8,6 +8,8 @@
 //! `bat` the block allocation table and its geometry; `log` the metadata
 //! log and its replay; `locator` a differencing disk's parent; `guid` the
 //! GUIDs; `write` the writer; `create` new differencing children;
+//! `reparent` re-pointing a child and changing a file's data write GUID
+//! (merges);
 //! `driver` the registry entry. This file holds the open image and turns
 //! guest ranges into mappings.
 //!
@@ -37,6 +39,7 @@ pub mod header;
 pub mod locator;
 pub mod log;
 pub mod metadata;
+pub mod reparent;
 #[cfg(test)]
 mod tests;
 pub mod write;

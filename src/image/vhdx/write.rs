@@ -10,10 +10,14 @@
 //!
 //! - **Identity first.** The first write after open writes a new header
 //!   into the slot that is *not* current, with the next sequence number, a
-//!   new file write GUID and a new data write GUID (QEMU requires the
-//!   latter to change on the first write; children's `parent_linkage`
-//!   names it), and `fdatasync`s it. A torn header fails its CRC-32C and
-//!   readers keep the old current one.
+//!   new file write GUID and a new data write GUID (QEMU changes the
+//!   latter on the first write; children's `parent_linkage` names it), and
+//!   `fdatasync`s it. A torn header fails its CRC-32C and readers keep the
+//!   old current one. One exception: a file that a VHDX beside it names as
+//!   its parent keeps its data write GUID. snaptree writes such a file only
+//!   in a merge, which leaves every child's view as it was (a commit then
+//!   gives the file its child's GUID, see `reparent`); a new GUID would
+//!   break the children's linkage while the merge runs, and after a crash.
 //! - **Allocation.** New blocks go at the end of the file, 1 MiB aligned;
 //!   the file is extended first (`set_len`), so a new block reads zeros and
 //!   a crash leaves only unreferenced space, which no reader minds. Blocks
@@ -45,11 +49,14 @@
 //! before its BAT entry, each after the data it exposes is written.
 
 use super::bat::{self, Geometry};
-use super::header::{Header, HEADER_AT};
+use super::guid::{self, Guid};
+use super::header::{self, Header, HEADER_AT};
+use super::metadata::{self, Metadata};
 use super::{VhdxLayer, MIB};
 use crate::error::{ImageError, Result};
 use crate::fileio::{file_len, read_at_zero_fill, sync_data, write_all_at};
 use crate::image::{check_range, BackingRead};
+use crate::storage::Storage;
 use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -141,6 +148,49 @@ pub fn new_guid(path: &Path) -> Result<[u8; 16]> {
     Ok(g)
 }
 
+/// Whether a VHDX in `path`'s directory names `id` as its parent linkage
+/// (how many files are looked at is bounded; unreadable ones are skipped).
+pub fn named_by_a_child(path: &Path, id: &Guid) -> bool {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let accept = crate::input::Accept::RegularOrBlock;
+    for p in entries.take(10_000).flatten().map(|e| e.path()) {
+        if p == path {
+            continue;
+        }
+        let Ok(f) = crate::input::open_input(&p, false, accept) else {
+            continue;
+        };
+        let mut magic = [0u8; 8];
+        if f.read_exact_at(&mut magic, 0).is_err() || !header::is_vhdx(&magic) {
+            continue;
+        }
+        let meta = file_len(&f, &p)
+            .and_then(|len| header::read_regions(&f, &p, len))
+            .and_then(|r| metadata::read(&f, &p, r.metadata));
+        let Ok(Metadata {
+            locator: Some((pairs, _)),
+            ..
+        }) = meta
+        else {
+            continue;
+        };
+        let names_it = pairs.iter().any(|(k, v)| {
+            (k.eq_ignore_ascii_case("parent_linkage") || k.eq_ignore_ascii_case("parent_linkage2"))
+                && guid::parse(v) == Some(*id)
+        });
+        if names_it {
+            return true;
+        }
+    }
+    false
+}
+
 impl VhdxLayer {
     fn writer(&self) -> Result<&Mutex<Writer>> {
         self.writer
@@ -213,7 +263,12 @@ impl VhdxLayer {
             return Ok(());
         }
         let cur = self.current_header();
-        let (fw, dw) = (new_guid(&self.path)?, new_guid(&self.path)?);
+        let fw = new_guid(&self.path)?;
+        let dw = if named_by_a_child(&self.path, &cur.data_write_guid) {
+            cur.data_write_guid
+        } else {
+            new_guid(&self.path)?
+        };
         let mut raw = cur.raw.clone();
         raw[16..32].copy_from_slice(&fw);
         raw[32..48].copy_from_slice(&dw);
