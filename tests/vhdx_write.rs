@@ -1,7 +1,7 @@
 //! The VHDX write side against real peers.
 //!
-//! - Dynamic VHDXs made by qemu-img (1 MiB and 32 MiB blocks, one with
-//!   4096-byte logical sectors edited in from the spec) and written through
+//! - Dynamic and fixed VHDXs made by qemu-img (1 MiB and 32 MiB blocks,
+//!   one with 4096-byte logical sectors edited in from the spec) and written through
 //!   the crate's `Chain` (random unaligned, sub-sector, multi-block and
 //!   zero writes, flushes) convert with `qemu-img convert` to exactly the
 //!   bytes of an in-memory model; `qemu-img check` is clean; `vhdiinfo`
@@ -218,6 +218,7 @@ fn qemu_dynamic_vhdx_written_by_snaptree_converts_to_the_model() {
         ("b1m.vhdx", "block_size=1M", 24 * MIB + 7 * 512, 512u32),
         ("b32m.vhdx", "block_size=32M", 80 * MIB, 512),
         ("s4k.vhdx", "block_size=1M", 20 * MIB, 4096),
+        ("fixed.vhdx", "subformat=fixed,block_size=1M", 8 * MIB, 512),
     ];
     for (name, opts, size, sector) in cases {
         let ctx = format!("{name} (seed {seed})");
@@ -504,4 +505,61 @@ fn overlapping_blocks_refuse_writing_and_change_nothing() {
     // Reading it is still allowed.
     let got = read_leaf(&img);
     assert_eq!(&got[MIB as usize..MIB as usize + 4], &[0x61; 4]);
+}
+
+/// Re-pointing a differencing VHDX: the journaled writes re-point it (and
+/// may be applied again), and writes a journal could hold that do more
+/// than re-point it are refused, naming the child, with the file unchanged.
+#[test]
+fn repoint_patches_are_idempotent_and_hostile_ones_refused() {
+    use snaptree::image::repoint::Patch;
+    use snaptree::image::vhdx::reparent::{apply, check_patches, parent_patches};
+    require_qemu!();
+    let dir = tempdir();
+    let d = dir.path();
+    for (name, fill) in [("a.vhdx", "0x41"), ("b.vhdx", "0x42")] {
+        create(d, name, 8 * MIB, "block_size=1M");
+        qemu_io(&d.join(name), &format!("write -P {fill} 0 8M"));
+    }
+    create(d, "c.avhdx", 8 * MIB, "block_size=1M");
+    let link = Vhdx::load(&d.join("a.vhdx")).data_write_guid();
+    let mut v = Vhdx::load(&d.join("c.avhdx"));
+    v.make_differencing(&[
+        ("parent_linkage", spec::guid_text(&link)),
+        ("relative_path", ".\\a.vhdx".into()),
+    ]);
+    v.save(&d.join("c.avhdx"));
+    let child = d.join("c.avhdx");
+    assert_eq!(read_leaf(&child)[100], 0x41);
+    let patches = parent_patches(&child, &d.join("b.vhdx"), "b.vhdx").expect("plan");
+    let before = fs::read(&child).unwrap();
+    let mut hostile: Vec<Vec<Patch>> = vec![
+        patches[..1].to_vec(),
+        vec![patches[0].clone(), patches[1].clone(), patches[1].clone()],
+    ];
+    let mut moved = patches.clone();
+    moved[1].offset += 32; // another table entry
+    hostile.push(moved);
+    let mut on_table = patches.clone();
+    on_table[0].offset = on_table[1].offset; // the item over the table
+    hostile.push(on_table);
+    let mut header = patches.clone();
+    header[0].offset = 64 * 1024; // the item over the header
+    hostile.push(header);
+    for h in &hostile {
+        let e = check_patches(&child, h).expect_err("hostile patches accepted");
+        assert!(e.to_string().contains("c.avhdx"), "{e}");
+        assert!(apply(&child, h).is_err());
+    }
+    assert!(
+        fs::read(&child).unwrap() == before,
+        "refused patches changed the file"
+    );
+    apply(&child, &patches).expect("apply");
+    assert_eq!(read_leaf(&child)[100], 0x42, "not re-pointed at b.vhdx");
+    // A crash after the application: the journal applies it again.
+    check_patches(&child, &patches).expect("re-check after apply");
+    apply(&child, &patches).expect("apply again");
+    assert_eq!(read_leaf(&child)[100], 0x42);
+    assert_vhdiinfo(&child, "re-pointed child");
 }
