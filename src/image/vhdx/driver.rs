@@ -1,12 +1,15 @@
 //! VHDX in the format registry (see `image::formats`): recognised by its
-//! `vhdxfile` identifier (AVHDX files are VHDX), opened read-only. Its one
+//! `vhdxfile` identifier (AVHDX files are VHDX), read and written; its
+//! children are differencing VHDXs (`create`). Its one
 //! repair is the log replay a read-write open needs: written into the file
 //! while the caller holds the write lock (`repair_dirty`), never on a
 //! read-only open (those replay in memory, see `log`).
 
-use super::{header, log, VhdxLayer};
-use crate::error::{ImageError, Result};
-use crate::image::formats::{Driver, MergeCaps, Repair};
+use super::{create, header, log, reparent, VhdxLayer};
+use crate::error::ImageError;
+use crate::error::Result;
+use crate::image::formats::{AdoptId, ChildRequest, Driver, MergeCaps, Repair};
+use crate::image::repoint::{NewBacking, Patch, Repoint, RepointPlan};
 use crate::image::{Format, Layer};
 use crate::storage::Storage;
 use std::fs::File;
@@ -26,8 +29,10 @@ impl Driver for VhdxDriver {
         &["vhdx"]
     }
 
+    /// New VHDX images snaptree makes are differencing children, which
+    /// Hyper-V names `.avhdx`.
     fn extension(&self) -> &'static str {
-        "vhdx"
+        "avhdx"
     }
 
     fn sniff(&self, _file: &File, _path: &Path, magic: &[u8]) -> bool {
@@ -37,31 +42,43 @@ impl Driver for VhdxDriver {
     /// Read-only opens replay a log in memory. A read-write open of a file
     /// with a log to replay is refused with the reason, so the tree runs
     /// `repair_dirty` (the replay into the file, under its write lock)
-    /// and tries again; writing itself is not implemented.
+    /// and tries again.
     fn open(&self, path: &Path, file: File, writable: bool) -> Result<Arc<dyn Layer>> {
-        if writable {
-            let h = header::read_current(&file, path)?;
-            let len = crate::fileio::file_len(&file, path)?;
-            if log::find(&file, path, &h, len)?.is_some() {
-                return Err(ImageError::invalid(
-                    path,
-                    "the VHDX log holds entries to replay before it can be written",
-                ));
-            }
-            return Err(ImageError::unsupported(path, "writing VHDX images"));
-        }
-        Ok(Arc::new(VhdxLayer::open(path, Box::new(file))?))
+        Ok(Arc::new(VhdxLayer::open_with(
+            path,
+            Box::new(file),
+            writable,
+        )?))
     }
 
-    /// Read-only for now: no re-pointing, no commits into a VHDX.
+    /// As a VHD: a differencing VHDX names only a VHDX parent and keeps
+    /// one; its children check its data write GUID.
     fn merge_caps(&self) -> MergeCaps {
         MergeCaps {
-            can_repoint: false,
+            can_repoint: true,
             repoint_needs_parent: true,
             parent_same_format: true,
-            can_commit_into: false,
+            can_commit_into: true,
             children_check_id: true,
         }
+    }
+
+    fn repoint(&self) -> Option<&dyn Repoint> {
+        Some(self)
+    }
+
+    fn adopt_id(&self) -> Option<&dyn AdoptId> {
+        Some(self)
+    }
+
+    /// Hyper-V reads VHDX chains only: a VHDX point's children are
+    /// differencing VHDXs (`create`).
+    fn children_own_format(&self) -> bool {
+        true
+    }
+
+    fn create_child(&self, req: &ChildRequest<'_>) -> Result<()> {
+        create::create_child(req)
     }
 
     fn repair(&self) -> Option<&dyn Repair> {
@@ -97,4 +114,38 @@ pub fn replay_into_file(file: &dyn Storage, path: &Path) -> Result<Option<usize>
     };
     log::apply_to_file(file, path, &h, &r)?;
     Ok(Some(r.entries))
+}
+
+/// The locator writes, journaled (see `reparent`).
+impl Repoint for VhdxDriver {
+    fn plan(&self, child: &Path, to: Option<NewBacking<'_>>) -> Result<RepointPlan> {
+        let Some((b, parent)) = to.and_then(|b| Some((b, b.path?))) else {
+            return Err(ImageError::invalid(
+                child,
+                "a differencing VHDX cannot lose its parent",
+            ));
+        };
+        reparent::parent_patches(child, parent, b.name).map(RepointPlan::Journaled)
+    }
+
+    fn apply(&self, child: &Path, plan: &RepointPlan) -> Result<()> {
+        match plan {
+            RepointPlan::Journaled(p) => reparent::apply(child, p),
+            RepointPlan::OneWrite(_) => Err(ImageError::invalid(
+                child,
+                "a differencing VHDX is re-pointed by journaled writes, not one",
+            )),
+        }
+    }
+
+    fn check(&self, child: &Path, patches: &[Patch]) -> Result<()> {
+        reparent::check_patches(child, patches)
+    }
+}
+
+/// A VHDX's identity is its data write GUID (what `parent_linkage` names).
+impl AdoptId for VhdxDriver {
+    fn set_id(&self, path: &Path, id: [u8; 16]) -> Result<()> {
+        reparent::set_data_write_guid(path, id)
+    }
 }

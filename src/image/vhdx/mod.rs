@@ -1,13 +1,17 @@
 //! VHDX (MS-VHDX, Hyper-V's format since Windows Server 2012; QEMU's
 //! `vhdx`) as a [`Layer`](crate::image::Layer): fixed, dynamic and
-//! differencing disks (`.avhdx` files are VHDX), read-only.
+//! differencing disks (`.avhdx` files are VHDX), read and written (see
+//! `write` for the order of writes that keeps a crash harmless).
 //!
 //! Layout of this module: `header` the file identifier, the two headers
 //! and the region table; `metadata` the metadata region and its items;
 //! `bat` the block allocation table and its geometry; `log` the metadata
 //! log and its replay; `locator` a differencing disk's parent; `guid` the
-//! GUIDs; `driver` the registry entry. This file holds the open image and
-//! turns guest ranges into mappings.
+//! GUIDs; `write` the writer; `create` new differencing children;
+//! `reparent` re-pointing a child and changing a file's data write GUID
+//! (merges);
+//! `driver` the registry entry. This file holds the open image and turns
+//! guest ranges into mappings.
 //!
 //! What a range maps to, by its payload block's state:
 //! - fully present: data at the block's file offset;
@@ -22,19 +26,23 @@
 //! replay was written into the file under the write lock (the driver's
 //! `repair_dirty`, run by the tree's read-write open).
 //!
-//! Concurrency: the BAT is immutable after open; sector bitmaps sit in a
-//! small LRU behind a mutex held only for the lookup or insert; data is
-//! read with `pread` and no lock.
+//! Concurrency: BAT entries are atomics a writer changes after the data
+//! they expose is written; sector bitmaps sit in a small LRU (plus the
+//! ones a writer changed and has not written back) behind a mutex held
+//! only for the lookup or insert; data is read with `pread` and no lock.
 
 pub mod bat;
+pub mod create;
 pub mod driver;
 pub mod guid;
 pub mod header;
 pub mod locator;
 pub mod log;
 pub mod metadata;
+pub mod reparent;
 #[cfg(test)]
 mod tests;
+pub mod write;
 
 use crate::error::{ImageError, Result};
 use crate::fileio::{self, read_exact_at};
@@ -48,7 +56,9 @@ use locator::ParentRef;
 use lru::LruCache;
 use metadata::Metadata;
 use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub const MIB: u64 = 1 << 20;
@@ -74,30 +84,56 @@ pub fn crc32c_of(b: &[u8]) -> u32 {
     !crate::crc::crc32c(!0, b)
 }
 
+/// Sector bitmap pieces by payload block: the clean ones cached, the
+/// ones a writer changed and has not written back yet (readers look there
+/// first), and a generation that tells a reader whether a writer changed
+/// anything while it read a piece from the file.
+pub(crate) struct Bitmaps {
+    clean: LruCache<u64, Arc<Vec<u8>>>,
+    dirty: HashMap<u64, Arc<Vec<u8>>>,
+    generation: u64,
+}
+
 pub struct VhdxLayer {
     path: PathBuf,
     /// The file, or the file with its log replayed over it in memory.
     file: Box<dyn Storage>,
-    header: Header,
+    /// The current header (a writer's first write makes a new one).
+    header: Mutex<Header>,
     meta: Metadata,
     geo: Geometry,
-    bat: Vec<u64>,
+    bat: Vec<AtomicU64>,
+    /// File offset of the BAT region.
+    bat_at: u64,
+    writer: Option<Mutex<write::Writer>>,
     backing: Option<BackingRef>,
     parent: Option<ParentRef>,
     /// The parent linkage the parent's data write GUID matched at open.
     matched_linkage: Option<Guid>,
     /// Log entries replayed in memory at open.
     replayed: usize,
-    bitmaps: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    bitmaps: Mutex<Bitmaps>,
 }
 
 impl VhdxLayer {
     /// Opens a VHDX read-only (replaying its log in memory).
     pub fn open(path: &Path, file: Box<dyn Storage>) -> Result<VhdxLayer> {
+        Self::open_with(path, file, false)
+    }
+
+    /// Opens a VHDX; `writable` refuses a file whose log still holds
+    /// entries (the caller replays it into the file first, see `driver`).
+    pub fn open_with(path: &Path, file: Box<dyn Storage>, writable: bool) -> Result<VhdxLayer> {
         let header = header::read_current(&*file, path)?;
         let file_len = fileio::file_len(&*file, path)?;
         let (file, replayed): (Box<dyn Storage>, usize) =
             match log::find(&*file, path, &header, file_len)? {
+                Some(_) if writable => {
+                    return Err(ImageError::invalid(
+                        path,
+                        "the VHDX log holds entries to replay before it can be written",
+                    ))
+                }
                 Some(replay) => {
                     let n = replay.entries;
                     (
@@ -138,18 +174,37 @@ impl VhdxLayer {
             forbidden.push((s, e, "log"));
         }
         let bat = bat::read(&*file, path, &geo, &meta, regions.bat, file_len, &forbidden)?;
+        let metadata_end = forbidden.iter().map(|f| f.1).max().unwrap_or(MIB);
+        let writer = if writable {
+            Some(Mutex::new(write::Writer::new(
+                path,
+                &bat,
+                &geo,
+                regions.bat.0,
+                file_len,
+                metadata_end,
+            )?))
+        } else {
+            None
+        };
         let mut layer = VhdxLayer {
             path: path.to_path_buf(),
             file,
-            header,
+            header: Mutex::new(header),
             meta,
             geo,
-            bat,
+            bat: bat.into_iter().map(AtomicU64::new).collect(),
+            bat_at: regions.bat.0,
+            writer,
             backing: None,
             parent: None,
             matched_linkage: None,
             replayed,
-            bitmaps: Mutex::new(crate::cache::lazy_lru(BITMAP_CACHE)),
+            bitmaps: Mutex::new(Bitmaps {
+                clean: crate::cache::lazy_lru(BITMAP_CACHE),
+                dirty: HashMap::new(),
+                generation: 0,
+            }),
         };
         layer.find_parent()?;
         Ok(layer)
@@ -188,8 +243,13 @@ impl VhdxLayer {
         &self.meta
     }
 
-    pub fn current_header(&self) -> &Header {
-        &self.header
+    pub fn current_header(&self) -> Header {
+        self.header.lock().clone()
+    }
+
+    /// BAT entry `idx`.
+    fn entry(&self, idx: u64) -> u64 {
+        self.bat[idx as usize].load(Ordering::Acquire)
     }
 
     /// Log entries replayed in memory at open.
@@ -199,11 +259,18 @@ impl VhdxLayer {
 
     /// Payload block `block`'s bits of its chunk's sector bitmap.
     fn bitmap(&self, block: u64) -> Result<Arc<Vec<u8>>> {
-        if let Some(b) = self.bitmaps.lock().get(&block) {
-            return Ok(b.clone());
-        }
+        let generation = {
+            let mut c = self.bitmaps.lock();
+            if let Some(b) = c.dirty.get(&block) {
+                return Ok(b.clone());
+            }
+            if let Some(b) = c.clean.get(&block) {
+                return Ok(b.clone());
+            }
+            c.generation
+        };
         let idx = self.geo.bitmap_index(block);
-        let e = self.bat[idx as usize];
+        let e = self.entry(idx);
         if bat::state(e) != bat::BITMAP_PRESENT {
             return Err(ImageError::corrupt(
                 &self.path,
@@ -218,14 +285,18 @@ impl VhdxLayer {
         let mut buf = vec![0u8; bytes as usize];
         read_exact_at(&*self.file, &self.path, &mut buf, at, "VHDX sector bitmap")?;
         let b = Arc::new(buf);
-        self.bitmaps.lock().put(block, b.clone());
+        let mut c = self.bitmaps.lock();
+        // A writer changed bitmaps meanwhile: what was read may be stale.
+        if c.generation == generation {
+            c.clean.put(block, b.clone());
+        }
         Ok(b)
     }
 
     fn map_block(&self, block: u64, at: u64, end: u64, out: &mut Vec<Extent>) -> Result<()> {
         let bs = self.geo.block_size;
         let bstart = block * bs;
-        let e = self.bat[self.geo.payload_index(block) as usize];
+        let e = self.entry(self.geo.payload_index(block));
         let absent = if self.meta.has_parent {
             Mapping::Unallocated
         } else {
@@ -265,7 +336,7 @@ impl VhdxLayer {
 
     fn features(&self) -> Vec<String> {
         let m = &self.meta;
-        let h = &self.header;
+        let h = &self.current_header();
         let mut out = vec![
             format!("block size {}", m.block_size),
             format!(
@@ -338,7 +409,7 @@ impl ReadMap for VhdxLayer {
         Ok(LayerInfo {
             file: self.path.clone(),
             format: Format::Vhdx,
-            version: Some(self.header.version as u32),
+            version: Some(self.current_header().version as u32),
             virtual_size: self.meta.virtual_size,
             cluster_size: Some(self.geo.block_size),
             file_size: fileio::file_len(&*self.file, &self.path)?,
@@ -366,13 +437,43 @@ impl ReadMap for VhdxLayer {
     }
 }
 
-/// Read-only: writing VHDX is not implemented.
-impl Writable for VhdxLayer {}
+impl Writable for VhdxLayer {
+    fn is_writable(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    fn write(&self, offset: u64, data: &[u8], below: &dyn crate::image::BackingRead) -> Result<()> {
+        self.write_guest(offset, data, below)
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        below: &dyn crate::image::BackingRead,
+    ) -> Result<()> {
+        self.zero_guest(offset, len, below)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flush_writes()
+    }
+}
+
+impl Drop for VhdxLayer {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            if let Err(e) = self.flush_writes() {
+                tracing::error!("flushing {} on close: {e}", self.path.display());
+            }
+        }
+    }
+}
 
 impl Identity for VhdxLayer {
     /// What children's `parent_linkage` names.
     fn unique_id(&self) -> Option<[u8; 16]> {
-        Some(self.header.data_write_guid)
+        Some(self.header.lock().data_write_guid)
     }
 
     fn expected_parent_id(&self) -> Option<[u8; 16]> {
