@@ -400,3 +400,72 @@ fn vhdx_tree_merges_stream_and_commit() {
     assert_disk(&m.mnt, "s3", &s3);
     unmount_ok(m);
 }
+
+/// A Hyper-V VM's disks: the base `Win10.vhdx` and two checkpoints'
+/// differencing disks named as Hyper-V names them, `Win10_<GUID>.avhdx`
+/// (made here by snaptree's own child creation, which writes Hyper-V's
+/// parent locator). They show as `checkpoint-1` and `checkpoint-2` in
+/// chain order, the file name (with its GUID) stays in `info.json`, and a
+/// saved-memory `.vmrs` in the VM's `Snapshots` directory is reported in
+/// `status` as present and not readable.
+#[test]
+fn hyperv_checkpoints_get_short_names_in_chain_order() {
+    let Some(ws) = workspace() else { return };
+    ws.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "Win10.vhdx",
+        &SIZE.to_string(),
+    ]);
+    ws.qemu_io("Win10.vhdx", "vhdx", &["write -P 0x41 0 1M"]);
+    // The GUIDs sort against chain order, so numbering by name would
+    // show.
+    let files = [
+        "Win10_F1D2C3B4-0000-4000-8000-000000000002.avhdx",
+        "Win10_0A1B2C3D-0000-4000-8000-000000000001.avhdx",
+    ];
+    let mut parent = ws.img("Win10.vhdx");
+    for f in files {
+        let layer = snaptree::image::probe::open_layer(&parent, None, false).expect("open parent");
+        let child = ws.img(f);
+        // The name the child records for its parent.
+        let name = parent.file_name().unwrap().to_string_lossy().into_owned();
+        snaptree::image::overlay::create_child(&child, &*layer, &parent, &name, SIZE)
+            .expect("create child");
+        parent = child;
+    }
+    let snapshots = ws.img("").parent().unwrap().join("Snapshots");
+    std::fs::create_dir_all(&snapshots).unwrap();
+    std::fs::write(snapshots.join("3B1D-CKPT.vmrs"), b"not ours to read").unwrap();
+    let Some(m) = ws.mount(&["-o", "ro"]) else {
+        return;
+    };
+    let mnt = m.mnt.clone();
+    assert_eq!(
+        visible(&mnt),
+        super::names(&["Win10", "checkpoint-1", "checkpoint-2"]),
+        "{}",
+        status_text(&mnt)
+    );
+    assert_eq!(
+        parent_link(&mnt, "checkpoint-1").as_deref(),
+        Some("../Win10")
+    );
+    assert_eq!(
+        parent_link(&mnt, "checkpoint-2").as_deref(),
+        Some("../checkpoint-1")
+    );
+    let i = info(&mnt, "checkpoint-1");
+    assert!(i.to_string().contains(files[0]), "{i}");
+    let mut want = vec![0u8; SIZE as usize];
+    want[..MIB as usize].fill(0x41);
+    assert_disk(&mnt, "checkpoint-2", &want);
+    let status = status_text(&mnt);
+    assert!(
+        status.contains("3B1D-CKPT.vmrs\" is present and not readable"),
+        "{status}"
+    );
+    unmount_ok(m);
+}
