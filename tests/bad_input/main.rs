@@ -564,7 +564,8 @@ fn chain_of_10000_images_fails_fast_at_depth_cap() {
 // Tests: positive control and fuzzing
 // ---------------------------------------------------------------------------
 
-/// README ("What is supported"): dirty images open read-only. Setting the dirty bit is not bad
+/// README ("What is supported"): dirty images are read (and repaired only by a read-write
+/// mount, never by `export`). Setting the dirty bit is not bad
 /// input; this keeps the refusals above honest (a tool that refuses every
 /// image would pass them).
 #[test]
