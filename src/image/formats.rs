@@ -271,8 +271,9 @@ mod tests {
                 for has_parent in [false, true] {
                     let old = match c {
                         Format::Qcow2 => true,
-                        Format::Vhd => has_parent && h == Format::Vhd,
-                        Format::Raw | Format::Vhdx | Format::Vmdk => false,
+                        // A differencing disk names only its own format.
+                        Format::Vhd | Format::Vhdx => has_parent && h == c,
+                        Format::Raw | Format::Vmdk => false,
                     };
                     assert_eq!(c.can_stream_into(h, has_parent), old);
                 }
@@ -282,6 +283,8 @@ mod tests {
         assert!(Format::Vhd.merge_caps().can_commit_into);
         assert!(!Format::Raw.merge_caps().can_commit_into);
         assert!(Format::Vhd.merge_caps().children_check_id);
+        assert!(Format::Vhdx.merge_caps().can_commit_into);
+        assert!(Format::Vhdx.merge_caps().children_check_id);
         assert!(!Format::Qcow2.merge_caps().children_check_id);
         assert!(Format::raw().is_raw() && !Format::Qcow2.is_raw());
     }
