@@ -115,3 +115,78 @@ fn is_bare_extent(p: &Path) -> bool {
         && &magic == sparse::MAGIC
         && sparse::is_bare_extent(&f, len)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn descriptor(kind: &str, extents: &str) -> String {
+        format!("# Disk DescriptorFile\nversion=1\nCID=1234\nparentCID=ffffffff\ncreateType=\"{kind}\"\n\n{extents}\n")
+    }
+
+    /// ESXi deltas (no tool here makes them; the refusal reads only the
+    /// descriptor), flat kinds and a sparse kind with a flat extent are
+    /// refused naming the kind; hosted sparse kinds are not.
+    #[test]
+    fn refusals_name_the_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        for (kind, extent, refused) in [
+            ("vmfsSparse", "RW 2048 VMFSSPARSE \"d-delta.vmdk\"", true),
+            ("seSparse", "RW 2048 SESPARSE \"d-sesparse.vmdk\"", true),
+            ("vmfs", "RW 2048 VMFS \"d-flat.vmdk\"", true),
+            ("monolithicFlat", "RW 2048 FLAT \"d-flat.vmdk\" 0", true),
+            ("twoGbMaxExtentFlat", "RW 2048 FLAT \"d-f001.vmdk\" 0", true),
+            ("streamOptimized", "RW 2048 SPARSE \"d.vmdk\"", true),
+            (
+                "twoGbMaxExtentSparse",
+                "RW 2048 FLAT \"d-s001.vmdk\" 0",
+                true,
+            ),
+            (
+                "twoGbMaxExtentSparse",
+                "RW 2048 SPARSE \"d-s001.vmdk\"",
+                false,
+            ),
+        ] {
+            let p = dir.path().join("d.vmdk");
+            std::fs::write(&p, descriptor(kind, extent)).unwrap();
+            let why = refusal(&p);
+            assert_eq!(why.is_some(), refused, "{kind} {extent}: {why:?}");
+            if let Some(why) = why {
+                assert!(why.contains(kind), "{why}");
+            }
+        }
+        let garbage = dir.path().join("g.vmdk");
+        std::fs::write(&garbage, "# Disk DescriptorFile\nnonsense\n").unwrap();
+        assert!(refusal(&garbage).is_some_and(|w| w.contains("cannot be told")));
+    }
+
+    /// Only bare sparse extents in the directory that no other descriptor
+    /// names go with a descriptor.
+    #[test]
+    fn companions_are_bare_extents_no_one_else_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // A bare KDMV extent: a header with no descriptor area.
+        let mut bare = vec![0u8; 512];
+        bare[..4].copy_from_slice(sparse::MAGIC);
+        for n in ["a-s001.vmdk", "a-s002.vmdk", "shared-s001.vmdk"] {
+            std::fs::write(d.join(n), &bare).unwrap();
+        }
+        std::fs::write(d.join("not-kdmv.vmdk"), b"plain bytes").unwrap();
+        let a = d.join("a.vmdk");
+        let lines = "RW 2048 SPARSE \"a-s001.vmdk\"\nRW 2048 SPARSE \"a-s002.vmdk\"\nRW 2048 SPARSE \"shared-s001.vmdk\"\nRW 2048 SPARSE \"not-kdmv.vmdk\"\nRW 2048 SPARSE \"../a-s001.vmdk\"";
+        std::fs::write(&a, descriptor("twoGbMaxExtentSparse", lines)).unwrap();
+        std::fs::write(
+            d.join("b.vmdk"),
+            descriptor(
+                "twoGbMaxExtentSparse",
+                "RW 2048 SPARSE \"shared-s001.vmdk\"",
+            ),
+        )
+        .unwrap();
+        let mut got = companions(&a);
+        got.sort();
+        assert_eq!(got, vec![d.join("a-s001.vmdk"), d.join("a-s002.vmdk")]);
+    }
+}
