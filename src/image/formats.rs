@@ -24,7 +24,7 @@ use super::{Format, Layer};
 use crate::error::{ImageError, Result};
 use crate::ownership::Ownership;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Every format snaptree opens. Magic detection asks them in this order;
@@ -125,6 +125,22 @@ pub trait Driver: Sync {
     fn backing_name_unchecked(&self, file: &File) -> Option<String> {
         let _ = file;
         None
+    }
+
+    /// Why the image at `path` takes part in no merge although its format
+    /// does (a kind of the format that merges cannot write, re-point or
+    /// remove), naming the kind; `None` when it can.
+    fn merge_refusal(&self, path: &Path) -> Option<String> {
+        let _ = path;
+        None
+    }
+
+    /// Files other than `path` that belong to that image alone (extent
+    /// files): removed with it, and a file that has some is never
+    /// replaced by a commit (they would be left behind).
+    fn companions(&self, path: &Path) -> Vec<PathBuf> {
+        let _ = path;
+        Vec::new()
     }
 }
 
@@ -227,6 +243,31 @@ pub fn set_id(format: Format, path: &Path, id: [u8; 16]) -> Result<()> {
     }
 }
 
+/// Why the image at `path` (of `format`) takes part in no merge (see
+/// [`Driver::merge_refusal`]).
+pub fn merge_refusal(format: Format, path: &Path) -> Option<String> {
+    format.driver().merge_refusal(path)
+}
+
+/// The files that go with the image at `path` (see
+/// [`Driver::companions`]); none when it does not open.
+pub fn companions(path: &Path) -> Vec<PathBuf> {
+    format_of(path).map_or_else(|_| Vec::new(), |f| f.driver().companions(path))
+}
+
+/// Removes the image at `path` and its companions; the companions go
+/// first, so an interrupted removal leaves the file that lists the rest
+/// for the next try. A companion already gone is fine.
+pub fn remove_image(path: &Path) -> std::io::Result<()> {
+    for c in companions(path) {
+        match std::fs::remove_file(&c) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    std::fs::remove_file(path)
+}
+
 /// The backing file name of an image that does not open (see
 /// [`Driver::backing_name_unchecked`]).
 pub fn backing_name_unchecked(path: &Path) -> Option<String> {
@@ -273,7 +314,9 @@ mod tests {
                         Format::Qcow2 => true,
                         // A differencing disk names only its own format.
                         Format::Vhd | Format::Vhdx => has_parent && h == c,
-                        Format::Raw | Format::Vmdk => false,
+                        // A VMDK child names VMDK parents only, or none.
+                        Format::Vmdk => h == Format::Vmdk,
+                        Format::Raw => false,
                     };
                     assert_eq!(c.can_stream_into(h, has_parent), old);
                 }
@@ -281,6 +324,8 @@ mod tests {
         }
         assert!(Format::Qcow2.merge_caps().can_commit_into);
         assert!(Format::Vhd.merge_caps().can_commit_into);
+        assert!(Format::Vmdk.merge_caps().can_commit_into);
+        assert!(Format::Vmdk.merge_caps().children_check_id);
         assert!(!Format::Raw.merge_caps().can_commit_into);
         assert!(Format::Vhd.merge_caps().children_check_id);
         assert!(Format::Vhdx.merge_caps().can_commit_into);

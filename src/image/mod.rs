@@ -292,6 +292,11 @@ pub trait Writable: ReadMap {
         Ok(())
     }
 
+    /// The writes that follow change no byte a visible reader sees (a
+    /// merge's copies): keep the identity children check, which a format
+    /// may otherwise renew on the first write (a VMDK's CID).
+    fn keep_identity(&self) {}
+
     /// Deletes the internal snapshot with this ID (`InternalSnapshot::id`)
     /// from the image, freeing what only it used; formats without internal
     /// snapshots keep the default, which refuses.

@@ -14,7 +14,12 @@
 //! Which of the two a format allows is its [`MergeCaps`](crate::image::formats::MergeCaps):
 //! e.g. a VHD child can take only a VHD parent, so a stream into one needs
 //! a hidden node that has a parent; a VHD root is committed into instead.
+//! Some kinds of a format take part in no merge (a flat VMDK): its driver
+//! says why (`Driver::merge_refusal`), and that reason is shown. A child
+//! with extent files of its own (a twoGbMaxExtentSparse VMDK) is streamed
+//! into, never replaced by a commit (its extents would stay behind).
 
+use crate::image::formats;
 use crate::image::Format;
 use crate::tree::{PointDisk, Tree};
 use std::path::PathBuf;
@@ -107,6 +112,10 @@ pub enum Blocked {
     ChildHasSnapshots(PathBuf),
     #[error(transparent)]
     Image(#[from] crate::error::ImageError),
+    /// A kind of image its format's merges do not handle (see
+    /// `Driver::merge_refusal`).
+    #[error("{0}")]
+    Refused(String),
     #[error("its child {} ({child_format}) cannot take a new parent in its place, and its data cannot go into {} ({hidden_format}: another format, size or directory, or internal snapshots)", child.display(), hidden.display())]
     NoDirection {
         child: PathBuf,
@@ -128,6 +137,9 @@ struct Facts {
     c_id: Option<[u8; 16]>,
     same_dir: bool,
     same_size: bool,
+    /// The child's file has no companions (extent files) a commit's
+    /// rename would leave behind.
+    c_replaceable: bool,
     h_bytes: u64,
     c_bytes: u64,
 }
@@ -151,6 +163,7 @@ fn choose(f: &Facts) -> Option<(Direction, u64, Option<[u8; 16]>)> {
         && (!h_caps.children_check_id || f.c_leaf || adopt_id.is_some())
         && f.same_dir
         && f.same_size
+        && f.c_replaceable
         && !f.h_has_snapshots;
     let (direction, bytes) = match (stream_ok, commit_ok) {
         (true, true) if f.c_bytes < f.h_bytes => (Direction::Commit, f.c_bytes),
@@ -190,6 +203,11 @@ fn job_for(tree: &Tree, h: Arc<PointDisk>, c: Arc<PointDisk>) -> Result<Job, Blo
     if has_snapshots(&c_layer) {
         return Err(Blocked::ChildHasSnapshots(child_image));
     }
+    for (layer, image) in [(&h_layer, &hidden_image), (&c_layer, &child_image)] {
+        if let Some(why) = formats::merge_refusal(layer.format(), image) {
+            return Err(Blocked::Refused(why));
+        }
+    }
     let facts = Facts {
         h_format: h_layer.format(),
         c_format: c_layer.format(),
@@ -199,6 +217,7 @@ fn job_for(tree: &Tree, h: Arc<PointDisk>, c: Arc<PointDisk>) -> Result<Job, Blo
         c_id: c_layer.unique_id(),
         same_dir: hidden_image.parent() == child_image.parent(),
         same_size: h_layer.virtual_size() == c_layer.virtual_size(),
+        c_replaceable: formats::companions(&child_image).is_empty(),
         h_bytes: h_layer.allocated_bytes()?,
         c_bytes: c_layer.allocated_bytes()?,
     };
@@ -240,6 +259,7 @@ mod tests {
             c_id: None,
             same_dir: true,
             same_size: true,
+            c_replaceable: true,
             h_bytes: 100,
             c_bytes: 10,
         }
@@ -275,6 +295,10 @@ mod tests {
             },
             Facts {
                 h_has_snapshots: true,
+                ..qcow2_pair()
+            },
+            Facts {
+                c_replaceable: false,
                 ..qcow2_pair()
             },
             Facts {

@@ -219,6 +219,10 @@ pub fn open_writer(
     path: &Path,
 ) -> Result<(Arc<dyn Layer>, Relock), TreeError> {
     let w = probe::open_layer(path, Some(own.format()), true).map_err(image_err)?;
+    // A merge writes only what readers already read (or, in a hidden
+    // image, what they take from its child): children's identity checks
+    // must keep matching, through a crash too.
+    w.keep_identity();
     own.unlock();
     if let Err(why) = w.lock(LockMode::Writer) {
         let _ = own.lock(LockMode::Reader);

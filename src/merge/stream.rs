@@ -197,7 +197,7 @@ fn remove_hidden(tree: &Tree, job: &Job) -> Result<(), crate::tree::TreeError> {
         memory: None,
     });
     tree.save_manifest()?;
-    if let Err(e) = std::fs::remove_file(&job.hidden_image) {
+    if let Err(e) = crate::image::formats::remove_image(&job.hidden_image) {
         tree.problem(format!("{}: {e}", job.hidden_image.display()));
     } else {
         tree.clear_garbage();

@@ -2,9 +2,11 @@
 //! hosted sparse header that embeds a descriptor (`KDMV`) or by a
 //! descriptor file's first line (`# Disk DescriptorFile`); opened after
 //! checking a child's `parentCID` against its parent's `CID`; children
-//! are monolithicSparse deltas (`create`). Merges are refused for every
-//! VMDK kind (`merge_caps`): re-pointing a VMDK child (its descriptor's
-//! parent name and CID) is not implemented, nor is committing into one.
+//! are monolithicSparse deltas (`create`). Merges stream into and commit
+//! into hosted sparse disks (`merge_caps`): a child is re-pointed by its
+//! descriptor's parent name and CID (`reparent`), a file that takes a
+//! name children check adopts the CID they expect; other kinds are
+//! refused with their kind named (`merging`).
 //!
 //! Extent files on their own (a twoGbMaxExtent disk's `-s001.vmdk`,
 //! a `-flat.vmdk`, ESXi's `-delta.vmdk` and `-sesparse.vmdk`) are not
@@ -18,12 +20,13 @@ use super::{sparse, VmdkLayer};
 use crate::confine::Confine;
 use crate::error::{ImageError, Result};
 use crate::fileio;
-use crate::image::formats::{ChildRequest, Driver, MergeCaps};
+use crate::image::formats::{AdoptId, ChildRequest, Driver, MergeCaps};
+use crate::image::repoint::{NewBacking, Patch, Repoint, RepointPlan};
 use crate::image::{Format, Layer};
 use crate::storage::Storage;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub struct VmdkDriver;
@@ -61,17 +64,33 @@ impl Driver for VmdkDriver {
         Ok(Arc::new(layer))
     }
 
-    /// No stream into a VMDK child (re-pointing its descriptor is not
-    /// implemented), no commit into a VMDK: the merge planner then finds
-    /// no direction and leaves VMDK points as they are.
+    /// A VMDK child names VMDK parents only (QEMU and VMware check the
+    /// parent's CID, which only a VMDK has), or none (a base); children
+    /// check the CID. Which kinds of VMDK: `merge_refusal`.
     fn merge_caps(&self) -> MergeCaps {
         MergeCaps {
-            can_repoint: false,
+            can_repoint: true,
             repoint_needs_parent: false,
             parent_same_format: true,
-            can_commit_into: false,
+            can_commit_into: true,
             children_check_id: true,
         }
+    }
+
+    fn merge_refusal(&self, path: &Path) -> Option<String> {
+        super::merging::refusal(path)
+    }
+
+    fn companions(&self, path: &Path) -> Vec<PathBuf> {
+        super::merging::companions(path)
+    }
+
+    fn repoint(&self) -> Option<&dyn Repoint> {
+        Some(self)
+    }
+
+    fn adopt_id(&self) -> Option<&dyn AdoptId> {
+        Some(self)
     }
 
     /// A snapshot or clone of a VMDK gets a VMDK delta, as in VMware: a
@@ -166,5 +185,28 @@ fn check_parent_cid(layer: &VmdkLayer) -> Result<()> {
             ),
         )),
         _ => Ok(()),
+    }
+}
+
+/// A descriptor file by rename, an embedded descriptor journaled (see
+/// `reparent`).
+impl Repoint for VmdkDriver {
+    fn plan(&self, child: &Path, to: Option<NewBacking<'_>>) -> Result<RepointPlan> {
+        super::reparent::plan(child, to)
+    }
+
+    fn apply(&self, child: &Path, plan: &RepointPlan) -> Result<()> {
+        super::reparent::apply(child, plan)
+    }
+
+    fn check(&self, child: &Path, patches: &[Patch]) -> Result<()> {
+        super::reparent::check(child, patches)
+    }
+}
+
+/// The identity children check is the CID (`cid_id`).
+impl AdoptId for VmdkDriver {
+    fn set_id(&self, path: &Path, id: [u8; 16]) -> Result<()> {
+        super::reparent::set_cid(path, id)
     }
 }

@@ -34,6 +34,8 @@ pub mod create;
 pub mod descriptor;
 pub mod driver;
 pub mod extents;
+pub mod merging;
+pub mod reparent;
 pub mod sesparse;
 pub mod sparse;
 pub mod tables;
@@ -380,6 +382,14 @@ impl Writable for VmdkLayer {
 
     fn flush(&self) -> Result<()> {
         self.flush_writes()
+    }
+
+    /// A merge's writer keeps the CID its children (or, for a hidden
+    /// image, its child) check: no new CID on the first write.
+    fn keep_identity(&self) {
+        if let Some(w) = &self.writer {
+            w.lock().keep_cid();
+        }
     }
 }
 

@@ -19,6 +19,9 @@
 //! so a child made before the write no longer matches it ("parent CID
 //! mismatch"). The CID's digits are replaced in place, same length, so
 //! the descriptor never tears.
+//! A merge's writer keeps the CID (`Writer::keep_cid`, through
+//! `Writable::keep_identity`): it writes only bytes readers already see,
+//! and children must keep matching, through a crash too.
 //!
 //! Writers are serialised by the writer mutex; readers take none of it.
 //! A grain's mapping is published (table cache) only after its data and
@@ -90,6 +93,11 @@ pub fn refuse_reason(e: &OpenExtent) -> Option<String> {
 }
 
 impl Writer {
+    /// No new CID on the first write (see `Writable::keep_identity`).
+    pub fn keep_cid(&mut self) {
+        self.cid_updated = true;
+    }
+
     pub fn new(extents: &[OpenExtent]) -> Result<Writer> {
         let mut next = Vec::new();
         let mut redundant = Vec::new();
