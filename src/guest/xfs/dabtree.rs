@@ -152,7 +152,7 @@ impl XfsFs {
     /// (found through the node blocks of node and btree directories).
     pub(super) fn dir_hash_lookup(&self, d: &Inode, name: &[u8]) -> GuestResult<Option<u64>> {
         let h = hash(name);
-        if self.is_block_dir(d) {
+        if self.is_block_dir(d)? {
             let Some((b, at)) = self.dir_block(d, 0)? else {
                 return Err(self.da_bad(d, d.offset, "block directory has no block"));
             };
@@ -245,7 +245,8 @@ impl XfsFs {
         let mut seen = false;
         // The block's entries are walked (checking each) up to `off`, so
         // an address into the middle of an entry is caught.
-        self.data_entries(d, &b, at, self.is_block_dir(d), &mut |e: Ent, p| {
+        let block_form = self.is_block_dir(d)?;
+        self.data_entries(d, &b, at, block_form, &mut |e: Ent, p| {
             if p == off {
                 seen = true;
                 if e.name == name {

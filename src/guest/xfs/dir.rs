@@ -194,9 +194,20 @@ impl XfsFs {
     }
 
     /// Whether `d` (not shortform) is a block directory: one directory
-    /// block of data, its leaf inside it.
-    pub(super) fn is_block_dir(&self, d: &Inode) -> bool {
-        d.size == self.sb.dir_block_size()
+    /// block of data, its leaf inside it. Decided as the kernel decides
+    /// it, by where the data fork's mapping ends (exactly one directory
+    /// block), not by the size: a leaf directory whose entries fit one
+    /// data block has that same size, its leaf block mapped far beyond.
+    pub(super) fn is_block_dir(&self, d: &Inode) -> GuestResult<bool> {
+        if d.size != self.sb.dir_block_size() {
+            return Ok(false);
+        }
+        let end = self
+            .extents(d, Fork::Data)?
+            .iter()
+            .map(|e| e.off.saturating_add(e.len))
+            .max();
+        Ok(end == Some(1 << self.sb.dirblklog))
     }
 
     /// Calls `f` for every entry of directory `d` (including "." and "..");
@@ -214,7 +225,7 @@ impl XfsFs {
                 format!("directory {}: size {} beyond the data space", d.ino, d.size),
             ));
         }
-        let block_form = self.is_block_dir(d);
+        let block_form = self.is_block_dir(d)?;
         let extents = self.extents(d, Fork::Data)?;
         let mut last = None;
         for e in extents.iter() {
