@@ -53,6 +53,8 @@ pub fn hash(name: &[u8]) -> u32 {
 pub struct Leaf {
     pub b: Arc<Vec<u8>>,
     pub at: u64,
+    /// Its block in the fork (what a neighbour's forw/back link names).
+    pub fblk: u64,
     pub magic: u16,
 }
 
@@ -103,7 +105,7 @@ impl XfsFs {
                 if want_level.is_some_and(|l| l != 0) {
                     return Err(self.da_bad(d, at, "node points to a leaf at the wrong level"));
                 }
-                return Ok(Leaf { b, at, magic });
+                return Ok(Leaf { b, at, fblk, magic });
             }
             if v5 {
                 if let Some(w) = DA3_HDR.check(&b, at, self.sb.meta_uuid(), d.ino) {
@@ -201,6 +203,7 @@ impl XfsFs {
                 magic: be16(&nb, 8),
                 b: nb,
                 at,
+                fblk: forw,
             };
         }
         Err(self.da_bad(d, leaf.at, "too many leaves with one hash"))
