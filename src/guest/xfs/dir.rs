@@ -57,8 +57,9 @@ impl XfsFs {
                 format!("directory {}: shortform {what}", d.ino),
             )
         };
-        if b.len() < 6 || d.size > b.len() as u64 {
-            return Err(bad(0, "size exceeds the inode"));
+        // The header (count, i8count, a 4-byte parent) needs 6 bytes.
+        if d.size < 6 || d.size > b.len() as u64 {
+            return Err(bad(0, "size outside 6 bytes .. the inode's fork"));
         }
         let b = &b[..d.size as usize];
         let count = b[0] as usize;
