@@ -176,6 +176,11 @@ impl XfsFs {
                 p += len;
                 continue;
             }
+            // The smallest entry (ino, namelen, one name byte, tag) takes
+            // 16 bytes; less room than that left is no entry.
+            if p + 16 > end {
+                return Err(bad("entry past the block's end"));
+            }
             let nlen = b[p + 8] as usize;
             let size = (11 + nlen + extra).next_multiple_of(8);
             if nlen == 0 || p + size > end || be16(b, p + size - 2) as usize != p {
