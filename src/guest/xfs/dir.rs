@@ -8,6 +8,7 @@ use super::disk::{be16, be32, be64, V5Hdr};
 use super::inode::{Fork, Inode, FMT_LOCAL};
 use super::XfsFs;
 use crate::guest::{FileKind, GuestError, GuestResult};
+use std::collections::HashSet;
 
 const XD2B: u32 = 0x5844_3242; // v4 block directory
 const XD2D: u32 = 0x5844_3244; // v4 data block
@@ -234,6 +235,10 @@ impl XfsFs {
         let block_form = self.is_block_dir(d)?;
         let extents = self.extents(d, Fork::Data)?;
         let mut last = None;
+        // Physical blocks listed so far: two logical blocks mapped onto one
+        // would list its entries twice (and a crafted fork could repeat one
+        // block until the listing outgrows the volume).
+        let mut seen = HashSet::new();
         for e in extents.iter() {
             let mut fblk = e.off - e.off % fsbs;
             while fblk < (e.off + e.len).min(leaf_fblk) {
@@ -241,6 +246,16 @@ impl XfsFs {
                 if last != Some(db) && !e.unwritten {
                     last = Some(db);
                     if let Some((b, at)) = self.dir_block(d, fblk)? {
+                        if !seen.insert(at) {
+                            return Err(GuestError::corrupt(
+                                &self.disk.name,
+                                at,
+                                format!(
+                                    "directory {}: data block {fblk} maps a block listed before",
+                                    d.ino
+                                ),
+                            ));
+                        }
                         if self.data_entries(d, &b, at, block_form, &mut |ent, _| f(ent))? {
                             return Ok(());
                         }
