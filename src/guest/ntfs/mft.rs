@@ -91,7 +91,7 @@ impl Vol {
 
     /// Installs `$MFT`'s runlist holding `size` bytes of records.
     pub fn set_mft(&mut self, map: Map, size: u64) {
-        let by_map = map.clusters() * self.boot.cluster;
+        let by_map = map.clusters().saturating_mul(self.boot.cluster);
         self.records = size.min(by_map) / u64::from(self.boot.record_size);
         self.mft = map;
         self.cache.lock().clear();
