@@ -203,6 +203,8 @@ fn assert_formats(img: &Path, fs: &dyn GuestFs, big: bool) {
         leafdir.contains("core.aformat = 3") || leafdir.contains("core.aformat = 2"),
         "leafdir: {leafdir}"
     );
+    let leaf1 = xfs_db_inode(img, ino("leaf1dir"), &["core.size", "core.nextents"]);
+    eprintln!("leaf1dir: {leaf1}");
     let blockdir = xfs_db_inode(img, ino("blockdir"), &["core.size"]);
     assert!(
         blockdir.contains("core.size = 4096") || blockdir.contains("core.size = 8192"),
@@ -228,6 +230,11 @@ fn check_misc(fs: &dyn GuestFs, big: bool) {
     assert_eq!(fs.lookup(dev, b"..").unwrap(), root);
     let leaf = fs.lookup(root, b"leafdir").unwrap();
     assert_eq!(fs.lookup(leaf, b"..").unwrap(), root);
+    // Through the hash index of a leaf directory of one data block.
+    let leaf1 = fs.lookup(root, b"leaf1dir").unwrap();
+    let f = fs.lookup(leaf1, b"one-block-0107-").unwrap();
+    assert_eq!(fs.getattr(f).unwrap().size, 1);
+    assert_eq!(fs.readdir(leaf1).unwrap().len(), 110);
     assert!(matches!(
         fs.lookup(leaf, b"file-0001-"),
         Err(GuestError::NotFound)

@@ -147,6 +147,13 @@ pub fn populate(root: &Path, big: usize) {
             w(&format!("{d}/file-{i:04}-{}", "n".repeat(i % 40)), b"x");
         }
     }
+    // A leaf directory whose entries fit one data block (too many for a
+    // block directory of 4 KiB, which also holds the leaf): its size is
+    // that of a block directory, its leaf block mapped far beyond.
+    std::fs::create_dir(root.join("leaf1dir")).unwrap();
+    for i in 0..110 {
+        w(&format!("leaf1dir/one-block-{i:04}-"), b"y");
+    }
     // xattrs: shortform, leaf with a remote value, node form.
     setxattr(&root.join("hello.txt"), "user.color", b"blue");
     setxattr(&root.join("hello.txt"), "trusted.secret", b"\x00\xff\x10");

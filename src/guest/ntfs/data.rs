@@ -13,7 +13,7 @@ use super::runlist::Map;
 use crate::guest::{GuestError, GuestResult};
 
 /// Largest compression unit read (NTFS uses 16 clusters of <= 4 KiB).
-const MAX_UNIT: u64 = 1 << 20;
+pub const MAX_UNIT: u64 = 1 << 20;
 
 /// Reads `s` from `offset` into `buf`; returns the bytes read (short only
 /// at the end of the value).
@@ -43,7 +43,7 @@ pub fn read(vol: &Vol, s: &Stream, offset: u64, buf: &mut [u8]) -> GuestResult<u
             if *cu == 0 {
                 plain(vol, map, *at, offset, &mut buf[..n])?;
             } else {
-                compressed(vol, map, *at, *cu, offset, &mut buf[..n])?;
+                compressed(vol, map, *at, (*cu, size), offset, &mut buf[..n])?;
             }
         }
     }
@@ -63,12 +63,21 @@ fn plain(vol: &Vol, map: &Map, at: u64, offset: u64, buf: &mut [u8]) -> GuestRes
                 format!("attribute: no run maps VCN {vcn} below its size"),
             )
         })?;
-        let run_end = (run.vcn + run.len) * cs;
-        let n = ((run_end - pos) as usize).min(buf.len() - done);
+        // Runlists bound VCNs and LCNs (see `runlist::decode`); checked
+        // anyway, as a wrong product would read the wrong bytes.
+        let overflow = || vol.corrupt(at, format!("attribute: run at VCN {} overflows", run.vcn));
+        let run_end = (run.vcn + run.len).checked_mul(cs).ok_or_else(overflow)?;
+        let n = (run_end - pos).min((buf.len() - done) as u64) as usize;
         let dst = &mut buf[done..done + n];
         match run.lcn {
             None => dst.fill(0),
-            Some(lcn) => vol.read_at(dst, lcn * cs + (pos - run.vcn * cs))?,
+            Some(lcn) => {
+                let src = lcn
+                    .checked_mul(cs)
+                    .and_then(|b| b.checked_add(pos - run.vcn * cs))
+                    .ok_or_else(overflow)?;
+                vol.read_at(dst, src)?
+            }
         }
         done += n;
     }
@@ -80,7 +89,7 @@ fn compressed(
     vol: &Vol,
     map: &Map,
     at: u64,
-    cu: u8,
+    (cu, size): (u8, u64),
     offset: u64,
     buf: &mut [u8],
 ) -> GuestResult<()> {
@@ -98,7 +107,7 @@ fn compressed(
         let u = pos / unit;
         let within = (pos - u * unit) as usize;
         let n = (unit as usize - within).min(buf.len() - done);
-        let data = decode_unit(vol, map, at, u, unit, &mut scratch)?;
+        let data = decode_unit(vol, map, at, (u, unit, size), &mut scratch)?;
         let dst = &mut buf[done..done + n];
         match data {
             None => dst.fill(0),
@@ -109,13 +118,13 @@ fn compressed(
     Ok(())
 }
 
-/// Unit `u`'s bytes (`None`: all zeros), decoded into `scratch`.
+/// Unit `u`'s bytes (`None`: all zeros) of a stream of `size` bytes in
+/// units of `unit` bytes, decoded into `scratch`.
 fn decode_unit<'a>(
     vol: &Vol,
     map: &Map,
     at: u64,
-    u: u64,
-    unit: u64,
+    (u, unit, size): (u64, u64, u64),
     scratch: &'a mut Vec<u8>,
 ) -> GuestResult<Option<&'a [u8]>> {
     let cs = vol.boot.cluster;
@@ -128,7 +137,15 @@ fn decode_unit<'a>(
     let mut vcn = first;
     while vcn < first + per {
         let Some(run) = map.find(vcn) else {
-            // The map may end inside the last unit: the rest is sparse.
+            // The map may end inside the last unit, past the data: the
+            // rest is sparse. Unmapped clusters holding data are corrupt
+            // (ntfs-3g fails them with EIO); zeros would be a guess.
+            if vcn.saturating_mul(cs) < size {
+                return Err(vol.corrupt(
+                    at,
+                    format!("compressed attribute: no run maps VCN {vcn} below its size {size}"),
+                ));
+            }
             sparse = true;
             break;
         };

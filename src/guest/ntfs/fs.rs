@@ -105,11 +105,17 @@ impl NtfsFs {
         meta::shape(&self.vol, n)
     }
 
-    /// The entry spelled exactly `name` in directory `dir`, if shown.
+    /// The entry spelled exactly `name` in directory `dir`, if shown; else
+    /// a DOS (8.3) name spelled exactly so: listings hide those, but
+    /// ntfs-3g resolves them, and so do we.
     fn find(&self, dir: u64, name: &[u16]) -> GuestResult<Option<Entry>> {
         let d = self.dir(dir)?;
         let all = d.find(&self.vol, self, &self.up, name)?;
-        Ok(all.into_iter().find(|e| index::shown(e) && e.name == name))
+        let exact = |e: &&Entry| e.name == name;
+        let dos = |e: &&Entry| e.namespace == index::NS_DOS && index::is_file(e);
+        let hit = all.iter().filter(exact).find(|e| index::shown(e));
+        let hit = hit.or_else(|| all.iter().filter(exact).find(dos));
+        Ok(hit.cloned())
     }
 
     /// The kind a listing shows for `e`, as ntfs-3g decides it: from the
@@ -219,6 +225,7 @@ impl NtfsFs {
         let Data::NonResident { map, cu, .. } = &s.data else {
             return vec![(0, size)];
         };
+        // `node::join` refuses units over 2^16 clusters.
         let unit = 1u64 << cu;
         let mut out: Vec<(u64, u64)> = Vec::new();
         for r in map.runs.iter().filter(|r| r.lcn.is_some()) {

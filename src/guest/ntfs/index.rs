@@ -306,6 +306,11 @@ fn volume_offset(vol: &Vol, s: &Stream, pos: u64) -> u64 {
 /// docs of `ntfs`): not a DOS-only name, not the root's self entry, not a
 /// metafile.
 pub fn shown(e: &Entry) -> bool {
-    let no = mref_no(e.mref);
-    e.namespace != NS_DOS && no >= 16 && !e.name.is_empty()
+    e.namespace != NS_DOS && is_file(e)
+}
+
+/// Whether an entry names a user file at all (any namespace): not the
+/// root's self entry, not a metafile.
+pub fn is_file(e: &Entry) -> bool {
+    mref_no(e.mref) >= 16 && !e.name.is_empty()
 }

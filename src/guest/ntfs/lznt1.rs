@@ -1,7 +1,7 @@
 //! LZNT1, the compression of NTFS compressed files, decoded from its
 //! documented format ([MS-XCA] 2.5): a compression unit is a sequence of
 //! chunks, each of at most 4096 output bytes, with a 16-bit header (low 12
-//! bits: stored size - 3; bit 15: compressed). A compressed chunk is
+//! bits: stored size - 1; bits 12..14: signature 3; bit 15: compressed). A compressed chunk is
 //! groups of one flag byte and eight items, each a literal byte or a
 //! 16-bit back reference whose split between offset and length bits
 //! depends on how far into the chunk the output is. Every reference is
@@ -21,6 +21,10 @@ pub fn decompress(src: &[u8], out: &mut [u8]) -> Result<(), (usize, String)> {
         if h == 0 {
             break;
         }
+        // Bits 12..14 are a signature, always 3.
+        if h & 0x7000 != 0x3000 {
+            return Err((i, format!("chunk header {h:#06x} lacks the signature")));
+        }
         let size = usize::from(h & 0x0FFF) + 1;
         let start = i + 2;
         let end = start + size;
@@ -30,9 +34,13 @@ pub fn decompress(src: &[u8], out: &mut [u8]) -> Result<(), (usize, String)> {
         let room = (out.len() - o).min(CHUNK);
         let dst = &mut out[o..o + room];
         if h & 0x8000 == 0 {
-            // Stored chunk: the bytes as they are.
-            let n = size.min(room);
-            dst[..n].copy_from_slice(&src[start..start + n]);
+            // Stored chunk: the bytes as they are, a whole chunk (or what
+            // is left of the unit); a shorter one would leave a gap of
+            // guessed zeros (ntfs-3g refuses it too).
+            if size != room {
+                return Err((i, format!("stored chunk of {size} bytes, not {room}")));
+            }
+            dst.copy_from_slice(&src[start..end]);
         } else {
             chunk(&src[start..end], dst).map_err(|(at, w)| (start + at, w))?;
         }
@@ -107,7 +115,7 @@ mod tests {
         let t: u16 = (2 << 12) | 6;
         let mut body = vec![0b0000_1000, b'a', b'b', b'c'];
         body.extend_from_slice(&t.to_le_bytes());
-        let mut src = (0x8000u16 | (body.len() as u16 - 1)).to_le_bytes().to_vec();
+        let mut src = (0xB000u16 | (body.len() as u16 - 1)).to_le_bytes().to_vec();
         src.extend_from_slice(&body);
         let mut out = vec![0u8; 16];
         decompress(&src, &mut out).unwrap();
@@ -119,9 +127,23 @@ mod tests {
     fn bad_references_fail() {
         let mut out = vec![0u8; 4096];
         // A reference first thing in the chunk.
-        let src = [0x02, 0x80, 0x01, 0x00, 0x00];
+        let src = [0x02, 0xB0, 0x01, 0x00, 0x00];
         assert!(decompress(&src, &mut out).is_err());
         // A chunk longer than the input.
-        assert!(decompress(&[0xFF, 0x8F, 0x00], &mut out).is_err());
+        assert!(decompress(&[0xFF, 0xBF, 0x00], &mut out).is_err());
+        // A header without the signature bits.
+        let mut body = vec![0x00, b'a', b'b'];
+        let mut src = (0x8000u16 | 2).to_le_bytes().to_vec();
+        src.append(&mut body);
+        assert!(decompress(&src, &mut out).is_err());
+        // A stored chunk shorter than the 4096 bytes the unit has room for.
+        let mut src = (0x3000u16 | 99).to_le_bytes().to_vec();
+        src.extend_from_slice(&[7; 100]);
+        assert!(decompress(&src, &mut out).is_err());
+        // A whole stored chunk is fine.
+        let mut src = (0x3000u16 | 4095).to_le_bytes().to_vec();
+        src.extend_from_slice(&[7; 4096]);
+        decompress(&src, &mut out).unwrap();
+        assert_eq!(out, [7; 4096]);
     }
 }

@@ -189,8 +189,13 @@ fn list_value(vol: &Vol, a: &Attribute) -> GuestResult<Vec<u8>> {
             if nr.size > MAX_ATTR_LIST || nr.lowest_vcn != 0 {
                 return Err(vol.corrupt(a.offset, format!("attribute list of {} bytes", nr.size)));
             }
-            let runs =
-                runlist::decode(&vol.name, &nr.pairs, nr.pairs_offset, 0, vol.boot.clusters)?;
+            let runs = runlist::decode(
+                &vol.name,
+                &nr.pairs,
+                nr.pairs_offset,
+                0,
+                (vol.boot.clusters, vol.boot.cluster),
+            )?;
             let s = Stream {
                 at: a.offset,
                 ty: a.ty,
@@ -268,7 +273,7 @@ fn join(vol: &Vol, attrs: Vec<Attribute>) -> GuestResult<Vec<Stream>> {
                 &nr.pairs,
                 nr.pairs_offset,
                 nr.lowest_vcn,
-                vol.boot.clusters,
+                (vol.boot.clusters, vol.boot.cluster),
             )?;
             let end = runs.last().map_or(nr.lowest_vcn, |r| r.vcn + r.len);
             if end != nr.highest_vcn.wrapping_add(1)
@@ -286,6 +291,12 @@ fn join(vol: &Vol, attrs: Vec<Attribute>) -> GuestResult<Vec<Stream>> {
         }
         let map = Map::join(&vol.name, at, pieces)?;
         let cu = if flags & ATTR_COMPRESSED != 0 { cu } else { 0 };
+        // Units beyond 2^16 clusters or 1 MiB are no NTFS (it uses 16
+        // clusters); refused here so no reader shifts by a wild count.
+        let unit = vol.boot.cluster.checked_shl(u32::from(cu));
+        if cu > 16 || unit.is_none_or(|u| u > super::data::MAX_UNIT) {
+            return Err(vol.corrupt(at, format!("compression unit of 2^{cu} clusters")));
+        }
         out.push(Stream {
             at,
             ty,

@@ -48,6 +48,14 @@ pub fn fixup(volume: &str, buf: &mut [u8], off: u64, magic: &[u8; 4]) -> GuestRe
     if &buf[0..4] != magic {
         return Err(bad(0, format!("magic {:02x?}", &buf[0..4])));
     }
+    // Strides are whole 512-byte sectors, as ntfs-3g requires; the
+    // sequence array must fit the first one (and the buffer).
+    if buf.len() < 512 || !buf.len().is_multiple_of(512) {
+        return Err(bad(
+            0,
+            format!("size {} is no whole number of sectors", buf.len()),
+        ));
+    }
     let usa = usize::from(le16(buf, 4));
     let count = usize::from(le16(buf, 6));
     let strides = buf.len() / 512;

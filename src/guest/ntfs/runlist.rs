@@ -16,15 +16,21 @@ pub struct Run {
     pub lcn: Option<u64>,
 }
 
+/// Byte offsets within an attribute stay below this (NTFS sizes are
+/// signed 64-bit): a VCN times the cluster size never overflows.
+const MAX_BYTES: u64 = i64::MAX as u64;
+
 /// Decodes the mapping pairs `p` of an extent starting at `lowest_vcn`,
-/// located at volume offset `at`; LCNs must lie below `clusters`.
+/// located at volume offset `at`; LCNs must lie below `clusters`, and
+/// VCNs end at or below `MAX_BYTES` / `cluster` (the cluster size).
 pub fn decode(
     volume: &str,
     p: &[u8],
     at: u64,
     lowest_vcn: u64,
-    clusters: u64,
+    (clusters, cluster): (u64, u64),
 ) -> GuestResult<Vec<Run>> {
+    let max_vcn = MAX_BYTES / cluster.max(1);
     let bad = |i: usize, what: String| {
         GuestError::corrupt(volume, at + i as u64, format!("runlist: {what}"))
     };
@@ -66,7 +72,7 @@ pub fn decode(
         });
         vcn = vcn
             .checked_add(len)
-            .filter(|v| *v < 1 << 62)
+            .filter(|v| *v <= max_vcn)
             .ok_or_else(|| bad(i, "VCN overflows".into()))?;
         i += 1 + nl + no;
     }
@@ -132,7 +138,7 @@ mod tests {
     fn decodes_relative_lcns_and_sparse_runs() {
         // 0x21: 1-byte length, 2-byte LCN; 0x01: sparse; then a negative delta.
         let p = [0x21, 0x10, 0x00, 0x01, 0x01, 0x08, 0x11, 0x04, 0xF0, 0x00];
-        let r = decode("v", &p, 0, 0, 1 << 20).unwrap();
+        let r = decode("v", &p, 0, 0, (1 << 20, 4096)).unwrap();
         assert_eq!(
             r,
             vec![
@@ -161,8 +167,13 @@ mod tests {
 
     #[test]
     fn rejects_out_of_volume_and_unterminated() {
-        assert!(decode("v", &[0x21, 0x10, 0x00, 0x01], 0, 0, 200).is_err());
-        assert!(decode("v", &[0x11, 0x01, 0x01], 0, 0, 200).is_err());
-        assert!(decode("v", &[0x11, 0x01, 0xFF, 0x00], 0, 0, 200).is_err());
+        assert!(decode("v", &[0x21, 0x10, 0x00, 0x01], 0, 0, (200, 4096)).is_err());
+        assert!(decode("v", &[0x11, 0x01, 0x01], 0, 0, (200, 4096)).is_err());
+        assert!(decode("v", &[0x11, 0x01, 0xFF, 0x00], 0, 0, (200, 4096)).is_err());
+        // A sparse run whose end in bytes would overflow.
+        let huge = [0x08, 0, 0, 0, 0, 0, 0, 0, 0x10, 0x00];
+        assert!(decode("v", &huge, 0, 0, (200, 4096)).is_err());
+        let fits = [0x08, 0, 0, 0, 0, 0, 0, 0x07, 0x00, 0x00];
+        assert!(decode("v", &fits, 0, 0, (200, 4096)).is_ok());
     }
 }

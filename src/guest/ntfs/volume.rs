@@ -28,7 +28,13 @@ pub fn locate_mft(vol: &mut Vol) -> GuestResult<()> {
     if nr.lowest_vcn != 0 {
         return Err(vol.corrupt(data.offset, "$MFT's first extent does not start at VCN 0"));
     }
-    let runs = runlist::decode(&vol.name, &nr.pairs, nr.pairs_offset, 0, vol.boot.clusters)?;
+    let runs = runlist::decode(
+        &vol.name,
+        &nr.pairs,
+        nr.pairs_offset,
+        0,
+        (vol.boot.clusters, vol.boot.cluster),
+    )?;
     let size = nr.size;
     vol.set_mft(Map::join(&vol.name, data.offset, vec![runs])?, size);
     if attrs.iter().any(|a| a.ty == AT_ATTRIBUTE_LIST) {

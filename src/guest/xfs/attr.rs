@@ -12,6 +12,7 @@ use super::disk::{be16, be32, V5Hdr};
 use super::inode::{Fork, Inode, FMT_LOCAL};
 use super::XfsFs;
 use crate::guest::{GuestError, GuestResult};
+use std::collections::HashSet;
 
 const LEAF_MAGIC: u16 = 0xfbee;
 const LEAF3_MAGIC: u16 = 0x3bee;
@@ -33,8 +34,6 @@ const F_INCOMPLETE: u8 = 0x80;
 const MAX_VALUE: u64 = 65536;
 /// Leaves of one attr fork that are followed (a loop bound).
 const MAX_LEAVES: usize = 1 << 16;
-
-pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The name the kernel shows for an attr with `flags` and raw `name`, and
 /// whether its value is an XFS ACL to convert. None: not shown.
@@ -80,42 +79,74 @@ fn acl_to_posix(v: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// A raw attr value: in its entry, or in remote blocks read only when
+/// the value is asked for (a listing needs names alone).
+enum Val {
+    Local(Vec<u8>),
+    Remote { fblk: u64, len: u64, from: u64 },
+}
+
+/// One raw attr entry: flags, on-disk name, value.
+type Raw = (u8, Vec<u8>, Val);
+
+/// Bytes of names and local values one inode's attrs may add up to: a
+/// crafted fork cannot make a listing outgrow this.
+const MAX_ATTR_BYTES: usize = 64 << 20;
+
 impl XfsFs {
-    /// Every shown xattr of `d` with its value.
-    pub(super) fn xattrs(&self, d: &Inode) -> GuestResult<Xattrs> {
+    /// The shown names of `d`'s xattrs (no value is read).
+    pub(super) fn xattr_names(&self, d: &Inode) -> GuestResult<Vec<Vec<u8>>> {
+        Ok(self
+            .raw_attrs(d)?
+            .into_iter()
+            .filter_map(|(flags, name, _)| shown_name(flags, &name).map(|s| s.0))
+            .collect())
+    }
+
+    /// The value of `d`'s xattr shown as `want`, if there is one.
+    pub(super) fn xattr(&self, d: &Inode, want: &[u8]) -> GuestResult<Option<Vec<u8>>> {
+        for (flags, name, val) in self.raw_attrs(d)? {
+            let Some((shown, acl)) = shown_name(flags, &name) else {
+                continue;
+            };
+            if shown != want {
+                continue;
+            }
+            let value = match val {
+                Val::Local(v) => v,
+                Val::Remote { fblk, len, from } => self.remote_value(d, fblk, len, from)?,
+            };
+            if !acl {
+                return Ok(Some(value));
+            }
+            return acl_to_posix(&value).map(Some).ok_or_else(|| {
+                GuestError::corrupt(
+                    &self.disk.name,
+                    d.offset,
+                    format!("inode {}: bad ACL", d.ino),
+                )
+            });
+        }
+        Ok(None)
+    }
+
+    /// Every raw attr entry of `d`, remote values not read.
+    fn raw_attrs(&self, d: &Inode) -> GuestResult<Vec<Raw>> {
         let mut raw = Vec::new();
         // An attr fork in extents format without extents holds nothing
         // (the kernel leaves one behind when the last attr goes).
         if !d.has_attr_fork() || (d.aformat == super::inode::FMT_EXTENTS && d.anextents == 0) {
-            return Ok(Vec::new());
+            return Ok(raw);
         }
         if d.aformat == FMT_LOCAL {
             self.sf_attrs(d, &mut raw)?;
         } else {
             self.leaf_attrs(d, &mut raw)?;
         }
-        let mut out = Vec::with_capacity(raw.len());
-        for (flags, name, value) in raw {
-            let Some((shown, acl)) = shown_name(flags, &name) else {
-                continue;
-            };
-            let value = if acl {
-                acl_to_posix(&value).ok_or_else(|| {
-                    GuestError::corrupt(
-                        &self.disk.name,
-                        d.offset,
-                        format!("inode {}: bad ACL", d.ino),
-                    )
-                })?
-            } else {
-                value
-            };
-            out.push((shown, value));
-        }
-        Ok(out)
+        Ok(raw)
     }
 
-    fn sf_attrs(&self, d: &Inode, out: &mut Vec<(u8, Vec<u8>, Vec<u8>)>) -> GuestResult<()> {
+    fn sf_attrs(&self, d: &Inode, out: &mut Vec<Raw>) -> GuestResult<()> {
         let b = d.fork(Fork::Attr);
         let at = d.fork_offset(Fork::Attr);
         let total = be16(b, 0) as usize;
@@ -143,16 +174,22 @@ impl XfsFs {
             out.push((
                 flags,
                 b[p + 3..p + 3 + nl].to_vec(),
-                b[p + 3 + nl..end].to_vec(),
+                Val::Local(b[p + 3 + nl..end].to_vec()),
             ));
             p = end;
         }
         Ok(())
     }
 
-    fn leaf_attrs(&self, d: &Inode, out: &mut Vec<(u8, Vec<u8>, Vec<u8>)>) -> GuestResult<()> {
+    /// The entries of every leaf, leftmost first along the forward links.
+    /// A link back to a leaf already read, or a leaf whose back link does
+    /// not name the one before, is corrupt (a loop would re-read leaves).
+    fn leaf_attrs(&self, d: &Inode, out: &mut Vec<Raw>) -> GuestResult<()> {
         let mut leaf = self.da_descend(d, Fork::Attr, 0, 0)?;
         let v5 = self.sb.v5;
+        let mut seen = HashSet::from([leaf.fblk]);
+        let mut prev: Option<u64> = None;
+        let mut bytes = 0usize;
         for _ in 0..MAX_LEAVES {
             if leaf.magic != if v5 { LEAF3_MAGIC } else { LEAF_MAGIC } {
                 return Err(self.da_bad(d, leaf.at, "bad attr leaf magic"));
@@ -162,27 +199,39 @@ impl XfsFs {
                     return Err(self.da_bad(d, leaf.at, w));
                 }
             }
-            self.leaf_entries(d, &leaf.b, leaf.at, out)?;
+            if let Some(p) = prev {
+                if u64::from(be32(&leaf.b, 4)) != p {
+                    return Err(self.da_bad(d, leaf.at, "attr leaf back link"));
+                }
+            }
+            self.leaf_entries(d, &leaf.b, leaf.at, out, &mut bytes)?;
             let forw = be32(&leaf.b, 0) as u64;
             if forw == 0 {
                 return Ok(());
             }
+            if !seen.insert(forw) {
+                return Err(self.da_bad(d, leaf.at, "attr leaf chain loops"));
+            }
             let (b, at) = self.da_block(d, Fork::Attr, forw, leaf.at)?;
+            prev = Some(leaf.fblk);
             leaf = super::dabtree::Leaf {
                 magic: be16(&b, 8),
                 b,
                 at,
+                fblk: forw,
             };
         }
         Err(self.da_bad(d, leaf.at, "attr leaf chain too long (loop?)"))
     }
 
+    /// One leaf's entries; `bytes` counts names and local values so far.
     fn leaf_entries(
         &self,
         d: &Inode,
         b: &[u8],
         at: u64,
-        out: &mut Vec<(u8, Vec<u8>, Vec<u8>)>,
+        out: &mut Vec<Raw>,
+        bytes: &mut usize,
     ) -> GuestResult<()> {
         let hdr = if self.sb.v5 { 80 } else { 32 };
         let count = be16(b, if self.sb.v5 { 56 } else { 12 }) as usize;
@@ -194,35 +243,42 @@ impl XfsFs {
             let idx = be16(b, e + 4) as usize;
             let flags = b[e + 6];
             let bad = || self.da_bad(d, at + e as u64, "attr entry outside its leaf");
-            if flags & F_LOCAL != 0 {
+            let entry = if flags & F_LOCAL != 0 {
                 let vl = be16(b, idx) as usize;
                 let nl = *b.get(idx + 2).ok_or_else(bad)? as usize;
                 let end = idx + 3 + nl + vl;
                 if idx < hdr || end > b.len() {
                     return Err(bad());
                 }
-                out.push((
+                (
                     flags,
                     b[idx + 3..idx + 3 + nl].to_vec(),
-                    b[idx + 3 + nl..end].to_vec(),
-                ));
+                    Val::Local(b[idx + 3 + nl..end].to_vec()),
+                )
             } else {
                 let nl = *b.get(idx + 8).ok_or_else(bad)? as usize;
                 if idx < hdr || idx + 9 + nl > b.len() {
                     return Err(bad());
                 }
-                let name = b[idx + 9..idx + 9 + nl].to_vec();
                 if flags & (F_INCOMPLETE | F_PARENT) != 0 {
                     continue;
                 }
-                let value = self.remote_value(
-                    d,
-                    be32(b, idx) as u64,
-                    be32(b, idx + 4) as u64,
-                    at + idx as u64,
-                )?;
-                out.push((flags, name, value));
+                let val = Val::Remote {
+                    fblk: be32(b, idx) as u64,
+                    len: be32(b, idx + 4) as u64,
+                    from: at + idx as u64,
+                };
+                (flags, b[idx + 9..idx + 9 + nl].to_vec(), val)
+            };
+            *bytes += entry.1.len()
+                + match &entry.2 {
+                    Val::Local(v) => v.len(),
+                    Val::Remote { .. } => 0,
+                };
+            if *bytes > MAX_ATTR_BYTES {
+                return Err(self.da_bad(d, at, "attrs add up to more than 64 MiB"));
             }
+            out.push(entry);
         }
         Ok(())
     }

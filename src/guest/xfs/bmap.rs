@@ -43,7 +43,7 @@ pub fn parse_extents(
     sb: &Superblock,
     recs: &[u8],
     at: u64,
-    owner: &str,
+    owner: &dyn std::fmt::Display,
 ) -> GuestResult<Vec<Extent>> {
     let mut out = Vec::with_capacity(recs.len() / 16);
     let mut next_off = 0u64;

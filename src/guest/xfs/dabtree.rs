@@ -53,6 +53,8 @@ pub fn hash(name: &[u8]) -> u32 {
 pub struct Leaf {
     pub b: Arc<Vec<u8>>,
     pub at: u64,
+    /// Its block in the fork (what a neighbour's forw/back link names).
+    pub fblk: u64,
     pub magic: u16,
 }
 
@@ -103,7 +105,7 @@ impl XfsFs {
                 if want_level.is_some_and(|l| l != 0) {
                     return Err(self.da_bad(d, at, "node points to a leaf at the wrong level"));
                 }
-                return Ok(Leaf { b, at, magic });
+                return Ok(Leaf { b, at, fblk, magic });
             }
             if v5 {
                 if let Some(w) = DA3_HDR.check(&b, at, self.sb.meta_uuid(), d.ino) {
@@ -152,7 +154,7 @@ impl XfsFs {
     /// (found through the node blocks of node and btree directories).
     pub(super) fn dir_hash_lookup(&self, d: &Inode, name: &[u8]) -> GuestResult<Option<u64>> {
         let h = hash(name);
-        if self.is_block_dir(d) {
+        if self.is_block_dir(d)? {
             let Some((b, at)) = self.dir_block(d, 0)? else {
                 return Err(self.da_bad(d, d.offset, "block directory has no block"));
             };
@@ -201,6 +203,7 @@ impl XfsFs {
                 magic: be16(&nb, 8),
                 b: nb,
                 at,
+                fblk: forw,
             };
         }
         Err(self.da_bad(d, leaf.at, "too many leaves with one hash"))
@@ -245,7 +248,8 @@ impl XfsFs {
         let mut seen = false;
         // The block's entries are walked (checking each) up to `off`, so
         // an address into the middle of an entry is caught.
-        self.data_entries(d, &b, at, self.is_block_dir(d), &mut |e: Ent, p| {
+        let block_form = self.is_block_dir(d)?;
+        self.data_entries(d, &b, at, block_form, &mut |e: Ent, p| {
             if p == off {
                 seen = true;
                 if e.name == name {

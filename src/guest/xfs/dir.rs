@@ -8,6 +8,7 @@ use super::disk::{be16, be32, be64, V5Hdr};
 use super::inode::{Fork, Inode, FMT_LOCAL};
 use super::XfsFs;
 use crate::guest::{FileKind, GuestError, GuestResult};
+use std::collections::HashSet;
 
 const XD2B: u32 = 0x5844_3242; // v4 block directory
 const XD2D: u32 = 0x5844_3244; // v4 data block
@@ -57,8 +58,9 @@ impl XfsFs {
                 format!("directory {}: shortform {what}", d.ino),
             )
         };
-        if b.len() < 6 || d.size > b.len() as u64 {
-            return Err(bad(0, "size exceeds the inode"));
+        // The header (count, i8count, a 4-byte parent) needs 6 bytes.
+        if d.size < 6 || d.size > b.len() as u64 {
+            return Err(bad(0, "size outside 6 bytes .. the inode's fork"));
         }
         let b = &b[..d.size as usize];
         let count = b[0] as usize;
@@ -175,6 +177,11 @@ impl XfsFs {
                 p += len;
                 continue;
             }
+            // The smallest entry (ino, namelen, one name byte, tag) takes
+            // 16 bytes; less room than that left is no entry.
+            if p + 16 > end {
+                return Err(bad("entry past the block's end"));
+            }
             let nlen = b[p + 8] as usize;
             let size = (11 + nlen + extra).next_multiple_of(8);
             if nlen == 0 || p + size > end || be16(b, p + size - 2) as usize != p {
@@ -194,9 +201,20 @@ impl XfsFs {
     }
 
     /// Whether `d` (not shortform) is a block directory: one directory
-    /// block of data, its leaf inside it.
-    pub(super) fn is_block_dir(&self, d: &Inode) -> bool {
-        d.size == self.sb.dir_block_size()
+    /// block of data, its leaf inside it. Decided as the kernel decides
+    /// it, by where the data fork's mapping ends (exactly one directory
+    /// block), not by the size: a leaf directory whose entries fit one
+    /// data block has that same size, its leaf block mapped far beyond.
+    pub(super) fn is_block_dir(&self, d: &Inode) -> GuestResult<bool> {
+        if d.size != self.sb.dir_block_size() {
+            return Ok(false);
+        }
+        let end = self
+            .extents(d, Fork::Data)?
+            .iter()
+            .map(|e| e.off.saturating_add(e.len))
+            .max();
+        Ok(end == Some(1 << self.sb.dirblklog))
     }
 
     /// Calls `f` for every entry of directory `d` (including "." and "..");
@@ -214,9 +232,13 @@ impl XfsFs {
                 format!("directory {}: size {} beyond the data space", d.ino, d.size),
             ));
         }
-        let block_form = self.is_block_dir(d);
+        let block_form = self.is_block_dir(d)?;
         let extents = self.extents(d, Fork::Data)?;
         let mut last = None;
+        // Physical blocks listed so far: two logical blocks mapped onto one
+        // would list its entries twice (and a crafted fork could repeat one
+        // block until the listing outgrows the volume).
+        let mut seen = HashSet::new();
         for e in extents.iter() {
             let mut fblk = e.off - e.off % fsbs;
             while fblk < (e.off + e.len).min(leaf_fblk) {
@@ -224,6 +246,16 @@ impl XfsFs {
                 if last != Some(db) && !e.unwritten {
                     last = Some(db);
                     if let Some((b, at)) = self.dir_block(d, fblk)? {
+                        if !seen.insert(at) {
+                            return Err(GuestError::corrupt(
+                                &self.disk.name,
+                                at,
+                                format!(
+                                    "directory {}: data block {fblk} maps a block listed before",
+                                    d.ino
+                                ),
+                            ));
+                        }
                         if self.data_entries(d, &b, at, block_form, &mut |ent, _| f(ent))? {
                             return Ok(());
                         }

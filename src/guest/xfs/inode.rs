@@ -246,7 +246,8 @@ impl Inode {
             sb,
             &bytes[..n as usize * 16],
             at,
-            &format!("inode {}", self.ino),
+            // Formatted only for an error: this runs for every inode.
+            &format_args!("inode {}", self.ino),
         )
     }
 

@@ -455,18 +455,11 @@ impl GuestFs for XfsFs {
     }
 
     fn listxattr(&self, ino: Ino) -> GuestResult<Vec<Vec<u8>>> {
-        Ok(self
-            .xattrs(&*self.inode(ino)?)?
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect())
+        self.xattr_names(&*self.inode(ino)?)
     }
 
     fn getxattr(&self, ino: Ino, name: &[u8]) -> GuestResult<Vec<u8>> {
-        self.xattrs(&*self.inode(ino)?)?
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v)
+        self.xattr(&*self.inode(ino)?, name)?
             .ok_or(GuestError::NotFound)
     }
 
