@@ -265,14 +265,17 @@ fn libvirt_hostile_domain_xml_fails_the_mount_by_name() {
 struct Holder(std::process::Child);
 
 impl Holder {
+    /// `qemu-io` holding `image`, its stderr in `<image>.holder.log`
+    /// (outside the tree) to say why should it not take the lock.
     fn hold(ws: &Workspace, image: &str) -> Holder {
+        let log = std::fs::File::create(ws.scratch(&format!("{image}.holder.log"))).unwrap();
         Holder(
             Command::new("qemu-io")
                 .args(["-f", "qcow2", "-c", "sleep 120000", image])
                 .current_dir(ws.img(""))
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
+                .stderr(log)
                 .spawn()
                 .expect("spawn qemu-io"),
         )
@@ -353,16 +356,32 @@ fn libvirt_running_two_disk_domain() {
     let s1 = record("s1", None, "both disks", &disks, &mem_xml)
         .replace("</domainsnapshot>", &format!("{then}</domainsnapshot>"));
     std::fs::write(snap.join("s1.xml"), s1).unwrap();
-    let _holders = [
-        Holder::hold(&ws, "vm2-vda.s1"),
-        Holder::hold(&ws, "vm2-vdb.s1"),
-    ];
-    let held = wait_until(std::time::Duration::from_secs(60), || {
-        ["vm2-vda.s1", "vm2-vdb.s1"]
-            .iter()
-            .all(|i| !ws.qemu_img_unchecked(&["info", i]).status.success())
-    });
-    assert!(held, "qemu-io did not take the image locks");
+    // Both images held once qemu-img (without -U) cannot open them; one
+    // fresh try if a loaded machine lost the first holders.
+    let mut holders: Vec<Holder> = Vec::new();
+    let mut held = false;
+    for _ in 0..2 {
+        holders.clear();
+        holders.extend([
+            Holder::hold(&ws, "vm2-vda.s1"),
+            Holder::hold(&ws, "vm2-vdb.s1"),
+        ]);
+        held = wait_until(std::time::Duration::from_secs(30), || {
+            ["vm2-vda.s1", "vm2-vdb.s1"]
+                .iter()
+                .all(|i| !ws.qemu_img_unchecked(&["info", i]).status.success())
+        });
+        if held {
+            break;
+        }
+    }
+    let logs: Vec<String> = ["vm2-vda.s1", "vm2-vdb.s1"]
+        .iter()
+        .map(|i| {
+            std::fs::read_to_string(ws.scratch(&format!("{i}.holder.log"))).unwrap_or_default()
+        })
+        .collect();
+    assert!(held, "qemu-io did not take the image locks: {logs:?}");
     let r = root.to_string_lossy().into_owned();
     let args = ["--domain", "vm2", "--libvirt-root", &r, "-o", "gc_idle=off"];
     let Some(m) = ws.mount_source(Path::new("vm2"), &args) else {
