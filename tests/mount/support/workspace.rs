@@ -203,7 +203,7 @@ impl Workspace {
     }
 
     /// Files of the tree directory that start with `magic`, sorted.
-    fn images_with_magic(&self, magic: &[u8]) -> Vec<String> {
+    pub fn images_with_magic(&self, magic: &[u8]) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&self.images)
             .expect("list images")
             .filter_map(|e| e.ok())
