@@ -32,20 +32,9 @@ static FORMAT: harness::Format = harness::Format {
     name: "VHDX",
     id_name: "data write GUID",
     file,
-    create_leaf: |ws, name, size| {
-        ws.qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "vhdx",
-            "-o",
-            "block_size=1M",
-            name,
-            &size.to_string(),
-        ]);
-    },
+    create_leaf: |ws, name, size| ws.create_vhdx(name, size),
     qemu_format: "vhdx",
-    images: |ws| ws.images_with_magic(b"vhdxfile"),
+    images: |ws| ws.vhdx_images(),
     id_copies: header_guids,
     current_id: |ws, image| {
         let g = spec::Vhdx::load(&ws.img(image)).data_write_guid();
