@@ -20,8 +20,15 @@
 
 #[macro_use]
 mod common;
+#[path = "common/chain_rw.rs"]
+mod chain_rw;
 #[path = "common/vhd_peers.rs"]
 mod vhd_peers;
+
+/// The `-f` QEMU gives this format (`chain_rw`).
+const QEMU_FORMAT: &str = "vpc";
+
+use chain_rw::*;
 
 use common::*;
 use rand::rngs::SmallRng;
@@ -40,57 +47,8 @@ use vhd_peers::{libvhdi_tool, vhdiinfo, VhdiMount};
 // ---------------------------------------------------------------------------
 // Helpers
 
-fn seed() -> u64 {
-    std::env::var("SNAPTREE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().gen())
-}
-
 fn tempdir() -> TempDir {
     TempDir::with_prefix("snaptree-vhdw-").expect("temp dir")
-}
-
-fn open_rw(leaf: &Path) -> Chain {
-    let opts = OpenOptions {
-        writable: true,
-        ..Default::default()
-    };
-    Chain::open(leaf, &opts).unwrap_or_else(|e| panic!("open {} for writing: {e}", leaf.display()))
-}
-
-fn read_chain(chain: &Chain) -> Vec<u8> {
-    let mut buf = vec![0u8; chain.size() as usize];
-    chain.read_at(&mut buf, 0).expect("chain read");
-    buf
-}
-
-fn read_leaf(leaf: &Path) -> Vec<u8> {
-    let chain = Chain::open(leaf, &OpenOptions::default())
-        .unwrap_or_else(|e| panic!("open {}: {e}", leaf.display()));
-    read_chain(&chain)
-}
-
-fn check_bytes(expected: &[u8], got: &[u8], what: impl std::fmt::Display) {
-    if let Some(d) = diff_bytes(expected, got) {
-        panic!("{what}:\n{d}");
-    }
-}
-
-/// `qemu-img convert -f vpc -O raw` of `img`, read back.
-fn qemu_raw(img: &Path) -> Vec<u8> {
-    let dir = img.parent().unwrap();
-    let out = img.with_extension("qemu.raw");
-    qemu_img(dir, args!["convert", "-f", "vpc", "-O", "raw", img, &out]);
-    let bytes = fs::read(&out).unwrap();
-    let _ = fs::remove_file(&out);
-    bytes
-}
-
-fn qemu_io(img: &Path, cmd: &str) {
-    run(Command::new("qemu-io")
-        .args(["-f", "vpc", "-c", cmd])
-        .arg(img));
 }
 
 /// `vhdiinfo` must accept `img`, when libvhdi-utils is installed.
@@ -98,14 +56,6 @@ fn assert_vhdiinfo(img: &Path) {
     if let Err(e) = vhdiinfo(img) {
         panic!("libvhdi refuses an image snaptree wrote: {e}");
     }
-}
-
-/// One step of a random workload.
-#[derive(Clone, Debug)]
-enum Op {
-    Write(u64, Vec<u8>),
-    Zero(u64, u64),
-    Flush,
 }
 
 /// A random step for a disk of `size` bytes in `block`-byte blocks:
@@ -155,20 +105,6 @@ fn random_op(rng: &mut SmallRng, size: u64, block: u64) -> Op {
             write(rng, off, 512)
         }
         _ => Op::Flush,
-    }
-}
-
-fn apply(chain: &Chain, model: &mut [u8], op: &Op) {
-    match op {
-        Op::Write(off, data) => {
-            chain.write_at(data, *off).expect("write");
-            model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
-        }
-        Op::Zero(off, len) => {
-            chain.write_zeroes(*off, *len).expect("write_zeroes");
-            model[*off as usize..(*off + *len) as usize].fill(0);
-        }
-        Op::Flush => chain.flush().expect("flush"),
     }
 }
 

@@ -20,10 +20,17 @@
 
 #[macro_use]
 mod common;
+#[path = "common/chain_rw.rs"]
+mod chain_rw;
 #[path = "vhdx/spec.rs"]
 mod spec;
 #[path = "common/vhd_peers.rs"]
 mod vhd_peers;
+
+/// The `-f` QEMU gives this format (`chain_rw`).
+const QEMU_FORMAT: &str = "vhdx";
+
+use chain_rw::*;
 
 use common::*;
 use rand::rngs::SmallRng;
@@ -37,13 +44,6 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 use tempfile::TempDir;
-
-fn seed() -> u64 {
-    std::env::var("SNAPTREE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().gen())
-}
 
 fn tempdir() -> TempDir {
     TempDir::with_prefix("snaptree-vhdxw-").expect("temp dir")
@@ -63,42 +63,6 @@ fn create(dir: &Path, name: &str, size: u64, opts: &str) {
             &size.to_string(),
         ],
     );
-}
-
-fn open_rw(leaf: &Path) -> Chain {
-    let opts = OpenOptions {
-        writable: true,
-        ..Default::default()
-    };
-    Chain::open(leaf, &opts).unwrap_or_else(|e| panic!("open {} for writing: {e}", leaf.display()))
-}
-
-fn read_chain(chain: &Chain) -> Vec<u8> {
-    let mut buf = vec![0u8; chain.size() as usize];
-    chain.read_at(&mut buf, 0).expect("chain read");
-    buf
-}
-
-fn read_leaf(leaf: &Path) -> Vec<u8> {
-    let chain = Chain::open(leaf, &OpenOptions::default())
-        .unwrap_or_else(|e| panic!("open {}: {e}", leaf.display()));
-    read_chain(&chain)
-}
-
-fn check_bytes(expected: &[u8], got: &[u8], what: impl std::fmt::Display) {
-    if let Some(d) = diff_bytes(expected, got) {
-        panic!("{what}:\n{d}");
-    }
-}
-
-/// `qemu-img convert -f vhdx -O raw` of `img`, read back.
-fn qemu_raw(img: &Path) -> Vec<u8> {
-    let dir = img.parent().unwrap();
-    let out = img.with_extension("qemu.raw");
-    qemu_img(dir, args!["convert", "-f", "vhdx", "-O", "raw", img, &out]);
-    let bytes = fs::read(&out).unwrap();
-    let _ = fs::remove_file(&out);
-    bytes
 }
 
 /// `qemu-img check -f vhdx`: its output when it is not clean.
@@ -128,13 +92,6 @@ fn assert_vhdiinfo(img: &Path, what: &str) {
     if let Err(e) = vhd_peers::vhdiinfo(img) {
         panic!("{what}: libvhdi refuses an image snaptree wrote: {e}");
     }
-}
-
-#[derive(Clone, Debug)]
-enum Op {
-    Write(u64, Vec<u8>),
-    Zero(u64, u64),
-    Flush,
 }
 
 /// A random step for a disk of `size` bytes in `block`-byte blocks.
@@ -180,28 +137,6 @@ fn random_op(rng: &mut SmallRng, size: u64, block: u64) -> Op {
         }
         _ => Op::Flush,
     }
-}
-
-fn apply(chain: &Chain, model: &mut [u8], op: &Op) {
-    match op {
-        Op::Write(off, data) => {
-            chain.write_at(data, *off).expect("write");
-            model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
-        }
-        Op::Zero(off, len) => {
-            chain.write_zeroes(*off, *len).expect("write_zeroes");
-            model[*off as usize..(*off + *len) as usize].fill(0);
-        }
-        Op::Flush => chain.flush().expect("flush"),
-    }
-}
-
-fn qemu_io(img: &Path, cmd: &str) {
-    common::run(
-        Command::new("qemu-io")
-            .args(["-f", "vhdx", "-c", cmd])
-            .arg(img),
-    );
 }
 
 // ---------------------------------------------------------------------------

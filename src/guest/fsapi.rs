@@ -21,6 +21,24 @@ pub enum FileKind {
     Socket,
 }
 
+impl FileKind {
+    /// The kind a Linux directory entry's file-type byte names: ext2/3/4
+    /// (`EXT2_FT_*`) and XFS (`XFS_DIR3_FT_*`) use the same codes, 1 (file)
+    /// to 7 (symlink); others (0 unknown, XFS's 8 whiteout) name none.
+    pub fn from_dirent_type(t: u8) -> Option<FileKind> {
+        Some(match t {
+            1 => FileKind::File,
+            2 => FileKind::Dir,
+            3 => FileKind::CharDevice,
+            4 => FileKind::BlockDevice,
+            5 => FileKind::Fifo,
+            6 => FileKind::Socket,
+            7 => FileKind::Symlink,
+            _ => return None,
+        })
+    }
+}
+
 /// Seconds since the epoch (negative before 1970) and nanoseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Timestamp {
@@ -69,6 +87,32 @@ pub struct FsInfo {
     pub notes: Vec<String>,
 }
 
+impl FsInfo {
+    /// The info of a filesystem whose superblock holds a 16-byte UUID and
+    /// a NUL-trimmed label (ext2/3/4, XFS): an empty label is none.
+    pub fn with_uuid(fstype: &str, label: &[u8], uuid: &[u8; 16], notes: Vec<String>) -> FsInfo {
+        FsInfo {
+            fstype: fstype.to_string(),
+            label: (!label.is_empty()).then(|| String::from_utf8_lossy(label).into_owned()),
+            uuid: Some(uuid_text(uuid)),
+            notes,
+        }
+    }
+}
+
+/// A UUID as `blkid` prints it: lower-case hex, 8-4-4-4-12.
+pub fn uuid_text(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
 /// A read-only guest filesystem. `Send + Sync`: FUSE serves requests from
 /// several threads; readers keep their caches behind locks.
 pub trait GuestFs: Send + Sync {
@@ -110,4 +154,31 @@ pub trait GuestFs: Send + Sync {
     /// For `SEEK_HOLE`: the first byte at or after `offset` that is in a
     /// hole, or the file size if none (the end of file counts as a hole).
     fn next_hole(&self, ino: Ino, offset: u64) -> GuestResult<u64>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_label_and_dirent_types() {
+        let mut u = [0u8; 16];
+        u[0] = 0xab;
+        u[15] = 0x01;
+        let i = FsInfo::with_uuid("xfs", b"", &u, vec![]);
+        assert_eq!(
+            i.uuid.as_deref(),
+            Some("ab000000-0000-0000-0000-000000000001")
+        );
+        assert_eq!(i.label, None);
+        let i = FsInfo::with_uuid("ext4", b"root", &u, vec!["n".into()]);
+        assert_eq!(
+            (i.fstype.as_str(), i.label.as_deref()),
+            ("ext4", Some("root"))
+        );
+        assert_eq!(FileKind::from_dirent_type(2), Some(FileKind::Dir));
+        assert_eq!(FileKind::from_dirent_type(7), Some(FileKind::Symlink));
+        assert_eq!(FileKind::from_dirent_type(0), None);
+        assert_eq!(FileKind::from_dirent_type(8), None);
+    }
 }

@@ -27,16 +27,7 @@ fn log_guid_set(img: &Path) -> bool {
 /// `base.vhdx` written by qemu-io, with a log entry (built from the spec)
 /// pointing block 3 at block 0's data, not yet applied.
 fn vhdx_with_log(ws: &Workspace) {
-    ws.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        "base.vhdx",
-        &SIZE.to_string(),
-    ]);
+    ws.create_vhdx("base.vhdx", SIZE);
     ws.qemu_io(
         "base.vhdx",
         "vhdx",
@@ -65,16 +56,7 @@ fn vhdx_tree_reads_like_qemu_and_is_written_through_the_mount() {
     let Some(ws) = workspace() else {
         return;
     };
-    ws.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        "disk.vhdx",
-        &SIZE.to_string(),
-    ]);
+    ws.create_vhdx("disk.vhdx", SIZE);
     ws.qemu_io(
         "disk.vhdx",
         "vhdx",
@@ -157,24 +139,6 @@ fn vhdx_log_is_replayed_in_memory_read_only_and_into_the_file_read_write() {
     );
 }
 
-/// The VHDX images in the tree directory, by name.
-fn vhdx_images(ws: &Workspace) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(&ws.images)
-        .expect("list images")
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            let mut magic = [0u8; 8];
-            std::fs::File::open(e.path())
-                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-                .is_ok()
-                && &magic == b"vhdxfile"
-        })
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// A qemu-img VHDX snapshotted `depth` times through the mount (`ctl
 /// snapshot`), written at every level: each level is a differencing
 /// `.vhdx` snaptree made; snaptree reads the model at every point;
@@ -185,16 +149,7 @@ fn vhdx_chain_through_snapshots(depth: usize) {
     let Some(ws) = workspace() else {
         return;
     };
-    ws.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        "disk.vhdx",
-        &SIZE.to_string(),
-    ]);
+    ws.create_vhdx("disk.vhdx", SIZE);
     ws.qemu_io("disk.vhdx", "vhdx", &["write -P 0x21 0 5M"]);
     let mut model = ws.flatten("disk.vhdx");
     let Some(m) = ws.mount(&["-o", "gc_idle=off"]) else {
@@ -233,7 +188,7 @@ fn vhdx_chain_through_snapshots(depth: usize) {
         depth as u64 + 1
     );
     unmount_ok(m);
-    let images = vhdx_images(&ws);
+    let images = ws.vhdx_images();
     assert_eq!(images.len(), depth + 2, "{images:?}");
     assert!(
         images
@@ -304,7 +259,7 @@ fn vhdiinfo_all(ws: &Workspace) {
     if !libvhdi_tool("vhdiinfo") {
         return;
     }
-    for name in vhdx_images(ws) {
+    for name in ws.vhdx_images() {
         if let Err(e) = vhdiinfo(&ws.img(&name)) {
             panic!("libvhdi refuses {name}: {e}");
         }
@@ -323,16 +278,7 @@ fn vhdx_tree_merges_stream_and_commit() {
     let Some(ws) = workspace() else {
         return;
     };
-    ws.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        "disk.vhdx",
-        &SIZE.to_string(),
-    ]);
+    ws.create_vhdx("disk.vhdx", SIZE);
     ws.qemu_io(
         "disk.vhdx",
         "vhdx",
@@ -387,7 +333,7 @@ fn vhdx_tree_merges_stream_and_commit() {
     assert_disk(&mnt, "s3", &s3);
     assert_disk(&mnt, "disk", &model);
     unmount_ok(m);
-    assert_eq!(vhdx_images(&ws), vec!["disk.vhdx", "s3.vhdx"]);
+    assert_eq!(ws.vhdx_images(), vec!["disk.vhdx", "s3.vhdx"]);
     vhdiinfo_all(&ws);
     ws.check("s3.vhdx");
     assert_bytes_eq("qemu-img convert s3.vhdx", &ws.flatten("s3.vhdx"), &s3);

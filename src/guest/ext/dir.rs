@@ -8,7 +8,7 @@ use super::hash::dx_hash;
 use super::inode::Inode;
 use super::sb::{le16, le32, Superblock};
 use crate::guest::crc::crc32c;
-use crate::guest::{FileKind, GuestError, GuestResult};
+use crate::guest::{GuestError, GuestResult};
 use std::sync::Arc;
 
 /// s_flags bit: the directory hash treats chars as unsigned.
@@ -19,19 +19,6 @@ pub struct Raw<'a> {
     pub ino: u32,
     pub name: &'a [u8],
     pub ftype: u8,
-}
-
-pub fn kind_of_ftype(t: u8) -> Option<FileKind> {
-    Some(match t {
-        1 => FileKind::File,
-        2 => FileKind::Dir,
-        3 => FileKind::CharDevice,
-        4 => FileKind::BlockDevice,
-        5 => FileKind::Fifo,
-        6 => FileKind::Socket,
-        7 => FileKind::Symlink,
-        _ => return None,
-    })
 }
 
 fn rec_len(raw: u16, bs: usize) -> usize {

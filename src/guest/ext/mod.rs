@@ -324,31 +324,18 @@ impl DirBlocks for ExtFs {
     }
 }
 
-fn uuid_string(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
-
 impl GuestFs for ExtFs {
     fn root(&self) -> Ino {
         ROOT_INO
     }
 
     fn info(&self) -> FsInfo {
-        FsInfo {
-            fstype: self.sb.fstype().to_string(),
-            label: (!self.sb.label.is_empty())
-                .then(|| String::from_utf8_lossy(&self.sb.label).into_owned()),
-            uuid: Some(uuid_string(&self.sb.uuid)),
-            notes: self.notes.clone(),
-        }
+        FsInfo::with_uuid(
+            self.sb.fstype(),
+            &self.sb.label,
+            &self.sb.uuid,
+            self.notes.clone(),
+        )
     }
 
     fn getattr(&self, ino: Ino) -> GuestResult<Attr> {
@@ -421,7 +408,7 @@ impl GuestFs for ExtFs {
                 return Ok(false);
             }
             let ino = self.check_entry(&d, e.name, e.ino)?;
-            let kind = match dir::kind_of_ftype(e.ftype).filter(|_| filetype) {
+            let kind = match FileKind::from_dirent_type(e.ftype).filter(|_| filetype) {
                 Some(k) => k,
                 None => self.inode(ino)?.kind().unwrap_or(FileKind::File),
             };

@@ -7,7 +7,7 @@
 use super::disk::{be16, be32, be64, V5Hdr};
 use super::inode::{Fork, Inode, FMT_LOCAL};
 use super::XfsFs;
-use crate::guest::{FileKind, GuestError, GuestResult};
+use crate::guest::{GuestError, GuestResult};
 use std::collections::HashSet;
 
 const XD2B: u32 = 0x5844_3242; // v4 block directory
@@ -29,20 +29,6 @@ pub struct Ent<'a> {
     pub ino: u64,
     /// The ftype byte (0 if the filesystem has none).
     pub ftype: u8,
-}
-
-/// The kind a directory entry's ftype byte names.
-pub fn kind_of_ftype(t: u8) -> Option<FileKind> {
-    Some(match t {
-        1 => FileKind::File,
-        2 => FileKind::Dir,
-        3 => FileKind::CharDevice,
-        4 => FileKind::BlockDevice,
-        5 => FileKind::Fifo,
-        6 => FileKind::Socket,
-        7 => FileKind::Symlink,
-        _ => return None,
-    })
 }
 
 impl XfsFs {

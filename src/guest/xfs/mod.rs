@@ -302,31 +302,18 @@ impl XfsFs {
     }
 }
 
-fn uuid_string(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
-
 impl GuestFs for XfsFs {
     fn root(&self) -> Ino {
         self.sb.rootino
     }
 
     fn info(&self) -> FsInfo {
-        FsInfo {
-            fstype: self.sb.fstype().to_string(),
-            label: (!self.sb.label.is_empty())
-                .then(|| String::from_utf8_lossy(&self.sb.label).into_owned()),
-            uuid: Some(uuid_string(&self.sb.uuid)),
-            notes: self.notes.clone(),
-        }
+        FsInfo::with_uuid(
+            self.sb.fstype(),
+            &self.sb.label,
+            &self.sb.uuid,
+            self.notes.clone(),
+        )
     }
 
     fn getattr(&self, ino: Ino) -> GuestResult<Attr> {
@@ -368,7 +355,7 @@ impl GuestFs for XfsFs {
         let mut out = Vec::with_capacity(raw.len());
         for (name, ino, ftype) in raw {
             let ino = self.check_entry(&d, &name, ino)?;
-            let kind = match dir::kind_of_ftype(ftype).filter(|_| self.sb.ftype) {
+            let kind = match FileKind::from_dirent_type(ftype).filter(|_| self.sb.ftype) {
                 Some(k) => k,
                 None => self.inode(ino)?.kind,
             };

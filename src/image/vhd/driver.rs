@@ -4,9 +4,9 @@
 //! (`reparent`); children are differencing VHDs (`create`).
 
 use super::{create, footer, reparent, VhdLayer};
-use crate::error::{ImageError, Result};
+use crate::error::Result;
 use crate::image::formats::{AdoptId, ChildRequest, Driver, MergeCaps};
-use crate::image::repoint::{NewBacking, Patch, Repoint, RepointPlan};
+use crate::image::repoint::{self, NewBacking, Patch, Repoint, RepointPlan};
 use crate::image::{Format, Layer};
 use std::fs::File;
 use std::path::Path;
@@ -84,23 +84,15 @@ fn named_vhd(path: &Path) -> bool {
 /// The header and locator writes, journaled (see `reparent`).
 impl Repoint for VhdDriver {
     fn plan(&self, child: &Path, to: Option<NewBacking<'_>>) -> Result<RepointPlan> {
-        let Some((b, parent)) = to.and_then(|b| Some((b, b.path?))) else {
-            return Err(ImageError::invalid(
-                child,
-                "a differencing VHD cannot lose its parent",
-            ));
-        };
+        let (b, parent) = repoint::required_parent(child, to, "a differencing VHD")?;
         reparent::parent_patches(child, parent, b.name).map(RepointPlan::Journaled)
     }
 
     fn apply(&self, child: &Path, plan: &RepointPlan) -> Result<()> {
-        match plan {
-            RepointPlan::Journaled(p) => reparent::apply(child, p),
-            RepointPlan::OneWrite(_) => Err(ImageError::invalid(
-                child,
-                "a differencing VHD is re-pointed by several writes, not one",
-            )),
-        }
+        reparent::apply(
+            child,
+            repoint::journaled_only(child, plan, "a differencing VHD")?,
+        )
     }
 
     fn check(&self, child: &Path, patches: &[Patch]) -> Result<()> {

@@ -43,6 +43,7 @@ const VHD_EPOCH: u64 = 946_684_800;
 const MAX_PATCHES: usize = 1 + LOCATOR_ENTRIES;
 
 pub use crate::image::repoint::{hex, unhex, Patch};
+use crate::image::repoint::{write_checked, PatchLimits};
 
 /// The writes that make the differencing disk `child` name `parent`
 /// (whose file is at `parent_path`) as `name`: a path relative to the
@@ -107,52 +108,13 @@ pub fn parent_patches(child: &Path, parent_path: &Path, name: &str) -> Result<Ve
 /// Applies `patches` to `child` and makes them durable. The list may come
 /// from a journal on disk: every write must lie inside the file.
 pub fn apply(child: &Path, patches: &[Patch]) -> Result<()> {
-    if patches.len() > MAX_PATCHES {
-        return Err(ImageError::invalid(
-            child,
-            format!(
-                "{} header writes to apply; at most {MAX_PATCHES} exist",
-                patches.len()
-            ),
-        ));
-    }
     let file = crate::input::open_input(child, true, crate::input::Accept::RegularOrBlock)?;
-    let len = file
-        .metadata()
-        .map_err(|e| ImageError::io(child, "stat", 0, e))?
-        .len();
-    let mut writes = Vec::new();
-    for p in patches {
-        let bytes = p.bytes().filter(|b| b.len() <= 64 << 10).ok_or_else(|| {
-            ImageError::invalid(
-                child,
-                format!(
-                    "header write at offset {} is not valid hex of at most 64 KiB",
-                    p.offset
-                ),
-            )
-        })?;
-        if p.offset
-            .checked_add(bytes.len() as u64)
-            .is_none_or(|e| e > len)
-        {
-            return Err(ImageError::invalid(
-                child,
-                format!(
-                    "header write at offset {}, {} bytes, lies outside the file ({len} bytes)",
-                    p.offset,
-                    bytes.len()
-                ),
-            ));
-        }
-        writes.push((p.offset, bytes));
-    }
-    for (off, bytes) in writes {
-        file.write_all_at(&bytes, off)
-            .map_err(|e| ImageError::io(child, "write", off, e))?;
-    }
-    file.sync_data()
-        .map_err(|e| ImageError::io(child, "fdatasync", 0, e))
+    let limits = PatchLimits {
+        what: "header write",
+        max_count: MAX_PATCHES,
+        max_bytes: 64 << 10,
+    };
+    write_checked(&file, child, patches, &limits)
 }
 
 /// Checks that `patches` (read back from a merge journal, so not to be

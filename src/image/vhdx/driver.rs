@@ -6,10 +6,9 @@
 //! read-only open (those replay in memory, see `log`).
 
 use super::{create, header, log, reparent, VhdxLayer};
-use crate::error::ImageError;
 use crate::error::Result;
 use crate::image::formats::{AdoptId, ChildRequest, Driver, MergeCaps, Repair};
-use crate::image::repoint::{NewBacking, Patch, Repoint, RepointPlan};
+use crate::image::repoint::{self, NewBacking, Patch, Repoint, RepointPlan};
 use crate::image::{Format, Layer};
 use crate::storage::Storage;
 use std::fs::File;
@@ -119,23 +118,15 @@ pub fn replay_into_file(file: &dyn Storage, path: &Path) -> Result<Option<usize>
 /// The locator writes, journaled (see `reparent`).
 impl Repoint for VhdxDriver {
     fn plan(&self, child: &Path, to: Option<NewBacking<'_>>) -> Result<RepointPlan> {
-        let Some((b, parent)) = to.and_then(|b| Some((b, b.path?))) else {
-            return Err(ImageError::invalid(
-                child,
-                "a differencing VHDX cannot lose its parent",
-            ));
-        };
+        let (b, parent) = repoint::required_parent(child, to, "a differencing VHDX")?;
         reparent::parent_patches(child, parent, b.name).map(RepointPlan::Journaled)
     }
 
     fn apply(&self, child: &Path, plan: &RepointPlan) -> Result<()> {
-        match plan {
-            RepointPlan::Journaled(p) => reparent::apply(child, p),
-            RepointPlan::OneWrite(_) => Err(ImageError::invalid(
-                child,
-                "a differencing VHDX is re-pointed by journaled writes, not one",
-            )),
-        }
+        reparent::apply(
+            child,
+            repoint::journaled_only(child, plan, "a differencing VHDX")?,
+        )
     }
 
     fn check(&self, child: &Path, patches: &[Patch]) -> Result<()> {

@@ -29,7 +29,7 @@ use super::sparse;
 use super::write::cid_digits;
 use crate::error::{ImageError, Result};
 use crate::fileio;
-use crate::image::repoint::{NewBacking, Patch, RepointPlan};
+use crate::image::repoint::{write_checked, NewBacking, Patch, PatchLimits, RepointPlan};
 use crate::storage::Storage;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -315,45 +315,12 @@ fn replace_file(child: &Path, name: Option<&str>) -> Result<()> {
 /// The journaled writes, in order, inside the file, then synced.
 fn apply_patches(child: &Path, patches: &[Patch]) -> Result<()> {
     let file = crate::input::open_input(child, true, crate::input::Accept::Regular)?;
-    let len = fileio::file_len(&file, child)?;
-    let mut writes = Vec::new();
-    for p in patches.iter().take(3) {
-        let bytes = p
-            .bytes()
-            .filter(|b| b.len() as u64 <= descriptor::MAX_DESCRIPTOR_BYTES)
-            .ok_or_else(|| {
-                ImageError::invalid(
-                    child,
-                    format!(
-                        "descriptor write at offset {} is not valid hex of at most 1 MiB",
-                        p.offset
-                    ),
-                )
-            })?;
-        if p.offset
-            .checked_add(bytes.len() as u64)
-            .is_none_or(|e| e > len)
-        {
-            return Err(ImageError::invalid(
-                child,
-                format!(
-                    "descriptor write at offset {} lies outside the file",
-                    p.offset
-                ),
-            ));
-        }
-        writes.push((p.offset, bytes));
-    }
-    if writes.len() != patches.len() {
-        return Err(ImageError::invalid(
-            child,
-            "more than two descriptor writes",
-        ));
-    }
-    for (off, bytes) in writes {
-        fileio::write_all_at(&file, child, &bytes, off)?;
-    }
-    fileio::sync_data(&file, child)
+    let limits = PatchLimits {
+        what: "descriptor write",
+        max_count: 3,
+        max_bytes: descriptor::MAX_DESCRIPTOR_BYTES as usize,
+    };
+    write_checked(&file, child, patches, &limits)
 }
 
 /// Checks that `patches`, read back from a merge journal, only re-point

@@ -101,6 +101,27 @@ impl Workspace {
         ]);
     }
 
+    /// `qemu-img create -f vhdx -o block_size=1M` of `images/<name>`.
+    pub fn create_vhdx(&self, name: &str, size: u64) {
+        let size = size.to_string();
+        self.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vhdx",
+            "-o",
+            "block_size=1M",
+            name,
+            &size,
+        ]);
+    }
+
+    /// The VHDX images of the tree directory (by their `vhdxfile`
+    /// identifier), sorted.
+    pub fn vhdx_images(&self) -> Vec<String> {
+        self.images_with_magic(b"vhdxfile")
+    }
+
     /// The VHD images of the tree directory (dynamic and differencing, by
     /// the footer copy at their start), sorted.
     pub fn vhd_images(&self) -> Vec<String> {
