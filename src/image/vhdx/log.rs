@@ -229,8 +229,10 @@ pub fn find(
         // so a log that wraps onto itself ends.
         while used < n {
             match log.entry((at + used) % n)? {
+                // An entry numbered 2^64 - 1 has no successor: it ends
+                // its sequence.
                 Some(e)
-                    if e.sequence == seq.last().expect("one").sequence + 1
+                    if seq.last().expect("one").sequence.checked_add(1) == Some(e.sequence)
                         && used + e.sectors <= n =>
                 {
                     used += e.sectors;
@@ -314,6 +316,11 @@ fn build(path: &Path, log_at: u64, file_len: u64, seq: Vec<Entry>) -> Result<Rep
 /// Writes a replay into the file (the caller holds the write lock), then
 /// clears the log GUID in both headers, the current one last.
 pub fn apply_to_file(file: &dyn Storage, path: &Path, header: &Header, r: &Replay) -> Result<()> {
+    // Both new headers' numbers before anything is written.
+    let sequences = [
+        header.next_sequence(path, 1)?,
+        header.next_sequence(path, 2)?,
+    ];
     let zeros = vec![0u8; SECTOR as usize];
     if fileio::file_len(file, path)? < r.new_len {
         file.set_len(r.new_len)
@@ -326,8 +333,8 @@ pub fn apply_to_file(file: &dyn Storage, path: &Path, header: &Header, r: &Repla
     fileio::sync_data(file, path)?;
     // As QEMU: the other slot first, with the next sequence number, so
     // the current header stays valid until the new one is durable.
-    for (i, slot) in [1 - header.slot, header.slot].into_iter().enumerate() {
-        let b = header.encode_with(header.sequence + 1 + i as u64, &[0; 16]);
+    for (sequence, slot) in sequences.into_iter().zip([1 - header.slot, header.slot]) {
+        let b = header.encode_with(sequence, &[0; 16]);
         fileio::write_all_at(file, path, &b, HEADER_AT[slot])?;
         fileio::sync_data(file, path)?;
     }
