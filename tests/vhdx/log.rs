@@ -241,3 +241,32 @@ fn a_log_entry_numbered_u64_max_ends_its_sequence() {
         "the log changes nothing"
     );
 }
+
+/// Review finding 4: the cap on zeroed bytes was per entry, and every
+/// zeroed 4 KiB became a record (twice), so 64 entries took 885 MB. The
+/// cap is now on the whole sequence (a named error beyond it) and zeroed
+/// ranges stay ranges: two entries of 1 GiB each are refused; before,
+/// they were accepted as 2^19 records.
+#[test]
+fn zero_descriptors_are_capped_over_the_whole_sequence() {
+    require_qemu!();
+    let dir = tempdir();
+    let d = dir.path();
+    let (mut v, _, _) = base(d, "zz.vhdx");
+    let g = [0x46; 16];
+    let far = 64 << 30;
+    let used = v.log_entry(g, 1, 0, &[], &[(far, 1 << 30)]);
+    v.log_entry(g, 2, used, &[], &[(far + (1 << 30), 1 << 30)]);
+    let img = d.join("zz.vhdx");
+    v.save(&img);
+    let f = fs::File::open(&img).unwrap();
+    let h = header::read_current(&f, &img).unwrap();
+    let err = vlog::find(&f, &img, &h, v.b.len() as u64)
+        .err()
+        .expect("the sequence refused")
+        .to_string();
+    assert!(
+        err.contains("zz.vhdx") && err.contains("snaptree replays at most"),
+        "{err}"
+    );
+}

@@ -141,13 +141,7 @@ impl VhdxLayer {
                 }
                 Some(replay) => {
                     let n = replay.entries;
-                    (
-                        Box::new(log::Replayed {
-                            inner: file,
-                            replay,
-                        }),
-                        n,
-                    )
+                    (Box::new(log::Replayed::new(file, replay)), n)
                 }
                 None => (file, 0),
             };
