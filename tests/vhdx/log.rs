@@ -262,8 +262,7 @@ fn zero_descriptors_are_capped_over_the_whole_sequence() {
     let f = fs::File::open(&img).unwrap();
     let h = header::read_current(&f, &img).unwrap();
     let err = vlog::find(&f, &img, &h, v.b.len() as u64)
-        .err()
-        .expect("the sequence refused")
+        .expect_err("the sequence refused")
         .to_string();
     assert!(
         err.contains("zz.vhdx") && err.contains("snaptree replays at most"),

@@ -53,11 +53,11 @@ impl Header {
     }
 
     /// The sequence number of the `n`th header written after this one
-    /// (`n` >= 1). A current header whose number has no successor (2^64
-    /// - 1, which only a hostile or broken writer makes) cannot be
-    /// replaced by a newer one, so the file cannot be written: an error
-    /// naming the field, never a wrap to a lower number that would make
-    /// the new header lose to the old.
+    /// (`n` >= 1). A current header whose number has no successor
+    /// (`u64::MAX`, which only a hostile or broken writer makes) cannot
+    /// be replaced by a newer one, so the file cannot be written: an
+    /// error naming the field, never a wrap to a lower number that would
+    /// make the new header lose to the old.
     pub fn next_sequence(&self, path: &Path, n: u64) -> Result<u64> {
         self.sequence.checked_add(n).ok_or_else(|| {
             ImageError::corrupt(

@@ -390,6 +390,9 @@ pub fn apply_to_file(file: &dyn Storage, path: &Path, header: &Header, r: &Repla
     Ok(())
 }
 
+/// Start -> (end, data; `None` is zeros).
+type Ranges = BTreeMap<u64, (u64, Option<Arc<Vec<u8>>>)>;
+
 /// The file with a replay laid over it, read-only: what a read-only open
 /// reads instead of the file. It keeps only the final content of each
 /// written range (later writes replace earlier ones): `ranges` maps a
@@ -397,7 +400,7 @@ pub fn apply_to_file(file: &dyn Storage, path: &Path, header: &Header, r: &Repla
 /// replay's own list is not kept.
 pub struct Replayed {
     inner: Box<dyn Storage>,
-    ranges: BTreeMap<u64, (u64, Option<Arc<Vec<u8>>>)>,
+    ranges: Ranges,
     new_len: u64,
 }
 
@@ -429,7 +432,7 @@ impl Replayed {
 /// Removes `[s, e)` from `ranges`, keeping the parts of ranges outside
 /// it. Every offset is a multiple of 4 KiB and data ranges are one 4 KiB
 /// sector, so only zero ranges are ever split.
-fn cut(ranges: &mut BTreeMap<u64, (u64, Option<Arc<Vec<u8>>>)>, s: u64, e: u64) {
+fn cut(ranges: &mut Ranges, s: u64, e: u64) {
     let first = ranges
         .range(..s)
         .next_back()
