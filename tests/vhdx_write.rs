@@ -442,6 +442,68 @@ fn overlapping_blocks_refuse_writing_and_change_nothing() {
     assert_eq!(&got[MIB as usize..MIB as usize + 4], &[0x61; 4]);
 }
 
+/// Review finding 3: a current header numbered 2^64 - 1 has no successor,
+/// so nothing that writes a newer header may proceed (a writable open, a
+/// GUID change, a log replay into the file); each is refused naming the
+/// file, the field's offset and why, never a panic or a wrap, the file
+/// unchanged, and the file still reads like QEMU reads it.
+#[test]
+fn a_header_numbered_u64_max_is_refused_for_writing() {
+    require_qemu!();
+    let dir = tempdir();
+    let d = dir.path();
+    create(d, "m.vhdx", 8 * MIB, "block_size=1M");
+    let img = d.join("m.vhdx");
+    qemu_io(&img, "write -P 0x62 0 2M");
+    let mut v = Vhdx::load(&img);
+    v.edit_header(|h| h[8..16].copy_from_slice(&u64::MAX.to_le_bytes()));
+    let field = v.header_at() + 8;
+    v.save(&img);
+    let before = fs::read(&img).unwrap();
+    let opts = OpenOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let err = Chain::open(&img, &opts)
+        .err()
+        .expect("a writable open refused")
+        .to_string();
+    assert!(
+        err.contains("m.vhdx")
+            && err.contains(&format!("offset {field}"))
+            && err.contains("no successor"),
+        "{err}"
+    );
+    let err = snaptree::image::vhdx::reparent::set_data_write_guid(&img, [9; 16])
+        .expect_err("a GUID change refused")
+        .to_string();
+    assert!(err.contains("no successor"), "{err}");
+    assert!(fs::read(&img).unwrap() == before, "the file changed");
+    check_bytes(&qemu_raw(&img), &read_leaf(&img), "read-only");
+
+    // One below: a log replay needs two newer headers. Refused before it
+    // writes anything.
+    let mut v = Vhdx { b: before };
+    let bat = v.region(&spec::BAT).0;
+    let sector = v.b[bat as usize..bat as usize + 4096].to_vec();
+    v.log_entry([3; 16], 1, 0, &[(bat, sector)], &[]);
+    v.edit_header(|h| h[8..16].copy_from_slice(&(u64::MAX - 1).to_le_bytes()));
+    v.save(&img);
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let err = snaptree::image::vhdx::driver::replay_into_file(&f, &img)
+        .expect_err("a replay refused")
+        .to_string();
+    assert!(err.contains("no successor"), "{err}");
+    assert!(
+        fs::read(&img).unwrap() == v.b,
+        "the replay changed the file"
+    );
+}
+
 /// Re-pointing a differencing VHDX: the journaled writes re-point it (and
 /// may be applied again), and writes a journal could hold that do more
 /// than re-point it are refused, naming the child, with the file unchanged.

@@ -99,6 +99,46 @@ fn malformed_files_are_refused_with_the_line_or_key() {
     }
 }
 
+/// Review finding 7: every snapshot used to scan every key, so a 1 MiB
+/// list of 4096 snapshots took tens of seconds. It parses (in well under
+/// a second), each snapshot gets its own disks, and a stray disk key of
+/// the last snapshot is still caught.
+#[test]
+fn a_list_of_4096_snapshots_in_1_mib_parses() {
+    use std::fmt::Write;
+    let n = vmsd::MAX_SNAPSHOTS;
+    let mut text = format!("snapshot.numSnapshots = \"{n}\"\nsnapshot.lastUID = \"{n}\"\n");
+    for i in 0..n {
+        // Each the child of the one before (a root first).
+        let parent = match i {
+            0 => String::new(),
+            _ => format!("snapshot{i}.parent = \"{i}\"\n"),
+        };
+        write!(
+            text,
+            "snapshot{i}.uid = \"{}\"\n{parent}snapshot{i}.displayName = \"s{i}\"\n\
+             snapshot{i}.numDisks = \"2\"\nsnapshot{i}.disk0.fileName = \"a{i}.vmdk\"\n\
+             snapshot{i}.disk0.node = \"scsi0:0\"\nsnapshot{i}.disk1.fileName = \"b{i}.vmdk\"\n\
+             snapshot{i}.disk1.node = \"scsi0:1\"\n",
+            i + 1
+        )
+        .unwrap();
+    }
+    assert!(
+        (900_000..1_200_000).contains(&text.len()),
+        "about 1 MiB: {}",
+        text.len()
+    );
+    let v = parse(&text).expect("parses");
+    assert_eq!(v.snapshots.len(), n as usize);
+    let last = &v.snapshots[n as usize - 1];
+    assert_eq!(last.disks[1].file, format!("b{}.vmdk", n - 1));
+    assert_eq!(last.parent, Some(n - 1));
+    let stray = format!("{text}snapshot{}.disk2.node = \"scsi0:2\"\n", n - 1);
+    let e = parse(&stray).unwrap_err().to_string();
+    assert!(e.contains("beyond numDisks = 2"), "{e}");
+}
+
 #[test]
 fn byte_flips_never_panic() {
     let iters: usize = std::env::var("SNAPTREE_FUZZ_ITERS")

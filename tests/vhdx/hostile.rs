@@ -39,6 +39,28 @@ fn refused(d: &Path, name: &str, v: &Vhdx, needle: &str) {
     assert!(fs::read(&img).unwrap() == v.b, "{name}: changed by reading");
 }
 
+/// Payload state 5 is VHDX 0.95's "unmapped": QEMU reads the block as
+/// zeros (`PAYLOAD_BLOCK_UNMAPPED_v095`) even though its entry still
+/// names data, and so must snaptree.
+#[test]
+fn unmapped_v095_block_reads_zeros_like_qemu() {
+    require_qemu!();
+    let dir = tempdir();
+    let d = dir.path();
+    create(d, "v095.vhdx", 16 * MIB, "block_size=1M");
+    qemu_io(d, "v095.vhdx", &[write(0x21, 0, 3 * MIB)]);
+    let mut v = Vhdx::load(&d.join("v095.vhdx"));
+    let e = v.bat(1);
+    assert_eq!(e & 7, 6, "qemu-io left block 1 fully present");
+    v.set_bat(1, e & !7 | 5);
+    v.save(&d.join("v095.vhdx"));
+    let want = fs::read(qemu_raw(d, "v095.vhdx")).unwrap();
+    assert!(want[MIB as usize..2 * MIB as usize].iter().all(|&b| b == 0));
+    assert!(want[..MIB as usize].iter().all(|&b| b == 0x21));
+    let got = fs::read(snaptree_raw(&d.join("v095.vhdx"))).unwrap();
+    assert!(got == want, "state 5 block: snaptree differs from QEMU");
+}
+
 #[test]
 fn damaged_structures_give_named_errors() {
     require_qemu!();
@@ -77,8 +99,8 @@ fn damaged_structures_give_named_errors() {
     refused(d, "onmeta.vhdx", &v, "overlapping the metadata region");
 
     let mut v = Vhdx { b: good.b.clone() };
-    v.set_bat(1, spec::u64_at(&good.b, bat.0 as usize) & !7 | 5);
-    refused(d, "state.vhdx", &v, "state 5");
+    v.set_bat(1, spec::u64_at(&good.b, bat.0 as usize) & !7 | 4);
+    refused(d, "state.vhdx", &v, "state 4");
 
     let mut v = Vhdx { b: good.b.clone() };
     let (fp, _) = v.item(&spec::FILE_PARAMETERS).unwrap();

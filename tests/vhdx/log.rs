@@ -212,3 +212,60 @@ fn a_log_that_fills_and_wraps_onto_itself_ends() {
     want[5 * MIB as usize..5 * MIB as usize + 4096].fill(0);
     same(&want, &ours(d, "w.vhdx"), "full log");
 }
+
+/// Review finding 3: an entry numbered 2^64 - 1 followed by another valid
+/// entry made the search add 1 to it (a panic; a wrap in release). It has
+/// no successor, so it ends its sequence: that entry alone is the active
+/// sequence (the highest head), read as if written in place.
+#[test]
+fn a_log_entry_numbered_u64_max_ends_its_sequence() {
+    require_qemu!();
+    let dir = tempdir();
+    let d = dir.path();
+    let (mut v, bat, s) = base(d, "max.vhdx");
+    let mut s2 = s.clone();
+    s2[24..32].copy_from_slice(&spec::u64_at(&s, 0).to_le_bytes());
+    // What the entry writes, put in place by hand: QEMU's reading of it.
+    let mut placed = Vhdx { b: v.b.clone() };
+    placed.b[bat as usize..bat as usize + 4096].copy_from_slice(&s2);
+    placed.save(&d.join("placed.vhdx"));
+    let want = fs::read(qemu_raw(d, "placed.vhdx")).unwrap();
+    let g = [0x45; 16];
+    let used = v.log_entry(g, u64::MAX, 0, &[(bat, s2)], &[]);
+    v.log_entry(g, 5, used, &[(bat, vec![0xdd; 4096])], &[]);
+    v.save(&d.join("max.vhdx"));
+    assert_eq!(pending(&d.join("max.vhdx")), Some(1));
+    same(&want, &ours(d, "max.vhdx"), "entry u64::MAX replayed alone");
+    assert!(
+        replay_matters(d, "max.vhdx", &want),
+        "the log changes nothing"
+    );
+}
+
+/// Review finding 4: the cap on zeroed bytes was per entry, and every
+/// zeroed 4 KiB became a record (twice), so 64 entries took 885 MB. The
+/// cap is now on the whole sequence (a named error beyond it) and zeroed
+/// ranges stay ranges: two entries of 1 GiB each are refused; before,
+/// they were accepted as 2^19 records.
+#[test]
+fn zero_descriptors_are_capped_over_the_whole_sequence() {
+    require_qemu!();
+    let dir = tempdir();
+    let d = dir.path();
+    let (mut v, _, _) = base(d, "zz.vhdx");
+    let g = [0x46; 16];
+    let far = 64 << 30;
+    let used = v.log_entry(g, 1, 0, &[], &[(far, 1 << 30)]);
+    v.log_entry(g, 2, used, &[], &[(far + (1 << 30), 1 << 30)]);
+    let img = d.join("zz.vhdx");
+    v.save(&img);
+    let f = fs::File::open(&img).unwrap();
+    let h = header::read_current(&f, &img).unwrap();
+    let err = vlog::find(&f, &img, &h, v.b.len() as u64)
+        .expect_err("the sequence refused")
+        .to_string();
+    assert!(
+        err.contains("zz.vhdx") && err.contains("snaptree replays at most"),
+        "{err}"
+    );
+}

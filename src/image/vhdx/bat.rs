@@ -18,6 +18,11 @@ pub const NOT_PRESENT: u8 = 0;
 pub const UNDEFINED: u8 = 1;
 pub const ZERO: u8 = 2;
 pub const UNMAPPED: u8 = 3;
+/// "Unmapped" as VHDX 0.95 wrote it: QEMU reads it as zeros and writes it
+/// as an absent block (`PAYLOAD_BLOCK_UNMAPPED_v095` in its vhdx.c), and
+/// so does snaptree (the read and write paths treat every state but the
+/// present ones and NOT_PRESENT as zeros).
+pub const UNMAPPED_V095: u8 = 5;
 pub const FULLY_PRESENT: u8 = 6;
 pub const PARTIALLY_PRESENT: u8 = 7;
 /// A sector bitmap block's state when it exists.
@@ -159,7 +164,7 @@ fn check_entry(
         }
     } else {
         match st {
-            NOT_PRESENT | UNDEFINED | ZERO | UNMAPPED => (false, 0),
+            NOT_PRESENT | UNDEFINED | ZERO | UNMAPPED | UNMAPPED_V095 => (false, 0),
             FULLY_PRESENT => (true, g.block_size),
             PARTIALLY_PRESENT if m.has_parent => (true, g.block_size),
             PARTIALLY_PRESENT => {

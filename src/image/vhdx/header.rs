@@ -51,6 +51,26 @@ impl Header {
         b[4..8].copy_from_slice(&crc.to_le_bytes());
         b
     }
+
+    /// The sequence number of the `n`th header written after this one
+    /// (`n` >= 1). A current header whose number has no successor
+    /// (`u64::MAX`, which only a hostile or broken writer makes) cannot
+    /// be replaced by a newer one, so the file cannot be written: an
+    /// error naming the field, never a wrap to a lower number that would
+    /// make the new header lose to the old.
+    pub fn next_sequence(&self, path: &Path, n: u64) -> Result<u64> {
+        self.sequence.checked_add(n).ok_or_else(|| {
+            ImageError::corrupt(
+                path,
+                HEADER_AT[self.slot] + 8,
+                format!(
+                    "header {} sequence number {} has no successor: no newer header can be written (read-only)",
+                    self.slot + 1,
+                    self.sequence
+                ),
+            )
+        })
+    }
 }
 
 /// Whether the first bytes are a VHDX file identifier.

@@ -9,7 +9,8 @@
 //! [`find`] searches the buffer for the active sequence (consecutive
 //! sequence numbers, every entry valid, the highest head wins) and turns
 //! it into the 4 KiB sectors it writes, in order. A read-only open lays
-//! them over the file in memory ([`Replayed`]); a read-write open that
+//! them over the file in memory ([`Replayed`], which keeps each written
+//! range once, zeroed ranges as ranges); a read-write open that
 //! holds the write lock writes them into the file ([`apply_to_file`]) and
 //! then clears the log GUID in the headers, as QEMU's replay does. Nothing
 //! is written when any check fails.
@@ -28,18 +29,38 @@ const SECTOR: u64 = 4096;
 /// The largest log snaptree reads into memory to search (Hyper-V and
 /// QEMU make 1 MiB logs).
 const MAX_LOG: u64 = 64 * MIB;
-/// Zero descriptors may not make the overlay larger than this.
-const MAX_ZERO_SECTORS: u64 = 1 << 18;
+/// The most bytes the zero descriptors of the whole replayed sequence may
+/// zero (a file replay writes them all): 1 GiB, four of Hyper-V's
+/// largest blocks.
+const MAX_ZERO_BYTES: u64 = 1 << 30;
+/// The most data sectors' bytes a replayed sequence may hold (they are
+/// kept in memory); a sequence never holds more than the log anyway.
+const MAX_DATA_BYTES: u64 = MAX_LOG;
 
-/// One 4 KiB write of a replay: its file offset and bytes (`None`: zeros).
-pub type Write = (u64, Option<Arc<Vec<u8>>>);
+/// One write of a replay: its file offset, and 4 KiB of data or `len`
+/// bytes of zeros.
+#[derive(Clone, Debug)]
+pub enum Piece {
+    Data(Arc<Vec<u8>>),
+    Zero(u64),
+}
 
-/// What a log sequence writes: 4 KiB sectors by file offset (`None` is a
-/// sector of zeros), and the length the file grows to.
+impl Piece {
+    fn len(&self) -> u64 {
+        match self {
+            Piece::Data(_) => SECTOR,
+            Piece::Zero(n) => *n,
+        }
+    }
+}
+
+pub type Write = (u64, Piece);
+
+/// What a log sequence writes, in log order (a file replay applies them
+/// in that order; [`Replayed`] lays them over the file), and the length
+/// the file grows to.
 #[derive(Debug, Default)]
 pub struct Replay {
-    pub sectors: BTreeMap<u64, Option<Arc<Vec<u8>>>>,
-    /// Writes in log order (file replay applies these).
     pub writes: Vec<Write>,
     pub new_len: u64,
     pub entries: usize,
@@ -57,6 +78,8 @@ struct Log<'a> {
 
 /// One valid entry.
 struct Entry {
+    /// Its log sector (for messages).
+    at: u64,
     sectors: u64,
     sequence: u64,
     flushed: u64,
@@ -115,6 +138,7 @@ impl Log<'_> {
         }
         let writes = descriptors(&whole, count, desc_sectors, sequence);
         Ok(writes.map(|writes| Entry {
+            at,
             sectors: n,
             sequence,
             flushed,
@@ -128,7 +152,6 @@ impl Log<'_> {
 fn descriptors(e: &[u8], count: u64, desc_sectors: u64, sequence: u64) -> Option<Vec<Write>> {
     let mut out = Vec::new();
     let mut data = desc_sectors;
-    let mut zero_sectors = 0u64;
     for i in 0..count as usize {
         let d = &e[64 + i * 32..96 + i * 32];
         let at = le_u64(d, 16);
@@ -138,12 +161,12 @@ fn descriptors(e: &[u8], count: u64, desc_sectors: u64, sequence: u64) -> Option
         match &d[0..4] {
             b"zero" => {
                 let len = le_u64(d, 8);
-                zero_sectors = zero_sectors.checked_add(len / SECTOR)?;
-                if !len.is_multiple_of(SECTOR) || zero_sectors > MAX_ZERO_SECTORS {
+                if !len.is_multiple_of(SECTOR) {
                     return None;
                 }
-                for s in 0..len / SECTOR {
-                    out.push((at.checked_add(s * SECTOR)?, None));
+                at.checked_add(len)?;
+                if len > 0 {
+                    out.push((at, Piece::Zero(len)));
                 }
             }
             b"desc" => {
@@ -156,7 +179,7 @@ fn descriptors(e: &[u8], count: u64, desc_sectors: u64, sequence: u64) -> Option
                 b.extend_from_slice(&d[8..16]);
                 b.extend_from_slice(&s[8..4092]);
                 b.extend_from_slice(&d[4..8]);
-                out.push((at, Some(Arc::new(b))));
+                out.push((at, Piece::Data(Arc::new(b))));
                 data += 1;
             }
             _ => return None,
@@ -229,8 +252,10 @@ pub fn find(
         // so a log that wraps onto itself ends.
         while used < n {
             match log.entry((at + used) % n)? {
+                // An entry numbered 2^64 - 1 has no successor: it ends
+                // its sequence.
                 Some(e)
-                    if e.sequence == seq.last().expect("one").sequence + 1
+                    if seq.last().expect("one").sequence.checked_add(1) == Some(e.sequence)
                         && used + e.sectors <= n =>
                 {
                     used += e.sectors;
@@ -261,20 +286,23 @@ fn build(path: &Path, log_at: u64, file_len: u64, seq: Vec<Entry>) -> Result<Rep
         ..Replay::default()
     };
     r.head_sequence = seq.last().map_or(0, |e| e.sequence);
+    let (mut zero_bytes, mut data_bytes) = (0u64, 0u64);
+    let limit = super::metadata::MAX_DISK_SIZE * 2;
     for e in seq {
+        let here = log_at + e.at * SECTOR;
         if e.flushed > file_len {
             return Err(ImageError::corrupt(
                 path,
-                log_at,
+                here,
                 format!("log entry {} was written to a file of {} bytes; this one has {file_len} (truncated?)", e.sequence, e.flushed),
             ));
         }
         // A file shorter than the entry's last offset grows to a whole MiB.
         if e.last > r.new_len {
-            if e.last > super::metadata::MAX_DISK_SIZE * 2 {
+            if e.last > limit {
                 return Err(ImageError::corrupt(
                     path,
-                    log_at,
+                    here,
                     format!(
                         "log entry {} grows the file to {} bytes",
                         e.sequence, e.last
@@ -283,30 +311,44 @@ fn build(path: &Path, log_at: u64, file_len: u64, seq: Vec<Entry>) -> Result<Rep
             }
             r.new_len = e.last.div_ceil(MIB) * MIB;
         }
-        for (at, data) in e.writes {
-            if at > super::metadata::MAX_DISK_SIZE * 2 {
+        for (at, piece) in e.writes {
+            let end = at.saturating_add(piece.len());
+            if end > limit {
                 return Err(ImageError::corrupt(
                     path,
-                    log_at,
+                    here,
                     format!("log entry {} writes at {at}, past any VHDX", e.sequence),
                 ));
             }
             if at < HEADER_AT[1] + 64 * 1024 {
                 return Err(ImageError::corrupt(
                     path,
-                    log_at,
+                    here,
                     format!(
                         "log entry {} writes the file identifier or headers at {at}",
                         e.sequence
                     ),
                 ));
             }
-            r.sectors.insert(at, data.clone());
-            r.writes.push((at, data));
+            // Caps over the whole sequence, not per entry: many entries
+            // each under a per-entry cap add up.
+            match &piece {
+                Piece::Zero(n) => zero_bytes += n,
+                Piece::Data(_) => data_bytes += SECTOR,
+            }
+            if zero_bytes > MAX_ZERO_BYTES || data_bytes > MAX_DATA_BYTES {
+                return Err(ImageError::corrupt(
+                    path,
+                    here,
+                    format!(
+                        "log sequence ending at entry {} zeroes {zero_bytes} bytes and writes {data_bytes} (snaptree replays at most {MAX_ZERO_BYTES} and {MAX_DATA_BYTES})",
+                        r.head_sequence
+                    ),
+                ));
+            }
+            r.new_len = r.new_len.max(end);
+            r.writes.push((at, piece));
         }
-    }
-    if let Some((&last, _)) = r.sectors.last_key_value() {
-        r.new_len = r.new_len.max(last + SECTOR);
     }
     Ok(r)
 }
@@ -314,36 +356,104 @@ fn build(path: &Path, log_at: u64, file_len: u64, seq: Vec<Entry>) -> Result<Rep
 /// Writes a replay into the file (the caller holds the write lock), then
 /// clears the log GUID in both headers, the current one last.
 pub fn apply_to_file(file: &dyn Storage, path: &Path, header: &Header, r: &Replay) -> Result<()> {
-    let zeros = vec![0u8; SECTOR as usize];
+    // Both new headers' numbers before anything is written.
+    let sequences = [
+        header.next_sequence(path, 1)?,
+        header.next_sequence(path, 2)?,
+    ];
+    let zeros = vec![0u8; MIB as usize];
     if fileio::file_len(file, path)? < r.new_len {
         file.set_len(r.new_len)
             .map_err(|e| ImageError::io(path, "extend", r.new_len, e))?;
     }
-    for (at, data) in &r.writes {
-        let b = data.as_ref().map_or(&zeros[..], |d| &d[..]);
-        fileio::write_all_at(file, path, b, *at)?;
+    for (at, piece) in &r.writes {
+        match piece {
+            Piece::Data(d) => fileio::write_all_at(file, path, d, *at)?,
+            Piece::Zero(n) => {
+                let mut done = 0;
+                while done < *n {
+                    let k = (*n - done).min(MIB);
+                    fileio::write_all_at(file, path, &zeros[..k as usize], at + done)?;
+                    done += k;
+                }
+            }
+        }
     }
     fileio::sync_data(file, path)?;
     // As QEMU: the other slot first, with the next sequence number, so
     // the current header stays valid until the new one is durable.
-    for (i, slot) in [1 - header.slot, header.slot].into_iter().enumerate() {
-        let b = header.encode_with(header.sequence + 1 + i as u64, &[0; 16]);
+    for (sequence, slot) in sequences.into_iter().zip([1 - header.slot, header.slot]) {
+        let b = header.encode_with(sequence, &[0; 16]);
         fileio::write_all_at(file, path, &b, HEADER_AT[slot])?;
         fileio::sync_data(file, path)?;
     }
     Ok(())
 }
 
+/// Start -> (end, data; `None` is zeros).
+type Ranges = BTreeMap<u64, (u64, Option<Arc<Vec<u8>>>)>;
+
 /// The file with a replay laid over it, read-only: what a read-only open
-/// reads instead of the file.
+/// reads instead of the file. It keeps only the final content of each
+/// written range (later writes replace earlier ones): `ranges` maps a
+/// start to its end and data (`None`: zeros), no two overlapping; the
+/// replay's own list is not kept.
 pub struct Replayed {
-    pub inner: Box<dyn Storage>,
-    pub replay: Replay,
+    inner: Box<dyn Storage>,
+    ranges: Ranges,
+    new_len: u64,
+}
+
+impl Replayed {
+    pub fn new(inner: Box<dyn Storage>, replay: Replay) -> Replayed {
+        let mut ranges = BTreeMap::new();
+        for (at, piece) in replay.writes {
+            let end = at + piece.len();
+            let data = match piece {
+                Piece::Data(d) => Some(d),
+                Piece::Zero(_) => None,
+            };
+            cut(&mut ranges, at, end);
+            ranges.insert(at, (end, data));
+        }
+        Replayed {
+            inner,
+            ranges,
+            new_len: replay.new_len,
+        }
+    }
+
+    /// How many ranges the overlay holds.
+    pub fn range_count(&self) -> usize {
+        self.ranges.len()
+    }
+}
+
+/// Removes `[s, e)` from `ranges`, keeping the parts of ranges outside
+/// it. Every offset is a multiple of 4 KiB and data ranges are one 4 KiB
+/// sector, so only zero ranges are ever split.
+fn cut(ranges: &mut Ranges, s: u64, e: u64) {
+    let first = ranges
+        .range(..s)
+        .next_back()
+        .filter(|(_, (end, _))| *end > s)
+        .map(|(&a, _)| a)
+        .unwrap_or(s);
+    let hit: Vec<u64> = ranges.range(first..e).map(|(&a, _)| a).collect();
+    for a in hit {
+        let (end, data) = ranges.remove(&a).expect("listed");
+        if a < s {
+            ranges.insert(a, (s, data.clone()));
+        }
+        if end > e {
+            ranges.insert(e, (end, data));
+        }
+    }
 }
 
 impl Storage for Replayed {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let len = self.replay.new_len.max(self.inner.len()?);
+        let len = self.new_len.max(self.inner.len()?);
         if offset >= len {
             return Ok(0);
         }
@@ -360,10 +470,17 @@ impl Storage for Replayed {
             }
         }
         let end = offset + n as u64;
-        let from = offset / SECTOR * SECTOR;
-        for (&at, data) in self.replay.sectors.range(from..end) {
+        let from = self
+            .ranges
+            .range(..=offset)
+            .next_back()
+            .map_or(offset, |(&a, _)| a);
+        for (&at, (stop, data)) in self.ranges.range(from..end) {
             let s = at.max(offset);
-            let e = (at + SECTOR).min(end);
+            let e = (*stop).min(end);
+            if s >= e {
+                continue;
+            }
             let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
             match data {
                 Some(d) => dst.copy_from_slice(&d[(s - at) as usize..(e - at) as usize]),
@@ -381,7 +498,7 @@ impl Storage for Replayed {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.replay.new_len.max(self.inner.len()?))
+        Ok(self.new_len.max(self.inner.len()?))
     }
 
     fn set_len(&self, _len: u64) -> io::Result<()> {

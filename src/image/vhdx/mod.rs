@@ -125,6 +125,11 @@ impl VhdxLayer {
     /// entries (the caller replays it into the file first, see `driver`).
     pub fn open_with(path: &Path, file: Box<dyn Storage>, writable: bool) -> Result<VhdxLayer> {
         let header = header::read_current(&*file, path)?;
+        if writable {
+            // The first write needs a newer header: refused here, so the
+            // tree opens the leaf read-only with this reason.
+            header.next_sequence(path, 1)?;
+        }
         let file_len = fileio::file_len(&*file, path)?;
         let (file, replayed): (Box<dyn Storage>, usize) =
             match log::find(&*file, path, &header, file_len)? {
@@ -136,13 +141,7 @@ impl VhdxLayer {
                 }
                 Some(replay) => {
                     let n = replay.entries;
-                    (
-                        Box::new(log::Replayed {
-                            inner: file,
-                            replay,
-                        }),
-                        n,
-                    )
+                    (Box::new(log::Replayed::new(file, replay)), n)
                 }
                 None => (file, 0),
             };

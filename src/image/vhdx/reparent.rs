@@ -218,7 +218,8 @@ pub fn set_data_write_guid(path: &Path, id: Guid) -> Result<()> {
     let mut raw = h.raw.clone();
     raw[32..48].copy_from_slice(&id);
     let slot = 1 - h.slot;
-    let b = header::Header { raw, ..h.clone() }.encode_with(h.sequence + 1, &[0; 16]);
+    let sequence = h.next_sequence(path, 1)?;
+    let b = header::Header { raw, ..h.clone() }.encode_with(sequence, &[0; 16]);
     write_all_at(&file, path, &b, HEADER_AT[slot])?;
     sync_data(&file, path)
 }

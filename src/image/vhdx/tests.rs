@@ -95,13 +95,13 @@ fn log_search_takes_the_highest_consecutive_sequence_even_across_the_end() {
     entry(&s, [8; 16], 13, 3, 3 * MIB, 0xff);
     let r = find(&s).expect("a sequence to replay");
     assert_eq!((r.entries, r.head_sequence), (3, 12));
-    let sector = |at: u64| r.sectors[&at].as_ref().unwrap()[100];
+    let sector = |at: u64| match r.writes.iter().rev().find(|w| w.0 == at) {
+        Some((_, log::Piece::Data(d))) => d[100],
+        other => panic!("{other:?}"),
+    };
     assert_eq!((sector(3 * MIB), sector(3 * MIB + 4096)), (0xb0, 0xc0));
     // Read through the overlay: the later entry wins; the file is unchanged.
-    let over = log::Replayed {
-        inner: Box::new(headers([Some(1), Some(2)], g)),
-        replay: r,
-    };
+    let over = log::Replayed::new(Box::new(headers([Some(1), Some(2)], g)), r);
     let mut b = [0u8; 4];
     over.read_exact_at(&mut b, 3 * MIB + 4094).unwrap();
     assert_eq!(b, [0xb0, 0xb0, 0xc0, 0xc0]);
@@ -118,4 +118,33 @@ fn a_bad_checksum_or_a_sequence_gap_ends_a_sequence() {
     s.write_all_at(&[0xee], MIB + 4 * 4096 + 5000).unwrap(); // breaks 8
     let r = find(&s).expect("sequence");
     assert_eq!((r.entries, r.head_sequence), (1, 7));
+}
+
+/// The in-memory overlay keeps ranges: a zeroed MiB is one range, and a
+/// later data sector in its middle splits it in three; reads see zeros,
+/// the data, zeros.
+#[test]
+fn overlay_keeps_zeroed_ranges_as_ranges() {
+    use std::sync::Arc;
+    let s = headers([Some(1), Some(2)], [0; 16]);
+    s.write_all_at(&vec![0x77; MIB as usize], MIB).unwrap();
+    let r = log::Replay {
+        writes: vec![
+            (MIB, log::Piece::Zero(MIB)),
+            (MIB + 8192, log::Piece::Data(Arc::new(vec![0xab; 4096]))),
+        ],
+        new_len: 2 * MIB,
+        entries: 2,
+        head_sequence: 2,
+    };
+    let over = log::Replayed::new(Box::new(s), r);
+    assert_eq!(over.range_count(), 3);
+    let mut b = vec![0u8; 3 * 4096];
+    over.read_exact_at(&mut b, MIB + 4096).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 0));
+    assert!(b[4096..8192].iter().all(|&x| x == 0xab));
+    assert!(b[8192..].iter().all(|&x| x == 0));
+    let mut one = [0u8; 1];
+    over.read_exact_at(&mut one, MIB - 1).unwrap();
+    assert_eq!(one, [0]);
 }

@@ -263,6 +263,7 @@ impl VhdxLayer {
             return Ok(());
         }
         let cur = self.current_header();
+        let sequence = cur.next_sequence(&self.path, 1)?;
         let fw = new_guid(&self.path)?;
         let dw = if named_by_a_child(&self.path, &cur.data_write_guid) {
             cur.data_write_guid
@@ -273,7 +274,6 @@ impl VhdxLayer {
         raw[16..32].copy_from_slice(&fw);
         raw[32..48].copy_from_slice(&dw);
         let slot = 1 - cur.slot;
-        let sequence = cur.sequence + 1;
         let b = Header { raw, ..cur.clone() }.encode_with(sequence, &[0; 16]);
         write_all_at(&*self.file, &self.path, &b, HEADER_AT[slot])?;
         sync_data(&*self.file, &self.path)?;
