@@ -349,3 +349,101 @@ fn shared_extent_files_are_not_writable() {
         assert_eq!(snapshot_dir(dir), before, "{name}: files changed");
     }
 }
+
+/// A writable open of `img` is refused with a message containing every
+/// word of `want`, and no file in `dir` changes; the disk still opens
+/// read-only.
+fn assert_read_only(dir: &Path, img: &Path, want: &[&str]) {
+    let before = snapshot_dir(dir);
+    let opts = OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    };
+    let err = Chain::open(img, &opts).err().expect("refused").to_string();
+    for w in want {
+        assert!(err.contains(w), "{}: want {w:?} in: {err}", img.display());
+    }
+    Chain::open(img, &OpenOptions::default()).unwrap_or_else(|e| panic!("read-only: {e}"));
+    assert_eq!(snapshot_dir(dir), before, "files changed");
+}
+
+fn flat_child(parent_cid: &str, parent: &str, extent: &str) -> String {
+    format!(
+        "# Disk DescriptorFile\nversion=1\nCID=cfde1f6b\nparentCID={parent_cid}\n\
+         createType=\"monolithicFlat\"\nparentFileNameHint=\"{parent}\"\n\n{extent}\n"
+    )
+}
+
+/// Review finding 1: a hand-written leaf whose extent is another disk's
+/// file (its parent's flat extent, as in the review's evidence; a
+/// monolithicSparse disk; a hard link to one) opens read-only, naming
+/// why, so no write reaches the other disk. Extent names that are not
+/// plain names in the directory (a symlink, `sub/..`) are refused even
+/// for reading.
+#[test]
+fn a_leaf_using_another_disks_file_is_read_only() {
+    require_qemu!();
+    let d = tempdir();
+    let dir = d.path();
+    qemu_img(
+        dir,
+        [
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            "base.vmdk",
+            "1M",
+        ],
+    );
+    let base_cid = String::from_utf8_lossy(&read(&dir.join("base.vmdk")))
+        .lines()
+        .find_map(|l| l.strip_prefix("CID=").map(str::to_string))
+        .unwrap();
+    fs::write(
+        dir.join("child.vmdk"),
+        flat_child(&base_cid, "base.vmdk", "RW 2048 FLAT \"base-flat.vmdk\" 0"),
+    )
+    .unwrap();
+    assert_read_only(
+        dir,
+        &dir.join("child.vmdk"),
+        &["read-only", "base-flat.vmdk", "another"],
+    );
+    // A monolithicSparse disk named as another descriptor's extent: both
+    // are read-only (each writer would change the other's data).
+    create(dir, "mono.vmdk", "1M");
+    fs::write(
+        dir.join("uses-mono.vmdk"),
+        flat_descriptor("RW 8 FLAT \"mono.vmdk\" 0"),
+    )
+    .unwrap();
+    assert_read_only(
+        dir,
+        &dir.join("uses-mono.vmdk"),
+        &["read-only", "mono.vmdk"],
+    );
+    assert_read_only(dir, &dir.join("mono.vmdk"), &["read-only", "another"]);
+    fs::remove_file(dir.join("uses-mono.vmdk")).unwrap();
+    // A hard link: the other name may belong to anything.
+    fs::hard_link(dir.join("base-flat.vmdk"), dir.join("hl-flat.vmdk")).unwrap();
+    fs::write(
+        dir.join("hl.vmdk"),
+        flat_descriptor("RW 2048 FLAT \"hl-flat.vmdk\" 0"),
+    )
+    .unwrap();
+    assert_read_only(dir, &dir.join("hl.vmdk"), &["read-only", "hard links"]);
+    // Names that are not plain names in the directory.
+    std::os::unix::fs::symlink("base-flat.vmdk", dir.join("lnk")).unwrap();
+    fs::create_dir(dir.join("sub")).unwrap();
+    for (name, extent) in [
+        ("sym.vmdk", "lnk"),
+        ("dotdot.vmdk", "sub/../base-flat.vmdk"),
+    ] {
+        let line = format!("RW 2048 FLAT \"{extent}\" 0");
+        fs::write(dir.join(name), flat_descriptor(&line)).unwrap();
+        assert_refused(dir, &dir.join(name), "outside");
+    }
+}

@@ -37,6 +37,7 @@ pub mod extents;
 pub mod merging;
 pub mod reparent;
 pub mod sesparse;
+pub mod shared;
 pub mod sparse;
 pub mod tables;
 mod write;
@@ -136,6 +137,9 @@ impl VmdkLayer {
                 return Err(ImageError::unsupported(path, format!("read-only: {why}")));
             }
             write::check_distinct_files(path, &*file, &extents)?;
+            if let Some(dir) = files.directory() {
+                shared::check_writable(path, &*file, &extents, dir)?;
+            }
             Some(Mutex::new(write::Writer::new(&extents)?))
         } else {
             None
