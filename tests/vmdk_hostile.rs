@@ -447,3 +447,48 @@ fn a_leaf_using_another_disks_file_is_read_only() {
         assert_refused(dir, &dir.join(name), "outside");
     }
 }
+
+/// Review finding 2: the extent files removed with a twoGbMaxExtentSparse
+/// disk are compared with what other disks use by file identity, not by
+/// name: another descriptor naming `a-s001.vmdk` as `./a-s001.vmdk` (the
+/// review's evidence), by absolute path, through `sub/..`, a symlink to it
+/// or a hard link keeps it off the list, so removing `a.vmdk` leaves it.
+#[test]
+fn companions_shared_by_any_spelling_are_kept() {
+    require_qemu!();
+    use snaptree::image::formats;
+    let d = tempdir();
+    let dir = d.path();
+    let opts = "subformat=twoGbMaxExtentSparse";
+    for n in ["a.vmdk", "b.vmdk"] {
+        qemu_img(dir, ["create", "-q", "-f", "vmdk", "-o", opts, n, "1M"]);
+    }
+    let a = dir.join("a.vmdk");
+    let ext = dir.join("a-s001.vmdk");
+    assert_eq!(formats::companions(&a), vec![ext.clone()]);
+    let b_text = String::from_utf8(read(&dir.join("b.vmdk"))).unwrap();
+    fs::create_dir(dir.join("sub")).unwrap();
+    let spellings = [
+        "./a-s001.vmdk".to_string(),
+        ext.display().to_string(),
+        "sub/../a-s001.vmdk".to_string(),
+    ];
+    for s in &spellings {
+        let text = b_text.replace("\"b-s001.vmdk\"", &format!("\"{s}\""));
+        assert_ne!(text, b_text);
+        fs::write(dir.join("b.vmdk"), text).unwrap();
+        assert_eq!(formats::companions(&a), Vec::<PathBuf>::new(), "{s}");
+    }
+    fs::write(dir.join("b.vmdk"), &b_text).unwrap();
+    std::os::unix::fs::symlink("a-s001.vmdk", dir.join("lnk")).unwrap();
+    assert_eq!(formats::companions(&a), Vec::<PathBuf>::new(), "symlink");
+    fs::remove_file(dir.join("lnk")).unwrap();
+    fs::hard_link(&ext, dir.join("other-s001.vmdk")).unwrap();
+    assert_eq!(formats::companions(&a), Vec::<PathBuf>::new(), "hard link");
+    fs::remove_file(dir.join("other-s001.vmdk")).unwrap();
+    // The review's case end to end: the merge's removal keeps b's data.
+    let text = b_text.replace("\"b-s001.vmdk\"", "\"./a-s001.vmdk\"");
+    fs::write(dir.join("b.vmdk"), text).unwrap();
+    formats::remove_image(&a).unwrap();
+    assert!(ext.exists(), "b.vmdk's extent was removed with a.vmdk");
+}
