@@ -492,3 +492,32 @@ fn companions_shared_by_any_spelling_are_kept() {
     formats::remove_image(&a).unwrap();
     assert!(ext.exists(), "b.vmdk's extent was removed with a.vmdk");
 }
+
+/// Review finding 5: a grain table entry whose grain runs past the end
+/// of the file (the review's evidence: the file's last sector, so the
+/// next appended grain would land inside it) or whose grain overlaps
+/// another grain makes a writable open fail naming the file, the entry's
+/// or grain's offset and what is wrong; the disk still reads, and
+/// nothing changes.
+#[test]
+fn grains_past_the_end_or_overlapping_are_not_writable() {
+    require_qemu!();
+    let d = tempdir();
+    let dir = d.path();
+    let (img, _, gt) = sparse_image(dir);
+    qemu_io(dir, "s.vmdk", &[write(0x72, 64 * KIB, 64 * KIB)]);
+    let len = read(&img).len() as u64;
+    let first = u32::from_le_bytes(read(&img)[gt as usize..gt as usize + 4].try_into().unwrap());
+    let pristine = read(&img);
+    // The file's last sector; grain 0's sector; half a grain into it.
+    for (entry, want) in [
+        ((len / 512 - 1) as u32, "past the end"),
+        (first, "overlaps"),
+        (first + 64, "overlaps"),
+    ] {
+        fs::write(&img, &pristine).unwrap();
+        // Guest grain 3 of the first table.
+        patch(&img, gt + 12, &entry.to_le_bytes());
+        assert_read_only(dir, &img, &[want, &img.display().to_string()]);
+    }
+}
