@@ -262,6 +262,18 @@ impl GrainTables {
                 }
             }
         };
+        // Host offsets are `extent << 48 | offset` (`HOST_SHIFT`): a grain
+        // reaching 2^48 would read into the next extent's window.
+        if offset.saturating_add(self.grain) >= 1 << super::HOST_SHIFT {
+            return Err(ImageError::corrupt(
+                path,
+                entry_at,
+                format!(
+                    "grain at file offset {offset} ({} bytes) ends at or past 2^48 bytes of the file",
+                    self.grain
+                ),
+            ));
+        }
         let file_len = self.file_len.load(Ordering::Relaxed);
         if offset < self.data_from || offset >= file_len {
             return Err(ImageError::corrupt(
