@@ -349,3 +349,175 @@ fn shared_extent_files_are_not_writable() {
         assert_eq!(snapshot_dir(dir), before, "{name}: files changed");
     }
 }
+
+/// A writable open of `img` is refused with a message containing every
+/// word of `want`, and no file in `dir` changes; the disk still opens
+/// read-only.
+fn assert_read_only(dir: &Path, img: &Path, want: &[&str]) {
+    let before = snapshot_dir(dir);
+    let opts = OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    };
+    let err = Chain::open(img, &opts).err().expect("refused").to_string();
+    for w in want {
+        assert!(err.contains(w), "{}: want {w:?} in: {err}", img.display());
+    }
+    Chain::open(img, &OpenOptions::default()).unwrap_or_else(|e| panic!("read-only: {e}"));
+    assert_eq!(snapshot_dir(dir), before, "files changed");
+}
+
+fn flat_child(parent_cid: &str, parent: &str, extent: &str) -> String {
+    format!(
+        "# Disk DescriptorFile\nversion=1\nCID=cfde1f6b\nparentCID={parent_cid}\n\
+         createType=\"monolithicFlat\"\nparentFileNameHint=\"{parent}\"\n\n{extent}\n"
+    )
+}
+
+/// Review finding 1: a hand-written leaf whose extent is another disk's
+/// file (its parent's flat extent, as in the review's evidence; a
+/// monolithicSparse disk; a hard link to one) opens read-only, naming
+/// why, so no write reaches the other disk. Extent names that are not
+/// plain names in the directory (a symlink, `sub/..`) are refused even
+/// for reading.
+#[test]
+fn a_leaf_using_another_disks_file_is_read_only() {
+    require_qemu!();
+    let d = tempdir();
+    let dir = d.path();
+    qemu_img(
+        dir,
+        [
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            "base.vmdk",
+            "1M",
+        ],
+    );
+    let base_cid = String::from_utf8_lossy(&read(&dir.join("base.vmdk")))
+        .lines()
+        .find_map(|l| l.strip_prefix("CID=").map(str::to_string))
+        .unwrap();
+    fs::write(
+        dir.join("child.vmdk"),
+        flat_child(&base_cid, "base.vmdk", "RW 2048 FLAT \"base-flat.vmdk\" 0"),
+    )
+    .unwrap();
+    assert_read_only(
+        dir,
+        &dir.join("child.vmdk"),
+        &["read-only", "base-flat.vmdk", "another"],
+    );
+    // A monolithicSparse disk named as another descriptor's extent: both
+    // are read-only (each writer would change the other's data).
+    create(dir, "mono.vmdk", "1M");
+    fs::write(
+        dir.join("uses-mono.vmdk"),
+        flat_descriptor("RW 8 FLAT \"mono.vmdk\" 0"),
+    )
+    .unwrap();
+    assert_read_only(
+        dir,
+        &dir.join("uses-mono.vmdk"),
+        &["read-only", "mono.vmdk"],
+    );
+    assert_read_only(dir, &dir.join("mono.vmdk"), &["read-only", "another"]);
+    fs::remove_file(dir.join("uses-mono.vmdk")).unwrap();
+    // A hard link: the other name may belong to anything.
+    fs::hard_link(dir.join("base-flat.vmdk"), dir.join("hl-flat.vmdk")).unwrap();
+    fs::write(
+        dir.join("hl.vmdk"),
+        flat_descriptor("RW 2048 FLAT \"hl-flat.vmdk\" 0"),
+    )
+    .unwrap();
+    assert_read_only(dir, &dir.join("hl.vmdk"), &["read-only", "hard links"]);
+    // Names that are not plain names in the directory.
+    std::os::unix::fs::symlink("base-flat.vmdk", dir.join("lnk")).unwrap();
+    fs::create_dir(dir.join("sub")).unwrap();
+    for (name, extent) in [
+        ("sym.vmdk", "lnk"),
+        ("dotdot.vmdk", "sub/../base-flat.vmdk"),
+    ] {
+        let line = format!("RW 2048 FLAT \"{extent}\" 0");
+        fs::write(dir.join(name), flat_descriptor(&line)).unwrap();
+        assert_refused(dir, &dir.join(name), "outside");
+    }
+}
+
+/// Review finding 2: the extent files removed with a twoGbMaxExtentSparse
+/// disk are compared with what other disks use by file identity, not by
+/// name: another descriptor naming `a-s001.vmdk` as `./a-s001.vmdk` (the
+/// review's evidence), by absolute path, through `sub/..`, a symlink to it
+/// or a hard link keeps it off the list, so removing `a.vmdk` leaves it.
+#[test]
+fn companions_shared_by_any_spelling_are_kept() {
+    require_qemu!();
+    use snaptree::image::formats;
+    let d = tempdir();
+    let dir = d.path();
+    let opts = "subformat=twoGbMaxExtentSparse";
+    for n in ["a.vmdk", "b.vmdk"] {
+        qemu_img(dir, ["create", "-q", "-f", "vmdk", "-o", opts, n, "1M"]);
+    }
+    let a = dir.join("a.vmdk");
+    let ext = dir.join("a-s001.vmdk");
+    assert_eq!(formats::companions(&a), vec![ext.clone()]);
+    let b_text = String::from_utf8(read(&dir.join("b.vmdk"))).unwrap();
+    fs::create_dir(dir.join("sub")).unwrap();
+    let spellings = [
+        "./a-s001.vmdk".to_string(),
+        ext.display().to_string(),
+        "sub/../a-s001.vmdk".to_string(),
+    ];
+    for s in &spellings {
+        let text = b_text.replace("\"b-s001.vmdk\"", &format!("\"{s}\""));
+        assert_ne!(text, b_text);
+        fs::write(dir.join("b.vmdk"), text).unwrap();
+        assert_eq!(formats::companions(&a), Vec::<PathBuf>::new(), "{s}");
+    }
+    fs::write(dir.join("b.vmdk"), &b_text).unwrap();
+    std::os::unix::fs::symlink("a-s001.vmdk", dir.join("lnk")).unwrap();
+    assert_eq!(formats::companions(&a), Vec::<PathBuf>::new(), "symlink");
+    fs::remove_file(dir.join("lnk")).unwrap();
+    fs::hard_link(&ext, dir.join("other-s001.vmdk")).unwrap();
+    assert_eq!(formats::companions(&a), Vec::<PathBuf>::new(), "hard link");
+    fs::remove_file(dir.join("other-s001.vmdk")).unwrap();
+    // The review's case end to end: the merge's removal keeps b's data.
+    let text = b_text.replace("\"b-s001.vmdk\"", "\"./a-s001.vmdk\"");
+    fs::write(dir.join("b.vmdk"), text).unwrap();
+    formats::remove_image(&a).unwrap();
+    assert!(ext.exists(), "b.vmdk's extent was removed with a.vmdk");
+}
+
+/// Review finding 5: a grain table entry whose grain runs past the end
+/// of the file (the review's evidence: the file's last sector, so the
+/// next appended grain would land inside it) or whose grain overlaps
+/// another grain makes a writable open fail naming the file, the entry's
+/// or grain's offset and what is wrong; the disk still reads, and
+/// nothing changes.
+#[test]
+fn grains_past_the_end_or_overlapping_are_not_writable() {
+    require_qemu!();
+    let d = tempdir();
+    let dir = d.path();
+    let (img, _, gt) = sparse_image(dir);
+    qemu_io(dir, "s.vmdk", &[write(0x72, 64 * KIB, 64 * KIB)]);
+    let len = read(&img).len() as u64;
+    let first = u32::from_le_bytes(read(&img)[gt as usize..gt as usize + 4].try_into().unwrap());
+    let pristine = read(&img);
+    // The file's last sector; grain 0's sector; half a grain into it.
+    for (entry, want) in [
+        ((len / 512 - 1) as u32, "past the end"),
+        (first, "overlaps"),
+        (first + 64, "overlaps"),
+    ] {
+        fs::write(&img, &pristine).unwrap();
+        // Guest grain 3 of the first table.
+        patch(&img, gt + 12, &entry.to_le_bytes());
+        assert_read_only(dir, &img, &[want, &img.display().to_string()]);
+    }
+}

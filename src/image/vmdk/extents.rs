@@ -3,17 +3,23 @@
 //! lists, each file checked against its line.
 //!
 //! Extent files are named by the descriptor, which may come from anyone:
-//! [`DirFiles`] opens them only inside the descriptor's directory (after
-//! every symlink), never a FIFO or directory, so a crafted descriptor
-//! cannot read `/etc/shadow` or a device into a disk.
+//! [`DirFiles`] opens them only as plain names in the descriptor's
+//! directory (no `/`, `openat` on the directory, `O_NOFOLLOW`: no symlink
+//! is followed), never a FIFO or directory, so a crafted descriptor cannot
+//! read `/etc/shadow` or a device into a disk, and the file opened is the
+//! one the name is in that directory (what `shared` compares).
 
 use super::descriptor::{Access, Descriptor, ExtentLine, ExtentType};
 use super::tables::GrainTables;
 use super::{cowd, descriptor, sesparse, sparse, HOST_SHIFT};
-use crate::confine::Confine;
 use crate::error::{ImageError, Result};
 use crate::fileio;
+use crate::input::InputError;
 use crate::storage::Storage;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -79,13 +85,23 @@ pub trait ExtentFiles {
     /// The file `name` (as written in the line at descriptor offset `at`)
     /// and the path errors should name.
     fn open(&self, name: &str, at: u64) -> Result<(PathBuf, Arc<dyn Storage>)>;
+
+    /// The directory the files are in, where other disks are looked for
+    /// before a writable open (`shared`); `None`: not on a filesystem.
+    fn directory(&self) -> Option<&Path> {
+        None
+    }
 }
 
 /// Extent files inside the descriptor's directory, opened for writing
 /// when `writable`.
 pub struct DirFiles {
     pub descriptor: PathBuf,
-    pub confine: Confine,
+    /// The directory's canonical path (for names in errors) and the
+    /// directory itself, opened once: names are resolved in it by
+    /// `openat`, so a rename of the path cannot redirect them.
+    dir_path: PathBuf,
+    dir: File,
     pub writable: bool,
 }
 
@@ -95,11 +111,17 @@ impl DirFiles {
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let confine = Confine::new(dir, false)
-            .map_err(|e| ImageError::io(path, "open directory of", 0, e))?;
+        let fail = |e| ImageError::io(path, "open directory of", 0, e);
+        let dir_path = dir.canonicalize().map_err(fail)?;
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&dir_path)
+            .map_err(fail)?;
         Ok(DirFiles {
             descriptor: path.to_path_buf(),
-            confine,
+            dir_path,
+            dir,
             writable,
         })
     }
@@ -107,13 +129,67 @@ impl DirFiles {
 
 impl ExtentFiles for DirFiles {
     fn open(&self, name: &str, at: u64) -> Result<(PathBuf, Arc<dyn Storage>)> {
-        let dir = self.confine.root().to_path_buf();
-        let p = self.confine.reference(&dir, name).map_err(|why| {
-            ImageError::corrupt(&self.descriptor, at, format!("extent file refused: {why}"))
+        let refuse = |why: String| {
+            ImageError::corrupt(
+                &self.descriptor,
+                at,
+                format!("extent file {name:?} refused: {why}"),
+            )
+        };
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+            return Err(refuse(
+                "outside the descriptor's directory (extent files are plain names there)".into(),
+            ));
+        }
+        let p = self.dir_path.join(name);
+        let f = open_in_dir(&self.dir, name, self.writable).map_err(|e| match e {
+            InputError::Io(e) if e.raw_os_error() == Some(libc::ELOOP) => refuse(
+                "is a symlink; extent files are opened only as files in the descriptor's \
+                 directory, never through a link that may lead outside it"
+                    .into(),
+            ),
+            InputError::Io(e) => ImageError::io(&p, "open", 0, e),
+            InputError::Kind(kind) => {
+                refuse(format!("is {kind}, not a regular file or block device"))
+            }
         })?;
-        let f = crate::input::open_input(&p, self.writable, crate::input::Accept::RegularOrBlock)?;
         Ok((p, Arc::new(f)))
     }
+
+    fn directory(&self) -> Option<&Path> {
+        Some(&self.dir_path)
+    }
+}
+
+/// `openat(dir, name)` without following a symlink and without blocking
+/// on a FIFO; only a regular file or block device is kept.
+fn open_in_dir(dir: &File, name: &str, writable: bool) -> std::result::Result<File, InputError> {
+    let c = CString::new(name).map_err(|_| InputError::Kind("not a valid name"))?;
+    let mode = if writable {
+        libc::O_RDWR
+    } else {
+        libc::O_RDONLY
+    };
+    let flags = mode | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: a valid directory descriptor and a NUL-terminated name.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(InputError::Io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    let f = unsafe { File::from_raw_fd(fd) };
+    let ft = f.metadata().map_err(InputError::Io)?.file_type();
+    if !(ft.is_file() || ft.is_block_device()) {
+        return Err(InputError::Kind(crate::input::kind_name(ft)));
+    }
+    // Back to blocking mode (O_NONBLOCK was only for the open).
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if fl < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK) } < 0 {
+        return Err(InputError::Io(std::io::Error::last_os_error()));
+    }
+    Ok(f)
 }
 
 /// A monolithicSparse or streamOptimized file: one sparse extent in the

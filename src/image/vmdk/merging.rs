@@ -10,13 +10,15 @@
 //! A twoGbMaxExtentSparse disk is a descriptor plus extent files
 //! (`name-s001.vmdk` ...). Removing the descriptor alone would leak them,
 //! so [`companions`] lists the ones that are this disk's alone: bare
-//! sparse extents (no descriptor of their own) in the same directory,
-//! named after the descriptor. Anything else a hostile descriptor may
-//! name stays where it is.
+//! sparse extents (no descriptor of their own) in the same directory, with
+//! one link, that no other disk or symlink there reaches (by file
+//! identity, whatever the spelling: `shared`). Anything else a hostile
+//! descriptor may name stays where it is.
 
 use super::descriptor::{self, ExtentType};
-use super::sparse;
+use super::{shared, sparse};
 use crate::fileio;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The kinds merges handle.
@@ -58,7 +60,11 @@ pub fn refusal(path: &Path) -> Option<String> {
 }
 
 /// The extent files that belong to the VMDK at `path` alone (see the
-/// module docs); empty for a monolithicSparse disk.
+/// module docs); empty for a monolithicSparse disk. A file is this
+/// disk's alone when its line names it plainly in the directory, it is a
+/// regular file (no symlink) with one link, and no other VMDK or symlink
+/// in the directory reaches it by any spelling (compared by `(dev, ino)`,
+/// see `shared`).
 pub fn companions(path: &Path) -> Vec<PathBuf> {
     let Ok((false, d)) = descriptor_of(path) else {
         return Vec::new();
@@ -71,37 +77,38 @@ pub fn companions(path: &Path) -> Vec<PathBuf> {
     } else {
         dir
     };
-    let Some(others) = extents_of_others(dir, path) else {
+    let Ok(me) = std::fs::metadata(path) else {
         return Vec::new();
     };
-    d.extents
-        .iter()
-        .filter(|e| e.kind == ExtentType::Sparse && !e.file.contains('/'))
-        .filter(|e| !others.contains(&e.file))
-        .map(|e| dir.join(&e.file))
-        .filter(|p| p != path && is_bare_extent(p))
-        .collect()
-}
-
-/// The extent file names every other descriptor file in `dir` lists (a
-/// file two disks name is neither's alone); `None` when the directory
-/// cannot be read (then nothing is known to be this disk's alone).
-fn extents_of_others(dir: &Path, path: &Path) -> Option<Vec<String>> {
-    let entries = std::fs::read_dir(dir).ok()?;
-    let mut names = Vec::new();
-    for p in entries.flatten().map(|e| e.path()) {
-        if p == path
-            || p.file_name()
-                .is_none_or(|n| n.to_string_lossy().starts_with('.'))
-        {
+    // Unreadable or too large a directory: nothing is known to be this
+    // disk's alone.
+    let Ok(others) = shared::used_by_others(dir, shared::id_of(&me)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = Vec::new();
+    let mut seen = Vec::new();
+    for e in d.extents.iter().filter(|e| e.kind == ExtentType::Sparse) {
+        if e.file.is_empty() || e.file.contains('/') || e.file == "." || e.file == ".." {
             continue;
         }
-        if let Ok((false, d)) = descriptor_of(&p) {
-            names.extend(d.extents.into_iter().map(|e| e.file));
+        let p = dir.join(&e.file);
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let id = shared::id_of(&m);
+        let alone = m.is_file()
+            && m.nlink() == 1
+            && id != shared::id_of(&me)
+            && !others.contains(&id)
+            && !seen.contains(&id);
+        if alone && is_bare_extent(&p) {
+            seen.push(id);
+            out.push(p);
         }
     }
-    Some(names)
+    out
 }
+
 /// A regular file holding a sparse extent and no descriptor.
 fn is_bare_extent(p: &Path) -> bool {
     let Ok(f) = crate::input::open_input(p, false, crate::input::Accept::Regular) else {

@@ -20,8 +20,9 @@
 //! and `host_segments` decode it. A single-extent sparse disk's host
 //! offsets are therefore plain file offsets, as `qemu-img map` shows
 //! them. The chain never looks inside host offsets, it only adds to them
-//! within a run, and a run never crosses a window (no file reaches 2^48
-//! bytes; extents are checked for it at open).
+//! within a run, and a run never crosses a window (no extent reaches
+//! 2^48 bytes of its file: flat extents are checked at open, sparse
+//! grains as their tables are decoded, `tables`).
 //!
 //! A child names its parent by `parentFileNameHint` (`backing()`, format
 //! `vmdk`) and records the parent's `CID` as `parentCID`; `driver` checks
@@ -37,6 +38,7 @@ pub mod extents;
 pub mod merging;
 pub mod reparent;
 pub mod sesparse;
+pub mod shared;
 pub mod sparse;
 pub mod tables;
 mod write;
@@ -136,6 +138,9 @@ impl VmdkLayer {
                 return Err(ImageError::unsupported(path, format!("read-only: {why}")));
             }
             write::check_distinct_files(path, &*file, &extents)?;
+            if let Some(dir) = files.directory() {
+                shared::check_writable(path, &*file, &extents, dir)?;
+            }
             Some(Mutex::new(write::Writer::new(&extents)?))
         } else {
             None

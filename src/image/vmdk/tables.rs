@@ -162,6 +162,48 @@ impl GrainTables {
         Ok(table[(index % self.gt_entries) as usize])
     }
 
+    /// The file offset of every allocated grain, for a writer's checks
+    /// (`write`): each table read once (not cached), every entry checked
+    /// as a lookup checks it, and each grain's end checked to be inside
+    /// the file. More grains than the file can hold side by side means
+    /// some overlap: refused there, so what is kept is bounded by the
+    /// file's length.
+    pub fn allocated(&self, file: &dyn Storage, path: &Path) -> Result<Vec<u64>> {
+        let file_len = self.file_len.load(Ordering::Relaxed);
+        let most = file_len / self.grain + 1;
+        let size = self.codec.entry_size() as usize;
+        let mut out = Vec::new();
+        let mut raw = vec![0u8; self.table_bytes() as usize];
+        for at in self.gt_offsets().into_iter().filter(|&at| at != 0) {
+            read_exact_at(file, path, &mut raw, at, "VMDK grain table")?;
+            for (i, e) in raw.chunks_exact(size).enumerate() {
+                let entry_at = at + (i * size) as u64;
+                let Grain::At(o) = self.decode(path, entry_at, e)? else {
+                    continue;
+                };
+                if o + self.grain > file_len {
+                    return Err(ImageError::corrupt(
+                        path,
+                        entry_at,
+                        format!(
+                            "grain at file offset {o} ({} bytes) runs past the end of the file ({file_len} bytes); not writable",
+                            self.grain
+                        ),
+                    ));
+                }
+                if out.len() as u64 >= most {
+                    return Err(ImageError::corrupt(
+                        path,
+                        entry_at,
+                        format!("more grains than fit in the file ({file_len} bytes): some overlaps another; not writable"),
+                    ));
+                }
+                out.push(o);
+            }
+        }
+        Ok(out)
+    }
+
     fn table(&self, file: &dyn Storage, path: &Path, gt: u64, at: u64) -> Result<Arc<Vec<Grain>>> {
         let generation = {
             let mut c = self.cache.lock();
@@ -220,6 +262,18 @@ impl GrainTables {
                 }
             }
         };
+        // Host offsets are `extent << 48 | offset` (`HOST_SHIFT`): a grain
+        // reaching 2^48 would read into the next extent's window.
+        if offset.saturating_add(self.grain) >= 1 << super::HOST_SHIFT {
+            return Err(ImageError::corrupt(
+                path,
+                entry_at,
+                format!(
+                    "grain at file offset {offset} ({} bytes) ends at or past 2^48 bytes of the file",
+                    self.grain
+                ),
+            ));
+        }
         let file_len = self.file_len.load(Ordering::Relaxed);
         if offset < self.data_from || offset >= file_len {
             return Err(ImageError::corrupt(

@@ -394,31 +394,30 @@ fn cid_digits_are_replaced_in_place() {
 }
 
 /// A grain entry that points at a grain table (a crafted image) is
-/// readable, but writing that grain is refused, changing nothing; tables
-/// shared by both directories make the disk unwritable.
+/// readable, but the disk does not open for writing (the grain overlaps
+/// metadata), changing nothing; tables shared by both directories make
+/// the disk unwritable.
 #[test]
 fn writes_never_touch_metadata() {
-    use crate::image::testutil::PatternBelow;
-    use crate::image::Writable;
     let mut f = hand_sparse(false);
     // Grain 2 (table 0, entry 2) at sector 6: table 1.
     f[5 * 512 + 8..5 * 512 + 12].copy_from_slice(&6u32.to_le_bytes());
     let file = mem(f);
-    let l = VmdkLayer::open_storage(
-        mem_path("s.vmdk"),
-        file.clone(),
-        &MemFiles(HashMap::new()),
-        true,
-    )
-    .unwrap();
     let before = file.to_vec();
-    let err = l
-        .write(2 * 65536, &[9; 512], &PatternBelow(1))
-        .unwrap_err()
-        .to_string();
+    let open = |writable| {
+        VmdkLayer::open_storage(
+            mem_path("s.vmdk"),
+            file.clone(),
+            &MemFiles(HashMap::new()),
+            writable,
+        )
+    };
+    let err = open(true).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("overlaps metadata"), "{err}");
+    let l = open(false).unwrap();
+    read_guest(&l, 2 * 65536, 512).unwrap();
     drop(l);
-    assert!(file.to_vec() == before, "a refused write changed the file");
+    assert!(file.to_vec() == before, "a refused open changed the file");
     let mut f = hand_sparse(false);
     let primary = f[4 * 512..4 * 512 + 8].to_vec();
     f[3 * 512..3 * 512 + 8].copy_from_slice(&primary);
@@ -427,4 +426,38 @@ fn writes_never_touch_metadata() {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(err.contains("not writable"), "{err}");
+}
+
+/// Review finding 6: host offsets are `extent << 48 | offset`, so a
+/// grain ending at or past 2^48 bytes of its file would read another
+/// extent's window. No file here can be that large (ext4 stops at 16
+/// TiB), so a seSparse table is decoded with such a length claimed: a
+/// grain ending exactly at 2^48 is refused naming the entry, one grain
+/// below it is not.
+#[test]
+fn grains_ending_at_2_pow_48_are_refused() {
+    use super::tables::{EntryCodec, Grain, GrainTables};
+    let grain = 4096u64;
+    // seSparse "allocated" entries: type 3, grain number split (low 12
+    // bits in bits 48..60, the rest in bits 0..48).
+    let entry = |n: u64| (3u64 << 60) | ((n & 0xfff) << 48) | (n >> 12);
+    let last = (1u64 << 48) / grain - 1;
+    let p = mem_path("x-sesparse.vmdk");
+    let lookup = |n: u64| {
+        // The table at 512 (0 means none), one entry.
+        let mut bytes = vec![0u8; 512 + 32];
+        bytes[512..520].copy_from_slice(&entry(n).to_le_bytes());
+        let t = GrainTables::new(
+            grain,
+            4,
+            vec![512],
+            EntryCodec::SeSparse { grains_at: 0 },
+            0,
+            1 << 50,
+        );
+        t.lookup(&*mem(bytes), p, 0)
+    };
+    let err = lookup(last).unwrap_err().to_string();
+    assert!(err.contains("2^48") && err.contains("offset 512"), "{err}");
+    assert_eq!(lookup(last - 1).unwrap(), Grain::At((last - 1) * grain));
 }

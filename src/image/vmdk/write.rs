@@ -114,7 +114,6 @@ impl Writer {
                     ),
                 ));
             }
-            meta.push(m);
             let (n, r) = match (&e.kind, &e.file) {
                 (ExtentKind::Sparse(t), Some(f)) => {
                     let len = fileio::file_len(&**f, &e.path)?;
@@ -123,10 +122,13 @@ impl Writer {
                         .as_ref()
                         .map(|h| h.redundant.clone())
                         .unwrap_or_default();
-                    (len.div_ceil(t.grain) * t.grain, r)
+                    let grains = t.allocated(&**f, &e.path)?;
+                    let top = check_layout(&e.path, &m, grains, t.grain)?;
+                    (len.max(top).div_ceil(t.grain) * t.grain, r)
                 }
                 _ => (0, Vec::new()),
             };
+            meta.push(m);
             next.push(n);
             redundant.push(r);
         }
@@ -449,6 +451,41 @@ fn metadata_ranges(e: &OpenExtent) -> Vec<(u64, u64)> {
     }
     v.sort_unstable();
     v
+}
+
+/// Refuses a sparse extent whose grains overlap each other or the
+/// metadata (a write to one guest grain would change another, or a
+/// table); returns the highest end of any of them, below which nothing
+/// is appended. `meta` is sorted and free of overlaps.
+fn check_layout(
+    path: &std::path::Path,
+    meta: &[(u64, u64)],
+    mut grains: Vec<u64>,
+    grain: u64,
+) -> Result<u64> {
+    grains.sort_unstable();
+    let mut all: Vec<(u64, u64, bool)> = meta.iter().map(|&(s, e)| (s, e, false)).collect();
+    all.extend(grains.into_iter().map(|o| (o, o + grain, true)));
+    all.sort_unstable();
+    let what = |g: bool| if g { "grain" } else { "metadata" };
+    let mut top: Option<(u64, u64, bool)> = None;
+    for &(s, e, g) in &all {
+        if let Some((ps, pe, pg)) = top.filter(|t| s < t.1) {
+            return Err(ImageError::corrupt(
+                path,
+                s,
+                format!(
+                    "{} at [{s}, {e}) overlaps {} at [{ps}, {pe}); not writable",
+                    what(g),
+                    what(pg)
+                ),
+            ));
+        }
+        if top.is_none_or(|t| e > t.1) {
+            top = Some((s, e, g));
+        }
+    }
+    Ok(top.map_or(0, |t| t.1))
 }
 
 fn add_range(v: &mut Vec<(u64, u64)>, s: u64, e: u64) {
