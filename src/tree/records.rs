@@ -68,7 +68,6 @@ pub(super) fn apply(
     dir: &Path,
     problems: &mut Vec<String>,
 ) {
-    let keeper = &records.keeper;
     problems.extend(records.notes.iter().cloned());
     let mut at: HashMap<String, usize> = HashMap::new();
     for (i, m) in manifest
@@ -79,114 +78,150 @@ pub(super) fn apply(
     {
         at.insert(m.image.clone(), i);
     }
+    let mut lay = Laying {
+        keeper: &records.keeper,
+        manifest,
+        found,
+        dir,
+        at,
+        problems,
+    };
     for r in &records.points {
         for (disk, overlay) in &r.overlays {
-            let image = found.get(overlay).and_then(|f| f.backing.as_ref());
-            check_state(keeper, r, disk, overlay, image, problems);
-            let rel = match image.map(|i| (i, i.strip_prefix(dir))) {
-                Some((i, Ok(rel))) if found.contains_key(i) => rel.to_string_lossy().into_owned(),
-                _ => {
-                    problems.push(format!(
-                        "{keeper} snapshot {:?}: its overlay {} is no image of the tree backing onto one; the snapshot is not shown by that name",
-                        r.name,
-                        overlay.display()
-                    ));
-                    continue;
-                }
-            };
-            let entry = ManifestPoint {
-                name: r.name.clone(),
-                image: rel.clone(),
-                parent: r.parent.clone(),
-                created: r.created,
-                hidden: false,
-                format: None,
-                disk: disk.clone(),
-                garbage: false,
-                memory: None,
-            };
-            match at.get(&rel) {
-                Some(&i) => {
-                    let old = &mut manifest.points[i];
-                    report_disagreement(keeper, old, &entry, problems);
-                    old.name = entry.name;
-                    old.parent = entry.parent;
-                    old.created = entry.created;
-                    old.disk = entry.disk;
-                }
-                None => {
-                    at.insert(rel, manifest.points.len());
-                    manifest.points.push(entry);
-                }
-            }
+            lay.overlay(r, disk, overlay);
         }
     }
     // Own images last: their parent is whatever point, by now named, they
     // back onto.
     for r in &records.points {
         for (disk, image) in &r.images {
-            let Some(rel) = image
-                .strip_prefix(dir)
-                .ok()
-                .filter(|_| found.contains_key(image))
-                .map(|r| r.to_string_lossy().into_owned())
-            else {
-                problems.push(format!(
-                    "{keeper} point {:?}: {} is no image of the tree; not shown by that name",
+            lay.own_image(r, disk, image);
+        }
+    }
+}
+
+/// What [`apply`] works on: the manifest being rewritten and where each
+/// image's entry is in it.
+struct Laying<'a> {
+    keeper: &'a str,
+    manifest: &'a mut Manifest,
+    found: &'a BTreeMap<PathBuf, Found>,
+    dir: &'a Path,
+    at: HashMap<String, usize>,
+    problems: &'a mut Vec<String>,
+}
+
+impl Laying<'_> {
+    /// An external snapshot's disk: the point is the image `overlay`
+    /// backs onto.
+    fn overlay(&mut self, r: &RecordPoint, disk: &Option<String>, overlay: &Path) {
+        let keeper = self.keeper;
+        let image = self.found.get(overlay).and_then(|f| f.backing.as_ref());
+        check_state(keeper, r, disk, overlay, image, self.problems);
+        let rel = match image.map(|i| (i, i.strip_prefix(self.dir))) {
+            Some((i, Ok(rel))) if self.found.contains_key(i) => rel.to_string_lossy().into_owned(),
+            _ => {
+                self.problems.push(format!(
+                    "{keeper} snapshot {:?}: its overlay {} is no image of the tree backing onto one; the snapshot is not shown by that name",
                     r.name,
-                    image.display()
+                    overlay.display()
                 ));
-                continue;
-            };
-            let parent = found
-                .get(image)
-                .and_then(|f| f.backing.as_ref())
-                .and_then(|b| b.strip_prefix(dir).ok())
-                .and_then(|b| at.get(&*b.to_string_lossy()))
-                .map(|&i| manifest.points[i].name.clone());
-            if r.parent.is_some() && r.parent != parent {
-                problems.push(format!(
-                    "disagreement: {keeper}'s records say the parent of {:?} is {}, but its image {} backs onto {}; following the image",
-                    r.name,
-                    quoted_or_none(r.parent.as_deref()),
-                    crate::confine::shown(&rel),
-                    quoted_or_none(parent.as_deref())
-                ));
+                return;
             }
-            match at.get(&rel) {
-                Some(&i) => {
-                    let old = &mut manifest.points[i];
-                    if old.name != r.name {
-                        problems.push(format!(
-                            "disagreement: .snaptree.json names image {} {:?}, {keeper}'s records {:?}; {keeper}'s name is used",
-                            crate::confine::shown(&rel),
-                            old.name,
-                            r.name
-                        ));
-                    }
-                    old.name = r.name.clone();
-                    old.parent = parent;
-                    old.disk = disk.clone();
-                    if r.created != 0 {
-                        old.created = r.created;
-                    }
-                }
-                None => {
-                    at.insert(rel.clone(), manifest.points.len());
-                    manifest.points.push(ManifestPoint {
-                        name: r.name.clone(),
-                        image: rel,
-                        parent,
-                        created: r.created,
-                        hidden: false,
-                        format: None,
-                        disk: disk.clone(),
-                        garbage: false,
-                        memory: None,
-                    });
-                }
+        };
+        let entry = entry(r, &rel, r.parent.clone(), disk);
+        match self.at.get(&rel) {
+            Some(&i) => {
+                let old = &mut self.manifest.points[i];
+                report_disagreement(keeper, old, &entry, self.problems);
+                old.name = entry.name;
+                old.parent = entry.parent;
+                old.created = entry.created;
+                old.disk = entry.disk;
+            }
+            None => {
+                self.at.insert(rel, self.manifest.points.len());
+                self.manifest.points.push(entry);
             }
         }
+    }
+
+    /// A point's own image (the current state of a multi-disk VM, a
+    /// VMware snapshot's disk): its parent is the point it backs onto.
+    fn own_image(&mut self, r: &RecordPoint, disk: &Option<String>, image: &PathBuf) {
+        let keeper = self.keeper;
+        let Some(rel) = image
+            .strip_prefix(self.dir)
+            .ok()
+            .filter(|_| self.found.contains_key(image))
+            .map(|r| r.to_string_lossy().into_owned())
+        else {
+            self.problems.push(format!(
+                "{keeper} point {:?}: {} is no image of the tree; not shown by that name",
+                r.name,
+                image.display()
+            ));
+            return;
+        };
+        let parent = self
+            .found
+            .get(image)
+            .and_then(|f| f.backing.as_ref())
+            .and_then(|b| b.strip_prefix(self.dir).ok())
+            .and_then(|b| self.at.get(&*b.to_string_lossy()))
+            .map(|&i| self.manifest.points[i].name.clone());
+        if r.parent.is_some() && r.parent != parent {
+            self.problems.push(format!(
+                "disagreement: {keeper}'s records say the parent of {:?} is {}, but its image {} backs onto {}; following the image",
+                r.name,
+                quoted_or_none(r.parent.as_deref()),
+                crate::confine::shown(&rel),
+                quoted_or_none(parent.as_deref())
+            ));
+        }
+        match self.at.get(&rel) {
+            Some(&i) => {
+                let old = &mut self.manifest.points[i];
+                if old.name != r.name {
+                    self.problems.push(format!(
+                        "disagreement: .snaptree.json names image {} {:?}, {keeper}'s records {:?}; {keeper}'s name is used",
+                        crate::confine::shown(&rel),
+                        old.name,
+                        r.name
+                    ));
+                }
+                old.name = r.name.clone();
+                old.parent = parent;
+                old.disk = disk.clone();
+                if r.created != 0 {
+                    old.created = r.created;
+                }
+            }
+            None => {
+                self.at.insert(rel.clone(), self.manifest.points.len());
+                self.manifest.points.push(entry(r, &rel, parent, disk));
+            }
+        }
+    }
+}
+
+/// The manifest entry record `r` makes for image `rel`.
+fn entry(
+    r: &RecordPoint,
+    rel: &str,
+    parent: Option<String>,
+    disk: &Option<String>,
+) -> ManifestPoint {
+    ManifestPoint {
+        name: r.name.clone(),
+        image: rel.to_string(),
+        parent,
+        created: r.created,
+        hidden: false,
+        format: None,
+        disk: disk.clone(),
+        garbage: false,
+        memory: None,
     }
 }
 
