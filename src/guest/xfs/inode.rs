@@ -91,6 +91,128 @@ fn rdev(d: u32) -> u32 {
     (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
 }
 
+/// Where an inode being parsed lives, so its checks (split over several
+/// functions) word errors the same way: volume, byte offset, "inode N: ...".
+struct Where<'a> {
+    vol: &'a str,
+    ino: Ino,
+    offset: u64,
+}
+
+impl Where<'_> {
+    /// A corruption error at byte `at` of the inode.
+    fn bad(&self, at: usize, what: String) -> GuestError {
+        GuestError::corrupt(
+            self.vol,
+            self.offset + at as u64,
+            format!("inode {}: {what}", self.ino),
+        )
+    }
+}
+
+/// Checks the magic, the version against the superblock's, and on v5 the
+/// CRC, self-number and UUID; returns the inode version. Separate because
+/// it decides whether the rest of the bytes are this inode at all.
+fn check_header(at: &Where, sb: &Superblock, raw: &[u8]) -> GuestResult<u8> {
+    if be16(raw, 0) != MAGIC {
+        return Err(at.bad(0, "bad magic".into()));
+    }
+    let version = raw[4];
+    let ok_version = if sb.v5 {
+        version == 3
+    } else {
+        version == 1 || version == 2
+    };
+    if !ok_version {
+        return Err(at.bad(4, format!("version {version}")));
+    }
+    if sb.v5 {
+        if !verify_crc(raw, CRC_OFF) {
+            return Err(at.bad(CRC_OFF, "CRC mismatch".into()));
+        }
+        if be64(raw, 0x98) != at.ino {
+            return Err(at.bad(0x98, format!("carries inode number {}", be64(raw, 0x98))));
+        }
+        if raw[0xa0..0xb0] != sb.meta_uuid()[..] {
+            return Err(at.bad(0xa0, "UUID is not this filesystem's".into()));
+        }
+    }
+    Ok(version)
+}
+
+/// Checks the data fork format against the file kind, the size, and the
+/// attr fork format (when there is an attr fork); returns (data format,
+/// size, attr format).
+fn check_formats(
+    at: &Where,
+    raw: &[u8],
+    kind: FileKind,
+    forkoff: usize,
+) -> GuestResult<(u8, u64, u8)> {
+    let format = raw[5];
+    let fmt_ok = match kind {
+        FileKind::File => format == FMT_EXTENTS || format == FMT_BTREE,
+        FileKind::Dir | FileKind::Symlink => {
+            matches!(format, FMT_LOCAL | FMT_EXTENTS | FMT_BTREE)
+        }
+        _ => format == FMT_DEV,
+    };
+    if !fmt_ok {
+        return Err(at.bad(5, format!("data fork format {format} for a {kind:?}")));
+    }
+    let size = be64(raw, 0x38);
+    if size > i64::MAX as u64 {
+        return Err(at.bad(0x38, format!("size {size}")));
+    }
+    let aformat = raw[0x53];
+    if forkoff != 0 && !matches!(aformat, FMT_LOCAL | FMT_EXTENTS | FMT_BTREE) {
+        return Err(at.bad(0x53, format!("attr fork format {aformat}")));
+    }
+    Ok((format, size, aformat))
+}
+
+/// Decodes the core's stat fields (owners, link count, times in either
+/// encoding, device number) into an Attr. Separate because it only reads
+/// already-checked bytes and cannot fail.
+fn core_attr(
+    sb: &Superblock,
+    ino: Ino,
+    raw: &[u8],
+    kind: FileKind,
+    version: u8,
+    bigtime: bool,
+    core: usize,
+) -> Attr {
+    let nlink = if version == 1 {
+        be16(raw, 6) as u32
+    } else {
+        be32(raw, 0x10)
+    };
+    let nblocks = be64(raw, 0x40);
+    Attr {
+        ino,
+        kind,
+        perm: be16(raw, 2) & 0o7777,
+        uid: be32(raw, 8),
+        gid: be32(raw, 0xc),
+        size: be64(raw, 0x38),
+        nlink,
+        allocated: nblocks.saturating_mul(sb.block_size),
+        atime: time(raw, 0x20, bigtime),
+        mtime: time(raw, 0x28, bigtime),
+        ctime: time(raw, 0x30, bigtime),
+        crtime: if version == 3 {
+            time(raw, 0x90, bigtime)
+        } else {
+            Timestamp::default()
+        },
+        rdev: match kind {
+            FileKind::CharDevice | FileKind::BlockDevice => rdev(be32(raw, core)),
+            _ => 0,
+        },
+    }
+}
+
 impl Inode {
     /// Parses inode `ino` from its `raw` bytes (inode size) at `offset`.
     pub fn parse(
@@ -100,47 +222,17 @@ impl Inode {
         raw: &[u8],
         offset: u64,
     ) -> GuestResult<Inode> {
-        let bad = |at: usize, what: String| {
-            GuestError::corrupt(vol, offset + at as u64, format!("inode {ino}: {what}"))
-        };
-        if be16(raw, 0) != MAGIC {
-            return Err(bad(0, "bad magic".into()));
-        }
-        let version = raw[4];
-        let ok_version = if sb.v5 {
-            version == 3
-        } else {
-            version == 1 || version == 2
-        };
-        if !ok_version {
-            return Err(bad(4, format!("version {version}")));
-        }
-        if sb.v5 {
-            if !verify_crc(raw, CRC_OFF) {
-                return Err(bad(CRC_OFF, "CRC mismatch".into()));
-            }
-            if be64(raw, 0x98) != ino {
-                return Err(bad(
-                    0x98,
-                    format!("carries inode number {}", be64(raw, 0x98)),
-                ));
-            }
-            if raw[0xa0..0xb0] != sb.meta_uuid()[..] {
-                return Err(bad(0xa0, "UUID is not this filesystem's".into()));
-            }
-        }
+        let at = Where { vol, ino, offset };
+        let version = check_header(&at, sb, raw)?;
         let mode = be16(raw, 2);
         let Some(kind) = kind_of(mode) else {
-            return Err(bad(2, format!("mode {mode:#o} (free or unknown type)")));
+            return Err(at.bad(2, format!("mode {mode:#o} (free or unknown type)")));
         };
         let core = if version == 3 { 0xb0 } else { 0x64 };
         let lit = raw.len() - core;
         let forkoff = raw[0x52] as usize * 8;
         if forkoff >= lit {
-            return Err(bad(
-                0x52,
-                format!("attr fork offset {forkoff} beyond the inode"),
-            ));
+            return Err(at.bad(0x52, format!("attr fork offset {forkoff} beyond the inode")));
         }
         let flags2 = if version == 3 { be64(raw, 0x78) } else { 0 };
         let (nextents, anextents) = if flags2 & DIFLAG2_NREXT64 != 0 {
@@ -148,54 +240,9 @@ impl Inode {
         } else {
             (be32(raw, 0x4c) as u64, be16(raw, 0x50) as u64)
         };
-        let format = raw[5];
-        let fmt_ok = match kind {
-            FileKind::File => format == FMT_EXTENTS || format == FMT_BTREE,
-            FileKind::Dir | FileKind::Symlink => {
-                matches!(format, FMT_LOCAL | FMT_EXTENTS | FMT_BTREE)
-            }
-            _ => format == FMT_DEV,
-        };
-        if !fmt_ok {
-            return Err(bad(5, format!("data fork format {format} for a {kind:?}")));
-        }
-        let size = be64(raw, 0x38);
-        if size > i64::MAX as u64 {
-            return Err(bad(0x38, format!("size {size}")));
-        }
-        let aformat = raw[0x53];
-        if forkoff != 0 && !matches!(aformat, FMT_LOCAL | FMT_EXTENTS | FMT_BTREE) {
-            return Err(bad(0x53, format!("attr fork format {aformat}")));
-        }
+        let (format, size, aformat) = check_formats(&at, raw, kind, forkoff)?;
         let bigtime = flags2 & DIFLAG2_BIGTIME != 0;
-        let nlink = if version == 1 {
-            be16(raw, 6) as u32
-        } else {
-            be32(raw, 0x10)
-        };
-        let nblocks = be64(raw, 0x40);
-        let attr = Attr {
-            ino,
-            kind,
-            perm: mode & 0o7777,
-            uid: be32(raw, 8),
-            gid: be32(raw, 0xc),
-            size,
-            nlink,
-            allocated: nblocks.saturating_mul(sb.block_size),
-            atime: time(raw, 0x20, bigtime),
-            mtime: time(raw, 0x28, bigtime),
-            ctime: time(raw, 0x30, bigtime),
-            crtime: if version == 3 {
-                time(raw, 0x90, bigtime)
-            } else {
-                Timestamp::default()
-            },
-            rdev: match kind {
-                FileKind::CharDevice | FileKind::BlockDevice => rdev(be32(raw, core)),
-                _ => 0,
-            },
-        };
+        let attr = core_attr(sb, ino, raw, kind, version, bigtime, core);
         let mut inode = Inode {
             ino,
             offset,
