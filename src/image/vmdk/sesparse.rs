@@ -33,7 +33,35 @@ fn le64(b: &[u8], field: usize) -> u64 {
 pub fn open(file: &dyn Storage, path: &Path, file_len: u64) -> Result<(u64, GrainTables)> {
     let mut h = [0u8; 512];
     read_exact_at(file, path, &mut h, 0, "seSparse header")?;
-    let f = |i: usize| le64(&h, i);
+    let capacity = check_header(path, &h)?;
+    check_volatile(file, path, le64(&h, 10), file_len)?;
+    let (gd_at, gd_len) = region(path, &h, 16, file_len)?;
+    let (gts_at, gts_len) = region(path, &h, 18, file_len)?;
+    let grains_at = le64(&h, 24).saturating_mul(512);
+    let gd = read_directory(file, path, capacity, (gd_at, gd_len), (gts_at, gts_len))?;
+    let table_bytes = GT_ENTRIES * 8;
+    let forbidden = [
+        (0, 512, "header"),
+        (gd_at, gd_at + gd_len, "grain directory"),
+    ];
+    check_directory(path, &gd, gd_at, 8, table_bytes, file_len, &forbidden)?;
+    let tables = GrainTables::new(
+        GRAIN_SECTORS * 512,
+        GT_ENTRIES,
+        gd,
+        EntryCodec::SeSparse { grains_at },
+        grains_at.max(512),
+        file_len,
+    );
+    Ok((capacity, tables))
+}
+
+/// Checks the constant header's fixed fields the way QEMU does (magic,
+/// the one version, capacity, 4 KiB grains and 16 MiB tables, zero flags,
+/// reserved fields and padding); returns the capacity in sectors.
+/// Separate because these checks need only the header bytes.
+fn check_header(path: &Path, h: &[u8; 512]) -> Result<u64> {
+    let f = |i: usize| le64(h, i);
     let bad = |field: usize, what: String| Err(ImageError::corrupt(path, field as u64 * 8, what));
     if f(0) != u64::from_le_bytes(MAGIC_BYTES) {
         return bad(0, "no seSparse magic".into());
@@ -64,32 +92,45 @@ pub fn open(file: &dyn Storage, path: &Path, file_len: u64) -> Result<(u64, Grai
             "seSparse flags, reserved fields or padding are not zero",
         ));
     }
-    check_volatile(file, path, f(10), file_len)?;
-    let region = |field: usize| -> Result<(u64, u64)> {
-        let (at, len) = (
-            f(field).saturating_mul(512),
-            f(field + 1).saturating_mul(512),
-        );
-        if at == 0 || at.saturating_add(len) > file_len {
-            return Err(ImageError::corrupt(
-                path,
-                field as u64 * 8,
-                format!(
-                    "seSparse region at {at}, {len} bytes, is outside the file ({file_len} bytes)"
-                ),
-            ));
-        }
-        Ok((at, len))
-    };
-    let (gd_at, gd_len) = region(16)?;
-    let (gts_at, gts_len) = region(18)?;
-    let grains_at = f(24).saturating_mul(512);
+    Ok(capacity)
+}
+
+/// The (offset, length) in bytes of the region whose sector offset and
+/// sector count are header fields `field` and `field + 1`, checked to lie
+/// inside the file. One function for the directory and the table area.
+fn region(path: &Path, h: &[u8; 512], field: usize, file_len: u64) -> Result<(u64, u64)> {
+    let (at, len) = (
+        le64(h, field).saturating_mul(512),
+        le64(h, field + 1).saturating_mul(512),
+    );
+    if at == 0 || at.saturating_add(len) > file_len {
+        return Err(ImageError::corrupt(
+            path,
+            field as u64 * 8,
+            format!("seSparse region at {at}, {len} bytes, is outside the file ({file_len} bytes)"),
+        ));
+    }
+    Ok((at, len))
+}
+
+/// Reads the grain directory entries the capacity needs and turns each
+/// into a grain table's byte offset (0 = none), refusing entries that name
+/// no table inside the table area. Separate because it is the one loop
+/// over on-disk entries.
+fn read_directory(
+    file: &dyn Storage,
+    path: &Path,
+    capacity: u64,
+    (gd_at, gd_len): (u64, u64),
+    (gts_at, gts_len): (u64, u64),
+) -> Result<Vec<u64>> {
     let needed = capacity.div_ceil(GT_ENTRIES * GRAIN_SECTORS);
     if gd_len / 8 < needed {
-        return bad(
-            17,
+        return Err(ImageError::corrupt(
+            path,
+            17 * 8,
             format!("grain directory of {} entries, {needed} needed", gd_len / 8),
-        );
+        ));
     }
     let mut raw = vec![0u8; (needed * 8) as usize];
     read_exact_at(file, path, &mut raw, gd_at, "seSparse grain directory")?;
@@ -112,20 +153,7 @@ pub fn open(file: &dyn Storage, path: &Path, file_len: u64) -> Result<(u64, Grai
         }
         gd.push(gts_at + n * table_bytes);
     }
-    let forbidden = [
-        (0, 512, "header"),
-        (gd_at, gd_at + gd_len, "grain directory"),
-    ];
-    check_directory(path, &gd, gd_at, 8, table_bytes, file_len, &forbidden)?;
-    let tables = GrainTables::new(
-        GRAIN_SECTORS * 512,
-        GT_ENTRIES,
-        gd,
-        EntryCodec::SeSparse { grains_at },
-        grains_at.max(512),
-        file_len,
-    );
-    Ok((capacity, tables))
+    Ok(gd)
 }
 
 /// The volatile header: its magic, no journal to replay (an unclean
