@@ -122,7 +122,87 @@ fn item_bytes(
     Ok(Some((b, at)))
 }
 
+/// A parent locator's key/value pairs and its item's file offset.
+type Locator = (Vec<(String, String)>, u64);
+
+/// The item table and where to read items from, so the per-item parsers
+/// below share one way of fetching (and of naming a missing item).
+struct Table<'a> {
+    file: &'a dyn Storage,
+    path: &'a Path,
+    base: u64,
+    items: &'a [Item],
+}
+
+impl Table<'_> {
+    /// Item `id`'s bytes and file offset; a missing item is corrupt.
+    fn get(&self, id: &Guid, want: u32, what: &str) -> Result<(Vec<u8>, u64)> {
+        item_bytes(self.file, self.path, self.base, self.items, id, want, what)?.ok_or_else(|| {
+            ImageError::corrupt(
+                self.path,
+                self.base,
+                format!("metadata lacks the {what} item"),
+            )
+        })
+    }
+
+    /// A sector size item (logical or physical): 512 or 4096.
+    fn sector(&self, id: &Guid, what: &str) -> Result<u64> {
+        let (b, at) = self.get(id, 4, what)?;
+        match le_u32(&b, 0) {
+            n @ (512 | 4096) => Ok(n as u64),
+            n => Err(ImageError::corrupt(
+                self.path,
+                at,
+                format!("{what} {n} is neither 512 nor 4096"),
+            )),
+        }
+    }
+}
+
 fn parse_items(file: &dyn Storage, path: &Path, base: u64, items: &[Item]) -> Result<Metadata> {
+    refuse_unknown_required(path, items)?;
+    let table = Table {
+        file,
+        path,
+        base,
+        items,
+    };
+    let (block_size, flags, fp_at) = file_parameters(&table)?;
+    let (vs, vs_at) = table.get(&guid::VIRTUAL_DISK_SIZE, 8, "virtual disk size")?;
+    let virtual_size = le_u64(&vs, 0);
+    let logical_sector = table.sector(&guid::LOGICAL_SECTOR, "logical sector size")?;
+    let physical_sector = table.sector(&guid::PHYSICAL_SECTOR, "physical sector size")?;
+    if virtual_size == 0
+        || virtual_size > MAX_DISK_SIZE
+        || !virtual_size.is_multiple_of(logical_sector)
+    {
+        return Err(ImageError::corrupt(
+            path,
+            vs_at,
+            format!(
+                "virtual disk size {virtual_size} is not a multiple of the {logical_sector}-byte sector up to 64 TiB"
+            ),
+        ));
+    }
+    let (p83, _) = table.get(&guid::PAGE83, 16, "page 83 data")?;
+    let has_parent = flags & 2 != 0;
+    let locator = parent_locator(&table, has_parent, fp_at)?;
+    Ok(Metadata {
+        block_size,
+        leave_blocks_allocated: flags & 1 != 0,
+        has_parent,
+        virtual_size,
+        logical_sector,
+        physical_sector,
+        page83: guid::at(&p83, 0),
+        locator,
+    })
+}
+
+/// Refuses an item marked required that this reader does not know (as
+/// QEMU does): its meaning could change how the disk reads.
+fn refuse_unknown_required(path: &Path, items: &[Item]) -> Result<()> {
     let known = [
         guid::FILE_PARAMETERS,
         guid::VIRTUAL_DISK_SIZE,
@@ -141,79 +221,48 @@ fn parse_items(file: &dyn Storage, path: &Path, base: u64, items: &[Item]) -> Re
             ),
         ));
     }
-    let get = |id: &Guid, want: u32, what: &str| -> Result<(Vec<u8>, u64)> {
-        item_bytes(file, path, base, items, id, want, what)?.ok_or_else(|| {
-            ImageError::corrupt(path, base, format!("metadata lacks the {what} item"))
-        })
-    };
-    let (fp, fp_at) = get(&guid::FILE_PARAMETERS, 8, "file parameters")?;
+    Ok(())
+}
+
+/// The file parameters item: (block size, flags, item offset), the block
+/// size checked against the spec's range.
+fn file_parameters(table: &Table) -> Result<(u64, u32, u64)> {
+    let (fp, fp_at) = table.get(&guid::FILE_PARAMETERS, 8, "file parameters")?;
     let block_size = le_u32(&fp, 0) as u64;
     let flags = le_u32(&fp, 4);
     if !(MIB..=256 * MIB).contains(&block_size) || !block_size.is_power_of_two() {
         return Err(ImageError::corrupt(
-            path,
+            table.path,
             fp_at,
             format!("block size {block_size} is not a power of two from 1 MiB to 256 MiB"),
         ));
     }
-    let (vs, vs_at) = get(&guid::VIRTUAL_DISK_SIZE, 8, "virtual disk size")?;
-    let virtual_size = le_u64(&vs, 0);
-    let sector = |id: &Guid, what: &str| -> Result<u64> {
-        let (b, at) = get(id, 4, what)?;
-        match le_u32(&b, 0) {
-            n @ (512 | 4096) => Ok(n as u64),
-            n => Err(ImageError::corrupt(
-                path,
-                at,
-                format!("{what} {n} is neither 512 nor 4096"),
-            )),
-        }
-    };
-    let logical_sector = sector(&guid::LOGICAL_SECTOR, "logical sector size")?;
-    let physical_sector = sector(&guid::PHYSICAL_SECTOR, "physical sector size")?;
-    if virtual_size == 0
-        || virtual_size > MAX_DISK_SIZE
-        || !virtual_size.is_multiple_of(logical_sector)
-    {
-        return Err(ImageError::corrupt(
-            path,
-            vs_at,
-            format!(
-                "virtual disk size {virtual_size} is not a multiple of the {logical_sector}-byte sector up to 64 TiB"
-            ),
-        ));
-    }
-    let (p83, _) = get(&guid::PAGE83, 16, "page 83 data")?;
-    let has_parent = flags & 2 != 0;
-    let locator = match item_bytes(
-        file,
+    Ok((block_size, flags, fp_at))
+}
+
+/// The parsed parent locator and its offset when the disk has a parent
+/// (then the locator must exist; `fp_at` names the file parameters item
+/// that says so); None otherwise, even if a locator is present.
+fn parent_locator(table: &Table, has_parent: bool, fp_at: u64) -> Result<Option<Locator>> {
+    let path = table.path;
+    let found = item_bytes(
+        table.file,
         path,
-        base,
-        items,
+        table.base,
+        table.items,
         &guid::PARENT_LOCATOR,
         20,
         "parent locator",
-    )? {
-        Some((b, at)) if has_parent => Some((parse_locator(&b, at, path)?, at)),
-        None if has_parent => {
-            return Err(ImageError::corrupt(
-                path,
-                fp_at,
-                "a differencing disk (has-parent set) without a parent locator",
-            ))
-        }
-        _ => None,
-    };
-    Ok(Metadata {
-        block_size,
-        leave_blocks_allocated: flags & 1 != 0,
-        has_parent,
-        virtual_size,
-        logical_sector,
-        physical_sector,
-        page83: guid::at(&p83, 0),
-        locator,
-    })
+    )?;
+    match found {
+        Some((b, at)) if has_parent => Ok(Some((parse_locator(&b, at, path)?, at))),
+        None if has_parent => Err(ImageError::corrupt(
+            path,
+            fp_at,
+            "a differencing disk (has-parent set) without a parent locator",
+        )),
+        _ => Ok(None),
+    }
 }
 
 /// The key/value pairs of a VHDX parent locator (MS-VHDX 2.6.2.6).
