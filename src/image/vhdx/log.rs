@@ -197,6 +197,29 @@ pub fn find(
     header: &Header,
     file_len: u64,
 ) -> Result<Option<Replay>> {
+    let Some((off, len)) = log_region(path, header, file_len)? else {
+        return Ok(None);
+    };
+    let mut buf = vec![0u8; len as usize];
+    read_exact_at(file, path, &mut buf, off, "VHDX log")?;
+    let mut log = Log {
+        path,
+        offset: off,
+        buf,
+        guid: header.log_guid,
+        budget: 16 * len + 64 * MIB,
+    };
+    let Some(seq) = log.best_sequence()? else {
+        return Ok(None);
+    };
+    build(path, off, file_len, seq).map(Some)
+}
+
+/// The log's (file offset, length) from the header, checked (version,
+/// 1 MiB alignment, inside the file, at most MAX_LOG); `None` when the
+/// header names no log GUID or an empty log, so there is nothing to
+/// replay. Separate because it needs only the header, not the log bytes.
+fn log_region(path: &Path, header: &Header, file_len: u64) -> Result<Option<(u64, u64)>> {
     let hat = HEADER_AT[header.slot];
     let (off, len) = (header.log_offset, header.log_length as u64);
     if header.log_version != 0 {
@@ -229,29 +252,47 @@ pub fn find(
             format!("a {len}-byte log to replay (snaptree replays logs up to {MAX_LOG} bytes)"),
         ));
     }
-    let mut buf = vec![0u8; len as usize];
-    read_exact_at(file, path, &mut buf, off, "VHDX log")?;
-    let mut log = Log {
-        path,
-        offset: off,
-        buf,
-        guid: header.log_guid,
-        budget: 16 * len + 64 * MIB,
-    };
-    let mut best: Option<Vec<Entry>> = None;
-    let n = log.sectors();
-    let mut at = 0;
-    while at < n {
-        let Some(first) = log.entry(at)? else {
-            at += 1;
-            continue;
-        };
+    Ok(Some((off, len)))
+}
+
+impl Log<'_> {
+    /// Searches the whole buffer for the active sequence: from each valid
+    /// entry, the run of consecutive ones after it; the highest head wins.
+    /// `None` when no entry is valid.
+    fn best_sequence(&mut self) -> Result<Option<Vec<Entry>>> {
+        let mut best: Option<Vec<Entry>> = None;
+        let n = self.sectors();
+        let mut at = 0;
+        while at < n {
+            let Some(first) = self.entry(at)? else {
+                at += 1;
+                continue;
+            };
+            let (seq, used) = self.sequence_from(at, first)?;
+            // The highest head wins; for the same head (a sequence that wraps
+            // past the end of the buffer is also seen from its last part at
+            // the start) the longer, complete one.
+            let key = |s: &[Entry]| (s.last().expect("one").sequence, s.len());
+            if best.as_deref().is_none_or(|b| key(b) < key(&seq)) {
+                best = Some(seq);
+            }
+            at += used;
+        }
+        Ok(best)
+    }
+
+    /// The sequence starting with `first` (the valid entry at log sector
+    /// `at`) and the log sectors it uses: the entries that follow it with
+    /// consecutive sequence numbers. Separate so the wrap-around bound
+    /// sits beside the loop it bounds.
+    fn sequence_from(&mut self, at: u64, first: Entry) -> Result<(Vec<Entry>, u64)> {
+        let n = self.sectors();
         let mut used = first.sectors;
         let mut seq = vec![first];
         // Consecutive sequence numbers; never more than the whole buffer,
         // so a log that wraps onto itself ends.
         while used < n {
-            match log.entry((at + used) % n)? {
+            match self.entry((at + used) % n)? {
                 // An entry numbered 2^64 - 1 has no successor: it ends
                 // its sequence.
                 Some(e)
@@ -264,19 +305,8 @@ pub fn find(
                 _ => break,
             }
         }
-        // The highest head wins; for the same head (a sequence that wraps
-        // past the end of the buffer is also seen from its last part at
-        // the start) the longer, complete one.
-        let key = |s: &[Entry]| (s.last().expect("one").sequence, s.len());
-        if best.as_deref().is_none_or(|b| key(b) < key(&seq)) {
-            best = Some(seq);
-        }
-        at += used;
+        Ok((seq, used))
     }
-    let Some(seq) = best else {
-        return Ok(None);
-    };
-    build(path, off, file_len, seq).map(Some)
 }
 
 fn build(path: &Path, log_at: u64, file_len: u64, seq: Vec<Entry>) -> Result<Replay> {
