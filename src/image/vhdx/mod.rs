@@ -115,6 +115,68 @@ pub struct VhdxLayer {
     bitmaps: Mutex<Bitmaps>,
 }
 
+/// The file to read the rest of the VHDX through, and how many log
+/// entries it replays: the file itself when the log is empty, the file
+/// with the log laid over it in memory when reading, and an error when
+/// writing (the caller must replay into the file first). Separate because
+/// everything after it reads through the file it returns.
+fn replay_log(
+    file: Box<dyn Storage>,
+    path: &Path,
+    header: &Header,
+    writable: bool,
+) -> Result<(Box<dyn Storage>, usize)> {
+    let file_len = fileio::file_len(&*file, path)?;
+    Ok(match log::find(&*file, path, header, file_len)? {
+        Some(_) if writable => {
+            return Err(ImageError::invalid(
+                path,
+                "the VHDX log holds entries to replay before it can be written",
+            ))
+        }
+        Some(replay) => {
+            let n = replay.entries;
+            (Box::new(log::Replayed::new(file, replay)), n)
+        }
+        None => (file, 0),
+    })
+}
+
+/// The file ranges no payload or bitmap block may overlap: headers and
+/// region tables, the BAT and metadata regions, and the log (checked here
+/// not to overlap the others). Separate because the BAT check and the
+/// writer's allocation start both derive from it.
+fn forbidden_ranges(
+    path: &Path,
+    header: &Header,
+    regions: &header::Regions,
+) -> Result<Vec<(u64, u64, &'static str)>> {
+    let mut forbidden: Vec<(u64, u64, &'static str)> = vec![
+        (0, MIB, "headers and region tables"),
+        (regions.bat.0, regions.bat.0 + regions.bat.1, "BAT region"),
+        (
+            regions.metadata.0,
+            regions.metadata.0 + regions.metadata.1,
+            "metadata region",
+        ),
+    ];
+    if header.log_length != 0 {
+        let (s, e) = (
+            header.log_offset,
+            header.log_offset.saturating_add(header.log_length as u64),
+        );
+        if let Some((a, b, what)) = forbidden.iter().find(|(a, b, _)| s < *b && *a < e) {
+            return Err(ImageError::corrupt(
+                path,
+                header::HEADER_AT[header.slot] + 68,
+                format!("the log [{s}, {e}) overlaps the {what} [{a}, {b})"),
+            ));
+        }
+        forbidden.push((s, e, "log"));
+    }
+    Ok(forbidden)
+}
+
 impl VhdxLayer {
     /// Opens a VHDX read-only (replaying its log in memory).
     pub fn open(path: &Path, file: Box<dyn Storage>) -> Result<VhdxLayer> {
@@ -130,48 +192,12 @@ impl VhdxLayer {
             // tree opens the leaf read-only with this reason.
             header.next_sequence(path, 1)?;
         }
-        let file_len = fileio::file_len(&*file, path)?;
-        let (file, replayed): (Box<dyn Storage>, usize) =
-            match log::find(&*file, path, &header, file_len)? {
-                Some(_) if writable => {
-                    return Err(ImageError::invalid(
-                        path,
-                        "the VHDX log holds entries to replay before it can be written",
-                    ))
-                }
-                Some(replay) => {
-                    let n = replay.entries;
-                    (Box::new(log::Replayed::new(file, replay)), n)
-                }
-                None => (file, 0),
-            };
+        let (file, replayed) = replay_log(file, path, &header, writable)?;
         let file_len = fileio::file_len(&*file, path)?;
         let regions = header::read_regions(&*file, path, file_len)?;
         let meta = metadata::read(&*file, path, regions.metadata)?;
         let geo = Geometry::new(path, &meta, regions.metadata.0)?;
-        let mut forbidden: Vec<(u64, u64, &str)> = vec![
-            (0, MIB, "headers and region tables"),
-            (regions.bat.0, regions.bat.0 + regions.bat.1, "BAT region"),
-            (
-                regions.metadata.0,
-                regions.metadata.0 + regions.metadata.1,
-                "metadata region",
-            ),
-        ];
-        if header.log_length != 0 {
-            let (s, e) = (
-                header.log_offset,
-                header.log_offset.saturating_add(header.log_length as u64),
-            );
-            if let Some((a, b, what)) = forbidden.iter().find(|(a, b, _)| s < *b && *a < e) {
-                return Err(ImageError::corrupt(
-                    path,
-                    header::HEADER_AT[header.slot] + 68,
-                    format!("the log [{s}, {e}) overlaps the {what} [{a}, {b})"),
-                ));
-            }
-            forbidden.push((s, e, "log"));
-        }
+        let forbidden = forbidden_ranges(path, &header, &regions)?;
         let bat = bat::read(&*file, path, &geo, &meta, regions.bat, file_len, &forbidden)?;
         let metadata_end = forbidden.iter().map(|f| f.1).max().unwrap_or(MIB);
         let writer = if writable {
