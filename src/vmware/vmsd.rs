@@ -143,81 +143,113 @@ fn snapshot(
     n: u32,
     disk_keys: &[(&str, Option<u32>)],
 ) -> Result<Snapshot, VmwareError> {
-    let key = |k: &str| format!("snapshot{n}.{k}");
-    let bad = |k: &str, why: String| VmwareError::BadValue {
-        path: path.to_path_buf(),
-        key: key(k),
-        why,
-    };
-    let num = |k: &str, lo: i64, hi: i64| -> Result<Option<i64>, VmwareError> {
-        d.get(&key(k))
-            .map(|v| number(v, lo, hi).map_err(|w| bad(k, w)))
-            .transpose()
-    };
-    let uid = num("uid", 0, u32::MAX as i64)?.ok_or_else(|| bad("uid", "missing".into()))? as u32;
-    let parent = num("parent", 0, u32::MAX as i64)?.map(|p| p as u32);
-    let name = d
-        .get(&key("displayName"))
-        .ok_or_else(|| bad("displayName", "missing".into()))?
+    let e = Entry { path, d, n };
+    let uid = e
+        .num("uid", 0, u32::MAX as i64)?
+        .ok_or_else(|| e.bad("uid", "missing".into()))? as u32;
+    let parent = e.num("parent", 0, u32::MAX as i64)?.map(|p| p as u32);
+    let name = e
+        .text("displayName")
+        .ok_or_else(|| e.bad("displayName", "missing".into()))?
         .to_string();
-    let high = num("createTimeHigh", 0, i32::MAX as i64)?;
-    let low = num("createTimeLow", i32::MIN as i64, u32::MAX as i64)?;
-    let created_us = match (high, low) {
-        (Some(h), Some(l)) => ((h as u64) << 32) | (l as u32 as u64),
-        (None, None) => 0,
-        _ => {
-            return Err(bad(
-                "createTimeHigh",
-                "only one half of the time is set".into(),
-            ))
-        }
-    };
-    let num_disks = num("numDisks", 0, MAX_DISKS as i64)?.unwrap_or(0) as u32;
-    for &(k, m) in disk_keys {
-        if m.is_none_or(|m| m >= num_disks) {
-            return Err(bad(
-                "numDisks",
-                format!("{k} is beyond numDisks = {num_disks} (or a malformed index)"),
-            ));
-        }
-    }
-    let mut disks = Vec::new();
-    for m in 0..num_disks {
-        let get = |f: &str| {
-            d.get(&key(&format!("disk{m}.{f}")))
-                .map(str::to_string)
-                .ok_or_else(|| bad(&format!("disk{m}.{f}"), "missing".into()))
-        };
-        disks.push(SnapDisk {
-            file: get("fileName")?,
-            node: get("node")?,
-        });
-    }
-    let mut nodes = BTreeMap::new();
-    for (i, dk) in disks.iter().enumerate() {
-        if let Some(j) = nodes.insert(dk.node.to_ascii_lowercase(), i) {
-            return Err(bad(
-                &format!("disk{i}.node"),
-                format!("{:?} is also disk{j}'s", dk.node),
-            ));
-        }
-    }
+    let created_us = e.created_us()?;
+    let disks = e.disks(disk_keys)?;
+    let optional = |k: &str| e.text(k).filter(|s| !s.is_empty()).map(str::to_string);
     Ok(Snapshot {
         index: n,
         uid,
         parent,
         name,
-        description: d
-            .get(&key("description"))
-            .filter(|s| !s.is_empty())
-            .map(str::to_string),
+        description: optional("description"),
         created_us,
-        state_file: d
-            .get(&key("filename"))
-            .filter(|s| !s.is_empty())
-            .map(str::to_string),
+        state_file: optional("filename"),
         disks,
     })
+}
+
+/// The `snapshotN.*` keys of one entry: reads them by their short name and
+/// words errors with the full key, so the parts of an entry parsed in
+/// separate functions below report the same way.
+struct Entry<'a> {
+    path: &'a Path,
+    d: &'a Dict,
+    n: u32,
+}
+
+impl Entry<'_> {
+    /// The full key `snapshotN.<k>`.
+    fn key(&self, k: &str) -> String {
+        format!("snapshot{}.{k}", self.n)
+    }
+
+    /// A bad-value error for `snapshotN.<k>`.
+    fn bad(&self, k: &str, why: String) -> VmwareError {
+        VmwareError::BadValue {
+            path: self.path.to_path_buf(),
+            key: self.key(k),
+            why,
+        }
+    }
+
+    /// The value of `snapshotN.<k>`, if set.
+    fn text(&self, k: &str) -> Option<&str> {
+        self.d.get(&self.key(k))
+    }
+
+    /// `snapshotN.<k>` as a number in `lo..=hi`, if set.
+    fn num(&self, k: &str, lo: i64, hi: i64) -> Result<Option<i64>, VmwareError> {
+        self.text(k)
+            .map(|v| number(v, lo, hi).map_err(|w| self.bad(k, w)))
+            .transpose()
+    }
+
+    /// The creation time in microseconds from its two halves (0 when
+    /// neither is set; one alone is refused).
+    fn created_us(&self) -> Result<u64, VmwareError> {
+        let high = self.num("createTimeHigh", 0, i32::MAX as i64)?;
+        let low = self.num("createTimeLow", i32::MIN as i64, u32::MAX as i64)?;
+        match (high, low) {
+            (Some(h), Some(l)) => Ok(((h as u64) << 32) | (l as u32 as u64)),
+            (None, None) => Ok(0),
+            _ => Err(self.bad("createTimeHigh", "only one half of the time is set".into())),
+        }
+    }
+
+    /// The entry's disks: `numDisks` of them, every `diskM.*` key within
+    /// that count, each with a file name and a node no other disk has.
+    fn disks(&self, disk_keys: &[(&str, Option<u32>)]) -> Result<Vec<SnapDisk>, VmwareError> {
+        let num_disks = self.num("numDisks", 0, MAX_DISKS as i64)?.unwrap_or(0) as u32;
+        for &(k, m) in disk_keys {
+            if m.is_none_or(|m| m >= num_disks) {
+                return Err(self.bad(
+                    "numDisks",
+                    format!("{k} is beyond numDisks = {num_disks} (or a malformed index)"),
+                ));
+            }
+        }
+        let mut disks = Vec::new();
+        for m in 0..num_disks {
+            let get = |f: &str| {
+                self.text(&format!("disk{m}.{f}"))
+                    .map(str::to_string)
+                    .ok_or_else(|| self.bad(&format!("disk{m}.{f}"), "missing".into()))
+            };
+            disks.push(SnapDisk {
+                file: get("fileName")?,
+                node: get("node")?,
+            });
+        }
+        let mut nodes = BTreeMap::new();
+        for (i, dk) in disks.iter().enumerate() {
+            if let Some(j) = nodes.insert(dk.node.to_ascii_lowercase(), i) {
+                return Err(self.bad(
+                    &format!("disk{i}.node"),
+                    format!("{:?} is also disk{j}'s", dk.node),
+                ));
+            }
+        }
+        Ok(disks)
+    }
 }
 
 /// A decimal integer in `lo..=hi` (an optional `-`, digits only).
