@@ -189,8 +189,9 @@ fn descriptors(e: &[u8], count: u64, desc_sectors: u64, sequence: u64) -> Option
 }
 
 /// Finds the active log sequence of a file whose current header is
-/// `header`; `None` when there is nothing to replay. `forbidden` are the
-/// ranges the log must not overlap (headers, region tables).
+/// `header`; `None` when there is nothing to replay. (The ranges a
+/// replay must not write, headers and region tables, are checked by the
+/// caller, `VhdxLayer::open_with`.)
 pub fn find(
     file: &dyn Storage,
     path: &Path,
