@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 
 /// Short names for the GUID-named AVHDX files among `found`: numbered by
 /// their depth in the chain (the first checkpoint above the base is 1),
-/// then by file name, so adding a checkpoint never renames an older one.
+/// then by file name, so a checkpoint added at the end of a chain never
+/// renames an older one (a new branch can shift the numbers of deeper
+/// checkpoints on other branches).
 pub(super) fn checkpoint_names(found: &BTreeMap<PathBuf, Found>) -> HashMap<PathBuf, String> {
     let mut named: Vec<(usize, &PathBuf)> = found
         .values()
