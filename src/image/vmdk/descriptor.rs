@@ -161,7 +161,7 @@ const SINGLE_KEYS: &[&str] = &[
 
 /// Parses descriptor text `text`, found at byte `base` of `path` (0 for a
 /// descriptor file, the embedded descriptor's offset in a sparse extent).
-/// `embedded` descriptors may end in NUL padding.
+/// The text ends at its first NUL byte, if any.
 pub fn parse(path: &Path, base: u64, text: &[u8]) -> Result<Descriptor> {
     if text.len() as u64 > MAX_DESCRIPTOR_BYTES {
         return Err(ImageError::corrupt(
@@ -173,15 +173,12 @@ pub fn parse(path: &Path, base: u64, text: &[u8]) -> Result<Descriptor> {
             ),
         ));
     }
-    // An embedded descriptor is NUL-padded to its sectors.
+    // The text ends at the first NUL, as QEMU reads it (a C string). An
+    // embedded descriptor is NUL-padded to its sectors, and QEMU's own CID
+    // update rewrites a descriptor file as DESC_SIZE bytes in which the
+    // tail of the old, longer text can follow the new text's NUL: what
+    // follows the first NUL is not read.
     let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
-    if text[end..].iter().any(|&b| b != 0) {
-        return Err(ImageError::corrupt(
-            path,
-            base + end as u64,
-            "NUL byte inside the descriptor text",
-        ));
-    }
     let mut d = Descriptor {
         parent_cid: NO_PARENT,
         ..Descriptor::default()

@@ -223,8 +223,11 @@ pub fn plan(child: &Path, to: Option<NewBacking<'_>>) -> Result<RepointPlan> {
                 v.resize(span, 0);
                 v
             };
+            // The first write is the area as it is: after the text's NUL,
+            // QEMU's own CID update can leave the tail of an older text,
+            // which the check must find unchanged.
             Ok(RepointPlan::Journaled(vec![
-                Patch::new(at, &pad(old)),
+                Patch::new(at, &pad(&text[..span.min(text.len())])),
                 Patch::new(at, &pad(&new)),
             ]))
         }

@@ -48,6 +48,17 @@ fn descriptor_fields_and_extent_lines() {
     assert_eq!((again.cid, again.ddb.clone()), (d.cid, d.ddb.clone()));
 }
 
+/// QEMU's CID update writes the descriptor file back as DESC_SIZE bytes:
+/// when the new CID has fewer hex digits than the old, the old text's last
+/// bytes stay after the new text's NUL. QEMU reads up to the NUL; so do we.
+#[test]
+fn text_after_the_first_nul_is_not_read() {
+    let stale = format!("{DESC}\0er\"\n\0\0\0");
+    let d = parse(&stale).unwrap();
+    assert_eq!(d.cid, 0xabcd);
+    assert_eq!(d.ddb("geometry.cylinders"), Some("1"));
+}
+
 #[test]
 fn descriptor_refusals_name_the_line() {
     for (text, want) in [
@@ -76,7 +87,6 @@ fn descriptor_refusals_name_the_line() {
         ),
         (DESC.replace("#DDB", "garbage here"), "neither"),
         (DESC.replace("RDONLY 8 ZERO", "RDONLY 8 ZERO \"x\""), "ZERO"),
-        (format!("{DESC}\0junk"), "NUL"),
     ] {
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains(want), "want {want:?} in {err}");
