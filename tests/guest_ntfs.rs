@@ -259,6 +259,7 @@ fn tree_matches_ntfs3g() {
     );
     let info = fs.info();
     assert_eq!(info.label.as_deref(), Some("SnapVol"));
+    assert!(!info.unclean, "{:?}", info.notes);
     assert!(
         !info
             .notes
@@ -337,6 +338,7 @@ fn dirty_volume_is_shown_with_a_note() {
     // ntfs-3g agrees it is dirty: it refuses a read-write mount.
     assert!(Mount::new(&img, &tmp.path().join("rwd"), false).is_err());
     let fs = open(&img);
+    assert!(fs.info().unclean, "a dirty volume is served unclean");
     let notes = fs.info().notes;
     assert!(
         notes.iter().any(|n| n.starts_with("volume dirty")),

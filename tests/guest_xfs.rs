@@ -284,6 +284,7 @@ fn compare_variant(opts: &[&str], big: usize) -> bool {
     }
     let kernel = kernel_tree(tmp.path(), &img, "ro").unwrap();
     let fs = open(&img);
+    assert!(!fs.info().unclean, "{:?}", fs.info().notes);
     assert!(
         fs.info().notes.iter().all(|n| !n.starts_with("dirty log")),
         "{:?}",
@@ -390,6 +391,7 @@ fn xfs_dirty_log_served_as_norecovery() {
         copy(&img, &crash);
     }
     let fs = open(&crash);
+    assert!(fs.info().unclean, "a dirty log is served unclean");
     let notes = fs.info().notes;
     assert!(
         notes.iter().any(|n| n.starts_with("dirty log")),

@@ -85,6 +85,9 @@ pub struct FsInfo {
     /// Things a user should know: "journal replayed in memory (12
     /// transactions)", "dirty log not replayed" ...
     pub notes: Vec<String>,
+    /// Served as a crash left it: an XFS log or NTFS `$LogFile` not
+    /// replayed, an NTFS volume marked dirty (a note says which).
+    pub unclean: bool,
 }
 
 impl FsInfo {
@@ -96,6 +99,7 @@ impl FsInfo {
             label: (!label.is_empty()).then(|| String::from_utf8_lossy(label).into_owned()),
             uuid: Some(uuid_text(uuid)),
             notes,
+            unclean: false,
         }
     }
 }

@@ -161,7 +161,7 @@ impl PointGuest {
         let unclean = self
             .volumes
             .iter()
-            .filter(|v| matches!(v.fs.get(), Some(Ok(fs)) if unclean(&fs.info().notes)))
+            .filter(|v| matches!(v.fs.get(), Some(Ok(fs)) if fs.info().unclean))
             .count();
         // Notes alone (a FAT's geometry, a journal replayed) are no reason
         // to look; they ride along when something else is. A volume served
@@ -226,10 +226,13 @@ impl PointVolume {
             Some(Err(e)) => Some(e.to_string()),
             _ => None,
         });
-        let mut notes = Vec::new();
-        if let Some(Ok(fs)) = self.fs.get() {
-            notes = fs.info().notes;
-        }
+        // Known once the filesystem was opened (`clean` is `null` before).
+        let info = match self.fs.get() {
+            Some(Ok(fs)) => Some(fs.info()),
+            _ => None,
+        };
+        let clean = info.as_ref().map(|i| !i.unclean);
+        let notes = info.map(|i| i.notes).unwrap_or_default();
         serde_json::json!({
             "name": v.name,
             "disk": self.disk_name,
@@ -246,22 +249,10 @@ impl PointVolume {
             "uuid": self.probe.uuid,
             "browsable": why.is_none(),
             "why_not": why,
-            // Known once the filesystem was opened (`null` before).
-            "clean": self.fs.get().and_then(|f| f.as_ref().ok()).map(|_| !unclean(&notes)),
+            "clean": clean,
             "notes": notes,
         })
     }
-}
-
-/// Whether a filesystem's notes say it is served as a crash left it: an
-/// XFS log or NTFS `$LogFile` not replayed, an NTFS volume marked dirty.
-/// The readers start those notes with these words.
-fn unclean(notes: &[String]) -> bool {
-    notes.iter().any(|n| {
-        n.starts_with("dirty log")
-            || n.starts_with("log not replayed")
-            || n.starts_with("volume dirty")
-    })
 }
 
 fn why_not_browsable(v: &Volume, p: &Probe) -> Option<String> {

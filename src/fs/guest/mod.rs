@@ -143,14 +143,17 @@ impl SnapFs {
     }
 }
 
+/// The root inode of browsable volume `i`, if the mount can number it
+/// (see `inodes::guest_fits`).
+fn numbered_root(g: &crate::guest::point::PointGuest, i: usize) -> Option<u64> {
+    g.root_ino(i).filter(|r| super::inodes::guest_fits(*r))
+}
+
 /// `fs/`: the browsable volumes, by name.
 pub(super) fn lookup_fs(fs: &SnapFs, p: u64, name: &str) -> Option<Inode> {
     let o = fs.guest.get(&fs.tree, p, true)?;
     let (i, _) = o.guest.volume(name)?;
-    let root = o
-        .guest
-        .root_ino(i)
-        .filter(|r| super::inodes::guest_fits(*r))?;
+    let root = numbered_root(&o.guest, i)?;
     Some(Inode::Guest(fs.guest.slot(p, name)?, root))
 }
 
@@ -158,11 +161,7 @@ pub(super) fn list_fs(fs: &SnapFs, p: u64) -> Option<Vec<Listed>> {
     let o = fs.guest.get(&fs.tree, p, true)?;
     let mut out = Vec::new();
     for (i, v) in o.guest.volumes.iter().enumerate() {
-        let Some(root) = o
-            .guest
-            .root_ino(i)
-            .filter(|r| super::inodes::guest_fits(*r))
-        else {
+        let Some(root) = numbered_root(&o.guest, i) else {
             continue;
         };
         let Some(slot) = fs.guest.slot(p, &v.volume.name) else {

@@ -360,6 +360,7 @@ impl GuestFs for FatFs {
                 .volume_id
                 .map(|id| format!("{:04X}-{:04X}", id >> 16, id & 0xFFFF)),
             notes: self.notes.clone(),
+            unclean: false,
         }
     }
 

@@ -33,6 +33,8 @@ pub struct NtfsFs {
     up: Upcase,
     label: Option<String>,
     notes: Vec<String>,
+    /// A log not replayed or the dirty flag (see `volume::state`).
+    unclean: bool,
     serial: u64,
     nodes: Lru<u64, Arc<Node>>,
     dirs: Lru<u64, Arc<Dir>>,
@@ -60,12 +62,17 @@ impl NtfsFs {
         let mut vol = Vol::new(name, bytes, boot);
         volume::locate_mft(&mut vol)?;
         let up = volume::upcase(&vol)?;
-        let (label, notes) = volume::state(&vol)?;
+        let volume::State {
+            label,
+            notes,
+            unclean,
+        } = volume::state(&vol)?;
         let fs = NtfsFs {
             vol,
             up,
             label,
             notes,
+            unclean,
             serial,
             nodes: lru(NODES),
             dirs: lru(DIRS),
@@ -259,6 +266,7 @@ impl GuestFs for NtfsFs {
             label: self.label.clone(),
             uuid: Some(format!("{:016X}", self.serial)),
             notes: self.notes.clone(),
+            unclean: self.unclean,
         }
     }
 

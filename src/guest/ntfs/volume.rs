@@ -65,8 +65,16 @@ pub fn upcase(vol: &Vol) -> GuestResult<Upcase> {
     Ok(Upcase::new(&raw))
 }
 
-/// Label and notes from `$Volume` (record 3) and `$LogFile` (record 2).
-pub fn state(vol: &Vol) -> GuestResult<(Option<String>, Vec<String>)> {
+/// What `$Volume` (record 3) and `$LogFile` (record 2) say of the volume.
+pub struct State {
+    pub label: Option<String>,
+    pub notes: Vec<String>,
+    /// The dirty flag is set or the log was not left clean.
+    pub unclean: bool,
+}
+
+/// Label, notes and cleanliness from `$Volume` and `$LogFile`.
+pub fn state(vol: &Vol) -> GuestResult<State> {
     let n = node::load(vol, 3)?;
     let label = n
         .stream(AT_VOLUME_NAME, &[])
@@ -79,6 +87,7 @@ pub fn state(vol: &Vol) -> GuestResult<(Option<String>, Vec<String>)> {
             String::from_utf16_lossy(&u)
         });
     let mut notes = Vec::new();
+    let mut unclean = false;
     if let Some(v) = n
         .stream(AT_VOLUME_INFORMATION, &[])
         .and_then(|s| s.resident())
@@ -87,16 +96,23 @@ pub fn state(vol: &Vol) -> GuestResult<(Option<String>, Vec<String>)> {
             let flags = le16(v, 10);
             notes.push(format!("NTFS {}.{}", v[8], v[9]));
             if flags & 0x0001 != 0 {
+                unclean = true;
                 notes.push("volume dirty: $Volume has the dirty flag set (Windows or ntfs-3g did not unmount it cleanly, or chkdsk is due)".into());
             }
         }
     }
-    match log_clean(vol) {
+    let log = log_clean(vol);
+    unclean |= !matches!(log, Ok(true));
+    match log {
         Ok(true) => {}
         Ok(false) => notes.push("log not replayed: $LogFile holds an unclean restart area; shown as on disk, like a crash-consistent snapshot".into()),
         Err(e) => notes.push(format!("log not replayed: $LogFile unreadable ({e})")),
     }
-    Ok((label, notes))
+    Ok(State {
+        label,
+        notes,
+        unclean,
+    })
 }
 
 /// True if `$LogFile`'s newest restart area says the volume is clean (or

@@ -74,6 +74,8 @@ pub struct XfsFs {
     disk: Disk,
     sb: Superblock,
     notes: Vec<String>,
+    /// The log is dirty and served without replay (see `check_log`).
+    unclean: bool,
     inodes: Mutex<LruCache<u64, Arc<Inode>>>,
     /// Extents of bmbt-format forks: (inode, attr fork?) -> extents, and
     /// the total number held.
@@ -101,6 +103,7 @@ impl XfsFs {
             disk,
             sb,
             notes: Vec::new(),
+            unclean: false,
             inodes: Mutex::new(LruCache::new(NonZeroUsize::new(INODE_CACHE).unwrap())),
             maps: Mutex::new((LruCache::unbounded(), 0)),
         };
@@ -134,6 +137,7 @@ impl XfsFs {
         let bs = self.sb.block_size;
         if let log::LogState::Dirty(why) = log::state(&self.disk, blk * bs, self.sb.logblocks * bs)
         {
+            self.unclean = true;
             self.notes.push(format!(
                 "dirty log: not replayed, served as mount -o ro,norecovery would ({why})"
             ));
@@ -308,12 +312,15 @@ impl GuestFs for XfsFs {
     }
 
     fn info(&self) -> FsInfo {
-        FsInfo::with_uuid(
-            self.sb.fstype(),
-            &self.sb.label,
-            &self.sb.uuid,
-            self.notes.clone(),
-        )
+        FsInfo {
+            unclean: self.unclean,
+            ..FsInfo::with_uuid(
+                self.sb.fstype(),
+                &self.sb.label,
+                &self.sb.uuid,
+                self.notes.clone(),
+            )
+        }
     }
 
     fn getattr(&self, ino: Ino) -> GuestResult<Attr> {
